@@ -1,0 +1,3 @@
+from labfleet.cli import main
+
+main()

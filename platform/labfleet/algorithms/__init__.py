@@ -1,0 +1,1 @@
+"""Algorithms: each registers (hyperparameter model, trainer) in `labfleet.algorithms.registry`."""

@@ -1,0 +1,119 @@
+"""The trainer interface every algorithm implements.
+
+Contract (who calls what, from where):
+
+- A trainer is built in the process that trains it (a Ray trial actor; in tests, the test process) as
+  `TrainerClass(spec, seed, device)`: `spec` is a *resolved* `ExperimentSpec` (hparams already validated,
+  every default filled in), `seed` one of `spec.seeds`, `device` a torch device string. Construction
+  seeds every random generator the trainer owns from `seed` alone and touches no global RNG state that
+  another trainer in the same process would read, so that the same seed gives the same metrics.
+- `train_iteration()` performs one unit of learning (one rollout and update for on-policy RL, a fixed
+  number of steps for off-policy RL, one epoch or a block of optimiser steps for generative models) and
+  returns `{metric name: float}` using the names in `labfleet.metrics`. It is only called while
+  `done` is False.
+- `progress` counts in the unit of `spec.budget` (env steps, epochs or iterations); `done` is True once
+  the budget is spent. `metric_step` is the x-axis for logged metrics: environment steps for RL,
+  optimiser steps for generative models.
+- `evaluate()` returns `eval/*` metrics. It may be called at any time, uses generators of its own (seeded
+  from the seed and the evaluation count) and leaves the training state, RNGs included, untouched.
+- `state_dict()` returns only tensors, numbers, strings, bools, None, lists and dicts, so that
+  `torch.load(..., weights_only=True)` reads it back. `load_state_dict()` on a trainer built from the same
+  spec, seed and device restores it exactly: the next actions, samples and metrics are the same as the
+  original trainer's would have been.
+- A trainer pickles (Ray ships it between processes): pickling stores (spec, seed, device, state_dict) and
+  unpickling rebuilds from those, so subclasses need do nothing for it.
+"""
+
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from labfleet.spec.models import ExperimentSpec
+
+
+class Trainer(ABC):
+    hparams_model: ClassVar[type[BaseModel]]
+
+    def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
+        self.spec = spec
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.hp = self.hparams_model.model_validate(spec.hparams)
+
+    # --- the interface -------------------------------------------------------------------------
+    @abstractmethod
+    def train_iteration(self) -> dict[str, float]: ...
+
+    @abstractmethod
+    def evaluate(self) -> dict[str, float]: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @property
+    @abstractmethod
+    def progress(self) -> int:
+        """Budget spent so far, in the unit of `spec.budget`."""
+
+    @property
+    def metric_step(self) -> int:
+        return self.progress
+
+    @property
+    def done(self) -> bool:
+        return self.progress >= self.spec.budget.total
+
+    @abstractmethod
+    def probe(self) -> np.ndarray:
+        """A deterministic output that depends on every learned parameter that acts: the greedy actions
+        on a fixed set of observations (RL), decoded samples from fixed latents (generative). The shared
+        trainer tests compare it across checkpoint round trips."""
+
+    # --- checkpoints as bytes (they travel through Ray, not a shared filesystem) ------------------
+    def checkpoint_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        return buffer.getvalue()
+
+    def restore_bytes(self, data: bytes) -> None:
+        self.load_state_dict(torch.load(io.BytesIO(data), map_location=self.device, weights_only=True))
+
+    # --- pickling: rebuild from the spec and restore the state ------------------------------------
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.spec.model_dump(mode="json"), self.seed, str(self.device),
+                           self.checkpoint_bytes()))
+
+
+def _rebuild(cls: type[Trainer], spec: dict, seed: int, device: str, state: bytes) -> Trainer:
+    trainer = cls(ExperimentSpec.model_validate(spec), seed, device)
+    trainer.restore_bytes(state)
+    return trainer
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` is CUDA when torch sees a GPU (Ray sets CUDA_VISIBLE_DEVICES for the actor), else CPU."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was requested but torch sees no CUDA device here")
+    return requested
+
+
+def rng_state(gen: np.random.Generator) -> dict[str, Any]:
+    """A numpy Generator's state in a form `torch.load(weights_only=True)` accepts (ints, strings)."""
+    state = gen.bit_generator.state
+    return {"bit_generator": state["bit_generator"], "state": {k: int(v) for k, v in state["state"].items()},
+            "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])}
+
+
+def set_rng_state(gen: np.random.Generator, state: dict[str, Any]) -> None:
+    gen.bit_generator.state = state

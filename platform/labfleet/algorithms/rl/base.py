@@ -1,0 +1,112 @@
+"""Plumbing shared by RL trainers: environments, sampling, step counting, evaluation, probes.
+
+An algorithm module subclasses `RLTrainer` and writes its update in `train_iteration()`; everything
+about where environments run and how they are seeded lives here and in `labfleet.rollout`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from labfleet import metrics as M
+from labfleet.algorithms.base import Trainer
+from labfleet.rollout.envs import derive_seed, make_env
+from labfleet.rollout.sampler import NoisePolicy, Rollout, VectorSampler, evaluate_policy
+from labfleet.spec.models import ExperimentSpec
+
+
+@contextmanager
+def seeded_torch(seed: int):
+    """Run a block (network construction) under a seed without disturbing the global torch RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class RLTrainer(Trainer):
+    """Counts environment steps against `budget.env_steps` and evaluates the greedy policy.
+
+    Subclasses set up their networks in `__init__` (inside `seeded_torch`), implement
+    `train_iteration()`, `greedy_actions()` and their part of `state_dict()` / `load_state_dict()`
+    (calling `self.rl_state()` / `self.load_rl_state()` for the shared counters).
+    """
+
+    def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
+        super().__init__(spec, seed, device)
+        assert spec.env is not None
+        probe_env = make_env(spec.env, spec.env_kwargs)
+        self.observation_space: gym.Space = probe_env.observation_space
+        self.action_space: gym.Space = probe_env.action_space
+        probe_env.close()
+        self.env_steps = 0
+        self.iterations = 0
+        self.evaluations = 0
+        self._sampler: VectorSampler | None = None
+        self._generation = 0  # bumped on restore: fresh, seeded environment streams
+        self._started = time.perf_counter()
+        self._steps_at_start = 0
+
+    # --- sampling --------------------------------------------------------------------------------
+    def collect(self, policy: NoisePolicy, n_envs: int, n_steps: int) -> tuple[Rollout, dict[str, float]]:
+        """One vectorised rollout of n_steps from each of n_envs environments, and its episode metrics."""
+        if self._sampler is None:
+            assert self.spec.env is not None
+            self._sampler = VectorSampler(self.spec.env, self.spec.env_kwargs, n_envs, self.seed,
+                                          generation=self._generation)
+        rollout = self._sampler.collect(policy, n_steps)
+        self.env_steps += rollout.steps
+        elapsed = time.perf_counter() - self._started
+        logged: dict[str, float] = {M.ENV_STEPS: float(self.env_steps),
+                                    M.SPS: (self.env_steps - self._steps_at_start) / max(elapsed, 1e-9)}
+        if rollout.episode_returns:
+            logged[M.TRAIN_EPISODE_RETURN] = float(np.mean(rollout.episode_returns))
+            logged[M.TRAIN_EPISODE_LENGTH] = float(np.mean(rollout.episode_lengths))
+        return rollout, logged
+
+    def as_tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=dtype, device=self.device)
+
+    # --- the Trainer interface -----------------------------------------------------------------
+    @property
+    def progress(self) -> int:
+        return self.env_steps
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        assert self.spec.env is not None
+        returns = evaluate_policy(self.spec.env, self.spec.env_kwargs, self.greedy_actions,
+                                  self.spec.eval.episodes, derive_seed(self.seed, "eval", self.evaluations))
+        self.evaluations += 1
+        return {M.EVAL_RETURN_MEAN: float(returns.mean()), M.EVAL_RETURN_STD: float(returns.std())}
+
+    def probe(self) -> np.ndarray:
+        space = self.observation_space
+        space.seed(derive_seed(self.seed, "probe"))
+        obs = np.stack([space.sample() for _ in range(64)])
+        if isinstance(space, gym.spaces.Box):
+            obs = np.clip(np.nan_to_num(obs, posinf=3.0, neginf=-3.0), -3.0, 3.0).astype(space.dtype)
+        return self.greedy_actions(obs)
+
+    def rl_state(self) -> dict[str, Any]:
+        return {"env_steps": self.env_steps, "iterations": self.iterations, "evaluations": self.evaluations}
+
+    def load_rl_state(self, state: dict[str, Any]) -> None:
+        self.env_steps = int(state["env_steps"])
+        self.iterations = int(state["iterations"])
+        self.evaluations = int(state["evaluations"])
+        # Environments cannot be checkpointed in general: a restored trainer starts fresh episodes on
+        # streams seeded from (seed, env index, env_steps at restore), so resuming is reproducible.
+        if self._sampler is not None:
+            self._sampler.close()
+        self._sampler = None
+        self._generation = self.env_steps
+        self._started = time.perf_counter()
+        self._steps_at_start = self.env_steps

@@ -1,0 +1,123 @@
+"""Networks shared by the RL algorithms: MLPs, observation encoding, categorical and Gaussian policies.
+
+Plumbing only: no loss is computed here. Policies sample from noise the caller supplies (uniforms in
+(0, 1)), so where and in which batch an environment is stepped does not change its actions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def layer_init(layer: nn.Linear, gain: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    """Orthogonal weights, constant bias (the PPO implementation-details recipe)."""
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def mlp(sizes: list[int], activation: str, out_gain: float = 1.0, orthogonal: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        linear = nn.Linear(sizes[i], sizes[i + 1])
+        last = i == len(sizes) - 2
+        if orthogonal:
+            layer_init(linear, out_gain if last else math.sqrt(2))
+        layers.append(linear)
+        if not last:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class ObservationEncoder(nn.Module):
+    """Box(d,) -> float vector as is; Discrete(n) -> one-hot of length n."""
+
+    def __init__(self, space: gym.Space):
+        super().__init__()
+        if isinstance(space, gym.spaces.Discrete):
+            self.n = int(space.n)
+            self.dim = self.n
+        else:
+            self.n = 0
+            self.dim = int(np.prod(space.shape or ()))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.n:
+            return nn.functional.one_hot(obs.long(), self.n).float()
+        return obs.float()
+
+
+class CategoricalPolicy(nn.Module):
+    """pi(a|s) = softmax(logits(s)); sampling by Gumbel-max on caller-supplied uniforms."""
+
+    def __init__(self, observation_space: gym.Space, n_actions: int, net_arch: list[int], activation: str):
+        super().__init__()
+        self.encoder = ObservationEncoder(observation_space)
+        self.logits = mlp([self.encoder.dim, *net_arch, n_actions], activation, out_gain=0.01)
+        self.noise_dim = n_actions
+
+    def distribution(self, obs: torch.Tensor) -> torch.distributions.Categorical:
+        return torch.distributions.Categorical(logits=self.logits(self.encoder(obs)))
+
+    def sample(self, obs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        gumbel = -torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-12)))
+        return torch.argmax(self.logits(self.encoder(obs)) + gumbel, dim=-1)
+
+    def greedy(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(self.logits(self.encoder(obs)), dim=-1)
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s) = N(mu(s), diag(exp(log_std))^2) with a state-independent log_std."""
+
+    def __init__(self, observation_space: gym.Space, action_dim: int, net_arch: list[int], activation: str,
+                 log_std_init: float = 0.0):
+        super().__init__()
+        self.encoder = ObservationEncoder(observation_space)
+        self.mean = mlp([self.encoder.dim, *net_arch, action_dim], activation, out_gain=0.01)
+        self.log_std = nn.Parameter(torch.full((action_dim,), float(log_std_init)))
+        self.noise_dim = action_dim
+
+    def distribution(self, obs: torch.Tensor) -> torch.distributions.Independent:
+        mean = self.mean(self.encoder(obs))
+        return torch.distributions.Independent(torch.distributions.Normal(mean, self.log_std.exp()), 1)
+
+    def sample(self, obs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        noise = torch.special.ndtri(uniforms.clamp(1e-12, 1 - 1e-12))  # standard normal by inverse CDF
+        return self.mean(self.encoder(obs)) + self.log_std.exp() * noise
+
+    def greedy(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.mean(self.encoder(obs))
+
+
+def make_policy(observation_space: gym.Space, action_space: gym.Space, net_arch: list[int],
+                activation: str) -> CategoricalPolicy | GaussianPolicy:
+    if isinstance(action_space, gym.spaces.Discrete):
+        return CategoricalPolicy(observation_space, int(action_space.n), net_arch, activation)
+    return GaussianPolicy(observation_space, int(np.prod(action_space.shape or ())), net_arch, activation)
+
+
+class NumpyPolicy:
+    """Adapts a torch policy to the sampler's numpy interface (`noise_dim`, `__call__(obs, uniforms)`)."""
+
+    def __init__(self, policy: CategoricalPolicy | GaussianPolicy, device: torch.device):
+        self.policy = policy
+        self.device = device
+        self.noise_dim = policy.noise_dim
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        actions = self.policy.sample(torch.as_tensor(obs, device=self.device),
+                                     torch.as_tensor(uniforms, dtype=torch.float32, device=self.device))
+        return actions.cpu().numpy()
+
+    @torch.no_grad()
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        return self.policy.greedy(torch.as_tensor(obs, device=self.device)).cpu().numpy()

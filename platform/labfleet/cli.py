@@ -1,0 +1,116 @@
+"""The `labfleet` command line.
+
+Exit codes: 0 success, 1 a trial failed, 2 bad input (nothing started, nothing written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from labfleet.errors import Problem, SpecError
+
+app = typer.Typer(
+    name="labfleet", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+    help="Train RL agents and generative models from YAML specs on Ray, tracked in MLflow.",
+)
+err_console = Console(stderr=True)
+
+SET_HELP = "Override a spec field: dotted KEY, YAML VALUE (hparams.gamma=0.98, seeds=[3,4]). Repeatable."
+TRACKING_HELP = "MLflow tracking URI (default: the spec's, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
+ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local instance on 127.0.0.1)."
+
+
+@contextmanager
+def bad_input_exits_2():
+    try:
+        yield
+    except SpecError as exc:
+        for problem in exc.problems:
+            err_console.print(str(problem), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _overrides(items: list[str] | None) -> dict:
+    from labfleet.spec.loading import parse_set_options
+
+    return parse_set_options(items or [])
+
+
+@app.command()
+def validate(
+    files: list[Path] = typer.Argument(..., help="Spec or suite files."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Check specs and suites; print one line per problem (FILE: field.path: what is wrong) and exit 2."""
+    from labfleet.spec.loading import apply_overrides, is_suite, load_suite, read_yaml, resolve_spec_data
+
+    problems: list[Problem] = []
+    with bad_input_exits_2():
+        overrides = _overrides(set_)
+    for path in files:
+        try:
+            doc = read_yaml(path)
+            if is_suite(doc.data):
+                suite, entries = load_suite(path, overrides)
+                typer.echo(f"ok: {path} (suite {suite.name}: {len(entries)} experiments)")
+            else:
+                spec = resolve_spec_data(apply_overrides(doc.data, overrides), doc.source, doc)
+                target = spec.env or spec.dataset
+                seeds = f"{len(spec.seeds)} seed" + ("s" if len(spec.seeds) != 1 else "")
+                typer.echo(f"ok: {path} ({spec.algorithm} on {target}, {seeds})")
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        with bad_input_exits_2():
+            raise SpecError(problems)
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="Experiment spec (YAML)."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Train every seed of a spec as a trial on Ray, tracked in MLflow."""
+    from labfleet.orchestration.session import Planned, execute
+    from labfleet.spec.loading import load_spec
+
+    with bad_input_exits_2():
+        resolved = load_spec(spec, _overrides(set_))
+        code = execute([Planned(resolved, spec)], source=str(spec), cli_tracking_uri=tracking_uri,
+                       address=address, console=Console(), quiet=quiet)
+    raise typer.Exit(code)
+
+
+@app.command()
+def suite(
+    suite_file: Path = typer.Argument(..., metavar="SUITE", help="Suite file (YAML)."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP + " Applied to every entry."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Run every experiment of a suite under one `suite` run, sharing the cluster."""
+    from labfleet.orchestration.session import Planned, execute
+    from labfleet.spec.loading import load_suite
+
+    with bad_input_exits_2():
+        suite_spec, entries = load_suite(suite_file, _overrides(set_))
+        planned = [Planned(e.spec, e.spec_path) for e in entries]
+        code = execute(planned, source=str(suite_file), cli_tracking_uri=tracking_uri, address=address,
+                       console=Console(), quiet=quiet, suite=suite_spec)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app(prog_name="labfleet")
+
+
+if __name__ == "__main__":
+    main()

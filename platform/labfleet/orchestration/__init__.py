@@ -1,0 +1,1 @@
+"""The driver side: trial actors, placement groups, retries, progress, and (later) Optuna ask/tell."""

@@ -1,0 +1,74 @@
+"""Progress of running seeds: rich bars on a terminal, a plain line per tenth of the budget otherwise
+(CI logs), nothing with --quiet."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class ProgressBoard:
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console = console
+        self.quiet = quiet
+        self.live = console.is_terminal and not quiet
+        self._progress: Progress | None = None
+        self._tasks: dict[Hashable, Any] = {}
+        self._plain: dict[Hashable, dict[str, Any]] = {}
+
+    def __enter__(self) -> ProgressBoard:
+        if self.live:
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[latest]}"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=self.console, refresh_per_second=4,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+            self._progress = None
+
+    def add(self, key: Hashable, label: str, total: int) -> None:
+        if self._progress is not None:
+            self._tasks[key] = self._progress.add_task(label, total=total, latest="")
+        elif not self.quiet:
+            self._plain[key] = {"label": label, "total": total, "shown": -1, "start": time.perf_counter()}
+
+    def update(self, key: Hashable, completed: int, latest: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._tasks[key], completed=completed, latest=latest)
+            return
+        entry = self._plain.get(key)
+        if entry is None:
+            return
+        tenth = int(10 * completed / max(entry["total"], 1))
+        if tenth > entry["shown"]:
+            entry["shown"] = tenth
+            elapsed = time.perf_counter() - entry["start"]
+            self.console.print(f"{entry['label']}: {completed}/{entry['total']} ({10 * tenth}%) {latest} "
+                               f"[{elapsed:.0f}s]", highlight=False)
+
+    def finish(self, key: Hashable, status: str) -> None:
+        if self._progress is not None:
+            task = self._tasks[key]
+            self._progress.update(task, latest=status)
+        elif key in self._plain:
+            self.console.print(f"{self._plain[key]['label']}: {status}", highlight=False)
+
+
+def summary_table(title: str, rows: list[dict[str, str]]) -> Table:
+    table = Table(title=title)
+    for column in rows[0] if rows else []:
+        table.add_column(column, justify="right" if column not in ("trial", "status") else "left")
+    for row in rows:
+        style = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow"}.get(row.get("status", ""), "")
+        table.add_row(*row.values(), style=style)
+    return table

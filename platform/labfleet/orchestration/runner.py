@@ -1,0 +1,288 @@
+"""The driver loop: trial actors on Ray, results streamed back, MLflow written by the driver alone.
+
+`TrialRunner` drives one configuration (one `trial` run) with one actor per seed (one `seed` run each).
+Each seed's actors are reserved together as one placement group, so parallel trials cannot deadlock on
+partial reservations. `drive()` polls any number of runners through one `ray.wait`, so a suite's trials
+share the cluster. A seed whose actor dies is restarted from its last checkpoint up to
+`resources.max_retries` times; a seed whose trainer raises fails with the error as a tag. `abort()` kills
+the actors and ends every run it opened as KILLED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from labfleet import metrics as M
+from labfleet.algorithms import registry
+from labfleet.orchestration.trial import TrialWorker
+from labfleet.spec.models import ExperimentSpec
+from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions
+
+RemoteTrialWorker = ray.remote(TrialWorker)
+
+
+def config_hash(spec: ExperimentSpec) -> str:
+    """Identifies a configuration: the resolved spec without its seeds and tracking location."""
+    data = spec.model_dump(mode="json", exclude={"seeds", "tracking", "description"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trial_bundles(spec: ExperimentSpec) -> list[dict[str, float]]:
+    """The placement group of one seed: its trial actor, then one bundle per rollout worker."""
+    res = spec.resources
+    head = {"CPU": res.cpus_per_trial, **({"GPU": res.gpus_per_trial} if res.gpus_per_trial else {})}
+    return [head] + [{"CPU": res.cpus_per_worker}] * res.rollout_workers
+
+
+def unschedulable_reason(spec: ExperimentSpec, cluster: dict[str, float]) -> str | None:
+    """Why no node of this cluster could ever hold one seed's placement group, or None."""
+    needed: dict[str, float] = {}
+    for bundle in trial_bundles(spec):
+        for key, value in bundle.items():
+            needed[key] = needed.get(key, 0.0) + value
+    for key, value in needed.items():
+        if value > cluster.get(key, 0.0) + 1e-9:
+            return (f"one trial needs {value:g} {key} (resources: cpus_per_trial, cpus_per_worker x "
+                    f"rollout_workers, gpus_per_trial) but the Ray cluster has {cluster.get(key, 0.0):g}")
+    return None
+
+
+@dataclass
+class SeedState:
+    seed: int
+    run_id: str
+    status: str = "PENDING"  # PENDING -> RUNNING -> FINISHED | FAILED | KILLED
+    actor: Any = None
+    group: PlacementGroup | None = None
+    future: Any = None
+    checkpoint: bytes | None = None
+    progress: int = 0
+    latest: dict[str, float] = field(default_factory=dict)
+    final: dict[str, float] | None = None
+    retries: int = 0
+    error: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    elapsed: float = 0.0
+
+
+class TrialRunner:
+    """One configuration: a `trial` run with one `seed` child per seed."""
+
+    def __init__(self, spec: ExperimentSpec, tracker: Tracker, *, parent_run_id: str | None = None,
+                 spec_dir: str | Path = ".", progress: Any = None, chunk_seconds: float = 1.0,
+                 trial_tags: dict[str, str] | None = None, label: str | None = None):
+        self.spec = spec
+        self.tracker = tracker
+        self.info = registry.get(spec.algorithm)
+        self.experiment = spec.tracking.experiment or spec.name
+        self.parent_run_id = parent_run_id
+        self.spec_dir = str(spec_dir)
+        self.progress = progress
+        self.chunk_seconds = chunk_seconds
+        self.trial_tags = trial_tags or {}
+        self.label = label or spec.name
+        self.trial_run_id: str | None = None
+        self.seeds: dict[int, SeedState] = {}
+        self.status = "PENDING"
+
+    # --- start ----------------------------------------------------------------------------------
+    def _seed_tags(self, seed: int) -> dict[str, str]:
+        spec = self.spec
+        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.seed": str(seed),
+                "labfleet.config_hash": config_hash(spec)}
+        tags["labfleet.env" if spec.env else "labfleet.dataset"] = str(spec.env or spec.dataset)
+        commit, dirty = git_commit(self.spec_dir)
+        if commit:
+            tags["labfleet.git_commit"] = commit
+            tags["labfleet.git_dirty"] = str(dirty).lower()
+        tags.update({f"labfleet.lib.{k}": v for k, v in library_versions().items()})
+        return tags
+
+    def start(self) -> None:
+        spec = self.spec
+        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.config_hash": config_hash(spec),
+                "labfleet.env" if spec.env else "labfleet.dataset": str(spec.env or spec.dataset),
+                **self.trial_tags}
+        params = flatten(spec.model_dump(mode="json", exclude={"seeds"}))
+        self.trial_run_id = self.tracker.start_run(self.experiment, "trial", self.label, self.parent_run_id,
+                                                   tags=tags, params=params)
+        self.tracker.log_params(self.trial_run_id, {"seeds": json.dumps(spec.seeds)})
+        resolved = spec.model_dump(mode="json")
+        for seed in spec.seeds:
+            seed_spec = {**resolved, "seeds": [seed]}
+            run_id = self.tracker.start_run(self.experiment, "seed", f"{self.label}/seed={seed}",
+                                            self.trial_run_id, tags=self._seed_tags(seed),
+                                            params=flatten(seed_spec))
+            self.tracker.log_yaml(run_id, "spec.yaml", seed_spec)
+            state = SeedState(seed, run_id)
+            self.seeds[seed] = state
+            if self.progress is not None:
+                self.progress.add((self.label, seed), f"{self.label} seed={seed}", spec.budget.total)
+            self._launch(state)
+        self.status = "RUNNING"
+
+    def _launch(self, state: SeedState) -> None:
+        spec = self.spec
+        if state.group is None:
+            state.group = placement_group(trial_bundles(spec), strategy="PACK")
+        res = spec.resources
+        state.actor = RemoteTrialWorker.options(
+            num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(state.group, placement_group_bundle_index=0),
+        ).remote(spec.model_dump(mode="json"), state.seed, state.checkpoint)
+        state.future = state.actor.advance.remote(self.chunk_seconds)
+        state.status = "RUNNING"
+
+    # --- results --------------------------------------------------------------------------------
+    def futures(self) -> dict[Any, SeedState]:
+        return {s.future: s for s in self.seeds.values() if s.future is not None}
+
+    def on_result(self, state: SeedState) -> None:
+        future, state.future = state.future, None
+        try:
+            result = ray.get(future)
+        except RayTaskError as exc:  # the trainer raised: deterministic, not retried
+            self._fail(state, _error_text(exc))
+            return
+        except RayActorError as exc:  # the process or node died: retry from the last checkpoint
+            if exc.actor_init_failed:  # the trainer could not be built: as deterministic as a raise
+                self._fail(state, str(exc))
+            elif state.retries < self.spec.resources.max_retries:
+                state.retries += 1
+                self.tracker.set_tags(state.run_id, {"labfleet.retries": str(state.retries)})
+                self._launch(state)
+            else:
+                self._fail(state, f"trial actor died {state.retries + 1} times; last: {exc}")
+            return
+        if state.progress == 0 and result["records"]:
+            self._tag_node(state)
+        for step, values in result["records"]:
+            self.tracker.log_metrics(state.run_id, values, step)
+            state.latest.update(values)
+        self.tracker.flush(state.run_id)
+        state.progress = result["progress"]
+        if result["checkpoint"] is not None:
+            state.checkpoint = result["checkpoint"]
+        if self.progress is not None:
+            self.progress.update((self.label, state.seed), state.progress, self._headline(state.latest))
+        if result["done"]:
+            state.final = result["final"]
+            self._finish_seed(state)
+        else:
+            state.future = state.actor.advance.remote(self.chunk_seconds)
+
+    def _tag_node(self, state: SeedState) -> None:
+        try:
+            where = ray.get(state.actor.describe.remote(), timeout=30)
+        except Exception:  # informational only; the run goes on without the tag
+            return
+        self.tracker.set_tags(state.run_id, {"labfleet.node": where["node_id"], "labfleet.host": where["host"],
+                                             "labfleet.device": where["device"]})
+
+    def _headline(self, latest: dict[str, float]) -> str:
+        for key in (self.info.primary_metric, M.TRAIN_EPISODE_RETURN):
+            if key in latest:
+                return f"{key}={latest[key]:.4g}"
+        return ""
+
+    def _release(self, state: SeedState) -> None:
+        if state.actor is not None:
+            ray.kill(state.actor, no_restart=True)
+            state.actor = None
+        if state.group is not None:
+            remove_placement_group(state.group)
+            state.group = None
+        state.elapsed = time.perf_counter() - state.started
+
+    def _finish_seed(self, state: SeedState) -> None:
+        if state.checkpoint is not None:
+            self.tracker.log_bytes(state.run_id, "checkpoints/final.pt", state.checkpoint)
+        self._release(state)
+        state.status = "FINISHED"
+        self.tracker.end_run(state.run_id, "FINISHED")
+        if self.progress is not None:
+            self.progress.finish((self.label, state.seed), "FINISHED")
+        self._maybe_finish_trial()
+
+    def _fail(self, state: SeedState, error: str) -> None:
+        self._release(state)
+        state.status, state.error = "FAILED", error
+        self.tracker.end_run(state.run_id, "FAILED", error)
+        if self.progress is not None:
+            self.progress.finish((self.label, state.seed), "FAILED")
+        self._maybe_finish_trial()
+
+    # --- the end --------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.status in ("FINISHED", "FAILED", "KILLED")
+
+    def _maybe_finish_trial(self) -> None:
+        if any(s.status in ("PENDING", "RUNNING") for s in self.seeds.values()):
+            return
+        assert self.trial_run_id is not None
+        finals = [s.final for s in self.seeds.values() if s.status == "FINISHED" and s.final]
+        step = max((s.progress for s in self.seeds.values()), default=0)
+        self.tracker.log_metrics(self.trial_run_id, aggregate_finals(finals), step)
+        failed = [s for s in self.seeds.values() if s.status == "FAILED"]
+        self.status = "FAILED" if failed else "FINISHED"
+        error = "; ".join(f"seed {s.seed}: {(s.error or '').strip().splitlines()[-1][:300]}" for s in failed)
+        self.tracker.end_run(self.trial_run_id, self.status, error or None)
+
+    def abort(self, status: str = "KILLED") -> None:
+        for state in self.seeds.values():
+            if state.status in ("PENDING", "RUNNING"):
+                self._release(state)
+                state.status = status
+                self.tracker.end_run(state.run_id, status)
+        if self.trial_run_id and not self.done:
+            self.status = status
+            self.tracker.end_run(self.trial_run_id, status)
+
+
+def aggregate_finals(finals: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and std over seeds of each seed's last `eval/*` value (ARCHITECTURE section 6)."""
+    out: dict[str, float] = {}
+    keys = sorted({k for f in finals for k in f if k.startswith(M.EVAL_PREFIX)})
+    for key in keys:
+        values = [f[key] for f in finals if key in f]
+        out[key] = float(np.mean(values))
+        out[key + M.STD_SUFFIX] = float(np.std(values))
+    return out
+
+
+def _error_text(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    text = str(exc)
+    if cause is not None:
+        text = f"{type(cause).__name__}: {cause}\n{text}"
+    return text
+
+
+def drive(runners: list[TrialRunner], poll_seconds: float = 0.5, on_tick: Callable[[], None] | None = None) -> None:
+    """Run every runner's seeds to an end state, reacting to whichever result arrives first."""
+    while True:
+        owners: dict[Any, tuple[TrialRunner, SeedState]] = {}
+        for runner in runners:
+            for future, state in runner.futures().items():
+                owners[future] = (runner, state)
+        if not owners:
+            return
+        ready, _ = ray.wait(list(owners), num_returns=1, timeout=poll_seconds)
+        for future in ready:
+            runner, state = owners[future]
+            runner.on_result(state)
+        if on_tick is not None:
+            on_tick()

@@ -1,0 +1,1 @@
+"""Environments, seeded vector samplers and evaluation; Ray rollout actors build on these."""

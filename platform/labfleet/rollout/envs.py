@@ -1,0 +1,61 @@
+"""Environment factories and seed derivation.
+
+Seeds for environments and action noise derive from (run seed, env index, purpose) alone, so that how
+the environments are spread over processes changes speed, not results.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 32-bit seed from a run seed and any further indices or labels, via numpy's SeedSequence."""
+    entropy = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _env_id(env: str) -> str:
+    """Gymnasium makes entry points ("package.module:Class") only through a registration."""
+    if ":" not in env:
+        return env
+    module, _, attr = env.partition(":")
+    env_id = f"labfleet-custom/{module}.{attr}"
+    if env_id not in gym.registry:
+        gym.register(id=env_id, entry_point=env)
+    return env_id
+
+
+def make_env(env: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
+    return gym.make(_env_id(env), **(env_kwargs or {}))
+
+
+def make_vector_env(env: str, env_kwargs: dict[str, Any] | None, n_envs: int) -> gym.vector.VectorEnv:
+    """A synchronous vector env that autoresets in the same step, so `info["final_obs"]` carries the
+    last observation of an episode (needed to bootstrap a truncated one)."""
+    return gym.make_vec(
+        _env_id(env), num_envs=n_envs, vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, **(env_kwargs or {}),
+    )
+
+
+def describe_spaces(env: gym.Env) -> tuple[str, str]:
+    """(observation kind, action kind): 'vector' | 'discrete' | other, 'discrete' | 'continuous' | other."""
+    obs, act = env.observation_space, env.action_space
+    if isinstance(obs, gym.spaces.Discrete):
+        obs_kind = "discrete"
+    elif isinstance(obs, gym.spaces.Box) and len(obs.shape) == 1:
+        obs_kind = "vector"
+    else:
+        obs_kind = type(obs).__name__
+    if isinstance(act, gym.spaces.Discrete):
+        act_kind = "discrete"
+    elif isinstance(act, gym.spaces.Box) and len(act.shape) == 1:
+        act_kind = "continuous"
+    else:
+        act_kind = type(act).__name__
+    return obs_kind, act_kind

@@ -1,0 +1,139 @@
+"""Seeded vectorised sampling: whole rollouts per call, and deterministic-policy evaluation.
+
+Randomness is per environment index: environment `i` of a trial is reset with a seed derived from
+(run seed, i) and its action noise comes from a generator derived from (run seed, i). A policy turns
+that noise (uniforms in (0, 1)) into actions, e.g. Gumbel-max for categorical policies, so the same
+environment sees the same actions whether it is stepped in the trial's process or in a Ray actor with
+other environments (only floating-point rounding of a different batch size can differ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+
+from labfleet.rollout.envs import derive_seed, make_vector_env
+
+
+def clip_to_space(actions: np.ndarray, space: gym.Space) -> np.ndarray:
+    """Continuous actions are stepped clipped to the action bounds (and stored unclipped)."""
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(actions, space.low, space.high)
+    return actions
+
+
+class NoisePolicy(Protocol):
+    """What a sampler needs from a policy (a plain callable on numpy arrays, for any process)."""
+
+    noise_dim: int
+
+    def __call__(self, obs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """obs (N, *obs_shape), uniforms (N, noise_dim) in (0, 1) -> actions (N, *act_shape)."""
+        ...
+
+
+@dataclass
+class Rollout:
+    """n_steps transitions from each of n_envs environments, time-major."""
+
+    obs: np.ndarray  # (T, N, *obs_shape)
+    actions: np.ndarray  # (T, N, *act_shape): as sampled, before clipping to the action space
+    rewards: np.ndarray  # (T, N) float32
+    terminated: np.ndarray  # (T, N) bool: the episode ended in a terminal state (no bootstrap)
+    truncated: np.ndarray  # (T, N) bool: the episode was cut by a time limit (bootstrap from next_obs)
+    next_obs: np.ndarray  # (T, N, *obs_shape): true next observation, the final one where an episode ended
+    episode_returns: list[float] = field(default_factory=list)  # episodes that ended in this rollout
+    episode_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return int(self.rewards.size)
+
+    @staticmethod
+    def concatenate(parts: list[Rollout]) -> Rollout:
+        """Join rollouts of disjoint environment ranges along the environment axis (in env order)."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = {name: np.concatenate([getattr(p, name) for p in parts], axis=1)
+               for name in ("obs", "actions", "rewards", "terminated", "truncated", "next_obs")}
+        return Rollout(**cat, episode_returns=[r for p in parts for r in p.episode_returns],
+                       episode_lengths=[n for p in parts for n in p.episode_lengths])
+
+
+class VectorSampler:
+    """Steps environments `first_env .. first_env + n_envs - 1` of a trial with a policy."""
+
+    def __init__(self, env: str, env_kwargs: dict[str, Any] | None, n_envs: int, seed: int,
+                 first_env: int = 0, generation: int = 0):
+        # `generation` separates the streams of a trainer restored from a checkpoint from the original's.
+        self.envs = make_vector_env(env, env_kwargs, n_envs)
+        indices = range(first_env, first_env + n_envs)
+        self.action_rngs = [np.random.default_rng(derive_seed(seed, i, "actions", generation)) for i in indices]
+        self.obs, _ = self.envs.reset(seed=[derive_seed(seed, i, "env", generation) for i in indices])  # type: ignore[arg-type]
+        self.action_space = self.envs.single_action_space
+        self.episode_return = np.zeros(n_envs)
+        self.episode_length = np.zeros(n_envs, dtype=np.int64)
+
+    def collect(self, policy: NoisePolicy, n_steps: int) -> Rollout:
+        n = self.envs.num_envs
+        obs_buf = np.empty((n_steps, *self.obs.shape), dtype=self.obs.dtype)
+        next_buf = np.empty_like(obs_buf)
+        rewards = np.empty((n_steps, n), dtype=np.float32)
+        terminated = np.empty((n_steps, n), dtype=bool)
+        truncated = np.empty((n_steps, n), dtype=bool)
+        actions_buf = None
+        returns, lengths = [], []
+        for t in range(n_steps):
+            uniforms = np.stack([rng.random(policy.noise_dim) for rng in self.action_rngs])
+            actions = policy(self.obs, uniforms)
+            if actions_buf is None:
+                actions_buf = np.empty((n_steps, *actions.shape), dtype=actions.dtype)
+            obs_buf[t], actions_buf[t] = self.obs, actions
+            next_obs, reward, term, trunc, info = self.envs.step(clip_to_space(actions, self.action_space))
+            rewards[t], terminated[t], truncated[t] = reward, term, trunc
+            next_buf[t] = next_obs
+            ended = term | trunc
+            self.episode_return += reward
+            self.episode_length += 1
+            if ended.any():
+                for i in np.flatnonzero(ended):
+                    next_buf[t, i] = info["final_obs"][i]
+                    returns.append(float(self.episode_return[i]))
+                    lengths.append(int(self.episode_length[i]))
+                self.episode_return[ended] = 0.0
+                self.episode_length[ended] = 0
+            self.obs = next_obs
+        assert actions_buf is not None
+        return Rollout(obs_buf, actions_buf, rewards, terminated, truncated, next_buf, returns, lengths)
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+def evaluate_policy(env: str, env_kwargs: dict[str, Any] | None, act, episodes: int, seed: int,
+                    max_envs: int = 32, max_episode_steps: int = 100_000) -> np.ndarray:
+    """Returns of `episodes` episodes of the deterministic policy `act(obs) -> actions`; episode k is
+    reset with a seed derived from (seed, k) alone."""
+    n = min(episodes, max_envs)
+    envs = make_vector_env(env, env_kwargs, n)
+    returns = np.zeros(episodes)
+    try:
+        for start in range(0, episodes, n):
+            count = min(n, episodes - start)
+            seeds = [derive_seed(seed, "eval", start + i) for i in range(n)]
+            obs, _ = envs.reset(seed=seeds)  # type: ignore[arg-type]
+            active = np.arange(n) < count
+            total = np.zeros(n)
+            for _ in range(max_episode_steps):
+                obs, reward, term, trunc, _ = envs.step(clip_to_space(act(obs), envs.single_action_space))
+                total += np.where(active, reward, 0.0)
+                active &= ~(term | trunc)
+                if not active.any():
+                    break
+            returns[start:start + count] = total[:count]
+    finally:
+        envs.close()
+    return returns

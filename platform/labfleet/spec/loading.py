@@ -1,0 +1,315 @@
+"""Reading specs and suites: YAML (safe_load only), --set overrides, validation into problems.
+
+Every check that can reject a spec runs here, before anything starts or is written, and reports every
+problem it finds as `FILE: field.path: what is wrong (line N)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from labfleet.errors import Problem, SpecError
+from labfleet.spec.models import ExperimentSpec, SuiteEntry, SuiteSpec
+
+# --------------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+@dataclass
+class YamlDocument:
+    source: str
+    data: Any
+    root: yaml.Node | None
+
+    def line_of(self, path: tuple[str | int, ...]) -> int | None:
+        """1-based line of the deepest node along `path` that exists in the file."""
+        node, line = self.root, None
+        for part in path:
+            if node is None:
+                break
+            line = node.start_mark.line + 1
+            node = _child(node, part)
+        if node is not None:
+            line = node.start_mark.line + 1
+        return line
+
+
+def _child(node: yaml.Node, part: str | int) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                return value
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+        return node.value[part]
+    return None
+
+
+def read_yaml(path: str | Path) -> YamlDocument:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([Problem(source, "", f"cannot read file: {exc.strerror or exc}")]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem(source, "", f"{where}invalid YAML: {what}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError([Problem(source, "", f"expected a mapping of fields at the top, got {type(data).__name__}")])
+    return YamlDocument(source, data, root)
+
+
+# --------------------------------------------------------------------------------------------------
+# --set KEY=VALUE
+
+
+def parse_set_options(items: list[str], source: str = "--set") -> dict[str, Any]:
+    """`KEY=VALUE` strings -> {dotted key: YAML-parsed value}."""
+    overrides: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(Problem(source, item, "expected KEY=VALUE with KEY a dotted path, e.g. hparams.gamma=0.98"))
+            continue
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            problems.append(Problem(source, key, f"the value is not valid YAML: {getattr(exc, 'problem', exc)}"))
+    if problems:
+        raise SpecError(problems)
+    return overrides
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str = "--set") -> dict[str, Any]:
+    """A copy of `data` with each dotted key set to its value (a mapping replaces the mapping at KEY)."""
+    result = copy.deepcopy(data)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node: Any = result
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise SpecError([Problem(source, key, f"{'.'.join(parts[:i]) or 'the spec'} is not a mapping")])
+            if not isinstance(node.get(part), dict | list):
+                node[part] = {}
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            if not (last.isdigit() and int(last) < len(node)):
+                raise SpecError([Problem(source, key, f"index {last} is out of range (length {len(node)})")])
+            node[int(last)] = copy.deepcopy(value)
+        elif isinstance(node, dict):
+            node[last] = copy.deepcopy(value)
+        else:
+            raise SpecError([Problem(source, key, f"{'.'.join(parts[:-1])} is not a mapping")])
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# pydantic errors -> problems
+
+
+def _loc_path(loc: tuple[Any, ...]) -> str:
+    # Tagged unions add the tag to the location (`lr_schedule.step.gamma`); users never wrote it.
+    return ".".join(str(p) for p in loc)
+
+
+def _unwrap(annotation: Any) -> list[type[BaseModel]]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None), typing.Annotated):
+        found: list[type[BaseModel]] = []
+        for arg in typing.get_args(annotation):
+            found.extend(_unwrap(arg))
+        return found
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at `loc` (raw pydantic location, union tags included)."""
+    models = [model]
+    for part in loc:
+        tagged = [m for m in models if getattr(m.model_fields.get("type"), "default", None) == part]
+        if len(models) > 1 and tagged:  # the tag of a tagged union picks its member
+            models = tagged
+            continue
+        nxt: list[type[BaseModel]] = []
+        for m in models:
+            field = m.model_fields.get(str(part))
+            # No such field: `part` is a key into a dict-valued field; the next part names a field again.
+            nxt.extend(_unwrap(field.annotation) if field is not None else [m])
+        models = nxt
+    names: list[str] = []
+    for m in models:
+        names.extend(n for n in m.model_fields if n not in names)
+    return names
+
+
+def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop what pydantic puts into locations that users never wrote: the tag of a tagged union
+    (`lr_schedule.step.gamma` -> `lr_schedule.gamma`) and the member names of plain unions."""
+    out: list[Any] = []
+    previous: Any = None
+    for part in loc:
+        is_tag = previous in _TAGGED_FIELDS and part in _TAGGED_FIELDS[previous]
+        if not (is_tag or (isinstance(part, str) and "[" in part)):
+            out.append(part)
+        previous = part
+    return tuple(out)
+
+
+_TAGGED_FIELDS = {"lr_schedule": {"constant", "linear", "step", "exponential", "inverse_time"}}
+
+
+def validation_problems(
+    exc: ValidationError, model: type[BaseModel], doc: YamlDocument | None, source: str, prefix: tuple = ()
+) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        raw_loc = tuple(err["loc"])
+        loc = _strip_union_tags(raw_loc)
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(model, raw_loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            message = f"unknown field (allowed: {', '.join(allowed)}){hint}"
+        elif err["type"] == "missing":
+            message = "required field is missing"
+        full = prefix + loc
+        line = doc.line_of(full) if doc else None
+        problems.append(Problem(source, _loc_path(full), message + (f" (line {line})" if line else "")))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# specs
+
+
+def resolve_spec_data(
+    data: dict[str, Any], source: str, doc: YamlDocument | None = None, check_env: bool = True
+) -> ExperimentSpec:
+    """Validate raw spec data (overrides already applied) into a resolved spec, or raise SpecError."""
+    from labfleet.algorithms import registry
+    from labfleet.spec.envcheck import check_algorithm_fits, check_env_id
+
+    hparams_raw = data.get("hparams", {})
+    try:
+        spec = ExperimentSpec.model_validate({**data, "hparams": {}})
+    except ValidationError as exc:
+        problems = validation_problems(exc, ExperimentSpec, doc, source)
+        problems += _hparams_problems(data, hparams_raw, source, doc)
+        env = data.get("env")
+        if check_env and isinstance(env, str) and not any(p.path == "env" for p in problems):
+            problem = check_env_id(env)  # listed with the rest, though the spec cannot be built yet
+            if problem:
+                line = doc.line_of(("env",)) if doc else None
+                problems.append(Problem(source, "env", problem + (f" (line {line})" if line else "")))
+        raise SpecError(problems) from None
+    problems = _hparams_problems(data, hparams_raw, source, doc)
+    if problems:
+        raise SpecError(problems)
+    info = registry.get(spec.algorithm)
+    spec.hparams = info.hparams.model_validate(hparams_raw).model_dump(mode="json")
+
+    def at(path: str, message: str) -> Problem:
+        line = doc.line_of(tuple(path.split("."))) if doc else None
+        return Problem(source, path, message + (f" (line {line})" if line else ""))
+
+    problems = [at(path, msg) for path, msg in check_algorithm_fits(spec, info, check_env=check_env)]
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _hparams_problems(data: dict, hparams_raw: Any, source: str, doc: YamlDocument | None) -> list[Problem]:
+    from labfleet.algorithms import registry
+
+    algorithm = data.get("algorithm")
+    line = doc.line_of(("algorithm",)) if doc else None
+    if not isinstance(algorithm, str):
+        return []
+    try:
+        info = registry.get(algorithm)
+    except KeyError:
+        return [Problem(source, "algorithm", f"unknown algorithm {algorithm!r} "
+                        f"(available: {', '.join(registry.names())})" + (f" (line {line})" if line else ""))]
+    if not isinstance(hparams_raw, dict):
+        return [Problem(source, "hparams", f"expected a mapping, got {type(hparams_raw).__name__}")]
+    try:
+        info.hparams.model_validate(hparams_raw)
+    except ValidationError as exc:
+        return validation_problems(exc, info.hparams, doc, source, prefix=("hparams",))
+    return []
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, check_env: bool = True) -> ExperimentSpec:
+    doc = read_yaml(path)
+    data = apply_overrides(doc.data, overrides or {})
+    return resolve_spec_data(data, doc.source, doc, check_env=check_env)
+
+
+# --------------------------------------------------------------------------------------------------
+# suites
+
+
+@dataclass
+class ResolvedEntry:
+    entry: SuiteEntry
+    spec_path: Path
+    spec: ExperimentSpec
+
+
+def is_suite(data: dict[str, Any]) -> bool:
+    return "experiments" in data and "algorithm" not in data
+
+
+def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SuiteSpec, list[ResolvedEntry]]:
+    """Validate a suite and every spec it names; report the problems of all of them together."""
+    doc = read_yaml(path)
+    try:
+        suite = SuiteSpec.model_validate(doc.data)
+    except ValidationError as exc:
+        raise SpecError(validation_problems(exc, SuiteSpec, doc, doc.source)) from None
+    base = Path(path).parent
+    problems: list[Problem] = []
+    entries: list[ResolvedEntry] = []
+    for i, entry in enumerate(suite.experiments):
+        spec_path = base / entry.spec
+        if not spec_path.is_file():
+            line = doc.line_of(("experiments", i, "spec"))
+            problems.append(Problem(doc.source, f"experiments.{i}.spec",
+                                    f"no such file: {spec_path}" + (f" (line {line})" if line else "")))
+            continue
+        try:
+            spec_doc = read_yaml(spec_path)
+            data = apply_overrides(spec_doc.data, entry.set, source=f"{doc.source}: experiments.{i}.set")
+            data = apply_overrides(data, overrides or {})
+            entries.append(ResolvedEntry(entry, spec_path, resolve_spec_data(data, spec_doc.source, spec_doc)))
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems)
+    names = [e.spec.name for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SpecError([Problem(doc.source, "experiments", f"entries must have distinct names (repeated: "
+                                 f"{', '.join(duplicates)}); give each a `set: {{name: ...}}`")])
+    return suite, entries

@@ -1,0 +1,189 @@
+"""Pydantic models of experiment specs and suites (ARCHITECTURE section 3).
+
+Field names are a contract with users and their scripts. Unknown keys are errors everywhere. `hparams`
+is a plain mapping here; it is validated by the algorithm's own model (see `labfleet.spec.loading`), and
+the resolved spec carries it back with every default filled in.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _check_name(value: str) -> str:
+    if not NAME_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not a valid name: use letters, digits, '_', '.' and '-', starting with a "
+                         f"letter or digit, at most 128 characters")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class StrictModel(BaseModel):
+    """Base of every spec model: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Budget(StrictModel):
+    """How long each seed trains. Exactly one field is set."""
+
+    env_steps: PositiveInt | None = Field(None, description="Environment steps per seed (RL).")
+    epochs: PositiveInt | None = Field(None, description="Passes over the training split (generative).")
+    iterations: PositiveInt | None = Field(None, description="Optimiser steps (generative) or sweeps (tabular).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Budget:
+        set_fields = [k for k in ("env_steps", "epochs", "iterations") if getattr(self, k) is not None]
+        if len(set_fields) != 1:
+            raise ValueError(
+                f"set exactly one of env_steps, epochs, iterations (got {', '.join(set_fields) or 'none'})"
+            )
+        return self
+
+    @property
+    def unit(self) -> str:
+        return next(k for k in ("env_steps", "epochs", "iterations") if getattr(self, k) is not None)
+
+    @property
+    def total(self) -> int:
+        return int(getattr(self, self.unit))
+
+
+class Resources(StrictModel):
+    """What one trial (one seed) reserves on the Ray cluster, as one placement group."""
+
+    rollout_workers: NonNegativeInt = Field(
+        0, description="Ray rollout actors per trial; 0 samples in the trial's own process."
+    )
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs for the trial actor (its torch threads).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs for each rollout actor.")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs for the trial actor; may be fractional.")
+    max_retries: NonNegativeInt = Field(
+        2, description="Times a trial whose actor died is restarted from its last checkpoint."
+    )
+
+
+class EvalConfig(StrictModel):
+    """Evaluation with the deterministic policy on separately seeded environments."""
+
+    episodes: PositiveInt = Field(10, description="Episodes per evaluation (RL).")
+    every_steps: PositiveInt | None = Field(
+        None, description="Evaluate (and checkpoint) every this many steps; default: a tenth of the budget."
+    )
+
+
+class TrackingConfig(StrictModel):
+    """Where runs are recorded. URI precedence: --tracking-uri > this > $MLFLOW_TRACKING_URI > sqlite."""
+
+    experiment: str | None = Field(None, description="MLflow experiment name; default: the spec's name.")
+    uri: str | None = Field(None, description="MLflow tracking URI.")
+
+
+class ParamSpace(StrictModel):
+    """One searched dimension, mirroring Optuna's suggest_* arguments."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamSpace:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty `choices` list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("categorical takes `choices`, not low/high")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs `low` and `high`")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log scale needs low > 0 and no `step`")
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes low/high, not `choices`")
+        return self
+
+
+class SamplerConfig(StrictModel):
+    model_config = ConfigDict(extra="allow")  # further keys are the Optuna sampler's keyword arguments
+    type: Literal["tpe", "random", "cmaes", "gp", "qmc", "grid"] = "tpe"
+    seed: int | None = None
+
+
+class PrunerConfig(StrictModel):
+    model_config = ConfigDict(extra="allow")  # further keys are the Optuna pruner's keyword arguments
+    type: Literal["nop", "median", "percentile", "successive_halving", "hyperband", "threshold"] = "median"
+
+
+class SweepConfig(StrictModel):
+    """Used by `labfleet sweep`: an Optuna study over paths of this spec."""
+
+    metric: str = Field("eval/return_mean", description="Objective: mean over seeds of its final value.")
+    direction: Literal["maximize", "minimize"] = "maximize"
+    n_trials: PositiveInt = 20
+    max_parallel: PositiveInt = 2
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///optuna.db.")
+    study_name: str | None = Field(None, description="Default: the spec's name.")
+    max_retries: NonNegativeInt = 2
+    space: dict[str, ParamSpace] = Field(default_factory=dict)
+
+
+class ExperimentSpec(StrictModel):
+    """One experiment: an algorithm on an environment (or dataset), for each of several seeds."""
+
+    name: Name = Field(description="Letters, digits, '_', '.', '-'.")
+    algorithm: str = Field(description="A registered algorithm (`labfleet list algorithms`).")
+    env: str | None = Field(None, description='A gymnasium id, or "package.module:Class" (RL).')
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of gym.make.")
+    dataset: str | None = Field(None, description="A dataset name (generative models).")
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0], min_length=1, description="One trial each.")
+    budget: Budget
+    hparams: dict[str, Any] = Field(default_factory=dict, description="Validated by the algorithm's model.")
+    resources: Resources = Field(default_factory=Resources)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N; auto picks CUDA when present.")
+    sweep: SweepConfig | None = None
+    description: str = ""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct (got {seeds})")
+        return seeds
+
+
+class SuiteEntry(StrictModel):
+    """One entry of a suite: a spec file (relative to the suite file) with overrides."""
+
+    spec: str
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted KEY: VALUE overrides.")
+
+
+class SuiteSpec(StrictModel):
+    name: Name
+    description: str = ""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    experiments: list[SuiteEntry] = Field(min_length=1)

@@ -1,0 +1,52 @@
+"""Shared fixtures: a real local Ray instance, a real SQLite MLflow store, and CLI helpers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+    """`labfleet ARGS` in a real subprocess, as a user would run it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "labfleet", *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs, 127.0.0.1) for the tests that drive actors in-process."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path: Path) -> str:
+    directory = tmp_path / "tracking"
+    directory.mkdir()
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def shipped_spec_for(algorithm: str) -> Path:
+    """The first shipped spec of an algorithm (every registered algorithm ships one)."""
+    import yaml
+
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if data.get("algorithm") == algorithm:
+            return path
+    raise LookupError(f"no spec in experiments/ uses algorithm {algorithm!r}")

@@ -198,12 +198,14 @@ class TrialRunner:
         return ""
 
     def _release(self, state: SeedState) -> None:
-        if state.actor is not None:
-            ray.kill(state.actor, no_restart=True)
-            state.actor = None
-        if state.group is not None:
-            remove_placement_group(state.group)
-            state.group = None
+        try:
+            if state.actor is not None:
+                ray.kill(state.actor, no_restart=True)
+            if state.group is not None:
+                remove_placement_group(state.group)
+        except Exception:  # Ray is shutting down (Ctrl-C reaches its processes too): nothing left to free
+            pass
+        state.actor = state.group = None
         state.elapsed = time.perf_counter() - state.started
 
     def _finish_seed(self, state: SeedState) -> None:

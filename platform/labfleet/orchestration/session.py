@@ -56,18 +56,17 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     problem = check_tracking_uri(uri)
     if problem:
         raise SpecError([Problem(source, "tracking.uri", problem)])
-    tracker = Tracker(uri)
-    try:
-        tracker.check()
-    except TrackingUnavailable as exc:
-        raise SpecError([Problem(source, "tracking.uri", str(exc))]) from None
-
     connect_ray(address)
     cluster = ray.cluster_resources()
     problems = [Problem(str(p.spec_path), "resources", reason) for p in planned
                 if (reason := unschedulable_reason(p.spec, cluster))]
     if problems:
         raise SpecError(problems)
+    tracker = Tracker(uri)  # the first write: a SQLite store is created here
+    try:
+        tracker.check()
+    except TrackingUnavailable as exc:
+        raise SpecError([Problem(source, "tracking.uri", str(exc))]) from None
 
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     runners: list[TrialRunner] = []

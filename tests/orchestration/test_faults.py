@@ -1,0 +1,93 @@
+"""Faults lose nothing: Ctrl-C leaves every run KILLED; a killed trial actor resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from labfleet.orchestration.runner import TrialRunner
+from labfleet.orchestration.trial import TrialWorker
+from labfleet.spec.loading import load_spec
+from labfleet.tracking.runs import Tracker
+from tests.conftest import EXPERIMENTS
+
+SPEC = EXPERIMENTS / "cartpole_reinforce.yaml"
+
+
+def _seed_runs_with_metrics(client: MlflowClient, count: int) -> bool:
+    exp = client.get_experiment_by_name("cartpole")
+    if exp is None:
+        return False
+    runs = client.search_runs([exp.experiment_id], "tags.`labfleet.role` = 'seed'")
+    return len(runs) == count and all("time/env_steps" in r.data.metrics for r in runs)
+
+
+def test_ctrl_c_leaves_every_run_killed(tmp_path: Path, tracking_uri: str):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labfleet", "run", str(SPEC), "--set", "seeds=[0,1]",
+         "--set", "budget.env_steps=5000000", "--tracking-uri", tracking_uri],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, so the signal reaches Ray's processes too, as Ctrl-C does
+    )
+    client = MlflowClient(tracking_uri)
+    try:
+        deadline = time.monotonic() + 120
+        while not _seed_runs_with_metrics(client, 2):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "seeds never started"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output
+    exp = client.get_experiment_by_name("cartpole")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 3
+    assert {r.info.status for r in runs} == {"KILLED"}, [(r.data.tags["labfleet.role"], r.info.status) for r in runs]
+
+
+def test_killed_trial_actor_resumes_from_its_checkpoint(ray_local, tracking_uri: str):
+    spec = load_spec(SPEC, {"seeds": [5], "budget.env_steps": 30720, "eval": {"episodes": 2, "every_steps": 4096}})
+    tracker = Tracker(tracking_uri)
+    runner = TrialRunner(spec, tracker, chunk_seconds=0.2)
+    runner.start()
+    state = runner.seeds[5]
+    client = MlflowClient(tracking_uri)
+    checkpoint_step = killed_ms = None
+    while not runner.done:
+        ready, _ = ray_local.wait(list(runner.futures()), timeout=30)
+        assert ready, "no result in 30 s"
+        runner.on_result(state)
+        if checkpoint_step is None and state.checkpoint is not None and state.actor is not None:
+            checkpoint_step = torch.load(io.BytesIO(state.checkpoint), weights_only=True)["rl"]["env_steps"]
+            killed_ms = int(time.time() * 1000)
+            ray_local.kill(state.actor, no_restart=True)  # the process dies mid-chunk
+    assert checkpoint_step is not None and checkpoint_step >= 4096 and state.retries == 1
+    assert state.status == "FINISHED" and runner.status == "FINISHED"
+    run = client.get_run(state.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["labfleet.retries"] == "1"
+    history = client.get_metric_history(state.run_id, "time/env_steps")
+    after_kill = sorted((m for m in history if m.timestamp >= killed_ms), key=lambda m: (m.timestamp, m.value))
+    # The restarted actor's first iteration continues from the checkpoint, not from scratch (1024).
+    assert after_kill[0].value == checkpoint_step + 8 * 128
+    assert max(m.value for m in history) >= 30720
+
+
+def test_worker_built_from_checkpoint_continues_from_it():
+    spec = load_spec(SPEC, {"budget.env_steps": 8192, "eval": {"episodes": 2, "every_steps": 2048}})
+    worker = TrialWorker(spec.model_dump(mode="json"), seed=0)
+    result = worker.advance(seconds=60)
+    assert result["done"] and result["checkpoint"] and result["progress"] >= 8192
+    resumed = TrialWorker(spec.model_dump(mode="json"), seed=0, checkpoint=result["checkpoint"])
+    assert resumed.trainer.progress == result["progress"] and resumed.trainer.done

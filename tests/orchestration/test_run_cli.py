@@ -1,0 +1,153 @@
+"""`labfleet run` and `labfleet suite` as real processes on a real local Ray, read back with MlflowClient."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import EXPERIMENTS, run_cli
+
+SPEC = EXPERIMENTS / "cartpole_reinforce.yaml"
+SMALL = ["--set", "seeds=[0,1]", "--set", "budget.env_steps=6144", "--set", "eval={episodes: 3, every_steps: 2048}",
+         "--set", "hparams.n_envs=4", "--set", "hparams.n_steps=64"]
+
+
+def _runs(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_run_two_seeds_tracked_in_mlflow(tmp_path: Path, tracking_uri: str):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = run_cli("run", str(SPEC), *SMALL, "--tracking-uri", tracking_uri, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(cwd.iterdir()) == [], "run wrote outside the tracking location"
+    tracking_dir = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    assert sorted(p.name for p in tracking_dir.iterdir()) == ["mlartifacts", "mlflow.db"]
+
+    client = MlflowClient(tracking_uri)
+    runs = _runs(client, "cartpole")
+    trials = [r for r in runs if r.data.tags["labfleet.role"] == "trial"]
+    seeds = [r for r in runs if r.data.tags["labfleet.role"] == "seed"]
+    assert len(trials) == 1 and len(seeds) == 2 and len(runs) == 3
+    trial = trials[0]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert "mlflow.parentRunId" not in trial.data.tags
+
+    for run in seeds:
+        tags, params = run.data.tags, run.data.params
+        assert tags["mlflow.parentRunId"] == trial.info.run_id
+        assert tags["labfleet.algorithm"] == "reinforce"
+        assert tags["labfleet.env"] == "CartPole-v1"
+        assert tags["labfleet.config_hash"] == trial.data.tags["labfleet.config_hash"]
+        assert tags["labfleet.version"] and tags["labfleet.lib.torch"] and tags["labfleet.node"]
+        assert params["hparams.n_envs"] == "4" and params["budget.env_steps"] == "6144"
+        assert params["hparams.learning_rate"] == "0.001" and params["hparams.optimizer.type"] == "adam"
+        assert json.loads(params["seeds"]) == [int(tags["labfleet.seed"])]
+        # metric curves, x = environment steps
+        evals = client.get_metric_history(run.info.run_id, "eval/return_mean")
+        assert [m.step for m in evals][:2] == [2048, 4096] and len(evals) >= 3
+        steps = client.get_metric_history(run.info.run_id, "time/env_steps")
+        assert [m.value for m in steps] == sorted(m.value for m in steps) and steps[-1].value >= 6144
+        assert client.get_metric_history(run.info.run_id, "loss/policy")
+        # artifacts: the resolved spec and a checkpoint that loads safely
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"spec.yaml", "checkpoints"} <= names
+        local = Path(client.download_artifacts(run.info.run_id, "spec.yaml", str(tmp_path)))
+        resolved = yaml.safe_load(local.read_text())
+        assert resolved["hparams"]["gamma"] == 0.99 and resolved["seeds"] == [int(tags["labfleet.seed"])]
+        ckpt = Path(client.download_artifacts(run.info.run_id, "checkpoints/final.pt", str(tmp_path)))
+        state = torch.load(io.BytesIO(ckpt.read_bytes()), weights_only=True)
+        assert state["rl"]["env_steps"] >= 6144
+
+    finals = [run.data.metrics["eval/return_mean"] for run in seeds]
+    assert trial.data.metrics["eval/return_mean"] == pytest.approx(np.mean(finals))
+    assert trial.data.metrics["eval/return_mean_std"] == pytest.approx(np.std(finals))
+    assert seeds[0].data.tags["labfleet.seed"] != seeds[1].data.tags["labfleet.seed"]
+    assert "labfleet results" in result.stdout and "FINISHED" in result.stdout
+
+
+def test_unreachable_tracking_server_is_reported_before_anything_starts(tmp_path: Path):
+    result = run_cli("run", str(SPEC), "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "tracking.uri" in result.stderr and "unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_tracking_directory_is_bad_input(tmp_path: Path):
+    result = run_cli("run", str(SPEC), "--tracking-uri", f"sqlite:///{tmp_path}/nope/mlflow.db", cwd=tmp_path,
+                     timeout=60)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trial_that_cannot_fit_the_cluster_is_bad_input(tmp_path: Path, tracking_uri: str):
+    result = run_cli("run", str(SPEC), "--set", "resources.cpus_per_trial=64", "--tracking-uri", tracking_uri,
+                     cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "64 CPU" in result.stderr
+    assert not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+
+
+BOOM_ENV = '''
+from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+
+
+class BoomEnv(CartPoleEnv):
+    """CartPole that raises once it has been stepped 300 times."""
+
+    steps = 0
+
+    def step(self, action):
+        BoomEnv.steps += 1
+        if BoomEnv.steps > 300:
+            raise RuntimeError("boom: the simulator crashed")
+        return super().step(action)
+'''
+
+
+def test_failing_trial_is_marked_failed_with_its_error(tmp_path: Path, tracking_uri: str):
+    (tmp_path / "boom_env.py").write_text(BOOM_ENV)
+    result = run_cli("run", str(SPEC), *SMALL, "--set", "env=boom_env:BoomEnv", "--tracking-uri", tracking_uri,
+                     cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "boom: the simulator crashed" in result.stdout
+    client = MlflowClient(tracking_uri)
+    runs = _runs(client, "cartpole")
+    seeds = [r for r in runs if r.data.tags["labfleet.role"] == "seed"]
+    trial = next(r for r in runs if r.data.tags["labfleet.role"] == "trial")
+    assert {r.info.status for r in seeds} == {"FAILED"}
+    assert all("boom: the simulator crashed" in r.data.tags["labfleet.error"] for r in seeds)
+    assert trial.info.status == "FAILED" and "boom" in trial.data.tags["labfleet.error"]
+
+
+def test_suite_nests_trials_under_one_suite_run(tmp_path: Path, tracking_uri: str):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "mini", "experiments": [
+        {"spec": str(SPEC), "set": {"name": "reinforce-a", "seeds": [0], "budget.env_steps": 2048,
+                                    "hparams.n_envs": 2, "eval.episodes": 2}},
+        {"spec": str(SPEC), "set": {"name": "reinforce-b", "seeds": [1], "budget.env_steps": 2048,
+                                    "hparams.n_envs": 2, "hparams.gamma": 0.9, "eval.episodes": 2}},
+    ]}))
+    result = run_cli("suite", str(suite), "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = _runs(MlflowClient(tracking_uri), "mini")
+    by_role: dict[str, list] = {}
+    for run in runs:
+        by_role.setdefault(run.data.tags["labfleet.role"], []).append(run)
+    assert {k: len(v) for k, v in by_role.items()} == {"suite": 1, "trial": 2, "seed": 2}
+    suite_id = by_role["suite"][0].info.run_id
+    trial_ids = {r.info.run_id for r in by_role["trial"]}
+    assert {r.data.tags["mlflow.parentRunId"] for r in by_role["trial"]} == {suite_id}
+    assert {r.data.tags["mlflow.parentRunId"] for r in by_role["seed"]} == trial_ids
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.params["hparams.gamma"] for r in by_role["seed"]} == {"0.99", "0.9"}

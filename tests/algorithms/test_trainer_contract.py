@@ -19,7 +19,8 @@ from tests.conftest import shipped_spec_for
 
 ALGORITHMS = registry.names()
 # Keep each algorithm to a few iterations: small batches, a small budget.
-SHRINK = {"n_envs": 2, "n_steps": 16}
+SHRINK = {"n_envs": 2, "n_steps": 16, "learning_starts": 16, "batch_size": 16, "train_freq": 8,
+          "gradient_steps": 2, "buffer_size": 1000, "net_arch": [32, 32]}
 
 
 def tiny_spec(algorithm: str):
@@ -29,7 +30,7 @@ def tiny_spec(algorithm: str):
     if spec.budget.unit == "env_steps":
         overrides["budget.env_steps"] = 2000
     else:
-        overrides[f"budget.{spec.budget.unit}"] = 2
+        overrides[f"budget.{spec.budget.unit}"] = 20
     overrides["eval.episodes"] = 2
     return load_spec(shipped_spec_for(algorithm), overrides)
 
@@ -50,18 +51,21 @@ def test_registry_is_not_empty():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_checkpoint_round_trip_gives_identical_next_actions(algorithm):
     trainer = build(algorithm)
-    for _ in range(2):
+    initial = trainer.probe()
+    # Train until something that acts has changed (sparse tasks need a few episodes), so that the
+    # comparison below could tell a broken restore from a good one.
+    while np.array_equal(initial, trainer.probe()) and not trainer.done:
         trainer.train_iteration()
+    assert not np.array_equal(initial, trainer.probe()), "training within the budget changed no action"
     data = trainer.checkpoint_bytes()
     state = torch.load(io.BytesIO(data), weights_only=True)  # a checkpoint is safe to load
     assert isinstance(state, dict)
     restored = build(algorithm)
-    before = restored.probe()
     restored.restore_bytes(data)
     np.testing.assert_array_equal(restored.probe(), trainer.probe())
-    assert not np.array_equal(before, trainer.probe()) or algorithm in ("value_iteration",), \
-        "training changed nothing that acts; the probe cannot tell checkpoints apart"
     assert restored.progress == trainer.progress
+    if restored.done:
+        return
     # Two restores of one checkpoint continue identically.
     again = build(algorithm)
     again.restore_bytes(data)
@@ -79,7 +83,10 @@ def test_same_seed_same_metrics_other_seed_differs(algorithm):
         runs.append((metrics, trainer.probe()))
     assert runs[0][0] == runs[1][0]
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
-    assert runs[0][0] != runs[2][0]
+    if registry.get(algorithm).seed_dependent:
+        assert runs[0][0] != runs[2][0]
+    else:  # a planner: the seed only picks evaluation episodes
+        assert runs[0][0][:-1] == runs[2][0][:-1]
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

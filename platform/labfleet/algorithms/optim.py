@@ -89,15 +89,13 @@ class OptimizerConfig(_Strict):
         return self
 
 
-class OptimHParams(_Strict):
-    """Optimisation fields that every algorithm's hyperparameters share."""
+class StepSizeHParams(_Strict):
+    """A learning rate (step size) and its schedule: shared by every algorithm, tabular ones included."""
 
     learning_rate: float | str = Field(
         3e-4, description='Initial learning rate; "lin_<value>" is a linear decay from <value> to 0.'
     )
     lr_schedule: Schedule = Field(default_factory=ConstantSchedule, description="How the rate decays.")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    max_grad_norm: PositiveFloat | None = Field(0.5, description="Clip the global gradient norm; null: off.")
 
     @field_validator("learning_rate")
     @classmethod
@@ -117,7 +115,7 @@ class OptimHParams(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _lin_means_linear(self) -> OptimHParams:
+    def _lin_means_linear(self) -> StepSizeHParams:
         if isinstance(self.learning_rate, str) and self.lr_schedule.type != "constant":
             raise ValueError('"lin_<value>" already is a linear schedule: drop lr_schedule or use a number')
         return self
@@ -134,6 +132,13 @@ class OptimHParams(_Strict):
     def schedule(self) -> ConstantSchedule | LinearSchedule | StepSchedule | ExponentialSchedule \
             | InverseTimeSchedule:
         return LinearSchedule(end_factor=0.0) if isinstance(self.learning_rate, str) else self.lr_schedule
+
+
+class OptimHParams(StepSizeHParams):
+    """Optimisation fields that every gradient-based algorithm's hyperparameters share."""
+
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    max_grad_norm: PositiveFloat | None = Field(0.5, description="Clip the global gradient norm; null: off.")
 
 
 def scheduled_learning_rate(schedule, lr0: float, update: int, progress: float) -> float:

@@ -15,7 +15,16 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from labfleet.algorithms.base import Trainer
 
-BUILTIN_MODULES = ("labfleet.algorithms.rl.reinforce",)
+BUILTIN_MODULES = (
+    "labfleet.algorithms.rl.reinforce",
+    "labfleet.algorithms.rl.a2c",
+    "labfleet.algorithms.rl.ppo",
+    "labfleet.algorithms.rl.qlearning",
+    "labfleet.algorithms.rl.sarsa",
+    "labfleet.algorithms.rl.value_iteration",
+    "labfleet.algorithms.rl.dqn",
+    "labfleet.algorithms.rl.ddpg",
+)
 
 ActionKind = Literal["discrete", "continuous"]
 ObservationKind = Literal["vector", "discrete"]
@@ -32,6 +41,7 @@ class AlgorithmInfo:
     observation_spaces: tuple[ObservationKind, ...] = ("vector", "discrete")
     needs_transition_model: bool = False
     rollout_workers: bool = False  # can spread its environments over Ray rollout actors
+    seed_dependent: bool = True  # False for planners, whose training the seed does not touch
     primary_metric: str = "eval/return_mean"
     budget_units: tuple[str, ...] = ("env_steps",)
     tags: dict[str, str] = field(default_factory=dict)

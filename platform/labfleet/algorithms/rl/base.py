@@ -16,6 +16,9 @@ import torch
 
 from labfleet import metrics as M
 from labfleet.algorithms.base import Trainer
+from labfleet.algorithms.optim import ScheduledOptimizer, scheduled_learning_rate
+from labfleet.algorithms.rl.exploration import EpsilonGreedyTable
+from labfleet.algorithms.rl.networks import ActorCritic, NumpyPolicy
 from labfleet.rollout.envs import derive_seed, make_env
 from labfleet.rollout.sampler import NoisePolicy, Rollout, VectorSampler, evaluate_policy
 from labfleet.spec.models import ExperimentSpec
@@ -110,3 +113,57 @@ class RLTrainer(Trainer):
         self._generation = self.env_steps
         self._started = time.perf_counter()
         self._steps_at_start = self.env_steps
+
+
+class ActorCriticTrainer(RLTrainer):
+    """RL trainers whose model is one `ActorCritic` (separate policy and value MLPs) trained by one
+    `ScheduledOptimizer`: REINFORCE, A2C, PPO. Their hparams have `net_arch` and `activation`."""
+
+    def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
+        super().__init__(spec, seed, device)
+        hp: Any = self.hp
+        with seeded_torch(derive_seed(seed, "init")):
+            self.ac = ActorCritic(self.observation_space, self.action_space, hp.net_arch,
+                                  hp.activation).to(self.device)
+        self.optimizer = ScheduledOptimizer(self.ac.parameters(), hp)
+        self.actor = NumpyPolicy(self.ac.policy, self.device)
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        return self.actor.greedy(obs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.ac.state_dict(), "optimizer": self.optimizer.state_dict(), "rl": self.rl_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ac.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_rl_state(state["rl"])
+
+
+class TabularTrainer(RLTrainer):
+    """RL trainers over a Q table (discrete observations and actions): Q-learning, SARSA. Their hparams
+    are `StepSizeHParams` (alpha and its schedule) plus `EpsilonGreedyHParams`, `gamma` and `q_init`."""
+
+    def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
+        super().__init__(spec, seed, device)
+        hp: Any = self.hp
+        n_states, n_actions = int(self.observation_space.n), int(self.action_space.n)  # type: ignore[attr-defined]
+        self.q = np.full((n_states, n_actions), float(hp.q_init))  # (S, A)
+        self.updates = 0
+        self.behaviour = EpsilonGreedyTable(self.q, hp.epsilon_at(0.0))
+
+    def step_size(self) -> float:
+        hp: Any = self.hp
+        return scheduled_learning_rate(hp.schedule, hp.initial_learning_rate, self.updates,
+                                       self.env_steps / self.spec.budget.total)
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        return np.argmax(self.q[obs], axis=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"q": torch.from_numpy(self.q.copy()), "updates": self.updates, "rl": self.rl_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q[...] = state["q"].numpy()  # in place: the behaviour policy holds this array
+        self.updates = int(state["updates"])
+        self.load_rl_state(state["rl"])

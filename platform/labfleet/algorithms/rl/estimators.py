@@ -8,6 +8,8 @@ bootstrapped from `next_values[T-1]` unless it terminated.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -26,3 +28,36 @@ def discounted_returns(rewards: torch.Tensor, terminated: torch.Tensor, truncate
         returns[t] = rewards[t] + gamma * future
         future = returns[t]
     return returns
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor,
+                   next_values: torch.Tensor, gamma: float, gae_lambda: float) -> torch.Tensor:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16):
+        delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
+        A_t     = delta_t + gamma * lambda * A_{t+1}, the sum restarting wherever an episode ended at t.
+    `values[t] = V(s_t)`; `next_values[t] = V(s_{t+1})` for the true next state (the final observation
+    where an episode ended), so truncated episodes and the rollout's end are bootstrapped."""
+    T = rewards.shape[0]
+    advantages = torch.empty_like(rewards)
+    not_terminal = (~terminated).float()
+    ended = (terminated | truncated).float()
+    running = torch.zeros_like(rewards[0])
+    for t in reversed(range(T)):
+        delta = rewards[t] + gamma * next_values[t] * not_terminal[t] - values[t]
+        running = delta + gamma * gae_lambda * (1.0 - ended[t]) * running
+        advantages[t] = running
+    return advantages
+
+
+def td_target(rewards: torch.Tensor, next_q: torch.Tensor, terminated: torch.Tensor, gamma: float) -> torch.Tensor:
+    """One-step TD target r + gamma * max_a' Q(s', a') (or the caller's choice of next value), with no
+    bootstrap past a terminal state. A truncated transition is bootstrapped: time limits are not
+    terminal states."""
+    return rewards + gamma * next_q * (~terminated).float()
+
+
+@torch.no_grad()
+def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.Tensor], tau: float) -> None:
+    """theta_targ <- tau * theta + (1 - tau) * theta_targ (tau = 1: a hard copy)."""
+    for p, p_targ in zip(params, target_params, strict=True):
+        p_targ.mul_(1.0 - tau).add_(p, alpha=tau)

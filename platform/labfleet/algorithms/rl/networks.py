@@ -121,3 +121,15 @@ class NumpyPolicy:
     @torch.no_grad()
     def greedy(self, obs: np.ndarray) -> np.ndarray:
         return self.policy.greedy(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+
+
+class ActorCritic(nn.Module):
+    """Separate policy and state-value MLPs (no shared trunk: one of PPO's implementation details)."""
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space, net_arch: list[int], activation: str):
+        super().__init__()
+        self.policy = make_policy(observation_space, action_space, net_arch, activation)
+        self.value_net = mlp([self.policy.encoder.dim, *net_arch, 1], activation, out_gain=1.0)
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.value_net(self.policy.encoder(obs)).squeeze(-1)

@@ -14,20 +14,16 @@ One iteration, in the order of the pseudocode:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, PositiveInt
 
 from labfleet import metrics as M
-from labfleet.algorithms.optim import OptimHParams, ScheduledOptimizer
+from labfleet.algorithms.optim import OptimHParams
 from labfleet.algorithms.registry import AlgorithmInfo, register
-from labfleet.algorithms.rl.base import RLTrainer, seeded_torch
+from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import discounted_returns
-from labfleet.algorithms.rl.networks import NumpyPolicy, make_policy, mlp
-from labfleet.rollout.envs import derive_seed
-from labfleet.spec.models import ExperimentSpec
 
 
 class ReinforceHParams(OptimHParams):
@@ -41,10 +37,6 @@ class ReinforceHParams(OptimHParams):
     net_arch: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="Hidden layer sizes.")
     activation: Literal["tanh", "relu"] = "tanh"
 
-    @property
-    def batch_size(self) -> int:
-        return self.n_envs * self.n_steps
-
 
 def reinforce_policy_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """-E[log pi(a|s) * A]: its gradient is the REINFORCE estimate of -grad J."""
@@ -55,21 +47,10 @@ def value_loss(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
     return ((values - returns) ** 2).mean()
 
 
-class ReinforceTrainer(RLTrainer):
+class ReinforceTrainer(ActorCriticTrainer):
     hparams_model = ReinforceHParams
     hp: ReinforceHParams
 
-    def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
-        super().__init__(spec, seed, device)
-        with seeded_torch(derive_seed(seed, "init")):
-            self.policy = make_policy(self.observation_space, self.action_space, self.hp.net_arch,
-                                      self.hp.activation).to(self.device)
-            self.value = mlp([self.policy.encoder.dim, *self.hp.net_arch, 1], self.hp.activation).to(self.device)
-        self.optimizer = ScheduledOptimizer([*self.policy.parameters(), *self.value.parameters()], self.hp)
-        self.actor = NumpyPolicy(self.policy, self.device)
-
-    def v(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.value(self.policy.encoder(obs)).squeeze(-1)
 
     def train_iteration(self) -> dict[str, float]:
         hp = self.hp
@@ -81,16 +62,16 @@ class ReinforceTrainer(RLTrainer):
 
         # 2. estimate: reward-to-go, bootstrapped only where an episode was cut, not where it ended
         with torch.no_grad():
-            next_values = self.v(self.as_tensor(rollout.next_obs))  # (T, N)
+            next_values = self.ac.value(self.as_tensor(rollout.next_obs))  # (T, N)
         returns = discounted_returns(rewards, self.as_tensor(rollout.terminated), self.as_tensor(rollout.truncated),
                                      next_values, hp.gamma)
 
         # 3. loss
-        values = self.v(obs)
+        values = self.ac.value(obs)
         advantages = returns - values.detach()
         if hp.normalize_advantage:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        dist = self.policy.distribution(obs)
+        dist = self.ac.policy.distribution(obs)
         logp = dist.log_prob(actions)  # (T, N)
         entropy = dist.entropy().mean()
         loss_pi = reinforce_policy_loss(logp, advantages)
@@ -105,19 +86,6 @@ class ReinforceTrainer(RLTrainer):
         logged.update({M.LOSS_POLICY: loss_pi.item(), M.LOSS_VALUE: loss_v.item(), M.LOSS_ENTROPY: entropy.item(),
                        M.GRAD_NORM: grad_norm, M.LEARNING_RATE: self.optimizer.learning_rate})
         return logged
-
-    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
-        return self.actor.greedy(obs)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.state_dict(), "value": self.value.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rl": self.rl_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.value.load_state_dict(state["value"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.load_rl_state(state["rl"])
 
 
 register(AlgorithmInfo(

@@ -1,0 +1,89 @@
+"""A2C: synchronous advantage actor-critic (Mnih et al. 2016, the synchronous variant).
+
+One iteration:
+  1. collect   n_steps from each of n_envs environments with pi_theta
+  2. estimate  the bootstrapped advantage: with gae_lambda = 1 (the default) the n-step return
+               A_t = r_t + gamma r_{t+1} + ... + gamma^k V(s_{t+k}) - V(s_t), cut at episode ends;
+               with n_steps = 1 it is the one-step TD error r + gamma V(s') - V(s)
+  3. loss      policy:  -mean( log pi_theta(a_t|s_t) * A_t )
+               value:   mean( (V(s_t) - R_t)^2 ) with R_t = A_t + V(s_t)
+               entropy: -ent_coef * mean( H[pi_theta(.|s_t)] )
+  4. step      one gradient step (RMSprop with eps 1e-5, as Stable-Baselines3 and the paper)
+  5. log
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt
+
+from labfleet import metrics as M
+from labfleet.algorithms.optim import OptimHParams, OptimizerConfig
+from labfleet.algorithms.registry import AlgorithmInfo, register
+from labfleet.algorithms.rl.base import ActorCriticTrainer
+from labfleet.algorithms.rl.estimators import gae_advantages
+
+
+class A2CHParams(OptimHParams):
+    learning_rate: float | str = Field(7e-4, description='Initial learning rate, or "lin_<value>".')
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(type="rmsprop", eps=1e-5, alpha=0.99),
+                                       description="RMSprop(alpha 0.99, eps 1e-5), as SB3.")
+    n_envs: PositiveInt = Field(8, description="Environments stepped together.")
+    n_steps: PositiveInt = Field(5, description="Steps per environment per update (the n of n-step returns).")
+    gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
+    gae_lambda: float = Field(1.0, ge=0, le=1, description="1: n-step returns; < 1: GAE.")
+    ent_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    vf_coef: float = Field(0.5, ge=0, description="Value loss weight.")
+    normalize_advantage: bool = Field(False, description="Standardise advantages over the batch.")
+    net_arch: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="Hidden sizes, each net.")
+    activation: Literal["tanh", "relu"] = "tanh"
+
+
+def actor_critic_policy_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    return -(logp * advantages.detach()).mean()
+
+
+class A2CTrainer(ActorCriticTrainer):
+    hparams_model = A2CHParams
+    hp: A2CHParams
+
+
+    def train_iteration(self) -> dict[str, float]:
+        hp = self.hp
+        # 1. collect
+        rollout, logged = self.collect(self.actor, hp.n_envs, hp.n_steps)
+        obs = self.as_tensor(rollout.obs)  # (T, N, *obs_shape)
+
+        # 2. estimate
+        values = self.ac.value(obs)  # (T, N), with gradient for the value loss
+        with torch.no_grad():
+            next_values = self.ac.value(self.as_tensor(rollout.next_obs))
+            adv = gae_advantages(self.as_tensor(rollout.rewards), values.detach(), self.as_tensor(rollout.terminated),
+                                 self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
+            returns = adv + values.detach()
+            if hp.normalize_advantage:
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+
+        # 3. loss
+        dist = self.ac.policy.distribution(obs)
+        loss_pi = actor_critic_policy_loss(dist.log_prob(self.as_tensor(rollout.actions)), adv)
+        loss_v = ((values - returns) ** 2).mean()
+        entropy = dist.entropy().mean()
+        loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy
+
+        # 4. step
+        grad_norm = self.optimizer.step(loss, self.env_steps / self.spec.budget.total)
+        self.iterations += 1
+
+        # 5. log
+        logged.update({M.LOSS_POLICY: loss_pi.item(), M.LOSS_VALUE: loss_v.item(), M.LOSS_ENTROPY: entropy.item(),
+                       M.GRAD_NORM: grad_norm, M.LEARNING_RATE: self.optimizer.learning_rate})
+        return logged
+
+
+register(AlgorithmInfo(
+    name="a2c", kind="rl", hparams=A2CHParams, trainer=A2CTrainer,
+    summary="Synchronous advantage actor-critic with n-step (or GAE) advantages",
+))

@@ -1,0 +1,147 @@
+"""DQN (Mnih et al. 2015), with the Double DQN target (van Hasselt et al. 2016) as an option.
+
+One iteration:
+  1. collect   train_freq steps from each of n_envs environments, epsilon-greedy on Q_theta (uniformly
+               random actions until learning_starts); store (s, a, r, s', terminated) in the replay buffer
+  2. for each of gradient_steps minibatches from the buffer (once learning_starts steps are collected):
+       target  y = r + gamma * Q_targ(s', argmax_a' Q(s', a')) * (1 - terminated)
+               where the inner argmax uses Q_targ (DQN) or Q_theta (Double DQN)
+       loss    Huber(Q_theta(s, a) - y) (or the squared error)
+       step    (clip the global gradient norm)
+  3. every target_update_interval env steps: theta_targ <- tau * theta + (1 - tau) * theta_targ
+  4. log
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+
+from labfleet import metrics as M
+from labfleet.algorithms.optim import OptimHParams, ScheduledOptimizer
+from labfleet.algorithms.registry import AlgorithmInfo, register
+from labfleet.algorithms.rl.base import RLTrainer, seeded_torch
+from labfleet.algorithms.rl.estimators import polyak_update, td_target
+from labfleet.algorithms.rl.exploration import EpsilonGreedyHParams, EpsilonGreedyNet
+from labfleet.algorithms.rl.networks import ObservationEncoder, mlp
+from labfleet.rollout.envs import derive_seed
+from labfleet.rollout.replay import ReplayBuffer
+from labfleet.spec.models import ExperimentSpec
+
+
+class DQNHParams(OptimHParams, EpsilonGreedyHParams):
+    learning_rate: float | str = Field(1e-4, description='Initial learning rate, or "lin_<value>".')
+    max_grad_norm: float | None = Field(10.0, gt=0, description="Clip the global gradient norm; null: off.")
+    n_envs: PositiveInt = Field(1, description="Environments stepped together.")
+    buffer_size: PositiveInt = Field(100_000, description="Replay buffer capacity (transitions).")
+    learning_starts: int = Field(100, ge=0, description="Env steps of random actions before learning.")
+    batch_size: PositiveInt = Field(32, description="Minibatch size.")
+    gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
+    tau: float = Field(1.0, gt=0, le=1, description="Target update coefficient (1: hard copy).")
+    train_freq: PositiveInt = Field(4, description="Steps per environment between training phases.")
+    gradient_steps: PositiveInt = Field(1, description="Gradient steps per training phase.")
+    target_update_interval: PositiveInt = Field(10_000, description="Env steps between target updates.")
+    double_q: bool = Field(False, description="Double DQN: the online network picks the next action.")
+    loss: Literal["huber", "mse"] = Field("huber", description="Huber (smooth L1) or squared TD error.")
+    net_arch: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="Hidden layer sizes.")
+    activation: Literal["tanh", "relu"] = "relu"
+
+
+class QNetwork(torch.nn.Module):
+    def __init__(self, observation_space: Any, n_actions: int, net_arch: list[int], activation: str):
+        super().__init__()
+        self.encoder = ObservationEncoder(observation_space)
+        self.q = mlp([self.encoder.dim, *net_arch, n_actions], activation, orthogonal=False)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.q(self.encoder(obs))
+
+
+def dqn_targets(q_target: torch.nn.Module, q_online: torch.nn.Module, batch: dict[str, torch.Tensor], gamma: float,
+                double_q: bool) -> torch.Tensor:
+    with torch.no_grad():
+        next_q_all = q_target(batch["next_obs"])  # (B, A)
+        if double_q:
+            next_actions = q_online(batch["next_obs"]).argmax(dim=1, keepdim=True)
+        else:
+            next_actions = next_q_all.argmax(dim=1, keepdim=True)
+        next_q = next_q_all.gather(1, next_actions).squeeze(1)
+        return td_target(batch["rewards"], next_q, batch["terminated"], gamma)
+
+
+class DQNTrainer(RLTrainer):
+    hparams_model = DQNHParams
+    hp: DQNHParams
+
+    def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
+        super().__init__(spec, seed, device)
+        hp = self.hp
+        n_actions = int(self.action_space.n)  # type: ignore[attr-defined]
+        with seeded_torch(derive_seed(seed, "init")):
+            self.q_net = QNetwork(self.observation_space, n_actions, hp.net_arch, hp.activation).to(self.device)
+        self.q_target = copy.deepcopy(self.q_net)
+        self.optimizer = ScheduledOptimizer(self.q_net.parameters(), hp)
+        self.behaviour = EpsilonGreedyNet(self.q_net, n_actions, self.device)
+        space = self.observation_space
+        self.buffer = ReplayBuffer(hp.buffer_size, space.shape or (), space.dtype, (), np.int64,
+                                   derive_seed(seed, "replay"))
+        self.last_target_update = 0
+
+    def train_iteration(self) -> dict[str, float]:
+        hp = self.hp
+        progress = self.env_steps / self.spec.budget.total
+        # 1. collect
+        learning = self.env_steps >= hp.learning_starts
+        self.behaviour.epsilon = hp.epsilon_at(progress) if learning else 1.0
+        rollout, logged = self.collect(self.behaviour, hp.n_envs, hp.train_freq)
+        self.buffer.add_rollout(rollout)
+        logged[M.DQN_EPSILON] = self.behaviour.epsilon
+
+        # 2. gradient steps
+        if self.env_steps >= hp.learning_starts:
+            losses, q_values = [], []
+            for _ in range(hp.gradient_steps):
+                batch = self.buffer.sample(hp.batch_size, self.device)
+                y = dqn_targets(self.q_target, self.q_net, batch, hp.gamma, hp.double_q)
+                q = self.q_net(batch["obs"]).gather(1, batch["actions"].long().unsqueeze(1)).squeeze(1)
+                loss = F.smooth_l1_loss(q, y) if hp.loss == "huber" else F.mse_loss(q, y)
+                self.optimizer.step(loss, progress)
+                losses.append(loss.item())
+                q_values.append(q.detach().mean().item())
+            logged.update({M.LOSS_VALUE: float(np.mean(losses)), M.Q_MEAN: float(np.mean(q_values)),
+                           M.LEARNING_RATE: self.optimizer.learning_rate})
+
+        # 3. target network
+        if self.env_steps - self.last_target_update >= hp.target_update_interval:
+            polyak_update(self.q_net.parameters(), self.q_target.parameters(), hp.tau)
+            self.last_target_update = self.env_steps
+        self.iterations += 1
+        return logged
+
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        return self.behaviour.greedy(obs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"q": self.q_net.state_dict(), "q_target": self.q_target.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "buffer": self.buffer.state_dict(),
+                "last_target_update": self.last_target_update, "rl": self.rl_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q_net.load_state_dict(state["q"])
+        self.q_target.load_state_dict(state["q_target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.last_target_update = int(state["last_target_update"])
+        self.load_rl_state(state["rl"])
+
+
+register(AlgorithmInfo(
+    name="dqn", kind="rl", hparams=DQNHParams, trainer=DQNTrainer,
+    summary="Deep Q-Network with replay, target network, epsilon schedule, optional Double DQN",
+    action_spaces=("discrete",),
+))

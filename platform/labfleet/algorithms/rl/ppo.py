@@ -1,0 +1,191 @@
+"""PPO with the clipped surrogate objective (Schulman et al. 2017), with the 13 core implementation
+details of Huang et al., "The 37 Implementation Details of PPO" (ICLR blog track 2022), marked [n]:
+
+  [1] vectorised environments              [8]  clipped surrogate objective
+  [2] orthogonal init, constant 0 biases   [9]  value-loss clipping (clip_range_vf)
+  [3] Adam with eps = 1e-5                 [10] loss = policy + vf_coef * value - ent_coef * entropy
+  [4] learning-rate annealing ("lin_")     [11] global gradient-norm clipping (max_grad_norm)
+  [5] GAE                                  [12] approx_kl, clip_fraction, explained_variance
+  [6] shuffled minibatches, n_epochs       [13] separate actor and critic networks
+  [7] per-minibatch advantage normalisation
+
+One iteration:
+  1. collect   n_steps from each of n_envs environments with pi_old                        [1]
+  2. estimate  V(s_t), log pi_old(a_t|s_t), GAE advantages A_t, returns R_t = A_t + V(s_t) [5]
+  3. for each of n_epochs, for each shuffled minibatch:                                   [6]
+       ratio_t   = pi(a_t|s_t) / pi_old(a_t|s_t)
+       L_clip    = -mean( min(ratio_t A_t, clip(ratio_t, 1 - eps, 1 + eps) A_t) )         [7][8]
+       L_value   = mean( max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) )         [9]
+       loss      = L_clip + vf_coef L_value - ent_coef mean(H[pi])                        [10]
+       step (clip the global gradient norm)                                               [11]
+     stop early once approx_kl > 1.5 target_kl, if target_kl is set
+  4. log                                                                                  [12]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from labfleet import metrics as M
+from labfleet.algorithms.optim import LIN_PATTERN, OptimHParams, OptimizerConfig
+from labfleet.algorithms.registry import AlgorithmInfo, register
+from labfleet.algorithms.rl.base import ActorCriticTrainer
+from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.rollout.envs import derive_seed
+from labfleet.spec.models import ExperimentSpec
+
+
+class PPOHParams(OptimHParams):
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(type="adam", eps=1e-5),
+                                       description="Adam with eps 1e-5 [3].")
+    n_envs: PositiveInt = Field(8, description="Environments stepped together [1].")
+    n_steps: PositiveInt = Field(128, description="Steps per environment per rollout.")
+    batch_size: PositiveInt = Field(256, description="Minibatch size; at most n_envs * n_steps.")
+    n_epochs: PositiveInt = Field(10, description="Passes over each rollout [6].")
+    gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE's lambda [5].")
+    clip_range: float | str = Field(0.2, description='Surrogate clipping epsilon, or "lin_<value>" [8].')
+    clip_range_vf: PositiveFloat | None = Field(None, description="Value clipping around V_old; null: off [9].")
+    normalize_advantage: bool = Field(True, description="Standardise advantages per minibatch [7].")
+    ent_coef: float = Field(0.0, ge=0, description="Entropy bonus weight [10].")
+    vf_coef: float = Field(0.5, ge=0, description="Value loss weight [10].")
+    target_kl: PositiveFloat | None = Field(None, description="Stop the epochs once approx_kl > 1.5 target_kl.")
+    net_arch: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="Hidden sizes, each net.")
+    activation: Literal["tanh", "relu"] = "tanh"
+
+    @field_validator("clip_range")
+    @classmethod
+    def _clip(cls, value: float | str) -> float | str:
+        number = value
+        if isinstance(value, str):
+            match = LIN_PATTERN.match(value)
+            if not match:
+                raise ValueError(f'expected a number or "lin_<number>", got {value!r}')
+            number = float(match.group(1))
+        if not 0 < float(number) < 1:
+            raise ValueError(f"the clip range must lie in (0, 1), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> PPOHParams:
+        if self.batch_size > self.rollout_size:
+            raise ValueError(f"batch_size ({self.batch_size}) exceeds n_envs * n_steps ({self.rollout_size}): "
+                             f"lower batch_size or raise n_envs or n_steps")
+        return self
+
+    @property
+    def rollout_size(self) -> int:
+        return self.n_envs * self.n_steps
+
+    def clip_at(self, progress: float) -> float:
+        if isinstance(self.clip_range, str):
+            match = LIN_PATTERN.match(self.clip_range)
+            assert match is not None
+            return float(match.group(1)) * (1.0 - min(max(progress, 0.0), 1.0))
+        return float(self.clip_range)
+
+
+def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """-E[min(r A, clip(r, 1 - eps, 1 + eps) A)]."""
+    return -torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * advantages).mean()
+
+
+def clipped_value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor,
+                       clip_range_vf: float | None) -> torch.Tensor:
+    """E[(V - R)^2], or with clipping E[max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)]."""
+    if clip_range_vf is None:
+        return ((values - returns) ** 2).mean()
+    clipped = values_old + torch.clamp(values - values_old, -clip_range_vf, clip_range_vf)
+    return torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean()
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var[target - predicted] / Var[target]: 1 is perfect, 0 no better than the mean."""
+    var = torch.var(target)
+    return float("nan") if var == 0 else float(1 - torch.var(target - predicted) / var)
+
+
+class PPOTrainer(ActorCriticTrainer):
+    hparams_model = PPOHParams
+    hp: PPOHParams
+
+    def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
+        super().__init__(spec, seed, device)  # separate actor and critic MLPs, orthogonal init [2][13]
+        self.shuffle = torch.Generator().manual_seed(derive_seed(seed, "minibatches"))
+        self.shuffle = torch.Generator().manual_seed(derive_seed(seed, "minibatches"))
+
+    def train_iteration(self) -> dict[str, float]:
+        hp = self.hp
+        progress = self.env_steps / self.spec.budget.total
+        clip_range = hp.clip_at(progress)
+
+        # 1. collect
+        rollout, logged = self.collect(self.actor, hp.n_envs, hp.n_steps)
+        obs = self.as_tensor(rollout.obs)  # (T, N, *obs_shape)
+        actions = self.as_tensor(rollout.actions)  # (T, N, *act_shape)
+
+        # 2. estimate
+        with torch.no_grad():
+            values = self.ac.value(obs)  # (T, N)
+            next_values = self.ac.value(self.as_tensor(rollout.next_obs))  # (T, N)
+            logp_old = self.ac.policy.distribution(obs).log_prob(actions)  # (T, N)
+            adv = gae_advantages(self.as_tensor(rollout.rewards), values, self.as_tensor(rollout.terminated),
+                                 self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
+            returns = adv + values
+        B = rollout.steps
+        b_obs, b_actions = obs.reshape(B, *obs.shape[2:]), actions.reshape(B, *actions.shape[2:])
+        b_logp_old, b_adv, b_returns, b_values = (x.reshape(B) for x in (logp_old, adv, returns, values))
+
+        # 3. epochs of shuffled minibatches
+        stats: dict[str, list[float]] = {"pi": [], "v": [], "ent": [], "kl": [], "clip": [], "norm": []}
+        for _ in range(hp.n_epochs):
+            order = torch.randperm(B, generator=self.shuffle).to(self.device)
+            for start in range(0, B, hp.batch_size):
+                mb = order[start:start + hp.batch_size]
+                dist = self.ac.policy.distribution(b_obs[mb])
+                logratio = dist.log_prob(b_actions[mb]) - b_logp_old[mb]
+                ratio = logratio.exp()
+                a = b_adv[mb]
+                if hp.normalize_advantage and len(mb) > 1:
+                    a = (a - a.mean()) / (a.std() + 1e-8)
+                loss_pi = clipped_surrogate_loss(ratio, a, clip_range)
+                loss_v = clipped_value_loss(self.ac.value(b_obs[mb]), b_values[mb], b_returns[mb], hp.clip_range_vf)
+                entropy = dist.entropy().mean()
+                loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy
+                stats["norm"].append(self.optimizer.step(loss, progress))
+                with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
+                    stats["kl"].append(float(((ratio - 1) - logratio).mean()))
+                    stats["clip"].append(float(((ratio - 1).abs() > clip_range).float().mean()))
+                stats["pi"].append(loss_pi.item())
+                stats["v"].append(loss_v.item())
+                stats["ent"].append(entropy.item())
+            if hp.target_kl is not None and stats["kl"][-1] > 1.5 * hp.target_kl:
+                break
+        self.iterations += 1
+
+        # 4. log
+        logged.update({
+            M.LOSS_POLICY: float(np.mean(stats["pi"])), M.LOSS_VALUE: float(np.mean(stats["v"])),
+            M.LOSS_ENTROPY: float(np.mean(stats["ent"])), M.PPO_APPROX_KL: float(np.mean(stats["kl"])),
+            M.PPO_CLIP_FRACTION: float(np.mean(stats["clip"])), M.GRAD_NORM: float(np.mean(stats["norm"])),
+            M.PPO_EXPLAINED_VARIANCE: explained_variance(b_values, b_returns),
+            M.LEARNING_RATE: self.optimizer.learning_rate,
+        })
+        return logged
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "shuffle": self.shuffle.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.shuffle.set_state(state["shuffle"])
+
+
+register(AlgorithmInfo(
+    name="ppo", kind="rl", hparams=PPOHParams, trainer=PPOTrainer,
+    summary="Proximal Policy Optimization, clipped surrogate, with the 13 core implementation details",
+))

@@ -80,8 +80,14 @@ CORPUS = [
     ("observation-space", _set("env", "Blackjack-v1"), "algorithm", "observations"),
     ("zero-cpus", _set("resources", {"cpus_per_trial": 0}), "resources.cpus_per_trial", "greater than 0"),
     ("unknown-resource", _set("resources", {"gpu": 1}), "resources.gpu", "gpus_per_trial"),
-    ("rollout-workers-unsupported", _set("resources", {"rollout_workers": 2}), "resources.rollout_workers",
-     "use 0"),
+    ("rollout-workers-must-divide", _set("resources", {"rollout_workers": 3}), "resources.rollout_workers",
+     "must divide hparams.n_envs (4)"),
+    ("ddpg-needs-continuous", _set("algorithm", "ddpg"), "algorithm", "continuous action space"),
+    ("qlearning-needs-discrete-obs", _set("algorithm", "qlearning"), "algorithm", "discrete observations"),
+    ("value-iteration-needs-model", lambda d: _set("budget", {"iterations": 10})(
+        _set("hparams", {})(_set("algorithm", "value_iteration")(d))), "algorithm", "transition model"),
+    ("ppo-batch-too-large", lambda d: _set("hparams", {"n_envs": 2, "n_steps": 8, "batch_size": 64})(
+        _set("algorithm", "ppo")(d)), "hparams", "batch_size (64) exceeds n_envs * n_steps (16)"),
     ("zero-eval-episodes", _set("eval", {"episodes": 0}), "eval.episodes", "greater than 0"),
     ("bad-device", _set("device", "tpu"), "device", "cuda:N"),
     ("tracking-typo", _set("tracking", {"url": "x"}), "tracking.url", "uri"),

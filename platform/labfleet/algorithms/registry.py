@@ -40,7 +40,7 @@ class AlgorithmInfo:
     action_spaces: tuple[ActionKind, ...] = ("discrete", "continuous")
     observation_spaces: tuple[ObservationKind, ...] = ("vector", "discrete")
     needs_transition_model: bool = False
-    rollout_workers: bool = False  # can spread its environments over Ray rollout actors
+    rollout_workers: bool = True  # can spread its environments over Ray rollout actors
     seed_dependent: bool = True  # False for planners, whose training the seed does not touch
     primary_metric: str = "eval/return_mean"
     budget_units: tuple[str, ...] = ("env_steps",)

@@ -68,7 +68,7 @@ def _rollout_worker_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[
     if workers == 0:
         return []
     if not info.rollout_workers:
-        return [("resources.rollout_workers", f"{info.name} samples in the trial's own process for now: use 0")]
+        return [("resources.rollout_workers", f"{info.name} does not sample environments: use 0")]
     n_envs = spec.hparams.get("n_envs", 1)
     if n_envs % workers:
         return [("resources.rollout_workers", f"must divide hparams.n_envs ({n_envs}) so every worker steps "

@@ -21,6 +21,7 @@ from labfleet.algorithms.rl.exploration import EpsilonGreedyTable
 from labfleet.algorithms.rl.networks import ActorCritic, NumpyPolicy
 from labfleet.rollout.envs import derive_seed, make_env
 from labfleet.rollout.sampler import NoisePolicy, Rollout, VectorSampler, evaluate_policy
+from labfleet.rollout.workers import RolloutWorkerGroup
 from labfleet.spec.models import ExperimentSpec
 
 
@@ -50,18 +51,24 @@ class RLTrainer(Trainer):
         self.env_steps = 0
         self.iterations = 0
         self.evaluations = 0
-        self._sampler: VectorSampler | None = None
+        self._sampler: VectorSampler | RolloutWorkerGroup | None = None
         self._generation = 0  # bumped on restore: fresh, seeded environment streams
         self._started = time.perf_counter()
         self._steps_at_start = 0
 
     # --- sampling --------------------------------------------------------------------------------
     def collect(self, policy: NoisePolicy, n_envs: int, n_steps: int) -> tuple[Rollout, dict[str, float]]:
-        """One vectorised rollout of n_steps from each of n_envs environments, and its episode metrics."""
+        """One vectorised rollout of n_steps from each of n_envs environments, and its episode metrics:
+        in this process, or from `resources.rollout_workers` Ray actors (the same rollout)."""
         if self._sampler is None:
             assert self.spec.env is not None
-            self._sampler = VectorSampler(self.spec.env, self.spec.env_kwargs, n_envs, self.seed,
-                                          generation=self._generation)
+            workers = self.spec.resources.rollout_workers
+            if workers:
+                self._sampler = RolloutWorkerGroup(self.spec.env, self.spec.env_kwargs, n_envs, workers, self.seed,
+                                                   self._generation, policy, self.spec.resources.cpus_per_worker)
+            else:
+                self._sampler = VectorSampler(self.spec.env, self.spec.env_kwargs, n_envs, self.seed,
+                                              generation=self._generation)
         rollout = self._sampler.collect(policy, n_steps)
         self.env_steps += rollout.steps
         elapsed = time.perf_counter() - self._started
@@ -73,6 +80,8 @@ class RLTrainer(Trainer):
         return rollout, logged
 
     def as_tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if not array.flags.writeable:  # a zero-copy view of a rollout that came through Ray's object store
+            array = array.copy()
         return torch.as_tensor(array, dtype=dtype, device=self.device)
 
     # --- the Trainer interface -----------------------------------------------------------------

@@ -118,6 +118,18 @@ class NoisyActor:
         with torch.no_grad():
             return self.actor(torch.as_tensor(obs, device=self.device)).cpu().numpy()
 
+    # the rollout-worker protocol
+    def get_state(self) -> dict[str, Any]:
+        return {"actor": {k: v.detach().cpu() for k, v in self.actor.state_dict().items()}, "random": self.random}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.random = state["random"]
+
+    def to_cpu(self) -> None:
+        self.device = torch.device("cpu")
+        self.actor.to(self.device)
+
 
 class DDPGTrainer(RLTrainer):
     hparams_model = DDPGHParams

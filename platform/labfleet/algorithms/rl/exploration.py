@@ -50,6 +50,17 @@ class EpsilonGreedyTable:
         random_actions = np.minimum((uniforms[:, 1] * n_actions).astype(np.int64), n_actions - 1)
         return np.where(explore, random_actions, greedy_with_ties(self.q[obs], uniforms[:, 1]))
 
+    # the rollout-worker protocol
+    def get_state(self) -> dict[str, Any]:
+        return {"q": self.q.copy(), "epsilon": self.epsilon}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.q[...] = state["q"]
+        self.epsilon = state["epsilon"]
+
+    def to_cpu(self) -> None:
+        pass
+
     def probabilities(self, states: np.ndarray) -> np.ndarray:
         """pi(a|s) for each state: (N, A). Greedy mass is shared among tied actions."""
         rows = self.q[states]
@@ -74,6 +85,20 @@ class EpsilonGreedyNet:
 
         with torch.no_grad():
             return self.q_net(torch.as_tensor(obs, device=self.device)).argmax(dim=-1).cpu().numpy()
+
+    # the rollout-worker protocol
+    def get_state(self) -> dict[str, Any]:
+        return {"q": {k: v.detach().cpu() for k, v in self.q_net.state_dict().items()}, "epsilon": self.epsilon}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.q_net.load_state_dict(state["q"])
+        self.epsilon = state["epsilon"]
+
+    def to_cpu(self) -> None:
+        import torch
+
+        self.device = torch.device("cpu")
+        self.q_net.to(self.device)
 
     def __call__(self, obs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         explore = uniforms[:, 0] < self.epsilon

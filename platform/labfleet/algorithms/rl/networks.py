@@ -122,6 +122,17 @@ class NumpyPolicy:
     def greedy(self, obs: np.ndarray) -> np.ndarray:
         return self.policy.greedy(torch.as_tensor(obs, device=self.device)).cpu().numpy()
 
+    # the rollout-worker protocol
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.policy.load_state_dict(state)
+
+    def to_cpu(self) -> None:
+        self.device = torch.device("cpu")
+        self.policy.to(self.device)
+
 
 class ActorCritic(nn.Module):
     """Separate policy and state-value MLPs (no shared trunk: one of PPO's implementation details)."""

@@ -96,5 +96,5 @@ register(AlgorithmInfo(
     name="value_iteration", kind="rl", hparams=ValueIterationHParams, trainer=ValueIterationTrainer,
     summary="Value iteration on the environment's transition model (env.unwrapped.P)",
     action_spaces=("discrete",), observation_spaces=("discrete",), needs_transition_model=True,
-    budget_units=("iterations",), seed_dependent=False,
+    budget_units=("iterations",), seed_dependent=False, rollout_workers=False,
 ))

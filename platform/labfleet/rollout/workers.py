@@ -1,0 +1,68 @@
+"""Ray rollout actors: each steps its share of a trial's environments and returns whole rollouts.
+
+Worker w of W steps environments w*k .. (w+1)*k - 1 (k = n_envs / W) with the same per-index seeds as the
+in-process sampler, so the number of workers changes speed, not results. The policy travels once as an
+object at creation; each iteration its parameters are `ray.put` once by the trial and the same reference is
+passed to every worker. Workers are placed in the bundles 1..W of the trial's placement group when the
+trial runs in one, and are owned by the trial actor, so they die with it.
+
+A sampling policy (see `NoisePolicy`) works with workers when it also has `get_state()` (small, picklable,
+CPU), `set_state(state)` and `to_cpu()`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from labfleet.rollout.sampler import Rollout, VectorSampler
+
+
+class RolloutWorker:
+    def __init__(self, env: str, env_kwargs: dict[str, Any] | None, n_envs: int, seed: int, first_env: int,
+                 generation: int, policy_blob: bytes):
+        import torch
+
+        torch.set_num_threads(1)
+        self.sampler = VectorSampler(env, env_kwargs, n_envs, seed, first_env=first_env, generation=generation)
+        self.policy = pickle.loads(policy_blob)
+        self.policy.to_cpu()
+
+    def collect(self, policy_state: Any, n_steps: int) -> Rollout:
+        self.policy.set_state(policy_state)
+        return self.sampler.collect(self.policy, n_steps)
+
+
+RemoteRolloutWorker = ray.remote(RolloutWorker)
+
+
+class RolloutWorkerGroup:
+    """The trial's W rollout actors; `collect` gathers one rollout from each, in environment order."""
+
+    def __init__(self, env: str, env_kwargs: dict[str, Any] | None, n_envs: int, n_workers: int, seed: int,
+                 generation: int, policy: Any, cpus_per_worker: float):
+        if n_envs % n_workers:
+            raise ValueError(f"n_envs ({n_envs}) must be a multiple of rollout_workers ({n_workers})")
+        per_worker = n_envs // n_workers
+        group = ray.util.get_current_placement_group()
+        blob = pickle.dumps(policy)
+        self.workers: list[Any] = []  # actor handles
+        for w in range(n_workers):
+            options: dict[str, Any] = {"num_cpus": cpus_per_worker}
+            if group is not None and len(group.bundle_specs) > w + 1:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=w + 1)
+            self.workers.append(RemoteRolloutWorker.options(**options).remote(
+                env, env_kwargs, per_worker, seed, w * per_worker, generation, blob))
+
+    def collect(self, policy: Any, n_steps: int) -> Rollout:
+        state = ray.put(policy.get_state())  # once per iteration, shared by every worker
+        return Rollout.concatenate(ray.get([w.collect.remote(state, n_steps) for w in self.workers]))
+
+    def close(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []

@@ -194,3 +194,23 @@ def test_value_iteration_on_a_two_state_chain():
         v = bellman_optimality_backup(v, cont, reward, 0.9).max(axis=1)
     # V(0) = 0.5 + 0.9 * 0.5 * V(0)  =>  V(0) = 0.5 / 0.55
     assert v[0] == pytest.approx(0.5 / 0.55) and v[1] == 0.0
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_closed_form_log_prob_and_entropy_match_torch_distributions(kind):
+    import gymnasium as gym
+
+    from labfleet.algorithms.rl.networks import make_policy
+
+    torch.manual_seed(0)
+    obs_space = gym.spaces.Box(-1, 1, (3,))
+    act_space = gym.spaces.Discrete(4) if kind == "categorical" else gym.spaces.Box(-1, 1, (2,))
+    policy = make_policy(obs_space, act_space, [8], "tanh")
+    if kind == "gaussian":
+        policy.log_std.data = torch.tensor([0.3, -0.7])
+    obs = torch.randn(5, 3)
+    dist = policy.distribution(obs)
+    actions = dist.sample()
+    logp, entropy = policy.log_prob_entropy(obs, actions)
+    torch.testing.assert_close(logp, dist.log_prob(actions))
+    torch.testing.assert_close(entropy, dist.entropy())

@@ -151,3 +151,16 @@ def test_suite_nests_trials_under_one_suite_run(tmp_path: Path, tracking_uri: st
     assert {r.data.tags["mlflow.parentRunId"] for r in by_role["seed"]} == trial_ids
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.params["hparams.gamma"] for r in by_role["seed"]} == {"0.99", "0.9"}
+
+
+def test_ppo_with_a_rollout_worker_from_the_command_line(tmp_path: Path, tracking_uri: str):
+    result = run_cli("run", str(EXPERIMENTS / "cartpole_ppo.yaml"), "--set", "seeds=[3]",
+                     "--set", "budget.env_steps=4096", "--set", "resources.rollout_workers=1",
+                     "--set", "eval={episodes: 3, every_steps: 2048}", "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri)
+    seed = next(r for r in _runs(client, "cartpole") if r.data.tags["labfleet.role"] == "seed")
+    assert seed.info.status == "FINISHED" and seed.data.params["resources.rollout_workers"] == "1"
+    for name in ("ppo/approx_kl", "ppo/clip_fraction", "ppo/explained_variance", "loss/value", "eval/return_mean"):
+        assert client.get_metric_history(seed.info.run_id, name), name
+    assert [m.step for m in client.get_metric_history(seed.info.run_id, "eval/return_mean")][0] == 2048

@@ -167,10 +167,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, 
     if cfg.type == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, alpha=cfg.alpha, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, eps=eps)
+    # The fused kernels (one pass over all parameters) give the same update as the per-tensor loop, faster.
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if cfg.type == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=eps)
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=eps, **fused)
     if cfg.type == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=eps)
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=eps, **fused)
     raise ValueError(f"unknown optimizer {cfg.type!r}")
 
 
@@ -196,7 +198,7 @@ class ScheduledOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.hp.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.hp.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.hp.max_grad_norm, foreach=True)
         else:
             norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None])

@@ -39,7 +39,9 @@ def make_vector_env(env: str, env_kwargs: dict[str, Any] | None, n_envs: int) ->
     last observation of an episode (needed to bootstrap a truncated one)."""
     return gym.make_vec(
         _env_id(env), num_envs=n_envs, vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, **(env_kwargs or {}),
+        # The passive checker wraps every step but checks only the first; `labfleet validate` makes the env.
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, disable_env_checker=True,
+        **(env_kwargs or {}),
     )
 
 

@@ -30,8 +30,13 @@ class NoisePolicy(Protocol):
 
     noise_dim: int
 
-    def __call__(self, obs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-        """obs (N, *obs_shape), uniforms (N, noise_dim) in (0, 1) -> actions (N, *act_shape)."""
+    def transform_noise(self, uniforms: np.ndarray, /) -> np.ndarray:
+        """Uniforms in (0, 1) of any shape (..., noise_dim) -> the noise `__call__` takes (elementwise, so
+        a whole rollout's noise is transformed at once)."""
+        ...
+
+    def __call__(self, obs: np.ndarray, noise: np.ndarray, /) -> np.ndarray:
+        """obs (N, *obs_shape), noise (N, noise_dim) from `transform_noise` -> actions (N, *act_shape)."""
         ...
 
 
@@ -86,9 +91,11 @@ class VectorSampler:
         truncated = np.empty((n_steps, n), dtype=bool)
         actions_buf = None
         returns, lengths = [], []
+        # Each environment's whole rollout of noise at once: the same stream as drawing it step by step.
+        uniforms = np.stack([rng.random((n_steps, policy.noise_dim)) for rng in self.action_rngs], axis=1)
+        noise = policy.transform_noise(uniforms)  # (T, N, k)
         for t in range(n_steps):
-            uniforms = np.stack([rng.random(policy.noise_dim) for rng in self.action_rngs])
-            actions = policy(self.obs, uniforms)
+            actions = policy(self.obs, noise[t])
             if actions_buf is None:
                 actions_buf = np.empty((n_steps, *actions.shape), dtype=actions.dtype)
             obs_buf[t], actions_buf[t] = self.obs, actions

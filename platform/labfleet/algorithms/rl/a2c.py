@@ -67,10 +67,10 @@ class A2CTrainer(ActorCriticTrainer):
                 adv = (adv - adv.mean()) / (adv.std() + 1e-8)
 
         # 3. loss
-        dist = self.ac.policy.distribution(obs)
-        loss_pi = actor_critic_policy_loss(dist.log_prob(self.as_tensor(rollout.actions)), adv)
+        logp, entropies = self.ac.policy.log_prob_entropy(obs, self.as_tensor(rollout.actions))  # (T, N) each
+        loss_pi = actor_critic_policy_loss(logp, adv)
         loss_v = ((values - returns) ** 2).mean()
-        entropy = dist.entropy().mean()
+        entropy = entropies.mean()
         loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy
 
         # 4. step

@@ -94,6 +94,10 @@ class NoisyActor:
         self.random = True
         self.ou_state: np.ndarray | None = None
 
+    @staticmethod
+    def transform_noise(uniforms: np.ndarray) -> np.ndarray:
+        return uniforms  # uniform actions before learning_starts; normal noise is made in `noise`
+
     def __call__(self, obs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         if self.random:
             return (self.low + uniforms * (self.high - self.low)).astype(np.float32)

@@ -58,6 +58,8 @@ def td_target(rewards: torch.Tensor, next_q: torch.Tensor, terminated: torch.Ten
 
 @torch.no_grad()
 def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.Tensor], tau: float) -> None:
-    """theta_targ <- tau * theta + (1 - tau) * theta_targ (tau = 1: a hard copy)."""
-    for p, p_targ in zip(params, target_params, strict=True):
-        p_targ.mul_(1.0 - tau).add_(p, alpha=tau)
+    """theta_targ <- tau * theta + (1 - tau) * theta_targ (tau = 1: a hard copy), as one lerp over all."""
+    sources, targets = list(params), list(target_params)
+    if len(sources) != len(targets):
+        raise ValueError(f"{len(sources)} parameters but {len(targets)} target parameters")
+    torch._foreach_lerp_(targets, sources, tau)

@@ -40,6 +40,10 @@ class EpsilonGreedyTable:
 
     noise_dim = 2
 
+    @staticmethod
+    def transform_noise(uniforms: np.ndarray) -> np.ndarray:
+        return uniforms
+
     def __init__(self, q: np.ndarray, epsilon: float):
         self.q = q  # (S, A), shared with the learner: updates are seen at once
         self.epsilon = epsilon
@@ -73,6 +77,10 @@ class EpsilonGreedyNet:
     """Acts on a Q network: with probability epsilon a uniform random action, else argmax_a Q(s, a)."""
 
     noise_dim = 2
+
+    @staticmethod
+    def transform_noise(uniforms: np.ndarray) -> np.ndarray:
+        return uniforms
 
     def __init__(self, q_net: Any, n_actions: int, device: Any, epsilon: float = 1.0):
         self.q_net = q_net

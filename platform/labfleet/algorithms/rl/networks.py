@@ -66,8 +66,18 @@ class CategoricalPolicy(nn.Module):
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Categorical:
         return torch.distributions.Categorical(logits=self.logits(self.encoder(obs)))
 
-    def sample(self, obs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        gumbel = -torch.log(-torch.log(uniforms.clamp(1e-12, 1 - 1e-12)))
+    def log_prob_entropy(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi(a|s), H[pi(.|s)]) without building a Distribution (the hot path of every update)."""
+        logp_all = torch.log_softmax(self.logits(self.encoder(obs)), dim=-1)
+        logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+    @staticmethod
+    def transform_noise(uniforms: np.ndarray) -> np.ndarray:
+        """Gumbel(0, 1) noise: argmax(logits + g) is a sample of softmax(logits) (the Gumbel-max trick)."""
+        return -np.log(-np.log(np.clip(uniforms, 1e-12, 1 - 1e-12))).astype(np.float32)
+
+    def sample(self, obs: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
         return torch.argmax(self.logits(self.encoder(obs)) + gumbel, dim=-1)
 
     def greedy(self, obs: torch.Tensor) -> torch.Tensor:
@@ -89,8 +99,21 @@ class GaussianPolicy(nn.Module):
         mean = self.mean(self.encoder(obs))
         return torch.distributions.Independent(torch.distributions.Normal(mean, self.log_std.exp()), 1)
 
-    def sample(self, obs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        noise = torch.special.ndtri(uniforms.clamp(1e-12, 1 - 1e-12))  # standard normal by inverse CDF
+    def log_prob_entropy(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi(a|s), H[pi(.|s)]) of the diagonal Gaussian, in closed form."""
+        mean = self.mean(self.encoder(obs))
+        log_std = self.log_std.expand_as(mean)
+        z = (actions - mean) / log_std.exp()
+        logp = (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
+        return logp, entropy
+
+    @staticmethod
+    def transform_noise(uniforms: np.ndarray) -> np.ndarray:
+        """Standard normal noise by the inverse CDF."""
+        return torch.special.ndtri(torch.as_tensor(np.clip(uniforms, 1e-12, 1 - 1e-12))).numpy().astype(np.float32)
+
+    def sample(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self.mean(self.encoder(obs)) + self.log_std.exp() * noise
 
     def greedy(self, obs: torch.Tensor) -> torch.Tensor:
@@ -112,15 +135,18 @@ class NumpyPolicy:
         self.device = device
         self.noise_dim = policy.noise_dim
 
-    @torch.no_grad()
-    def __call__(self, obs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-        actions = self.policy.sample(torch.as_tensor(obs, device=self.device),
-                                     torch.as_tensor(uniforms, dtype=torch.float32, device=self.device))
-        return actions.cpu().numpy()
+    def transform_noise(self, uniforms: np.ndarray) -> np.ndarray:
+        return self.policy.transform_noise(uniforms)
 
-    @torch.no_grad()
+    def __call__(self, obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            actions = self.policy.sample(torch.as_tensor(obs, device=self.device),
+                                         torch.as_tensor(noise, device=self.device))
+            return actions.cpu().numpy()
+
     def greedy(self, obs: np.ndarray) -> np.ndarray:
-        return self.policy.greedy(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+        with torch.inference_mode():
+            return self.policy.greedy(torch.as_tensor(obs, device=self.device)).cpu().numpy()
 
     # the rollout-worker protocol
     def get_state(self) -> dict[str, torch.Tensor]:

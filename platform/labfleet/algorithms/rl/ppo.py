@@ -132,7 +132,7 @@ class PPOTrainer(ActorCriticTrainer):
         with torch.no_grad():
             values = self.ac.value(obs)  # (T, N)
             next_values = self.ac.value(self.as_tensor(rollout.next_obs))  # (T, N)
-            logp_old = self.ac.policy.distribution(obs).log_prob(actions)  # (T, N)
+            logp_old, _ = self.ac.policy.log_prob_entropy(obs, actions)  # (T, N)
             adv = gae_advantages(self.as_tensor(rollout.rewards), values, self.as_tensor(rollout.terminated),
                                  self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
             returns = adv + values
@@ -141,37 +141,38 @@ class PPOTrainer(ActorCriticTrainer):
         b_logp_old, b_adv, b_returns, b_values = (x.reshape(B) for x in (logp_old, adv, returns, values))
 
         # 3. epochs of shuffled minibatches
-        stats: dict[str, list[float]] = {"pi": [], "v": [], "ent": [], "kl": [], "clip": [], "norm": []}
+        stats: dict[str, list] = {"pi": [], "v": [], "ent": [], "kl": [], "clip": [], "norm": []}  # 0-d tensors
         for _ in range(hp.n_epochs):
             order = torch.randperm(B, generator=self.shuffle).to(self.device)
             for start in range(0, B, hp.batch_size):
                 mb = order[start:start + hp.batch_size]
-                dist = self.ac.policy.distribution(b_obs[mb])
-                logratio = dist.log_prob(b_actions[mb]) - b_logp_old[mb]
+                logp, entropies = self.ac.policy.log_prob_entropy(b_obs[mb], b_actions[mb])
+                logratio = logp - b_logp_old[mb]
                 ratio = logratio.exp()
                 a = b_adv[mb]
                 if hp.normalize_advantage and len(mb) > 1:
                     a = (a - a.mean()) / (a.std() + 1e-8)
                 loss_pi = clipped_surrogate_loss(ratio, a, clip_range)
                 loss_v = clipped_value_loss(self.ac.value(b_obs[mb]), b_values[mb], b_returns[mb], hp.clip_range_vf)
-                entropy = dist.entropy().mean()
+                entropy = entropies.mean()
                 loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy
                 stats["norm"].append(self.optimizer.step(loss, progress))
                 with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
-                    stats["kl"].append(float(((ratio - 1) - logratio).mean()))
-                    stats["clip"].append(float(((ratio - 1).abs() > clip_range).float().mean()))
-                stats["pi"].append(loss_pi.item())
-                stats["v"].append(loss_v.item())
-                stats["ent"].append(entropy.item())
-            if hp.target_kl is not None and stats["kl"][-1] > 1.5 * hp.target_kl:
+                    stats["kl"].append(((ratio - 1) - logratio).mean())
+                    stats["clip"].append(((ratio - 1).abs() > clip_range).float().mean())
+                stats["pi"].append(loss_pi.detach())
+                stats["v"].append(loss_v.detach())
+                stats["ent"].append(entropy.detach())
+            if hp.target_kl is not None and float(stats["kl"][-1]) > 1.5 * hp.target_kl:
                 break
         self.iterations += 1
 
         # 4. log
+        means = {k: float(torch.stack(v).mean()) for k, v in stats.items() if k != "norm"}
         logged.update({
-            M.LOSS_POLICY: float(np.mean(stats["pi"])), M.LOSS_VALUE: float(np.mean(stats["v"])),
-            M.LOSS_ENTROPY: float(np.mean(stats["ent"])), M.PPO_APPROX_KL: float(np.mean(stats["kl"])),
-            M.PPO_CLIP_FRACTION: float(np.mean(stats["clip"])), M.GRAD_NORM: float(np.mean(stats["norm"])),
+            M.LOSS_POLICY: means["pi"], M.LOSS_VALUE: means["v"], M.LOSS_ENTROPY: means["ent"],
+            M.PPO_APPROX_KL: means["kl"], M.PPO_CLIP_FRACTION: means["clip"],
+            M.GRAD_NORM: float(np.mean(stats["norm"])),
             M.PPO_EXPLAINED_VARIANCE: explained_variance(b_values, b_returns),
             M.LEARNING_RATE: self.optimizer.learning_rate,
         })

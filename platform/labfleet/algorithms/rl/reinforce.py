@@ -71,9 +71,8 @@ class ReinforceTrainer(ActorCriticTrainer):
         advantages = returns - values.detach()
         if hp.normalize_advantage:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        dist = self.ac.policy.distribution(obs)
-        logp = dist.log_prob(actions)  # (T, N)
-        entropy = dist.entropy().mean()
+        logp, entropies = self.ac.policy.log_prob_entropy(obs, actions)  # (T, N) each
+        entropy = entropies.mean()
         loss_pi = reinforce_policy_loss(logp, advantages)
         loss_v = value_loss(values, returns)
         loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy

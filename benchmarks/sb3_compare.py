@@ -1,0 +1,117 @@
+"""labfleet against Stable-Baselines3 on this machine: the same rl-zoo hyperparameters, pair by pair.
+
+    python benchmarks/sb3_compare.py [--seeds 0] [--only ppo,dqn,ddpg]
+
+Each side trains in a subprocess of its own with one torch thread (a labfleet trial's default), and the
+pairs run one after the other so that they never share the CPU. Reported per side: whole-process wall time
+(interpreter start, imports, training, evaluation), training throughput (env steps / training seconds) and
+the final deterministic evaluation return over 20 episodes. labfleet runs its trainer with
+`rollout_workers: 0`, the code a Ray trial actor runs. Needs `pip install -e '.[bench]'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PAIRS = {
+    "ppo": {"spec": "cartpole_ppo.yaml", "steps": 100_000, "env": "CartPole-v1"},
+    "dqn": {"spec": "cartpole_dqn.yaml", "steps": 50_000, "env": "CartPole-v1"},
+    "ddpg": {"spec": "pendulum_ddpg.yaml", "steps": 20_000, "env": "Pendulum-v1"},
+}
+
+LABFLEET_SIDE = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from labfleet.algorithms import registry
+from labfleet.spec.loading import load_spec
+spec = load_spec(sys.argv[1], {"budget.env_steps": int(sys.argv[2]), "eval.episodes": 20,
+                               "resources.rollout_workers": 0})
+trainer = registry.get(spec.algorithm).trainer(spec, int(sys.argv[3]), "cpu")
+start = time.perf_counter()
+while not trainer.done:
+    trainer.train_iteration()
+train_s = time.perf_counter() - start
+result = trainer.evaluate()
+print(json.dumps({"train_s": train_s, "steps": trainer.env_steps, "return": result["eval/return_mean"]}))
+"""
+
+SB3_SIDE = """
+import json, sys, time
+import numpy as np
+import torch
+torch.set_num_threads(1)
+import gymnasium as gym
+from stable_baselines3 import DDPG, DQN, PPO
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.noise import NormalActionNoise
+algo, steps, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if algo == "ppo":  # rl-zoo hyperparams/ppo.yml, CartPole-v1
+    model = PPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=8, seed=seed), n_steps=32, batch_size=256,
+                gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0, learning_rate=lambda p: p * 1e-3,
+                clip_range=lambda p: p * 0.2, seed=seed, device="cpu")
+    eval_env = gym.make("CartPole-v1")
+elif algo == "dqn":  # rl-zoo hyperparams/dqn.yml, CartPole-v1, with the shipped spec's linear LR decay
+    model = DQN("MlpPolicy", "CartPole-v1", learning_rate=lambda p: p * 2.3e-3, batch_size=64,
+                buffer_size=100_000,
+                learning_starts=1000, gamma=0.99, target_update_interval=10, train_freq=256, gradient_steps=128,
+                exploration_fraction=0.16, exploration_final_eps=0.04, policy_kwargs=dict(net_arch=[256, 256]),
+                seed=seed, device="cpu")
+    eval_env = gym.make("CartPole-v1")
+else:  # rl-zoo hyperparams/ddpg.yml, Pendulum-v1
+    model = DDPG("MlpPolicy", "Pendulum-v1", gamma=0.98, buffer_size=200_000, learning_starts=10_000,
+                 action_noise=NormalActionNoise(np.zeros(1), 0.1 * np.ones(1)), gradient_steps=1, train_freq=1,
+                 learning_rate=1e-3, policy_kwargs=dict(net_arch=[400, 300]), seed=seed, device="cpu")
+    eval_env = gym.make("Pendulum-v1")
+start = time.perf_counter()
+model.learn(total_timesteps=steps)
+train_s = time.perf_counter() - start
+eval_env.reset(seed=10_000 + seed)
+mean, _ = evaluate_policy(model, eval_env, n_eval_episodes=20, deterministic=True)
+print(json.dumps({"train_s": train_s, "steps": steps, "return": float(mean)}))
+"""
+
+
+def run_side(code: str, args: list[str]) -> dict:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["wall_s"] = wall
+    result["sps"] = result["steps"] / result["train_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--only", default=",".join(PAIRS))
+    args = parser.parse_args()
+    rows = []
+    for name in args.only.split(","):
+        pair = PAIRS[name]
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            ours = run_side(LABFLEET_SIDE, [str(REPO / "experiments" / pair["spec"]), str(pair["steps"]), str(seed)])
+            theirs = run_side(SB3_SIDE, [name, str(pair["steps"]), str(seed)])
+            rows.append((name, pair["env"], pair["steps"], seed, ours, theirs))
+            print(json.dumps({"algo": name, "seed": seed, "labfleet": ours, "sb3": theirs}), flush=True)
+    print()
+    print("| algorithm | env | steps | seed | side | whole process (s) | train steps/s | eval return (20 ep) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, env, steps, seed, ours, theirs in rows:
+        for side, r in (("labfleet", ours), ("SB3", theirs)):
+            print(f"| {name} | {env} | {steps} | {seed} | {side} | {r['wall_s']:.1f} | {r['sps']:.0f} | "
+                  f"{r['return']:.1f} |")
+        print(f"| {name} | | | | **labfleet / SB3 throughput** | | **{ours['sps'] / theirs['sps']:.2f}x** | |")
+
+
+if __name__ == "__main__":
+    main()

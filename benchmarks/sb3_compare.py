@@ -20,10 +20,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The shipped specs, set back to rl-zoo's exact hyperparameters where they depart from them.
 PAIRS = {
-    "ppo": {"spec": "cartpole_ppo.yaml", "steps": 100_000, "env": "CartPole-v1"},
-    "dqn": {"spec": "cartpole_dqn.yaml", "steps": 50_000, "env": "CartPole-v1"},
-    "ddpg": {"spec": "pendulum_ddpg.yaml", "steps": 20_000, "env": "Pendulum-v1"},
+    "ppo": {"spec": "cartpole_ppo.yaml", "steps": 100_000, "env": "CartPole-v1", "set": {}},
+    "dqn": {"spec": "cartpole_dqn.yaml", "steps": 50_000, "env": "CartPole-v1",
+            "set": {"hparams.learning_rate": 2.3e-3, "hparams.double_q": False}},
+    "ddpg": {"spec": "pendulum_ddpg.yaml", "steps": 20_000, "env": "Pendulum-v1", "set": {}},
 }
 
 LABFLEET_SIDE = """
@@ -33,7 +35,7 @@ torch.set_num_threads(1)
 from labfleet.algorithms import registry
 from labfleet.spec.loading import load_spec
 spec = load_spec(sys.argv[1], {"budget.env_steps": int(sys.argv[2]), "eval.episodes": 20,
-                               "resources.rollout_workers": 0})
+                               "resources.rollout_workers": 0, **json.loads(sys.argv[4])})
 trainer = registry.get(spec.algorithm).trainer(spec, int(sys.argv[3]), "cpu")
 start = time.perf_counter()
 while not trainer.done:
@@ -59,9 +61,8 @@ if algo == "ppo":  # rl-zoo hyperparams/ppo.yml, CartPole-v1
                 gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0, learning_rate=lambda p: p * 1e-3,
                 clip_range=lambda p: p * 0.2, seed=seed, device="cpu")
     eval_env = gym.make("CartPole-v1")
-elif algo == "dqn":  # rl-zoo hyperparams/dqn.yml, CartPole-v1, with the shipped spec's linear LR decay
-    model = DQN("MlpPolicy", "CartPole-v1", learning_rate=lambda p: p * 2.3e-3, batch_size=64,
-                buffer_size=100_000,
+elif algo == "dqn":  # rl-zoo hyperparams/dqn.yml, CartPole-v1
+    model = DQN("MlpPolicy", "CartPole-v1", learning_rate=2.3e-3, batch_size=64, buffer_size=100_000,
                 learning_starts=1000, gamma=0.99, target_update_interval=10, train_freq=256, gradient_steps=128,
                 exploration_fraction=0.16, exploration_final_eps=0.04, policy_kwargs=dict(net_arch=[256, 256]),
                 seed=seed, device="cpu")
@@ -99,7 +100,8 @@ def main() -> None:
     for name in args.only.split(","):
         pair = PAIRS[name]
         for seed in [int(s) for s in args.seeds.split(",")]:
-            ours = run_side(LABFLEET_SIDE, [str(REPO / "experiments" / pair["spec"]), str(pair["steps"]), str(seed)])
+            ours = run_side(LABFLEET_SIDE, [str(REPO / "experiments" / pair["spec"]), str(pair["steps"]), str(seed),
+                                            json.dumps(pair["set"])])
             theirs = run_side(SB3_SIDE, [name, str(pair["steps"]), str(seed)])
             rows.append((name, pair["env"], pair["steps"], seed, ours, theirs))
             print(json.dumps({"algo": name, "seed": seed, "labfleet": ours, "sb3": theirs}), flush=True)

@@ -20,9 +20,44 @@ from labfleet.algorithms import registry
 from labfleet.algorithms.base import resolve_device
 from labfleet.spec.models import ExperimentSpec
 
+CURVE_POINTS = 500  # training metrics are averaged over windows of budget / CURVE_POINTS units
+
 
 def eval_interval(spec: ExperimentSpec) -> int:
     return spec.eval.every_steps or max(1, spec.budget.total // 10)
+
+
+class MetricWindow:
+    """Averages training metrics over windows of `width` budget units, so that a run of 20k iterations
+    logs a few hundred points per curve, not 20k. Counters (`time/...`) keep their last value."""
+
+    def __init__(self, width: int, start: int = 0):
+        self.width = max(1, width)
+        self.start = start  # progress when the window opened
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+
+    def add(self, progress: int, step: int, values: dict[str, float]) -> tuple[int, dict[str, float]] | None:
+        """Add one iteration's metrics; returns (metric step, window means) when the window closes."""
+        for key, value in values.items():
+            if key.startswith("time/"):
+                self.last[key] = value
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+        if progress - self.start < self.width:
+            return None
+        self.start = progress
+        return self.flush(step)
+
+    def flush(self, step: int) -> tuple[int, dict[str, float]] | None:
+        if not self.sums and not self.last:
+            return None
+        means = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        means.update(self.last)
+        self.sums, self.counts, self.last = {}, {}, {}
+        return step, means
 
 
 class TrialWorker:
@@ -36,6 +71,7 @@ class TrialWorker:
             self.trainer.restore_bytes(checkpoint)
         self.every = eval_interval(self.spec)
         self.next_eval = (self.trainer.progress // self.every + 1) * self.every
+        self.window = MetricWindow(self.spec.budget.total // CURVE_POINTS, start=self.trainer.progress)
 
     def describe(self) -> dict[str, str]:
         node = ""
@@ -58,14 +94,19 @@ class TrialWorker:
             bad = [k for k, v in logged.items() if not math.isfinite(v)]
             if bad:
                 raise FloatingPointError(f"non-finite {', '.join(bad)} at step {trainer.metric_step}")
+            closed = self.window.add(trainer.progress, trainer.metric_step, logged)
+            if closed:
+                records.append(closed)
             if trainer.progress >= self.next_eval and not trainer.done:
-                logged.update(trainer.evaluate())
+                records.append((trainer.metric_step, trainer.evaluate()))
                 checkpoint = trainer.checkpoint_bytes()
                 while self.next_eval <= trainer.progress:
                     self.next_eval += self.every
-            records.append((trainer.metric_step, logged))
         final = None
         if trainer.done:
+            closed = self.window.flush(trainer.metric_step)
+            if closed:
+                records.append(closed)
             final = trainer.evaluate()
             records.append((trainer.metric_step, final))
             checkpoint = trainer.checkpoint_bytes()

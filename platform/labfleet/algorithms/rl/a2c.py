@@ -63,7 +63,7 @@ class A2CTrainer(ActorCriticTrainer):
             adv = gae_advantages(self.as_tensor(rollout.rewards), values.detach(), self.as_tensor(rollout.terminated),
                                  self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
             returns = adv + values.detach()
-            if hp.normalize_advantage:
+            if hp.normalize_advantage and adv.numel() > 1:  # the std of one value is undefined
                 adv = (adv - adv.mean()) / (adv.std() + 1e-8)
 
         # 3. loss

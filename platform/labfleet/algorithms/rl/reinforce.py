@@ -69,7 +69,7 @@ class ReinforceTrainer(ActorCriticTrainer):
         # 3. loss
         values = self.ac.value(obs)
         advantages = returns - values.detach()
-        if hp.normalize_advantage:
+        if hp.normalize_advantage and advantages.numel() > 1:  # the std of one value is undefined
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         logp, entropies = self.ac.policy.log_prob_entropy(obs, actions)  # (T, N) each
         entropy = entropies.mean()

@@ -13,11 +13,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from pydantic import Field, PositiveInt
 
 from labfleet import metrics as M
 from labfleet.algorithms.base import Trainer
-from labfleet.algorithms.optim import ScheduledOptimizer, scheduled_learning_rate
-from labfleet.algorithms.rl.exploration import EpsilonGreedyTable
+from labfleet.algorithms.optim import ScheduledOptimizer, StepSizeHParams, scheduled_learning_rate
+from labfleet.algorithms.rl.exploration import EpsilonGreedyHParams, EpsilonGreedyTable
 from labfleet.algorithms.rl.networks import ActorCritic, NumpyPolicy
 from labfleet.rollout.envs import derive_seed, make_env
 from labfleet.rollout.sampler import NoisePolicy, Rollout, VectorSampler, evaluate_policy
@@ -149,20 +150,32 @@ class ActorCriticTrainer(RLTrainer):
         self.load_rl_state(state["rl"])
 
 
+class TabularHParams(StepSizeHParams, EpsilonGreedyHParams):
+    """Hyperparameters of the tabular TD learners: the step size alpha with the shared schedules, the
+    epsilon-greedy schedule, and these."""
+
+    learning_rate: float | str = Field(0.1, description='Step size alpha, or "lin_<value>".')
+    gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
+    n_envs: PositiveInt = Field(8, description="Environments stepped together.")
+    n_steps: PositiveInt = Field(1, description="Steps per environment between batches of updates.")
+    q_init: float = Field(0.0, description="Initial value of every Q(s, a).")
+
+
 class TabularTrainer(RLTrainer):
-    """RL trainers over a Q table (discrete observations and actions): Q-learning, SARSA. Their hparams
-    are `StepSizeHParams` (alpha and its schedule) plus `EpsilonGreedyHParams`, `gamma` and `q_init`."""
+    """RL trainers over a Q table (discrete observations and actions): Q-learning, SARSA."""
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)
-        hp: Any = self.hp
+        hp = self.hp
+        assert isinstance(hp, TabularHParams)
         n_states, n_actions = int(self.observation_space.n), int(self.action_space.n)  # type: ignore[attr-defined]
         self.q = np.full((n_states, n_actions), float(hp.q_init))  # (S, A)
         self.updates = 0
         self.behaviour = EpsilonGreedyTable(self.q, hp.epsilon_at(0.0))
 
     def step_size(self) -> float:
-        hp: Any = self.hp
+        hp = self.hp
+        assert isinstance(hp, TabularHParams)
         return scheduled_learning_rate(hp.schedule, hp.initial_learning_rate, self.updates,
                                        self.env_steps / self.spec.budget.total)
 

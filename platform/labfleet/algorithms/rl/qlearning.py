@@ -8,21 +8,14 @@ A transition cut by a time limit is bootstrapped (time limits are not terminal s
 from __future__ import annotations
 
 import numpy as np
-from pydantic import Field, PositiveInt
 
 from labfleet import metrics as M
-from labfleet.algorithms.optim import StepSizeHParams
 from labfleet.algorithms.registry import AlgorithmInfo, register
-from labfleet.algorithms.rl.base import TabularTrainer
-from labfleet.algorithms.rl.exploration import EpsilonGreedyHParams
+from labfleet.algorithms.rl.base import TabularHParams, TabularTrainer
 
 
-class QLearningHParams(StepSizeHParams, EpsilonGreedyHParams):
-    learning_rate: float | str = Field(0.1, description='Step size alpha, or "lin_<value>".')
-    gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
-    n_envs: PositiveInt = Field(8, description="Environments stepped together.")
-    n_steps: PositiveInt = Field(1, description="Steps per environment between batches of updates.")
-    q_init: float = Field(0.0, description="Initial value of every Q(s, a).")
+class QLearningHParams(TabularHParams):
+    """Q-learning's hyperparameters: those of every tabular TD learner."""
 
 
 def q_learning_update(q: np.ndarray, s: int, a: int, r: float, s_next: int, terminated: bool, alpha: float,

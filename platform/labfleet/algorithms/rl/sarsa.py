@@ -13,21 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pydantic import Field, PositiveInt
 
 from labfleet import metrics as M
-from labfleet.algorithms.optim import StepSizeHParams
 from labfleet.algorithms.registry import AlgorithmInfo, register
-from labfleet.algorithms.rl.base import TabularTrainer
-from labfleet.algorithms.rl.exploration import EpsilonGreedyHParams
+from labfleet.algorithms.rl.base import TabularHParams, TabularTrainer
 
 
-class SarsaHParams(StepSizeHParams, EpsilonGreedyHParams):
-    learning_rate: float | str = Field(0.1, description='Step size alpha, or "lin_<value>".')
-    gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
-    n_envs: PositiveInt = Field(8, description="Environments stepped together.")
-    n_steps: PositiveInt = Field(1, description="Steps per environment between batches of updates.")
-    q_init: float = Field(0.0, description="Initial value of every Q(s, a).")
+class SarsaHParams(TabularHParams):
+    """SARSA's hyperparameters: those of every tabular TD learner."""
 
 
 def sarsa_update(q: np.ndarray, s: int, a: int, r: float, next_value: float, terminated: bool, alpha: float,

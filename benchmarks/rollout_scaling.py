@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-import ray
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a loopback-only local Ray (see labfleet.cli)
+import ray  # noqa: E402
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -61,7 +63,7 @@ def main() -> None:
     parser.add_argument("--costs", default="0,0.05,0.2,1")
     parser.add_argument("--steps", type=int, default=8192)
     args = parser.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     print("| step cost (ms) | W = 0 steps/s | W = 1 steps/s | W = 2 steps/s | W = 2 / W = 0 |")
     print("|---|---|---|---|---|")
     for cost in (float(c) for c in args.costs.split(",")):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+
+# Local Ray instances in the tests listen on 127.0.0.1 only (read when ray is first imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +32,8 @@ def ray_local():
     """One local Ray instance (2 CPUs, 127.0.0.1) for the tests that drive actors in-process."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    assert "node:127.0.0.1" in ray.cluster_resources(), "the test cluster must listen on loopback only"
     yield ray
     ray.shutdown()
 

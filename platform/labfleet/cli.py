@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a trial failed, 2 bad input (nothing started, nothing w
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def bad_input_exits_2():
         for problem in exc.problems:
             err_console.print(str(problem), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def local_ray_on_loopback(address: str | None) -> None:
+    """A local Ray instance listens on 127.0.0.1 only. On Linux Ray maps 127.0.0.1 to the machine's
+    routable address unless this is set, and it is read when `ray` is first imported, so every training
+    command calls this first. A driver joining a cluster (`--address`, $RAY_ADDRESS) keeps Ray's default."""
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _overrides(items: list[str] | None) -> dict:
@@ -78,6 +87,7 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Train every seed of a spec as a trial on Ray, tracked in MLflow."""
+    local_ray_on_loopback(address)
     from labfleet.orchestration.session import Planned, execute
     from labfleet.spec.loading import load_spec
 
@@ -85,6 +95,31 @@ def run(
         resolved = load_spec(spec, _overrides(set_))
         code = execute([Planned(resolved, spec)], source=str(spec), cli_tracking_uri=tracking_uri,
                        address=address, console=Console(), quiet=quiet)
+    raise typer.Exit(code)
+
+
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="Experiment spec with a `sweep:` section."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    n_trials: int = typer.Option(None, "--n-trials", min=1, help="Finished trials wanted (default: sweep.n_trials)."),
+    storage: str = typer.Option(None, "--storage", help="Optuna storage URL (default: sweep.storage, else "
+                                "sqlite:///optuna.db)."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Search a spec's hyperparameters with Optuna; the same command again resumes the study."""
+    local_ray_on_loopback(address)
+    from labfleet.orchestration.sweep import execute_sweep
+    from labfleet.spec.loading import apply_overrides, read_yaml, resolve_spec_data
+
+    with bad_input_exits_2():
+        doc = read_yaml(spec)
+        data = apply_overrides(doc.data, _overrides(set_))
+        resolved = resolve_spec_data(data, doc.source, doc)
+        code = execute_sweep(data, resolved, spec, storage=storage, n_trials=n_trials, cli_tracking_uri=tracking_uri,
+                             address=address, console=Console(), quiet=quiet)
     raise typer.Exit(code)
 
 
@@ -97,6 +132,7 @@ def suite(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Run every experiment of a suite under one `suite` run, sharing the cluster."""
+    local_ray_on_loopback(address)
     from labfleet.orchestration.session import Planned, execute
     from labfleet.spec.loading import load_suite
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,7 @@ class SeedState:
     progress: int = 0
     latest: dict[str, float] = field(default_factory=dict)
     final: dict[str, float] | None = None
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # metric step -> eval/* values
     retries: int = 0
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -171,6 +171,8 @@ class TrialRunner:
         for step, values in result["records"]:
             self.tracker.log_metrics(state.run_id, values, step)
             state.latest.update(values)
+            if any(k.startswith(M.EVAL_PREFIX) for k in values):
+                state.evals.setdefault(step, {}).update(values)
         self.tracker.flush(state.run_id)
         state.progress = result["progress"]
         if result["checkpoint"] is not None:
@@ -243,6 +245,15 @@ class TrialRunner:
         error = "; ".join(f"seed {s.seed}: {(s.error or '').strip().splitlines()[-1][:300]}" for s in failed)
         self.tracker.end_run(self.trial_run_id, self.status, error or None)
 
+    def eval_means(self, metric: str) -> dict[int, float]:
+        """{metric step: mean over the running or finished seeds} for the steps every such seed has
+        evaluated (the intermediate values a sweep reports to its pruner)."""
+        seeds = [s for s in self.seeds.values() if s.status in ("RUNNING", "FINISHED")]
+        if not seeds:
+            return {}
+        steps = set.intersection(*({k for k, v in s.evals.items() if metric in v} for s in seeds))
+        return {step: float(np.mean([s.evals[step][metric] for s in seeds])) for step in sorted(steps)}
+
     def abort(self, status: str = "KILLED") -> None:
         for state in self.seeds.values():
             if state.status in ("PENDING", "RUNNING"):
@@ -273,18 +284,22 @@ def _error_text(exc: BaseException) -> str:
     return text
 
 
-def drive(runners: list[TrialRunner], poll_seconds: float = 0.5, on_tick: Callable[[], None] | None = None) -> None:
+def drive_once(runners: list[TrialRunner], poll_seconds: float = 0.5) -> bool:
+    """Handle whichever results arrive within `poll_seconds`; False once no runner has work left."""
+    owners: dict[Any, tuple[TrialRunner, SeedState]] = {}
+    for runner in runners:
+        for future, state in runner.futures().items():
+            owners[future] = (runner, state)
+    if not owners:
+        return False
+    ready, _ = ray.wait(list(owners), num_returns=1, timeout=poll_seconds)
+    for future in ready:
+        runner, state = owners[future]
+        runner.on_result(state)
+    return True
+
+
+def drive(runners: list[TrialRunner], poll_seconds: float = 0.5) -> None:
     """Run every runner's seeds to an end state, reacting to whichever result arrives first."""
-    while True:
-        owners: dict[Any, tuple[TrialRunner, SeedState]] = {}
-        for runner in runners:
-            for future, state in runner.futures().items():
-                owners[future] = (runner, state)
-        if not owners:
-            return
-        ready, _ = ray.wait(list(owners), num_returns=1, timeout=poll_seconds)
-        for future in ready:
-            runner, state = owners[future]
-            runner.on_result(state)
-        if on_tick is not None:
-            on_tick()
+    while drive_once(runners, poll_seconds):
+        pass

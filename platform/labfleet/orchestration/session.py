@@ -7,7 +7,6 @@ ever hold a trial) runs before the first MLflow run is created or the first acto
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +33,32 @@ class Planned:
 
 def connect_ray(address: str | None) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS, as in a Ray Job), else start a local instance
-    bound to 127.0.0.1."""
+    (on 127.0.0.1 when the command set `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` first; see the CLI)."""
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(_node_ip_address="127.0.0.1", **kwargs)
+    ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=False)
+
+
+def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None,
+            extra_checks: list[Problem] | None = None) -> tuple[str, Tracker]:
+    """Every check that can reject the input, then the tracker. Nothing is written before the last step."""
+    problem = check_tracking_uri(tracking_uri)
+    if problem:
+        raise SpecError([Problem(source, "tracking.uri", problem)])
+    if extra_checks:
+        raise SpecError(extra_checks)
+    connect_ray(address)
+    cluster = ray.cluster_resources()
+    problems = [Problem(str(p.spec_path), "resources", reason) for p in planned
+                if (reason := unschedulable_reason(p.spec, cluster))]
+    if problems:
+        raise SpecError(problems)
+    tracker = Tracker(tracking_uri)  # the first write: a SQLite store is created here
+    try:
+        tracker.check()
+    except TrackingUnavailable as exc:
+        raise SpecError([Problem(source, "tracking.uri", str(exc))]) from None
+    return tracking_uri, tracker
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -52,21 +69,8 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
             console: Console, quiet: bool = False, suite: SuiteSpec | None = None) -> int:
     """Train every planned spec (under one `suite` run when `suite` is given); returns the exit code."""
     spec_uri = suite.tracking.uri if suite else planned[0].spec.tracking.uri
-    uri = resolve_tracking_uri(cli_tracking_uri, spec_uri)
-    problem = check_tracking_uri(uri)
-    if problem:
-        raise SpecError([Problem(source, "tracking.uri", problem)])
-    connect_ray(address)
-    cluster = ray.cluster_resources()
-    problems = [Problem(str(p.spec_path), "resources", reason) for p in planned
-                if (reason := unschedulable_reason(p.spec, cluster))]
-    if problems:
-        raise SpecError(problems)
-    tracker = Tracker(uri)  # the first write: a SQLite store is created here
-    try:
-        tracker.check()
-    except TrackingUnavailable as exc:
-        raise SpecError([Problem(source, "tracking.uri", str(exc))]) from None
+    uri, tracker = prepare(planned, source=source, tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
+                           address=address)
 
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     runners: list[TrialRunner] = []

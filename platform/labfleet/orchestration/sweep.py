@@ -324,10 +324,15 @@ def leaderboard(study: optuna.Study, sweep: SweepConfig, rows: int = 20) -> Tabl
     table = Table(title=f"{study.study_name}: {sweep.metric} ({sweep.direction})")
     for column in ("trial", "state", "value", *sweep.space):
         table.add_column(column)
-    reverse = sweep.direction == "maximize"
+    sign = -1.0 if sweep.direction == "maximize" else 1.0
+    rank = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}  # a pruned trial's value is its last report
     trials = sorted(study.get_trials(deepcopy=False),
-                    key=lambda t: (t.value is None, -(t.value or 0) if reverse else (t.value or 0)))
+                    key=lambda t: (rank.get(t.state, 2), t.value is None, sign * (t.value or 0.0)))
     for t in trials[:rows]:
         table.add_row(str(t.number), t.state.name, "" if t.value is None else f"{t.value:.4g}",
-                      *(str(t.params.get(p, "")) for p in sweep.space))
+                      *(_short(t.params.get(p, "")) for p in sweep.space))
     return table
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -101,7 +101,7 @@ def test_nan_trial_fails_cleanly_and_the_sweep_completes(tmp_path: Path):
 
 def test_killed_driver_resumes_its_sweep(tmp_path: Path):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
-    data.update({"seeds": [0], "budget": {"env_steps": 40_000}, "eval": {"episodes": 3},
+    data.update({"seeds": [0], "budget": {"env_steps": 60_000}, "eval": {"episodes": 3},
                  "sweep": {"n_trials": 4, "max_parallel": 2, "sampler": {"type": "random", "seed": 1},
                            "pruner": {"type": "nop"},
                            "space": {"hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3,
@@ -130,8 +130,10 @@ def test_killed_driver_resumes_its_sweep(tmp_path: Path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-sweep
         proc.wait()
-    before = {t.number: t.value for t in optuna.load_study(study_name="cartpole-reinforce", storage=storage).trials
-              if t.state == optuna.trial.TrialState.COMPLETE}
+    killed = optuna.load_study(study_name="cartpole-reinforce", storage=storage).trials
+    before = {t.number: t.value for t in killed if t.state == optuna.trial.TrialState.COMPLETE}
+    left_running = {t.number: t.params for t in killed if t.state == optuna.trial.TrialState.RUNNING}
+    assert left_running, "the driver was killed between trials; nothing to resume mid-trial"
 
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -141,8 +143,10 @@ def test_killed_driver_resumes_its_sweep(tmp_path: Path):
     assert len(complete) == 4
     assert all(complete[n] == v for n, v in before.items()), "earlier complete trials changed"
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    retried = [t for t in study.trials if "labfleet.retry_of" in t.user_attrs]
-    assert retried, "the trial left RUNNING was not run again"
+    for number, params in left_running.items():
+        assert study.trials[number].state == optuna.trial.TrialState.FAIL
+        rerun = [t for t in study.trials if t.user_attrs.get("labfleet.retry_of") == number]
+        assert len(rerun) == 1 and rerun[0].params == params, f"trial {number} was not run again"
     roles = _by_role(MlflowClient(mlflow_uri), "cartpole")
     runs = [r for rs in roles.values() for r in rs]
     assert not [r for r in runs if r.info.status == "RUNNING"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +24,12 @@ err_console = Console(stderr=True)
 SET_HELP = "Override a spec field: dotted KEY, YAML VALUE (hparams.gamma=0.98, seeds=[3,4]). Repeatable."
 TRACKING_HELP = "MLflow tracking URI (default: the spec's, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
 ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local instance on 127.0.0.1)."
+
+# The options every training command takes, declared once.
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)]  # noqa: UP045 (typer)
+TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", help=TRACKING_HELP)]  # noqa: UP045
+AddressOption = Annotated[Optional[str], typer.Option("--address", help=ADDRESS_HELP)]  # noqa: UP045
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 
 
 @contextmanager
@@ -52,7 +59,7 @@ def _overrides(items: list[str] | None) -> dict:
 @app.command()
 def validate(
     files: list[Path] = typer.Argument(..., help="Spec or suite files."),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    set_: SetOption = None,
 ) -> None:
     """Check specs and suites; print one line per problem (FILE: field.path: what is wrong) and exit 2."""
     from labfleet.spec.loading import apply_overrides, is_suite, load_suite, read_yaml, resolve_spec_data
@@ -81,10 +88,10 @@ def validate(
 @app.command()
 def run(
     spec: Path = typer.Argument(..., help="Experiment spec (YAML)."),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
-    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    set_: SetOption = None,
+    tracking_uri: TrackingOption = None,
+    address: AddressOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Train every seed of a spec as a trial on Ray, tracked in MLflow."""
     local_ray_on_loopback(address)
@@ -101,13 +108,13 @@ def run(
 @app.command()
 def sweep(
     spec: Path = typer.Argument(..., help="Experiment spec with a `sweep:` section."),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    set_: SetOption = None,
     n_trials: int = typer.Option(None, "--n-trials", min=1, help="Finished trials wanted (default: sweep.n_trials)."),
     storage: str = typer.Option(None, "--storage", help="Optuna storage URL (default: sweep.storage, else "
                                 "sqlite:///optuna.db)."),
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
-    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    tracking_uri: TrackingOption = None,
+    address: AddressOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Search a spec's hyperparameters with Optuna; the same command again resumes the study."""
     local_ray_on_loopback(address)
@@ -126,10 +133,10 @@ def sweep(
 @app.command()
 def suite(
     suite_file: Path = typer.Argument(..., metavar="SUITE", help="Suite file (YAML)."),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP + " Applied to every entry."),
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
-    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    set_: SetOption = None,  # applied to every entry
+    tracking_uri: TrackingOption = None,
+    address: AddressOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Run every experiment of a suite under one `suite` run, sharing the cluster."""
     local_ray_on_loopback(address)

@@ -153,3 +153,55 @@ def test_killed_driver_resumes_its_sweep(tmp_path: Path):
     assert len(roles["sweep"]) == 1
     finished = [r.data.tags["optuna.trial_number"] for r in roles["trial"] if r.data.tags["optuna.state"] == "COMPLETE"]
     assert sorted(finished) == sorted(str(n) for n in complete), "duplicate or missing finished trial runs"
+
+
+def test_ctrl_c_fails_running_trials_and_the_next_run_resumes(tmp_path: Path):
+    data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
+    data.update({"seeds": [0], "budget": {"env_steps": 60_000}, "eval": {"episodes": 3},
+                 "sweep": {"n_trials": 3, "max_parallel": 2, "sampler": {"type": "random", "seed": 2},
+                           "pruner": {"type": "nop"},
+                           "space": {"hparams.gamma": {"type": "float", "low": 0.95, "high": 0.999}}}})
+    spec = tmp_path / "interrupt.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    mlflow_uri, storage = _stores(tmp_path)
+    command = [sys.executable, "-m", "labfleet", "sweep", str(spec), "--tracking-uri", mlflow_uri,
+               "--storage", storage, "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no trial started in time"
+            try:
+                running = [t for t in optuna.load_study(study_name="cartpole-reinforce", storage=storage).trials
+                           if t.state == optuna.trial.TrialState.RUNNING]
+            except KeyError:
+                running = []
+            if running:
+                break
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output
+    study = optuna.load_study(study_name="cartpole-reinforce", storage=storage)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    interrupted = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert interrupted
+    roles = _by_role(MlflowClient(mlflow_uri), "cartpole")
+    assert not [r for rs in roles.values() for r in rs if r.info.status == "RUNNING"]
+    assert roles["sweep"][0].info.status == "KILLED"
+
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = optuna.load_study(study_name="cartpole-reinforce", storage=storage)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 3
+    for t in interrupted:  # each interrupted trial's parameters ran again
+        assert any(r.user_attrs.get("labfleet.retry_of") == t.number and r.params == t.params
+                   for r in study.trials)
+    roles = _by_role(MlflowClient(mlflow_uri), "cartpole")
+    assert len(roles["sweep"]) == 1 and roles["sweep"][0].info.status == "FINISHED"

@@ -176,9 +176,11 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
         for a in active.values():
             a.runner.abort("KILLED")
             study.tell(a.trial, state=TrialState.FAIL, skip_if_finished=True)
+            study.enqueue_trial(a.trial.params, user_attrs={"labfleet.retry_of": a.trial.number})
             tracker.set_tags(a.runner.trial_run_id or "", {"optuna.state": "FAIL"})
         tracker.close_open_runs("KILLED")
-        console.print("[yellow]interrupted: running trials told FAIL; run the same command to resume[/yellow]")
+        console.print("[yellow]interrupted: running trials told FAIL (their parameters are queued again); run "
+                      "the same command to resume[/yellow]")
         return EXIT_INTERRUPTED
     except BaseException as exc:
         for a in active.values():

@@ -151,6 +151,49 @@ def suite(
     raise typer.Exit(code)
 
 
+@app.command("list")
+def list_(what: str = typer.Argument(..., metavar="algorithms|envs", help="What to list.")) -> None:
+    """List the registered algorithms, or the gymnasium environments an RL spec can name."""
+    from rich.table import Table
+
+    if what == "algorithms":
+        from labfleet.algorithms import registry
+
+        table = Table("algorithm", "actions", "observations", "budget", "summary")
+        for name in registry.names():
+            info = registry.get(name)
+            table.add_row(name, ", ".join(info.action_spaces), ", ".join(info.observation_spaces),
+                          ", ".join(info.budget_units), info.summary)
+        Console().print(table)
+    elif what == "envs":
+        import gymnasium as gym
+
+        for env_id in sorted(gym.registry):
+            typer.echo(env_id)
+    else:
+        with bad_input_exits_2():
+            raise SpecError([Problem("labfleet list", what, "expected algorithms or envs")])
+
+
+@app.command()
+def show(algorithm: str = typer.Argument(..., help="A registered algorithm.")) -> None:
+    """Print an algorithm's hyperparameters: name, type, default and documentation, from its model."""
+    from rich.table import Table
+
+    from labfleet.algorithms import registry
+    from labfleet.spec.schema import hparam_rows
+
+    with bad_input_exits_2():
+        try:
+            info = registry.get(algorithm)
+        except KeyError as exc:
+            raise SpecError([Problem("labfleet show", "algorithm", str(exc.args[0]))]) from None
+    table = Table("hparam", "type", "default", "description", title=f"{algorithm}: {info.summary}")
+    for row in hparam_rows(info.hparams):
+        table.add_row(*row)
+    Console().print(table)
+
+
 def main() -> None:
     app(prog_name="labfleet")
 

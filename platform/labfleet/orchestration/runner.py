@@ -72,6 +72,7 @@ class SeedState:
     final: dict[str, float] | None = None
     evals: dict[int, dict[str, float]] = field(default_factory=dict)  # metric step -> eval/* values
     retries: int = 0
+    placed: bool = False  # the current actor's node is tagged on the run
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
     elapsed: float = 0.0
@@ -144,6 +145,7 @@ class TrialRunner:
         ).remote(spec.model_dump(mode="json"), state.seed, state.checkpoint)
         state.future = state.actor.advance.remote(self.chunk_seconds)
         state.status = "RUNNING"
+        state.placed = False
 
     # --- results --------------------------------------------------------------------------------
     def futures(self) -> dict[Any, SeedState]:
@@ -166,7 +168,8 @@ class TrialRunner:
             else:
                 self._fail(state, f"trial actor died {state.retries + 1} times; last: {exc}")
             return
-        if state.progress == 0 and result["records"]:
+        if not state.placed:  # after every (re)launch: a retried trial may run on another node
+            state.placed = True
             self._tag_node(state)
         for step, values in result["records"]:
             self.tracker.log_metrics(state.run_id, values, step)

@@ -39,14 +39,11 @@ def connect_ray(address: str | None) -> None:
     ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=False)
 
 
-def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None,
-            extra_checks: list[Problem] | None = None) -> tuple[str, Tracker]:
+def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None) -> tuple[str, Tracker]:
     """Every check that can reject the input, then the tracker. Nothing is written before the last step."""
     problem = check_tracking_uri(tracking_uri)
     if problem:
         raise SpecError([Problem(source, "tracking.uri", problem)])
-    if extra_checks:
-        raise SpecError(extra_checks)
     connect_ray(address)
     cluster = ray.cluster_resources()
     problems = [Problem(str(p.spec_path), "resources", reason) for p in planned
@@ -61,7 +58,8 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
     return tracking_uri, tracker
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
+def raise_interrupt(signum: int, frame: Any) -> None:
+    """A SIGTERM handler: stop the way Ctrl-C stops (every open run ends KILLED)."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -72,7 +70,7 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     uri, tracker = prepare(planned, source=source, tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
                            address=address)
 
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
     runners: list[TrialRunner] = []
     suite_run_id = None
     try:

@@ -33,8 +33,8 @@ from labfleet.orchestration.session import (
     EXIT_OK,
     EXIT_TRIAL_FAILED,
     Planned,
-    _raise_interrupt,
     prepare,
+    raise_interrupt,
 )
 from labfleet.spec.loading import apply_overrides, resolve_spec_data
 from labfleet.spec.models import ExperimentSpec, ParamSpace, SweepConfig
@@ -156,7 +156,7 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
 
     active: dict[int, ActiveTrial] = {}
     asked: set[int] = set()  # trials asked by this invocation (for the exit code)
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         with ProgressBoard(console, quiet) as board:
             while True:
@@ -173,12 +173,7 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
                         del active[number]
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for a in active.values():
-            a.runner.abort("KILLED")
-            study.tell(a.trial, state=TrialState.FAIL, skip_if_finished=True)
-            study.enqueue_trial(a.trial.params, user_attrs={"labfleet.retry_of": a.trial.number})
-            tracker.set_tags(a.runner.trial_run_id or "", {"optuna.state": "FAIL"})
-        tracker.close_open_runs("KILLED")
+        _interrupted(study, list(active.values()), asked, tracker)
         console.print("[yellow]interrupted: running trials told FAIL (their parameters are queued again); run "
                       "the same command to resume[/yellow]")
         return EXIT_INTERRUPTED
@@ -216,8 +211,7 @@ def _sweep_run(tracker: Tracker, experiment: str, study_name: str, storage: str,
 def _recover(study: optuna.Study, tracker: Tracker, experiment: str, sweep_run: str) -> None:
     """Undo what a dead driver left: RUNNING trials -> FAIL (parameters queued again), RUNNING runs -> KILLED."""
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-        study.enqueue_trial(frozen.params, user_attrs={"labfleet.retry_of": frozen.number})
+        _fail_and_requeue(study, frozen)
     experiment_id = tracker.experiment_id(experiment)
     stale = tracker.client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{sweep_run}' "
                                                         f"and attributes.status = 'RUNNING'")
@@ -227,6 +221,27 @@ def _recover(study: optuna.Study, tracker: Tracker, experiment: str, sweep_run: 
         for run in [*seeds, trial_run]:
             tracker.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
             tracker.client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+
+
+def _interrupted(study: optuna.Study, active: list[ActiveTrial], asked: set[int], tracker: Tracker) -> None:
+    """Ctrl-C: stop the running trials; every trial this invocation asked and did not finish (also one
+    asked a moment before the signal, not yet started) is told FAIL with its parameters queued again;
+    every open run ends KILLED."""
+    for a in active:
+        a.runner.abort("KILLED")
+        tracker.set_tags(a.runner.trial_run_id or "", {"optuna.state": "FAIL"})
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.number in asked:
+            _fail_and_requeue(study, frozen)
+    tracker.close_open_runs("KILLED")
+
+
+def _fail_and_requeue(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+    """Tell an unfinished trial FAIL and queue its parameters again. A trial stopped before it sampled
+    anything has no parameters to repeat: the next ask samples afresh anyway."""
+    study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+    if frozen.params:
+        study.enqueue_trial(frozen.params, user_attrs={"labfleet.retry_of": frozen.number})
 
 
 def _finished(study: optuna.Study) -> int:

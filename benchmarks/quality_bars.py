@@ -1,6 +1,7 @@
 """Every shipped spec at its default budget and seeds, through `labfleet suite`, against its quality bar.
 
     python benchmarks/quality_bars.py [--tracking-uri sqlite:///quality.db] [--only cartpole-ppo,...]
+                                      [--seeds 3,4,5]
 
 The specs run as one suite on a local Ray instance (two trials at a time on 2 cores). Each seed's final
 evaluation is then read back from MLflow with MlflowClient and set against the bar of its issue.
@@ -36,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracking-uri", default=None, help="default: a fresh SQLite store in a temp dir")
     parser.add_argument("--only", default=",".join(BARS))
+    parser.add_argument("--seeds", default=None, help="other seeds than the specs' own, e.g. 3,4,5")
     args = parser.parse_args()
     names = args.only.split(",")
     workdir = Path(tempfile.mkdtemp(prefix="labfleet-quality-"))
@@ -47,7 +49,8 @@ def main() -> None:
             entries.append({"spec": str(path)})
     suite = workdir / "quality.yaml"
     suite.write_text(yaml.safe_dump({"name": "quality-bars", "experiments": entries}))
-    subprocess.run([sys.executable, "-m", "labfleet", "suite", str(suite), "--tracking-uri", uri, "--quiet"],
+    seeds = ["--set", f"seeds=[{args.seeds}]"] if args.seeds else []
+    subprocess.run([sys.executable, "-m", "labfleet", "suite", str(suite), "--tracking-uri", uri, "--quiet", *seeds],
                    check=False)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("quality-bars")

@@ -78,6 +78,10 @@ class Trainer(ABC):
         on a fixed set of observations (RL), decoded samples from fixed latents (generative). The shared
         trainer tests compare it across checkpoint round trips."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to free by default
+        """Free what the trainer started outside its own memory (rollout actors, process groups). A trial
+        actor reused for the next trial calls it before building the next trainer."""
+
     # --- checkpoints as bytes (they travel through Ray, not a shared filesystem) ------------------
     def checkpoint_bytes(self) -> bytes:
         buffer = io.BytesIO()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Literal
 
 import torch
@@ -182,6 +182,8 @@ class ScheduledOptimizer:
     def __init__(self, params: Iterable[torch.nn.Parameter], hp: OptimHParams):
         self.params = list(params)
         self.hp = hp
+        # Called between backward and clipping (data-parallel training averages the gradients there).
+        self.grad_hook: Callable[[list[torch.nn.Parameter]], None] | None = None
         self.lr0 = hp.initial_learning_rate
         self.optimizer = build_optimizer(self.params, hp.optimizer, self.lr0)
         self.updates = 0
@@ -197,6 +199,8 @@ class ScheduledOptimizer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_hook is not None:
+            self.grad_hook(self.params)
         if self.hp.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.hp.max_grad_norm, foreach=True)
         else:

@@ -24,6 +24,8 @@ BUILTIN_MODULES = (
     "labfleet.algorithms.rl.value_iteration",
     "labfleet.algorithms.rl.dqn",
     "labfleet.algorithms.rl.ddpg",
+    "labfleet.algorithms.generative.vae",
+    "labfleet.algorithms.generative.gan",
 )
 
 ActionKind = Literal["discrete", "continuous"]

@@ -108,6 +108,11 @@ class RLTrainer(Trainer):
             obs = np.clip(np.nan_to_num(obs, posinf=3.0, neginf=-3.0), -3.0, 3.0).astype(space.dtype)
         return self.greedy_actions(obs)
 
+    def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.close()
+        self._sampler = None
+
     def rl_state(self) -> dict[str, Any]:
         return {"env_steps": self.env_steps, "iterations": self.iterations, "evaluations": self.evaluations}
 

@@ -1,0 +1,423 @@
+"""What the VAE and the GAN share: data, networks, budgets, early stopping, images, data parallelism.
+
+One `train_iteration` is one optimiser step on one minibatch (for the GAN: its discriminator steps and
+one generator step). The budget is `epochs` (passes over the train split; progress counts whole epochs)
+or `iterations` (optimiser steps); the metric step is always the optimiser step.
+
+Early stopping (`hparams.early_stopping: {patience: P}`): at every evaluation the model's validation
+metric (`valid/...`, lower is better) is compared with the best so far; the best parameters are kept, and
+after P evaluations without an improvement of at least `min_delta` the trial stops. The final evaluation
+then uses the best parameters and reports `early_stopping/best_step`.
+
+Data parallelism (`resources.data_parallel: N`): this trainer is rank 0; it starts N - 1 `DataParallelRank`
+Ray actors in the trial's placement group, each with the same model (built from rank 0's checkpoint) and
+its own minibatches (per-rank seeds), joined in a `torch.distributed` process group (gloo on CPU, NCCL on
+CUDA). Every optimiser step all-reduces the gradients (their mean over ranks) before clipping, so the
+parameters stay identical on every rank. Each rank's minibatch is `batch_size / N`, so the global batch,
+and hence the result, matches one worker. Only rank 0 evaluates, reports and checkpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import socket
+from collections.abc import Callable
+from contextlib import closing, nullcontext
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from torch import nn
+
+from labfleet.algorithms.base import Trainer, rng_state, set_rng_state
+from labfleet.algorithms.optim import OptimHParams, ScheduledOptimizer
+from labfleet.data import datasets
+from labfleet.rollout.envs import derive_seed
+from labfleet.spec.models import ExperimentSpec
+
+
+class EarlyStopping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    patience: PositiveInt = Field(5, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="The least decrease of the validation metric that counts.")
+
+
+class GenerativeHParams(OptimHParams):
+    architecture: Literal["mlp", "conv"] = Field("mlp", description="mlp, or conv for image datasets.")
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 256], description="MLP layer widths.")
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64],
+                                        description="Conv channels; each layer halves the image size.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer (a regulariser).")
+    batch_size: PositiveInt = 128
+    max_grad_norm: PositiveFloat | None = Field(None, description="Clip the global gradient norm; null: off.")
+    early_stopping: EarlyStopping | None = Field(None, description="Stop on the validation metric; null: off.")
+    image_every: NonNegativeInt = Field(2, description="Log sample images every this many evaluations "
+                                        "(and at the end); 0: never.")
+    dataset_size: PositiveInt | None = Field(None, description="Train points drawn from ring8/grid25.")
+    bf16: bool = Field(False, description="bfloat16 autocast for the training forward passes on CUDA (no effect "
+                       "on CPU); parameters, optimiser state and evaluation stay float32.")
+
+
+def mlp(sizes: list[int], activation: Callable[[], nn.Module] = nn.ReLU, dropout: float = 0.0,
+        last_activation: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2 or last_activation:
+            layers.append(activation())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class ConvEncoder(nn.Module):
+    """(n, C, H, W) -> (n, out): stride-2 3x3 convolutions (each halves H and W), then a linear layer."""
+
+    def __init__(self, shape: tuple[int, ...], channels: list[int], out: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = shape[0]
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            c_in = c
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        scale = 2 ** len(channels)
+        self.head = nn.Linear(c_in * (shape[1] // scale) * (shape[2] // scale), out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class ConvDecoder(nn.Module):
+    """(n, in) -> (n, C, H, W): a linear layer, then stride-2 transposed convolutions (each doubles H, W)."""
+
+    def __init__(self, n_in: int, shape: tuple[int, ...], channels: list[int]):
+        super().__init__()
+        scale = 2 ** len(channels)
+        self.start = (channels[-1], shape[1] // scale, shape[2] // scale)
+        self.head = nn.Sequential(nn.Linear(n_in, int(np.prod(self.start))), nn.ReLU())
+        layers: list[nn.Module] = []
+        reversed_channels = list(reversed(channels))
+        for c_in, c_out in zip(reversed_channels, [*reversed_channels[1:], reversed_channels[-1]], strict=True):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(reversed_channels[-1], shape[0], 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.head(z).view(-1, *self.start))
+
+
+def check_architecture(hp: GenerativeHParams, data: datasets.Dataset) -> None:
+    if hp.architecture == "conv":
+        if not data.is_image:
+            raise ValueError(f"architecture conv needs an image dataset; {data.name} is points (use mlp)")
+        scale = 2 ** len(hp.channels)
+        if data.shape[1] % scale or data.shape[2] % scale:
+            raise ValueError(f"{len(hp.channels)} conv layers halve {data.shape[1]}x{data.shape[2]} images "
+                             f"{len(hp.channels)} times: the size must be a multiple of {scale}")
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+class GenerativeTrainer(Trainer):
+    """Subclasses build `self.models` (name -> module) and `self.optimizers` (name -> ScheduledOptimizer)
+    in `build()`, and implement `step(batch)`, `validation_metric()`, `test_metrics()`, `sample_images()`."""
+
+    hparams_model: ClassVar[type[BaseModel]] = GenerativeHParams
+    hp: GenerativeHParams
+
+    def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu", rank: int = 0):
+        super().__init__(spec, seed, device)
+        self.validation_name = "valid/loss"  # set by build()
+        assert spec.dataset is not None
+        self.rank = rank
+        self.world = spec.resources.data_parallel
+        kwargs = dict(spec.dataset_kwargs)
+        if self.hp.dataset_size is not None and spec.dataset in ("ring8", "grid25"):
+            kwargs["n_train"] = self.hp.dataset_size
+        self.data = datasets.load(spec.dataset, seed=seed, **kwargs)
+        check_architecture(self.hp, self.data)
+        self.train_x = torch.as_tensor(self.data.train, device=self.device)
+        self.valid_x = torch.as_tensor(self.data.valid, device=self.device)
+        self.test_x = torch.as_tensor(self.data.test, device=self.device)
+        self.rng = np.random.default_rng(derive_seed(seed, "batches", rank))
+        self.batch = max(1, self.hp.batch_size // self.world)
+        self.steps_per_epoch = math.ceil(len(self.train_x) / self.hp.batch_size)
+        self._order = self.rng.permutation(len(self.train_x))
+        self._cursor = 0
+        self.steps = 0
+        self.evaluations = 0
+        self.best_value = math.inf
+        self.best_step = 0
+        self.best_state: dict[str, Any] | None = None
+        self.bad_evaluations = 0
+        self.stopped = False
+        self._restored_best = False
+        self.models: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, ScheduledOptimizer] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "init"))
+            self.build()
+        self.torch_gen = torch.Generator(device=self.device).manual_seed(derive_seed(seed, "noise", rank))
+        self._helpers: list[Any] = []
+        self._group = False
+
+    # --- for subclasses -------------------------------------------------------------------------------
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def step(self, batch: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validation_metric(self) -> float:
+        raise NotImplementedError
+
+    def test_metrics(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def sample_images(self) -> dict[str, bytes]:
+        return {}
+
+    def autocast(self) -> Any:
+        """bf16 autocast on CUDA when asked for; a no-op context otherwise."""
+        enabled = self.hp.bf16 and self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else nullcontext()
+
+    # --- data ----------------------------------------------------------------------------------------
+    def next_batch(self) -> torch.Tensor:
+        if self._cursor >= len(self._order):
+            self._order = self.rng.permutation(len(self.train_x))
+            self._cursor = 0
+        index = self._order[self._cursor:self._cursor + self.batch]
+        self._cursor += self.batch
+        return self.train_x[torch.as_tensor(index, device=self.device)]
+
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """Network input: count images scaled to [0, 1]; points as they are."""
+        return x / self.data.levels if self.data.levels else x
+
+    # --- the Trainer interface -------------------------------------------------------------------------
+    @property
+    def progress(self) -> int:
+        if self.spec.budget.unit == "epochs":
+            return self.steps // self.steps_per_epoch
+        return self.steps
+
+    @property
+    def metric_step(self) -> int:
+        return self.steps
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.progress >= self.spec.budget.total
+
+    def budget_fraction(self) -> float:
+        total = self.spec.budget.total * (self.steps_per_epoch if self.spec.budget.unit == "epochs" else 1)
+        return self.steps / max(total, 1)
+
+    def train_iteration(self) -> dict[str, float]:
+        if self.world > 1 and self.rank == 0 and not self._helpers:
+            self._start_data_parallel()
+        pending = [h.train_iteration.remote() for h in self._helpers]
+        for model in self.models.values():
+            model.train()
+        with self.autocast():
+            logged = self.step(self.next_batch())
+        self.steps += 1
+        if pending:
+            ray.get(pending)
+        return logged
+
+    def evaluate(self) -> dict[str, float]:
+        for model in self.models.values():
+            model.eval()
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            if not self.stopped and not self._restored_best:
+                value = self.validation_metric()
+                out[self.validation_name] = value
+                if self.hp.early_stopping is not None:
+                    self._early_stopping(value)
+            if self.done and self.best_state is not None and not self._restored_best:
+                self._load_models(self.best_state)  # the final evaluation uses the best parameters
+                self._restored_best = True
+            out.update(self.test_metrics())
+        if self.hp.early_stopping is not None:
+            out["early_stopping/best_step"] = float(self.best_step)
+            out["early_stopping/stopped"] = float(self.stopped)
+        self.evaluations += 1
+        return out
+
+    def _early_stopping(self, value: float) -> None:
+        assert self.hp.early_stopping is not None
+        if value < self.best_value - self.hp.early_stopping.min_delta:
+            self.best_value, self.best_step, self.bad_evaluations = value, self.steps, 0
+            self.best_state = self._model_state()
+        else:
+            self.bad_evaluations += 1
+            if self.bad_evaluations >= self.hp.early_stopping.patience:
+                self.stopped = True
+
+    def media(self) -> dict[str, bytes]:
+        """Images to log at this evaluation (a time series: the file names carry the step)."""
+        every = self.hp.image_every
+        if not every or (self.evaluations % every and not self.done):
+            return {}
+        with torch.no_grad():
+            return {f"{name}/step_{self.steps:08d}.png": data for name, data in self.sample_images().items()}
+
+    def _model_state(self) -> dict[str, Any]:
+        return {name: {k: v.detach().clone() for k, v in model.state_dict().items()}
+                for name, model in self.models.items()}
+
+    def _load_models(self, state: dict[str, Any]) -> None:
+        for name, model in self.models.items():
+            model.load_state_dict(state[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "models": self._model_state(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "steps": self.steps, "evaluations": self.evaluations, "rng": rng_state(self.rng),
+            "order": torch.as_tensor(self._order), "cursor": self._cursor,
+            "torch_gen": self.torch_gen.get_state(),
+            "early": {"best_value": self.best_value, "best_step": self.best_step, "bad": self.bad_evaluations,
+                      "stopped": self.stopped, "best_state": self.best_state},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_models(state["models"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.steps, self.evaluations = int(state["steps"]), int(state["evaluations"])
+        set_rng_state(self.rng, state["rng"])
+        self._order, self._cursor = state["order"].numpy(), int(state["cursor"])
+        self.torch_gen.set_state(state["torch_gen"])
+        early = state["early"]
+        self.best_value, self.best_step = float(early["best_value"]), int(early["best_step"])
+        self.bad_evaluations, self.stopped = int(early["bad"]), bool(early["stopped"])
+        self.best_state = early["best_state"]
+
+    def probe(self) -> np.ndarray:
+        """Decoded / generated samples from fixed latents."""
+        for model in self.models.values():
+            model.eval()
+        with torch.no_grad():
+            return self.generate(16, torch.Generator(device=self.device).manual_seed(1234)).cpu().numpy()
+
+    def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- data parallelism ------------------------------------------------------------------------------
+    def _start_data_parallel(self) -> None:
+        import torch.distributed as dist
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = ray.util.get_current_placement_group()
+        address, port = ray.util.get_node_ip_address(), free_port()
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        res = self.spec.resources
+        checkpoint = self.checkpoint_bytes()
+        for rank in range(1, self.world):
+            options: dict[str, Any] = {"num_cpus": res.cpus_per_trial,
+                                       "num_gpus": res.gpus_per_trial / self.world}
+            if group is not None and len(group.bundle_specs) > rank:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=rank)
+            self._helpers.append(RemoteDataParallelRank.options(**options).remote(
+                self.spec.model_dump(mode="json"), self.seed, rank, checkpoint))
+        init_method = f"tcp://{address}:{port}"
+        joined = [h.join.remote(init_method, backend) for h in self._helpers]
+        dist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.world)
+        self._group = True
+        self.attach_process_group()  # its broadcast meets the helpers' inside their `join`
+        ray.get(joined)
+
+    def attach_process_group(self) -> None:
+        """Average gradients over ranks at every optimiser step; start from rank 0's parameters."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+
+        def average(params: list[nn.Parameter]) -> None:
+            grads = [p.grad for p in params if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+        for model in self.models.values():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        for opt in self.optimizers.values():
+            opt.grad_hook = average
+
+    def parameter_digest(self) -> list[np.ndarray]:
+        return [p.detach().cpu().numpy().copy() for m in self.models.values() for p in m.parameters()]
+
+    def helper_digests(self) -> list[list[np.ndarray]]:
+        return ray.get([h.parameter_digest.remote() for h in self._helpers])
+
+    def close(self) -> None:
+        if self._helpers:
+            for helper in self._helpers:
+                ray.kill(helper)
+            self._helpers = []
+        if self._group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._group = False
+
+
+class DataParallelRank:
+    """Rank r > 0 of a data-parallel trial: the same trainer, its own minibatches, no reporting."""
+
+    def __init__(self, spec: dict[str, Any], seed: int, rank: int, checkpoint: bytes):
+        from labfleet.algorithms import registry
+        from labfleet.algorithms.base import resolve_device
+
+        parsed = ExperimentSpec.model_validate(spec)
+        torch.set_num_threads(max(1, int(parsed.resources.cpus_per_trial)))
+        device = resolve_device(parsed.device)
+        trainer = registry.get(parsed.algorithm).trainer(parsed, seed, device, rank=rank)  # type: ignore[call-arg]
+        assert isinstance(trainer, GenerativeTrainer)
+        self.trainer = trainer
+        rng, gen = self.trainer.rng.bit_generator.state, self.trainer.torch_gen.get_state()
+        self.trainer.load_state_dict(torch.load(io.BytesIO(checkpoint), map_location=device, weights_only=True))
+        self.trainer.rng.bit_generator.state = rng  # this rank's own minibatches and noise
+        self.trainer._order = self.trainer.rng.permutation(len(self.trainer.train_x))
+        self.trainer._cursor = 0
+        self.trainer.torch_gen.set_state(gen)
+
+    def join(self, init_method: str, backend: str) -> None:
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, init_method=init_method, rank=self.trainer.rank,
+                                world_size=self.trainer.world)
+        self.trainer.attach_process_group()
+
+    def train_iteration(self) -> None:
+        for model in self.trainer.models.values():
+            model.train()
+        with self.trainer.autocast():
+            self.trainer.step(self.trainer.next_batch())
+        self.trainer.steps += 1
+
+    def parameter_digest(self) -> list[np.ndarray]:
+        return self.trainer.parameter_digest()
+
+
+RemoteDataParallelRank = ray.remote(DataParallelRank)

@@ -1,0 +1,168 @@
+"""Generative adversarial network (Goodfellow et al. 2014), with PacGAN packing (Lin et al. 2018) and an
+optional R1 gradient penalty (Mescheder et al. 2018).
+
+The value function is V(G, D) = E_x[log D(x)] + E_z[log(1 - D(G(z)))]. Each iteration takes `d_steps`
+discriminator steps on -V (binary cross-entropy with logits: real 1, generated 0) and one generator step:
+by default the non-saturating loss -E_z[log D(G(z))] (same fixed point, strong gradients early on), or,
+with `loss: saturating`, E_z[log(1 - D(G(z)))] as in the minimax game. With `pac: m` the discriminator
+judges m samples at once (concatenated), which penalises a generator that drops modes. `gp_weight: g` adds
+g/2 * E_x ||grad_x D(x)||^2 on real data to the discriminator's loss.
+
+Evaluation (2500 samples from fixed noise): on ring8/grid25 `eval/modes_covered`, `eval/high_quality_frac`
+and `eval/mode_kl`; on digits `eval/fd_digits` and `eval/confident_frac`. The validation metric for early
+stopping is `valid/mode_score` = mode_kl + (1 - high_quality_frac) on fresh samples (mixtures) or
+`valid/fd_digits` against the validation split (digits); lower is better.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, PositiveInt
+from torch import nn
+
+from labfleet.algorithms.generative import metrics as GM
+from labfleet.algorithms.generative.base import (
+    ConvDecoder,
+    ConvEncoder,
+    GenerativeHParams,
+    GenerativeTrainer,
+    mlp,
+)
+from labfleet.algorithms.generative.plots import image_grid_png, points_png
+from labfleet.algorithms.optim import OptimizerConfig, ScheduledOptimizer
+from labfleet.algorithms.registry import AlgorithmInfo, register
+
+EVAL_SAMPLES = 2500
+
+
+def _gan_optimizer() -> OptimizerConfig:
+    return OptimizerConfig(type="adam", betas=(0.5, 0.999))
+
+
+class GANHParams(GenerativeHParams):
+    learning_rate: float | str = Field(2e-4, description="The generator's (and, by default, the discriminator's).")
+    optimizer: OptimizerConfig = Field(default_factory=_gan_optimizer)
+    d_learning_rate: float | None = Field(None, gt=0, description="The discriminator's; null: learning_rate.")
+    latent_dim: PositiveInt = Field(16, description="Size of the generator's noise z ~ N(0, I).")
+    d_hidden: list[PositiveInt] | None = Field(None, description="Discriminator MLP widths; null: hidden.")
+    loss: Literal["non_saturating", "saturating"] = "non_saturating"
+    gp_weight: float = Field(0.0, ge=0, description="R1 gradient penalty on real data; 0: off.")
+    pac: PositiveInt = Field(1, description="Samples the discriminator judges together (PacGAN); 1: plain GAN.")
+    d_steps: PositiveInt = Field(1, description="Discriminator steps per generator step.")
+
+
+class GANTrainer(GenerativeTrainer):
+    hparams_model: ClassVar = GANHParams
+    hp: GANHParams
+
+    def build(self) -> None:
+        shape, hp = self.data.shape, self.hp
+        dim = int(np.prod(shape))
+        self.validation_name = "valid/fd_digits" if self.data.name == "digits" else "valid/mode_score"
+        if self.hp.batch_size // self.world % hp.pac:
+            raise ValueError(f"batch_size per worker ({self.hp.batch_size // self.world}) must be a multiple of pac")
+        if hp.architecture == "conv":
+            self.generator: nn.Module = ConvDecoder(hp.latent_dim, shape, hp.channels)
+            packed = (shape[0] * hp.pac, *shape[1:])
+            self.discriminator: nn.Module = ConvEncoder(packed, hp.channels, 1, hp.dropout)
+        else:
+            self.generator = mlp([hp.latent_dim, *hp.hidden, dim])
+            d_hidden = hp.d_hidden or hp.hidden
+            self.discriminator = mlp([dim * hp.pac, *d_hidden, 1], activation=lambda: nn.LeakyReLU(0.2),
+                                     dropout=hp.dropout)
+        self.generator.to(self.device)
+        self.discriminator.to(self.device)
+        self.models = {"generator": self.generator, "discriminator": self.discriminator}
+        d_hp = hp.model_copy(update={"learning_rate": hp.d_learning_rate}) if hp.d_learning_rate else hp
+        self.optimizers = {"generator": ScheduledOptimizer(self.generator.parameters(), hp),
+                           "discriminator": ScheduledOptimizer(self.discriminator.parameters(), d_hp)}
+
+    # --- the networks ----------------------------------------------------------------------------------
+    def generate_scaled(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """G(z) in the discriminator's input scale: [0, 1] images, or points."""
+        z = torch.randn(n, self.hp.latent_dim, generator=generator, device=self.device)
+        out = self.generator(z).reshape(n, *self.data.shape)
+        return torch.sigmoid(out) if self.data.levels else out
+
+    def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        out = self.generate_scaled(n, generator)
+        return out * self.data.levels if self.data.levels else out
+
+    def judge(self, x: torch.Tensor) -> torch.Tensor:
+        """Discriminator logits, one per pack of `pac` samples."""
+        pac = self.hp.pac
+        if self.hp.architecture == "conv":
+            return self.discriminator(x.reshape(-1, pac * x.shape[1], *x.shape[2:])).squeeze(-1)
+        return self.discriminator(x.reshape(-1, pac * int(np.prod(x.shape[1:])))).squeeze(-1)
+
+    # --- one iteration --------------------------------------------------------------------------------
+    def step(self, batch: torch.Tensor) -> dict[str, float]:
+        softplus = nn.functional.softplus
+        real = self.scaled(batch)
+        d_loss = torch.zeros(())
+        for i in range(self.hp.d_steps):
+            if i:
+                real = self.scaled(self.next_batch())
+            fake = self.generate_scaled(len(real), self.torch_gen).detach()
+            real_in = real.requires_grad_(True) if self.hp.gp_weight else real
+            real_logits = self.judge(real_in)
+            # -V(G, D): -log D(x) - log(1 - D(G(z))), with log D = -softplus(-l), log(1 - D) = -softplus(l)
+            d_loss = softplus(-real_logits).mean() + softplus(self.judge(fake)).mean()
+            if self.hp.gp_weight:
+                grad, = torch.autograd.grad(real_logits.sum(), real_in, create_graph=True)
+                d_loss = d_loss + 0.5 * self.hp.gp_weight * grad.pow(2).flatten(1).sum(1).mean()
+            self.optimizers["discriminator"].step(d_loss, self.budget_fraction())
+        fake_logits = self.judge(self.generate_scaled(len(real), self.torch_gen))
+        # non-saturating: -log D(G(z)); saturating (minimax): log(1 - D(G(z)))
+        g_loss = softplus(-fake_logits).mean() if self.hp.loss == "non_saturating" else -softplus(fake_logits).mean()
+        for p in self.discriminator.parameters():
+            p.requires_grad_(False)  # the generator's step leaves the discriminator's gradients alone
+        try:
+            g_norm = self.optimizers["generator"].step(g_loss, self.budget_fraction())
+        finally:
+            for p in self.discriminator.parameters():
+                p.requires_grad_(True)
+        return {"loss/generator": float(g_loss.detach()), "loss/discriminator": float(d_loss.detach()),
+                "train/grad_norm": g_norm,
+                "train/learning_rate": self.optimizers["generator"].learning_rate}
+
+    # --- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _quality(self, seed: int, reference: torch.Tensor) -> dict[str, float]:
+        samples = self.generate(EVAL_SAMPLES, torch.Generator(device=self.device).manual_seed(seed))
+        if self.data.modes is not None:
+            assert self.data.sigma is not None
+            return GM.mixture_metrics(samples.cpu().numpy(), self.data.modes, self.data.sigma)
+        if self.data.name == "digits":
+            return GM.digits_metrics(samples / 16.0, reference / 16.0)
+        return {}
+
+    def validation_metric(self) -> float:
+        quality = self._quality(11, self.valid_x)
+        if "eval/fd_digits" in quality:
+            return quality["eval/fd_digits"]
+        if "eval/mode_kl" in quality:
+            return quality["eval/mode_kl"] + 1.0 - quality["eval/high_quality_frac"]
+        raise ValueError(f"no validation metric for the GAN on {self.data.name}")
+
+    def test_metrics(self) -> dict[str, float]:
+        return self._quality(12, self.test_x)
+
+    def sample_images(self) -> dict[str, bytes]:
+        samples = self.generate(64 if self.data.is_image else 1000, torch.Generator(device=self.device).manual_seed(5))
+        if self.data.is_image:
+            assert self.data.levels is not None
+            return {"samples": image_grid_png(samples.cpu().numpy() / self.data.levels,
+                                              f"GAN samples, step {self.steps}")}
+        assert self.data.modes is not None
+        return {"samples": points_png(samples.cpu().numpy(), self.data.modes, f"GAN samples, step {self.steps}")}
+
+
+register(AlgorithmInfo(
+    name="gan", kind="generative", hparams=GANHParams, trainer=GANTrainer,
+    summary="GAN (non-saturating or minimax loss, PacGAN packing, R1 gradient penalty)",
+    rollout_workers=False, primary_metric="eval/modes_covered", budget_units=("iterations", "epochs"),
+))

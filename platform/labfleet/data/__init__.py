@@ -1,0 +1,1 @@
+"""Datasets for generative models: everything ships with the code or is generated (no downloads)."""

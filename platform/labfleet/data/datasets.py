@@ -1,0 +1,139 @@
+"""The datasets a generative spec names in `dataset:` (`labfleet list datasets`).
+
+- `digits`: scikit-learn's `load_digits`, 1797 images of 8x8 pixels with intensities 0..16 (kept as
+  counts: the VAE's likelihood is a Binomial(16, p) per pixel), split 1257 / 270 / 270 into train /
+  validation / test by a fixed permutation (seed 0), the same for every run.
+- `ring8`: 8 Gaussians on the unit circle, sigma 0.01; `grid25`: 25 Gaussians on {-4,-2,0,2,4}^2,
+  sigma 0.05 (the PacGAN / VEEGAN benchmarks). Samples are drawn from the mixture with the trial's
+  seed: a fixed train set of `n_train` points, and fresh validation/test sets.
+- `mnist` / `fashion_mnist`: read from a local `.npz` file (`path`, arrays `x_train`, `x_test`), as
+  `torchvision.datasets` or `keras.datasets` save them; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPLIT_SEED = 0
+
+
+@dataclass
+class Dataset:
+    """Arrays of shape (n, *shape), float32; `levels` is the number of intensity levels - 1 for count
+    images (16 for digits, 255 for MNIST), None for continuous points. `modes` and `sigma` describe a
+    Gaussian mixture (ring8, grid25)."""
+
+    name: str
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    shape: tuple[int, ...]
+    levels: int | None = None
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    modes: np.ndarray | None = None
+    sigma: float | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    summary: str
+    load: Callable[..., Dataset]
+    shape: tuple[int, ...]  # of one example: (C, H, W) images or (D,) points
+
+
+def _split(n: int, sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_valid, n_test = sizes
+    return order[n_valid + n_test:], order[:n_valid], order[n_valid:n_valid + n_test]
+
+
+def load_digits_dataset(seed: int = 0) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), counts 0..16
+    train, valid, test = _split(len(images), (270, 270))
+    labels = bunch.target.astype(np.int64)
+    return Dataset("digits", images[train], images[valid], images[test], (1, 8, 8), levels=16,
+                   labels={"train": labels[train], "valid": labels[valid], "test": labels[test]})
+
+
+def ring_modes(count: int = 8, radius: float = 1.0) -> np.ndarray:
+    angles = 2 * math.pi * np.arange(count) / count
+    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1).astype(np.float32)
+
+
+def grid_modes() -> np.ndarray:
+    axis = np.array([-4.0, -2.0, 0.0, 2.0, 4.0], dtype=np.float32)
+    return np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
+def sample_mixture(modes: np.ndarray, sigma: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n points from the equal-weight Gaussian mixture with these means and isotropic `sigma`."""
+    which = rng.integers(len(modes), size=n)
+    return (modes[which] + sigma * rng.standard_normal((n, modes.shape[1]))).astype(np.float32)
+
+
+def _mixture(name: str, modes: np.ndarray, sigma: float, seed: int, n_train: int = 100_000,
+             n_eval: int = 10_000) -> Dataset:
+    rng = np.random.default_rng([seed, 7919])
+    return Dataset(name, sample_mixture(modes, sigma, n_train, rng), sample_mixture(modes, sigma, n_eval, rng),
+                   sample_mixture(modes, sigma, n_eval, rng), (2,), modes=modes, sigma=sigma)
+
+
+def load_ring8(seed: int = 0, n_train: int = 100_000) -> Dataset:
+    return _mixture("ring8", ring_modes(), 0.01, seed, n_train)
+
+
+def load_grid25(seed: int = 0, n_train: int = 100_000) -> Dataset:
+    return _mixture("grid25", grid_modes(), 0.05, seed, n_train)
+
+
+def load_npz_images(name: str, path: str, seed: int = 0, n_valid: int = 5000) -> Dataset:
+    """MNIST-style images from a local .npz (`x_train` (n, 28, 28) uint8, `x_test`, optional `y_*`)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{name}: no file {file} (give dataset_kwargs.path: a local .npz with x_train "
+                                f"and x_test; labfleet downloads nothing)")
+    with np.load(file) as arrays:
+        x_train = arrays["x_train"].astype(np.float32)[:, None]
+        x_test = arrays["x_test"].astype(np.float32)[:, None]
+        y_train = arrays["y_train"].astype(np.int64) if "y_train" in arrays else None
+        y_test = arrays["y_test"].astype(np.int64) if "y_test" in arrays else None
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(x_train))
+    valid, train = order[:n_valid], order[n_valid:]
+    labels = {} if y_train is None else {"train": y_train[train], "valid": y_train[valid]}
+    if y_test is not None:
+        labels["test"] = y_test
+    return Dataset(name, x_train[train], x_train[valid], x_test, tuple(x_train.shape[1:]), levels=255,
+                   labels=labels)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo("digits", "scikit-learn digits, 8x8 images (counts 0..16), 1257/270/270 split",
+                          load_digits_dataset, (1, 8, 8)),
+    "ring8": DatasetInfo("ring8", "8 Gaussians on the unit circle, sigma 0.01 (generated)", load_ring8, (2,)),
+    "grid25": DatasetInfo("grid25", "25 Gaussians on {-4,-2,0,2,4}^2, sigma 0.05 (generated)", load_grid25, (2,)),
+    "mnist": DatasetInfo("mnist", "MNIST from a local .npz (dataset_kwargs.path)",
+                         lambda seed=0, **kw: load_npz_images("mnist", seed=seed, **kw), (1, 28, 28)),
+    "fashion_mnist": DatasetInfo("fashion_mnist", "Fashion-MNIST from a local .npz (dataset_kwargs.path)",
+                                 lambda seed=0, **kw: load_npz_images("fashion_mnist", seed=seed, **kw),
+                                 (1, 28, 28)),
+}
+
+
+def load(name: str, seed: int = 0, **kwargs: Any) -> Dataset:
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name].load(seed=seed, **kwargs)

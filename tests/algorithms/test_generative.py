@@ -1,0 +1,195 @@
+"""The generative models: exact estimators, sample-quality metrics, early stopping, short learning runs,
+and data-parallel training on real Ray actors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from labfleet.algorithms import registry
+from labfleet.algorithms.generative import metrics as GM
+from labfleet.algorithms.generative.vae import VAETrainer
+from labfleet.data import datasets
+from labfleet.spec.loading import load_spec
+from tests.conftest import EXPERIMENTS
+
+
+def test_closed_form_kl_matches_monte_carlo():
+    gen = torch.Generator().manual_seed(0)
+    mu, logvar = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.3, -0.7, 0.0])
+    z = GM.reparameterize(mu.expand(400_000, 3), logvar.expand(400_000, 3), gen)
+    monte_carlo = (GM.gaussian_log_prob(z, mu, logvar) - GM.gaussian_log_prob(z, torch.zeros(3), torch.zeros(3)))
+    closed = float(GM.kl_standard_normal(mu, logvar))
+    assert abs(float(monte_carlo.mean()) - closed) < 4 * float(monte_carlo.std()) / math.sqrt(len(z))
+    mu_p, logvar_p = torch.tensor([0.1, 0.2, -0.3]), torch.tensor([0.5, 0.1, -0.2])
+    monte_carlo = GM.gaussian_log_prob(z, mu, logvar) - GM.gaussian_log_prob(z, mu_p, logvar_p)
+    closed = float(GM.kl_gaussians(mu, logvar, mu_p, logvar_p))
+    assert abs(float(monte_carlo.mean()) - closed) < 4 * float(monte_carlo.std()) / math.sqrt(len(z))
+
+
+def test_gradients_reach_mu_and_sigma_through_the_sample():
+    mu = torch.tensor([0.3, -0.2], requires_grad=True)
+    logvar = torch.tensor([0.4, -1.0], requires_grad=True)
+    z = GM.reparameterize(mu, logvar, torch.Generator().manual_seed(3))
+    eps = torch.randn(2, generator=torch.Generator().manual_seed(3))
+    z.pow(2).sum().backward()
+    sigma = torch.exp(0.5 * logvar.detach())
+    # d(z^2)/dmu = 2z; d(z^2)/dlogvar = 2z * eps * sigma / 2
+    assert torch.allclose(mu.grad, 2 * z.detach())
+    assert torch.allclose(logvar.grad, z.detach() * eps * sigma)
+    assert (mu.grad != 0).all() and (logvar.grad != 0).all()
+
+
+def test_binomial_log_prob_is_the_exact_pmf():
+    x = torch.tensor([[0.0, 3.0, 16.0, 9.0]])
+    logits = torch.tensor([[-2.0, 0.1, 3.0, 0.0]])
+    p = torch.sigmoid(logits).numpy()
+    expected = stats.binom.logpmf(x.numpy(), 16, p).sum()
+    assert float(GM.binomial_log_prob(x, logits, 16)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mixture_metrics_on_constructed_samples():
+    modes, sigma = datasets.ring_modes(), 0.01
+    at_modes = np.repeat(modes, 10, axis=0)
+    m = GM.mixture_metrics(at_modes, modes, sigma)
+    assert m["eval/modes_covered"] == 8 and m["eval/high_quality_frac"] == 1.0
+    assert m["eval/mode_kl"] == pytest.approx(0.0, abs=1e-12)
+    one_mode = np.repeat(modes[:1], 80, axis=0) + 0.02  # within 3 sigma (0.028 away)
+    m = GM.mixture_metrics(one_mode, modes, sigma)
+    assert m["eval/modes_covered"] == 1 and m["eval/high_quality_frac"] == 1.0
+    assert m["eval/mode_kl"] == pytest.approx(math.log(8))
+    half_off = np.concatenate([modes, modes * 0.5])  # the inner points are 0.5 away from every mode
+    m = GM.mixture_metrics(half_off, modes, sigma)
+    assert m["eval/modes_covered"] == 8 and m["eval/high_quality_frac"] == 0.5
+    grid = datasets.grid_modes()
+    assert GM.mixture_metrics(grid, grid, 0.05)["eval/modes_covered"] == 25
+
+
+def test_generated_mixtures_match_their_definition():
+    ring = datasets.load_ring8(seed=0, n_train=20_000)
+    assert np.allclose(np.linalg.norm(ring.modes, axis=1), 1.0) and len(ring.modes) == 8
+    m = GM.mixture_metrics(ring.test, ring.modes, ring.sigma)  # real data: every mode, ~all within 3 sigma
+    assert m["eval/modes_covered"] == 8 and m["eval/high_quality_frac"] > 0.98
+    grid = datasets.load_grid25(seed=0, n_train=20_000)
+    assert sorted(set(grid.modes[:, 0].tolist())) == [-4, -2, 0, 2, 4] and grid.sigma == 0.05
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    a, b = datasets.load_digits_dataset(seed=0), datasets.load_digits_dataset(seed=5)
+    assert (len(a.train), len(a.valid), len(a.test)) == (1257, 270, 270)
+    assert np.array_equal(a.test, b.test)  # the split does not depend on the run's seed
+    assert a.train.max() == 16 and a.train.min() == 0
+
+
+def _vae(overrides: dict | None = None) -> VAETrainer:
+    spec = load_spec(EXPERIMENTS / "digits_vae.yaml", overrides or {})
+    trainer = registry.get("vae").trainer(spec, 0, "cpu")
+    assert isinstance(trainer, VAETrainer)
+    return trainer
+
+
+def test_baseline_nll_is_the_independent_binomial_fitted_on_train():
+    trainer = _vae()
+    data = trainer.data
+    p = np.clip(data.train.reshape(len(data.train), -1).mean(0) / 16, 1e-6, 1 - 1e-6)
+    expected = -stats.binom.logpmf(data.test.reshape(len(data.test), -1), 16, p).sum(1).mean()
+    assert trainer.baseline_nll == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_vae_reaches_its_quality_bar_and_iwae_is_tighter():
+    trainer = _vae({"budget.epochs": 40, "hparams.early_stopping": None})
+    while not trainer.done:
+        trainer.train_iteration()
+    result = trainer.evaluate()
+    assert result["eval/neg_elbo"] <= 0.8 * result["eval/baseline_nll"], result
+    assert result["eval/iwae_nll"] <= result["eval/neg_elbo"] + 0.5  # the IWAE bound is at least as tight
+    assert result["eval/kl"] > 0 and result["eval/recon_nll"] > 0
+    assert result["eval/fd_digits"] < 60
+
+
+def test_hierarchical_and_conv_vaes_train():
+    for overrides in ({"hparams.hierarchical": True}, {"hparams.architecture": "conv"}):
+        trainer = _vae({"budget.epochs": 4, "hparams.early_stopping": None, **overrides})
+        start = trainer.evaluate()["eval/neg_elbo"]
+        while not trainer.done:
+            trainer.train_iteration()
+        assert trainer.evaluate()["eval/neg_elbo"] < 0.8 * start, overrides
+
+
+class _Scripted(VAETrainer):
+    """Validation values from a script, so the test knows which evaluation was best."""
+
+    script: list[float] = []
+
+    def validation_metric(self) -> float:
+        return self.script[self.evaluations]
+
+
+def test_early_stopping_keeps_the_best_parameters():
+    spec = load_spec(EXPERIMENTS / "digits_vae.yaml", {"budget.epochs": 100,
+                                                       "hparams.early_stopping": {"patience": 2}})
+    trainer = _Scripted(spec, 0, "cpu")
+    trainer.script = [3.0, 1.0, 2.0, 5.0, 0.5]
+    probes = []
+    for _ in range(4):  # train a little, evaluate: best at the second evaluation, stop after the fourth
+        for _ in range(5):
+            trainer.train_iteration()
+        probes.append(trainer.probe())
+        trainer.evaluate()
+    assert trainer.stopped and trainer.done and trainer.best_step == 10
+    final = trainer.evaluate()
+    assert final["early_stopping/best_step"] == 10 and final["early_stopping/stopped"] == 1.0
+    assert np.array_equal(trainer.probe(), probes[1]) and not np.array_equal(probes[1], probes[3])
+    restored = _Scripted(spec, 0, "cpu")  # the early-stopping state survives a checkpoint
+    restored.restore_bytes(trainer.checkpoint_bytes())
+    assert restored.done and restored.best_step == 10
+
+
+@pytest.mark.slow
+def test_gan_learns_the_ring():
+    spec = load_spec(EXPERIMENTS / "ring_gan.yaml", {"budget.iterations": 6000})  # the quickstart's budget
+    trainer = registry.get("gan").trainer(spec, 0, "cpu")
+    while not trainer.done:
+        trainer.train_iteration()
+    result = trainer.evaluate()
+    assert result["eval/modes_covered"] >= 7 and result["eval/high_quality_frac"] >= 0.2, result  # seed 0: 8, 0.29
+
+
+def test_gan_on_digits_and_its_losses():
+    for loss in ("non_saturating", "saturating"):
+        spec = load_spec(EXPERIMENTS / "ring_gan.yaml", {
+            "dataset": "digits", "budget.iterations": 30, "hparams.loss": loss, "hparams.gp_weight": 1.0,
+            "hparams.pac": 1, "hparams.architecture": "conv", "hparams.channels": [8, 16]})
+        trainer = registry.get("gan").trainer(spec, 0, "cpu")
+        while not trainer.done:
+            logged = trainer.train_iteration()
+        assert all(math.isfinite(v) for v in logged.values())
+        result = trainer.evaluate()
+        assert {"eval/fd_digits", "eval/confident_frac", "valid/fd_digits"} <= set(result)
+        assert trainer.media(), "the final evaluation logs a sample grid"
+
+
+def test_mnist_style_images_load_from_a_local_file_and_train(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (600, 28, 28), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 600), x_test=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8))
+    data = datasets.load("mnist", path=str(path), n_valid=100)
+    assert (len(data.train), len(data.valid), len(data.test)) == (500, 100, 100)
+    assert data.shape == (1, 28, 28) and data.levels == 255 and len(data.labels["train"]) == 500
+    spec = load_spec(EXPERIMENTS / "digits_vae.yaml", {
+        "dataset": "mnist", "dataset_kwargs": {"path": str(path), "n_valid": 100}, "budget.epochs": 1,
+        "hparams.architecture": "conv", "hparams.early_stopping": None, "hparams.iwae_samples": 1,
+        "hparams.bf16": True})  # bf16 only acts on CUDA: on this CPU the run is float32
+    trainer = registry.get("vae").trainer(spec, 0, "cpu")
+    while not trainer.done:
+        trainer.train_iteration()
+    result = trainer.evaluate()
+    assert math.isfinite(result["eval/neg_elbo"]) and result["eval/baseline_nll"] > 0
+    with pytest.raises(FileNotFoundError, match="downloads nothing"):
+        datasets.load("mnist", path=str(tmp_path / "missing.npz"))

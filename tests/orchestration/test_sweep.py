@@ -3,14 +3,18 @@ optuna.load_study and MlflowClient."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -42,6 +46,34 @@ def _by_role(client: MlflowClient, experiment: str) -> dict[str, list]:
     return roles
 
 
+def _popen_sweep(tmp_path: Path, data: dict, file: str) -> tuple[subprocess.Popen, list[str], dict, str, str]:
+    """`labfleet sweep` on `data` in its own process group: (process, command, env, tracking uri, storage)."""
+    spec = tmp_path / file
+    spec.write_text(yaml.safe_dump(data))
+    mlflow_uri, storage = _stores(tmp_path)
+    command = [sys.executable, "-m", "labfleet", "sweep", str(spec), "--tracking-uri", mlflow_uri,
+               "--storage", storage, "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    return proc, command, env, mlflow_uri, storage
+
+
+def _wait_for_trials(proc: subprocess.Popen, storage: str, ready, what: str, timeout: float = 180) -> list:
+    """Poll the study until `ready(trials)`; fail if the sweep ends first or it takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, what
+        try:
+            trials = optuna.load_study(study_name="cartpole-reinforce", storage=storage).trials
+        except KeyError:  # the study does not exist yet
+            trials = []
+        if ready(trials):
+            return trials
+        time.sleep(0.3)
+
+
 def test_grid_sweep_prunes_nests_and_stops_when_exhausted(tmp_path: Path):
     spec = tmp_path / "vi.yaml"
     spec.write_text(yaml.safe_dump(VI_SWEEP))
@@ -70,7 +102,9 @@ def test_grid_sweep_prunes_nests_and_stops_when_exhausted(tmp_path: Path):
         assert run.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
         assert t.user_attrs["mlflow_run_id"] == run.info.run_id
         assert run.data.tags["optuna.state"] == t.state.name
-        assert run.data.params["sampled.hparams.gamma"] == str(t.params["hparams.gamma"])
+        # the trial's params are its sampled values; its seed runs carry the whole resolved spec
+        assert set(run.data.params) == {"hparams.gamma", "seeds"}
+        assert run.data.params["hparams.gamma"] == str(t.params["hparams.gamma"])
     # stopped by the pruner (KILLED), or pruned on results that arrived with its end (FINISHED)
     assert trials[str(states[0.5].number)].info.status in ("KILLED", "FINISHED")
     assert trials[str(states[0.99].number)].info.status == "FINISHED"
@@ -106,27 +140,11 @@ def test_killed_driver_resumes_its_sweep(tmp_path: Path):
                            "pruner": {"type": "nop"},
                            "space": {"hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3,
                                                                "log": True}}}})
-    spec = tmp_path / "resume.yaml"
-    spec.write_text(yaml.safe_dump(data))
-    mlflow_uri, storage = _stores(tmp_path)
-    command = [sys.executable, "-m", "labfleet", "sweep", str(spec), "--tracking-uri", mlflow_uri,
-               "--storage", storage, "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc, command, env, mlflow_uri, storage = _popen_sweep(tmp_path, data, "resume.yaml")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            assert time.monotonic() < deadline, "no trial completed in time"
-            try:
-                study = optuna.load_study(study_name="cartpole-reinforce", storage=storage)
-                states = [t.state for t in study.trials]
-            except KeyError:  # the study does not exist yet
-                states = []
-            if optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states:
-                break
-            time.sleep(0.5)
+        _wait_for_trials(proc, storage, lambda trials: {optuna.trial.TrialState.COMPLETE,
+                                                        optuna.trial.TrialState.RUNNING} <= {t.state for t in trials},
+                         "no trial completed in time")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-sweep
         proc.wait()
@@ -159,33 +177,63 @@ def test_killed_driver_resumes_its_sweep(tmp_path: Path):
     assert sorted(finished) == sorted(str(n) for n in complete), "duplicate or missing finished trial runs"
 
 
+def test_resume_makes_mlflow_agree_with_the_study(tmp_path: Path):
+    """The states a driver killed at any point can leave, built by hand on real stores, then `_recover`:
+    trial 0 finished cleanly; trial 1's MLflow record was written (COMPLETE) but Optuna was never told;
+    trial 2 was running; trial 3 was told COMPLETE by a driver that died before its run was ended."""
+    from labfleet.orchestration.sweep import _recover
+    from labfleet.tracking.runs import Tracker
+
+    mlflow_uri, storage = _stores(tmp_path)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    tracker = Tracker(mlflow_uri, background=True)
+    sweep_run = tracker.start_run("exp", "sweep", "s")
+    trials, runs, seeds = [], [], []
+    for number in range(4):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        run_id = tracker.start_run("exp", "trial", f"s/trial={number}", sweep_run,
+                                   tags={"optuna.trial_number": str(number), "optuna.state": "RUNNING"})
+        seeds.append(tracker.start_run("exp", "seed", f"s/trial={number}/seed=0", run_id))
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trials.append(trial)
+        runs.append(run_id)
+    for number in (0, 1):  # written in the order `_tell` keeps: MLflow first
+        tracker.end_run(seeds[number], "FINISHED")
+        tracker.end_run(runs[number], "FINISHED")
+        tracker.set_tags(runs[number], {"optuna.state": "COMPLETE"})
+    study.tell(trials[0], 100.0)
+    study.tell(trials[3], 300.0)
+    tracker.close()
+
+    recovering = Tracker(mlflow_uri, background=True)
+    _recover(optuna.load_study(study_name="s", storage=storage), recovering, "exp", sweep_run)
+    recovering.close()
+
+    study = optuna.load_study(study_name="s", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states[:4] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                          optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sorted(t.user_attrs["labfleet.retry_of"] for t in waiting) == [1, 2]
+    assert {t.user_attrs["labfleet.retry_of"]: t.system_attrs["fixed_params"] for t in waiting} == \
+        {n: trials[n].params for n in (1, 2)}
+    client = MlflowClient(mlflow_uri)
+    got = [(client.get_run(r).info.status, client.get_run(r).data.tags["optuna.state"]) for r in runs]
+    assert got == [("FINISHED", "COMPLETE"), ("FINISHED", "FAIL"), ("KILLED", "FAIL"), ("FINISHED", "COMPLETE")]
+    assert [client.get_run(r).info.status for r in seeds] == ["FINISHED", "FINISHED", "KILLED", "FINISHED"]
+
+
 def test_ctrl_c_fails_running_trials_and_the_next_run_resumes(tmp_path: Path):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
     data.update({"seeds": [0], "budget": {"env_steps": 60_000}, "eval": {"episodes": 3},
                  "sweep": {"n_trials": 3, "max_parallel": 2, "sampler": {"type": "random", "seed": 2},
                            "pruner": {"type": "nop"},
                            "space": {"hparams.gamma": {"type": "float", "low": 0.95, "high": 0.999}}}})
-    spec = tmp_path / "interrupt.yaml"
-    spec.write_text(yaml.safe_dump(data))
-    mlflow_uri, storage = _stores(tmp_path)
-    command = [sys.executable, "-m", "labfleet", "sweep", str(spec), "--tracking-uri", mlflow_uri,
-               "--storage", storage, "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc, command, env, mlflow_uri, storage = _popen_sweep(tmp_path, data, "interrupt.yaml")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "no trial started in time"
-            try:
-                running = [t for t in optuna.load_study(study_name="cartpole-reinforce", storage=storage).trials
-                           if t.state == optuna.trial.TrialState.RUNNING]
-            except KeyError:
-                running = []
-            if running:
-                break
-            time.sleep(0.5)
+        _wait_for_trials(proc, storage, lambda trials: any(t.state == optuna.trial.TrialState.RUNNING
+                                                           for t in trials), "no trial started in time")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
         output, _ = proc.communicate(timeout=120)
     finally:
@@ -209,3 +257,169 @@ def test_ctrl_c_fails_running_trials_and_the_next_run_resumes(tmp_path: Path):
                                    for r in study.trials)
     roles = _by_role(MlflowClient(mlflow_uri), "cartpole")
     assert len(roles["sweep"]) == 1 and roles["sweep"][0].info.status == "FINISHED"
+
+
+class _InterruptingSampler(optuna.samplers.RandomSampler):
+    """A random sampler whose `before_trial` (called inside `study.ask()`, after the storage has created
+    the trial) delivers Ctrl-C to this process: the moment at which a Ctrl-C once left a trial RUNNING."""
+
+    def before_trial(self, study, trial) -> None:  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_inside_ask_leaves_no_trial_running(tmp_path: Path):
+    from labfleet.orchestration.sweep import _interrupted, _start_trial, check_sweep
+    from labfleet.spec.loading import resolve_spec_data
+    from labfleet.tracking.runs import Tracker
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=storage, study_name="ask", sampler=_InterruptingSampler(seed=0))
+    spec = resolve_spec_data(VI_SWEEP, "vi.yaml", check_env=False)
+    sweep = check_sweep(VI_SWEEP, spec, "vi.yaml")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    asked: set[int] = set()
+    with pytest.raises(KeyboardInterrupt):  # raised once the trial is recorded as this driver's
+        _start_trial(study, VI_SWEEP, spec, "vi.yaml", sweep, tracker, "no-run", None, asked)  # type: ignore[arg-type]
+    assert asked == {0}
+    _interrupted(study, [], asked, tracker)
+    tracker.close()
+    trials = optuna.load_study(study_name="ask", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+
+
+def _vi_spec(tmp_path: Path, **sweep: object) -> Path:
+    data = {**VI_SWEEP, "sweep": {**VI_SWEEP["sweep"], "pruner": {"type": "nop"}, **sweep}}
+    spec = tmp_path / "vi.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    return spec
+
+
+def test_multi_objective_sweep_logs_its_pareto_front(tmp_path: Path):
+    spec = _vi_spec(tmp_path, metrics=["eval/return_mean", "eval/return_std"], directions=["maximize", "minimize"],
+                    space={"hparams.gamma": {"type": "categorical", "choices": [0.3, 0.6, 0.9, 0.99]}})
+    mlflow_uri, storage = _stores(tmp_path)
+    result = run_cli("sweep", str(spec), "--tracking-uri", mlflow_uri, "--storage", storage, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    study = optuna.load_study(study_name="vi-sweep", storage=storage)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    front = sorted(t.number for t in study.best_trials)
+    assert front, "a complete study has a non-empty Pareto front"
+
+    client = MlflowClient(mlflow_uri)
+    (sweep_run,) = _by_role(client, "vi-sweep")["sweep"]
+    assert sweep_run.data.tags["pareto.trials"] == ",".join(map(str, front))
+    local = client.download_artifacts(sweep_run.info.run_id, "pareto_front.json", str(tmp_path))
+    rows = json.loads(Path(local).read_text())
+    assert [r["trial"] for r in rows] == front
+    for row in rows:
+        trial = study.trials[row["trial"]]
+        assert row["values"] == {"eval/return_mean": trial.values[0], "eval/return_std": trial.values[1]}
+        assert row["mlflow_run_id"] == trial.user_attrs["mlflow_run_id"]
+    names = {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
+    assert "pareto_front.png" in names
+    assert "Pareto front" in result.stdout
+
+
+def test_journal_file_storage_is_readable_and_resumes(tmp_path: Path):
+    spec = _vi_spec(tmp_path)
+    mlflow_uri, _ = _stores(tmp_path)
+    journal = tmp_path / "study.log"
+    command = ("sweep", str(spec), "--tracking-uri", mlflow_uri, "--storage", f"journal:{journal}")
+    first = run_cli(*command, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="vi-sweep", storage=storage)
+    assert sorted(t.params["hparams.gamma"] for t in study.trials) == [0.5, 0.99]
+    values = {t.number: t.value for t in study.trials}
+    again = run_cli(*command, cwd=tmp_path)  # the grid is used up: nothing new runs, nothing changes
+    assert again.returncode == 0, again.stdout + again.stderr
+    study = optuna.load_study(study_name="vi-sweep", storage=storage)
+    assert {t.number: t.value for t in study.trials} == values
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def test_bad_storage_url_is_bad_input_and_writes_nothing(tmp_path: Path):
+    spec = _vi_spec(tmp_path)
+    mlflow_uri, _ = _stores(tmp_path)
+    result = run_cli("sweep", str(spec), "--tracking-uri", mlflow_uri, "--storage", "nosuchdb://x/y", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--storage" in result.stderr and "not a storage URL" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vi.yaml"]
+
+
+POSTGRES = os.environ.get("LABFLEET_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_or_skip() -> None:
+    import sqlalchemy
+
+    try:
+        with sqlalchemy.create_engine(POSTGRES).connect() as connection:
+            connection.execute(sqlalchemy.text("select 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure means the same: no server to test against
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"CI needs PostgreSQL at {POSTGRES}: {exc}") from exc
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES}")
+
+
+def test_postgres_storage(tmp_path: Path):
+    _postgres_or_skip()
+    name = f"vi-sweep-{uuid.uuid4().hex[:8]}"
+    spec = _vi_spec(tmp_path, study_name=name)
+    mlflow_uri, _ = _stores(tmp_path)
+    try:
+        result = run_cli("sweep", str(spec), "--tracking-uri", mlflow_uri, "--storage", POSTGRES, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        study = optuna.load_study(study_name=name, storage=POSTGRES)
+        assert sorted(t.params["hparams.gamma"] for t in study.trials) == [0.5, 0.99]
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        (sweep_run,) = _by_role(MlflowClient(mlflow_uri), "vi-sweep")["sweep"]
+        assert sweep_run.data.tags["optuna.storage"] == POSTGRES  # no password in it to redact
+    finally:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=name, storage=POSTGRES)
+
+
+def _trial_worker_pids(session: int) -> list[int]:
+    """Trial actor processes in the session of a `labfleet` command (Ray titles them ray::TrialWorker...;
+    Ray gives each worker its own process group, within the driver's session)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, sid, args = line.split(None, 2)
+        if int(sid) == session and args.startswith("ray::TrialWorker"):
+            pids.append(int(pid))
+    return pids
+
+
+def test_killed_trial_actor_in_a_sweep_resumes_from_its_checkpoint(tmp_path: Path):
+    data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
+    data.update({"seeds": [0], "budget": {"env_steps": 40_960}, "eval": {"episodes": 2, "every_steps": 4096},
+                 "sweep": {"n_trials": 1, "max_parallel": 1, "pruner": {"type": "nop"}, "max_retries": 1,
+                           "space": {"hparams.gamma": {"type": "float", "low": 0.98, "high": 0.99}}}})
+    proc, _, _, mlflow_uri, storage = _popen_sweep(tmp_path, data, "kill.yaml")
+    try:  # once the trial has reported (so a checkpoint exists), kill its actor
+        trials = _wait_for_trials(proc, storage, lambda trials: bool(trials and trials[0].intermediate_values),
+                                  "the trial never reported")
+        reported = max(trials[0].intermediate_values)
+        pids = _trial_worker_pids(proc.pid)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output
+    (trial,) = optuna.load_study(study_name="cartpole-reinforce", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert max(trial.intermediate_values) == 40_960 and reported < 40_960
+    client = MlflowClient(mlflow_uri)
+    (seed,) = _by_role(client, "cartpole")["seed"]
+    assert seed.info.status == "FINISHED" and seed.data.tags["labfleet.retries"] == "1"
+    # Resumed from the checkpoint, not from scratch: the evaluations never go back to an earlier step.
+    history = sorted(client.get_metric_history(seed.info.run_id, "eval/return_mean"),
+                     key=lambda m: (m.timestamp, m.step))
+    steps = [m.step for m in history]
+    assert steps == sorted(steps) and steps[-1] == 40_960

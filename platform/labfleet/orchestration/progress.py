@@ -12,21 +12,39 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
+class _BoardProgress(Progress):
+    """Rich progress bars with one more renderable below them (a sweep's live table of trials)."""
+
+    def __init__(self, *columns: Any, board: ProgressBoard, **kwargs: Any):
+        self._board = board
+        super().__init__(*columns, **kwargs)
+
+    def get_renderables(self):  # type: ignore[no-untyped-def]
+        yield self.make_tasks_table(self.tasks)
+        if self._board.below is not None:
+            yield self._board.below
+
+
 class ProgressBoard:
-    def __init__(self, console: Console, quiet: bool = False):
+    """`below`: a renderable shown under the bars on a terminal; the driver replaces it (never mutates it),
+    because rich redraws from its own thread."""
+
+    def __init__(self, console: Console, quiet: bool = False, hide_finished: bool = False):
         self.console = console
         self.quiet = quiet
+        self.hide_finished = hide_finished  # a sweep's many trials: finished bars give way to the table
         self.live = console.is_terminal and not quiet
+        self.below: Any = None
         self._progress: Progress | None = None
         self._tasks: dict[Hashable, Any] = {}
         self._plain: dict[Hashable, dict[str, Any]] = {}
 
     def __enter__(self) -> ProgressBoard:
         if self.live:
-            self._progress = Progress(
+            self._progress = _BoardProgress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[latest]}"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), console=self.console, refresh_per_second=4,
+                TimeRemainingColumn(), console=self.console, refresh_per_second=4, board=self,
             )
             self._progress.__enter__()
         return self
@@ -59,9 +77,14 @@ class ProgressBoard:
     def finish(self, key: Hashable, status: str) -> None:
         if self._progress is not None:
             task = self._tasks[key]
-            self._progress.update(task, latest=status)
+            self._progress.update(task, latest=status, visible=not self.hide_finished)
         elif key in self._plain:
             self.console.print(f"{self._plain[key]['label']}: {status}", highlight=False)
+
+    def note(self, line: str) -> None:
+        """A line for plain output (CI logs) only; a terminal shows the same in `below`."""
+        if not self.live and not self.quiet:
+            self.console.print(line, highlight=False)
 
 
 def summary_table(title: str, rows: list[dict[str, str]]) -> Table:

@@ -6,6 +6,10 @@ partial reservations. `drive()` polls any number of runners through one `ray.wai
 share the cluster. A seed whose actor dies is restarted from its last checkpoint up to
 `resources.max_retries` times; a seed whose trainer raises fails with the error as a tag. `abort()` kills
 the actors and ends every run it opened as KILLED.
+
+With an `ActorPool` (sweeps use one), a seed that finishes hands its idle actor and placement group to
+the pool, and the next seed of the same shape loads its trial into them instead of starting a process:
+creating an actor costs about a second, far more than a short trial.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ def config_hash(spec: ExperimentSpec) -> str:
 
 
 def trial_bundles(spec: ExperimentSpec) -> list[dict[str, float]]:
-    """The placement group of one seed: its trial actor, then one bundle per rollout worker."""
+    """The placement group of one seed: its trial actor (data-parallel rank 0), the other data-parallel
+    ranks, then one bundle per rollout worker."""
     res = spec.resources
-    head = {"CPU": res.cpus_per_trial, **({"GPU": res.gpus_per_trial} if res.gpus_per_trial else {})}
-    return [head] + [{"CPU": res.cpus_per_worker}] * res.rollout_workers
+    gpus = res.gpus_per_trial / res.data_parallel
+    rank = {"CPU": res.cpus_per_trial, **({"GPU": gpus} if gpus else {})}
+    return [dict(rank) for _ in range(res.data_parallel)] + [{"CPU": res.cpus_per_worker}] * res.rollout_workers
 
 
 def unschedulable_reason(spec: ExperimentSpec, cluster: dict[str, float]) -> str | None:
@@ -56,6 +62,59 @@ def unschedulable_reason(spec: ExperimentSpec, cluster: dict[str, float]) -> str
             return (f"one trial needs {value:g} {key} (resources: cpus_per_trial, cpus_per_worker x "
                     f"rollout_workers, gpus_per_trial) but the Ray cluster has {cluster.get(key, 0.0):g}")
     return None
+
+
+@dataclass
+class Host:
+    """A trial actor with its placement group, and where it runs."""
+
+    actor: Any
+    group: PlacementGroup
+    where: dict[str, str] | None = None
+
+
+def _bundles_key(spec: ExperimentSpec) -> str:
+    res = spec.resources
+    return json.dumps([trial_bundles(spec), res.cpus_per_trial, res.gpus_per_trial])
+
+
+class ActorPool:
+    """Idle trial actors, by the shape of their placement group. Taking a host of one shape first frees
+    the idle hosts of other shapes, so that idle actors never hold resources a new trial needs."""
+
+    def __init__(self) -> None:
+        self.idle: dict[str, list[Host]] = {}
+        self.reused = 0
+
+    def take(self, spec: ExperimentSpec) -> Host | None:
+        key = _bundles_key(spec)
+        for other in [k for k in self.idle if k != key]:
+            for host in self.idle.pop(other):
+                _kill(host.actor, host.group)
+        hosts = self.idle.get(key)
+        if not hosts:
+            return None
+        self.reused += 1
+        return hosts.pop()
+
+    def put(self, spec: ExperimentSpec, host: Host) -> None:
+        self.idle.setdefault(_bundles_key(spec), []).append(host)
+
+    def shutdown(self) -> None:
+        for hosts in self.idle.values():
+            for host in hosts:
+                _kill(host.actor, host.group)
+        self.idle.clear()
+
+
+def _kill(actor: Any, group: PlacementGroup | None) -> None:
+    try:
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+        if group is not None:
+            remove_placement_group(group)
+    except Exception:  # Ray is shutting down (Ctrl-C reaches its processes too): nothing left to free
+        pass
 
 
 @dataclass
@@ -73,6 +132,7 @@ class SeedState:
     evals: dict[int, dict[str, float]] = field(default_factory=dict)  # metric step -> eval/* values
     retries: int = 0
     placed: bool = False  # the current actor's node is tagged on the run
+    where: dict[str, str] | None = None  # the current actor's node, host and device
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
     elapsed: float = 0.0
@@ -83,7 +143,10 @@ class TrialRunner:
 
     def __init__(self, spec: ExperimentSpec, tracker: Tracker, *, parent_run_id: str | None = None,
                  spec_dir: str | Path = ".", progress: Any = None, chunk_seconds: float = 1.0,
-                 trial_tags: dict[str, str] | None = None, label: str | None = None):
+                 trial_tags: dict[str, str] | None = None, label: str | None = None, pool: ActorPool | None = None,
+                 trial_params: dict[str, str] | None = None):
+        """`trial_params`: the trial run's params instead of the flattened spec (a sweep's sampled values);
+        every seed run has the whole resolved spec either way."""
         self.spec = spec
         self.tracker = tracker
         self.info = registry.get(spec.algorithm)
@@ -93,7 +156,9 @@ class TrialRunner:
         self.progress = progress
         self.chunk_seconds = chunk_seconds
         self.trial_tags = trial_tags or {}
+        self.trial_params = trial_params or {}
         self.label = label or spec.name
+        self.pool = pool
         self.trial_run_id: str | None = None
         self.seeds: dict[int, SeedState] = {}
         self.status = "PENDING"
@@ -116,10 +181,11 @@ class TrialRunner:
         tags = {"labfleet.algorithm": spec.algorithm, "labfleet.config_hash": config_hash(spec),
                 "labfleet.env" if spec.env else "labfleet.dataset": str(spec.env or spec.dataset),
                 **self.trial_tags}
-        params = flatten(spec.model_dump(mode="json", exclude={"seeds"}))
+        # A sweep names its trial's params itself (the sampled values); otherwise the whole configuration.
+        params = self.trial_params or flatten(spec.model_dump(mode="json", exclude={"seeds"}))
+        params = {**params, "seeds": json.dumps(spec.seeds)}
         self.trial_run_id = self.tracker.start_run(self.experiment, "trial", self.label, self.parent_run_id,
                                                    tags=tags, params=params)
-        self.tracker.log_params(self.trial_run_id, {"seeds": json.dumps(spec.seeds)})
         resolved = spec.model_dump(mode="json")
         for seed in spec.seeds:
             seed_spec = {**resolved, "seeds": [seed]}
@@ -136,16 +202,21 @@ class TrialRunner:
 
     def _launch(self, state: SeedState) -> None:
         spec = self.spec
+        state.status, state.placed, state.where = "RUNNING", False, None
+        host = self.pool.take(spec) if self.pool is not None and state.group is None else None
+        if host is not None:  # a warm actor: load this seed into it
+            state.actor, state.group, state.where = host.actor, host.group, host.where
+            state.future = state.actor.advance.remote(
+                self.chunk_seconds, (spec.model_dump(mode="json"), state.seed, state.checkpoint))
+            return
         if state.group is None:
             state.group = placement_group(trial_bundles(spec), strategy="PACK")
         res = spec.resources
         state.actor = RemoteTrialWorker.options(
-            num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_restarts=0,
+            num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial / res.data_parallel, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(state.group, placement_group_bundle_index=0),
         ).remote(spec.model_dump(mode="json"), state.seed, state.checkpoint)
         state.future = state.actor.advance.remote(self.chunk_seconds)
-        state.status = "RUNNING"
-        state.placed = False
 
     # --- results --------------------------------------------------------------------------------
     def futures(self) -> dict[Any, SeedState]:
@@ -163,7 +234,7 @@ class TrialRunner:
                 self._fail(state, str(exc))
             elif state.retries < self.spec.resources.max_retries:
                 state.retries += 1
-                self.tracker.set_tags(state.run_id, {"labfleet.retries": str(state.retries)})
+                self.tracker.queue_tags(state.run_id, {"labfleet.retries": str(state.retries)})
                 self._launch(state)
             else:
                 self._fail(state, f"trial actor died {state.retries + 1} times; last: {exc}")
@@ -176,6 +247,8 @@ class TrialRunner:
             state.latest.update(values)
             if any(k.startswith(M.EVAL_PREFIX) for k in values):
                 state.evals.setdefault(step, {}).update(values)
+        for path, data in result.get("artifacts", {}).items():
+            self.tracker.log_bytes(state.run_id, path, data)
         self.tracker.flush(state.run_id)
         state.progress = result["progress"]
         if result["checkpoint"] is not None:
@@ -189,11 +262,13 @@ class TrialRunner:
             state.future = state.actor.advance.remote(self.chunk_seconds)
 
     def _tag_node(self, state: SeedState) -> None:
-        try:
-            where = ray.get(state.actor.describe.remote(), timeout=30)
-        except Exception:  # informational only; the run goes on without the tag
-            return
-        self.tracker.set_tags(state.run_id, {"labfleet.node": where["node_id"], "labfleet.host": where["host"],
+        where = state.where
+        if where is None:
+            try:
+                where = state.where = ray.get(state.actor.describe.remote(), timeout=30)
+            except Exception:  # informational only; the run goes on without the tag
+                return
+        self.tracker.queue_tags(state.run_id, {"labfleet.node": where["node_id"], "labfleet.host": where["host"],
                                              "labfleet.device": where["device"]})
 
     def _headline(self, latest: dict[str, float]) -> str:
@@ -202,21 +277,20 @@ class TrialRunner:
                 return f"{key}={latest[key]:.4g}"
         return ""
 
-    def _release(self, state: SeedState) -> None:
-        try:
-            if state.actor is not None:
-                ray.kill(state.actor, no_restart=True)
-            if state.group is not None:
-                remove_placement_group(state.group)
-        except Exception:  # Ray is shutting down (Ctrl-C reaches its processes too): nothing left to free
-            pass
+    def _release(self, state: SeedState, reusable: bool = False) -> None:
+        """Free the seed's actor and placement group; an idle, healthy actor goes back to the pool."""
+        if reusable and self.pool is not None and state.future is None and state.actor is not None \
+                and state.group is not None:
+            self.pool.put(self.spec, Host(state.actor, state.group, state.where))
+        else:
+            _kill(state.actor, state.group)
         state.actor = state.group = None
         state.elapsed = time.perf_counter() - state.started
 
     def _finish_seed(self, state: SeedState) -> None:
         if state.checkpoint is not None:
             self.tracker.log_bytes(state.run_id, "checkpoints/final.pt", state.checkpoint)
-        self._release(state)
+        self._release(state, reusable=True)
         state.status = "FINISHED"
         self.tracker.end_run(state.run_id, "FINISHED")
         if self.progress is not None:
@@ -260,7 +334,7 @@ class TrialRunner:
     def abort(self, status: str = "KILLED") -> None:
         for state in self.seeds.values():
             if state.status in ("PENDING", "RUNNING"):
-                self._release(state)
+                self._release(state, reusable=True)  # kept only when no call is in flight
                 state.status = status
                 self.tracker.end_run(state.run_id, status)
         if self.trial_run_id and not self.done:

@@ -61,7 +61,20 @@ class MetricWindow:
 
 
 class TrialWorker:
-    def __init__(self, spec: dict[str, Any], seed: int, checkpoint: bytes | None = None):
+    """Trains one seed at a time. A worker may be reused for the next trial (`load`, or `advance` with
+    `load=`): its process, imports and placement group outlive the trainer (the actor pool of
+    `runner.py`), which matters when trials are short."""
+
+    def __init__(self, spec: dict[str, Any] | None = None, seed: int = 0, checkpoint: bytes | None = None):
+        self.trainer: Any = None
+        self.device = "cpu"
+        if spec is not None:
+            self.load(spec, seed, checkpoint)
+
+    def load(self, spec: dict[str, Any], seed: int, checkpoint: bytes | None = None) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer = None
         self.spec = ExperimentSpec.model_validate(spec)
         torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_trial)))
         self.device = resolve_device(self.spec.device)
@@ -84,9 +97,14 @@ class TrialWorker:
             pass
         return {"host": socket.gethostname(), "node_id": node, "pid": str(os.getpid()), "device": self.device}
 
-    def advance(self, seconds: float = 1.0) -> dict[str, Any]:
+    def advance(self, seconds: float = 1.0, load: tuple[dict[str, Any], int, bytes | None] | None = None
+                ) -> dict[str, Any]:
+        """Train for about `seconds` (after loading a new trial first when `load` is given)."""
+        if load is not None:
+            self.load(*load)
         trainer = self.trainer
         records: list[tuple[int, dict[str, float]]] = []
+        artifacts: dict[str, bytes] = {}  # images a generative trainer makes at its evaluations
         checkpoint = None
         started = time.perf_counter()
         while not trainer.done and time.perf_counter() - started < seconds:
@@ -99,6 +117,7 @@ class TrialWorker:
                 records.append(closed)
             if trainer.progress >= self.next_eval and not trainer.done:
                 records.append((trainer.metric_step, trainer.evaluate()))
+                artifacts.update(self._media())
                 checkpoint = trainer.checkpoint_bytes()
                 while self.next_eval <= trainer.progress:
                     self.next_eval += self.every
@@ -109,6 +128,11 @@ class TrialWorker:
                 records.append(closed)
             final = trainer.evaluate()
             records.append((trainer.metric_step, final))
+            artifacts.update(self._media())
             checkpoint = trainer.checkpoint_bytes()
         return {"records": records, "progress": trainer.progress, "done": trainer.done,
-                "checkpoint": checkpoint, "final": final}
+                "checkpoint": checkpoint, "final": final, "artifacts": artifacts}
+
+    def _media(self) -> dict[str, bytes]:
+        media = getattr(self.trainer, "media", None)
+        return media() if media is not None else {}

@@ -1,0 +1,95 @@
+"""The tracker's writer thread and its SQLite lock retries, against real SQLite stores read back with
+MlflowClient (and sqlite3)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from labfleet.tracking.runs import Tracker
+from labfleet.tracking.uri import retry_if_locked
+
+
+def test_queued_writes_reach_the_store_in_order(tmp_path: Path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", background=True)
+    run_id = tracker.start_run("exp", "seed", "r", params={f"p{i}": str(i) for i in range(150)})
+    for step in range(3):
+        tracker.log_metrics(run_id, {"eval/return_mean": float(step)}, step)
+    tracker.queue_tags(run_id, {"labfleet.node": "n1"})
+    tracker.log_yaml(run_id, "spec.yaml", {"name": "r", "seeds": [0]})
+    tracker.log_bytes(run_id, "checkpoints/final.pt", b"\x00\x01bytes")
+    tracker.end_run(run_id, "FINISHED")
+    tracker.close()
+
+    client = MlflowClient(tracker.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(run.data.params) == 150 and run.data.params["p149"] == "149"  # two log_batch calls
+    assert run.data.tags["labfleet.node"] == "n1"
+    history = client.get_metric_history(run_id, "eval/return_mean")
+    assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    spec = Path(client.download_artifacts(run_id, "spec.yaml", str(tmp_path))).read_text()
+    assert spec == "name: r\nseeds:\n- 0\n"
+    checkpoint = Path(client.download_artifacts(run_id, "checkpoints/final.pt", str(tmp_path))).read_bytes()
+    assert checkpoint == b"\x00\x01bytes"
+
+
+def test_a_failed_write_is_raised_at_the_next_drain_and_a_reopened_run_ends_again(tmp_path: Path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", background=True)
+    run_id = tracker.start_run("exp", "suite", "r")
+    tracker.end_run(run_id, "KILLED")
+    tracker.log_metrics("0" * 32, {"x": 1.0}, 0)  # no such run
+    tracker.flush()
+    with pytest.raises(Exception, match="0{32}"):
+        tracker.drain()
+    tracker.reopen_run(run_id, "suite")  # the writer writes again once the error was collected
+    tracker.drain()
+    assert MlflowClient(tracker.uri).get_run(run_id).info.status == "RUNNING"
+    tracker.close_open_runs("FINISHED")
+    assert MlflowClient(tracker.uri).get_run(run_id).info.status == "FINISHED"
+
+
+def _store(tmp_path: Path) -> Path:
+    db = tmp_path / "store.db"
+    with sqlite3.connect(db) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute("CREATE TABLE t (x INTEGER)")
+    return db
+
+
+def _read_then_write(db: Path, meanwhile) -> None:  # type: ignore[no-untyped-def]
+    """A deferred transaction that reads, lets another connection commit, then writes (as MLflow's
+    create_run reads the experiment before it inserts the run)."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=5)
+    try:
+        conn.execute("BEGIN")
+        conn.execute("SELECT count(*) FROM t").fetchall()
+        meanwhile()
+        conn.execute("INSERT INTO t VALUES (2)")
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+
+
+def test_sqlite_refuses_a_stale_transaction_at_once_and_the_retry_runs_it_again(tmp_path: Path):
+    db = _store(tmp_path)
+    other = sqlite3.connect(db, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):  # no waiting: busy_timeout is 5 s
+        _read_then_write(db, lambda: other.execute("INSERT INTO t VALUES (1)"))
+
+    attempts: list[int] = []
+
+    def once() -> None:
+        if not attempts:
+            other.execute("INSERT INTO t VALUES (1)")
+        attempts.append(1)
+
+    retry_if_locked(_read_then_write, db, once)
+    assert len(attempts) == 2
+    assert sorted(x for (x,) in other.execute("SELECT x FROM t")) == [1, 1, 2]
+    other.close()

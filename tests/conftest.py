@@ -32,7 +32,8 @@ def ray_local():
     """One local Ray instance (2 CPUs, 127.0.0.1) for the tests that drive actors in-process."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    # "local": never join a `ray start` cluster that a multi-node test runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     assert "node:127.0.0.1" in ray.cluster_resources(), "the test cluster must listen on loopback only"
     yield ray
     ray.shutdown()
@@ -54,3 +55,16 @@ def shipped_spec_for(algorithm: str) -> Path:
         if data.get("algorithm") == algorithm:
             return path
     raise LookupError(f"no spec in experiments/ uses algorithm {algorithm!r}")
+
+
+def interrupt_group(proc: subprocess.Popen, timeout: float = 90) -> str:
+    """Ctrl-C to a command started with start_new_session=True (a terminal signals the whole foreground
+    group), then its output; the group is killed if it does not end in time."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

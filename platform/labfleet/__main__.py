@@ -1,3 +1,4 @@
 from labfleet.cli import main
 
-main()
+if __name__ == "__main__":  # not on import (multiprocessing's spawn imports the main module again)
+    main()

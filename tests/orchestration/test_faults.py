@@ -17,7 +17,7 @@ from labfleet.orchestration.runner import TrialRunner
 from labfleet.orchestration.trial import TrialWorker
 from labfleet.spec.loading import load_spec
 from labfleet.tracking.runs import Tracker
-from tests.conftest import EXPERIMENTS
+from tests.conftest import EXPERIMENTS, interrupt_group
 
 SPEC = EXPERIMENTS / "cartpole_reinforce.yaml"
 
@@ -45,8 +45,7 @@ def test_ctrl_c_leaves_every_run_killed(tmp_path: Path, tracking_uri: str):
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "seeds never started"
             time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)
-        output, _ = proc.communicate(timeout=90)
+        output = interrupt_group(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -91,3 +90,4 @@ def test_worker_built_from_checkpoint_continues_from_it():
     assert result["done"] and result["checkpoint"] and result["progress"] >= 8192
     resumed = TrialWorker(spec.model_dump(mode="json"), seed=0, checkpoint=result["checkpoint"])
     assert resumed.trainer.progress == result["progress"] and resumed.trainer.done
+

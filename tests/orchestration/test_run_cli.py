@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 import yaml
@@ -164,3 +165,46 @@ def test_ppo_with_a_rollout_worker_from_the_command_line(tmp_path: Path, trackin
     for name in ("ppo/approx_kl", "ppo/clip_fraction", "ppo/explained_variance", "loss/value", "eval/return_mean"):
         assert client.get_metric_history(seed.info.run_id, name), name
     assert [m.step for m in client.get_metric_history(seed.info.run_id, "eval/return_mean")][0] == 2048
+
+
+def test_suite_runs_a_sweep_entry_and_a_rerun_skips_what_finished(tmp_path: Path, tracking_uri: str):
+    vi = {"name": "vi", "algorithm": "value_iteration", "env": "FrozenLake-v1", "seeds": [0],
+          "budget": {"iterations": 30}, "eval": {"episodes": 100, "every_steps": 10},
+          "sweep": {"n_trials": 2, "sampler": {"type": "grid"}, "pruner": {"type": "nop"},
+                    "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+                    "space": {"hparams.gamma": {"type": "categorical", "choices": [0.5, 0.99]}}}}
+    (tmp_path / "vi.yaml").write_text(yaml.safe_dump(vi))
+    broken = yaml.safe_load(SPEC.read_text())
+    broken.update({"name": "reinforce", "seeds": [0], "budget": {"env_steps": 2048}, "eval": {"episodes": 2}})
+    broken["hparams"].update({"n_envs": 2, "learning_rate": 1e30})  # diverges: the entry FAILs
+    (tmp_path / "reinforce.yaml").write_text(yaml.safe_dump(broken))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "mixed", "experiments": [
+        {"spec": "vi.yaml", "set": {"name": "vi-run"}},
+        {"spec": "reinforce.yaml"},
+        {"spec": "vi.yaml", "sweep": True, "set": {"name": "vi-sweep"}}]}))
+    first = run_cli("suite", str(suite), "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert first.returncode == 1, first.stdout + first.stderr  # the failing entry did not stop the others
+    client = MlflowClient(tracking_uri)
+    runs = _runs(client, "mixed")
+    (suite_run,) = [r for r in runs if r.data.tags["labfleet.role"] == "suite"]
+    assert suite_run.info.status == "FAILED" and "reinforce" in suite_run.data.tags["labfleet.error"]
+    (sweep_run,) = [r for r in runs if r.data.tags["labfleet.role"] == "sweep"]
+    assert sweep_run.data.tags["mlflow.parentRunId"] == suite_run.info.run_id
+    sweep_trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep_run.info.run_id]
+    assert len(sweep_trials) == 2 and {r.info.status for r in sweep_trials} == {"FINISHED"}
+
+    broken["hparams"]["learning_rate"] = 1e-3  # fix the failing entry, run the same suite again
+    (tmp_path / "reinforce.yaml").write_text(yaml.safe_dump(broken))
+    second = run_cli("suite", str(suite), "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "vi-run: finished in the interrupted run of this suite, skipped" in second.stdout
+    runs = _runs(client, "mixed")
+    suites = [r for r in runs if r.data.tags["labfleet.role"] == "suite"]
+    assert len(suites) == 1 and suites[0].info.status == "FINISHED", "the same suite run resumed"
+    trials = [r for r in runs if r.data.tags["labfleet.role"] == "trial"
+              and r.data.tags["mlflow.parentRunId"] == suites[0].info.run_id]
+    names = sorted((r.data.tags["mlflow.runName"], r.info.status) for r in trials)
+    assert names == [("reinforce", "FAILED"), ("reinforce", "FINISHED"), ("vi-run", "FINISHED")]
+    study = optuna.load_study(study_name="vi-sweep", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 2, "the sweep's finished study was resumed, not run again"

@@ -7,7 +7,11 @@ ever hold a trial) runs before the first MLflow run is created or the first acto
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,10 @@ from rich.console import Console
 
 from labfleet.errors import Problem, SpecError
 from labfleet.orchestration.progress import ProgressBoard, summary_table
-from labfleet.orchestration.runner import TrialRunner, drive, unschedulable_reason
+from labfleet.orchestration.runner import TrialRunner, config_hash, drive, unschedulable_reason
 from labfleet.spec.models import ExperimentSpec, SuiteSpec
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
-from labfleet.tracking.uri import check_tracking_uri, redact_uri, resolve_tracking_uri
+from labfleet.tracking.uri import DEFAULT_TRACKING_URI, check_tracking_uri, redact_uri, resolve_tracking_uri
 
 EXIT_OK, EXIT_TRIAL_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -29,6 +33,7 @@ EXIT_OK, EXIT_TRIAL_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 class Planned:
     spec: ExperimentSpec
     spec_path: Path
+    sweep_data: dict[str, Any] | None = None  # a suite entry run as a sweep: its spec data with overrides
 
 
 def connect_ray(address: str | None) -> None:
@@ -36,7 +41,10 @@ def connect_ray(address: str | None) -> None:
     (on 127.0.0.1 when the command set `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` first; see the CLI)."""
     if ray.is_initialized():
         return
-    ray.init(address=address or None, logging_level=logging.WARNING, include_dashboard=False)
+    # "local": a new instance even when a `ray start` cluster runs on this machine (plain ray.init() would
+    # join it); $RAY_ADDRESS (set inside a Ray Job) still wins over "local".
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=target, logging_level=logging.WARNING, include_dashboard=False)
 
 
 def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None) -> tuple[str, Tracker]:
@@ -50,7 +58,7 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
                 if (reason := unschedulable_reason(p.spec, cluster))]
     if problems:
         raise SpecError(problems)
-    tracker = Tracker(tracking_uri)  # the first write: a SQLite store is created here
+    tracker = Tracker(tracking_uri, background=True)  # the first write: a SQLite store is created here
     try:
         tracker.check()
     except TrackingUnavailable as exc:
@@ -63,6 +71,32 @@ def raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def ignore_interrupts() -> None:
+    """From here on Ctrl-C and SIGTERM are ignored: the cleanup after the first one runs to its end."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is over, then raise KeyboardInterrupt: for a few lines
+    that must not be cut in two, such as creating an Optuna trial and recording that this driver owns it
+    (cut between the two, the trial would be left RUNNING with nobody to end it)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if held:
+        raise KeyboardInterrupt(f"signal {held[0]}")
+
+
 def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None, address: str | None,
             console: Console, quiet: bool = False, suite: SuiteSpec | None = None) -> int:
     """Train every planned spec (under one `suite` run when `suite` is given); returns the exit code."""
@@ -73,24 +107,19 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
     runners: list[TrialRunner] = []
     suite_run_id = None
+    sweep_codes: list[int] = []
+    experiment = (suite.tracking.experiment or suite.name) if suite else None
     try:
         with ProgressBoard(console, quiet) as board:
+            done: set[tuple[str, str]] = set()
             if suite is not None:
-                suite_run_id = tracker.start_run(suite.tracking.experiment or suite.name, "suite", suite.name,
-                                                 tags={"labfleet.suite": suite.name})
-            for plan in planned:
-                experiment = (suite.tracking.experiment or suite.name) if suite else None
-                spec = plan.spec
-                if experiment:  # nested runs show under their parent only within one experiment
-                    spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(
-                        update={"experiment": experiment})})
-                runner = TrialRunner(spec, tracker, parent_run_id=suite_run_id, spec_dir=plan.spec_path.parent,
-                                     progress=board, trial_tags={"labfleet.spec_file": str(plan.spec_path)})
-                runners.append(runner)
-                runner.start()
+                assert experiment is not None
+                suite_run_id, done = _suite_run(tracker, experiment, suite.name)
+            runners += _start_runners(planned, tracker, board, suite_run_id, experiment, done, console)
             drive(runners)
+        sweep_codes = _run_sweeps(planned, tracker, suite_run_id, experiment, address, console, quiet)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        ignore_interrupts()  # a second Ctrl-C must not cut the cleanup short
         for runner in runners:
             runner.abort("KILLED")
         tracker.close_open_runs("KILLED")
@@ -104,15 +133,83 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     finally:
         signal.signal(signal.SIGTERM, previous_term)
 
+    if EXIT_INTERRUPTED in sweep_codes:
+        tracker.close_open_runs("KILLED")
+        return EXIT_INTERRUPTED
     failed = [r for r in runners if r.status != "FINISHED"]
+    failed_sweeps = sum(code != EXIT_OK for code in sweep_codes)
     if suite_run_id is not None:
-        error = "; ".join(f"{r.label}: {r.status}" for r in failed)
-        tracker.end_run(suite_run_id, "FAILED" if failed else "FINISHED", error or None)
-    _print_summary(console, runners, uri, quiet)
-    return EXIT_TRIAL_FAILED if failed else EXIT_OK
+        error = "; ".join([f"{r.label}: {r.status}" for r in failed] + [f"{failed_sweeps} sweep(s) with failed trials"]
+                          * bool(failed_sweeps))
+        tracker.end_run(suite_run_id, "FAILED" if failed or failed_sweeps else "FINISHED", error or None)
+    tracker.close()  # every queued write is in the store before the summary says where the runs are
+    target = suite.name if suite else (runners[0].experiment if runners else "")
+    _print_summary(console, runners, uri, quiet, target)
+    return EXIT_TRIAL_FAILED if failed or failed_sweeps else EXIT_OK
 
 
-def _print_summary(console: Console, runners: list[TrialRunner], uri: str, quiet: bool) -> None:
+def _start_runners(planned: list[Planned], tracker: Tracker, board: ProgressBoard, suite_run_id: str | None,
+                   experiment: str | None, done: set[tuple[str, str]], console: Console) -> list[TrialRunner]:
+    runners = []
+    for plan in planned:
+        if plan.sweep_data is not None:
+            continue
+        if (plan.spec.name, config_hash(plan.spec)) in done:
+            console.print(f"{plan.spec.name}: finished in the interrupted run of this suite, skipped", highlight=False)
+            continue
+        spec = plan.spec
+        if experiment:  # nested runs show under their parent only within one experiment
+            spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"experiment": experiment})})
+        runner = TrialRunner(spec, tracker, parent_run_id=suite_run_id, spec_dir=plan.spec_path.parent,
+                             progress=board, trial_tags={"labfleet.spec_file": str(plan.spec_path)})
+        runners.append(runner)
+        runner.start()
+    return runners
+
+
+def _run_sweeps(planned: list[Planned], tracker: Tracker, suite_run_id: str | None, experiment: str | None,
+                address: str | None, console: Console, quiet: bool) -> list[int]:
+    """A suite's sweep entries, one after another, after its other entries; each resumes its study."""
+    from labfleet.orchestration.sweep import execute_sweep
+
+    codes: list[int] = []
+    for plan in planned:
+        if plan.sweep_data is None:
+            continue
+        codes.append(execute_sweep(plan.sweep_data, plan.spec, plan.spec_path, storage=None, n_trials=None,
+                                   cli_tracking_uri=tracker.uri, address=address, console=console, quiet=quiet,
+                                   attach=(tracker, suite_run_id, experiment or plan.spec.name)))
+        if codes[-1] == EXIT_INTERRUPTED:
+            break
+    return codes
+
+
+def _suite_run(tracker: Tracker, experiment: str, name: str) -> tuple[str, set[tuple[str, str]]]:
+    """The suite run: the latest one of this name when it did not finish (an interrupted suite resumes:
+    its runs left RUNNING are marked KILLED, and its FINISHED trials are skipped), else a new one."""
+    client = tracker.client
+    experiment_id = tracker.experiment_id(experiment)
+    found = client.search_runs([experiment_id], f"tags.`labfleet.role` = 'suite' and tags.`labfleet.suite` = '{name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if not found or found[0].info.status == "FINISHED":
+        return tracker.start_run(experiment, "suite", name, tags={"labfleet.suite": name}), set()
+    run_id = found[0].info.run_id
+    tracker.reopen_run(run_id, "suite")
+    done: set[tuple[str, str]] = set()
+    for trial in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=5000):
+        if trial.data.tags.get("labfleet.role") != "trial":
+            continue
+        if trial.info.status == "FINISHED":
+            done.add((trial.data.tags.get("mlflow.runName", ""), trial.data.tags.get("labfleet.config_hash", "")))
+        stale = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}' "
+                                                    f"and attributes.status = 'RUNNING'")
+        for run in [*stale, *([trial] if trial.info.status == "RUNNING" else [])]:
+            tracker.end_run(run.info.run_id, "KILLED")
+    return run_id, done
+
+
+def _print_summary(console: Console, runners: list[TrialRunner], uri: str, quiet: bool,
+                   report_target: str = "") -> None:
     rows = []
     for runner in runners:
         metric = runner.info.primary_metric
@@ -129,5 +226,8 @@ def _print_summary(console: Console, runners: list[TrialRunner], uri: str, quiet
                 console.print(f"[red]{runner.label} seed {state.seed} failed:[/red] "
                               f"{state.error.strip().splitlines()[-1][:500]}", highlight=False)
     shown = redact_uri(uri)
-    console.print(f"Runs are in {shown} (experiment: {runners[0].experiment if runners else '-'}). "
-                  f"Open them with: mlflow ui --backend-store-uri {shown} --host 127.0.0.1", highlight=False)
+    flag = "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shown}"
+    where = f"Open them at {shown}" if uri.startswith(("http://", "https://")) else (
+        f"Open them with: labfleet ui{flag}  (or: mlflow ui --backend-store-uri {shown} --host 127.0.0.1)")
+    console.print(f"Runs are in {shown} (experiment: {runners[0].experiment if runners else '-'}). {where}. "
+                  f"Compare them with: labfleet report {report_target}{flag}", highlight=False)

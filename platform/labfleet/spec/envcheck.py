@@ -48,11 +48,24 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
         problems.append((f"budget.{spec.budget.unit}", f"{info.name} budgets in "
                          f"{' or '.join(info.budget_units)}, not {spec.budget.unit}"))
     if info.kind == "generative":
+        from labfleet.data.datasets import DATASETS
+
         if spec.env is not None:
             problems.append(("env", f"{info.name} trains on a `dataset:`, not an env"))
         if spec.dataset is None:
-            problems.append(("dataset", f"{info.name} needs a dataset"))
+            problems.append(("dataset", f"{info.name} needs a dataset (one of: {', '.join(DATASETS)})"))
+        elif spec.dataset not in DATASETS:
+            close = difflib.get_close_matches(spec.dataset, list(DATASETS), n=2)
+            hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+            problems.append(("dataset", f"unknown dataset {spec.dataset!r}{hint}; known: {', '.join(DATASETS)}"))
+        else:
+            problems += _architecture_problems(spec, DATASETS[spec.dataset].shape)
+        if spec.resources.rollout_workers:
+            problems.append(("resources.rollout_workers", f"{info.name} does not sample environments: use 0"))
         return problems
+    if spec.resources.data_parallel > 1:
+        problems.append(("resources.data_parallel", f"{info.name} trains in one process: use 1 (data "
+                         f"parallelism is for the generative models)"))
     if spec.dataset is not None:
         problems.append(("dataset", f"{info.name} trains on an `env:`, not a dataset"))
     if spec.env is None:
@@ -61,6 +74,19 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
     if check_env:
         problems += _env_problems(spec, info)
     return problems
+
+
+def _architecture_problems(spec: ExperimentSpec, shape: tuple[int, ...]) -> list[tuple[str, str]]:
+    """A conv architecture needs images whose size its stride-2 layers can halve."""
+    if spec.hparams.get("architecture") != "conv":
+        return []
+    if len(shape) != 3:
+        return [("hparams.architecture", f"conv needs an image dataset; {spec.dataset} is points (use mlp)")]
+    layers = len(spec.hparams.get("channels") or [32, 64])
+    if shape[1] % 2 ** layers or shape[2] % 2 ** layers:
+        return [("hparams.channels", f"{layers} conv layers halve {shape[1]}x{shape[2]} images {layers} times: "
+                 f"the size must be a multiple of {2 ** layers}")]
+    return []
 
 
 def _rollout_worker_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tuple[str, str]]:

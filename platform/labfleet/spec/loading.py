@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,7 @@ class ResolvedEntry:
     entry: SuiteEntry
     spec_path: Path
     spec: ExperimentSpec
+    data: dict[str, Any] = field(default_factory=dict)  # the spec's data with every override applied
 
 
 def is_suite(data: dict[str, Any]) -> bool:
@@ -302,7 +303,12 @@ def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
             spec_doc = read_yaml(spec_path)
             data = apply_overrides(spec_doc.data, entry.set, source=f"{doc.source}: experiments.{i}.set")
             data = apply_overrides(data, overrides or {})
-            entries.append(ResolvedEntry(entry, spec_path, resolve_spec_data(data, spec_doc.source, spec_doc)))
+            resolved = resolve_spec_data(data, spec_doc.source, spec_doc)
+            if entry.sweep and resolved.sweep is None:
+                problems.append(Problem(doc.source, f"experiments.{i}.sweep",
+                                        f"{spec_path.name} has no `sweep:` section to run as a sweep"))
+                continue
+            entries.append(ResolvedEntry(entry, spec_path, resolved, data))
         except SpecError as exc:
             problems.extend(exc.problems)
     if problems:

@@ -25,7 +25,17 @@ def test_list_envs_matches_gymnasium():
 
 def test_list_rejects_other_words():
     result = CliRunner().invoke(app, ["list", "planets"])
-    assert result.exit_code == 2 and "expected algorithms or envs" in result.output
+    assert result.exit_code == 2 and "expected algorithms, envs or datasets" in result.output
+
+
+def test_list_datasets_matches_the_dataset_table():
+    from labfleet.data.datasets import DATASETS
+
+    result = CliRunner().invoke(app, ["list", "datasets"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    listed = {line.split("│")[1].strip() for line in result.output.splitlines()
+              if line.startswith("│") and line.split("│")[1].strip()}
+    assert listed == set(DATASETS) >= {"digits", "ring8", "grid25"}
 
 
 def test_show_prints_every_hyperparameter_with_its_default():

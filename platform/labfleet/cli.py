@@ -145,25 +145,98 @@ def suite(
 
     with bad_input_exits_2():
         suite_spec, entries = load_suite(suite_file, _overrides(set_))
-        planned = [Planned(e.spec, e.spec_path) for e in entries]
+        planned = [Planned(e.spec, e.spec_path, e.data if e.entry.sweep else None) for e in entries]
         code = execute(planned, source=str(suite_file), cli_tracking_uri=tracking_uri, address=address,
                        console=Console(), quiet=quiet, suite=suite_spec)
     raise typer.Exit(code)
 
 
+def _token_auth() -> None:
+    """Ray 2.60 clusters require token authentication; Ray reads the mode when it is first imported."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+JobsAddress = Annotated[Optional[str], typer.Option(  # noqa: UP045 (typer)
+    "--address", help="Ray Jobs API of the cluster (default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265).")]
+
+
+@app.command()
+def submit(
+    file: Path = typer.Argument(..., metavar="SPEC_OR_SUITE", help="A spec or a suite file."),
+    address: JobsAddress = None,
+    set_: SetOption = None,
+    tracking_uri: TrackingOption = None,
+    wait: bool = typer.Option(False, "--wait", help="Follow the job's logs and exit with its result."),
+    sweep: bool = typer.Option(False, "--sweep", help="Run the spec as `labfleet sweep` (default: `run`)."),
+    n_trials: int = typer.Option(None, "--n-trials", min=1, help="With --sweep: finished trials wanted."),
+    python: str = typer.Option("python", "--python", help="The interpreter with labfleet on the head node."),
+    ship_package: bool = typer.Option(False, "--ship-package", help="Send this labfleet package with the job "
+                                      "(for a cluster that lacks it or has another version)."),
+) -> None:
+    """Submit a spec or suite as a Ray Job; its driver runs on the cluster."""
+    _token_auth()
+    from labfleet.orchestration.jobs import submit as submit_job
+
+    with bad_input_exits_2():
+        code = submit_job(file, address=address, overrides=set_ or [], tracking_uri=tracking_uri, sweep=sweep,
+                          python=python, ship_package=ship_package, wait=wait, console=Console(), n_trials=n_trials)
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(job: str = typer.Argument(..., metavar="JOB"), address: JobsAddress = None) -> None:
+    """A submitted job's state."""
+    _token_auth()
+    from labfleet.orchestration.jobs import status as job_status
+
+    with bad_input_exits_2():
+        raise typer.Exit(job_status(job, address, Console()))
+
+
+@app.command()
+def logs(job: str = typer.Argument(..., metavar="JOB"), address: JobsAddress = None,
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
+    """A submitted job's output (its driver's)."""
+    _token_auth()
+    from labfleet.orchestration.jobs import logs as job_logs
+
+    with bad_input_exits_2():
+        raise typer.Exit(job_logs(job, address, follow, Console()))
+
+
+@app.command()
+def stop(job: str = typer.Argument(..., metavar="JOB"), address: JobsAddress = None) -> None:
+    """Cancel a submitted job: its driver stops like Ctrl-C, and its open runs end KILLED."""
+    _token_auth()
+    from labfleet.orchestration.jobs import stop as job_stop
+
+    with bad_input_exits_2():
+        raise typer.Exit(job_stop(job, address, Console()))
+
+
 @app.command("list")
-def list_(what: str = typer.Argument(..., metavar="algorithms|envs", help="What to list.")) -> None:
-    """List the registered algorithms, or the gymnasium environments an RL spec can name."""
+def list_(what: str = typer.Argument(..., metavar="algorithms|envs|datasets", help="What to list.")) -> None:
+    """List the registered algorithms, the gymnasium environments an RL spec can name, or the datasets
+    a generative spec can name."""
     from rich.table import Table
 
     if what == "algorithms":
         from labfleet.algorithms import registry
 
-        table = Table("algorithm", "actions", "observations", "budget", "summary")
+        table = Table("algorithm", "kind", "actions", "observations", "budget", "summary")
         for name in registry.names():
             info = registry.get(name)
-            table.add_row(name, ", ".join(info.action_spaces), ", ".join(info.observation_spaces),
-                          ", ".join(info.budget_units), info.summary)
+            rl = info.kind == "rl"
+            table.add_row(name, info.kind, ", ".join(info.action_spaces) if rl else "-",
+                          ", ".join(info.observation_spaces) if rl else "-", ", ".join(info.budget_units),
+                          info.summary)
+        Console().print(table)
+    elif what == "datasets":
+        from labfleet.data.datasets import DATASETS
+
+        table = Table("dataset", "shape", "summary")
+        for name, data in DATASETS.items():
+            table.add_row(name, "x".join(map(str, data.shape)), data.summary)
         Console().print(table)
     elif what == "envs":
         import gymnasium as gym
@@ -172,7 +245,7 @@ def list_(what: str = typer.Argument(..., metavar="algorithms|envs", help="What 
             typer.echo(env_id)
     else:
         with bad_input_exits_2():
-            raise SpecError([Problem("labfleet list", what, "expected algorithms or envs")])
+            raise SpecError([Problem("labfleet list", what, "expected algorithms, envs or datasets")])
 
 
 @app.command()
@@ -192,6 +265,58 @@ def show(algorithm: str = typer.Argument(..., help="A registered algorithm.")) -
     for row in hparam_rows(info.hparams):
         table.add_row(*row)
     Console().print(table)
+
+
+@app.command()
+def report(
+    target: str = typer.Argument(..., help="A run id, the name of a suite or sweep run, or an experiment name."),
+    out: Path = typer.Option(Path("report"), "--out", help="Directory for the PNGs, results.md and report.html."),
+    metric: str = typer.Option(None, "--metric", help="Metric of the curves and the ranking (default: the "
+                               "algorithm's primary metric)."),
+    tracking_uri: TrackingOption = None,
+    storage: str = typer.Option(None, "--storage", help="Optuna storage of a sweep (default: the one its sweep "
+                                "run recorded)."),
+) -> None:
+    """Learning curves with 95 % bands, a table of final metrics and, for a sweep, Optuna's figures."""
+    from labfleet.tracking.uri import check_tracking_uri, redact_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, None)
+    with bad_input_exits_2():
+        problem = check_tracking_uri(uri)
+        if problem:
+            raise SpecError([Problem("labfleet report", "--tracking-uri", problem)])
+        from labfleet.tracking.uri import sqlite_path
+
+        path = sqlite_path(uri)
+        if path is not None and not path.exists():  # reading must not create an empty store
+            raise SpecError([Problem("labfleet report", "--tracking-uri", f"no MLflow store at {path}")])
+        from mlflow.tracking import MlflowClient
+
+        from labfleet.reporting.report import build_report, markdown_table
+
+        result = build_report(MlflowClient(uri), target, out, metric, storage)
+    console = Console()
+    console.print(f"[bold]{result.title}[/bold]")
+    console.print(markdown_table(result.names, result.rows), highlight=False, markup=False)
+    console.print(f"Wrote {', '.join(p.name for p in result.files)} to {result.out}/", highlight=False)
+    if result.logged_to:
+        console.print(f"Logged as artifacts report/ of run {result.logged_to} in {redact_uri(uri)}", highlight=False)
+
+
+@app.command()
+def ui(
+    tracking_uri: TrackingOption = None,
+    port: int = typer.Option(5000, "--port", help="Port of the MLflow UI (127.0.0.1)."),
+    storage: str = typer.Option(None, "--storage", help="An Optuna storage to open in optuna-dashboard too "
+                                "(default: sqlite:///optuna.db when it exists)."),
+    dashboard_port: int = typer.Option(8080, "--dashboard-port", help="Port of optuna-dashboard."),
+) -> None:
+    """Serve the MLflow UI on 127.0.0.1 over the store the runs used (and optuna-dashboard when installed)."""
+    from labfleet.reporting.ui import serve
+
+    with bad_input_exits_2():
+        code = serve(tracking_uri, port, storage, dashboard_port, Console())
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -78,6 +78,10 @@ class Resources(StrictModel):
     max_retries: NonNegativeInt = Field(
         2, description="Times a trial whose actor died is restarted from its last checkpoint."
     )
+    data_parallel: PositiveInt = Field(
+        1, description="Workers training one trial together (torch.distributed: gloo on CPU, NCCL on CUDA); "
+                       "each gets cpus_per_trial and gpus_per_trial / data_parallel (generative models)."
+    )
 
 
 class EvalConfig(StrictModel):
@@ -136,19 +140,49 @@ class PrunerConfig(StrictModel):
     type: Literal["nop", "median", "percentile", "successive_halving", "hyperband", "threshold"] = "median"
 
 
+Direction = Literal["maximize", "minimize"]
+
+
 class SweepConfig(StrictModel):
     """Used by `labfleet sweep`: an Optuna study over paths of this spec."""
 
     metric: str = Field("eval/return_mean", description="Objective: mean over seeds of its final value.")
-    direction: Literal["maximize", "minimize"] = "maximize"
+    direction: Direction = "maximize"
+    metrics: list[str] | None = Field(None, description="Multi-objective: several metrics (with `directions`); "
+                                      "Optuna does not prune such studies.")
+    directions: list[Direction] | None = Field(None, description="One per entry of `metrics`.")
     n_trials: PositiveInt = 20
     max_parallel: PositiveInt = 2
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///optuna.db.")
     study_name: str | None = Field(None, description="Default: the spec's name.")
-    max_retries: NonNegativeInt = 2
+    max_retries: NonNegativeInt = Field(2, description="Restarts from the last checkpoint of a trial whose "
+                                        "actor died (overrides resources.max_retries in a sweep).")
     space: dict[str, ParamSpace] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _objectives(self) -> SweepConfig:
+        if (self.metrics is None) != (self.directions is None):
+            raise ValueError("`metrics` and `directions` go together (one direction per metric)")
+        if self.metrics is not None and self.directions is not None:
+            if len(self.metrics) != len(self.directions) or len(self.metrics) < 2:
+                raise ValueError(f"a multi-objective sweep needs as many `directions` as `metrics`, at least 2 "
+                                 f"(got {len(self.metrics)} metrics, {len(self.directions)} directions)")
+            if len(set(self.metrics)) != len(self.metrics):
+                raise ValueError("`metrics` names a metric twice")
+        return self
+
+    @property
+    def objectives(self) -> list[tuple[str, Direction]]:
+        """[(metric, direction)]: one pair, or several for a multi-objective study."""
+        if self.metrics is not None and self.directions is not None:
+            return list(zip(self.metrics, self.directions, strict=True))
+        return [(self.metric, self.direction)]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
 
 class ExperimentSpec(StrictModel):
@@ -158,7 +192,9 @@ class ExperimentSpec(StrictModel):
     algorithm: str = Field(description="A registered algorithm (`labfleet list algorithms`).")
     env: str | None = Field(None, description='A gymnasium id, or "package.module:Class" (RL).')
     env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of gym.make.")
-    dataset: str | None = Field(None, description="A dataset name (generative models).")
+    dataset: str | None = Field(None, description="A dataset name (generative models; `labfleet list datasets`).")
+    dataset_kwargs: dict[str, Any] = Field(default_factory=dict, description="Arguments of the dataset's loader "
+                                           "(`path` for mnist / fashion_mnist).")
     seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0], min_length=1, description="One trial each.")
     budget: Budget
     hparams: dict[str, Any] = Field(default_factory=dict, description="Validated by the algorithm's model.")
@@ -189,6 +225,8 @@ class SuiteEntry(StrictModel):
 
     spec: str
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted KEY: VALUE overrides.")
+    sweep: bool = Field(False, description="Run the entry as `labfleet sweep` (its spec needs a `sweep:` section); "
+                        "sweeps run after the suite's other entries, under the same suite run.")
 
 
 class SuiteSpec(StrictModel):

@@ -33,3 +33,52 @@ def hparam_rows(model: type[BaseModel]) -> list[tuple[str, str, str, str]]:
     """(name, type, default, description) for every field of the model, in declaration order."""
     return [(name, _type_name(field.annotation), _default(field), field.description or "")
             for name, field in model.model_fields.items()]
+
+
+def _table(model: type[BaseModel]) -> list[str]:
+    lines = ["| field | type | default | description |", "|---|---|---|---|"]
+    for name, kind, default, description in hparam_rows(model):
+        cell = description.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{name}` | `{kind.replace('|', '/')}` | `{default.replace('|', '/')}` | {cell} |")
+    return lines
+
+
+def reference_markdown() -> str:
+    """docs/spec-reference.md, generated from the spec models and every algorithm's hparams model.
+    Regenerate with `python -m labfleet.spec.schema > docs/spec-reference.md` (a test fails when stale)."""
+    from labfleet.algorithms import registry
+    from labfleet.data.datasets import DATASETS
+    from labfleet.spec import models as m
+
+    out = ["# Spec reference", "",
+           "Generated from the pydantic models by `python -m labfleet.spec.schema > docs/spec-reference.md`;",
+           "`tests/test_docs.py` fails when this page and the code disagree. Every model rejects unknown "
+           "fields.", ""]
+    sections: list[tuple[str, type[BaseModel], str]] = [
+        ("Experiment spec", m.ExperimentSpec, "The top level of a spec file."),
+        ("`budget`", m.Budget, "Exactly one field."),
+        ("`resources`", m.Resources, "One placement group per seed."),
+        ("`eval`", m.EvalConfig, ""),
+        ("`tracking`", m.TrackingConfig, ""),
+        ("`sweep`", m.SweepConfig, "Used by `labfleet sweep`."),
+        ("`sweep.space.<path>`", m.ParamSpace, "One searched dimension (Optuna's suggest_* arguments)."),
+        ("`sweep.sampler`", m.SamplerConfig, "Further keys are the Optuna sampler's keyword arguments."),
+        ("`sweep.pruner`", m.PrunerConfig, "Further keys are the Optuna pruner's keyword arguments."),
+        ("Suite file", m.SuiteSpec, "Run by `labfleet suite`."),
+        ("`experiments[]` of a suite", m.SuiteEntry, ""),
+    ]
+    for title, model, note in sections:
+        out += [f"## {title}", ""] + ([note, ""] if note else []) + _table(model) + [""]
+    out += ["## Datasets", "", "| dataset | shape | summary |", "|---|---|---|"]
+    out += [f"| `{name}` | {'x'.join(map(str, d.shape))} | {d.summary} |" for name, d in DATASETS.items()]
+    out += ["", "## Algorithms: `hparams`", ""]
+    for name in registry.names():
+        info = registry.get(name)
+        budget = " or ".join(info.budget_units)
+        out += [f"### `{name}`", "", f"{info.summary}. Budget in {budget}; primary metric `{info.primary_metric}`.",
+                ""] + _table(info.hparams) + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -1,0 +1,355 @@
+"""`labfleet report`: the figures and tables a paper needs, from what MLflow (and Optuna) recorded.
+
+A target is a run id (a suite, sweep or trial run), the name of a suite or sweep run (the latest one), or
+an experiment name (all its trial runs). Each `trial` run under the target is one configuration; its
+`seed` runs are the samples. The report holds:
+
+- learning curves of each configuration: the mean over seeds of the metric (default: the algorithm's
+  primary metric) at each evaluation step, with a 95 % confidence band (Student t over seeds);
+- a comparison table of final metrics (mean +- std over seeds, the number of seeds), best first;
+- for a sweep: Optuna's optimisation history, parameter importances and parallel coordinates (or the
+  Pareto front of a multi-objective study);
+- written to `--out` as PNGs, `results.md` and one self-contained `report.html` (images embedded), and
+  logged as artifacts (`report/...`) of the target run when it is a suite or sweep run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from labfleet.errors import Problem, SpecError
+
+LOWER_IS_BETTER = ("neg_elbo", "recon_nll", "iwae_nll", "baseline_nll", "/kl", "fd_digits", "mode_kl", "loss")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(part in metric for part in LOWER_IS_BETTER)
+
+
+@dataclass
+class Configuration:
+    label: str
+    trial: Run
+    seeds: list[Run] = field(default_factory=list)
+
+    @property
+    def algorithm(self) -> str:
+        return self.trial.data.tags.get("labfleet.algorithm", "")
+
+
+@dataclass
+class Target:
+    """What a report covers: the parent run (None for a whole experiment) and its configurations."""
+
+    title: str
+    experiment_id: str
+    parent: Run | None
+    configurations: list[Configuration]
+
+
+def _children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[Run]:
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+
+
+def _configurations(client: MlflowClient, experiment_id: str, trials: list[Run]) -> list[Configuration]:
+    configs = []
+    for trial in sorted(trials, key=lambda r: r.info.start_time):
+        seeds = [r for r in _children(client, experiment_id, trial.info.run_id)
+                 if r.data.tags.get("labfleet.role") == "seed"]
+        label = trial.data.tags.get("mlflow.runName", trial.info.run_id[:8])
+        configs.append(Configuration(label, trial, sorted(seeds, key=lambda r: int(r.data.tags.get(
+            "labfleet.seed", 0)))))
+    return configs
+
+
+def resolve_target(client: MlflowClient, target: str, source: str = "labfleet report") -> Target:
+    """A run id, the name of a suite/sweep run (its latest), or an experiment name."""
+    run: Run | None = None
+    if RUN_ID.match(target):
+        try:
+            run = client.get_run(target)
+        except Exception:  # noqa: BLE001 - not a run id of this store: try it as a name
+            run = None
+    if run is None:
+        experiments = client.search_experiments(max_results=1000)
+        named = client.search_runs([e.experiment_id for e in experiments],
+                                   f"tags.`mlflow.runName` = '{target}'", order_by=["attributes.start_time DESC"],
+                                   max_results=50) if experiments else []
+        named = [r for r in named if r.data.tags.get("labfleet.role") in ("suite", "sweep", "trial")]
+        if named:
+            run = named[0]
+        else:
+            experiment = client.get_experiment_by_name(target)
+            if experiment is None:
+                known = sorted(e.name for e in experiments)
+                raise SpecError([Problem(source, "TARGET", f"no run id, suite or sweep run name, or experiment "
+                                         f"named {target!r} in this store (experiments: {', '.join(known)})")])
+            every = list(client.search_runs([experiment.experiment_id], "tags.`labfleet.role` = 'trial'",
+                                            max_results=5000))
+            return Target(f"experiment {target}", experiment.experiment_id, None,
+                          _configurations(client, experiment.experiment_id, every))
+    experiment_id = run.info.experiment_id
+    role = run.data.tags.get("labfleet.role")
+    trials: list[Run]
+    if role == "trial":
+        trials = [run]
+    else:
+        trials = [r for r in _children(client, experiment_id, run.info.run_id)
+                  if r.data.tags.get("labfleet.role") == "trial"]
+    name = run.data.tags.get("mlflow.runName", run.info.run_id)
+    return Target(f"{role} {name}", experiment_id, run, _configurations(client, experiment_id, trials))
+
+
+def primary_metric(configs: list[Configuration]) -> str:
+    from labfleet.algorithms import registry
+
+    for config in configs:
+        try:
+            return registry.get(config.algorithm).primary_metric
+        except KeyError:
+            continue
+    return "eval/return_mean"
+
+
+# --- numbers --------------------------------------------------------------------------------------------
+
+def curve(client: MlflowClient, config: Configuration, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(steps, mean, 95 % half-width, seeds) over the steps every seed evaluated."""
+    from scipy import stats
+
+    histories = []
+    for seed in config.seeds:
+        points = {m.step: m.value for m in client.get_metric_history(seed.info.run_id, metric)}
+        if points:
+            histories.append(points)
+    if not histories:
+        return np.array([]), np.array([]), np.array([]), 0
+    steps = sorted(set.intersection(*(set(h) for h in histories)))
+    values = np.array([[h[s] for s in steps] for h in histories])  # (seeds, steps)
+    n = len(histories)
+    mean = values.mean(0)
+    half = stats.t.ppf(0.975, n - 1) * values.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(mean)
+    return np.array(steps), mean, half, n
+
+
+def final_rows(configs: list[Configuration], metric: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns (the eval metrics of any configuration; blank where one lacks it, e.g. a pruned trial) and
+    one row per configuration, best first."""
+    names = sorted({k for c in configs for k in c.trial.data.metrics if k.startswith("eval/")
+                    and not k.endswith("_std")})
+    if metric in names:
+        names.remove(metric)
+        names.insert(0, metric)
+    rows = []
+    for c in configs:
+        finished = [s for s in c.seeds if s.info.status == "FINISHED"]
+        row: dict[str, Any] = {"configuration": c.label, "seeds": len(finished), "status": c.trial.info.status}
+        for name in names:
+            if name in c.trial.data.metrics:
+                row[name] = (c.trial.data.metrics[name], c.trial.data.metrics.get(name + "_std", 0.0))
+        rows.append(row)
+    sign = 1.0 if lower_is_better(metric) else -1.0
+    rows.sort(key=lambda r: (metric not in r, sign * r[metric][0] if metric in r else 0.0))
+    return names, rows
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def markdown_table(names: list[str], rows: list[dict[str, Any]]) -> str:
+    header = ["configuration", "seeds", *names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["configuration"], str(row["seeds"])]
+        cells += [f"{_fmt(row[n][0])} ± {_fmt(row[n][1])}" if n in row else "" for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- figures --------------------------------------------------------------------------------------------
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def curves_png(client: MlflowClient, configs: list[Configuration], metric: str, x_label: str) -> bytes | None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = 0
+    for i, config in enumerate(configs):
+        steps, mean, half, n = curve(client, config, metric)
+        if not len(steps):
+            continue
+        color = f"C{i % 10}"
+        ax.plot(steps, mean, color=color, label=f"{config.label} (n={n})")
+        ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2, linewidth=0)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}: mean over seeds, 95 % confidence band")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def study_pngs(study: Any) -> dict[str, bytes]:
+    """Optuna's own matplotlib figures of a study (those its trials allow)."""
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    _pyplot()
+    out: dict[str, bytes] = {}
+    multi = len(study.directions) > 1
+    plots: dict[str, Any] = {
+        "optimization_history": (lambda: ovm.plot_optimization_history(study, target=lambda t: t.values[0],
+                                                                       target_name="objective 0"))
+        if multi else (lambda: ovm.plot_optimization_history(study)),
+        "param_importances": (lambda: ovm.plot_param_importances(study, target=lambda t: t.values[0]))
+        if multi else (lambda: ovm.plot_param_importances(study)),
+        "parallel_coordinate": (lambda: ovm.plot_parallel_coordinate(study, target=lambda t: t.values[0]))
+        if multi else (lambda: ovm.plot_parallel_coordinate(study)),
+    }
+    if multi and len(study.directions) <= 3:
+        plots["pareto_front"] = lambda: ovm.plot_pareto_front(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        for name, make in plots.items():
+            complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+            if len(complete) < 2:
+                break
+            try:
+                ax = make()
+            except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. one distinct value: no importances
+                continue
+            figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            out[name] = _png(figure)
+    return out
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+def html_page(title: str, images: dict[str, bytes], table_md: str, names: list[str], rows: list[dict[str, Any]],
+              notes: list[str]) -> str:
+    head = ["configuration", "seeds", *names]
+    body_rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [
+            row["configuration"], str(row["seeds"]),
+            *(f"{_fmt(row[n][0])} ± {_fmt(row[n][1])}" if n in row else "" for n in names)]) + "</tr>"
+        for row in rows)
+    figures = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        f"<figcaption>{html.escape(name.replace('_', ' '))}</figcaption></figure>" for name, data in images.items())
+    notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+figure{{display:inline-block;margin:1em}}img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<h2>Final metrics (mean ± std over seeds), best first</h2>
+<table id="results"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr></thead>
+<tbody>{body_rows}</tbody></table>
+<h2>Figures</h2>{figures}
+<ul>{notes_html}</ul>
+<script>window.addEventListener("load",function(){{var n=0;
+for(const i of document.images){{if(i.complete&&i.naturalWidth>0)n++;}}
+document.body.setAttribute("data-images-rendered",String(n));}});</script>
+</body></html>
+"""
+
+
+@dataclass
+class Report:
+    title: str
+    out: Path
+    files: list[Path]
+    names: list[str]
+    rows: list[dict[str, Any]]
+    logged_to: str | None
+
+
+def build_report(client: MlflowClient, target_text: str, out: Path, metric: str | None = None,
+                 storage: str | None = None) -> Report:
+    target = resolve_target(client, target_text)
+    if not target.configurations:
+        raise SpecError([Problem("labfleet report", "TARGET", f"{target.title} has no trial runs to report")])
+    metric = metric or primary_metric(target.configurations)
+    kinds = {bool(c.trial.data.tags.get("labfleet.dataset")) for c in target.configurations}
+    x_label = {frozenset({False}): "env steps", frozenset({True}): "optimiser steps"}.get(
+        frozenset(kinds), "steps (env steps for RL, optimiser steps for generative models)")
+    images: dict[str, bytes] = {}
+    notes: list[str] = []
+    png = curves_png(client, target.configurations, metric, x_label)
+    if png is not None:
+        images["curves"] = png
+    else:
+        notes.append(f"no seed run logged {metric}: no learning curves")
+    if target.parent is not None and target.parent.data.tags.get("labfleet.role") == "sweep":
+        images.update(_sweep_images(target.parent, storage, notes))
+    names, rows = final_rows(target.configurations, metric)
+    table = markdown_table(names, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, data in images.items():
+        (out / f"{name}.png").write_bytes(data)
+        files.append(out / f"{name}.png")
+    (out / "results.md").write_text(f"# {target.title}\n\n{table}")
+    (out / "report.html").write_text(html_page(target.title, images, table, names, rows, notes))
+    files += [out / "results.md", out / "report.html"]
+    logged_to = None
+    if target.parent is not None and target.parent.data.tags.get("labfleet.role") in ("suite", "sweep"):
+        for path in files:
+            client.log_artifact(target.parent.info.run_id, str(path), "report")
+        logged_to = target.parent.info.run_id
+    return Report(target.title, out, files, names, rows, logged_to)
+
+
+def _sweep_images(sweep_run: Run, storage: str | None, notes: list[str]) -> dict[str, bytes]:
+    import optuna
+
+    name = sweep_run.data.tags.get("optuna.study_name")
+    url = storage or sweep_run.data.tags.get("optuna.storage")
+    if not name or not url:
+        notes.append("the sweep run names no Optuna study")
+        return {}
+    if "***" in url:
+        notes.append("the study's storage URL was recorded without its password: pass --storage to plot it")
+        return {}
+    from labfleet.orchestration.sweep import build_storage
+
+    try:
+        study = optuna.load_study(study_name=name, storage=build_storage(url))
+    except Exception as exc:  # noqa: BLE001 - the report goes on without the study's figures
+        notes.append(f"could not open study {name!r} at {url}: {type(exc).__name__}: {exc}")
+        return {}
+    return study_pngs(study)

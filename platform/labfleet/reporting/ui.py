@@ -1,0 +1,106 @@
+"""`labfleet ui`: the MLflow UI (and optuna-dashboard, when installed) on 127.0.0.1 over the stores the
+runs used. Both are child processes; Ctrl-C (or SIGTERM) stops them."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from labfleet.errors import Problem, SpecError
+from labfleet.tracking.uri import artifact_root_for, check_tracking_uri, redact_uri, resolve_tracking_uri, sqlite_path
+
+HOST = "127.0.0.1"
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def mlflow_command(uri: str, port: int) -> list[str]:
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST,
+               "--port", str(port), "--workers", "1"]
+    root = artifact_root_for(uri)
+    if root:  # the same artifact root the runs were written with
+        command += ["--default-artifact-root", root]
+    return command
+
+
+def dashboard_command(storage: str, port: int) -> list[str] | None:
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        return None
+    executable = shutil.which("optuna-dashboard")
+    base = [executable] if executable else [sys.executable, "-m", "optuna_dashboard"]
+    return [*base, storage, "--host", HOST, "--port", str(port)]
+
+
+def _checked_uri(tracking_uri: str | None) -> str:
+    uri = resolve_tracking_uri(tracking_uri, None)
+    problem = check_tracking_uri(uri)
+    path = sqlite_path(uri)
+    if problem is None and path is not None and not path.exists():
+        problem = f"no MLflow store at {path} (run something first, or pass --tracking-uri)"
+    if problem:
+        raise SpecError([Problem("labfleet ui", "--tracking-uri", problem)])
+    return uri
+
+
+def serve(tracking_uri: str | None, port: int, storage: str | None, dashboard_port: int, console: Console) -> int:
+    uri = _checked_uri(tracking_uri)
+    if storage is None and Path("optuna.db").exists():
+        storage = "sqlite:///optuna.db"
+    children: list[subprocess.Popen[Any]] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        mlflow_ui = subprocess.Popen(mlflow_command(uri, port))
+        children.append(mlflow_ui)
+        url = f"http://{HOST}:{port}"
+        if not _wait_until_up(url + "/health", mlflow_ui):
+            console.print(f"[red]the MLflow UI did not start on {url}[/red]")
+            return 1
+        console.print(f"MLflow UI: {url}  (store: {redact_uri(uri)})", highlight=False)
+        if storage:
+            command = dashboard_command(storage, dashboard_port)
+            if command is None:
+                console.print("optuna-dashboard is not installed (pip install optuna-dashboard) to browse "
+                              f"the study storage {redact_uri(storage)}", highlight=False)
+            else:
+                children.append(subprocess.Popen(command))
+                console.print(f"optuna-dashboard: http://{HOST}:{dashboard_port}  (storage: {redact_uri(storage)})",
+                              highlight=False)
+        console.print("Ctrl-C stops them.")
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        return 1  # a server died on its own
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()

@@ -1,0 +1,144 @@
+"""`labfleet report` and `labfleet ui` on real stores: a suite of two configurations x 3 seeds and a sweep,
+trained for real, read back with MlflowClient; the HTML rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from labfleet.reporting.report import _fmt
+from tests.conftest import interrupt_group, run_cli
+
+VI = {"algorithm": "value_iteration", "env": "FrozenLake-v1", "seeds": [0, 1, 2], "budget": {"iterations": 40},
+      "eval": {"episodes": 200, "every_steps": 10}}
+
+
+@pytest.fixture(scope="module")
+def suite_store(tmp_path_factory) -> tuple[Path, str]:
+    tmp = tmp_path_factory.mktemp("report")
+    (tmp / "vi.yaml").write_text(yaml.safe_dump({"name": "vi", **VI}))
+    (tmp / "suite.yaml").write_text(yaml.safe_dump({"name": "two-gammas", "experiments": [
+        {"spec": "vi.yaml", "set": {"name": "vi-low", "hparams": {"gamma": 0.5}}},
+        {"spec": "vi.yaml", "set": {"name": "vi-high", "hparams": {"gamma": 0.99}}}]}))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    result = run_cli("suite", str(tmp / "suite.yaml"), "--tracking-uri", uri, "--quiet", cwd=tmp)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp, uri
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return name
+    if os.environ.get("CI") == "true":
+        raise AssertionError("CI needs Chromium (.ci/run installs Debian's chromium)")
+    pytest.skip("no Chromium to render the report")
+
+
+def test_report_on_a_suite(suite_store):
+    tmp, uri = suite_store
+    out = tmp / "out"
+    result = run_cli("report", "two-gammas", "--tracking-uri", uri, "--out", str(out), cwd=tmp)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("two-gammas")
+    trials = {r.data.tags["mlflow.runName"]: r for r in
+              client.search_runs([exp.experiment_id], "tags.`labfleet.role` = 'trial'")}
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| vi-")]
+    assert [r.split("|")[1].strip() for r in rows] == ["vi-high", "vi-low"], "best first"
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        metrics = trials[cells[0]].data.metrics
+        assert cells[1] == "3"
+        assert cells[2] == f"{_fmt(metrics['eval/return_mean'])} ± {_fmt(metrics['eval/return_mean_std'])}"
+
+    (suite_run,) = client.search_runs([exp.experiment_id], "tags.`labfleet.role` = 'suite'")
+    logged = {a.path for a in client.list_artifacts(suite_run.info.run_id, "report")}
+    assert {"report/curves.png", "report/results.md", "report/report.html"} <= logged
+
+    browser = _chromium()
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                          "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert 'data-images-rendered="1"' in dom, dom[-2000:]
+    assert "vi-high" in dom and "<table" in dom
+
+
+def test_report_on_a_sweep_has_optuna_figures(tmp_path: Path):
+    spec = {"name": "vi-sweep", **VI, "seeds": [0], "sweep": {
+        "n_trials": 4, "max_parallel": 2, "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "nop"},
+        "space": {"hparams.gamma": {"type": "float", "low": 0.3, "high": 0.99},
+                  "hparams.tolerance": {"type": "float", "low": 1e-10, "high": 1e-4, "log": True}}}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run_cli("sweep", "sweep.yaml", "--tracking-uri", uri, "--storage", storage, "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "out"
+    result = run_cli("report", "vi-sweep", "--tracking-uri", uri, "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("curves", "optimization_history", "param_importances", "parallel_coordinate"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    assert len([line for line in (out / "results.md").read_text().splitlines() if "vi-sweep/trial=" in line]) == 4
+
+
+def test_report_bad_target_and_missing_store(tmp_path: Path, suite_store):
+    _, uri = suite_store
+    result = run_cli("report", "no-such-thing", "--tracking-uri", uri, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert result.returncode == 2 and "no-such-thing" in result.stderr and "two-gammas" in result.stderr
+    missing = tmp_path / "missing.db"
+    result = run_cli("report", "x", "--tracking-uri", f"sqlite:///{missing}", cwd=tmp_path)
+    assert result.returncode == 2 and "no MLflow store" in result.stderr
+    assert not missing.exists() and not (tmp_path / "o").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_store_on_loopback_and_stops(suite_store):
+    tmp, uri = suite_store
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "labfleet", "ui", "--tracking-uri", uri, "--port", str(port)],
+                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline and status != 200:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    status = response.status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+        # the experiment the suite wrote is what this UI serves
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?"
+                                    f"experiment_name=two-gammas", timeout=10) as response:
+            assert response.status == 200 and b"two-gammas" in response.read()
+        output = interrupt_group(proc, 60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output
+    assert re.search(rf"MLflow UI: http://127\.0\.0\.1:{port}", output)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)

@@ -1,8 +1,10 @@
-"""Faults lose nothing: Ctrl-C leaves every run KILLED; a killed trial actor resumes from its checkpoint."""
+"""Faults lose nothing: Ctrl-C leaves every run KILLED; a killed trial actor, or a result lost with its node,
+resumes from its checkpoint."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +19,7 @@ from labfleet.orchestration.runner import TrialRunner
 from labfleet.orchestration.trial import TrialWorker
 from labfleet.spec.loading import load_spec
 from labfleet.tracking.runs import Tracker
-from tests.conftest import EXPERIMENTS, interrupt_group
+from tests.conftest import EXPERIMENTS, REPO, interrupt_group
 
 SPEC = EXPERIMENTS / "cartpole_reinforce.yaml"
 
@@ -91,3 +93,50 @@ def test_worker_built_from_checkpoint_continues_from_it():
     resumed = TrialWorker(spec.model_dump(mode="json"), seed=0, checkpoint=result["checkpoint"])
     assert resumed.trainer.progress == result["progress"] and resumed.trainer.done
 
+
+def test_result_lost_with_its_node_restarts_from_the_checkpoint(tmp_path: Path, tracking_uri: str):
+    """A node can die after its actor returned a chunk and before the driver fetched it: Ray then cannot
+    rebuild the result (an actor call is not re-executed). That is a lost node, so the seed restarts from
+    its last checkpoint, as when the actor itself dies."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    result = subprocess.run([sys.executable, "-m", "tests.orchestration.lost_node_scenario", tracking_uri],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["retries_after_loss"] == 1, outcome
+    assert outcome["seed_status"] == outcome["trial_status"] == "FINISHED", outcome
+    client = MlflowClient(tracking_uri)
+    seed = client.get_run(outcome["run_id"])
+    assert seed.info.status == "FINISHED" and seed.data.tags["labfleet.retries"] == "1"
+    assert client.get_run(outcome["trial_run_id"]).info.status == "FINISHED"
+    history = client.get_metric_history(outcome["run_id"], "time/env_steps")
+    assert max(m.value for m in history) >= 16384 and outcome["checkpoint_progress"] >= 4096
+
+
+def test_killed_rollout_worker_restarts_its_seed_from_the_checkpoint(ray_local, tracking_uri: str):
+    """A rollout worker that dies (its process or node) fails the trial actor's call with a Ray error, not a
+    bug in the trainer: the seed restarts from its checkpoint with fresh workers instead of failing."""
+    spec = load_spec(EXPERIMENTS / "cartpole_ppo.yaml", {
+        "seeds": [1], "budget.env_steps": 24576, "resources.rollout_workers": 1,
+        "eval": {"episodes": 2, "every_steps": 4096}})
+    tracker = Tracker(tracking_uri)
+    runner = TrialRunner(spec, tracker, chunk_seconds=0.2)
+    runner.start()
+    state = runner.seeds[1]
+    killed = False
+    while not runner.done:
+        ready, _ = ray_local.wait(list(runner.futures()), timeout=60)
+        assert ready, "no result in 60 s"
+        runner.on_result(state)
+        if not killed and state.checkpoint is not None and state.future is not None:
+            pids = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True,
+                                  text=True).stdout.split()
+            assert len(pids) == 1, pids
+            os.kill(int(pids[0]), signal.SIGKILL)
+            killed = True
+    tracker.close()
+    assert killed and state.retries == 1, state.error
+    assert state.status == "FINISHED" and runner.status == "FINISHED"
+    run = MlflowClient(tracking_uri).get_run(state.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["labfleet.retries"] == "1"
+    assert run.data.metrics["time/env_steps"] >= 24576

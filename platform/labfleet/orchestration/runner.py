@@ -3,8 +3,9 @@
 `TrialRunner` drives one configuration (one `trial` run) with one actor per seed (one `seed` run each).
 Each seed's actors are reserved together as one placement group, so parallel trials cannot deadlock on
 partial reservations. `drive()` polls any number of runners through one `ray.wait`, so a suite's trials
-share the cluster. A seed whose actor dies is restarted from its last checkpoint up to
-`resources.max_retries` times; a seed whose trainer raises fails with the error as a tag. `abort()` kills
+share the cluster. A seed whose actor dies (or a worker it calls, or the node holding its last result)
+is restarted from its last checkpoint up to `resources.max_retries` times; a seed whose trainer raises
+fails with the error as a tag. `abort()` kills
 the actors and ends every run it opened as KILLED.
 
 With an `ActorPool` (sweeps use one), a seed that finishes hands its idle actor and placement group to
@@ -23,7 +24,15 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import (
+    LocalRayletDiedError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -226,18 +235,17 @@ class TrialRunner:
         future, state.future = state.future, None
         try:
             result = ray.get(future)
-        except RayTaskError as exc:  # the trainer raised: deterministic, not retried
-            self._fail(state, _error_text(exc))
-            return
-        except RayActorError as exc:  # the process or node died: retry from the last checkpoint
-            if exc.actor_init_failed:  # the trainer could not be built: as deterministic as a raise
-                self._fail(state, str(exc))
-            elif state.retries < self.spec.resources.max_retries:
+        except RayError as exc:
+            if _lost(exc) and state.retries < self.spec.resources.max_retries:
+                # a process, a node or the result died with it: retry from the last checkpoint
                 state.retries += 1
                 self.tracker.queue_tags(state.run_id, {"labfleet.retries": str(state.retries)})
+                _kill(state.actor, None)  # the result can be lost while its actor lives on
                 self._launch(state)
-            else:
-                self._fail(state, f"trial actor died {state.retries + 1} times; last: {exc}")
+            elif _lost(exc):
+                self._fail(state, f"trial actor died {state.retries + 1} times; last: {_error_text(exc)}")
+            else:  # the trainer raised, or could not be built: deterministic, not retried
+                self._fail(state, _error_text(exc))
             return
         if not state.placed:  # after every (re)launch: a retried trial may run on another node
             state.placed = True
@@ -353,8 +361,18 @@ def aggregate_finals(finals: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _lost(exc: RayError) -> bool:
+    """Whether a trial's call failed because something died (its actor's process, a rollout worker or
+    data-parallel rank it called, a node, or the node holding its result) rather than because its code
+    raised. A trainer that could not be built fails the same way at every try, so it counts as raised."""
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, RayActorError):
+        return not cause.actor_init_failed
+    return isinstance(cause, (ObjectLostError, WorkerCrashedError, NodeDiedError, LocalRayletDiedError))
+
+
 def _error_text(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None)
+    cause = exc.cause if isinstance(exc, RayTaskError) else None
     text = str(exc)
     if cause is not None:
         text = f"{type(cause).__name__}: {cause}\n{text}"

@@ -3,9 +3,9 @@
 Run as `python -m tests.orchestration.lost_node_scenario TRACKING_URI` (the fault tests run it in a
 subprocess, so that its Ray cluster does not meet the session's `ray_local`). The head node has no CPUs, so
 the seed's actor runs on the worker node. Once the actor has returned a chunk's result (kept in that
-node's object store: results above Ray's inline size are not sent to the driver), the node is removed
-before the driver fetches the result, and a fresh node joins. The runner must restart the seed from its
-last checkpoint on the new node. Prints one JSON line with what happened.
+node's object store), the node is removed before the driver fetches the result, and a fresh node joins.
+The runner must restart the seed from its last checkpoint on the new node. Prints one JSON line with what
+happened.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from tests.conftest import EXPERIMENTS
 
 
 def main(tracking_uri: str) -> None:
-    # every return value goes to the object store of the node that made it, as a checkpoint does
+    # Every return value stays in the object store of the node that made it, as a large result (one
+    # with a checkpoint) does; a small one would go straight to the driver and survive its node.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "_system_config": {"max_direct_call_object_size": 1024}})
+        "num_cpus": 0, "_system_config": {"max_direct_call_object_size": 0}})
     worker = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, logging_level=logging.WARNING)
     try:

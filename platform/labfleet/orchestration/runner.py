@@ -5,8 +5,7 @@ Each seed's actors are reserved together as one placement group, so parallel tri
 partial reservations. `drive()` polls any number of runners through one `ray.wait`, so a suite's trials
 share the cluster. A seed whose actor dies (or a worker it calls, or the node holding its last result)
 is restarted from its last checkpoint up to `resources.max_retries` times; a seed whose trainer raises
-fails with the error as a tag. `abort()` kills
-the actors and ends every run it opened as KILLED.
+fails with the error as a tag. `abort()` kills the actors and ends every run it opened as KILLED.
 
 With an `ActorPool` (sweeps use one), a seed that finishes hands its idle actor and placement group to
 the pool, and the next seed of the same shape loads its trial into them instead of starting a process:

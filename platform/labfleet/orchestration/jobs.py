@@ -50,7 +50,7 @@ def client(address: str | None) -> Any:
                                  "2.60 cluster needs its token: ~/.ray/auth_token or $RAY_AUTH_TOKEN)")]) from None
 
 
-def _kind(path: Path, data: dict[str, Any], sweep: bool) -> str:
+def _kind(data: dict[str, Any], sweep: bool) -> str:
     if "experiments" in data:
         return "suite"
     return "sweep" if sweep else "run"
@@ -68,7 +68,7 @@ def plan_submission(path: Path, overrides: list[str], tracking_uri: str | None, 
                                  "would show to anyone who can list jobs: set MLFLOW_TRACKING_USERNAME and "
                                  "MLFLOW_TRACKING_PASSWORD in the cluster's environment instead")])
     doc = read_yaml(path)
-    kind = _kind(path, doc.data, sweep)
+    kind = _kind(doc.data, sweep)
     parsed = parse_set_options(overrides)
     workdir = path.resolve().parent
     if kind == "suite":

@@ -196,11 +196,9 @@ class TrialBoard:
         self.sweep, self.board, self.study_name = sweep, board, study.study_name
         self.finished: list[tuple[int, str, Any, dict[str, Any]]] = []  # (number, state, value, params)
         self.best: tuple[int, float] | None = None
-        if not sweep.multi_objective:
-            done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-            if done:
-                best = study.best_trial
-                self.best = (best.number, float(best.value or 0.0))
+        if not sweep.multi_objective and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            best = study.best_trial
+            self.best = (best.number, float(best.value or 0.0))
 
     def refresh(self, active: dict[int, ActiveTrial]) -> None:
         if not self.board.live:

@@ -56,13 +56,34 @@ def _overrides(items: list[str] | None) -> dict:
     return parse_set_options(items or [])
 
 
+def static_checks(suite_uri: str | None, source: str, specs: list) -> None:
+    """What `validate` checks beyond each spec's fields, without connecting anywhere: tracking URIs by their
+    form, and every `sweep:` section (objective, storage URL, sampler, pruner, searched paths)."""
+    from labfleet.orchestration.sweep import check_sweep
+    from labfleet.tracking.uri import tracking_uri_form_problem
+
+    problems: list[Problem] = []
+    for uri, where, field in [(suite_uri, source, "tracking.uri")] + [(s.tracking.uri, src, "tracking.uri")
+                                                                       for _, s, src in specs]:
+        if uri and (reason := tracking_uri_form_problem(uri)):
+            problems.append(Problem(where, field, reason))
+    for data, spec, src in specs:
+        if spec.sweep is not None:
+            try:
+                check_sweep(data, spec, src)
+            except SpecError as exc:
+                problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems)
+
+
 @app.command()
 def validate(
     files: list[Path] = typer.Argument(..., help="Spec or suite files."),
     set_: SetOption = None,
 ) -> None:
     """Check specs and suites; print one line per problem (FILE: field.path: what is wrong) and exit 2."""
-    from labfleet.spec.loading import apply_overrides, is_suite, load_suite, read_yaml, resolve_spec_data
+    from labfleet.spec.loading import apply_overrides, from_set, is_suite, load_suite, read_yaml, resolve_spec_data
 
     problems: list[Problem] = []
     with bad_input_exits_2():
@@ -72,9 +93,12 @@ def validate(
             doc = read_yaml(path)
             if is_suite(doc.data):
                 suite, entries = load_suite(path, overrides)
+                static_checks(suite.tracking.uri, doc.source, [(e.data, e.spec, str(e.spec_path)) for e in entries])
                 typer.echo(f"ok: {path} (suite {suite.name}: {len(entries)} experiments)")
             else:
-                spec = resolve_spec_data(apply_overrides(doc.data, overrides), doc.source, doc)
+                data = apply_overrides(doc.data, overrides)
+                spec = resolve_spec_data(data, doc.source, from_set(doc, overrides))
+                static_checks(None, doc.source, [(data, spec, doc.source)])
                 target = spec.env or spec.dataset
                 seeds = f"{len(spec.seeds)} seed" + ("s" if len(spec.seeds) != 1 else "")
                 typer.echo(f"ok: {path} ({spec.algorithm} on {target}, {seeds})")
@@ -119,11 +143,12 @@ def sweep(
     """Search a spec's hyperparameters with Optuna; the same command again resumes the study."""
     local_ray_on_loopback(address)
     from labfleet.orchestration.sweep import execute_sweep
-    from labfleet.spec.loading import apply_overrides, read_yaml, resolve_spec_data
+    from labfleet.spec.loading import apply_overrides, from_set, read_yaml, resolve_spec_data
 
     with bad_input_exits_2():
-        doc = read_yaml(spec)
-        data = apply_overrides(doc.data, _overrides(set_))
+        overrides = _overrides(set_)
+        doc = from_set(read_yaml(spec), overrides)
+        data = apply_overrides(doc.data, overrides)
         resolved = resolve_spec_data(data, doc.source, doc)
         code = execute_sweep(data, resolved, spec, storage=storage, n_trials=n_trials, cli_tracking_uri=tracking_uri,
                              address=address, console=Console(), quiet=quiet)

@@ -45,6 +45,8 @@ class AlgorithmInfo:
     rollout_workers: bool = True  # can spread its environments over Ray rollout actors
     seed_dependent: bool = True  # False for planners, whose training the seed does not touch
     primary_metric: str = "eval/return_mean"
+    # The `eval/*` metrics it can log: what a sweep objective may name (checked by `labfleet validate`).
+    eval_metrics: tuple[str, ...] = ("eval/return_mean", "eval/return_std")
     budget_units: tuple[str, ...] = ("env_steps",)
     tags: dict[str, str] = field(default_factory=dict)
 

@@ -61,7 +61,14 @@ def plan_submission(path: Path, overrides: list[str], tracking_uri: str | None, 
     """(command kind, entrypoint, working directory), after every local check of the file."""
     from urllib.parse import urlsplit
 
-    from labfleet.spec.loading import apply_overrides, load_suite, parse_set_options, read_yaml, resolve_spec_data
+    from labfleet.spec.loading import (
+        apply_overrides,
+        from_set,
+        load_suite,
+        parse_set_options,
+        read_yaml,
+        resolve_spec_data,
+    )
 
     if tracking_uri and urlsplit(tracking_uri).password is not None:
         raise SpecError([Problem("labfleet submit", "--tracking-uri", "holds a password, which the job's entrypoint "
@@ -79,7 +86,7 @@ def plan_submission(path: Path, overrides: list[str], tracking_uri: str | None, 
                 raise SpecError([Problem(str(path), "experiments", f"{spec_path} is outside {workdir}: a submitted "
                                          "suite ships its own directory, so its specs must lie under it")])
     else:
-        resolved = resolve_spec_data(apply_overrides(doc.data, parsed), doc.source, doc)
+        resolved = resolve_spec_data(apply_overrides(doc.data, parsed), doc.source, from_set(doc, parsed))
         if kind == "sweep" and resolved.sweep is None:
             raise SpecError([Problem(str(path), "sweep", "--sweep needs a `sweep:` section")])
     args = [python, "-m", "labfleet", kind, path.name, "--quiet"]
@@ -115,7 +122,9 @@ def submit(path: Path, *, address: str | None, overrides: list[str], tracking_ur
             break
         except RuntimeError as exc:  # a head that has just started may not have its job agent yet
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SpecError([Problem(str(path), "--address", f"the Ray Jobs API at {jobs_address(address)} "
+                                         f"refused the job: {first}")]) from None
             time.sleep(2)
     console.print(f"Submitted {kind} {path.name} as job {job_id} to {jobs_address(address)}", highlight=False)
     console.print(f"  entrypoint: {entrypoint}", highlight=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,27 @@ class Planned:
     sweep_data: dict[str, Any] | None = None  # a suite entry run as a sweep: its spec data with overrides
 
 
+def address_problem(target: str, timeout: float = 5.0) -> str | None:
+    """Why a Ray address cannot be reached (a TCP connect within `timeout` seconds), or None. Ray itself
+    retries an unreachable GCS for minutes; a user who mistyped the address should know in seconds."""
+    if target in ("local", "auto"):
+        return None
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(target if "://" in target else f"ray://{target}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        return f"expected HOST:PORT (the head's GCS, e.g. 127.0.0.1:6379) or ray://HOST:PORT, got {target!r}"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"no Ray cluster answers at {host}:{port} within {timeout:g} s ({exc.strerror or exc})"
+    return None
+
+
 def connect_ray(address: str | None) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS, as in a Ray Job), else start a local instance
     (on 127.0.0.1 when the command set `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` first; see the CLI)."""
@@ -44,6 +66,9 @@ def connect_ray(address: str | None) -> None:
     # "local": a new instance even when a `ray start` cluster runs on this machine (plain ray.init() would
     # join it); $RAY_ADDRESS (set inside a Ray Job) still wins over "local".
     target = address or os.environ.get("RAY_ADDRESS") or "local"
+    problem = address_problem(target)
+    if problem:
+        raise SpecError([Problem("--address" if address else "$RAY_ADDRESS", "", problem)])
     ray.init(address=target, logging_level=logging.WARNING, include_dashboard=False)
 
 

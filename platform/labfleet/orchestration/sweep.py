@@ -162,10 +162,9 @@ def check_sweep(data: dict[str, Any], spec: ExperimentSpec, source: str, storage
             build(sweep)
         except (TypeError, ValueError, ImportError) as exc:
             problems.append(Problem(source, f"sweep.{name}", f"{type(exc).__name__}: {exc}"))
+    problems += _objective_problems(sweep, spec, source)
     for path, p in sweep.space.items():
-        extremes: list[Any] = list(p.choices or []) if p.type == "categorical" else [p.low, p.high]
-        for value in extremes:
-            value = int(value) if p.type == "int" and value is not None else value
+        for value in _probe_values(p):
             try:
                 resolve_spec_data(apply_overrides(data, {path: value}), source, check_env=False)
             except SpecError as exc:
@@ -174,6 +173,31 @@ def check_sweep(data: dict[str, Any], spec: ExperimentSpec, source: str, storage
     if problems:
         raise SpecError(problems)
     return sweep
+
+
+def _probe_values(p: ParamSpace) -> list[Any]:
+    """The values of a space that validation applies to the spec: every choice, or both ends and, for a
+    float space, a point inside (a float range over an int field fails there, not at its integral ends)."""
+    if p.type == "categorical":
+        return list(p.choices or [])
+    assert p.low is not None and p.high is not None
+    if p.type == "int":
+        return [int(p.low), int(p.high)]
+    inside = math.sqrt(p.low * p.high) if p.log else p.low + 0.371 * (p.high - p.low)
+    if p.step is not None:
+        inside = p.low + round((inside - p.low) / p.step) * p.step
+    return [p.low, p.high] + ([inside] if p.low < inside < p.high else [])
+
+
+def _objective_problems(sweep: SweepConfig, spec: ExperimentSpec, source: str) -> list[Problem]:
+    """Each objective must be an `eval/*` metric the algorithm logs (a trial aggregates only those)."""
+    from labfleet.algorithms import registry
+
+    logged = registry.get(spec.algorithm).eval_metrics
+    field = "sweep.metrics" if sweep.multi_objective else "sweep.metric"
+    return [Problem(source, field, f"{spec.algorithm} never logs {metric!r}; a sweep objective is one of its "
+                    f"evaluation metrics: {', '.join(logged)}")
+            for metric, _ in sweep.objectives if metric not in logged]
 
 
 # --- the driver -----------------------------------------------------------------------------------------

@@ -3,44 +3,37 @@
 from __future__ import annotations
 
 import difflib
-import importlib
-import os
-import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gymnasium as gym
 
-from labfleet.rollout.envs import describe_spaces, make_env
+from labfleet.rollout.envs import describe_spaces, env_class, make_env
 
 if TYPE_CHECKING:
     from labfleet.algorithms.registry import AlgorithmInfo
     from labfleet.spec.models import ExperimentSpec
 
 
-def _import_entry_point(entry: str) -> str | None:
-    module_name, _, attr = entry.partition(":")
-    if os.getcwd() not in sys.path:  # "mypkg.envs:MyEnv" next to the spec, as `python -m` would find it
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        return f"cannot import module {module_name!r}: {exc}"
-    if not hasattr(module, attr):
-        return f"module {module_name!r} has no attribute {attr!r}"
-    return None
-
-
-def check_env_id(env: str) -> str | None:
+def check_env_id(env: str, spec_dir: Path | None = None) -> str | None:
+    """Why `env` cannot name an environment, or None. An import path must name a `gymnasium.Env` subclass:
+    it is imported (as `python -m` would, from the spec's directory or the working directory) but nothing
+    it names is called here, so `env: "os:system"` is refused before anything runs."""
     if ":" in env:
-        return _import_entry_point(env)
+        try:
+            env_class(env, spec_dir)
+        except (ImportError, TypeError) as exc:
+            return str(exc)
+        return None
     if env not in gym.registry:
         close = difflib.get_close_matches(env, list(gym.registry), n=3)
-        hint = f" (did you mean: {', '.join(close)}?)" if close else " (see `gymnasium.pprint_registry()`)"
+        hint = f" (did you mean: {', '.join(close)}?)" if close else " (see `labfleet list envs`)"
         return f"unknown gymnasium environment {env!r}{hint}"
     return None
 
 
-def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool = True) -> list[tuple[str, str]]:
+def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool = True,
+                         spec_dir: Path | None = None) -> list[tuple[str, str]]:
     """Problems as (field path, message): budget unit, the env or dataset the algorithm needs, and the
     env's spaces (the env is made once, when `check_env`)."""
     problems: list[tuple[str, str]] = []
@@ -60,6 +53,11 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
             problems.append(("dataset", f"unknown dataset {spec.dataset!r}{hint}; known: {', '.join(DATASETS)}"))
         else:
             problems += _architecture_problems(spec, DATASETS[spec.dataset].shape)
+        pac, batch = spec.hparams.get("pac", 1), spec.hparams.get("batch_size")
+        world = spec.resources.data_parallel
+        if batch is not None and (batch // world) % pac:
+            problems.append(("hparams.pac", f"each worker's batch (batch_size {batch} / data_parallel {world} = "
+                             f"{batch // world}) must be a multiple of pac ({pac})"))
         if spec.resources.rollout_workers:
             problems.append(("resources.rollout_workers", f"{info.name} does not sample environments: use 0"))
         return problems
@@ -72,7 +70,7 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
         return [*problems, ("env", f"{info.name} needs an env (a gymnasium id or \"package.module:Class\")")]
     problems += _rollout_worker_problems(spec, info)
     if check_env:
-        problems += _env_problems(spec, info)
+        problems += _env_problems(spec, info, spec_dir)
     return problems
 
 
@@ -102,9 +100,9 @@ def _rollout_worker_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[
     return []
 
 
-def _env_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tuple[str, str]]:
+def _env_problems(spec: ExperimentSpec, info: AlgorithmInfo, spec_dir: Path | None) -> list[tuple[str, str]]:
     assert spec.env is not None
-    problem = check_env_id(spec.env)
+    problem = check_env_id(spec.env, spec_dir)
     if problem:
         return [("env", problem)]
     try:

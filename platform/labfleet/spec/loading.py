@@ -7,7 +7,9 @@ problem it finds as `FILE: field.path: what is wrong (line N)`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,59 @@ from labfleet.spec.models import ExperimentSpec, SuiteEntry, SuiteSpec
 # YAML with line numbers
 
 
+class SpecLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` (no tags beyond plain data) with two changes for specs and `--set` values:
+    - floats as YAML 1.2 and every config tool read them: `3e-4` and `1e5` are numbers, not strings
+      (YAML 1.1's resolver wants a dot and a signed exponent);
+    - a key given twice in one mapping is an error, not "the last one wins"."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, list | dict):
+                    continue  # unhashable: SafeLoader says so itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]
+
+
+SpecLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "-+0123456789.":
+    SpecLoader.yaml_implicit_resolvers[_first] = [
+        (tag, regexp) for tag, regexp in SpecLoader.yaml_implicit_resolvers.get(_first, [])
+        if tag != "tag:yaml.org,2002:float"]
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+MAX_SPEC_BYTES = 1 << 20  # a spec or suite is a page of YAML; anything larger is not one
+
+
+def parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """(data, root node) of one YAML document, with SpecLoader. Raises yaml.YAMLError or RecursionError."""
+    loader = SpecLoader(text)
+    try:
+        root = loader.get_single_node()
+        return (loader.construct_document(root) if root is not None else None), root
+    finally:
+        loader.dispose()
+
+
 @dataclass
 class YamlDocument:
     source: str
     data: Any
     root: yaml.Node | None
+    overridden: frozenset[str] = frozenset()  # dotted keys whose values came from --set, not the file
 
     def line_of(self, path: tuple[str | int, ...]) -> int | None:
         """1-based line of the deepest node along `path` that exists in the file."""
@@ -40,6 +90,18 @@ class YamlDocument:
         if node is not None:
             line = node.start_mark.line + 1
         return line
+
+    def where(self, path: tuple[str | int, ...]) -> str:
+        """" (line N)", " (from --set)" when a --set override gave the value at `path`, or ""."""
+        dotted = ".".join(str(p) for p in path)
+        if any(dotted == key or dotted.startswith(key + ".") for key in self.overridden):
+            return " (from --set)"
+        line = self.line_of(path)
+        return f" (line {line})" if line else ""
+
+
+def _where(doc: YamlDocument | None, path: tuple[str | int, ...]) -> str:
+    return doc.where(path) if doc is not None else ""
 
 
 def _child(node: yaml.Node, part: str | int) -> yaml.Node | None:
@@ -55,17 +117,26 @@ def _child(node: yaml.Node, part: str | int) -> yaml.Node | None:
 def read_yaml(path: str | Path) -> YamlDocument:
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise SpecError([Problem(source, "", f"cannot read file: {exc.strerror or exc}")]) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError([Problem(source, "", f"the file has {len(raw)} bytes; a spec has at most {MAX_SPEC_BYTES}")])
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError([Problem(source, "", f"not UTF-8 text: byte {exc.start} (line {line}) is "
+                                 f"0x{raw[exc.start]:02x}; save the spec as UTF-8")]) from None
+    try:
+        data, root = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         what = getattr(exc, "problem", None) or str(exc)
         raise SpecError([Problem(source, "", f"{where}invalid YAML: {what}")]) from None
+    except RecursionError:
+        raise SpecError([Problem(source, "", "invalid YAML: nested too deeply for a spec")]) from None
     if not isinstance(data, dict):
         raise SpecError([Problem(source, "", f"expected a mapping of fields at the top, got {type(data).__name__}")])
     return YamlDocument(source, data, root)
@@ -86,12 +157,17 @@ def parse_set_options(items: list[str], source: str = "--set") -> dict[str, Any]
             problems.append(Problem(source, item, "expected KEY=VALUE with KEY a dotted path, e.g. hparams.gamma=0.98"))
             continue
         try:
-            overrides[key] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
+            overrides[key] = parse_yaml(raw)[0] if raw.strip() else ""
+        except (yaml.YAMLError, RecursionError) as exc:
             problems.append(Problem(source, key, f"the value is not valid YAML: {getattr(exc, 'problem', exc)}"))
     if problems:
         raise SpecError(problems)
     return overrides
+
+
+def from_set(doc: YamlDocument, overrides: dict[str, Any]) -> YamlDocument:
+    """The document with `overrides` marked as given by --set, so that problems with them say so."""
+    return dataclasses.replace(doc, overridden=doc.overridden | frozenset(overrides))
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], source: str = "--set") -> dict[str, Any]:
@@ -169,12 +245,13 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     previous: Any = None
     for part in loc:
         is_tag = previous in _TAGGED_FIELDS and part in _TAGGED_FIELDS[previous]
-        if not (is_tag or (isinstance(part, str) and "[" in part)):
+        if not (is_tag or (isinstance(part, str) and _UNION_MEMBER.match(part))):
             out.append(part)
         previous = part
     return tuple(out)
 
 
+_UNION_MEMBER = re.compile(r"^[\w-]+\[.*\]$")  # pydantic's names of union members: `function-after[...]`
 _TAGGED_FIELDS = {"lr_schedule": {"constant", "linear", "step", "exponential", "inverse_time"}}
 
 
@@ -188,14 +265,13 @@ def validation_problems(
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             allowed = _allowed_fields(model, raw_loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            close = difflib.get_close_matches(str(raw_loc[-1]), allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             message = f"unknown field (allowed: {', '.join(allowed)}){hint}"
         elif err["type"] == "missing":
             message = "required field is missing"
         full = prefix + loc
-        line = doc.line_of(full) if doc else None
-        problems.append(Problem(source, _loc_path(full), message + (f" (line {line})" if line else "")))
+        problems.append(Problem(source, _loc_path(full), message + _where(doc, full)))
     return problems
 
 
@@ -211,6 +287,7 @@ def resolve_spec_data(
     from labfleet.spec.envcheck import check_algorithm_fits, check_env_id
 
     hparams_raw = data.get("hparams", {})
+    spec_dir = Path(source).parent if doc is not None else None
     try:
         spec = ExperimentSpec.model_validate({**data, "hparams": {}})
     except ValidationError as exc:
@@ -218,10 +295,9 @@ def resolve_spec_data(
         problems += _hparams_problems(data, hparams_raw, source, doc)
         env = data.get("env")
         if check_env and isinstance(env, str) and not any(p.path == "env" for p in problems):
-            problem = check_env_id(env)  # listed with the rest, though the spec cannot be built yet
+            problem = check_env_id(env, spec_dir)  # listed with the rest, though the spec cannot be built yet
             if problem:
-                line = doc.line_of(("env",)) if doc else None
-                problems.append(Problem(source, "env", problem + (f" (line {line})" if line else "")))
+                problems.append(Problem(source, "env", problem + _where(doc, ("env",))))
         raise SpecError(problems) from None
     problems = _hparams_problems(data, hparams_raw, source, doc)
     if problems:
@@ -230,10 +306,10 @@ def resolve_spec_data(
     spec.hparams = info.hparams.model_validate(hparams_raw).model_dump(mode="json")
 
     def at(path: str, message: str) -> Problem:
-        line = doc.line_of(tuple(path.split("."))) if doc else None
-        return Problem(source, path, message + (f" (line {line})" if line else ""))
+        return Problem(source, path, message + _where(doc, tuple(path.split("."))))
 
-    problems = [at(path, msg) for path, msg in check_algorithm_fits(spec, info, check_env=check_env)]
+    problems = [at(path, msg) for path, msg in check_algorithm_fits(spec, info, check_env=check_env,
+                                                                       spec_dir=spec_dir)]
     if problems:
         raise SpecError(problems)
     return spec
@@ -243,14 +319,13 @@ def _hparams_problems(data: dict, hparams_raw: Any, source: str, doc: YamlDocume
     from labfleet.algorithms import registry
 
     algorithm = data.get("algorithm")
-    line = doc.line_of(("algorithm",)) if doc else None
     if not isinstance(algorithm, str):
         return []
     try:
         info = registry.get(algorithm)
     except KeyError:
         return [Problem(source, "algorithm", f"unknown algorithm {algorithm!r} "
-                        f"(available: {', '.join(registry.names())})" + (f" (line {line})" if line else ""))]
+                        f"(available: {', '.join(registry.names())})" + _where(doc, ("algorithm",)))]
     if not isinstance(hparams_raw, dict):
         return [Problem(source, "hparams", f"expected a mapping, got {type(hparams_raw).__name__}")]
     try:
@@ -261,7 +336,7 @@ def _hparams_problems(data: dict, hparams_raw: Any, source: str, doc: YamlDocume
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, check_env: bool = True) -> ExperimentSpec:
-    doc = read_yaml(path)
+    doc = from_set(read_yaml(path), overrides or {})
     data = apply_overrides(doc.data, overrides or {})
     return resolve_spec_data(data, doc.source, doc, check_env=check_env)
 
@@ -295,12 +370,11 @@ def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
     for i, entry in enumerate(suite.experiments):
         spec_path = base / entry.spec
         if not spec_path.is_file():
-            line = doc.line_of(("experiments", i, "spec"))
             problems.append(Problem(doc.source, f"experiments.{i}.spec",
-                                    f"no such file: {spec_path}" + (f" (line {line})" if line else "")))
+                                    f"no such file: {spec_path}" + doc.where(("experiments", i, "spec"))))
             continue
         try:
-            spec_doc = read_yaml(spec_path)
+            spec_doc = from_set(read_yaml(spec_path), overrides or {})
             data = apply_overrides(spec_doc.data, entry.set, source=f"{doc.source}: experiments.{i}.set")
             data = apply_overrides(data, overrides or {})
             resolved = resolve_spec_data(data, spec_doc.source, spec_doc)

@@ -47,17 +47,36 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
+SERVER_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def tracking_uri_form_problem(uri: str) -> str | None:
+    """Why `uri` cannot be a tracking URI by its form alone (no I/O), or None."""
+    scheme = urlsplit(uri).scheme
+    if scheme == "sqlite":
+        if sqlite_path(uri) is None:
+            return f"only file-based SQLite URIs (sqlite:///PATH) are supported, got {redact_uri(uri)}"
+        return None
+    if scheme in SERVER_SCHEMES or scheme in ("", "file") or scheme.split("+")[0] in DATABASE_SCHEMES:
+        return None
+    return (f"unsupported tracking URI scheme {scheme!r} in {redact_uri(uri)}; use sqlite:///PATH, "
+            f"http(s)://HOST:PORT (a tracking server), postgresql://..., mysql://... or a directory")
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
     """A sentence saying why the tracking store cannot be used, or None."""
+    problem = tracking_uri_form_problem(uri)
+    if problem:
+        return problem
     scheme = urlsplit(uri).scheme
     if scheme == "sqlite":
         path = sqlite_path(uri)
-        if path is None:
-            return f"only file-based SQLite URIs (sqlite:///PATH) are supported, got {redact_uri(uri)}"
+        assert path is not None
         if not path.parent.resolve().is_dir():
             return f"the directory of the SQLite file does not exist: {path.parent.resolve()}"
         return None
-    if scheme in ("http", "https"):
+    if scheme in SERVER_SCHEMES:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
                 if response.status == 200:
@@ -65,11 +84,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
                 return f"tracking server {redact_uri(uri)} answered HTTP {response.status} on /health"
         except (urllib.error.URLError, OSError) as exc:
             return f"tracking server {redact_uri(uri)} is unreachable: {getattr(exc, 'reason', exc)}"
-    if scheme in ("postgresql", "mysql", "mssql") or scheme.startswith(("postgresql+", "mysql+")):
-        return None  # MLflow connects on first use; errors surface then, before any trial starts
-    if scheme in ("", "file"):
-        return None
-    return f"unsupported tracking URI scheme {scheme!r} in {redact_uri(uri)}"
+    return None  # a database: MLflow connects on first use; errors surface then, before any trial starts
 
 
 _WAL_ON = False

@@ -34,6 +34,7 @@ from torch import nn
 
 from labfleet.algorithms.base import Trainer, rng_state, set_rng_state
 from labfleet.algorithms.optim import OptimHParams, ScheduledOptimizer
+from labfleet.algorithms.sizes import BatchSize, Width
 from labfleet.data import datasets
 from labfleet.rollout.envs import derive_seed
 from labfleet.spec.models import ExperimentSpec
@@ -47,11 +48,11 @@ class EarlyStopping(BaseModel):
 
 class GenerativeHParams(OptimHParams):
     architecture: Literal["mlp", "conv"] = Field("mlp", description="mlp, or conv for image datasets.")
-    hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 256], description="MLP layer widths.")
+    hidden: list[Width] = Field(default_factory=lambda: [256, 256], description="MLP layer widths.")
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64],
                                         description="Conv channels; each layer halves the image size.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer (a regulariser).")
-    batch_size: PositiveInt = 128
+    batch_size: BatchSize = 128
     max_grad_norm: PositiveFloat | None = Field(None, description="Clip the global gradient norm; null: off.")
     early_stopping: EarlyStopping | None = Field(None, description="Stop on the validation metric; null: off.")
     image_every: NonNegativeInt = Field(2, description="Log sample images every this many evaluations "

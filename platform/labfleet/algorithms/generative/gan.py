@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
+from labfleet import metrics as M
 from labfleet.algorithms.generative import metrics as GM
 from labfleet.algorithms.generative.base import (
     ConvDecoder,
@@ -34,6 +35,7 @@ from labfleet.algorithms.generative.base import (
 from labfleet.algorithms.generative.plots import image_grid_png, points_png
 from labfleet.algorithms.optim import OptimizerConfig, ScheduledOptimizer
 from labfleet.algorithms.registry import AlgorithmInfo, register
+from labfleet.algorithms.sizes import Width
 
 EVAL_SAMPLES = 2500
 
@@ -47,7 +49,7 @@ class GANHParams(GenerativeHParams):
     optimizer: OptimizerConfig = Field(default_factory=_gan_optimizer)
     d_learning_rate: float | None = Field(None, gt=0, description="The discriminator's; null: learning_rate.")
     latent_dim: PositiveInt = Field(16, description="Size of the generator's noise z ~ N(0, I).")
-    d_hidden: list[PositiveInt] | None = Field(None, description="Discriminator MLP widths; null: hidden.")
+    d_hidden: list[Width] | None = Field(None, description="Discriminator MLP widths; null: hidden.")
     loss: Literal["non_saturating", "saturating"] = "non_saturating"
     gp_weight: float = Field(0.0, ge=0, description="R1 gradient penalty on real data; 0: off.")
     pac: PositiveInt = Field(1, description="Samples the discriminator judges together (PacGAN); 1: plain GAN.")
@@ -165,4 +167,5 @@ register(AlgorithmInfo(
     name="gan", kind="generative", hparams=GANHParams, trainer=GANTrainer,
     summary="GAN (non-saturating or minimax loss, PacGAN packing, R1 gradient penalty)",
     rollout_workers=False, primary_metric="eval/modes_covered", budget_units=("iterations", "epochs"),
+    eval_metrics=(M.GAN_MODES_COVERED, M.GAN_HIGH_QUALITY_FRAC, M.GAN_MODE_KL, M.FD_DIGITS, M.CONFIDENT_FRAC),
 ))

@@ -32,6 +32,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
+from labfleet import metrics as M
 from labfleet.algorithms.generative import metrics as GM
 from labfleet.algorithms.generative.base import (
     ConvDecoder,
@@ -213,4 +214,6 @@ register(AlgorithmInfo(
     name="vae", kind="generative", hparams=VAEHParams, trainer=VAETrainer,
     summary="Variational autoencoder (beta-VAE, IWAE bound, two-level hierarchical option)",
     rollout_workers=False, primary_metric="eval/neg_elbo", budget_units=("epochs", "iterations"),
+    eval_metrics=(M.VAE_NEG_ELBO, M.VAE_RECON_NLL, M.VAE_KL, M.VAE_BASELINE_NLL, M.VAE_IWAE_NLL, M.FD_DIGITS,
+                  M.CONFIDENT_FRAC, M.GAN_MODES_COVERED, M.GAN_HIGH_QUALITY_FRAC, M.GAN_MODE_KL),
 ))

@@ -17,27 +17,28 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
 from labfleet import metrics as M
 from labfleet.algorithms.optim import OptimHParams, OptimizerConfig
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.algorithms.sizes import EnvCount, StepCount, Width
 
 
 class A2CHParams(OptimHParams):
     learning_rate: float | str = Field(7e-4, description='Initial learning rate, or "lin_<value>".')
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(type="rmsprop", eps=1e-5, alpha=0.99),
                                        description="RMSprop(alpha 0.99, eps 1e-5), as SB3.")
-    n_envs: PositiveInt = Field(8, description="Environments stepped together.")
-    n_steps: PositiveInt = Field(5, description="Steps per environment per update (the n of n-step returns).")
+    n_envs: EnvCount = Field(8, description="Environments stepped together.")
+    n_steps: StepCount = Field(5, description="Steps per environment per update (the n of n-step returns).")
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
     gae_lambda: float = Field(1.0, ge=0, le=1, description="1: n-step returns; < 1: GAE.")
     ent_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
     vf_coef: float = Field(0.5, ge=0, description="Value loss weight.")
     normalize_advantage: bool = Field(False, description="Standardise advantages over the batch.")
-    net_arch: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="Hidden sizes, each net.")
+    net_arch: list[Width] = Field(default_factory=lambda: [64, 64], description="Hidden sizes, each net.")
     activation: Literal["tanh", "relu"] = "tanh"
 
 

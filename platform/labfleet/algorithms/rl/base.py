@@ -13,13 +13,14 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
 from labfleet import metrics as M
 from labfleet.algorithms.base import Trainer
 from labfleet.algorithms.optim import ScheduledOptimizer, StepSizeHParams, scheduled_learning_rate
 from labfleet.algorithms.rl.exploration import EpsilonGreedyHParams, EpsilonGreedyTable
 from labfleet.algorithms.rl.networks import ActorCritic, NumpyPolicy
+from labfleet.algorithms.sizes import EnvCount, StepCount
 from labfleet.rollout.envs import derive_seed, make_env
 from labfleet.rollout.sampler import NoisePolicy, Rollout, VectorSampler, evaluate_policy
 from labfleet.rollout.workers import RolloutWorkerGroup
@@ -161,8 +162,8 @@ class TabularHParams(StepSizeHParams, EpsilonGreedyHParams):
 
     learning_rate: float | str = Field(0.1, description='Step size alpha, or "lin_<value>".')
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
-    n_envs: PositiveInt = Field(8, description="Environments stepped together.")
-    n_steps: PositiveInt = Field(1, description="Steps per environment between batches of updates.")
+    n_envs: EnvCount = Field(8, description="Environments stepped together.")
+    n_steps: StepCount = Field(1, description="Steps per environment between batches of updates.")
     q_init: float = Field(0.0, description="Initial value of every Q(s, a).")
 
 

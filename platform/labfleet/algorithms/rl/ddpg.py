@@ -27,6 +27,7 @@ from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import RLTrainer, seeded_torch
 from labfleet.algorithms.rl.estimators import polyak_update, td_target
 from labfleet.algorithms.rl.networks import ObservationEncoder, mlp
+from labfleet.algorithms.sizes import BatchSize, BufferSize, EnvCount, Width
 from labfleet.rollout.envs import derive_seed
 from labfleet.rollout.replay import ReplayBuffer
 from labfleet.spec.models import ExperimentSpec
@@ -36,10 +37,10 @@ class DDPGHParams(OptimHParams):
     learning_rate: float | str = Field(1e-3, description='Learning rate of actor and critic, or "lin_<value>".')
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     max_grad_norm: PositiveFloat | None = Field(None, description="Clip the global gradient norm; null: off.")
-    n_envs: PositiveInt = Field(1, description="Environments stepped together.")
-    buffer_size: PositiveInt = Field(1_000_000, description="Replay buffer capacity (transitions).")
+    n_envs: EnvCount = Field(1, description="Environments stepped together.")
+    buffer_size: BufferSize = Field(1_000_000, description="Replay buffer capacity (transitions).")
     learning_starts: int = Field(100, ge=0, description="Env steps of random actions before learning.")
-    batch_size: PositiveInt = Field(256, description="Minibatch size.")
+    batch_size: BatchSize = Field(256, description="Minibatch size.")
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
     tau: float = Field(0.005, gt=0, le=1, description="Polyak coefficient of the target networks.")
     train_freq: PositiveInt = Field(1, description="Steps per environment between training phases.")
@@ -48,7 +49,7 @@ class DDPGHParams(OptimHParams):
     noise_std: float = Field(0.1, ge=0, description="Noise scale, as a fraction of the action range's half-width.")
     ou_theta: float = Field(0.15, gt=0, description="Ornstein-Uhlenbeck mean reversion.")
     ou_dt: float = Field(1e-2, gt=0, description="Ornstein-Uhlenbeck time step.")
-    net_arch: list[PositiveInt] = Field(default_factory=lambda: [400, 300], description="Hidden sizes, each net.")
+    net_arch: list[Width] = Field(default_factory=lambda: [400, 300], description="Hidden sizes, each net.")
     activation: Literal["tanh", "relu"] = "relu"
 
 

@@ -29,6 +29,7 @@ from labfleet.algorithms.rl.base import RLTrainer, seeded_torch
 from labfleet.algorithms.rl.estimators import polyak_update, td_target
 from labfleet.algorithms.rl.exploration import EpsilonGreedyHParams, EpsilonGreedyNet
 from labfleet.algorithms.rl.networks import ObservationEncoder, mlp
+from labfleet.algorithms.sizes import BatchSize, BufferSize, EnvCount, Width
 from labfleet.rollout.envs import derive_seed
 from labfleet.rollout.replay import ReplayBuffer
 from labfleet.spec.models import ExperimentSpec
@@ -37,10 +38,10 @@ from labfleet.spec.models import ExperimentSpec
 class DQNHParams(OptimHParams, EpsilonGreedyHParams):
     learning_rate: float | str = Field(1e-4, description='Initial learning rate, or "lin_<value>".')
     max_grad_norm: float | None = Field(10.0, gt=0, description="Clip the global gradient norm; null: off.")
-    n_envs: PositiveInt = Field(1, description="Environments stepped together.")
-    buffer_size: PositiveInt = Field(100_000, description="Replay buffer capacity (transitions).")
+    n_envs: EnvCount = Field(1, description="Environments stepped together.")
+    buffer_size: BufferSize = Field(100_000, description="Replay buffer capacity (transitions).")
     learning_starts: int = Field(100, ge=0, description="Env steps of random actions before learning.")
-    batch_size: PositiveInt = Field(32, description="Minibatch size.")
+    batch_size: BatchSize = Field(32, description="Minibatch size.")
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
     tau: float = Field(1.0, gt=0, le=1, description="Target update coefficient (1: hard copy).")
     train_freq: PositiveInt = Field(4, description="Steps per environment between training phases.")
@@ -48,7 +49,7 @@ class DQNHParams(OptimHParams, EpsilonGreedyHParams):
     target_update_interval: PositiveInt = Field(10_000, description="Env steps between target updates.")
     double_q: bool = Field(False, description="Double DQN: the online network picks the next action.")
     loss: Literal["huber", "mse"] = Field("huber", description="Huber (smooth L1) or squared TD error.")
-    net_arch: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="Hidden layer sizes.")
+    net_arch: list[Width] = Field(default_factory=lambda: [64, 64], description="Hidden layer sizes.")
     activation: Literal["tanh", "relu"] = "relu"
 
 

@@ -35,6 +35,7 @@ from labfleet.algorithms.optim import LIN_PATTERN, OptimHParams, OptimizerConfig
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.algorithms.sizes import BatchSize, EnvCount, StepCount, Width
 from labfleet.rollout.envs import derive_seed
 from labfleet.spec.models import ExperimentSpec
 
@@ -42,9 +43,9 @@ from labfleet.spec.models import ExperimentSpec
 class PPOHParams(OptimHParams):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(type="adam", eps=1e-5),
                                        description="Adam with eps 1e-5 [3].")
-    n_envs: PositiveInt = Field(8, description="Environments stepped together [1].")
-    n_steps: PositiveInt = Field(128, description="Steps per environment per rollout.")
-    batch_size: PositiveInt = Field(256, description="Minibatch size; at most n_envs * n_steps.")
+    n_envs: EnvCount = Field(8, description="Environments stepped together [1].")
+    n_steps: StepCount = Field(128, description="Steps per environment per rollout.")
+    batch_size: BatchSize = Field(256, description="Minibatch size; at most n_envs * n_steps.")
     n_epochs: PositiveInt = Field(10, description="Passes over each rollout [6].")
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE's lambda [5].")
@@ -54,7 +55,7 @@ class PPOHParams(OptimHParams):
     ent_coef: float = Field(0.0, ge=0, description="Entropy bonus weight [10].")
     vf_coef: float = Field(0.5, ge=0, description="Value loss weight [10].")
     target_kl: PositiveFloat | None = Field(None, description="Stop the epochs once approx_kl > 1.5 target_kl.")
-    net_arch: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="Hidden sizes, each net.")
+    net_arch: list[Width] = Field(default_factory=lambda: [64, 64], description="Hidden sizes, each net.")
     activation: Literal["tanh", "relu"] = "tanh"
 
     @field_validator("clip_range")

@@ -17,24 +17,25 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
 from labfleet import metrics as M
 from labfleet.algorithms.optim import OptimHParams
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import discounted_returns
+from labfleet.algorithms.sizes import EnvCount, StepCount, Width
 
 
 class ReinforceHParams(OptimHParams):
     learning_rate: float | str = Field(1e-3, description='Initial learning rate, or "lin_<value>".')
-    n_envs: PositiveInt = Field(8, description="Environments stepped together.")
-    n_steps: PositiveInt = Field(128, description="Steps per environment per update.")
+    n_envs: EnvCount = Field(8, description="Environments stepped together.")
+    n_steps: StepCount = Field(128, description="Steps per environment per update.")
     gamma: float = Field(0.99, ge=0, le=1, description="Discount factor.")
     vf_coef: float = Field(0.5, ge=0, description="Weight of the baseline's squared error in the loss.")
     ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
     normalize_advantage: bool = Field(True, description="Standardise G_t - V(s_t) over the batch.")
-    net_arch: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="Hidden layer sizes.")
+    net_arch: list[Width] = Field(default_factory=lambda: [64, 64], description="Hidden layer sizes.")
     activation: Literal["tanh", "relu"] = "tanh"
 
 

@@ -1,0 +1,200 @@
+"""Hostile and careless input (issue 14, section 6): every case exits 2 naming the file and the field, with
+no traceback, nothing written and nothing that the spec names called; a fuzz test of the loader."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from labfleet.cli import app
+from labfleet.spec.loading import parse_set_options, parse_yaml
+from tests.conftest import run_cli
+from tests.spec.test_validate import BASE, _check_refused, _set
+
+SWEEP = {"metric": "eval/return_mean", "n_trials": 2,
+         "space": {"hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    return spec_file
+
+
+def test_env_that_names_a_function_is_never_called(tmp_path: Path) -> None:
+    """`env: "os:system"` used to run its `env_kwargs.command` inside `labfleet validate`."""
+    marker = tmp_path / "owned"
+    spec_file = _write(tmp_path, {**BASE, "env": "os:system", "env_kwargs": {"command": f"touch {marker}"}})
+    result = run_cli("validate", str(spec_file), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{spec_file}: env: os:system must name a gymnasium.Env subclass" in result.stderr
+    assert not marker.exists(), "validate ran the command the spec named"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_run_refuses_a_function_env_before_anything_starts(tmp_path: Path) -> None:
+    marker = tmp_path / "owned"
+    spec_file = _write(tmp_path, {**BASE, "env": "subprocess:call", "env_kwargs": {"args": ["touch", str(marker)]}})
+    result = run_cli("run", str(spec_file), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"], "run wrote a file"
+
+
+@pytest.mark.parametrize(("env", "word"), [
+    ("collections:OrderedDict", "the class OrderedDict"),           # a class, but not an environment
+    ("gymnasium.wrappers:TimeLimit", "the class TimeLimit"),        # a wrapper is not an environment
+    ("gymnasium.envs.classic_control.cartpole:CartPoleEnv", None),  # a real Env subclass is fine
+])
+def test_only_env_subclasses_are_made(tmp_path: Path, env: str, word: str | None) -> None:
+    result = CliRunner().invoke(app, ["validate", str(_write(tmp_path, {**BASE, "env": env}))])
+    if word is None:
+        assert result.exit_code == 0, result.output
+    else:
+        _check_refused(result, tmp_path / "spec.yaml", "env", word)
+
+
+def test_custom_env_resolves_next_to_the_spec(tmp_path: Path) -> None:
+    """`env: myenvs.grid:Grid` is found beside the spec, whatever the working directory."""
+    project = tmp_path / "proj"
+    (project / "myenvs").mkdir(parents=True)
+    (project / "myenvs" / "__init__.py").write_text("")
+    (project / "myenvs" / "grid.py").write_text(
+        "import gymnasium as gym\nimport numpy as np\n\n"
+        "class Grid(gym.Env):\n"
+        "    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)\n"
+        "    action_space = gym.spaces.Discrete(2)\n"
+        "    def reset(self, *, seed=None, options=None):\n"
+        "        super().reset(seed=seed)\n"
+        "        return np.zeros(2, np.float32), {}\n"
+        "    def step(self, action):\n"
+        "        return np.zeros(2, np.float32), 1.0, True, False, {}\n")
+    (project / "own_env.yaml").write_text(yaml.safe_dump({**BASE, "env": "myenvs.grid:Grid"}))
+    result = run_cli("validate", "proj/own_env.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("content", "word"), [
+    (b"\x00\x01\xff\xfe binary", "not UTF-8"),
+    ("name: x\nalgorithm: reinforce\n".encode("utf-16"), "not UTF-8"),
+    (b"name: caf\xe9\n", "byte 9 (line 1)"),
+    (("a: " + "[" * 3000 + "]" * 3000 + "\n").encode(), "nested too deeply"),
+    (b"name: x\nseeds: [0]\nname: y\n", "duplicate key 'name' (first given on line 1)"),
+    (b"name: x\nhparams:\n  gamma: 0.9\n  gamma: 0.5\n", "duplicate key 'gamma'"),
+])
+def test_unreadable_files_are_refused(tmp_path: Path, content: bytes, word: str) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_bytes(content)
+    result = CliRunner().invoke(app, ["validate", str(spec_file)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.startswith(f"{spec_file}: ") and word in result.output, result.output
+
+
+CASES = [
+    ("absurd-n-envs", _set("hparams.n_envs", 1_000_000_000), "hparams.n_envs", "less than or equal to 16384"),
+    ("absurd-buffer", lambda d: {**d, "algorithm": "dqn", "hparams": {"buffer_size": 10 ** 10}},
+     "hparams.buffer_size", "less than or equal"),
+    ("absurd-batch", lambda d: {**d, "algorithm": "ppo", "hparams": {"batch_size": 10 ** 9}},
+     "hparams.batch_size", "less than or equal"),
+    ("absurd-width", _set("hparams.net_arch", [64, 10 ** 8]), "hparams.net_arch.1", "less than or equal"),
+    ("sweep-path-missing", lambda d: {**d, "sweep": {**SWEEP, "space": {"hparams.no_such": {
+        "type": "float", "low": 0.1, "high": 0.2}}}}, "sweep.space.hparams.no_such", "unknown field"),
+    ("sweep-float-for-int", lambda d: {**d, "sweep": {**SWEEP, "space": {"hparams.n_envs": {
+        "type": "float", "low": 2.0, "high": 8.0}}}}, "sweep.space.hparams.n_envs", "integer"),
+    ("sweep-objective-never-logged", lambda d: {**d, "sweep": {**SWEEP, "metric": "eval/retrun_mean"}},
+     "sweep.metric", "eval/return_mean, eval/return_std"),
+    ("tracking-scheme", _set("tracking", {"uri": "ftp://example/store"}), "tracking.uri", "unsupported"),
+    ("gan-pac", lambda d: {"name": "g", "algorithm": "gan", "dataset": "ring8", "budget": {"iterations": 10},
+                           "hparams": {"batch_size": 30, "pac": 4}}, "hparams.pac", "multiple of pac (4)"),
+    ("gan-pac-per-worker", lambda d: {"name": "g", "algorithm": "gan", "dataset": "ring8",
+                                      "budget": {"iterations": 10}, "hparams": {"batch_size": 48, "pac": 4},
+                                      "resources": {"data_parallel": 8}}, "hparams.pac", "48 / data_parallel 8 = 6"),
+]
+
+
+@pytest.mark.parametrize(("change", "field", "word"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_hostile_spec_is_refused(tmp_path: Path, change, field: str, word: str) -> None:
+    spec_file = _write(tmp_path, change(copy.deepcopy(BASE)))
+    _check_refused(CliRunner().invoke(app, ["validate", str(spec_file)]), spec_file, field, word)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"], "validate wrote a file"
+
+
+def test_set_values_parse_like_numbers() -> None:
+    """YAML 1.1 reads 3e-4 and 1e5 as strings; specs and --set read them as numbers."""
+    assert parse_set_options(["hparams.learning_rate=3e-4", "budget.env_steps=1e5", "x=1_000", "y=.5",
+                              "z=-2E+3", "w=abc", "v=1.0e-5"]) == {
+        "hparams.learning_rate": 3e-4, "budget.env_steps": 1e5, "x": 1000, "y": 0.5, "z": -2000.0, "w": "abc",
+        "v": 1e-5}
+    assert parse_yaml("lr: 3e-4\nsteps: 1e5\nname: 1e5x\n")[0] == {"lr": 3e-4, "steps": 1e5, "name": "1e5x"}
+
+
+def test_documented_set_command_validates_and_says_from_set(tmp_path: Path) -> None:
+    from tests.conftest import EXPERIMENTS
+
+    spec = str(EXPERIMENTS / "cartpole_ppo.yaml")
+    ok = CliRunner().invoke(app, ["validate", spec, "--set", "hparams.learning_rate=3e-4",
+                                  "--set", "budget.env_steps=1e5"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(app, ["validate", spec, "--set", "hparams.gamma=3e4"])
+    assert bad.exit_code == 2
+    assert f"{spec}: hparams.gamma: Input should be less than or equal to 1 (from --set)" in bad.output
+
+
+# --- fuzz: whatever the bytes, validate exits 0 or 2 and prints no traceback -----------------------
+
+_runner = CliRunner()
+
+
+def _validate_bytes(tmp_path: Path, content: bytes) -> None:
+    spec_file = tmp_path / "fuzz.yaml"
+    spec_file.write_bytes(content)
+    result = _runner.invoke(app, ["validate", str(spec_file)])
+    assert result.exit_code in (0, 2), (content, result.output, result.exception)
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
+        repr(result.exception)
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12))
+_keys = st.one_of(st.sampled_from(["name", "algorithm", "env", "seeds", "budget", "hparams", "env_steps",
+                                   "n_envs", "sweep", "space", "experiments", "spec", "resources", "eval"]),
+                  st.text(max_size=8))
+_documents = st.recursive(_scalars, lambda children: st.one_of(
+    st.lists(children, max_size=4), st.dictionaries(_keys, children, max_size=5)), max_leaves=20)
+_fuzz = settings(max_examples=150, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_fuzz
+@given(content=st.binary(max_size=200))
+def test_fuzz_arbitrary_bytes(tmp_path: Path, content: bytes) -> None:
+    _validate_bytes(tmp_path, content)
+
+
+@_fuzz
+@given(document=st.dictionaries(_keys, _documents, max_size=6))
+def test_fuzz_arbitrary_yaml_documents(tmp_path: Path, document: dict) -> None:
+    """Both alone and laid over a valid spec, so that the fuzz reaches the algorithm's own checks."""
+    for data in (document, {**BASE, **document}):
+        _validate_bytes(tmp_path, yaml.safe_dump(data, allow_unicode=True).encode())
+
+
+def test_unreachable_address_fails_within_seconds(tmp_path: Path) -> None:
+    import time
+
+    from tests.conftest import EXPERIMENTS
+
+    started = time.monotonic()
+    result = run_cli("run", str(EXPERIMENTS / "cartpole_reinforce.yaml"), "--address", "127.0.0.1:9",
+                     cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--address: no Ray cluster answers at 127.0.0.1:9" in result.stderr
+    assert time.monotonic() - started < 30
+    assert list(tmp_path.iterdir()) == [], "run wrote a file"

@@ -21,6 +21,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from labfleet.rollout.sampler import Rollout, VectorSampler
 
 
+def worker_options(index: int, cpus: float) -> dict[str, Any]:
+    """Ray options of the trial's worker `index` (0-based): its CPUs, and bundle index + 1 of the trial's
+    placement group when the trial runs in one (bundle 0 is the trial actor's own)."""
+    options: dict[str, Any] = {"num_cpus": cpus}
+    group = ray.util.get_current_placement_group()
+    if group is not None and len(group.bundle_specs) > index + 1:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index + 1)
+    return options
+
+
 class RolloutWorker:
     def __init__(self, env: str, env_kwargs: dict[str, Any] | None, n_envs: int, seed: int, first_env: int,
                  generation: int, policy_blob: bytes):
@@ -47,16 +57,10 @@ class RolloutWorkerGroup:
         if n_envs % n_workers:
             raise ValueError(f"n_envs ({n_envs}) must be a multiple of rollout_workers ({n_workers})")
         per_worker = n_envs // n_workers
-        group = ray.util.get_current_placement_group()
         blob = pickle.dumps(policy)
-        self.workers: list[Any] = []  # actor handles
-        for w in range(n_workers):
-            options: dict[str, Any] = {"num_cpus": cpus_per_worker}
-            if group is not None and len(group.bundle_specs) > w + 1:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    group, placement_group_bundle_index=w + 1)
-            self.workers.append(RemoteRolloutWorker.options(**options).remote(
-                env, env_kwargs, per_worker, seed, w * per_worker, generation, blob))
+        self.workers: list[Any] = [  # actor handles
+            RemoteRolloutWorker.options(**worker_options(w, cpus_per_worker)).remote(
+                env, env_kwargs, per_worker, seed, w * per_worker, generation, blob) for w in range(n_workers)]
 
     def collect(self, policy: Any, n_steps: int) -> Rollout:
         state = ray.put(policy.get_state())  # once per iteration, shared by every worker

@@ -93,8 +93,8 @@ def _rollout_worker_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[
         return []
     if not info.rollout_workers:
         return [("resources.rollout_workers", f"{info.name} does not sample environments: use 0")]
-    n_envs = spec.hparams.get("n_envs", 1)
-    if n_envs % workers:
+    n_envs = spec.hparams.get("n_envs")
+    if n_envs is not None and n_envs % workers:  # ES spreads perturbations, not environments
         return [("resources.rollout_workers", f"must divide hparams.n_envs ({n_envs}) so every worker steps "
                  f"the same number of envs")]
     return []

@@ -1,5 +1,6 @@
-"""PPO with the clipped surrogate objective (Schulman et al. 2017), with the 13 core implementation
-details of Huang et al., "The 37 Implementation Details of PPO" (ICLR blog track 2022), marked [n]:
+"""PPO (Schulman et al. 2017) with the clipped surrogate objective or, with `loss: kl_penalty`, the
+adaptive KL penalty of the paper's section 4, and the 13 core implementation details of Huang et al.,
+"The 37 Implementation Details of PPO" (ICLR blog track 2022), marked [n]:
 
   [1] vectorised environments              [8]  clipped surrogate objective
   [2] orthogonal init, constant 0 biases   [9]  value-loss clipping (clip_range_vf)
@@ -15,15 +16,20 @@ One iteration:
   3. for each of n_epochs, for each shuffled minibatch:                                   [6]
        ratio_t   = pi(a_t|s_t) / pi_old(a_t|s_t)
        L_clip    = -mean( min(ratio_t A_t, clip(ratio_t, 1 - eps, 1 + eps) A_t) )         [7][8]
+         or L_klpen = -mean( ratio_t A_t ) + beta mean( KL[pi_old(.|s_t), pi(.|s_t)] )   (section 4)
        L_value   = mean( max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) )         [9]
        loss      = L_clip + vf_coef L_value - ent_coef mean(H[pi])                        [10]
        step (clip the global gradient norm)                                               [11]
      stop early once approx_kl > 1.5 target_kl, if target_kl is set
-  4. log                                                                                  [12]
+  4. with the KL penalty: d = mean KL[pi_old, pi] over the rollout after the epochs;
+       beta <- beta / 2 if d < kl_target / 1.5,  beta <- beta * 2 if d > kl_target * 1.5
+  5. log                                                                                  [12]
+The shipped specs use the clipped objective, which the paper found better on MuJoCo (its Table 1).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import numpy as np
@@ -55,6 +61,12 @@ class PPOHParams(OptimHParams):
     ent_coef: float = Field(0.0, ge=0, description="Entropy bonus weight [10].")
     vf_coef: float = Field(0.5, ge=0, description="Value loss weight [10].")
     target_kl: PositiveFloat | None = Field(None, description="Stop the epochs once approx_kl > 1.5 target_kl.")
+    loss: Literal["clip", "kl_penalty"] = Field("clip", description="The clipped surrogate, or the surrogate with "
+                                                "an adaptive KL penalty (paper section 4; clip_range unused).")
+    kl_target: PositiveFloat = Field(0.01, description="d_targ of the KL penalty: beta adapts to keep the mean "
+                                     "KL near it.")
+    kl_coef: PositiveFloat = Field(1.0, description="The KL penalty's initial beta (the paper: it adapts fast, "
+                                   "so its start matters little).")
     net_arch: list[Width] = Field(default_factory=lambda: [64, 64], description="Hidden sizes, each net.")
     activation: Literal["tanh", "relu"] = "tanh"
 
@@ -95,6 +107,21 @@ def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_r
     return -torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * advantages).mean()
 
 
+def kl_penalty_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, kl: torch.Tensor,
+                              beta: float) -> torch.Tensor:
+    """-E[r A] + beta E[KL[pi_old(.|s), pi(.|s)]] (PPO paper, section 4); `kl` is per state."""
+    return -(ratio * advantages).mean() + beta * kl.mean()
+
+
+def adaptive_kl_coef(beta: float, kl: float, kl_target: float) -> float:
+    """beta halved when the mean KL fell under kl_target / 1.5, doubled when it rose over 1.5 kl_target."""
+    if kl < kl_target / 1.5:
+        return beta / 2
+    if kl > kl_target * 1.5:
+        return beta * 2
+    return beta
+
+
 def clipped_value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor,
                        clip_range_vf: float | None) -> torch.Tensor:
     """E[(V - R)^2], or with clipping E[max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)]."""
@@ -117,7 +144,7 @@ class PPOTrainer(ActorCriticTrainer):
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)  # separate actor and critic MLPs, orthogonal init [2][13]
         self.shuffle = torch.Generator().manual_seed(derive_seed(seed, "minibatches"))
-        self.shuffle = torch.Generator().manual_seed(derive_seed(seed, "minibatches"))
+        self.kl_coef = self.hp.kl_coef  # beta of the KL penalty, adapted every iteration
 
     def train_iteration(self) -> dict[str, float]:
         hp = self.hp
@@ -142,6 +169,8 @@ class PPOTrainer(ActorCriticTrainer):
         b_logp_old, b_adv, b_returns, b_values = (x.reshape(B) for x in (logp_old, adv, returns, values))
 
         # 3. epochs of shuffled minibatches
+        penalty = hp.loss == "kl_penalty"
+        old_policy = copy.deepcopy(self.ac.policy) if penalty else None  # pi_old, for the exact KL
         stats: dict[str, list] = {"pi": [], "v": [], "ent": [], "kl": [], "clip": [], "norm": []}  # 0-d tensors
         for _ in range(hp.n_epochs):
             order = torch.randperm(B, generator=self.shuffle).to(self.device)
@@ -153,7 +182,11 @@ class PPOTrainer(ActorCriticTrainer):
                 a = b_adv[mb]
                 if hp.normalize_advantage and len(mb) > 1:
                     a = (a - a.mean()) / (a.std() + 1e-8)
-                loss_pi = clipped_surrogate_loss(ratio, a, clip_range)
+                if old_policy is not None:
+                    kl = self._kl(old_policy, b_obs[mb])
+                    loss_pi = kl_penalty_surrogate_loss(ratio, a, kl, self.kl_coef)
+                else:
+                    loss_pi = clipped_surrogate_loss(ratio, a, clip_range)
                 loss_v = clipped_value_loss(self.ac.value(b_obs[mb]), b_values[mb], b_returns[mb], hp.clip_range_vf)
                 entropy = entropies.mean()
                 loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy
@@ -167,8 +200,14 @@ class PPOTrainer(ActorCriticTrainer):
             if hp.target_kl is not None and float(stats["kl"][-1]) > 1.5 * hp.target_kl:
                 break
         self.iterations += 1
+        if old_policy is not None:  # 4. adapt beta to the KL this update reached
+            with torch.no_grad():
+                kl_after = float(self._kl(old_policy, b_obs).mean())
+            logged[M.PPO_KL] = kl_after
+            logged[M.PPO_KL_COEF] = self.kl_coef
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_after, hp.kl_target)
 
-        # 4. log
+        # 5. log
         means = {k: float(torch.stack(v).mean()) for k, v in stats.items() if k != "norm"}
         logged.update({
             M.LOSS_POLICY: means["pi"], M.LOSS_VALUE: means["v"], M.LOSS_ENTROPY: means["ent"],
@@ -179,15 +218,22 @@ class PPOTrainer(ActorCriticTrainer):
         })
         return logged
 
+    def _kl(self, old_policy: torch.nn.Module, obs: torch.Tensor) -> torch.Tensor:
+        """KL[pi_old(.|s), pi(.|s)] per state (B,), exact for the categorical and Gaussian policies."""
+        with torch.no_grad():
+            old = old_policy.distribution(obs)  # type: ignore[operator]
+        return torch.distributions.kl_divergence(old, self.ac.policy.distribution(obs))
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "shuffle": self.shuffle.get_state()}
+        return {**super().state_dict(), "shuffle": self.shuffle.get_state(), "kl_coef": self.kl_coef}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.shuffle.set_state(state["shuffle"])
+        self.kl_coef = float(state["kl_coef"])
 
 
 register(AlgorithmInfo(
     name="ppo", kind="rl", hparams=PPOHParams, trainer=PPOTrainer,
-    summary="Proximal Policy Optimization, clipped surrogate, with the 13 core implementation details",
+    summary="Proximal Policy Optimization (clipped surrogate or adaptive KL penalty), 13 core implementation details",
 ))

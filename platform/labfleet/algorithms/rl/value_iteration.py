@@ -43,6 +43,17 @@ def transition_tensors(P: dict, n_states: int, n_actions: int) -> tuple[np.ndarr
     return cont, reward
 
 
+def model_of(spec: ExperimentSpec) -> tuple[np.ndarray, np.ndarray]:
+    """`transition_tensors` of the spec's environment, read from `env.unwrapped.P`."""
+    assert spec.env is not None
+    env = make_env(spec.env, spec.env_kwargs)
+    try:
+        n_states, n_actions = int(env.observation_space.n), int(env.action_space.n)  # type: ignore[attr-defined]
+        return transition_tensors(env.unwrapped.P, n_states, n_actions)  # type: ignore[attr-defined]
+    finally:
+        env.close()
+
+
 def bellman_optimality_backup(v: np.ndarray, cont: np.ndarray, reward: np.ndarray, gamma: float) -> np.ndarray:
     """Q(s, a) = R(s, a) + gamma * sum_s' P_cont(s'|s, a) V(s')."""
     return reward + gamma * cont @ v
@@ -54,13 +65,9 @@ class ValueIterationTrainer(RLTrainer):
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)
-        assert spec.env is not None
-        env = make_env(spec.env, spec.env_kwargs)
-        n_states, n_actions = int(env.observation_space.n), int(env.action_space.n)  # type: ignore[attr-defined]
-        self.cont, self.reward = transition_tensors(env.unwrapped.P, n_states, n_actions)  # type: ignore[attr-defined]
-        env.close()
-        self.v = np.zeros(n_states)
-        self.q = np.zeros((n_states, n_actions))
+        self.cont, self.reward = model_of(spec)
+        self.v = np.zeros(self.reward.shape[0])
+        self.q = np.zeros(self.reward.shape)
         self.residual = float("inf")
 
     @property

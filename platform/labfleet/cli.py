@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a trial failed, 2 bad input (nothing started, nothing w
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -345,7 +346,17 @@ def ui(
 
 
 def main() -> None:
-    app(prog_name="labfleet")
+    try:
+        app(prog_name="labfleet")
+    except SystemExit as exc:
+        session = sys.modules.get("labfleet.orchestration.session")
+        if session is not None and session.TERMINATED.is_set():
+            # After a SIGTERM the end states are already in the stores. A local Ray's processes got the
+            # signal too, and Ray's exit hook would wait a minute on the dead cluster: leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":

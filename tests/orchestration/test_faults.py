@@ -140,3 +140,42 @@ def test_killed_rollout_worker_restarts_its_seed_from_the_checkpoint(ray_local, 
     run = MlflowClient(tracking_uri).get_run(state.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["labfleet.retries"] == "1"
     assert run.data.metrics["time/env_steps"] >= 24576
+
+
+def _assert_exactly_once(client: MlflowClient, run_id: str) -> None:
+    run = client.get_run(run_id)
+    for name in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, name)]
+        assert len(steps) == len(set(steps)), f"{name} repeats steps: {sorted(steps)}"
+
+
+def test_restart_after_steps_past_the_checkpoint_logs_each_step_once(ray_local, tracking_uri: str):
+    """The actor dies after results *beyond* its last checkpoint were logged: the restart redoes those
+    steps, and no metric history holds a step twice (exactly once, issue 14)."""
+    spec = load_spec(SPEC, {"seeds": [6], "budget.env_steps": 30720, "eval": {"episodes": 2, "every_steps": 8192}})
+    tracker = Tracker(tracking_uri)
+    runner = TrialRunner(spec, tracker, chunk_seconds=0.05)
+    runner.start()
+    state = runner.seeds[6]
+    checkpoint_step = None
+    results_since_checkpoint = 0
+    while not runner.done:
+        ready, _ = ray_local.wait(list(runner.futures()), timeout=30)
+        assert ready, "no result in 30 s"
+        had = state.checkpoint
+        runner.on_result(state)
+        if state.retries:
+            continue
+        if state.checkpoint is not had:
+            checkpoint_step = torch.load(io.BytesIO(state.checkpoint), weights_only=True)["rl"]["env_steps"]
+            results_since_checkpoint = 0
+        elif checkpoint_step is not None and state.actor is not None:
+            results_since_checkpoint += 1
+            if results_since_checkpoint == 2 and state.logged.get("time/env_steps", 0) > checkpoint_step:
+                ray_local.kill(state.actor, no_restart=True)
+    assert state.retries == 1 and state.status == "FINISHED"
+    tracker.close()
+    client = MlflowClient(tracking_uri)
+    _assert_exactly_once(client, state.run_id)
+    history = sorted(m.step for m in client.get_metric_history(state.run_id, "time/env_steps"))
+    assert history[-1] >= 30720 and history == sorted(set(history))

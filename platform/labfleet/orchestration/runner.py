@@ -138,6 +138,7 @@ class SeedState:
     latest: dict[str, float] = field(default_factory=dict)
     final: dict[str, float] | None = None
     evals: dict[int, dict[str, float]] = field(default_factory=dict)  # metric step -> eval/* values
+    logged: dict[str, int] = field(default_factory=dict)  # metric -> the last step logged (exactly once)
     retries: int = 0
     placed: bool = False  # the current actor's node is tagged on the run
     where: dict[str, str] | None = None  # the current actor's node, host and device
@@ -250,6 +251,12 @@ class TrialRunner:
             state.placed = True
             self._tag_node(state)
         for step, values in result["records"]:
+            # Exactly once: a seed restarted from its checkpoint redoes the steps logged since; each metric
+            # history keeps the first value of a step (the same value, where resume is exact).
+            values = {k: v for k, v in values.items() if step > state.logged.get(k, -1)}
+            if not values:
+                continue
+            state.logged.update(dict.fromkeys(values, step))
             self.tracker.log_metrics(state.run_id, values, step)
             state.latest.update(values)
             if any(k.startswith(M.EVAL_PREFIX) for k in values):
@@ -338,15 +345,26 @@ class TrialRunner:
         steps = set.intersection(*({k for k, v in s.evals.items() if metric in v} for s in seeds))
         return {step: float(np.mean([s.evals[step][metric] for s in seeds])) for step in sorted(steps)}
 
-    def abort(self, status: str = "KILLED") -> None:
-        for state in self.seeds.values():
-            if state.status in ("PENDING", "RUNNING"):
-                self._release(state, reusable=True)  # kept only when no call is in flight
-                state.status = status
-                self.tracker.end_run(state.run_id, status)
+    def abort(self, status: str = "KILLED", release: bool = True) -> None:
+        """End every unfinished seed run and the trial run as `status`, then (with `release`) free their
+        actors. The records come first and touch no Ray: a SIGTERM to the process group (what `timeout`,
+        Slurm and Kubernetes send) reaches a local Ray's own processes too, and a Ray call on a dead
+        cluster blocks for a minute before Ray ends the process."""
+        stopped = [s for s in self.seeds.values() if s.status in ("PENDING", "RUNNING")]
+        for state in stopped:
+            state.status = status
+            self.tracker.end_run(state.run_id, status)
         if self.trial_run_id and not self.done:
             self.status = status
             self.tracker.end_run(self.trial_run_id, status)
+        if release:
+            self.release()
+
+    def release(self) -> None:
+        """Free every actor and placement group this runner still holds (idle ones go to the pool)."""
+        for state in self.seeds.values():
+            if state.actor is not None or state.group is not None:
+                self._release(state, reusable=state.status == "FINISHED")
 
 
 def aggregate_finals(finals: list[dict[str, float]]) -> dict[str, float]:

@@ -91,9 +91,22 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
     return tracking_uri, tracker
 
 
+TERMINATED = threading.Event()  # set by SIGTERM: the command exits without touching Ray again
+
+
 def raise_interrupt(signum: int, frame: Any) -> None:
     """A SIGTERM handler: stop the way Ctrl-C stops (every open run ends KILLED)."""
+    TERMINATED.set()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def release_after_interrupt(runners: list[TrialRunner]) -> None:
+    """After the end states are recorded: free the runners' actors, unless a SIGTERM (which a local Ray's
+    processes received too) ended the command; then the actors die with this driver, their owner."""
+    if TERMINATED.is_set():
+        return
+    for runner in runners:
+        runner.release()
 
 
 def ignore_interrupts() -> None:
@@ -146,9 +159,10 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     except KeyboardInterrupt:
         ignore_interrupts()  # a second Ctrl-C must not cut the cleanup short
         for runner in runners:
-            runner.abort("KILLED")
+            runner.abort("KILLED", release=False)
         tracker.close_open_runs("KILLED")
         console.print("[yellow]interrupted: every open run was marked KILLED[/yellow]")
+        release_after_interrupt(runners)
         return EXIT_INTERRUPTED
     except BaseException as exc:
         for runner in runners:

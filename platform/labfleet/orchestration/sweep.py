@@ -31,11 +31,13 @@ from labfleet.orchestration.session import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TRIAL_FAILED,
+    TERMINATED,
     Planned,
     ignore_interrupts,
     interrupts_deferred,
     prepare,
     raise_interrupt,
+    release_after_interrupt,
 )
 from labfleet.spec.loading import apply_overrides, resolve_spec_data
 from labfleet.spec.models import ExperimentSpec, ParamSpace, SweepConfig
@@ -208,6 +210,25 @@ class ActiveTrial:
     runner: TrialRunner
     reported: int = -1  # last step told to the pruner
     latest: float | None = None  # its latest intermediate value
+    error: str | None = None  # why it failed
+
+
+@dataclass
+class FailureStreak:
+    """Failed trials in a row: a sweep that cannot succeed (every trial fails the same way) stops asking
+    once `limit` have, instead of failing trials for ever (`n_trials` counts only finished ones)."""
+
+    limit: int
+    count: int = 0
+    last: str = ""
+
+    def record(self, state: TrialState, error: str | None) -> None:
+        self.count = self.count + 1 if state == TrialState.FAIL else 0
+        self.last = error or self.last
+
+    @property
+    def stopped(self) -> bool:
+        return self.count >= self.limit
 
 
 class TrialBoard:
@@ -252,7 +273,9 @@ class TrialBoard:
                 self.best = (number, float(value))
         best = f"; best {_short(self.best[1])} (trial {self.best[0]})" if self.best else ""
         params = ", ".join(f"{k}={_short(v)}" for k, v in a.trial.params.items())
-        self.board.note(f"trial {number} {state.name}: {_short(value)} [{params}]{best}")
+        what = (a.error or "no reason recorded").strip().splitlines()[-1][:200] if state == TrialState.FAIL \
+            else _short(value)
+        self.board.note(f"trial {number} {state.name}: {what} [{params}]{best}")
 
 
 def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *, storage: str | None,
@@ -287,13 +310,14 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
     asked: set[int] = set()  # trials asked by this invocation (for the exit code)
     pool = ActorPool()  # trial actors are reused across trials of the same shape
     finished = _finished(study)  # COMPLETE + PRUNED, counted here rather than read back every loop
+    streak = FailureStreak(sweep.max_consecutive_failures)
     previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         with ProgressBoard(console, quiet, hide_finished=True) as board:
             view = TrialBoard(study, sweep, board)
             while True:
                 while len(active) < sweep.max_parallel and finished + len(active) < total \
-                        and not _exhausted(study, sweep):
+                        and not (_exhausted(study, sweep) or streak.stopped):
                     started = _start_trial(study, data, spec, source, sweep, tracker, sweep_run, board, asked, pool)
                     if started is not None:
                         active[started.trial.number] = started
@@ -306,6 +330,7 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
                     if told is not None:
                         a = active.pop(number)
                         view.told(a, *told)
+                        streak.record(told[0], a.error)
                         finished += told[0] in (TrialState.COMPLETE, TrialState.PRUNED)
                 view.refresh(active)
     except KeyboardInterrupt:
@@ -322,8 +347,9 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_term)
-        pool.shutdown()
-    return _finish(study, sweep, tracker, sweep_run, console, uri, quiet, asked, own_tracker=attach is None)
+        _shutdown(pool)
+    return _finish(study, sweep, tracker, sweep_run, console, uri, quiet, asked, own_tracker=attach is None,
+                   streak=streak)
 
 
 def _sweep_run(tracker: Tracker, experiment: str, study_name: str, storage: str, sweep: SweepConfig,
@@ -366,7 +392,7 @@ def _recover(study: optuna.Study, tracker: Tracker, experiment: str, sweep_run: 
             tracker.set_tags(run_id, {"optuna.state": "FAIL"})
     for trial_run in stale.values():
         state = states.get(int(trial_run.data.tags.get("optuna.trial_number", -1)), "FAIL")
-        status = "FINISHED" if state == "COMPLETE" else "KILLED"
+        status = "FINISHED" if state in ("COMPLETE", "PRUNED") else "KILLED"
         seeds = tracker.client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{trial_run.info.run_id}' "
                                                             f"and attributes.status = 'RUNNING'")
         for run in [*seeds, trial_run]:
@@ -379,12 +405,19 @@ def _interrupted(study: optuna.Study, active: list[ActiveTrial], asked: set[int]
     asked a moment before the signal, not yet started) is told FAIL with its parameters queued again;
     every open run ends KILLED."""
     for a in active:
-        a.runner.abort("KILLED")
+        a.runner.abort("KILLED", release=False)  # the records first; Ray may be gone (see TrialRunner.abort)
         tracker.set_tags(a.runner.trial_run_id or "", {"optuna.state": "FAIL"})
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if frozen.number in asked:
             _fail_and_requeue(study, frozen)
     tracker.close_open_runs("KILLED")
+    release_after_interrupt([a.runner for a in active])
+
+
+def _shutdown(pool: ActorPool) -> None:
+    """Free the idle actors, unless a SIGTERM ended the command (they die with this driver then)."""
+    if not TERMINATED.is_set():
+        pool.shutdown()
 
 
 def _fail_and_requeue(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
@@ -452,7 +485,7 @@ def _advance(study: optuna.Study, active: ActiveTrial, sweep: SweepConfig,
             continue
         trial.report(value, step)
         if trial.should_prune():
-            runner.abort("KILLED")  # a trial that already finished keeps its FINISHED run
+            runner.abort("FINISHED")  # pruned is a normal end (ARCHITECTURE 5): FINISHED, optuna.state=PRUNED
             _tell(study, tracker, active, TrialState.PRUNED)
             return TrialState.PRUNED, value
     if not runner.done:
@@ -473,7 +506,10 @@ def _advance(study: optuna.Study, active: ActiveTrial, sweep: SweepConfig,
         error = f"the trial's final evaluation has no {', '.join(map(repr, missing))}"
     else:
         error = "; ".join(f"seed {s.seed}: {s.error}" for s in runner.seeds.values() if s.error)[-4000:]
-    trial.set_user_attr("error", error or runner.status)
+    active.error = error or runner.status
+    trial.set_user_attr("error", active.error)
+    if runner.status == "FINISHED":  # its seeds trained, but the trial cannot count: the trial run FAILED
+        tracker.end_run(run_id, "FAILED", active.error)
     _tell(study, tracker, active, TrialState.FAIL)
     return TrialState.FAIL, None
 
@@ -482,7 +518,8 @@ def _tell(study: optuna.Study, tracker: Tracker, active: ActiveTrial, state: Tri
     """Tell Optuna only once the trial's MLflow record (final metrics, checkpoints, end status, the
     `optuna.state` tag) is written: a driver killed in between leaves a trial that `_recover` fails and
     runs again, never a COMPLETE trial whose MLflow record was lost with the writer's queue."""
-    tracker.set_tags(active.runner.trial_run_id or "", {"optuna.state": state.name})
+    for run_id in [active.runner.trial_run_id or "", *(s.run_id for s in active.runner.seeds.values())]:
+        tracker.set_tags(run_id, {"optuna.state": state.name})
     tracker.drain()
     if state == TrialState.COMPLETE:
         study.tell(active.trial, value)
@@ -491,7 +528,7 @@ def _tell(study: optuna.Study, tracker: Tracker, active: ActiveTrial, state: Tri
 
 
 def _finish(study: optuna.Study, sweep: SweepConfig, tracker: Tracker, sweep_run: str, console: Console, uri: str,
-            quiet: bool, asked: set[int], own_tracker: bool = True) -> int:
+            quiet: bool, asked: set[int], own_tracker: bool = True, streak: FailureStreak | None = None) -> int:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete and sweep.multi_objective:
@@ -514,6 +551,9 @@ def _finish(study: optuna.Study, sweep: SweepConfig, tracker: Tracker, sweep_run
     for t in failed_now:
         console.print(f"[red]trial {t.number} failed:[/red] {str(t.user_attrs.get('error', ''))[-300:]}",
                       highlight=False)
+    if streak is not None and streak.stopped:
+        console.print(f"[red]stopped: {streak.count} trials in a row failed (sweep.max_consecutive_failures); "
+                      f"the last: {streak.last.strip()[-300:]}[/red]", highlight=False)
     return EXIT_TRIAL_FAILED if failed_now else EXIT_OK
 
 

@@ -2,7 +2,7 @@
 
 It is a plain class (tests drive it in-process); `runner.py` wraps it with `ray.remote`. Each `advance`
 call trains for about `seconds` and returns everything the driver needs: metric records, progress, a
-checkpoint (bytes, at every evaluation and at the end) and, once the budget is spent, the final
+checkpoint (bytes, at the end of every chunk that evaluated, and at the end) and, once the budget is spent, the final
 evaluation. Nothing is written to disk here: results travel through Ray to the driver.
 """
 
@@ -105,7 +105,7 @@ class TrialWorker:
         trainer = self.trainer
         records: list[tuple[int, dict[str, float]]] = []
         artifacts: dict[str, bytes] = {}  # images a generative trainer makes at its evaluations
-        checkpoint = None
+        checkpoint, evaluated = None, False
         started = time.perf_counter()
         while not trainer.done and time.perf_counter() - started < seconds:
             logged = trainer.train_iteration()
@@ -118,7 +118,7 @@ class TrialWorker:
             if trainer.progress >= self.next_eval and not trainer.done:
                 records.append((trainer.metric_step, trainer.evaluate()))
                 artifacts.update(self._media())
-                checkpoint = trainer.checkpoint_bytes()
+                evaluated = True
                 while self.next_eval <= trainer.progress:
                     self.next_eval += self.every
         final = None
@@ -129,6 +129,9 @@ class TrialWorker:
             final = trainer.evaluate()
             records.append((trainer.metric_step, final))
             artifacts.update(self._media())
+        if evaluated or trainer.done:
+            # Taken at the end of the chunk, not at the evaluation: a restart from it redoes no step that
+            # this result logs (later chunks' steps it may redo are dropped by the driver: exactly once).
             checkpoint = trainer.checkpoint_bytes()
         return {"records": records, "progress": trainer.progress, "done": trainer.done,
                 "checkpoint": checkpoint, "final": final, "artifacts": artifacts}

@@ -159,6 +159,8 @@ class SweepConfig(StrictModel):
     study_name: str | None = Field(None, description="Default: the spec's name.")
     max_retries: NonNegativeInt = Field(2, description="Restarts from the last checkpoint of a trial whose "
                                         "actor died (overrides resources.max_retries in a sweep).")
+    max_consecutive_failures: PositiveInt = Field(5, description="Stop asking for trials after this many "
+                                                  "failed in a row: a sweep that cannot succeed ends (exit 1).")
     space: dict[str, ParamSpace] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -304,29 +304,74 @@ def report(
                                 "run recorded)."),
 ) -> None:
     """Learning curves with 95 % bands, a table of final metrics and, for a sweep, Optuna's figures."""
-    from labfleet.tracking.uri import check_tracking_uri, redact_uri, resolve_tracking_uri
+    from labfleet.tracking.uri import redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri, None)
     with bad_input_exits_2():
-        problem = check_tracking_uri(uri)
-        if problem:
-            raise SpecError([Problem("labfleet report", "--tracking-uri", problem)])
-        from labfleet.tracking.uri import sqlite_path
-
-        path = sqlite_path(uri)
-        if path is not None and not path.exists():  # reading must not create an empty store
-            raise SpecError([Problem("labfleet report", "--tracking-uri", f"no MLflow store at {path}")])
+        _existing_store(uri, "report")
         from mlflow.tracking import MlflowClient
 
         from labfleet.reporting.report import build_report, markdown_table
 
-        result = build_report(MlflowClient(uri), target, out, metric, storage)
+        client = MlflowClient(uri)
+        result = build_report(client, target, out, metric, storage)
     console = Console()
+    warn_stale(client, console)
     console.print(f"[bold]{result.title}[/bold]")
     console.print(markdown_table(result.names, result.rows), highlight=False, markup=False)
     console.print(f"Wrote {', '.join(p.name for p in result.files)} to {result.out}/", highlight=False)
     if result.logged_to:
         console.print(f"Logged as artifacts report/ of run {result.logged_to} in {redact_uri(uri)}", highlight=False)
+
+
+def _existing_store(uri: str, command: str) -> None:
+    """Refuse a tracking URI that is unusable, or a SQLite file that does not exist (reading must not
+    create an empty store)."""
+    from labfleet.tracking.uri import check_tracking_uri, sqlite_path
+
+    problem = check_tracking_uri(uri)
+    if problem:
+        raise SpecError([Problem(f"labfleet {command}", "--tracking-uri", problem)])
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        raise SpecError([Problem(f"labfleet {command}", "--tracking-uri", f"no MLflow store at {path}")])
+
+
+def warn_stale(client, console: Console) -> None:
+    """One line when the store holds RUNNING runs whose driver is gone (see `labfleet reconcile`)."""
+    from labfleet.tracking.heartbeat import stale_note
+
+    note = stale_note(client)
+    if note:
+        console.print(f"[yellow]{note}[/yellow]", highlight=False)
+
+
+@app.command()
+def reconcile(
+    tracking_uri: TrackingOption = None,
+    stale_after: float = typer.Option(150.0, "--stale-after", help="Seconds without a heartbeat after which a "
+                                      "run whose driver runs on another machine counts as orphaned."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would change."),
+) -> None:
+    """End KILLED every RUNNING run whose driver is gone (dead here, or no heartbeat); live drivers' runs stay."""
+    from mlflow.tracking import MlflowClient
+
+    from labfleet.tracking.heartbeat import reconcile as end_stale
+    from labfleet.tracking.heartbeat import stale_runs
+    from labfleet.tracking.uri import redact_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, None)
+    with bad_input_exits_2():
+        _existing_store(uri, "reconcile")
+    client = MlflowClient(uri)
+    changed = stale_runs(client, stale_after) if dry_run else end_stale(client, stale_after)
+    for item in changed:
+        tags = item.run.data.tags
+        typer.echo(f"{item.run.info.run_id} {tags.get('labfleet.role', '-')} {tags.get('mlflow.runName', '')}: "
+                   f"RUNNING -> KILLED ({item.reason})" + (" [dry run]" if dry_run else ""))
+    verb = "would end" if dry_run else "ended"
+    typer.echo(f"{redact_uri(uri)}: {verb} {len(changed)} run(s) KILLED" if changed else
+               f"{redact_uri(uri)}: nothing to reconcile (every RUNNING run has a live driver)")
 
 
 @app.command()

@@ -8,8 +8,9 @@ With `background=True` (the training commands), every write except `create_run` 
 needs at once) goes through one writer thread, in order: the store's work then overlaps the driver's
 waits on Ray instead of adding to them. `drain()` waits for the queue (and re-raises a failed write);
 `close()` drains and stops the thread. A driver killed with SIGKILL loses what was queued, which is what
-it loses anyway: its runs stay RUNNING until the next run of the command closes them. Every store call
-is retried while SQLite answers "database is locked" (`retry_if_locked`): the writer thread and the
+it loses anyway: its runs stay RUNNING until the next run of the command closes them, or `labfleet
+reconcile` ends them (every open run carries the driver's identity and a heartbeat: tracking/heartbeat.py).
+Every store call is retried while SQLite answers "database is locked" (`retry_if_locked`): the writer thread and the
 driver's `create_run` are two connections to one store, and so are two commands sharing a store.
 """
 
@@ -35,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import labfleet
+from labfleet.tracking.heartbeat import DRIVER_TAG, HEARTBEAT_TAG, Heartbeat, driver_identity
 from labfleet.tracking.uri import artifact_root_for, redact_uri, retry_if_locked, sqlite_wal
 
 ROLE = "labfleet.role"
@@ -129,6 +131,17 @@ class Tracker:
         self._pending_tags: dict[str, dict[str, str]] = defaultdict(dict)
         self.open_runs: dict[str, str] = {}  # run id -> role
         self._experiments: dict[str, str] = {}
+        self.driver = driver_identity()
+        self._heartbeat: Heartbeat | None = None
+        if background:  # a training command: its open runs carry a heartbeat (see labfleet reconcile)
+            self._heartbeat = Heartbeat(self.beat)
+            self._heartbeat.start()
+
+    def beat(self) -> None:
+        """Renew the heartbeat of every open run (one tag write each, through the writer thread)."""
+        now = str(int(time.time()))
+        for run_id in list(self.open_runs):
+            self._call(self.client.set_tag, run_id, HEARTBEAT_TAG, now)
 
     def _call(self, function: Callable[..., Any], *args: Any) -> None:
         if self._writer is None:
@@ -147,6 +160,9 @@ class Tracker:
 
     def close(self) -> None:
         """Drain and stop the writer thread (the tracker writes synchronously afterwards)."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._writer is None:
             return
         try:
@@ -186,7 +202,8 @@ class Tracker:
 
     def start_run(self, experiment: str, role: str, name: str, parent: str | None = None,
                   tags: dict[str, str] | None = None, params: dict[str, str] | None = None) -> str:
-        all_tags = {ROLE: role, RUN_NAME: name, "labfleet.version": labfleet.__version__, **(tags or {})}
+        all_tags = {ROLE: role, RUN_NAME: name, "labfleet.version": labfleet.__version__, DRIVER_TAG: self.driver,
+                    HEARTBEAT_TAG: str(int(time.time())), **(tags or {})}
         if parent:
             all_tags[PARENT] = parent
         run = retry_if_locked(self.client.create_run, self.experiment_id(experiment), tags=all_tags, run_name=name)
@@ -199,6 +216,8 @@ class Tracker:
     def reopen_run(self, run_id: str, role: str) -> None:
         """An earlier invocation's run (a resumed suite or sweep) is RUNNING again, and ends with this one."""
         self._call(self.client.update_run, run_id, "RUNNING")
+        self._call(self.client.log_batch, run_id, [], [], [RunTag(DRIVER_TAG, self.driver),
+                                                           RunTag(HEARTBEAT_TAG, str(int(time.time())))])
         self.open_runs[run_id] = role
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:

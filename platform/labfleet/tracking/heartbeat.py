@@ -1,0 +1,128 @@
+"""Driver heartbeats on open runs, and `labfleet reconcile` for runs whose driver is gone.
+
+A driver killed with SIGKILL (or a machine that lost power) leaves its runs RUNNING for ever: MLflow
+cannot tell them from live ones (MLflow #3932). So every run a driver opens carries two tags:
+- `labfleet.driver`: who drives it, `host:pid:boot:start` (the process's start time since this boot, so
+  that a reused pid is not mistaken for the driver);
+- `labfleet.heartbeat`: seconds since the epoch, renewed every `HEARTBEAT_SECONDS` while the run is open.
+`reconcile` ends RUNNING runs KILLED when their driver is provably dead (same host, and no process with
+that pid and start time), or, for a driver on another host, when its heartbeat is older than
+`stale_after` seconds. A run of a live driver is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DRIVER_TAG = "labfleet.driver"
+HEARTBEAT_TAG = "labfleet.heartbeat"
+RECONCILED_TAG = "labfleet.reconciled"
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER = 5 * HEARTBEAT_SECONDS  # a live driver on another host renews its runs well within this
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        return "-"
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces and ")"
+
+
+def driver_identity(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_boot_id()}:{_start_ticks(pid) or '-'}"
+
+
+def driver_alive(identity: str) -> bool | None:
+    """True or False when this machine can tell (the driver ran here, since this boot), else None."""
+    try:
+        host, pid, boot, start = identity.rsplit(":", 3)
+    except ValueError:
+        return None
+    if host != socket.gethostname() or boot != _boot_id() or start == "-":
+        return None
+    return _start_ticks(int(pid)) == start
+
+
+class Heartbeat(threading.Thread):
+    """Calls `beat()` every `interval` seconds until `stop()`."""
+
+    def __init__(self, beat: Callable[[], None], interval: float = HEARTBEAT_SECONDS):
+        super().__init__(name="labfleet-heartbeat", daemon=True)
+        self.beat, self.interval = beat, interval
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                self.beat()
+            except Exception:  # a store hiccup: the next beat tries again; the run's end state is what matters
+                continue
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+@dataclass
+class Stale:
+    run: Any  # mlflow.entities.Run
+    reason: str
+
+
+def stale_runs(client: Any, stale_after: float = STALE_AFTER, now: float | None = None) -> list[Stale]:
+    """RUNNING runs whose driver is gone, with why, in every experiment of the store."""
+    now = time.time() if now is None else now
+    found = []
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'",
+                                      max_results=50_000):
+            tags = run.data.tags
+            identity, beat = tags.get(DRIVER_TAG), tags.get(HEARTBEAT_TAG)
+            alive = driver_alive(identity) if identity else None
+            if alive:
+                continue
+            last = float(beat) if beat else run.info.start_time / 1000
+            age = now - last
+            if alive is False:
+                found.append(Stale(run, f"its driver ({identity}) is no longer running"))
+            elif age > stale_after:
+                what = f"driver {identity}" if identity else "no driver heartbeat"
+                found.append(Stale(run, f"{what}; last sign of life {age:.0f} s ago"))
+    return found
+
+
+def reconcile(client: Any, stale_after: float = STALE_AFTER) -> list[Stale]:
+    """End every stale run KILLED (children before parents), tagged with when and why; returns them."""
+    stale = stale_runs(client, stale_after)
+    order = {"seed": 0, "trial": 1, "sweep": 2, "suite": 3}
+    stale.sort(key=lambda s: order.get(s.run.data.tags.get("labfleet.role", ""), 9))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for item in stale:
+        client.set_tag(item.run.info.run_id, RECONCILED_TAG, f"{stamp}: {item.reason}")
+        client.set_terminated(item.run.info.run_id, "KILLED")
+    return stale
+
+
+def stale_note(client: Any) -> str | None:
+    """One sentence for `labfleet report` and `labfleet ui` when the store holds orphaned runs."""
+    stale = stale_runs(client)
+    if not stale:
+        return None
+    return (f"note: {len(stale)} run(s) are RUNNING but their driver is gone (e.g. {stale[0].run.info.run_id}: "
+            f"{stale[0].reason}); `labfleet reconcile` ends them KILLED")

@@ -31,6 +31,8 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)]
 TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", help=TRACKING_HELP)]  # noqa: UP045
 AddressOption = Annotated[Optional[str], typer.Option("--address", help=ADDRESS_HELP)]  # noqa: UP045
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+FreshOption = Annotated[bool, typer.Option("--fresh", help="Start new runs even where a dead or interrupted "
+                                           "invocation of the same spec left runs to continue.")]
 
 
 @contextmanager
@@ -117,8 +119,10 @@ def run(
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
     quiet: QuietOption = False,
+    fresh: FreshOption = False,
 ) -> None:
-    """Train every seed of a spec as a trial on Ray, tracked in MLflow."""
+    """Train every seed of a spec as a trial on Ray, tracked in MLflow; the same command after a dead or
+    interrupted driver continues its runs from their last checkpoints."""
     local_ray_on_loopback(address)
     from labfleet.orchestration.session import Planned, execute
     from labfleet.spec.loading import load_spec
@@ -126,7 +130,7 @@ def run(
     with bad_input_exits_2():
         resolved = load_spec(spec, _overrides(set_))
         code = execute([Planned(resolved, spec)], source=str(spec), cli_tracking_uri=tracking_uri,
-                       address=address, console=Console(), quiet=quiet)
+                       address=address, console=Console(), quiet=quiet, fresh=fresh)
     raise typer.Exit(code)
 
 
@@ -163,8 +167,10 @@ def suite(
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
     quiet: QuietOption = False,
+    fresh: FreshOption = False,
 ) -> None:
-    """Run every experiment of a suite under one `suite` run, sharing the cluster."""
+    """Run every experiment of a suite under one `suite` run, sharing the cluster; the same command after an
+    interruption skips what finished and continues the rest from their checkpoints."""
     local_ray_on_loopback(address)
     from labfleet.orchestration.session import Planned, execute
     from labfleet.spec.loading import load_suite
@@ -173,7 +179,7 @@ def suite(
         suite_spec, entries = load_suite(suite_file, _overrides(set_))
         planned = [Planned(e.spec, e.spec_path, e.data if e.entry.sweep else None) for e in entries]
         code = execute(planned, source=str(suite_file), cli_tracking_uri=tracking_uri, address=address,
-                       console=Console(), quiet=quiet, suite=suite_spec)
+                       console=Console(), quiet=quiet, suite=suite_spec, fresh=fresh)
     raise typer.Exit(code)
 
 

@@ -39,6 +39,7 @@ from labfleet import metrics as M
 from labfleet.algorithms import registry
 from labfleet.orchestration.trial import TrialWorker
 from labfleet.spec.models import ExperimentSpec
+from labfleet.tracking.resume import LATEST_CHECKPOINT, SeedRecord
 from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions
 
 RemoteTrialWorker = ray.remote(TrialWorker)
@@ -195,19 +196,50 @@ class TrialRunner:
         params = {**params, "seeds": json.dumps(spec.seeds)}
         self.trial_run_id = self.tracker.start_run(self.experiment, "trial", self.label, self.parent_run_id,
                                                    tags=tags, params=params)
-        resolved = spec.model_dump(mode="json")
         for seed in spec.seeds:
-            seed_spec = {**resolved, "seeds": [seed]}
-            run_id = self.tracker.start_run(self.experiment, "seed", f"{self.label}/seed={seed}",
-                                            self.trial_run_id, tags=self._seed_tags(seed),
-                                            params=flatten(seed_spec))
-            self.tracker.log_yaml(run_id, "spec.yaml", seed_spec)
-            state = SeedState(seed, run_id)
-            self.seeds[seed] = state
-            if self.progress is not None:
-                self.progress.add((self.label, seed), f"{self.label} seed={seed}", spec.budget.total)
-            self._launch(state)
+            self._launch(self._add_seed(seed, self._new_seed_run(seed)))
         self.status = "RUNNING"
+
+    def resume(self, trial_run: Any, records: dict[int, SeedRecord]) -> None:
+        """Continue a trial run that a dead (or interrupted) driver left: its finished seeds stay finished,
+        every other seed run is reopened and continues from its last durable checkpoint (from scratch
+        without one), logging each metric step at most once."""
+        self.trial_run_id = trial_run.info.run_id
+        self.tracker.reopen_run(self.trial_run_id, "trial")
+        self.status = "RUNNING"
+        for seed in self.spec.seeds:
+            record = records.get(seed)
+            if record is None:  # the driver died before it made this seed's run
+                self._launch(self._add_seed(seed, self._new_seed_run(seed)))
+                continue
+            state = self._add_seed(seed, record.run_id)
+            if record.status == "FINISHED":
+                state.status, state.final, state.progress = "FINISHED", record.final, self.spec.budget.total
+                if self.progress is not None:
+                    self.progress.update((self.label, seed), state.progress, "")
+                    self.progress.finish((self.label, seed), "FINISHED")
+                continue
+            self.tracker.reopen_run(record.run_id, "seed")
+            state.checkpoint, state.logged, state.retries = record.checkpoint, dict(record.logged), record.retries
+            self.tracker.queue_tags(record.run_id, {"labfleet.resumed_from": "checkpoint" if record.checkpoint
+                                                    else "scratch"})
+            self._launch(state)
+        self._maybe_finish_trial()
+
+    def _new_seed_run(self, seed: int) -> str:
+        assert self.trial_run_id is not None
+        seed_spec = {**self.spec.model_dump(mode="json"), "seeds": [seed]}
+        run_id = self.tracker.start_run(self.experiment, "seed", f"{self.label}/seed={seed}", self.trial_run_id,
+                                        tags=self._seed_tags(seed), params=flatten(seed_spec))
+        self.tracker.log_yaml(run_id, "spec.yaml", seed_spec)
+        return run_id
+
+    def _add_seed(self, seed: int, run_id: str) -> SeedState:
+        state = SeedState(seed, run_id)
+        self.seeds[seed] = state
+        if self.progress is not None:
+            self.progress.add((self.label, seed), f"{self.label} seed={seed}", self.spec.budget.total)
+        return state
 
     def _launch(self, state: SeedState) -> None:
         spec = self.spec
@@ -250,7 +282,25 @@ class TrialRunner:
         if not state.placed:  # after every (re)launch: a retried trial may run on another node
             state.placed = True
             self._tag_node(state)
-        for step, values in result["records"]:
+        self._log_records(state, result["records"])
+        for path, data in result.get("artifacts", {}).items():
+            self.tracker.log_bytes(state.run_id, path, data)
+        self.tracker.flush(state.run_id)
+        state.progress = result["progress"]
+        if result["checkpoint"] is not None:
+            state.checkpoint = result["checkpoint"]
+            if not result["done"]:  # durable: a rerun after this driver dies continues from here
+                self.tracker.log_bytes(state.run_id, LATEST_CHECKPOINT, state.checkpoint)
+        if self.progress is not None:
+            self.progress.update((self.label, state.seed), state.progress, self._headline(state.latest))
+        if result["done"]:
+            state.final = result["final"]
+            self._finish_seed(state)
+        else:
+            state.future = state.actor.advance.remote(self.chunk_seconds)
+
+    def _log_records(self, state: SeedState, records: list[tuple[int, dict[str, float]]]) -> None:
+        for step, values in records:
             # Exactly once: a seed restarted from its checkpoint redoes the steps logged since; each metric
             # history keeps the first value of a step (the same value, where resume is exact).
             values = {k: v for k, v in values.items() if step > state.logged.get(k, -1)}
@@ -261,19 +311,6 @@ class TrialRunner:
             state.latest.update(values)
             if any(k.startswith(M.EVAL_PREFIX) for k in values):
                 state.evals.setdefault(step, {}).update(values)
-        for path, data in result.get("artifacts", {}).items():
-            self.tracker.log_bytes(state.run_id, path, data)
-        self.tracker.flush(state.run_id)
-        state.progress = result["progress"]
-        if result["checkpoint"] is not None:
-            state.checkpoint = result["checkpoint"]
-        if self.progress is not None:
-            self.progress.update((self.label, state.seed), state.progress, self._headline(state.latest))
-        if result["done"]:
-            state.final = result["final"]
-            self._finish_seed(state)
-        else:
-            state.future = state.actor.advance.remote(self.chunk_seconds)
 
     def _tag_node(self, state: SeedState) -> None:
         where = state.where
@@ -325,7 +362,7 @@ class TrialRunner:
         return self.status in ("FINISHED", "FAILED", "KILLED")
 
     def _maybe_finish_trial(self) -> None:
-        if any(s.status in ("PENDING", "RUNNING") for s in self.seeds.values()):
+        if self.done or any(s.status in ("PENDING", "RUNNING") for s in self.seeds.values()):
             return
         assert self.trial_run_id is not None
         finals = [s.final for s in self.seeds.values() if s.status == "FINISHED" and s.final]

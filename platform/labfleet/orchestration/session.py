@@ -24,6 +24,7 @@ from labfleet.errors import Problem, SpecError
 from labfleet.orchestration.progress import ProgressBoard, summary_table
 from labfleet.orchestration.runner import TrialRunner, config_hash, drive, unschedulable_reason
 from labfleet.spec.models import ExperimentSpec, SuiteSpec
+from labfleet.tracking.resume import find_unfinished_trial, seed_records
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
 from labfleet.tracking.uri import DEFAULT_TRACKING_URI, check_tracking_uri, redact_uri, resolve_tracking_uri
 
@@ -136,7 +137,7 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None, address: str | None,
-            console: Console, quiet: bool = False, suite: SuiteSpec | None = None) -> int:
+            console: Console, quiet: bool = False, suite: SuiteSpec | None = None, fresh: bool = False) -> int:
     """Train every planned spec (under one `suite` run when `suite` is given); returns the exit code."""
     spec_uri = suite.tracking.uri if suite else planned[0].spec.tracking.uri
     uri, tracker = prepare(planned, source=source, tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
@@ -152,8 +153,8 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
             done: set[tuple[str, str]] = set()
             if suite is not None:
                 assert experiment is not None
-                suite_run_id, done = _suite_run(tracker, experiment, suite.name)
-            runners += _start_runners(planned, tracker, board, suite_run_id, experiment, done, console)
+                suite_run_id, done = _suite_run(tracker, experiment, suite.name, fresh)
+            runners += _start_runners(planned, tracker, board, suite_run_id, experiment, done, console, fresh)
             drive(runners)
         sweep_codes = _run_sweeps(planned, tracker, suite_run_id, experiment, address, console, quiet)
     except KeyboardInterrupt:
@@ -188,7 +189,10 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
 
 
 def _start_runners(planned: list[Planned], tracker: Tracker, board: ProgressBoard, suite_run_id: str | None,
-                   experiment: str | None, done: set[tuple[str, str]], console: Console) -> list[TrialRunner]:
+                   experiment: str | None, done: set[tuple[str, str]], console: Console,
+                   fresh: bool = False) -> list[TrialRunner]:
+    """A runner per planned spec; one whose last invocation a dead or interrupted driver left unfinished
+    continues it (the same runs, each unfinished seed from its last checkpoint) unless `fresh`."""
     runners = []
     for plan in planned:
         if plan.sweep_data is not None:
@@ -202,7 +206,17 @@ def _start_runners(planned: list[Planned], tracker: Tracker, board: ProgressBoar
         runner = TrialRunner(spec, tracker, parent_run_id=suite_run_id, spec_dir=plan.spec_path.parent,
                              progress=board, trial_tags={"labfleet.spec_file": str(plan.spec_path)})
         runners.append(runner)
-        runner.start()
+        experiment_id = tracker.experiment_id(runner.experiment)
+        unfinished = None if fresh else find_unfinished_trial(tracker.client, experiment_id, runner.label,
+                                                              config_hash(spec), spec.seeds, suite_run_id)
+        if unfinished is None:
+            runner.start()
+            continue
+        records = seed_records(tracker.client, experiment_id, unfinished.info.run_id)
+        resumed = sorted(seed for seed, r in records.items() if r.status != "FINISHED" and r.checkpoint)
+        console.print(f"{runner.label}: continuing trial run {unfinished.info.run_id} ({unfinished.info.status}); "
+                      f"from checkpoints: seeds {resumed or 'none'} (--fresh starts new runs)", highlight=False)
+        runner.resume(unfinished, records)
     return runners
 
 
@@ -223,14 +237,14 @@ def _run_sweeps(planned: list[Planned], tracker: Tracker, suite_run_id: str | No
     return codes
 
 
-def _suite_run(tracker: Tracker, experiment: str, name: str) -> tuple[str, set[tuple[str, str]]]:
+def _suite_run(tracker: Tracker, experiment: str, name: str, fresh: bool = False) -> tuple[str, set[tuple[str, str]]]:
     """The suite run: the latest one of this name when it did not finish (an interrupted suite resumes:
-    its runs left RUNNING are marked KILLED, and its FINISHED trials are skipped), else a new one."""
+    its FINISHED trials are skipped, the others continue), else (or when `fresh`) a new one."""
     client = tracker.client
     experiment_id = tracker.experiment_id(experiment)
     found = client.search_runs([experiment_id], f"tags.`labfleet.role` = 'suite' and tags.`labfleet.suite` = '{name}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
-    if not found or found[0].info.status == "FINISHED":
+    if fresh or not found or found[0].info.status == "FINISHED":
         return tracker.start_run(experiment, "suite", name, tags={"labfleet.suite": name}), set()
     run_id = found[0].info.run_id
     tracker.reopen_run(run_id, "suite")

@@ -17,10 +17,41 @@ from rich.console import Console
 from labfleet.errors import Problem, SpecError
 
 app = typer.Typer(
-    name="labfleet", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+    name="labfleet", no_args_is_help=True, add_completion=True, pretty_exceptions_show_locals=False,
     help="Train RL agents and generative models from YAML specs on Ray, tracked in MLflow.",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import labfleet
+
+        typer.echo(f"labfleet {labfleet.__version__}")
+        raise typer.Exit()
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Ray's token-authentication notice, MLflow's INFO lines (database migrations) and Optuna's INFO lines
+    ("A new study created") say nothing a user acts on: shown only with --verbose."""
+    if verbose:
+        os.environ["LABFLEET_VERBOSE"] = "1"
+        return
+    import logging
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level from this on import
+    # Optuna sets its own level when first imported: `labfleet.orchestration.sweep` lowers it after that.
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show the INFO lines of Ray, MLflow and Optuna."),
+) -> None:
+    """Train RL agents and generative models from YAML specs on Ray, tracked in MLflow."""
+    quiet_libraries(verbose)
 
 SET_HELP = "Override a spec field: dotted KEY, YAML VALUE (hparams.gamma=0.98, seeds=[3,4]). Repeatable."
 TRACKING_HELP = "MLflow tracking URI (default: the spec's, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
@@ -51,6 +82,8 @@ def local_ray_on_loopback(address: str | None) -> None:
     command calls this first. A driver joining a cluster (`--address`, $RAY_ADDRESS) keeps Ray's default."""
     if not address and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Token authentication is Ray 2.60's default; saying so keeps its "enabled by default" notice away.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def _overrides(items: list[str] | None) -> dict:
@@ -121,8 +154,9 @@ def run(
     quiet: QuietOption = False,
     fresh: FreshOption = False,
 ) -> None:
-    """Train every seed of a spec as a trial on Ray, tracked in MLflow; the same command after a dead or
-    interrupted driver continues its runs from their last checkpoints."""
+    """Train every seed of a spec as a trial on Ray, tracked in MLflow.
+
+    The same command after a dead or interrupted driver continues its runs from their last checkpoints."""
     local_ray_on_loopback(address)
     from labfleet.orchestration.session import Planned, execute
     from labfleet.spec.loading import load_spec
@@ -169,8 +203,9 @@ def suite(
     quiet: QuietOption = False,
     fresh: FreshOption = False,
 ) -> None:
-    """Run every experiment of a suite under one `suite` run, sharing the cluster; the same command after an
-    interruption skips what finished and continues the rest from their checkpoints."""
+    """Run every experiment of a suite under one `suite` run, sharing the cluster.
+
+    The same command after an interruption skips what finished and continues the rest from their checkpoints."""
     local_ray_on_loopback(address)
     from labfleet.orchestration.session import Planned, execute
     from labfleet.spec.loading import load_suite
@@ -308,6 +343,8 @@ def report(
     tracking_uri: TrackingOption = None,
     storage: str = typer.Option(None, "--storage", help="Optuna storage of a sweep (default: the one its sweep "
                                 "run recorded)."),
+    log: bool = typer.Option(False, "--log", help="Also attach the report to the suite or sweep run (artifacts "
+                             "report/); without it the report only reads the store."),
 ) -> None:
     """Learning curves with 95 % bands, a table of final metrics and, for a sweep, Optuna's figures."""
     from labfleet.tracking.uri import redact_uri, resolve_tracking_uri
@@ -320,7 +357,7 @@ def report(
         from labfleet.reporting.report import build_report, markdown_table
 
         client = MlflowClient(uri)
-        result = build_report(client, target, out, metric, storage)
+        result = build_report(client, target, out, metric, storage, log=log)
     console = Console()
     warn_stale(client, console)
     console.print(f"[bold]{result.title}[/bold]")

@@ -50,7 +50,7 @@ def _chromium() -> str:
 def test_report_on_a_suite(suite_store):
     tmp, uri = suite_store
     out = tmp / "out"
-    result = run_cli("report", "two-gammas", "--tracking-uri", uri, "--out", str(out), cwd=tmp)
+    result = run_cli("report", "two-gammas", "--tracking-uri", uri, "--out", str(out), "--log", cwd=tmp)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -142,3 +142,33 @@ def test_ui_serves_the_store_on_loopback_and_stops(suite_store):
     assert re.search(rf"MLflow UI: http://127\.0\.0\.1:{port}", output)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_report_is_read_only_without_log(suite_store, tmp_path: Path):
+    """Run on a copy of the store, the report writes nothing into either store (MLflow records artifact
+    locations as absolute paths, so a write would land beside the original)."""
+    tmp, uri = suite_store
+    copy = tmp_path / "copy.db"
+    shutil.copy(Path(uri.removeprefix("sqlite:///")), copy)
+
+    def files() -> list:
+        return sorted((str(p.relative_to(tmp)), p.stat().st_mtime_ns) for p in tmp.rglob("*")
+                      if p.is_file() and "out" not in p.relative_to(tmp).parts)
+
+    before, copy_bytes = files(), copy.read_bytes()
+    result = run_cli("report", "two-gammas", "--tracking-uri", f"sqlite:///{copy}", "--out", str(tmp_path / "r"),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "r" / "report.html").exists() and "Logged as artifacts" not in result.stdout
+    assert files() == before, "the report wrote into the original store's directory"
+    assert copy.read_bytes() == copy_bytes, "the report wrote into the store it read"
+
+
+def test_report_refuses_an_unknown_metric(suite_store, tmp_path: Path):
+    tmp, uri = suite_store
+    result = run_cli("report", "two-gammas", "--tracking-uri", uri, "--metric", "eval/retrun_mean",
+                     "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "labfleet report: --metric: no run of" in result.stderr
+    assert "did you mean 'eval/return_mean'?" in result.stderr and "vi/bellman_residual" in result.stderr
+    assert not (tmp_path / "r").exists()

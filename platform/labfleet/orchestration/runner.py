@@ -39,7 +39,7 @@ from labfleet import metrics as M
 from labfleet.algorithms import registry
 from labfleet.orchestration.trial import TrialWorker
 from labfleet.spec.models import ExperimentSpec
-from labfleet.tracking.resume import LATEST_CHECKPOINT, SeedRecord
+from labfleet.tracking.resume import LABEL_TAG, LATEST_CHECKPOINT, SeedRecord
 from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions
 
 RemoteTrialWorker = ray.remote(TrialWorker)
@@ -170,6 +170,7 @@ class TrialRunner:
         self.label = label or spec.name
         self.pool = pool
         self.trial_run_id: str | None = None
+        self.run_name = self.label  # in MLflow: the label, distinct among reruns (`_distinct_name`)
         self.seeds: dict[int, SeedState] = {}
         self.status = "PENDING"
 
@@ -194,17 +195,28 @@ class TrialRunner:
         # A sweep names its trial's params itself (the sampled values); otherwise the whole configuration.
         params = self.trial_params or flatten(spec.model_dump(mode="json", exclude={"seeds"}))
         params = {**params, "seeds": json.dumps(spec.seeds)}
-        self.trial_run_id = self.tracker.start_run(self.experiment, "trial", self.label, self.parent_run_id,
-                                                   tags=tags, params=params)
+        # A sweep's labels are distinct already (its trial numbers); elsewhere reruns of a spec are told apart.
+        self.run_name = self.label if self.trial_params else self._distinct_name()
+        self.trial_run_id = self.tracker.start_run(self.experiment, "trial", self.run_name, self.parent_run_id,
+                                                   tags={**tags, LABEL_TAG: self.label}, params=params)
         for seed in spec.seeds:
             self._launch(self._add_seed(seed, self._new_seed_run(seed)))
         self.status = "RUNNING"
+
+    def _distinct_name(self) -> str:
+        """The label, or "label #N" for the N-th trial run of this label in the experiment, so that reruns
+        of a spec are told apart in the MLflow UI and in reports."""
+        earlier = self.tracker.client.search_runs(
+            [self.tracker.experiment_id(self.experiment)],
+            f"tags.`labfleet.role` = 'trial' and tags.`{LABEL_TAG}` = '{self.label}'", max_results=10_000)
+        return self.label if not earlier else f"{self.label} #{len(earlier) + 1}"
 
     def resume(self, trial_run: Any, records: dict[int, SeedRecord]) -> None:
         """Continue a trial run that a dead (or interrupted) driver left: its finished seeds stay finished,
         every other seed run is reopened and continues from its last durable checkpoint (from scratch
         without one), logging each metric step at most once."""
         self.trial_run_id = trial_run.info.run_id
+        self.run_name = trial_run.data.tags.get("mlflow.runName", self.label)
         self.tracker.reopen_run(self.trial_run_id, "trial")
         self.status = "RUNNING"
         for seed in self.spec.seeds:
@@ -229,7 +241,7 @@ class TrialRunner:
     def _new_seed_run(self, seed: int) -> str:
         assert self.trial_run_id is not None
         seed_spec = {**self.spec.model_dump(mode="json"), "seeds": [seed]}
-        run_id = self.tracker.start_run(self.experiment, "seed", f"{self.label}/seed={seed}", self.trial_run_id,
+        run_id = self.tracker.start_run(self.experiment, "seed", f"{self.run_name}/seed={seed}", self.trial_run_id,
                                         tags=self._seed_tags(seed), params=flatten(seed_spec))
         self.tracker.log_yaml(run_id, "spec.yaml", seed_spec)
         return run_id

@@ -24,7 +24,7 @@ from labfleet.errors import Problem, SpecError
 from labfleet.orchestration.progress import ProgressBoard, summary_table
 from labfleet.orchestration.runner import TrialRunner, config_hash, drive, unschedulable_reason
 from labfleet.spec.models import ExperimentSpec, SuiteSpec
-from labfleet.tracking.resume import find_unfinished_trial, seed_records
+from labfleet.tracking.resume import LABEL_TAG, find_unfinished_trial, seed_records
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
 from labfleet.tracking.uri import DEFAULT_TRACKING_URI, check_tracking_uri, redact_uri, resolve_tracking_uri
 
@@ -253,7 +253,8 @@ def _suite_run(tracker: Tracker, experiment: str, name: str, fresh: bool = False
         if trial.data.tags.get("labfleet.role") != "trial":
             continue
         if trial.info.status == "FINISHED":
-            done.add((trial.data.tags.get("mlflow.runName", ""), trial.data.tags.get("labfleet.config_hash", "")))
+            label = trial.data.tags.get(LABEL_TAG, trial.data.tags.get("mlflow.runName", ""))
+            done.add((label, trial.data.tags.get("labfleet.config_hash", "")))
         stale = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}' "
                                                     f"and attributes.status = 'RUNNING'")
         for run in [*stale, *([trial] if trial.info.status == "RUNNING" else [])]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ from labfleet.tracking.runs import Tracker
 from labfleet.tracking.uri import redact_uri, resolve_tracking_uri
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+if not os.environ.get("LABFLEET_VERBOSE"):  # "A new study created ..." and the like: see `labfleet --verbose`
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 TrialState = optuna.trial.TrialState
 
 class AskTellGridSampler(optuna.samplers.GridSampler):

@@ -16,6 +16,7 @@ an experiment name (all its trial runs). Each `trial` run under the target is on
 from __future__ import annotations
 
 import base64
+import difflib
 import html
 import io
 import math
@@ -298,11 +299,23 @@ class Report:
     logged_to: str | None
 
 
+def logged_metric_names(configurations: list[Configuration]) -> list[str]:
+    """Every metric a seed or trial run of these configurations logged."""
+    return sorted({k for c in configurations for run in (c.trial, *c.seeds) for k in run.data.metrics})
+
+
 def build_report(client: MlflowClient, target_text: str, out: Path, metric: str | None = None,
-                 storage: str | None = None) -> Report:
+                 storage: str | None = None, log: bool = False) -> Report:
+    """The report's files in `out`; read-only on the store unless `log`, which attaches them to the
+    suite or sweep run as artifacts `report/`."""
     target = resolve_target(client, target_text)
     if not target.configurations:
         raise SpecError([Problem("labfleet report", "TARGET", f"{target.title} has no trial runs to report")])
+    if metric is not None and metric not in (names := logged_metric_names(target.configurations)):
+        close = difflib.get_close_matches(metric, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise SpecError([Problem("labfleet report", "--metric", f"no run of {target.title} logged {metric!r}; "
+                                 f"{hint}logged: {', '.join(n for n in names if not n.startswith('intermediate/'))}")])
     metric = metric or primary_metric(target.configurations)
     kinds = {bool(c.trial.data.tags.get("labfleet.dataset")) for c in target.configurations}
     x_label = {frozenset({False}): "env steps", frozenset({True}): "optimiser steps"}.get(
@@ -327,7 +340,7 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
     (out / "report.html").write_text(html_page(target.title, images, table, names, rows, notes))
     files += [out / "results.md", out / "report.html"]
     logged_to = None
-    if target.parent is not None and target.parent.data.tags.get("labfleet.role") in ("suite", "sweep"):
+    if log and target.parent is not None and target.parent.data.tags.get("labfleet.role") in ("suite", "sweep"):
         for path in files:
             client.log_artifact(target.parent.info.run_id, str(path), "report")
         logged_to = target.parent.info.run_id

@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from labfleet import metrics as M
 
 LATEST_CHECKPOINT = "checkpoints/latest.pt"
+LABEL_TAG = "labfleet.label"  # a trial run's configuration label (its run name may add " #N" on reruns)
 UNFINISHED = ("RUNNING", "KILLED")  # a driver that died, or was interrupted; FAILED trials start anew
 
 
@@ -33,10 +34,10 @@ class SeedRecord:
 
 def find_unfinished_trial(client: Any, experiment_id: str, name: str, config_hash: str, seeds: list[int],
                           parent: str | None) -> Any | None:
-    """The latest trial run of this configuration (same run name, config hash, seeds and parent) that a
+    """The latest trial run of this configuration (same label, config hash, seeds and parent) that a
     driver left RUNNING or KILLED, or None. A FINISHED one is never reopened."""
     query = (f"tags.`labfleet.role` = 'trial' and tags.`labfleet.config_hash` = '{config_hash}' "
-             f"and tags.`mlflow.runName` = '{name}'")
+             f"and tags.`{LABEL_TAG}` = '{name}'")
     for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=20):
         if run.data.tags.get("mlflow.parentRunId") != parent or run.data.params.get("seeds") != json.dumps(seeds):
             continue

@@ -45,6 +45,8 @@ RUN_NAME = "mlflow.runName"
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # log_batch limits
 MAX_PARAM_LENGTH = 6000
 SECRET_WORDS = ("password", "secret", "token", "credential", "api_key")
+# MLflow 3 opens an experiment without this tag in GenAI mode ("Traces 0"); these are training runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -188,7 +190,8 @@ class Tracker:
             root = artifact_root_for(self.uri)
             location = f"{root}/{name}" if root else None
             try:
-                experiment_id = retry_if_locked(self.client.create_experiment, name, artifact_location=location)
+                experiment_id = retry_if_locked(self.client.create_experiment, name, artifact_location=location,
+                                                tags=EXPERIMENT_TAGS)
             except MlflowException:  # created meanwhile by another driver
                 experiment = self.client.get_experiment_by_name(name)
                 assert experiment is not None
@@ -197,6 +200,9 @@ class Tracker:
             if experiment.lifecycle_stage == "deleted":
                 retry_if_locked(self.client.restore_experiment, experiment.experiment_id)
             experiment_id = experiment.experiment_id
+            for key, value in EXPERIMENT_TAGS.items():  # experiments made before labfleet set the kind
+                if experiment.tags.get(key) != value:
+                    retry_if_locked(self.client.set_experiment_tag, experiment_id, key, value)
         self._experiments[name] = experiment_id
         return experiment_id
 

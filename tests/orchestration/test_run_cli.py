@@ -205,6 +205,8 @@ def test_suite_runs_a_sweep_entry_and_a_rerun_skips_what_finished(tmp_path: Path
     trials = [r for r in runs if r.data.tags["labfleet.role"] == "trial"
               and r.data.tags["mlflow.parentRunId"] == suites[0].info.run_id]
     names = sorted((r.data.tags["mlflow.runName"], r.info.status) for r in trials)
-    assert names == [("reinforce", "FAILED"), ("reinforce", "FINISHED"), ("vi-run", "FINISHED")]
+    # the rerun's trial is told apart from the failed one by its name (issue 17), its label is the same
+    assert names == [("reinforce", "FAILED"), ("reinforce #2", "FINISHED"), ("vi-run", "FINISHED")]
+    assert {r.data.tags["labfleet.label"] for r in trials} == {"reinforce", "vi-run"}
     study = optuna.load_study(study_name="vi-sweep", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.trials) == 2, "the sweep's finished study was resumed, not run again"

@@ -37,6 +37,7 @@ class ProgressBoard:
         self.below: Any = None
         self._progress: Progress | None = None
         self._tasks: dict[Hashable, Any] = {}
+        self._running: set[Hashable] = set()
         self._plain: dict[Hashable, dict[str, Any]] = {}
 
     def __enter__(self) -> ProgressBoard:
@@ -55,14 +56,19 @@ class ProgressBoard:
             self._progress = None
 
     def add(self, key: Hashable, label: str, total: int) -> None:
+        """A seed, PENDING (its clock stopped) until its first result: it may wait for resources."""
         if self._progress is not None:
-            self._tasks[key] = self._progress.add_task(label, total=total, latest="")
+            self._tasks[key] = self._progress.add_task(label, total=total, latest="PENDING", start=False)
         elif not self.quiet:
             self._plain[key] = {"label": label, "total": total, "shown": -1, "start": time.perf_counter()}
 
     def update(self, key: Hashable, completed: int, latest: str) -> None:
         if self._progress is not None:
-            self._progress.update(self._tasks[key], completed=completed, latest=latest)
+            task = self._tasks[key]
+            if key not in self._running:
+                self._running.add(key)
+                self._progress.start_task(task)  # the time column counts running time, not waiting
+            self._progress.update(task, completed=completed, latest=latest)
             return
         entry = self._plain.get(key)
         if entry is None:
@@ -88,9 +94,12 @@ class ProgressBoard:
 
 
 def summary_table(title: str, rows: list[dict[str, str]]) -> Table:
+    """Rows of the same keys; names fold onto more lines instead of being cut (two names that differ only
+    at their end stay told apart in 80 columns)."""
     table = Table(title=title)
     for column in rows[0] if rows else []:
-        table.add_column(column, justify="right" if column not in ("trial", "status") else "left")
+        left = column in ("trial", "status", "metric")
+        table.add_column(column, justify="left" if left else "right", overflow="fold")
     for row in rows:
         style = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow"}.get(row.get("status", ""), "")
         table.add_row(*row.values(), style=style)

@@ -335,10 +335,11 @@ class TrialRunner:
                                              "labfleet.device": where["device"]})
 
     def _headline(self, latest: dict[str, float]) -> str:
+        rate = f" {latest[M.SPS]:.0f} sps" if M.SPS in latest else ""
         for key in (self.info.primary_metric, M.TRAIN_EPISODE_RETURN):
             if key in latest:
-                return f"{key}={latest[key]:.4g}"
-        return ""
+                return f"{key}={latest[key]:.4g}{rate}"
+        return rate.strip()
 
     def _release(self, state: SeedState, reusable: bool = False) -> None:
         """Free the seed's actor and placement group; an idle, healthy actor goes back to the pool."""
@@ -403,6 +404,8 @@ class TrialRunner:
         for state in stopped:
             state.status = status
             self.tracker.end_run(state.run_id, status)
+            if self.progress is not None:  # a pruned or stopped seed's bar goes (in a sweep) or says so
+                self.progress.finish((self.label, state.seed), status)
         if self.trial_run_id and not self.done:
             self.status = status
             self.tracker.end_run(self.trial_run_id, status)

@@ -269,9 +269,9 @@ def _print_summary(console: Console, runners: list[TrialRunner], uri: str, quiet
         metric = runner.info.primary_metric
         for state in runner.seeds.values():
             value = (state.final or {}).get(metric)
-            rows.append({"trial": runner.label, "seed": str(state.seed), "status": state.status,
-                         "steps": str(state.progress), metric: "" if value is None else f"{value:.4g}",
-                         "time": f"{state.elapsed:.0f}s"})
+            rows.append({"trial": runner.run_name, "seed": str(state.seed), "status": state.status,
+                         "steps": str(state.progress), "metric": metric,
+                         "value": "" if value is None else f"{value:.4g}", "time": f"{state.elapsed:.0f}s"})
     if not quiet:
         console.print(summary_table("labfleet results", rows))
     for runner in runners:

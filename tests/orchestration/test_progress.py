@@ -1,0 +1,58 @@
+"""What the progress display and the summary show a person, rendered by rich at 80 columns."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from labfleet.orchestration.progress import ProgressBoard, summary_table
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, width=80, force_terminal=True, color_system=None), out
+
+
+def test_summary_names_each_rows_own_metric_and_never_cuts_a_name():
+    rows = [
+        {"trial": "quickstart-frozenlake-qlearning", "seed": "0", "status": "FINISHED", "steps": "400000",
+         "metric": "eval/return_mean", "value": "0.74", "time": "41s"},
+        {"trial": "quickstart-frozenlake-value-iteration", "seed": "0", "status": "FINISHED", "steps": "2000",
+         "metric": "eval/return_mean", "value": "0.746", "time": "2s"},
+        {"trial": "quickstart-digits-vae", "seed": "0", "status": "FINISHED", "steps": "4000",
+         "metric": "eval/neg_elbo", "value": "108.5", "time": "60s"},
+        {"trial": "quickstart-ring-gan", "seed": "0", "status": "FINISHED", "steps": "16000",
+         "metric": "eval/modes_covered", "value": "8", "time": "90s"},
+    ]
+    console, out = _console()
+    console.print(summary_table("labfleet results", rows))
+    text = out.getvalue()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    names: list[str] = []  # the trial column, its folded lines joined per row
+    for line in text.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells[1]:  # the seed column opens a row
+            names.append(cells[0])
+        else:
+            names[-1] += cells[0]
+    assert names == [row["trial"] for row in rows]
+    assert "…" not in text, "a name or value was cut"
+    lines = text.splitlines()
+    assert any("neg_elbo" in line and "108.5" in line for line in lines)  # each row shows its own metric
+    assert any("modes_cove" in line for line in lines)
+
+
+def test_a_waiting_seed_shows_pending_and_a_finished_sweep_bar_goes():
+    console, out = _console()
+    with ProgressBoard(console, hide_finished=True) as board:
+        board.add("a", "trial 0 seed=0", 100)
+        board._progress.refresh()
+        assert "PENDING" in out.getvalue()
+        board.update("a", 50, "eval/return_mean=20 3000 sps")
+        board._progress.refresh()
+        assert "3000 sps" in out.getvalue()
+        board.finish("a", "FINISHED")
+        assert not board._progress.tasks[0].visible

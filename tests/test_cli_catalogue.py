@@ -9,19 +9,28 @@ from labfleet.algorithms import registry
 from labfleet.cli import app
 
 
-def test_list_algorithms_matches_the_registry():
-    result = CliRunner().invoke(app, ["list", "algorithms"], env={"COLUMNS": "200"})
+def test_list_algorithms_matches_the_registry_in_80_columns():
+    result = CliRunner().invoke(app, ["list", "algorithms"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
-    listed = {line.split("│")[1].strip() for line in result.output.splitlines()
-              if line.startswith("│") and line.split("│")[1].strip()}
+    listed = {line.split()[0] for line in result.output.splitlines() if line and not line.startswith(" ")}
     assert listed == set(registry.names())
+    for name in registry.names():
+        assert registry.get(name).summary.split()[0] in result.output
 
 
-def test_list_envs_matches_gymnasium():
+def test_list_envs_lists_what_can_be_made_and_marks_the_rest():
     result = CliRunner().invoke(app, ["list", "envs"])
     assert result.exit_code == 0
-    assert set(result.output.split()) == set(gym.registry)
-
+    available, _, rest = result.output.partition("Registered, but not available here:")
+    ready = set(available.split())
+    missing = {line.strip().split(":")[0] for line in rest.splitlines() if line.strip()}
+    assert ready | missing == set(gym.registry) and not ready & missing
+    assert {"CartPole-v1", "FrozenLake-v1", "Pendulum-v1", "Taxi-v4"} <= ready
+    assert "HalfCheetah-v2" in missing and "use the -v5 version" in rest
+    for env_id in sorted(ready):  # every id listed as available is made here
+        if env_id.startswith(("gymnasium.envs.mujoco", "Humanoid")):
+            continue
+        gym.make(env_id).close()
 
 def test_list_rejects_other_words():
     result = CliRunner().invoke(app, ["list", "planets"])
@@ -38,14 +47,26 @@ def test_list_datasets_matches_the_dataset_table():
     assert listed == set(DATASETS) >= {"digits", "ring8", "grid25"}
 
 
-def test_show_prints_every_hyperparameter_with_its_default():
-    result = CliRunner().invoke(app, ["show", "ppo"], env={"COLUMNS": "250"})
+def test_show_prints_every_hyperparameter_in_full_in_80_columns():
+    result = CliRunner().invoke(app, ["show", "ppo"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
-    fields = registry.get("ppo").hparams.model_fields
-    for name in fields:
-        assert f"│ {name} " in result.output, name
-    row = next(line for line in result.output.splitlines() if line.startswith("│ clip_range "))
-    assert "0.2" in row and "Surrogate clipping epsilon" in row
+    lines = result.output.splitlines()
+    for name in registry.get("ppo").hparams.model_fields:
+        assert any(line.startswith(f"{name}: ") for line in lines), name  # never cut: it is typed into specs
+    at = next(i for i, line in enumerate(lines) if line.startswith("clip_range: "))
+    assert "0.2" in lines[at] and "Surrogate clipping epsilon" in lines[at + 1]
+    assert "normalize_advantage: bool = true" in result.output
+
+
+def test_show_yaml_is_a_spec_that_validates(tmp_path):
+    for name in registry.names():
+        result = CliRunner().invoke(app, ["show", name, "--yaml"])
+        assert result.exit_code == 0, result.output
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(result.output)
+        checked = CliRunner().invoke(app, ["validate", str(spec)])
+        assert checked.exit_code == 0, (name, checked.output, result.output)
+        assert f"algorithm: {name}" in result.output and "  # " in result.output  # documented defaults
 
 
 def test_show_unknown_algorithm():

@@ -290,14 +290,13 @@ def list_(what: str = typer.Argument(..., metavar="algorithms|envs|datasets", he
     if what == "algorithms":
         from labfleet.algorithms import registry
 
-        table = Table("algorithm", "kind", "actions", "observations", "budget", "summary")
-        for name in registry.names():
+        for name in registry.names():  # a list, not a table: a table's summary column is one word wide in 80
             info = registry.get(name)
-            rl = info.kind == "rl"
-            table.add_row(name, info.kind, ", ".join(info.action_spaces) if rl else "-",
-                          ", ".join(info.observation_spaces) if rl else "-", ", ".join(info.budget_units),
-                          info.summary)
-        Console().print(table)
+            spaces = (f"actions {', '.join(info.action_spaces)}; observations {', '.join(info.observation_spaces)}"
+                      if info.kind == "rl" else f"dataset; primary metric {info.primary_metric}")
+            typer.echo(f"{name}  ({info.kind}, budget in {' or '.join(info.budget_units)})")
+            typer.echo(_indented(info.summary))
+            typer.echo(_indented(spaces))
     elif what == "datasets":
         from labfleet.data.datasets import DATASETS
 
@@ -306,32 +305,54 @@ def list_(what: str = typer.Argument(..., metavar="algorithms|envs|datasets", he
             table.add_row(name, "x".join(map(str, data.shape)), data.summary)
         Console().print(table)
     elif what == "envs":
-        import gymnasium as gym
+        from labfleet.spec.envcheck import env_availability
 
-        for env_id in sorted(gym.registry):
-            typer.echo(env_id)
+        envs = env_availability()
+        for env_id, need in envs:
+            if need is None:
+                typer.echo(env_id)
+        missing = [(env_id, need) for env_id, need in envs if need is not None]
+        if missing:
+            typer.echo("\nRegistered, but not available here:")
+            for env_id, need in missing:
+                typer.echo(f"  {env_id}: {need}")
     else:
         with bad_input_exits_2():
             raise SpecError([Problem("labfleet list", what, "expected algorithms, envs or datasets")])
 
 
-@app.command()
-def show(algorithm: str = typer.Argument(..., help="A registered algorithm.")) -> None:
-    """Print an algorithm's hyperparameters: name, type, default and documentation, from its model."""
-    from rich.table import Table
+def _indented(text: str) -> str:
+    """`text` wrapped to the terminal's width, indented by four spaces."""
+    import shutil
+    import textwrap
 
+    width = max(40, shutil.get_terminal_size((100, 24)).columns)
+    return textwrap.fill(text, width=width, initial_indent="    ", subsequent_indent="    ")
+
+
+@app.command()
+def show(
+    algorithm: str = typer.Argument(..., help="A registered algorithm."),
+    as_yaml: bool = typer.Option(False, "--yaml", help="Print a spec skeleton with every hyperparameter's "
+                                 "default instead."),
+) -> None:
+    """Print an algorithm's hyperparameters: name, type, default and documentation, from its model."""
     from labfleet.algorithms import registry
-    from labfleet.spec.schema import hparam_rows
+    from labfleet.spec.schema import hparam_rows, spec_skeleton
 
     with bad_input_exits_2():
         try:
             info = registry.get(algorithm)
         except KeyError as exc:
             raise SpecError([Problem("labfleet show", "algorithm", str(exc.args[0]))]) from None
-    table = Table("hparam", "type", "default", "description", title=f"{algorithm}: {info.summary}")
-    for row in hparam_rows(info.hparams):
-        table.add_row(*row)
-    Console().print(table)
+    if as_yaml:
+        typer.echo(spec_skeleton(algorithm), nl=False)
+        return
+    typer.echo(f"{algorithm}: {info.summary}")
+    for name, kind, default, description in hparam_rows(info.hparams):  # full names: they are typed into specs
+        typer.echo(f"\n{name}: {kind} = {default}")
+        if description:
+            typer.echo(_indented(description))
 
 
 @app.command()

@@ -125,3 +125,30 @@ def _env_problems(spec: ExperimentSpec, info: AlgorithmInfo, spec_dir: Path | No
     finally:
         env.close()
     return problems
+
+
+# The packages behind gymnasium's optional families, and how to install each.
+_EXTRAS = (("gymnasium.envs.box2d", "Box2D", 'pip install "gymnasium[box2d]"'),
+           ("gymnasium.envs.mujoco", "mujoco", 'pip install "gymnasium[mujoco]"'),
+           ("gymnasium.envs.phys2d", "jax", 'pip install "gymnasium[jax]"'),
+           ("gymnasium.envs.tabular", "jax", 'pip install "gymnasium[jax]"'))
+
+
+def env_availability() -> list[tuple[str, str | None]]:
+    """(env id, None when it can be made here, else what it needs) for every registered id, without making
+    any: an id whose entry point is a function (gymnasium's stand-ins for removed envs) is unavailable."""
+    import importlib.util
+
+    out: list[tuple[str, str | None]] = []
+    for env_id, spec in sorted(gym.registry.items()):
+        entry = spec.entry_point
+        if not isinstance(entry, str):
+            out.append((env_id, "removed from gymnasium (mujoco-py era): use the -v5 version"))
+            continue
+        module = entry.partition(":")[0]
+        need = next(((package, hint) for prefix, package, hint in _EXTRAS if module.startswith(prefix)), None)
+        if need is not None and importlib.util.find_spec(need[0]) is None:
+            out.append((env_id, need[1]))
+        else:
+            out.append((env_id, None))
+    return out

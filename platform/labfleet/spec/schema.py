@@ -35,6 +35,33 @@ def hparam_rows(model: type[BaseModel]) -> list[tuple[str, str, str, str]]:
             for name, field in model.model_fields.items()]
 
 
+def spec_skeleton(algorithm: str) -> str:
+    """A spec for `algorithm` with every hyperparameter at its default, each documented in a comment
+    (`labfleet show ALGORITHM --yaml`); it validates as it is once `env:` or `dataset:` names something."""
+    import yaml
+
+    from labfleet.algorithms import registry
+
+    info = registry.get(algorithm)
+    defaults = info.hparams().model_dump(mode="json")
+    if info.kind == "rl":  # an env the algorithm can run on, to replace with one's own
+        env = "FrozenLake-v1" if "vector" not in info.observation_spaces else \
+            "Pendulum-v1" if "discrete" not in info.action_spaces else "CartPole-v1"
+        target = f"env: {env}            # a gymnasium id (labfleet list envs), or package.module:Class"
+    else:
+        target = "dataset: digits             # labfleet list datasets"
+    unit = info.budget_units[0]
+    lines = [f"# {algorithm}: {info.summary}", f"name: my-{algorithm.replace('_', '-')}", f"algorithm: {algorithm}",
+             target, "seeds: [0, 1, 2]", f"budget: {{{unit}: {100_000 if unit == 'env_steps' else 1000}}}", "hparams:"]
+    docs = {name: description for name, _, _, description in hparam_rows(info.hparams)}
+    for name, value in defaults.items():
+        text = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()[1:-1]  # the outer {}
+        comment = f"  # {docs[name]}" if docs.get(name) else ""
+        lines.append(f"  {text}{comment}")
+    lines += ["eval: {episodes: 10}", f"tracking: {{experiment: {algorithm}}}"]
+    return "\n".join(lines) + "\n"
+
+
 def _table(model: type[BaseModel]) -> list[str]:
     lines = ["| field | type | default | description |", "|---|---|---|---|"]
     for name, kind, default, description in hparam_rows(model):

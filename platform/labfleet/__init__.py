@@ -1,10 +1,21 @@
 """labfleet: experiment orchestration for RL and deep generative models on Ray, Optuna and MLflow."""
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("labfleet")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["Trainer", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """`labfleet.Trainer`, the base class of your own trainers, imported on first use (it needs torch, which
+    `labfleet --version` and `labfleet validate` should not wait for)."""
+    if name == "Trainer":
+        from labfleet.algorithms.base import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'labfleet' has no attribute {name!r}")

@@ -135,7 +135,7 @@ def validate(
                 data = apply_overrides(doc.data, overrides)
                 spec = resolve_spec_data(data, doc.source, from_set(doc, overrides))
                 static_checks(None, doc.source, [(data, spec, doc.source)])
-                target = spec.env or spec.dataset
+                target = spec.env or spec.dataset or "its own data"
                 seeds = f"{len(spec.seeds)} seed" + ("s" if len(spec.seeds) != 1 else "")
                 typer.echo(f"ok: {path} ({spec.algorithm} on {target}, {seeds})")
         except SpecError as exc:

@@ -39,7 +39,7 @@ ObservationKind = Literal["vector", "discrete"]
 @dataclass(frozen=True)
 class AlgorithmInfo:
     name: str
-    kind: Literal["rl", "generative"]
+    kind: Literal["rl", "generative", "custom"]
     hparams: type[BaseModel]
     trainer: type[Trainer]
     summary: str
@@ -48,7 +48,7 @@ class AlgorithmInfo:
     needs_transition_model: bool = False
     rollout_workers: bool = True  # can spread its environments over Ray rollout actors
     seed_dependent: bool = True  # False for planners, whose training the seed does not touch
-    primary_metric: str = "eval/return_mean"
+    primary_metric: str = "eval/return_mean"  # "" for your own code: the first eval/* metric it reports
     # The `eval/*` metrics it can log: what a sweep objective may name (checked by `labfleet validate`).
     eval_metrics: tuple[str, ...] = ("eval/return_mean", "eval/return_std")
     budget_units: tuple[str, ...] = ("env_steps",)
@@ -66,12 +66,29 @@ def register(info: AlgorithmInfo) -> AlgorithmInfo:
     return info
 
 
+ENTRY_POINT_GROUP = "labfleet.algorithms"
+
+
 def _load_builtins() -> None:
+    """The built-in modules, then installed packages' algorithms: entry points of the group
+    `labfleet.algorithms`, each a module that registers itself or a `labfleet.Trainer` subclass (registered
+    under the entry point's name)."""
     global _loaded
-    if not _loaded:
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
-        _loaded = True
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        loaded = entry.load()
+        if isinstance(loaded, type) and entry.name not in _REGISTRY:
+            from dataclasses import replace
+
+            from labfleet.algorithms.custom import custom_info
+
+            register(replace(custom_info(entry.value), name=entry.name))
 
 
 def names() -> list[str]:
@@ -79,9 +96,16 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str) -> AlgorithmInfo:
+def get(name: str, spec_dir: str | None = None) -> AlgorithmInfo:
+    """A registered algorithm, or for "package.module:Name" the user's own trainer class or training
+    function (imported from `spec_dir` or the working directory; raises ImportError or TypeError)."""
     _load_builtins()
+    if ":" in name and name not in _REGISTRY:
+        from labfleet.algorithms.custom import custom_info
+
+        return custom_info(name, spec_dir)
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown algorithm {name!r} (available: {', '.join(names())})") from None
+        raise KeyError(f"unknown algorithm {name!r} (available: {', '.join(names())}, or "
+                       f"package.module:Name for your own trainer class or training function)") from None

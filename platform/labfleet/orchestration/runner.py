@@ -336,7 +336,9 @@ class TrialRunner:
 
     def _headline(self, latest: dict[str, float]) -> str:
         rate = f" {latest[M.SPS]:.0f} sps" if M.SPS in latest else ""
-        for key in (self.info.primary_metric, M.TRAIN_EPISODE_RETURN):
+        keys = [self.info.primary_metric] if self.info.primary_metric else sorted(
+            k for k in latest if k.startswith(M.EVAL_PREFIX))  # your own code: its first evaluation
+        for key in [*keys[:1], M.TRAIN_EPISODE_RETURN]:
             if key in latest:
                 return f"{key}={latest[key]:.4g}{rate}"
         return rate.strip()

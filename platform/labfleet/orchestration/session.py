@@ -59,7 +59,7 @@ def address_problem(target: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None, code_dirs: list[str] | None = None) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS, as in a Ray Job), else start a local instance
     (on 127.0.0.1 when the command set `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` first; see the CLI)."""
     if ray.is_initialized():
@@ -70,7 +70,14 @@ def connect_ray(address: str | None) -> None:
     problem = address_problem(target)
     if problem:
         raise SpecError([Problem("--address" if address else "$RAY_ADDRESS", "", problem)])
-    ray.init(address=target, logging_level=logging.WARNING, include_dashboard=False)
+    verbose = bool(os.environ.get("LABFLEET_VERBOSE"))
+    # Workers import users' own modules (env and algorithm import paths) from the specs' directories, as
+    # the driver does; a submitted job ships its working directory instead.
+    paths = [str(Path(d).resolve()) for d in code_dirs or []] + [os.getcwd()]
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
+        dict.fromkeys(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))}}
+    ray.init(address=target, logging_level=logging.WARNING if verbose else logging.ERROR, include_dashboard=False,
+             runtime_env=runtime_env if target == "local" else None)
 
 
 def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None) -> tuple[str, Tracker]:
@@ -78,7 +85,7 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
     problem = check_tracking_uri(tracking_uri)
     if problem:
         raise SpecError([Problem(source, "tracking.uri", problem)])
-    connect_ray(address)
+    connect_ray(address, [str(p.spec_path.parent) for p in planned])
     cluster = ray.cluster_resources()
     problems = [Problem(str(p.spec_path), "resources", reason) for p in planned
                 if (reason := unschedulable_reason(p.spec, cluster))]
@@ -266,8 +273,8 @@ def _print_summary(console: Console, runners: list[TrialRunner], uri: str, quiet
                    report_target: str = "") -> None:
     rows = []
     for runner in runners:
-        metric = runner.info.primary_metric
         for state in runner.seeds.values():
+            metric = runner.info.primary_metric or next(iter(sorted(state.final or {})), "")
             value = (state.final or {}).get(metric)
             rows.append({"trial": runner.run_name, "seed": str(state.seed), "status": state.status,
                          "steps": str(state.progress), "metric": metric,

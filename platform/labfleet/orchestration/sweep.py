@@ -198,7 +198,10 @@ def _objective_problems(sweep: SweepConfig, spec: ExperimentSpec, source: str) -
     """Each objective must be an `eval/*` metric the algorithm logs (a trial aggregates only those)."""
     from labfleet.algorithms import registry
 
-    logged = registry.get(spec.algorithm).eval_metrics
+    info = registry.get(spec.algorithm)
+    if info.kind == "custom":  # your own code's metrics are known when it runs: a missing one fails the trial
+        return []
+    logged = info.eval_metrics
     field = "sweep.metrics" if sweep.multi_objective else "sweep.metric"
     return [Problem(source, field, f"{spec.algorithm} never logs {metric!r}; a sweep objective is one of its "
                     f"evaluation metrics: {', '.join(logged)}")

@@ -18,6 +18,7 @@ import torch
 
 from labfleet.algorithms import registry
 from labfleet.algorithms.base import resolve_device
+from labfleet.algorithms.custom import FunctionTrainer
 from labfleet.spec.models import ExperimentSpec
 
 CURVE_POINTS = 500  # training metrics are averaged over windows of budget / CURVE_POINTS units
@@ -107,11 +108,17 @@ class TrialWorker:
         artifacts: dict[str, bytes] = {}  # images a generative trainer makes at its evaluations
         checkpoint, evaluated = None, False
         started = time.perf_counter()
+        own_reports = isinstance(trainer, FunctionTrainer)  # a training function reports and evaluates itself
         while not trainer.done and time.perf_counter() - started < seconds:
             logged = trainer.train_iteration()
             bad = [k for k, v in logged.items() if not math.isfinite(v)]
             if bad:
                 raise FloatingPointError(f"non-finite {', '.join(bad)} at step {trainer.metric_step}")
+            if own_reports:
+                if logged:
+                    records.append((trainer.metric_step, logged))
+                evaluated = True  # its latest checkpoint goes with this chunk
+                continue
             closed = self.window.add(trainer.progress, trainer.metric_step, logged)
             if closed:
                 records.append(closed)

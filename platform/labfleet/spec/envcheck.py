@@ -37,30 +37,13 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
     """Problems as (field path, message): budget unit, the env or dataset the algorithm needs, and the
     env's spaces (the env is made once, when `check_env`)."""
     problems: list[tuple[str, str]] = []
+    if info.kind == "custom":
+        return _custom_problems(spec, info, check_env, spec_dir)
     if spec.budget.unit not in info.budget_units:
         problems.append((f"budget.{spec.budget.unit}", f"{info.name} budgets in "
                          f"{' or '.join(info.budget_units)}, not {spec.budget.unit}"))
     if info.kind == "generative":
-        from labfleet.data.datasets import DATASETS
-
-        if spec.env is not None:
-            problems.append(("env", f"{info.name} trains on a `dataset:`, not an env"))
-        if spec.dataset is None:
-            problems.append(("dataset", f"{info.name} needs a dataset (one of: {', '.join(DATASETS)})"))
-        elif spec.dataset not in DATASETS:
-            close = difflib.get_close_matches(spec.dataset, list(DATASETS), n=2)
-            hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-            problems.append(("dataset", f"unknown dataset {spec.dataset!r}{hint}; known: {', '.join(DATASETS)}"))
-        else:
-            problems += _architecture_problems(spec, DATASETS[spec.dataset].shape)
-        pac, batch = spec.hparams.get("pac", 1), spec.hparams.get("batch_size")
-        world = spec.resources.data_parallel
-        if batch is not None and (batch // world) % pac:
-            problems.append(("hparams.pac", f"each worker's batch (batch_size {batch} / data_parallel {world} = "
-                             f"{batch // world}) must be a multiple of pac ({pac})"))
-        if spec.resources.rollout_workers:
-            problems.append(("resources.rollout_workers", f"{info.name} does not sample environments: use 0"))
-        return problems
+        return problems + _generative_problems(spec, info)
     if spec.resources.data_parallel > 1:
         problems.append(("resources.data_parallel", f"{info.name} trains in one process: use 1 (data "
                          f"parallelism is for the generative models)"))
@@ -71,6 +54,47 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
     problems += _rollout_worker_problems(spec, info)
     if check_env:
         problems += _env_problems(spec, info, spec_dir)
+    return problems
+
+
+def _generative_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tuple[str, str]]:
+    from labfleet.data.datasets import DATASETS
+
+    problems: list[tuple[str, str]] = []
+    if spec.env is not None:
+        problems.append(("env", f"{info.name} trains on a `dataset:`, not an env"))
+    if spec.dataset is None:
+        problems.append(("dataset", f"{info.name} needs a dataset (one of: {', '.join(DATASETS)})"))
+    elif spec.dataset not in DATASETS:
+        close = difflib.get_close_matches(spec.dataset, list(DATASETS), n=2)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        problems.append(("dataset", f"unknown dataset {spec.dataset!r}{hint}; known: {', '.join(DATASETS)}"))
+    else:
+        problems += _architecture_problems(spec, DATASETS[spec.dataset].shape)
+    pac, batch = spec.hparams.get("pac", 1), spec.hparams.get("batch_size")
+    world = spec.resources.data_parallel
+    if batch is not None and (batch // world) % pac:
+        problems.append(("hparams.pac", f"each worker's batch (batch_size {batch} / data_parallel {world} = "
+                         f"{batch // world}) must be a multiple of pac ({pac})"))
+    if spec.resources.rollout_workers:
+        problems.append(("resources.rollout_workers", f"{info.name} does not sample environments: use 0"))
+    return problems
+
+
+def _custom_problems(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool,
+                     spec_dir: Path | None) -> list[tuple[str, str]]:
+    """Your own code needs neither env nor dataset; what it names is checked as for the built-ins."""
+    from labfleet.data.datasets import DATASETS
+
+    problems: list[tuple[str, str]] = []
+    if spec.resources.rollout_workers:
+        problems.append(("resources.rollout_workers", f"{info.name} runs in one process: use 0"))
+    if spec.resources.data_parallel > 1:
+        problems.append(("resources.data_parallel", f"{info.name} runs in one process: use 1"))
+    if spec.dataset is not None and spec.dataset not in DATASETS:
+        problems.append(("dataset", f"unknown dataset {spec.dataset!r}; known: {', '.join(DATASETS)}"))
+    if spec.env is not None and check_env and (problem := check_env_id(spec.env, spec_dir)):
+        problems.append(("env", problem))
     return problems
 
 

@@ -302,7 +302,7 @@ def resolve_spec_data(
     problems = _hparams_problems(data, hparams_raw, source, doc)
     if problems:
         raise SpecError(problems)
-    info = registry.get(spec.algorithm)
+    info = registry.get(spec.algorithm, str(spec_dir) if spec_dir is not None else None)
     spec.hparams = info.hparams.model_validate(hparams_raw).model_dump(mode="json")
 
     def at(path: str, message: str) -> Problem:
@@ -322,10 +322,13 @@ def _hparams_problems(data: dict, hparams_raw: Any, source: str, doc: YamlDocume
     if not isinstance(algorithm, str):
         return []
     try:
-        info = registry.get(algorithm)
+        info = registry.get(algorithm, str(Path(source).parent) if doc is not None else None)
     except KeyError:
         return [Problem(source, "algorithm", f"unknown algorithm {algorithm!r} "
-                        f"(available: {', '.join(registry.names())})" + _where(doc, ("algorithm",)))]
+                        f"(available: {', '.join(registry.names())}, or package.module:Name for your own "
+                        f"code)" + _where(doc, ("algorithm",)))]
+    except (ImportError, TypeError) as exc:
+        return [Problem(source, "algorithm", str(exc) + _where(doc, ("algorithm",)))]
     if not isinstance(hparams_raw, dict):
         return [Problem(source, "hparams", f"expected a mapping, got {type(hparams_raw).__name__}")]
     try:

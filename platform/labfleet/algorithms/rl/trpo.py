@@ -185,7 +185,7 @@ class TRPOTrainer(ActorCriticTrainer):
         # 5. log
         logged.update({
             M.LOSS_POLICY: -float(surrogate_new), M.LOSS_VALUE: float(torch.stack(value_losses).mean()),
-            M.LOSS_ENTROPY: float(entropy), M.TRPO_KL: float(kl_new), M.TRPO_STEP_COEF: coef,
+            M.LOSS_ENTROPY: float(entropy.detach()), M.TRPO_KL: float(kl_new), M.TRPO_STEP_COEF: coef,
             M.TRPO_LINE_SEARCH_TRIES: float(tries), M.TRPO_IMPROVEMENT: float(surrogate_new) - surrogate_old,
             M.GRAD_NORM: float(np.mean(norms)), M.LEARNING_RATE: self.optimizer.learning_rate,
         })

@@ -1,0 +1,204 @@
+"""Your own training code through the whole spine (issue 13 §1-2): a training function and a Trainer
+subclass, each in a module outside the package, run, sweep, restart and fail like built-ins; validation
+refuses what is neither and never calls it."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from labfleet.cli import app
+from tests.conftest import EXPERIMENTS, run_cli
+
+CUSTOM = EXPERIMENTS / "custom"
+
+
+def _runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _download(client: MlflowClient, run_id: str, path: str, tmp: Path) -> dict:
+    return torch.load(io.BytesIO(Path(client.download_artifacts(run_id, path, str(tmp))).read_bytes()),
+                      weights_only=True)
+
+
+def test_training_function_runs_two_seeds_tracked_like_a_builtin(tmp_path: Path, tracking_uri: str):
+    result = run_cli("run", str(CUSTOM / "digits_function.yaml"), "--set", "budget.iterations=4",
+                     "--tracking-uri", tracking_uri, cwd=tmp_path)  # another directory: found beside the spec
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri)
+    runs = _runs(client, "custom")
+    seeds = [r for r in runs if r.data.tags["labfleet.role"] == "seed"]
+    (trial,) = [r for r in runs if r.data.tags["labfleet.role"] == "trial"]
+    assert len(seeds) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in seeds:
+        history = client.get_metric_history(run.info.run_id, "eval/accuracy")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4]
+        assert run.data.metrics["eval/accuracy"] > 0.6  # 4 epochs of an MLP on digits: 0.79 here; chance 0.1
+        state = _download(client, run.info.run_id, "checkpoints/final.pt", tmp_path / run.info.run_id)
+        assert state["function"]["epoch"] == 4 and "0.weight" in state["function"]["model"]
+        assert run.data.params["hparams.learning_rate"] == "0.001"
+    assert trial.data.metrics["eval/accuracy"] == pytest.approx(
+        sum(r.data.metrics["eval/accuracy"] for r in seeds) / 2)
+    assert "eval/accuracy" in result.stdout  # the summary shows the function's own evaluation
+
+
+def test_trainer_subclass_outside_the_package(tmp_path: Path, tracking_uri: str):
+    result = run_cli("run", str(CUSTOM / "bandit_trainer.yaml"), "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri)
+    seeds = [r for r in _runs(client, "custom") if r.data.tags["labfleet.role"] == "seed"]
+    assert len(seeds) == 2 and {r.info.status for r in seeds} == {"FINISHED"}
+    for run in seeds:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/regret")] == \
+            [1000, 2000, 3000, 4000, 5000]
+        assert run.data.metrics["eval/regret"] < 0.5
+    shown = run_cli("show", "bandit_trainer:EpsilonGreedyBandit", cwd=CUSTOM)
+    assert shown.returncode == 0 and "epsilon: float = 0.1" in shown.stdout
+
+
+def test_sweep_over_a_function_prunes_and_nests(tmp_path: Path):
+    data = yaml.safe_load((CUSTOM / "digits_function_sweep.yaml").read_text())
+    data["budget"] = {"iterations": 6}
+    data["sweep"].update({"n_trials": 2, "sampler": {"type": "grid"},
+                          "pruner": {"type": "threshold", "lower": 0.5, "n_warmup_steps": 2},
+                          "space": {"hparams.learning_rate": {"type": "categorical", "choices": [1e-6, 1e-2]}}})
+    (tmp_path / "digits_classifier.py").write_text((CUSTOM / "digits_classifier.py").read_text())
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(data))
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run_cli("sweep", "sweep.yaml", "--tracking-uri", uri, "--storage", storage, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = optuna.load_study(study_name="digits-function-sweep", storage=storage)
+    states = {t.params["hparams.learning_rate"]: t.state for t in study.trials}
+    assert states == {1e-6: optuna.trial.TrialState.PRUNED, 1e-2: optuna.trial.TrialState.COMPLETE}
+    client = MlflowClient(uri)
+    runs = _runs(client, "custom")
+    (sweep_run,) = [r for r in runs if r.data.tags["labfleet.role"] == "sweep"]
+    trials = [r for r in runs if r.data.tags["labfleet.role"] == "trial"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {sweep_run.info.run_id}
+    assert {r.data.tags["optuna.state"] for r in trials} == {"PRUNED", "COMPLETE"}
+
+
+RESUMABLE = '''
+import time
+
+
+def main(config, ctx):
+    start = ctx.restored["epoch"] if ctx.restored else 0
+    for epoch in range(start, ctx.budget):
+        time.sleep(0.05)
+        ctx.report(epoch + 1, {"custom/started_at": float(start), "eval/score": float(epoch + 1)})
+        ctx.checkpoint({"epoch": epoch + 1})
+'''
+
+FAILING = '''
+def main(config, ctx):
+    ctx.report(1, {"eval/score": 1.0})
+    raise ValueError("the data file is corrupt")
+'''
+
+CALLED = '''
+import pathlib
+
+
+def main(config, ctx):
+    pathlib.Path(config["marker"]).write_text("called")
+
+
+class NotATrainer:
+    def __init__(self, config, ctx):
+        pass
+'''
+
+
+def _trial_worker_pids(session: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, sid, args in (line.split(None, 2) for line in out.splitlines())
+            if int(sid) == session and args.startswith("ray::TrialWorker")]
+
+
+def test_killed_function_resumes_from_ctx_restored(tmp_path: Path, tracking_uri: str):
+    (tmp_path / "resumable.py").write_text(RESUMABLE)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "resumable", "algorithm": "resumable:main",
+                                                         "budget": {"iterations": 200}, "seeds": [0]}))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-m", "labfleet", "run", "spec.yaml", "--tracking-uri", tracking_uri,
+                             "--quiet"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    client = MlflowClient(tracking_uri)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # once a checkpoint past step 10 is in the store, kill the trial actor's process
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the function never checkpointed"
+            seeds = [r for r in _runs_or_none(client) if r.data.tags["labfleet.role"] == "seed"]
+            if seeds and seeds[0].data.metrics.get("eval/score", 0) >= 10 and any(
+                    a.path.endswith("latest.pt") for a in client.list_artifacts(seeds[0].info.run_id, "checkpoints")):
+                break
+            time.sleep(0.2)
+        (pid,) = _trial_worker_pids(proc.pid)
+        os.kill(pid, signal.SIGKILL)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output
+    (seed,) = [r for r in _runs_or_none(client) if r.data.tags["labfleet.role"] == "seed"]
+    assert seed.info.status == "FINISHED" and seed.data.tags["labfleet.retries"] == "1"
+    started = {m.value for m in client.get_metric_history(seed.info.run_id, "custom/started_at")}
+    assert started - {0.0} and min(started - {0.0}) >= 10, f"the function started over: {started}"
+    steps = [m.step for m in client.get_metric_history(seed.info.run_id, "eval/score")]
+    assert sorted(steps) == list(range(1, 201)), "each step exactly once"
+
+
+def _runs_or_none(client: MlflowClient) -> list:
+    exp = client.get_experiment_by_name("resumable")
+    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=100)
+
+
+def test_raising_function_fails_its_run_cleanly(tmp_path: Path, tracking_uri: str):
+    (tmp_path / "failing.py").write_text(FAILING)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "failing", "algorithm": "failing:main",
+                                                         "budget": {"iterations": 5}, "seeds": [0]}))
+    result = run_cli("run", "spec.yaml", "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the data file is corrupt" in result.stdout
+    runs = _runs(MlflowClient(tracking_uri), "failing")
+    assert {r.info.status for r in runs} == {"FAILED"}
+    seed = next(r for r in runs if r.data.tags["labfleet.role"] == "seed")
+    assert "ValueError: the data file is corrupt" in seed.data.tags["labfleet.error"]
+
+
+@pytest.mark.parametrize(("algorithm", "word"), [
+    ("called:NotATrainer", "must name a labfleet.Trainer subclass or a function main(config, ctx)"),
+    ("os:getcwd", "must take (config, ctx)"),
+    ("os:sep", "must name a labfleet.Trainer subclass or a function"),
+    ("no_such_module_abc:main", "cannot import module"),
+])
+def test_what_is_neither_is_refused_and_nothing_is_called(tmp_path: Path, algorithm: str, word: str):
+    (tmp_path / "called.py").write_text(CALLED)
+    marker = tmp_path / "marker"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "x", "algorithm": algorithm, "budget": {"iterations": 5},
+                                    "hparams": {"marker": str(marker)}}))
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert f"{spec}: algorithm: " in result.output and word in result.output
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(yaml.safe_dump({"name": "x", "algorithm": "called:main", "budget": {"iterations": 5},
+                                  "hparams": {"marker": str(marker)}}))
+    assert CliRunner().invoke(app, ["validate", str(ok)]).exit_code == 0
+    assert not marker.exists(), "validation called the training function"

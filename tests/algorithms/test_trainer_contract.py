@@ -6,13 +6,9 @@ shrinks to a few iterations.
 
 from __future__ import annotations
 
-import io
-import pickle
-
-import numpy as np
 import pytest
-import torch
 
+from labfleet import testing
 from labfleet.algorithms import registry
 from labfleet.spec.loading import load_spec
 from tests.conftest import shipped_spec_for
@@ -40,84 +36,45 @@ def build(algorithm: str, seed: int = 0):
     return registry.get(algorithm).trainer(spec, seed, "cpu")
 
 
-def without_timing(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if not k.startswith("time/sps")}
-
-
 def test_registry_is_not_empty():
     assert "reinforce" in ALGORITHMS
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_checkpoint_round_trip_gives_identical_next_actions(algorithm):
-    trainer = build(algorithm)
-    initial = trainer.probe()
-    # Train until something that acts has changed (sparse tasks need a few episodes), so that the
-    # comparison below could tell a broken restore from a good one.
-    while np.array_equal(initial, trainer.probe()) and not trainer.done:
-        trainer.train_iteration()
-    assert not np.array_equal(initial, trainer.probe()), "training within the budget changed no action"
-    data = trainer.checkpoint_bytes()
-    state = torch.load(io.BytesIO(data), weights_only=True)  # a checkpoint is safe to load
-    assert isinstance(state, dict)
-    restored = build(algorithm)
-    restored.restore_bytes(data)
-    np.testing.assert_array_equal(restored.probe(), trainer.probe())
-    assert restored.progress == trainer.progress
-    if restored.done:
-        return
-    # Two restores of one checkpoint continue identically.
-    again = build(algorithm)
-    again.restore_bytes(data)
-    assert without_timing(restored.train_iteration()) == without_timing(again.train_iteration())
-    np.testing.assert_array_equal(restored.probe(), again.probe())
+    testing.check_checkpoint_round_trip(lambda seed: build(algorithm, seed))
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_same_seed_same_metrics_other_seed_differs(algorithm):
-    runs = []
-    for seed in (3, 3, 4):
-        trainer = build(algorithm, seed)
-        metrics = [without_timing(trainer.train_iteration()) for _ in range(3)]
-        metrics.append(trainer.evaluate())
-        runs.append((metrics, trainer.probe()))
-    assert runs[0][0] == runs[1][0]
-    np.testing.assert_array_equal(runs[0][1], runs[1][1])
-    if registry.get(algorithm).seed_dependent:
-        assert runs[0][0] != runs[2][0]
-    else:  # a planner: the seed only picks evaluation episodes
-        assert runs[0][0][:-1] == runs[2][0][:-1]
+    testing.check_determinism(lambda seed: build(algorithm, seed), registry.get(algorithm).seed_dependent)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_trainer_pickles_for_ray(algorithm):
-    trainer = build(algorithm)
-    trainer.train_iteration()
-    clone = pickle.loads(pickle.dumps(trainer))
-    assert type(clone) is type(trainer)
-    np.testing.assert_array_equal(clone.probe(), trainer.probe())
-    assert clone.progress == trainer.progress
+    testing.check_pickling(lambda seed: build(algorithm, seed))
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_budget_is_respected_and_metric_names_are_shared(algorithm):
     from labfleet import metrics as M
 
-    trainer = build(algorithm)
-    names = set()
-    while not trainer.done:
-        names |= set(trainer.train_iteration())
-    assert trainer.progress >= trainer.spec.budget.total
-    final = trainer.evaluate()
-    assert registry.get(algorithm).primary_metric in final
+    names = testing.check_budget(lambda seed: build(algorithm, seed), registry.get(algorithm).primary_metric)
     known = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str)}
     assert names <= known, f"metric names not defined in labfleet.metrics: {names - known}"
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_evaluate_leaves_training_untouched(algorithm):
-    a, b = build(algorithm), build(algorithm)
-    a.train_iteration()
-    b.train_iteration()
-    a.evaluate()
-    assert without_timing(a.train_iteration()) == without_timing(b.train_iteration())
+    testing.check_evaluate_leaves_training_untouched(lambda seed: build(algorithm, seed))
+
+
+def test_a_users_trainer_passes_the_public_checks(monkeypatch):
+    """`labfleet.testing.check_trainer` on a Trainer subclass outside the package (experiments/custom/)."""
+    from tests.conftest import EXPERIMENTS
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS / "custom"))
+    from bandit_trainer import EpsilonGreedyBandit
+
+    spec = load_spec(EXPERIMENTS / "custom" / "bandit_trainer.yaml", {"budget.iterations": 1000})
+    testing.check_trainer(lambda seed: EpsilonGreedyBandit(spec, seed, "cpu"), primary_metric="eval/regret")

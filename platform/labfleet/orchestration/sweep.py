@@ -257,8 +257,9 @@ class TrialBoard:
         names = [name for name, _ in self.sweep.objectives]
         table = Table(title=f"{self.study_name}: " + ", ".join(f"{m} ({d})" for m, d in self.sweep.objectives),
                       title_justify="left")
-        for column in ("trial", "state", *self.sweep.space, "latest" if len(names) == 1 else "values"):
-            table.add_column(column)
+        last = "latest" if len(names) == 1 else "values"
+        for column in ("trial", "state", *map(param_column, self.sweep.space), last):
+            table.add_column(column, overflow="fold")
         for number, a in sorted(active.items()):
             table.add_row(str(number), "RUNNING", *(_short(a.trial.params.get(p, "")) for p in self.sweep.space),
                           "" if a.latest is None else _short(a.latest))
@@ -550,6 +551,8 @@ def _finish(study: optuna.Study, sweep: SweepConfig, tracker: Tracker, sweep_run
         tracker.close()  # every queued write is in the store before the summary says where the runs are
     if not quiet:
         console.print(leaderboard(study, sweep))
+    if (line := best_line(study, sweep)) is not None:
+        console.print(line, highlight=False, markup=False)
     console.print(f"Study {study.study_name}: {len(complete)} complete, "
                   f"{sum(t.state == TrialState.PRUNED for t in trials)} pruned, "
                   f"{sum(t.state == TrialState.FAIL for t in trials)} failed. Runs are in {redact_uri(uri)}; "
@@ -608,8 +611,8 @@ def _pareto_png(study: optuna.Study, names: list[str], front: set[int]) -> bytes
 def leaderboard(study: optuna.Study, sweep: SweepConfig, rows: int = 20) -> Table:
     names = [m for m, _ in sweep.objectives]
     table = Table(title=f"{study.study_name}: " + ", ".join(f"{m} ({d})" for m, d in sweep.objectives))
-    for column in ("trial", "state", *names, *sweep.space):
-        table.add_column(column)
+    for column in ("trial", "state", *names, *map(param_column, sweep.space)):
+        table.add_column(column, overflow="fold")  # folded onto more lines, never cut
     rank = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}  # a pruned trial's value is its last report
     if sweep.multi_objective:  # the Pareto front first, then by the first objective
         front = {t.number for t in study.best_trials} if any(
@@ -630,6 +633,20 @@ def leaderboard(study: optuna.Study, sweep: SweepConfig, rows: int = 20) -> Tabl
     if sweep.multi_objective:
         table.caption = "* on the Pareto front"
     return table
+
+
+def param_column(path: str) -> str:
+    """A searched path as a column head: `hparams.` says nothing in a table of hyperparameters."""
+    return path.removeprefix("hparams.")
+
+
+def best_line(study: optuna.Study, sweep: SweepConfig) -> str | None:
+    """The best trial with every parameter in full, for the end of the command."""
+    if sweep.multi_objective or not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return None
+    best = study.best_trial
+    params = "  ".join(f"{path}={value!r}" for path, value in best.params.items())
+    return f"best: trial {best.number}, {sweep.metric} = {best.value!r}; {params}"
 
 
 def _short(value: Any) -> str:

@@ -41,6 +41,7 @@ def quiet_libraries(verbose: bool) -> None:
     import logging
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded checkpoint
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level from this on import
     # Optuna sets its own level when first imported: `labfleet.orchestration.sweep` lowers it after that.
 
@@ -436,6 +437,52 @@ def reconcile(
     verb = "would end" if dry_run else "ended"
     typer.echo(f"{redact_uri(uri)}: {verb} {len(changed)} run(s) KILLED" if changed else
                f"{redact_uri(uri)}: nothing to reconcile (every RUNNING run has a live driver)")
+
+
+@app.command()
+def enjoy(
+    target: str = typer.Argument(..., metavar="RUN_OR_EXPERIMENT", help="A seed run id, a trial run id (its best "
+                                 "seed), or an experiment (its latest finished trial's best seed)."),
+    episodes: int = typer.Option(3, "--episodes", min=1, help="Episodes of the greedy policy."),
+    video: bool = typer.Option(False, "--video", help="Record MP4s (gymnasium's RecordVideo; needs moviepy) and "
+                               "log them to the run as videos/."),
+    out: Path = typer.Option(Path("enjoy"), "--out", help="Where the videos or sample grids are written."),
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Watch a trained agent: its final policy's returns (and videos), or a generative model's samples."""
+    from labfleet.tracking.uri import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, None)
+    with bad_input_exits_2():
+        _existing_store(uri, "enjoy")
+        from labfleet.playback import load_run, play, sample_grid
+
+        loaded = load_run(target, uri)
+    trainer, run = loaded.trainer, loaded.run
+    name = run.data.tags.get("mlflow.runName", run.info.run_id)
+    if trainer.spec.env is None:  # a generative model: a grid of samples
+        out.mkdir(parents=True, exist_ok=True)
+        for image, data in sample_grid(trainer).items():
+            (out / f"{image}.png").write_bytes(data)
+            typer.echo(f"{name}: wrote {out / image}.png")
+        return
+    if video:
+        import importlib.util
+
+        if importlib.util.find_spec("moviepy") is None:
+            with bad_input_exits_2():
+                raise SpecError([Problem("labfleet enjoy", "--video", "recording needs moviepy: pip install "
+                                         "'labfleet[video]'")])
+    video_dir = out / run.info.run_id if video else None
+    returns = play(trainer, episodes, video_dir)
+    typer.echo(f"{name}: returns {', '.join(f'{r:.4g}' for r in returns)} (mean {sum(returns) / len(returns):.4g})")
+    if video_dir is not None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        for mp4 in sorted(video_dir.glob("*.mp4")):
+            client.log_artifact(run.info.run_id, str(mp4), "videos")
+        typer.echo(f"videos: {video_dir}/ (and artifacts videos/ of run {run.info.run_id})")
 
 
 @app.command()

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -66,6 +67,19 @@ def test_report_on_a_suite(suite_store):
         metrics = trials[cells[0]].data.metrics
         assert cells[1] == "3"
         assert cells[2] == f"{_fmt(metrics['eval/return_mean'])} ± {_fmt(metrics['eval/return_mean_std'])}"
+
+    # CSV beside the Markdown: every seed's curve, equal to its MLflow history, and the results table
+    import csv
+
+    points = list(csv.DictReader((out / "curves.csv").open()))
+    seeds = client.search_runs([exp.experiment_id], "tags.`labfleet.role` = 'seed'")
+    assert {p["run_id"] for p in points} == {s.info.run_id for s in seeds}
+    for seed in seeds:
+        history = sorted((m.step, m.value) for m in client.get_metric_history(seed.info.run_id, "eval/return_mean"))
+        assert [(int(p["step"]), float(p["value"])) for p in points if p["run_id"] == seed.info.run_id] == history
+    results = {r["configuration"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert float(results["vi-high"]["eval/return_mean"]) == trials["vi-high"].data.metrics["eval/return_mean"]
+    assert "standard deviation" in table
 
     (suite_run,) = client.search_runs([exp.experiment_id], "tags.`labfleet.role` = 'suite'")
     logged = {a.path for a in client.list_artifacts(suite_run.info.run_id, "report")}
@@ -172,3 +186,36 @@ def test_report_refuses_an_unknown_metric(suite_store, tmp_path: Path):
     assert "labfleet report: --metric: no run of" in result.stderr
     assert "did you mean 'eval/return_mean'?" in result.stderr and "vi/bellman_residual" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_bands_stay_in_the_observed_range_and_one_seed_ranks_last(suite_store, tmp_path: Path):
+    """Issue 17: a 1-seed 475.9 must not rank above 378.5 +- 155.1 over 3 seeds, and a band never leaves
+    the range the seeds reached (a t-interval over 3 capped returns ran from -100 to 2000)."""
+    from labfleet.reporting.report import curve, final_rows, resolve_target
+    from labfleet.tracking.runs import Tracker
+
+    tmp, uri = suite_store
+    client = MlflowClient(uri)
+    for config in resolve_target(client, "two-gammas").configurations:
+        steps, mean, low, high, n = curve(client, config, "eval/return_mean")
+        assert n == 3 and len(steps) >= 2
+        observed = [[m.value for m in client.get_metric_history(s.info.run_id, "eval/return_mean")
+                     if m.step in set(steps)] for s in config.seeds]
+        assert (low >= np.min(observed, axis=0) - 1e-12).all() and (high <= np.max(observed, axis=0) + 1e-12).all()
+        assert (low <= mean).all() and (mean <= high).all()
+
+    store = f"sqlite:///{tmp_path / 'ranks.db'}"
+    tracker = Tracker(store)
+    for label, values in (("one-seed", [475.9]), ("three-seeds", [500.0, 460.0, 175.5])):
+        trial = tracker.start_run("ranks", "trial", label, tags={"labfleet.algorithm": "ppo"})
+        for i, value in enumerate(values):
+            seed = tracker.start_run("ranks", "seed", f"{label}/seed={i}", trial, tags={"labfleet.seed": str(i)})
+            tracker.log_metrics(seed, {"eval/return_mean": value}, 100)
+            tracker.end_run(seed, "FINISHED")
+        tracker.log_metrics(trial, {"eval/return_mean": float(np.mean(values)),
+                                    "eval/return_mean_std": float(np.std(values))}, 100)
+        tracker.end_run(trial, "FINISHED")
+    tracker.close()
+    ranked = MlflowClient(store)
+    _, rows = final_rows(resolve_target(ranked, "ranks").configurations, "eval/return_mean")
+    assert [(r["configuration"], r["seeds"]) for r in rows] == [("three-seeds", 3), ("one-seed", 1)]

@@ -16,10 +16,10 @@ an experiment name (all its trial runs). Each `trial` run under the target is on
 from __future__ import annotations
 
 import base64
+import csv
 import difflib
 import html
 import io
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -130,23 +130,63 @@ def primary_metric(configs: list[Configuration]) -> str:
 
 # --- numbers --------------------------------------------------------------------------------------------
 
-def curve(client: MlflowClient, config: Configuration, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(steps, mean, 95 % half-width, seeds) over the steps every seed evaluated."""
-    from scipy import stats
-
-    histories = []
+def histories(client: MlflowClient, config: Configuration, metric: str) -> dict[str, dict[int, float]]:
+    """{seed run id: {step: value}} of every seed that logged `metric`."""
+    out = {}
     for seed in config.seeds:
         points = {m.step: m.value for m in client.get_metric_history(seed.info.run_id, metric)}
         if points:
-            histories.append(points)
-    if not histories:
-        return np.array([]), np.array([]), np.array([]), 0
-    steps = sorted(set.intersection(*(set(h) for h in histories)))
-    values = np.array([[h[s] for s in steps] for h in histories])  # (seeds, steps)
-    n = len(histories)
+            out[seed.info.run_id] = points
+    return out
+
+
+def curve(client: MlflowClient, config: Configuration, metric: str,
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(steps, mean, band low, band high, seeds) over the steps every seed evaluated. The band is the 95 %
+    percentile bootstrap of the mean over seeds (SciPy), clipped to the range the seeds observed: a
+    t-interval over three seeds of capped returns runs far outside anything possible."""
+    from scipy import stats
+
+    found = list(histories(client, config, metric).values())
+    if not found:
+        return np.array([]), np.array([]), np.array([]), np.array([]), 0
+    steps = sorted(set.intersection(*(set(h) for h in found)))
+    values = np.array([[h[s] for s in steps] for h in found])  # (seeds, steps)
+    n = len(found)
     mean = values.mean(0)
-    half = stats.t.ppf(0.975, n - 1) * values.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(mean)
-    return np.array(steps), mean, half, n
+    if n < 2 or not len(steps) or np.all(values == values[0]):
+        return np.array(steps), mean, mean, mean, n
+    ci = stats.bootstrap((values,), np.mean, axis=0, vectorized=True, n_resamples=2000, confidence_level=0.95,
+                         method="percentile", random_state=0).confidence_interval
+    # a step where every seed agrees has no spread: SciPy gives NaN there, the band is the mean itself
+    low = np.clip(np.where(np.isnan(ci.low), mean, ci.low), values.min(0), values.max(0))
+    high = np.clip(np.where(np.isnan(ci.high), mean, ci.high), values.min(0), values.max(0))
+    return np.array(steps), mean, np.minimum(low, mean), np.maximum(high, mean), n
+
+
+def curves_csv(client: MlflowClient, configs: list[Configuration], metric: str) -> str:
+    """Every seed's history of `metric`: configuration, seed, run_id, step, value (one row a point)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["configuration", "seed", "run_id", "metric", "step", "value"])
+    for config in configs:
+        seeds = {s.info.run_id: s.data.tags.get("labfleet.seed", "") for s in config.seeds}
+        for run_id, points in histories(client, config, metric).items():
+            for step, value in sorted(points.items()):
+                writer.writerow([config.label, seeds[run_id], run_id, metric, step, repr(value)])
+    return buffer.getvalue()
+
+
+def results_csv(names: list[str], rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["configuration", "seeds", "status", *(f"{n}{suffix}" for n in names for suffix in ("", "_std"))])
+    for row in rows:
+        cells = [row["configuration"], row["seeds"], row["status"]]
+        for name in names:
+            cells += [repr(row[name][0]), repr(row[name][1])] if name in row else ["", ""]
+        writer.writerow(cells)
+    return buffer.getvalue()
 
 
 def final_rows(configs: list[Configuration], metric: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -166,7 +206,9 @@ def final_rows(configs: list[Configuration], metric: str) -> tuple[list[str], li
                 row[name] = (c.trial.data.metrics[name], c.trial.data.metrics.get(name + "_std", 0.0))
         rows.append(row)
     sign = 1.0 if lower_is_better(metric) else -1.0
-    rows.sort(key=lambda r: (metric not in r, sign * r[metric][0] if metric in r else 0.0))
+    # A single seed has no spread to compare: it ranks after every configuration with several (the table
+    # shows n), however good its one value looks.
+    rows.sort(key=lambda r: (metric not in r, r["seeds"] < 2, sign * r[metric][0] if metric in r else 0.0))
     return names, rows
 
 
@@ -175,6 +217,7 @@ def _fmt(value: float) -> str:
 
 
 def markdown_table(names: list[str], rows: list[dict[str, Any]]) -> str:
+    """Mean ± standard deviation over the finished seeds (n in the `seeds` column)."""
     header = ["configuration", "seeds", *names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -208,19 +251,19 @@ def curves_png(client: MlflowClient, configs: list[Configuration], metric: str, 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = 0
     for i, config in enumerate(configs):
-        steps, mean, half, n = curve(client, config, metric)
+        steps, mean, low, high, n = curve(client, config, metric)
         if not len(steps):
             continue
         color = f"C{i % 10}"
         ax.plot(steps, mean, color=color, label=f"{config.label} (n={n})")
-        ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2, linewidth=0)
+        ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
         drawn += 1
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel(x_label)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean over seeds, 95 % confidence band")
+    ax.set_title(f"{metric}: mean over seeds, 95 % bootstrap band (clipped to the observed range)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _png(fig)
@@ -280,7 +323,8 @@ def html_page(title: str, images: dict[str, bytes], table_md: str, names: list[s
 td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
 figure{{display:inline-block;margin:1em}}img{{max-width:100%}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<h2>Final metrics (mean ± std over seeds), best first</h2>
+<h2>Final metrics: mean ± standard deviation over the seeds (n in the seeds column), best first; a
+configuration with one seed ranks after those with several</h2>
 <table id="results"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr></thead>
 <tbody>{body_rows}</tbody></table>
 <h2>Figures</h2>{figures}
@@ -339,7 +383,11 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
     for name, data in images.items():
         (out / f"{name}.png").write_bytes(data)
         files.append(out / f"{name}.png")
-    (out / "results.md").write_text(f"# {target.title}\n\n{table}")
+    (out / "results.md").write_text(f"# {target.title}\n\nMean ± standard deviation over the finished seeds "
+                                    f"(n: the seeds column); best first, one-seed configurations last.\n\n{table}")
+    (out / "results.csv").write_text(results_csv(names, rows))
+    (out / "curves.csv").write_text(curves_csv(client, target.configurations, metric))
+    files += [out / "results.csv", out / "curves.csv"]
     (out / "report.html").write_text(html_page(target.title, images, table, names, rows, notes))
     files += [out / "results.md", out / "report.html"]
     logged_to = None

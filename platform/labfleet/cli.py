@@ -485,6 +485,40 @@ def enjoy(
         typer.echo(f"videos: {video_dir}/ (and artifacts videos/ of run {run.info.run_id})")
 
 
+@app.command("zoo-import")
+def zoo_import(
+    file: Path = typer.Argument(..., help="An rl-baselines3-zoo hyperparameter file (hyperparams/ALGO.yml)."),
+    env_id: str = typer.Argument(..., metavar="ENV_ID", help="The entry to take, e.g. CartPole-v1."),
+    algorithm: str = typer.Argument(..., metavar="ALGO", help="The labfleet algorithm, e.g. ppo."),
+    out: Path = typer.Option(None, "--out", help="Spec file to write (default: print it)."),
+) -> None:
+    """Write a labfleet spec from an rl-zoo hyperparameter entry; what labfleet cannot take is named."""
+    from labfleet.spec.loading import parse_yaml, resolve_spec_data
+    from labfleet.spec.zoo import drop_rejected, render, zoo_entry
+
+    with bad_input_exits_2():
+        try:
+            document = parse_yaml(file.read_text(encoding="utf-8"))[0]
+            imported = zoo_entry(document, env_id, algorithm)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError([Problem(str(file), "", f"cannot read: {exc}")]) from None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SpecError([Problem(str(file), env_id, str(exc.args[0] if exc.args else exc))]) from None
+        try:
+            resolve_spec_data(imported.spec, str(file))
+        except SpecError as exc:  # leave out the hyperparameters labfleet refuses, then it must validate
+            drop_rejected(imported, [(p.path, p.message) for p in exc.problems])
+            resolve_spec_data(imported.spec, str(file))
+    text = render(imported, f"{file} ({env_id})")
+    for note in imported.notes:
+        err_console.print(f"left out: {note}", highlight=False, markup=False)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
 @app.command()
 def ui(
     tracking_uri: TrackingOption = None,

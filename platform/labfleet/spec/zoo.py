@@ -1,0 +1,128 @@
+"""rl-baselines3-zoo hyperparameter files as labfleet specs (`labfleet zoo-import FILE ENV_ID ALGO`).
+
+A zoo entry is a mapping of SB3 argument names, which labfleet's hyperparameters share, plus a few keys of
+the zoo's own: `n_timesteps` (the budget), `policy`, `policy_kwargs` (a Python expression such as
+"dict(net_arch=[64, 64], activation_fn=nn.ReLU)", read here by parsing it, never by evaluating it),
+`normalize`, `frame_stack` and `env_wrapper`. What labfleet cannot take is left out of the spec and named,
+each with why, in comments at the top of the spec and on stderr.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+ACTIVATIONS = {"ReLU": "relu", "Tanh": "tanh"}
+
+
+@dataclass
+class Imported:
+    spec: dict[str, Any]
+    notes: list[str] = field(default_factory=list)  # what was left out, and why
+
+
+def _literal(node: ast.AST, where: str) -> Any:
+    """A literal, a list, a {...} or dict(...) of them, or `nn.<Name>` (as "Name"); else ValueError."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("nn", "th"):
+        return node.attr
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: _literal(kw.value, f"{where}.{kw.arg}") for kw in node.keywords}
+    if isinstance(node, ast.Dict):
+        return {_literal(k, where) if k is not None else None: _literal(v, where)
+                for k, v in zip(node.keys, node.values, strict=True)}
+    if isinstance(node, ast.List | ast.Tuple):
+        return [_literal(item, where) for item in node.elts]
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise ValueError(f"{where} is not a literal ({ast.unparse(node)}): it is not evaluated") from None
+
+
+def parse_policy_kwargs(text: str) -> dict[str, Any]:
+    """"dict(net_arch=[64, 64], activation_fn=nn.ReLU)" -> {"net_arch": [64, 64], "activation_fn": "ReLU"}:
+    literals, dict(...) and `nn.<Name>` only; anything else is a ValueError (nothing is evaluated)."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as exc:
+        raise ValueError(f"policy_kwargs is not an expression: {exc.msg}") from None
+    if not (isinstance(tree, ast.Dict) or (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)
+                                           and tree.func.id == "dict")):
+        raise ValueError("policy_kwargs must be dict(...) or {...} of literals and nn.<Activation>")
+    return {str(k): v for k, v in _literal(tree, "policy_kwargs").items()}
+
+
+def _policy_kwargs(value: Any, hparams: dict[str, Any], notes: list[str]) -> None:
+    kwargs = parse_policy_kwargs(value) if isinstance(value, str) else dict(value)
+    arch = kwargs.pop("net_arch", None)
+    if isinstance(arch, dict):
+        pi, vf = arch.get("pi"), arch.get("vf")
+        if pi == vf and pi is not None:
+            arch = pi
+        else:
+            notes.append(f"policy_kwargs.net_arch {arch}: separate policy and value widths are not supported "
+                         f"(labfleet uses one net_arch for both)")
+            arch = None
+    if isinstance(arch, list) and arch and isinstance(arch[0], dict):  # SB3 < 1.8: [dict(pi=..., vf=...)]
+        notes.append(f"policy_kwargs.net_arch {arch}: the old shared-layers form is not supported")
+        arch = None
+    if arch is not None:
+        hparams["net_arch"] = arch
+    activation = kwargs.pop("activation_fn", None)
+    if activation is not None:
+        if activation in ACTIVATIONS:
+            hparams["activation"] = ACTIVATIONS[activation]
+        else:
+            notes.append(f"policy_kwargs.activation_fn nn.{activation}: labfleet has {', '.join(ACTIVATIONS)}")
+    for key, item in kwargs.items():
+        notes.append(f"policy_kwargs.{key}={item!r}: not a labfleet hyperparameter")
+
+
+def zoo_entry(document: dict[str, Any], env_id: str, algorithm: str) -> Imported:
+    """The spec for `env_id` of a zoo file (already parsed), with notes on what was left out."""
+    if env_id not in document:
+        known = ", ".join(k for k in document if k != "default")
+        raise KeyError(f"no entry for {env_id!r} (the file has: {known})")
+    entry = dict(document[env_id])
+    notes: list[str] = []
+    hparams: dict[str, Any] = {}
+    steps = entry.pop("n_timesteps", None)
+    policy = entry.pop("policy", "MlpPolicy")
+    if policy != "MlpPolicy":
+        notes.append(f"policy {policy}: labfleet's networks are MLPs")
+    if "policy_kwargs" in entry:
+        _policy_kwargs(entry.pop("policy_kwargs"), hparams, notes)
+    for key in ("normalize", "normalize_kwargs"):
+        if key in entry:
+            notes.append(f"{key}={entry.pop(key)!r}: observation/reward normalisation is not in labfleet yet")
+    for key in ("frame_stack", "env_wrapper", "callback", "vec_env_wrapper", "env_kwargs", "use_sde",
+                "sde_sample_freq"):
+        if key in entry:
+            notes.append(f"{key}={entry.pop(key)!r}: not supported by labfleet yet")
+    hparams.update(entry)
+    spec: dict[str, Any] = {"name": f"{env_id.lower().replace('/', '-')}-{algorithm}", "algorithm": algorithm,
+                            "env": env_id, "seeds": [0, 1, 2],
+                            "budget": {"env_steps": int(float(steps)) if steps is not None else 100_000},
+                            "hparams": hparams, "eval": {"episodes": 10}, "tracking": {"experiment": env_id}}
+    if steps is None:
+        notes.append("no n_timesteps: budget.env_steps is 100000; set your own")
+    return Imported(spec, notes)
+
+
+def drop_rejected(imported: Imported, problems: list[tuple[str, str]]) -> None:
+    """Leave out the hparams labfleet's model refuses (named by `problems`: (field path, message))."""
+    for path, message in problems:
+        parts = path.split(".")
+        if len(parts) >= 2 and parts[0] == "hparams" and parts[1] in imported.spec["hparams"]:
+            value = imported.spec["hparams"].pop(parts[1])
+            imported.notes.append(f"{parts[1]}={value!r}: {message}")
+
+
+def render(imported: Imported, source: str) -> str:
+    head = [f"# Imported by labfleet zoo-import from {source}."]
+    if imported.notes:
+        head.append("# Left out (labfleet cannot take them):")
+        head += [f"#   - {note}" for note in imported.notes]
+    return "\n".join(head) + "\n" + yaml.safe_dump(imported.spec, sort_keys=False)

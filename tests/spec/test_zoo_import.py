@@ -1,0 +1,89 @@
+"""`labfleet zoo-import`: an rl-baselines3-zoo hyperparameter file (its format: `!!float` tags, the zoo's own
+keys, policy_kwargs as a Python expression) becomes a spec that validates; what labfleet cannot take is
+named; policy_kwargs is parsed, never evaluated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from labfleet.cli import app
+from labfleet.spec.zoo import parse_policy_kwargs
+
+ZOO_PPO = """\
+atari:
+  env_wrapper:
+    - stable_baselines3.common.atari_wrappers.AtariWrapper
+  frame_stack: 4
+  policy: 'CnnPolicy'
+  n_envs: 8
+  n_timesteps: !!float 1e7
+CartPole-v1:
+  n_envs: 8
+  n_timesteps: !!float 1e5
+  policy: 'MlpPolicy'
+  n_steps: 32
+  batch_size: 256
+  gae_lambda: 0.8
+  gamma: 0.98
+  n_epochs: 20
+  ent_coef: 0.0
+  learning_rate: lin_0.001
+  clip_range: lin_0.2
+Pendulum-v1:
+  normalize: true
+  n_envs: 4
+  n_timesteps: !!float 1e5
+  policy: 'MlpPolicy'
+  n_steps: 1024
+  gae_lambda: 0.95
+  gamma: 0.9
+  learning_rate: !!float 1e-3
+  use_sde: True
+  policy_kwargs: "dict(log_std_init=-2, activation_fn=nn.ReLU, net_arch=dict(pi=[256, 256], vf=[256, 256]))"
+Evil-v0:
+  policy_kwargs: "__import__('os').system('touch {marker}')"
+"""
+
+
+def _zoo(tmp_path: Path) -> Path:
+    path = tmp_path / "ppo.yml"
+    path.write_text(ZOO_PPO.replace("{marker}", str(tmp_path / "owned")))
+    return path
+
+
+def test_a_zoo_entry_becomes_a_spec_that_validates(tmp_path: Path):
+    out = tmp_path / "cartpole.yaml"
+    result = CliRunner().invoke(app, ["zoo-import", str(_zoo(tmp_path)), "CartPole-v1", "ppo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    spec = yaml.safe_load(out.read_text())
+    assert spec["budget"] == {"env_steps": 100000} and spec["env"] == "CartPole-v1"
+    assert spec["hparams"]["learning_rate"] == "lin_0.001" and spec["hparams"]["n_epochs"] == 20
+    checked = CliRunner().invoke(app, ["validate", str(out)])
+    assert checked.exit_code == 0, checked.output
+
+
+def test_what_labfleet_cannot_take_is_named(tmp_path: Path):
+    out = tmp_path / "pendulum.yaml"
+    result = CliRunner().invoke(app, ["zoo-import", str(_zoo(tmp_path)), "Pendulum-v1", "ppo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    spec = yaml.safe_load(text)
+    assert spec["hparams"]["net_arch"] == [256, 256] and spec["hparams"]["activation"] == "relu"
+    for word in ("normalize=True", "use_sde=True", "log_std_init=-2"):
+        assert word in text, word  # in the spec's comments
+    assert "normalize" not in spec["hparams"]
+    assert CliRunner().invoke(app, ["validate", str(out)]).exit_code == 0
+
+
+def test_policy_kwargs_is_parsed_not_evaluated(tmp_path: Path):
+    zoo = _zoo(tmp_path)
+    result = CliRunner().invoke(app, ["zoo-import", str(zoo), "Evil-v0", "ppo"])
+    assert result.exit_code == 2 and "policy_kwargs must be dict(...)" in result.output
+    assert not (tmp_path / "owned").exists()
+    assert parse_policy_kwargs("dict(net_arch=[64, 64], activation_fn=nn.Tanh)") == {
+        "net_arch": [64, 64], "activation_fn": "Tanh"}
+    missing = CliRunner().invoke(app, ["zoo-import", str(zoo), "LunarLander-v3", "ppo"])
+    assert missing.exit_code == 2 and "CartPole-v1" in missing.output

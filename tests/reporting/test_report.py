@@ -108,6 +108,9 @@ def test_report_on_a_sweep_has_optuna_figures(tmp_path: Path):
     for name in ("curves", "optimization_history", "param_importances", "parallel_coordinate"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     assert len([line for line in (out / "results.md").read_text().splitlines() if "vi-sweep/trial=" in line]) == 4
+    trials = (out / "results.md").read_text().split("## Trials")[1]  # each trial's sampled values and state
+    assert "| trial | state | hparams.gamma | hparams.tolerance |" in trials
+    assert sum("| COMPLETE |" in line for line in trials.splitlines()) == 4
 
 
 def test_report_bad_target_and_missing_store(tmp_path: Path, suite_store):
@@ -219,3 +222,28 @@ def test_bands_stay_in_the_observed_range_and_one_seed_ranks_last(suite_store, t
     ranked = MlflowClient(store)
     _, rows = final_rows(resolve_target(ranked, "ranks").configurations, "eval/return_mean")
     assert [(r["configuration"], r["seeds"]) for r in rows] == [("three-seeds", 3), ("one-seed", 1)]
+
+
+def test_a_report_over_several_tasks_draws_a_panel_each(tmp_path: Path):
+    from labfleet.reporting.report import markdown_table, panels, resolve_target
+    from labfleet.tracking.runs import Tracker
+
+    store = f"sqlite:///{tmp_path / 'tasks.db'}"
+    tracker = Tracker(store)
+    suite = tracker.start_run("mixed", "suite", "mixed")
+    for label, env, algorithm, value in (("ppo", "CartPole-v1", "ppo", 500.0), ("ddpg", "Pendulum-v1", "ddpg", -150.0),
+                                         ("vi", "FrozenLake-v1", "value_iteration", 0.74)):
+        trial = tracker.start_run("mixed", "trial", label, suite, tags={"labfleet.algorithm": algorithm,
+                                                                         "labfleet.env": env})
+        tracker.log_metrics(trial, {"eval/return_mean": value, "eval/return_mean_std": 0.0}, 10)
+        tracker.end_run(trial, "FINISHED")
+    tracker.close()
+    target = resolve_target(MlflowClient(store), "mixed")
+    assert sorted(task for task, _, _ in panels(target.configurations, None)) == [
+        "CartPole-v1", "FrozenLake-v1", "Pendulum-v1"]
+    from labfleet.reporting.report import final_rows
+
+    names, rows = final_rows(target.configurations, "eval/return_mean")
+    table = markdown_table(names, rows)
+    assert "| configuration | task | seeds |" in table
+    assert [r["task"] for r in rows] == ["CartPole-v1", "FrozenLake-v1", "Pendulum-v1"]

@@ -20,6 +20,7 @@ import csv
 import difflib
 import html
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -200,7 +201,8 @@ def final_rows(configs: list[Configuration], metric: str) -> tuple[list[str], li
     rows = []
     for c in configs:
         finished = [s for s in c.seeds if s.info.status == "FINISHED"]
-        row: dict[str, Any] = {"configuration": c.label, "seeds": len(finished), "status": c.trial.info.status}
+        row: dict[str, Any] = {"configuration": c.label, "seeds": len(finished), "status": c.trial.info.status,
+                               "task": task_of(c)}
         for name in names:
             if name in c.trial.data.metrics:
                 row[name] = (c.trial.data.metrics[name], c.trial.data.metrics.get(name + "_std", 0.0))
@@ -208,7 +210,9 @@ def final_rows(configs: list[Configuration], metric: str) -> tuple[list[str], li
     sign = 1.0 if lower_is_better(metric) else -1.0
     # A single seed has no spread to compare: it ranks after every configuration with several (the table
     # shows n), however good its one value looks.
-    rows.sort(key=lambda r: (metric not in r, r["seeds"] < 2, sign * r[metric][0] if metric in r else 0.0))
+    # Ranked within each environment or dataset: a return on one task says nothing about another's.
+    rows.sort(key=lambda r: (r["task"], metric not in r, r["seeds"] < 2, sign * r[metric][0] if metric in r
+                             else 0.0))
     return names, rows
 
 
@@ -218,10 +222,11 @@ def _fmt(value: float) -> str:
 
 def markdown_table(names: list[str], rows: list[dict[str, Any]]) -> str:
     """Mean ± standard deviation over the finished seeds (n in the `seeds` column)."""
-    header = ["configuration", "seeds", *names]
+    tasks = len({row.get("task") for row in rows}) > 1  # a suite over several tasks: say which row is which
+    header = ["configuration", *(["task"] if tasks else []), "seeds", *names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["configuration"], str(row["seeds"])]
+        cells = [row["configuration"], *([row["task"]] if tasks else []), str(row["seeds"])]
         cells += [f"{_fmt(row[n][0])} ± {_fmt(row[n][1])}" if n in row else "" for n in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -246,27 +251,60 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def curves_png(client: MlflowClient, configs: list[Configuration], metric: str, x_label: str) -> bytes | None:
+def task_of(config: Configuration) -> str:
+    tags = config.trial.data.tags
+    return tags.get("labfleet.env") or tags.get("labfleet.dataset") or "its own data"
+
+
+def panels(configs: list[Configuration], metric: str | None) -> list[tuple[str, str, list[Configuration]]]:
+    """(task, metric, configurations) per panel: one panel per environment or dataset and metric, so that
+    CartPole's returns, Pendulum's and FrozenLake's success rates never share a y-axis."""
+    groups: dict[tuple[str, str], list[Configuration]] = {}
+    for config in configs:
+        groups.setdefault((task_of(config), metric or primary_metric([config])), []).append(config)
+    return [(task, m, group) for (task, m), group in groups.items()]
+
+
+def curves_png(client: MlflowClient, configs: list[Configuration], metric: str | None) -> bytes | None:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    groups = panels(configs, metric)
+    cols = min(2, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.2 * rows), squeeze=False)
     drawn = 0
-    for i, config in enumerate(configs):
-        steps, mean, low, high, n = curve(client, config, metric)
-        if not len(steps):
-            continue
-        color = f"C{i % 10}"
-        ax.plot(steps, mean, color=color, label=f"{config.label} (n={n})")
-        ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
-        drawn += 1
+    for ax, (task, name, group) in zip(axes.flat, groups, strict=False):
+        for i, config in enumerate(group):
+            steps, mean, low, high, n = curve(client, config, name)
+            if not len(steps):
+                continue
+            color = f"C{i % 10}"
+            ax.plot(steps, mean, color=color, label=f"{config.label} (n={n})")
+            ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
+            drawn += 1
+        generative = bool(group[0].trial.data.tags.get("labfleet.dataset"))
+        ax.set_xlabel("optimiser steps" if generative else "env steps")
+        ax.set_ylabel(name)
+        ax.set_title(f"{task}: {name}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean over seeds, 95 % bootstrap band (clipped to the observed range)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    fig.suptitle("mean over seeds, 95 % bootstrap band (clipped to the observed range)", fontsize=10)
     return _png(fig)
+
+
+def sweep_trials_table(configs: list[Configuration]) -> str:
+    """A sweep's trials: number, Optuna state and each sampled parameter, in trial order."""
+    params = sorted({k for c in configs for k in c.trial.data.params if k != "seeds"})
+    lines = ["| trial | state | " + " | ".join(params) + " |", "|" + "---|" * (2 + len(params))]
+    for config in sorted(configs, key=lambda c: int(c.trial.data.tags.get("optuna.trial_number", -1))):
+        tags, values = config.trial.data.tags, config.trial.data.params
+        lines.append(f"| {tags.get('optuna.trial_number', '')} | {tags.get('optuna.state', '')} | "
+                     + " | ".join(values.get(p, "") for p in params) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def study_pngs(study: Any) -> dict[str, bytes]:
@@ -363,21 +401,20 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise SpecError([Problem("labfleet report", "--metric", f"no run of {target.title} logged {metric!r}; "
                                  f"{hint}logged: {', '.join(n for n in names if not n.startswith('intermediate/'))}")])
+    asked = metric
     metric = metric or primary_metric(target.configurations)
-    kinds = {bool(c.trial.data.tags.get("labfleet.dataset")) for c in target.configurations}
-    x_label = {frozenset({False}): "env steps", frozenset({True}): "optimiser steps"}.get(
-        frozenset(kinds), "steps (env steps for RL, optimiser steps for generative models)")
     images: dict[str, bytes] = {}
     notes: list[str] = []
-    png = curves_png(client, target.configurations, metric, x_label)
+    png = curves_png(client, target.configurations, asked)
     if png is not None:
         images["curves"] = png
     else:
         notes.append(f"no seed run logged {metric}: no learning curves")
-    if target.parent is not None and target.parent.data.tags.get("labfleet.role") == "sweep":
-        images.update(_sweep_images(target.parent, storage, notes))
     names, rows = final_rows(target.configurations, metric)
     table = markdown_table(names, rows)
+    if target.parent is not None and target.parent.data.tags.get("labfleet.role") == "sweep":
+        images.update(_sweep_images(target.parent, storage, notes))
+        table += "\n## Trials\n\n" + sweep_trials_table(target.configurations)
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for name, data in images.items():

@@ -96,6 +96,9 @@ def serve(tracking_uri: str | None, port: int, storage: str | None, dashboard_po
         console.print("Ctrl-C stops them.")
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
+        # A Ctrl-C to the terminal's process group stops the servers too, and one may be seen dead before
+        # this process handles its own SIGINT: give that a moment to arrive as KeyboardInterrupt.
+        time.sleep(1.0)
         return 1  # a server died on its own
     except KeyboardInterrupt:
         return 0

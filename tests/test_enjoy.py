@@ -50,3 +50,17 @@ def test_enjoy_a_generative_model_writes_a_sample_grid(tmp_path: Path, tracking_
 def test_enjoy_refuses_what_is_not_there(tmp_path: Path, tracking_uri: str):
     result = run_cli("enjoy", "nope", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow store" in result.stderr
+
+
+def test_eval_video_records_the_final_evaluation_during_training(tmp_path: Path, tracking_uri: str):
+    trained = run_cli("run", str(EXPERIMENTS / "cartpole_ppo.yaml"), "--set", "seeds=[0]", "--set",
+                      "budget.env_steps=2048", "--set", "eval={episodes: 2, video: true}", "--tracking-uri",
+                      tracking_uri, "--quiet", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    client = MlflowClient(tracking_uri)
+    (seed,) = client.search_runs([client.get_experiment_by_name("cartpole").experiment_id],
+                                 "tags.`labfleet.role` = 'seed'")
+    (video,) = client.list_artifacts(seed.info.run_id, "videos")
+    assert video.path == "videos/final.mp4" and video.file_size > 1000
+    refused = run_cli("validate", str(EXPERIMENTS / "digits_vae.yaml"), "--set", "eval.video=true", cwd=tmp_path)
+    assert refused.returncode == 2 and "eval.video: vae has no environment to record" in refused.stderr

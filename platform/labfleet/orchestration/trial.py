@@ -136,12 +136,27 @@ class TrialWorker:
             final = trainer.evaluate()
             records.append((trainer.metric_step, final))
             artifacts.update(self._media())
+            artifacts.update(self._final_video())
         if evaluated or trainer.done:
             # Taken at the end of the chunk, not at the evaluation: a restart from it redoes no step that
             # this result logs (later chunks' steps it may redo are dropped by the driver: exactly once).
             checkpoint = trainer.checkpoint_bytes()
         return {"records": records, "progress": trainer.progress, "done": trainer.done,
                 "checkpoint": checkpoint, "final": final, "artifacts": artifacts}
+
+    def _final_video(self) -> dict[str, bytes]:
+        """`eval.video`: one episode of the final greedy policy as an MP4 (RL trainers)."""
+        if not self.spec.eval.video or self.spec.env is None or not hasattr(self.trainer, "greedy_actions"):
+            return {}
+        import tempfile
+        from pathlib import Path
+
+        from labfleet.playback import play
+
+        with tempfile.TemporaryDirectory(prefix="labfleet-video-") as tmp:
+            play(self.trainer, 1, Path(tmp), seed=self.trainer.seed)
+            videos = sorted(Path(tmp).glob("*.mp4"))
+            return {"videos/final.mp4": videos[0].read_bytes()} if videos else {}
 
     def _media(self) -> dict[str, bytes]:
         media = getattr(self.trainer, "media", None)

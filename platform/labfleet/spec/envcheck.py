@@ -52,6 +52,11 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
     if spec.env is None:
         return [*problems, ("env", f"{info.name} needs an env (a gymnasium id or \"package.module:Class\")")]
     problems += _rollout_worker_problems(spec, info)
+    if spec.eval.video:
+        import importlib.util
+
+        if importlib.util.find_spec("moviepy") is None:
+            problems.append(("eval.video", "recording needs moviepy: pip install 'labfleet[video]'"))
     if check_env:
         problems += _env_problems(spec, info, spec_dir)
     return problems
@@ -78,6 +83,9 @@ def _generative_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tupl
                          f"{batch // world}) must be a multiple of pac ({pac})"))
     if spec.resources.rollout_workers:
         problems.append(("resources.rollout_workers", f"{info.name} does not sample environments: use 0"))
+    if spec.eval.video:
+        problems.append(("eval.video", f"{info.name} has no environment to record: its samples are logged as "
+                         f"images (hparams.image_every)"))
     return problems
 
 

@@ -91,6 +91,8 @@ class EvalConfig(StrictModel):
     every_steps: PositiveInt | None = Field(
         None, description="Evaluate (and checkpoint) every this many steps; default: a tenth of the budget."
     )
+    video: bool = Field(False, description="Record one episode of the final policy as videos/final.mp4 of the "
+                        "seed run (gymnasium's RecordVideo; needs moviepy: labfleet[video]).")
 
 
 class TrackingConfig(StrictModel):

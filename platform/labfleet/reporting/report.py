@@ -357,14 +357,16 @@ def html_page(title: str, images: dict[str, bytes], table_md: str, names: list[s
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}
+table{{border-collapse:collapse;max-width:100%}}.wide{{overflow-x:auto}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right;overflow-wrap:anywhere}}
+td:first-child,th:first-child{{text-align:left}}@media print{{body{{margin:0;max-width:none}}td,th{{font-size:9pt}}}}
 figure{{display:inline-block;margin:1em}}img{{max-width:100%}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <h2>Final metrics: mean ± standard deviation over the seeds (n in the seeds column), best first; a
 configuration with one seed ranks after those with several</h2>
-<table id="results"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr></thead>
-<tbody>{body_rows}</tbody></table>
+<div class="wide"><table id="results"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr>
+</thead><tbody>{body_rows}</tbody></table></div>
 <h2>Figures</h2>{figures}
 <ul>{notes_html}</ul>
 <script>window.addEventListener("load",function(){{var n=0;

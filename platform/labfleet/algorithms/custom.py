@@ -127,6 +127,7 @@ class FunctionTrainer(Trainer):
         self.finished = False
         self.latest_evals: dict[str, float] = {}
         self._checkpoint: bytes | None = None
+        self.new_checkpoint = False  # the function checkpointed since the driver last took one
         self._thread: threading.Thread | None = None
 
     # --- the function's thread ------------------------------------------------------------------
@@ -156,6 +157,7 @@ class FunctionTrainer(Trainer):
             event = self._next()
             if event[0] == "checkpoint":
                 self._checkpoint = event[1]
+                self.new_checkpoint = True
             elif event[0] == "report":
                 _, step, values = event
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
@@ -188,6 +190,7 @@ class FunctionTrainer(Trainer):
     def state_dict(self) -> dict[str, Any]:
         """The function's own last checkpoint, with the step it reached (for the progress display)."""
         state = torch.load(io.BytesIO(self._checkpoint), weights_only=True) if self._checkpoint else None
+        self.new_checkpoint = False
         return {"function": state, "step": self.step, "evals": dict(self.latest_evals)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

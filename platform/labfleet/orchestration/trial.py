@@ -117,7 +117,7 @@ class TrialWorker:
             if own_reports:
                 if logged:
                     records.append((trainer.metric_step, logged))
-                evaluated = True  # its latest checkpoint goes with this chunk
+                evaluated = evaluated or trainer.new_checkpoint  # its new checkpoint goes with this chunk
                 continue
             closed = self.window.add(trainer.progress, trainer.metric_step, logged)
             if closed:

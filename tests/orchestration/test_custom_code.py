@@ -90,6 +90,11 @@ def test_sweep_over_a_function_prunes_and_nests(tmp_path: Path):
     trials = [r for r in runs if r.data.tags["labfleet.role"] == "trial"]
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {sweep_run.info.run_id}
     assert {r.data.tags["optuna.state"] for r in trials} == {"PRUNED", "COMPLETE"}
+    # a pruned trial is a normal end (issue 17): FINISHED, and its seeds FINISHED with optuna.state=PRUNED
+    (pruned,) = [r for r in trials if r.data.tags["optuna.state"] == "PRUNED"]
+    assert pruned.info.status == "FINISHED"
+    seeds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pruned.info.run_id]
+    assert seeds and {(r.info.status, r.data.tags["optuna.state"]) for r in seeds} == {("FINISHED", "PRUNED")}
 
 
 RESUMABLE = '''

@@ -71,13 +71,13 @@ def test_report_on_a_suite(suite_store):
     # CSV beside the Markdown: every seed's curve, equal to its MLflow history, and the results table
     import csv
 
-    points = list(csv.DictReader((out / "curves.csv").open()))
+    points = list(csv.DictReader((out / "curves.csv").read_text().splitlines()))
     seeds = client.search_runs([exp.experiment_id], "tags.`labfleet.role` = 'seed'")
     assert {p["run_id"] for p in points} == {s.info.run_id for s in seeds}
     for seed in seeds:
         history = sorted((m.step, m.value) for m in client.get_metric_history(seed.info.run_id, "eval/return_mean"))
         assert [(int(p["step"]), float(p["value"])) for p in points if p["run_id"] == seed.info.run_id] == history
-    results = {r["configuration"]: r for r in csv.DictReader((out / "results.csv").open())}
+    results = {r["configuration"]: r for r in csv.DictReader((out / "results.csv").read_text().splitlines())}
     assert float(results["vi-high"]["eval/return_mean"]) == trials["vi-high"].data.metrics["eval/return_mean"]
     assert "standard deviation" in table
 

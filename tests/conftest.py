@@ -68,3 +68,11 @@ def interrupt_group(proc: subprocess.Popen, timeout: float = 90) -> str:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def trial_worker_pids(session: int) -> list[int]:
+    """Trial actor processes in the session of a `labfleet` command (Ray titles them ray::TrialWorker...;
+    Ray gives each worker its own process group, within the driver's session)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, sid, args in (line.split(None, 2) for line in out.splitlines())
+            if int(sid) == session and args.startswith("ray::TrialWorker")]

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from labfleet.cli import app
-from tests.conftest import EXPERIMENTS, run_cli
+from tests.conftest import EXPERIMENTS, run_cli, trial_worker_pids
 
 CUSTOM = EXPERIMENTS / "custom"
 
@@ -129,12 +129,6 @@ class NotATrainer:
 '''
 
 
-def _trial_worker_pids(session: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid, sid, args in (line.split(None, 2) for line in out.splitlines())
-            if int(sid) == session and args.startswith("ray::TrialWorker")]
-
-
 def test_killed_function_resumes_from_ctx_restored(tmp_path: Path, tracking_uri: str):
     (tmp_path / "resumable.py").write_text(RESUMABLE)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "resumable", "algorithm": "resumable:main",
@@ -154,7 +148,7 @@ def test_killed_function_resumes_from_ctx_restored(tmp_path: Path, tracking_uri:
                     a.path.endswith("latest.pt") for a in client.list_artifacts(seeds[0].info.run_id, "checkpoints")):
                 break
             time.sleep(0.2)
-        (pid,) = _trial_worker_pids(proc.pid)
+        (pid,) = trial_worker_pids(proc.pid)
         os.kill(pid, signal.SIGKILL)
         output = proc.communicate(timeout=120)[0]
     finally:

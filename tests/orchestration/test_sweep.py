@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import EXPERIMENTS, run_cli
+from tests.conftest import EXPERIMENTS, run_cli, trial_worker_pids
 
 VI_SWEEP = {
     "name": "vi-sweep", "algorithm": "value_iteration", "env": "FrozenLake-v1", "seeds": [0],
@@ -382,18 +382,6 @@ def test_postgres_storage(tmp_path: Path):
             optuna.delete_study(study_name=name, storage=POSTGRES)
 
 
-def _trial_worker_pids(session: int) -> list[int]:
-    """Trial actor processes in the session of a `labfleet` command (Ray titles them ray::TrialWorker...;
-    Ray gives each worker its own process group, within the driver's session)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
-    pids = []
-    for line in out.splitlines():
-        pid, sid, args = line.split(None, 2)
-        if int(sid) == session and args.startswith("ray::TrialWorker"):
-            pids.append(int(pid))
-    return pids
-
-
 def test_killed_trial_actor_in_a_sweep_resumes_from_its_checkpoint(tmp_path: Path):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
     # Long enough that the trial is still training when the test sees its first evaluation: a chunk is
@@ -406,7 +394,7 @@ def test_killed_trial_actor_in_a_sweep_resumes_from_its_checkpoint(tmp_path: Pat
         trials = _wait_for_trials(proc, storage, lambda trials: bool(trials and trials[0].intermediate_values),
                                   "the trial never reported")
         reported = max(trials[0].intermediate_values)
-        pids = _trial_worker_pids(proc.pid)
+        pids = trial_worker_pids(proc.pid)
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGKILL)
         output, _ = proc.communicate(timeout=300)

@@ -66,7 +66,7 @@ def optuna_loop(trials: int, storage: str) -> tuple[float, list[float]]:
 
 
 def labfleet_sweep(trials: int, parallel: int, tmp: Path) -> tuple[float, list[float]]:
-    from labfleet.orchestration.sweep import execute_sweep
+    from labfleet.orchestration.commands import execute_sweep
 
     data = {**SPEC, "sweep": {**SPEC["sweep"], "n_trials": trials, "max_parallel": parallel}}
     spec = resolve_spec_data(data, "<bench>", check_env=False)

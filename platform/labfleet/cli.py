@@ -43,7 +43,7 @@ def quiet_libraries(verbose: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded checkpoint
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level from this on import
-    # Optuna sets its own level when first imported: `labfleet.orchestration.sweep` lowers it after that.
+    # Optuna sets its own level when first imported: `labfleet.orchestration.study` lowers it after that.
 
 
 @app.callback()
@@ -96,7 +96,7 @@ def _overrides(items: list[str] | None) -> dict:
 def static_checks(suite_uri: str | None, source: str, specs: list) -> None:
     """What `validate` checks beyond each spec's fields, without connecting anywhere: tracking URIs by their
     form, and every `sweep:` section (objective, storage URL, sampler, pruner, searched paths)."""
-    from labfleet.orchestration.sweep import check_sweep
+    from labfleet.orchestration.study import check_sweep
     from labfleet.tracking.uri import tracking_uri_form_problem
 
     problems: list[Problem] = []
@@ -159,7 +159,8 @@ def run(
 
     The same command after a dead or interrupted driver continues its runs from their last checkpoints."""
     local_ray_on_loopback(address)
-    from labfleet.orchestration.session import Planned, execute
+    from labfleet.orchestration.commands import execute
+    from labfleet.orchestration.session import Planned
     from labfleet.spec.loading import load_spec
 
     with bad_input_exits_2():
@@ -182,7 +183,7 @@ def sweep(
 ) -> None:
     """Search a spec's hyperparameters with Optuna; the same command again resumes the study."""
     local_ray_on_loopback(address)
-    from labfleet.orchestration.sweep import execute_sweep
+    from labfleet.orchestration.commands import execute_sweep
     from labfleet.spec.loading import apply_overrides, from_set, read_yaml, resolve_spec_data
 
     with bad_input_exits_2():
@@ -208,7 +209,8 @@ def suite(
 
     The same command after an interruption skips what finished and continues the rest from their checkpoints."""
     local_ray_on_loopback(address)
-    from labfleet.orchestration.session import Planned, execute
+    from labfleet.orchestration.commands import execute
+    from labfleet.orchestration.session import Planned
     from labfleet.spec.loading import load_suite
 
     with bad_input_exits_2():

@@ -17,6 +17,7 @@ import sys
 import ray
 from ray.cluster_utils import Cluster
 
+from labfleet.orchestration.recorder import MlflowRecorder
 from labfleet.orchestration.runner import TrialRunner, drive
 from labfleet.spec.loading import load_spec
 from labfleet.tracking.runs import Tracker
@@ -34,7 +35,8 @@ def main(tracking_uri: str) -> None:
         spec = load_spec(EXPERIMENTS / "cartpole_reinforce.yaml",
                          {"seeds": [3], "budget.env_steps": 16384, "eval": {"episodes": 2, "every_steps": 4096}})
         tracker = Tracker(tracking_uri)
-        runner = TrialRunner(spec, tracker, chunk_seconds=0.2)
+        recorder = MlflowRecorder(tracker)
+        runner = TrialRunner(spec, [recorder], chunk_seconds=0.2)
         runner.start()
         state = runner.seeds[3]
         while state.checkpoint is None:  # up to the first checkpoint, as usual
@@ -51,7 +53,8 @@ def main(tracking_uri: str) -> None:
         tracker.close()
         print(json.dumps({"checkpoint_progress": checkpoint_progress, "retries_after_loss": relaunched,
                           "seed_status": state.status, "trial_status": runner.status, "error": state.error,
-                          "run_id": state.run_id, "trial_run_id": runner.trial_run_id}))
+                          "run_id": recorder.seed_run_id(runner, state.seed),
+                          "trial_run_id": recorder.trial_run_id(runner)}))
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
+from labfleet.orchestration.recorder import MlflowRecorder
 from labfleet.orchestration.runner import TrialRunner
 from labfleet.orchestration.trial import TrialWorker
 from labfleet.spec.loading import load_spec
@@ -61,7 +62,8 @@ def test_ctrl_c_leaves_every_run_killed(tmp_path: Path, tracking_uri: str):
 def test_killed_trial_actor_resumes_from_its_checkpoint(ray_local, tracking_uri: str):
     spec = load_spec(SPEC, {"seeds": [5], "budget.env_steps": 30720, "eval": {"episodes": 2, "every_steps": 4096}})
     tracker = Tracker(tracking_uri)
-    runner = TrialRunner(spec, tracker, chunk_seconds=0.2)
+    recorder = MlflowRecorder(tracker)
+    runner = TrialRunner(spec, [recorder], chunk_seconds=0.2)
     runner.start()
     state = runner.seeds[5]
     client = MlflowClient(tracking_uri)
@@ -76,9 +78,9 @@ def test_killed_trial_actor_resumes_from_its_checkpoint(ray_local, tracking_uri:
             ray_local.kill(state.actor, no_restart=True)  # the process dies mid-chunk
     assert checkpoint_step is not None and checkpoint_step >= 4096 and state.retries == 1
     assert state.status == "FINISHED" and runner.status == "FINISHED"
-    run = client.get_run(state.run_id)
+    run = client.get_run(recorder.seed_run_id(runner, state.seed))
     assert run.info.status == "FINISHED" and run.data.tags["labfleet.retries"] == "1"
-    history = client.get_metric_history(state.run_id, "time/env_steps")
+    history = client.get_metric_history(recorder.seed_run_id(runner, state.seed), "time/env_steps")
     after_kill = sorted((m for m in history if m.timestamp >= killed_ms), key=lambda m: (m.timestamp, m.value))
     # The restarted actor's first iteration continues from the checkpoint, not from scratch (1024).
     assert after_kill[0].value == checkpoint_step + 8 * 128
@@ -120,7 +122,8 @@ def test_killed_rollout_worker_restarts_its_seed_from_the_checkpoint(ray_local, 
         "seeds": [1], "budget.env_steps": 24576, "resources.rollout_workers": 1,
         "eval": {"episodes": 2, "every_steps": 4096}})
     tracker = Tracker(tracking_uri)
-    runner = TrialRunner(spec, tracker, chunk_seconds=0.2)
+    recorder = MlflowRecorder(tracker)
+    runner = TrialRunner(spec, [recorder], chunk_seconds=0.2)
     runner.start()
     state = runner.seeds[1]
     killed = False
@@ -137,7 +140,7 @@ def test_killed_rollout_worker_restarts_its_seed_from_the_checkpoint(ray_local, 
     tracker.close()
     assert killed and state.retries == 1, state.error
     assert state.status == "FINISHED" and runner.status == "FINISHED"
-    run = MlflowClient(tracking_uri).get_run(state.run_id)
+    run = MlflowClient(tracking_uri).get_run(recorder.seed_run_id(runner, state.seed))
     assert run.info.status == "FINISHED" and run.data.tags["labfleet.retries"] == "1"
     assert run.data.metrics["time/env_steps"] >= 24576
 
@@ -154,7 +157,8 @@ def test_restart_after_steps_past_the_checkpoint_logs_each_step_once(ray_local, 
     steps, and no metric history holds a step twice (exactly once, issue 14)."""
     spec = load_spec(SPEC, {"seeds": [6], "budget.env_steps": 30720, "eval": {"episodes": 2, "every_steps": 8192}})
     tracker = Tracker(tracking_uri)
-    runner = TrialRunner(spec, tracker, chunk_seconds=0.05)
+    recorder = MlflowRecorder(tracker)
+    runner = TrialRunner(spec, [recorder], chunk_seconds=0.05)
     runner.start()
     state = runner.seeds[6]
     checkpoint_step = None
@@ -176,6 +180,7 @@ def test_restart_after_steps_past_the_checkpoint_logs_each_step_once(ray_local, 
     assert state.retries == 1 and state.status == "FINISHED"
     tracker.close()
     client = MlflowClient(tracking_uri)
-    _assert_exactly_once(client, state.run_id)
-    history = sorted(m.step for m in client.get_metric_history(state.run_id, "time/env_steps"))
+    run_id = recorder.seed_run_id(runner, state.seed)
+    _assert_exactly_once(client, run_id)
+    history = sorted(m.step for m in client.get_metric_history(run_id, "time/env_steps"))
     assert history[-1] >= 30720 and history == sorted(set(history))

@@ -8,7 +8,7 @@ import io
 import optuna
 from rich.console import Console
 
-from labfleet.orchestration.sweep import best_line, leaderboard
+from labfleet.orchestration.sweep_view import best_line, leaderboard
 from labfleet.spec.models import SweepConfig
 
 SWEEP = SweepConfig.model_validate({"metric": "eval/return_mean", "space": {

@@ -181,7 +181,8 @@ def test_resume_makes_mlflow_agree_with_the_study(tmp_path: Path):
     """The states a driver killed at any point can leave, built by hand on real stores, then `_recover`:
     trial 0 finished cleanly; trial 1's MLflow record was written (COMPLETE) but Optuna was never told;
     trial 2 was running; trial 3 was told COMPLETE by a driver that died before its run was ended."""
-    from labfleet.orchestration.sweep import _recover
+    from labfleet.orchestration.recorder import MlflowRecorder
+    from labfleet.orchestration.searcher import recover
     from labfleet.tracking.runs import Tracker
 
     mlflow_uri, storage = _stores(tmp_path)
@@ -207,7 +208,7 @@ def test_resume_makes_mlflow_agree_with_the_study(tmp_path: Path):
     tracker.close()
 
     recovering = Tracker(mlflow_uri, background=True)
-    _recover(optuna.load_study(study_name="s", storage=storage), recovering, "exp", sweep_run)
+    recover(optuna.load_study(study_name="s", storage=storage), MlflowRecorder(recovering), "exp", sweep_run)
     recovering.close()
 
     study = optuna.load_study(study_name="s", storage=storage)
@@ -268,7 +269,11 @@ class _InterruptingSampler(optuna.samplers.RandomSampler):
 
 
 def test_ctrl_c_inside_ask_leaves_no_trial_running(tmp_path: Path):
-    from labfleet.orchestration.sweep import _interrupted, _start_trial, check_sweep
+    from rich.console import Console
+
+    from labfleet.orchestration.searcher import OptunaSearcher
+    from labfleet.orchestration.session import DriverSession
+    from labfleet.orchestration.study import check_sweep
     from labfleet.spec.loading import resolve_spec_data
     from labfleet.tracking.runs import Tracker
 
@@ -277,11 +282,12 @@ def test_ctrl_c_inside_ask_leaves_no_trial_running(tmp_path: Path):
     spec = resolve_spec_data(VI_SWEEP, "vi.yaml", check_env=False)
     sweep = check_sweep(VI_SWEEP, spec, "vi.yaml")
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    asked: set[int] = set()
+    searcher = OptunaSearcher(DriverSession(tracker, Console(quiet=True)), study, VI_SWEEP, spec, "vi.yaml", sweep,
+                              total=1, sweep_run="no-run")
     with pytest.raises(KeyboardInterrupt):  # raised once the trial is recorded as this driver's
-        _start_trial(study, VI_SWEEP, spec, "vi.yaml", sweep, tracker, "no-run", None, asked)  # type: ignore[arg-type]
-    assert asked == {0}
-    _interrupted(study, [], asked, tracker)
+        searcher.ask()
+    assert searcher.asked == {0}
+    searcher.interrupted()
     tracker.close()
     trials = optuna.load_study(study_name="ask", storage=storage).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]

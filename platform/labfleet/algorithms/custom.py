@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from labfleet import metrics as M
 from labfleet.algorithms.base import Trainer
-from labfleet.algorithms.registry import AlgorithmInfo
+from labfleet.algorithms.info import AlgorithmInfo
 from labfleet.spec.models import ExperimentSpec
 
 

@@ -11,6 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from labfleet import metrics as M
+from labfleet.orchestration.events import ChunkResult, Event, SeedEnded, SeedRestored, SeedStarted
+
 
 class _BoardProgress(Progress):
     """Rich progress bars with one more renderable below them (a sweep's live table of trials)."""
@@ -91,6 +94,41 @@ class ProgressBoard:
         """A line for plain output (CI logs) only; a terminal shows the same in `below`."""
         if not self.live and not self.quiet:
             self.console.print(line, highlight=False)
+
+
+class ProgressListener:
+    """The bars of the driver's seeds, from its events: a bar per seed, PENDING until its first result,
+    its latest headline metric while it runs, its end state after."""
+
+    def __init__(self, board: ProgressBoard):
+        self.board = board
+
+    def handle(self, event: Event) -> None:
+        board = self.board
+        match event:
+            case SeedStarted(trial=trial, seed=seed, total=total):
+                board.add((trial.label, seed), f"{trial.label} seed={seed}", total)
+            case SeedRestored(trial=trial, seed=seed):
+                total = trial.spec.budget.total
+                board.add((trial.label, seed), f"{trial.label} seed={seed}", total)
+                board.update((trial.label, seed), total, "")
+                board.finish((trial.label, seed), "FINISHED")
+            case ChunkResult(trial=trial, seed=seed, progress=progress, latest=latest):
+                board.update((trial.label, seed), progress, headline(latest, trial.info.primary_metric))
+            case SeedEnded(trial=trial, seed=seed, status=status):
+                board.finish((trial.label, seed), str(status))
+        return None
+
+
+def headline(latest: dict[str, float], primary_metric: str | None) -> str:
+    """The one value a progress bar shows: the primary metric (else the first evaluation, for your own
+    code), else the training return, with the throughput."""
+    rate = f" {latest[M.SPS]:.0f} sps" if M.SPS in latest else ""
+    keys = [primary_metric] if primary_metric else sorted(k for k in latest if k.startswith(M.EVAL_PREFIX))
+    for key in [*keys[:1], M.TRAIN_EPISODE_RETURN]:
+        if key in latest:
+            return f"{key}={latest[key]:.4g}{rate}"
+    return rate.strip()
 
 
 def summary_table(title: str, rows: list[dict[str, str]]) -> Table:

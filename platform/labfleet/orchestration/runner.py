@@ -1,11 +1,14 @@
-"""The driver loop: trial actors on Ray, results streamed back, MLflow written by the driver alone.
+"""The Ray side of the driver: trial actors, placement groups, retries, the actor pool.
 
-`TrialRunner` drives one configuration (one `trial` run) with one actor per seed (one `seed` run each).
-Each seed's actors are reserved together as one placement group, so parallel trials cannot deadlock on
-partial reservations. `drive()` polls any number of runners through one `ray.wait`, so a suite's trials
-share the cluster. A seed whose actor dies (or a worker it calls, or the node holding its last result)
-is restarted from its last checkpoint up to `resources.max_retries` times; a seed whose trainer raises
-fails with the error as a tag. `abort()` kills the actors and ends every run it opened as KILLED.
+`TrialRunner` drives one configuration (a trial) with one actor per seed. Each seed's actors are reserved
+together as one placement group, so parallel trials cannot deadlock on partial reservations. `drive()`
+polls any number of runners through one `ray.wait`, so a suite's trials share the cluster. A seed whose
+actor dies (or a worker it calls, or the node holding its last result) is restarted from its last
+checkpoint up to `resources.max_retries` times; a seed whose trainer raises fails.
+
+The runner writes nothing and draws nothing: it emits typed events (events.py) to its listeners, which
+keep the record (recorder.py), the progress bars, the study and the schedulers, and which may answer a
+result with a decision (stop, pause, exploit another trial's checkpoint).
 
 With an `ActorPool` (sweeps use one), a seed that finishes hands its idle actor and placement group to
 the pool, and the next seed of the same shape loads its trial into them instead of starting a process:
@@ -18,7 +21,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,10 +39,26 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from labfleet import metrics as M
 from labfleet.algorithms import registry
+from labfleet.orchestration.events import (
+    CONTINUE,
+    Action,
+    ChunkResult,
+    Decision,
+    Evaluation,
+    Event,
+    Listener,
+    SeedEnded,
+    SeedPlaced,
+    SeedRecord,
+    SeedRestored,
+    SeedRetried,
+    SeedStarted,
+    Status,
+    TrialEnded,
+    TrialStarted,
+)
 from labfleet.orchestration.trial import TrialWorker
 from labfleet.spec.models import ExperimentSpec
-from labfleet.tracking.resume import LABEL_TAG, LATEST_CHECKPOINT, SeedRecord
-from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions
 
 RemoteTrialWorker = ray.remote(TrialWorker)
 
@@ -89,10 +107,16 @@ def _bundles_key(spec: ExperimentSpec) -> str:
 
 class ActorPool:
     """Idle trial actors, by the shape of their placement group. Taking a host of one shape first frees
-    the idle hosts of other shapes, so that idle actors never hold resources a new trial needs."""
+    the idle hosts of other shapes, so that idle actors never hold resources a new trial needs.
+
+    A seed whose new placement group is not placed yet waits (`wait`) until its first result. An actor
+    that comes back while a seed waits goes straight to that seed when their shapes match (the seed's
+    own reservation is dropped), and is freed otherwise: an idle actor never holds what a waiting seed
+    needs (with more seeds than the cluster holds at once, that would deadlock)."""
 
     def __init__(self) -> None:
         self.idle: dict[str, list[Host]] = {}
+        self.waiting: dict[int, tuple[TrialRunner, SeedState]] = {}  # in launch order
         self.reused = 0
 
     def take(self, spec: ExperimentSpec) -> Host | None:
@@ -107,13 +131,30 @@ class ActorPool:
         return hosts.pop()
 
     def put(self, spec: ExperimentSpec, host: Host) -> None:
-        self.idle.setdefault(_bundles_key(spec), []).append(host)
+        key = _bundles_key(spec)
+        for ident, (runner, state) in list(self.waiting.items()):
+            if _bundles_key(runner.spec) == key:
+                del self.waiting[ident]
+                self.reused += 1
+                runner.adopt(state, host)
+                return
+        if self.waiting:
+            _kill(host.actor, host.group)
+            return
+        self.idle.setdefault(key, []).append(host)
+
+    def wait(self, runner: TrialRunner, state: SeedState) -> None:
+        self.waiting[id(state)] = (runner, state)
+
+    def placed(self, state: SeedState) -> None:
+        self.waiting.pop(id(state), None)
 
     def shutdown(self) -> None:
         for hosts in self.idle.values():
             for host in hosts:
                 _kill(host.actor, host.group)
         self.idle.clear()
+        self.waiting.clear()
 
 
 def _kill(actor: Any, group: PlacementGroup | None) -> None:
@@ -127,10 +168,19 @@ def _kill(actor: Any, group: PlacementGroup | None) -> None:
 
 
 @dataclass
+class TrialMeta:
+    """What the record of a trial says about it besides its spec (read by the recorder, not the runner)."""
+
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  # a sweep's sampled values, else the whole spec
+    spec_dir: str = "."  # for the git commit of the code that ran
+
+
+@dataclass
 class SeedState:
     seed: int
-    run_id: str
-    status: str = "PENDING"  # PENDING -> RUNNING -> FINISHED | FAILED | KILLED
+    status: Status = Status.PENDING  # PENDING -> RUNNING -> FINISHED | FAILED | KILLED
     actor: Any = None
     group: PlacementGroup | None = None
     future: Any = None
@@ -139,123 +189,77 @@ class SeedState:
     latest: dict[str, float] = field(default_factory=dict)
     final: dict[str, float] | None = None
     evals: dict[int, dict[str, float]] = field(default_factory=dict)  # metric step -> eval/* values
-    logged: dict[str, int] = field(default_factory=dict)  # metric -> the last step logged (exactly once)
+    logged: dict[str, int] = field(default_factory=dict)  # metric -> the last step delivered (exactly once)
     retries: int = 0
-    placed: bool = False  # the current actor's node is tagged on the run
+    placed: bool = False  # the current actor's node was announced
     where: dict[str, str] | None = None  # the current actor's node, host and device
+    paused: bool = False  # held by a scheduler: no chunk in flight until `resume_seed`
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
     elapsed: float = 0.0
 
 
 class TrialRunner:
-    """One configuration: a `trial` run with one `seed` child per seed."""
+    """One configuration, one actor per seed; emits events to `listeners`, in their order."""
 
-    def __init__(self, spec: ExperimentSpec, tracker: Tracker, *, parent_run_id: str | None = None,
-                 spec_dir: str | Path = ".", progress: Any = None, chunk_seconds: float = 1.0,
-                 trial_tags: dict[str, str] | None = None, label: str | None = None, pool: ActorPool | None = None,
-                 trial_params: dict[str, str] | None = None):
-        """`trial_params`: the trial run's params instead of the flattened spec (a sweep's sampled values);
-        every seed run has the whole resolved spec either way."""
+    def __init__(self, spec: ExperimentSpec, listeners: list[Listener] | None = None, *, label: str | None = None,
+                 meta: TrialMeta | None = None, pool: ActorPool | None = None, chunk_seconds: float = 1.0):
         self.spec = spec
-        self.tracker = tracker
+        self.listeners: list[Listener] = list(listeners or [])
         self.info = registry.get(spec.algorithm)
         self.experiment = spec.tracking.experiment or spec.name
-        self.parent_run_id = parent_run_id
-        self.spec_dir = str(spec_dir)
-        self.progress = progress
-        self.chunk_seconds = chunk_seconds
-        self.trial_tags = trial_tags or {}
-        self.trial_params = trial_params or {}
         self.label = label or spec.name
+        self.meta = meta or TrialMeta()
         self.pool = pool
-        self.trial_run_id: str | None = None
-        self.run_name = self.label  # in MLflow: the label, distinct among reruns (`_distinct_name`)
+        self.chunk_seconds = chunk_seconds
         self.seeds: dict[int, SeedState] = {}
-        self.status = "PENDING"
+        self.status = Status.PENDING
+        self.stop_reason = ""
+
+    def emit(self, event: Event) -> Decision:
+        """Hand the event to every listener in order; the first decision other than CONTINUE wins."""
+        decision = CONTINUE
+        for listener in self.listeners:
+            answer = listener.handle(event)
+            if answer is not None and answer.action != Action.CONTINUE and decision.action == Action.CONTINUE:
+                decision = answer
+        return decision
 
     # --- start ----------------------------------------------------------------------------------
-    def _seed_tags(self, seed: int) -> dict[str, str]:
-        spec = self.spec
-        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.seed": str(seed),
-                "labfleet.config_hash": config_hash(spec)}
-        tags["labfleet.env" if spec.env else "labfleet.dataset"] = str(spec.env or spec.dataset)
-        commit, dirty = git_commit(self.spec_dir)
-        if commit:
-            tags["labfleet.git_commit"] = commit
-            tags["labfleet.git_dirty"] = str(dirty).lower()
-        tags.update({f"labfleet.lib.{k}": v for k, v in library_versions().items()})
-        return tags
-
     def start(self) -> None:
-        spec = self.spec
-        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.config_hash": config_hash(spec),
-                "labfleet.env" if spec.env else "labfleet.dataset": str(spec.env or spec.dataset),
-                **self.trial_tags}
-        # A sweep names its trial's params itself (the sampled values); otherwise the whole configuration.
-        params = self.trial_params or flatten(spec.model_dump(mode="json", exclude={"seeds"}))
-        params = {**params, "seeds": json.dumps(spec.seeds)}
-        # A sweep's labels are distinct already (its trial numbers); elsewhere reruns of a spec are told apart.
-        self.run_name = self.label if self.trial_params else self._distinct_name()
-        self.trial_run_id = self.tracker.start_run(self.experiment, "trial", self.run_name, self.parent_run_id,
-                                                   tags={**tags, LABEL_TAG: self.label}, params=params)
-        for seed in spec.seeds:
-            self._launch(self._add_seed(seed, self._new_seed_run(seed)))
-        self.status = "RUNNING"
+        self.status = Status.RUNNING
+        self.emit(TrialStarted(self))
+        for seed in self.spec.seeds:
+            self._add_seed(seed)
+            self._launch(self.seeds[seed])
 
-    def _distinct_name(self) -> str:
-        """The label, or "label #N" for the N-th trial run of this label in the experiment, so that reruns
-        of a spec are told apart in the MLflow UI and in reports."""
-        earlier = self.tracker.client.search_runs(
-            [self.tracker.experiment_id(self.experiment)],
-            f"tags.`labfleet.role` = 'trial' and tags.`{LABEL_TAG}` = '{self.label}'", max_results=10_000)
-        return self.label if not earlier else f"{self.label} #{len(earlier) + 1}"
-
-    def resume(self, trial_run: Any, records: dict[int, SeedRecord]) -> None:
-        """Continue a trial run that a dead (or interrupted) driver left: its finished seeds stay finished,
-        every other seed run is reopened and continues from its last durable checkpoint (from scratch
-        without one), logging each metric step at most once."""
-        self.trial_run_id = trial_run.info.run_id
-        self.run_name = trial_run.data.tags.get("mlflow.runName", self.label)
-        self.tracker.reopen_run(self.trial_run_id, "trial")
-        self.status = "RUNNING"
+    def resume(self, records: dict[int, SeedRecord]) -> None:
+        """Continue a trial that a dead (or interrupted) driver left: its finished seeds stay finished,
+        every other seed continues from its last durable checkpoint (from scratch without one), and each
+        metric step is delivered at most once."""
+        self.status = Status.RUNNING
+        self.emit(TrialStarted(self, resumed=True))
         for seed in self.spec.seeds:
             record = records.get(seed)
-            if record is None:  # the driver died before it made this seed's run
-                self._launch(self._add_seed(seed, self._new_seed_run(seed)))
+            if record is not None and record.status == Status.FINISHED:
+                state = self.seeds[seed] = SeedState(seed, Status.FINISHED, progress=self.spec.budget.total,
+                                                     final=dict(record.final))
+                self.emit(SeedRestored(self, seed, record))
                 continue
-            state = self._add_seed(seed, record.run_id)
-            if record.status == "FINISHED":
-                state.status, state.final, state.progress = "FINISHED", record.final, self.spec.budget.total
-                if self.progress is not None:
-                    self.progress.update((self.label, seed), state.progress, "")
-                    self.progress.finish((self.label, seed), "FINISHED")
-                continue
-            self.tracker.reopen_run(record.run_id, "seed")
-            state.checkpoint, state.logged, state.retries = record.checkpoint, dict(record.logged), record.retries
-            self.tracker.queue_tags(record.run_id, {"labfleet.resumed_from": "checkpoint" if record.checkpoint
-                                                    else "scratch"})
+            state = self._add_seed(seed, record)
+            if record is not None:
+                state.checkpoint, state.logged, state.retries = record.checkpoint, dict(record.logged), record.retries
             self._launch(state)
         self._maybe_finish_trial()
 
-    def _new_seed_run(self, seed: int) -> str:
-        assert self.trial_run_id is not None
-        seed_spec = {**self.spec.model_dump(mode="json"), "seeds": [seed]}
-        run_id = self.tracker.start_run(self.experiment, "seed", f"{self.run_name}/seed={seed}", self.trial_run_id,
-                                        tags=self._seed_tags(seed), params=flatten(seed_spec))
-        self.tracker.log_yaml(run_id, "spec.yaml", seed_spec)
-        return run_id
-
-    def _add_seed(self, seed: int, run_id: str) -> SeedState:
-        state = SeedState(seed, run_id)
-        self.seeds[seed] = state
-        if self.progress is not None:
-            self.progress.add((self.label, seed), f"{self.label} seed={seed}", self.spec.budget.total)
+    def _add_seed(self, seed: int, record: SeedRecord | None = None) -> SeedState:
+        state = self.seeds[seed] = SeedState(seed)
+        self.emit(SeedStarted(self, seed, self.spec.budget.total, record))
         return state
 
-    def _launch(self, state: SeedState) -> None:
-        spec = self.spec
-        state.status, state.placed, state.where = "RUNNING", False, None
+    def _launch(self, state: SeedState, checkpoint_spec: ExperimentSpec | None = None) -> None:
+        spec = checkpoint_spec or self.spec
+        state.status, state.placed, state.where, state.paused = Status.RUNNING, False, None, False
         host = self.pool.take(spec) if self.pool is not None and state.group is None else None
         if host is not None:  # a warm actor: load this seed into it
             state.actor, state.group, state.where = host.actor, host.group, host.where
@@ -264,6 +268,8 @@ class TrialRunner:
             return
         if state.group is None:
             state.group = placement_group(trial_bundles(spec), strategy="PACK")
+            if self.pool is not None:
+                self.pool.wait(self, state)
         res = spec.resources
         state.actor = RemoteTrialWorker.options(
             num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial / res.data_parallel, max_restarts=0,
@@ -280,71 +286,119 @@ class TrialRunner:
         try:
             result = ray.get(future)
         except RayError as exc:
-            if _lost(exc) and state.retries < self.spec.resources.max_retries:
-                # a process, a node or the result died with it: retry from the last checkpoint
-                state.retries += 1
-                self.tracker.queue_tags(state.run_id, {"labfleet.retries": str(state.retries)})
-                _kill(state.actor, None)  # the result can be lost while its actor lives on
-                self._launch(state)
-            elif _lost(exc):
-                self._fail(state, f"trial actor died {state.retries + 1} times; last: {_error_text(exc)}")
-            else:  # the trainer raised, or could not be built: deterministic, not retried
-                self._fail(state, _error_text(exc))
+            self._on_error(state, exc)
             return
         if not state.placed:  # after every (re)launch: a retried trial may run on another node
             state.placed = True
-            self._tag_node(state)
-        self._log_records(state, result["records"])
-        for path, data in result.get("artifacts", {}).items():
-            self.tracker.log_bytes(state.run_id, path, data)
-        self.tracker.flush(state.run_id)
+            if self.pool is not None:
+                self.pool.placed(state)
+            if (where := self._where(state)) is not None:
+                self.emit(SeedPlaced(self, state.seed, where))
+        records = self._new_records(state, result["records"])
         state.progress = result["progress"]
+        durable = None
         if result["checkpoint"] is not None:
             state.checkpoint = result["checkpoint"]
             if not result["done"]:  # durable: a rerun after this driver dies continues from here
-                self.tracker.log_bytes(state.run_id, LATEST_CHECKPOINT, state.checkpoint)
-        if self.progress is not None:
-            self.progress.update((self.label, state.seed), state.progress, self._headline(state.latest))
+                durable = state.checkpoint
         if result["done"]:
             state.final = result["final"]
+        decision = self.emit(ChunkResult(self, state.seed, records, result.get("artifacts", {}), state.progress,
+                                         durable, result["done"], dict(state.latest)))
+        for step, values in records:
+            evals = {k: v for k, v in values.items() if k.startswith(M.EVAL_PREFIX)}
+            if evals:
+                answer = self.emit(Evaluation(self, state.seed, step, evals))
+                decision = answer if decision.action == Action.CONTINUE else decision
+        self._apply(state, decision, result["done"])
+
+    def _on_error(self, state: SeedState, exc: RayError) -> None:
+        if _lost(exc) and state.retries < self.spec.resources.max_retries:
+            # a process, a node or the result died with it: retry from the last checkpoint
+            state.retries += 1
+            self.emit(SeedRetried(self, state.seed, state.retries, _error_text(exc)))
+            _kill(state.actor, None)  # the result can be lost while its actor lives on
+            self._launch(state)
+        elif _lost(exc):
+            self._fail(state, f"trial actor died {state.retries + 1} times; last: {_error_text(exc)}")
+        else:  # the trainer raised, or could not be built: deterministic, not retried
+            self._fail(state, _error_text(exc))
+
+    def _apply(self, state: SeedState, decision: Decision, done: bool) -> None:
+        """What happens to the seed after its chunk: its end, the listeners' decision, or the next chunk."""
+        if decision.action == Action.STOP:
+            if done:
+                self._finish_seed(state, decision.reason)
+            self.stop(decision.status, decision.reason)
+        elif done:
             self._finish_seed(state)
+        elif decision.action == Action.PAUSE:
+            state.paused = True
+        elif decision.action == Action.EXPLOIT:
+            self._exploit(state, decision)
         else:
             state.future = state.actor.advance.remote(self.chunk_seconds)
 
-    def _log_records(self, state: SeedState, records: list[tuple[int, dict[str, float]]]) -> None:
+    def _new_records(self, state: SeedState, records: list[tuple[int, dict[str, float]]]
+                     ) -> list[tuple[int, dict[str, float]]]:
+        """Exactly once: a seed restarted from its checkpoint redoes the steps delivered since; each
+        metric keeps the first value of a step (the same value, where resume is exact)."""
+        fresh = []
         for step, values in records:
-            # Exactly once: a seed restarted from its checkpoint redoes the steps logged since; each metric
-            # history keeps the first value of a step (the same value, where resume is exact).
             values = {k: v for k, v in values.items() if step > state.logged.get(k, -1)}
             if not values:
                 continue
             state.logged.update(dict.fromkeys(values, step))
-            self.tracker.log_metrics(state.run_id, values, step)
             state.latest.update(values)
             if any(k.startswith(M.EVAL_PREFIX) for k in values):
                 state.evals.setdefault(step, {}).update(values)
+            fresh.append((step, values))
+        return fresh
 
-    def _tag_node(self, state: SeedState) -> None:
-        where = state.where
-        if where is None:
+    def _where(self, state: SeedState) -> dict[str, str] | None:
+        if state.where is None:
             try:
-                where = state.where = ray.get(state.actor.describe.remote(), timeout=30)
-            except Exception:  # informational only; the run goes on without the tag
-                return
-        self.tracker.queue_tags(state.run_id, {"labfleet.node": where["node_id"], "labfleet.host": where["host"],
-                                             "labfleet.device": where["device"]})
+                state.where = ray.get(state.actor.describe.remote(), timeout=30)
+            except Exception:  # informational only; the run goes on without it
+                return None
+        return state.where
 
-    def _headline(self, latest: dict[str, float]) -> str:
-        rate = f" {latest[M.SPS]:.0f} sps" if M.SPS in latest else ""
-        keys = [self.info.primary_metric] if self.info.primary_metric else sorted(
-            k for k in latest if k.startswith(M.EVAL_PREFIX))  # your own code: its first evaluation
-        for key in [*keys[:1], M.TRAIN_EPISODE_RETURN]:
-            if key in latest:
-                return f"{key}={latest[key]:.4g}{rate}"
-        return rate.strip()
+    # --- schedulers' seams ----------------------------------------------------------------------
+    def resume_seed(self, seed: int, checkpoint: bytes | None = None, spec: ExperimentSpec | None = None) -> None:
+        """Go on with a paused seed: as it was, or (PBT's exploit) from another trial's `checkpoint`
+        with this trial's new `spec`."""
+        state = self.seeds[seed]
+        if not state.paused or state.status != Status.RUNNING:
+            return
+        state.paused = False
+        self._exploit(state, Decision(Action.EXPLOIT, checkpoints={seed: checkpoint} if checkpoint else None,
+                                      spec=spec))
+
+    def _exploit(self, state: SeedState, decision: Decision) -> None:
+        if decision.spec is not None:
+            self.spec = decision.spec
+        checkpoint = (decision.checkpoints or {}).get(state.seed)
+        if checkpoint is None and decision.spec is None:
+            state.future = state.actor.advance.remote(self.chunk_seconds)
+            return
+        if checkpoint is not None:
+            state.checkpoint = checkpoint
+        # The same actor loads the new trial state in place (no new process; the placement group stays).
+        state.future = state.actor.advance.remote(
+            self.chunk_seconds, (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
+
+    # --- the end --------------------------------------------------------------------------------
+    def adopt(self, state: SeedState, host: Host) -> None:
+        """A waiting seed takes an idle actor of its shape instead of its own unplaced reservation."""
+        _kill(state.actor, state.group)
+        state.actor, state.group, state.where = host.actor, host.group, host.where
+        state.future = state.actor.advance.remote(
+            self.chunk_seconds, (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
 
     def _release(self, state: SeedState, reusable: bool = False) -> None:
         """Free the seed's actor and placement group; an idle, healthy actor goes back to the pool."""
+        if self.pool is not None:
+            self.pool.placed(state)
         if reusable and self.pool is not None and state.future is None and state.actor is not None \
                 and state.group is not None:
             self.pool.put(self.spec, Host(state.actor, state.group, state.where))
@@ -353,72 +407,66 @@ class TrialRunner:
         state.actor = state.group = None
         state.elapsed = time.perf_counter() - state.started
 
-    def _finish_seed(self, state: SeedState) -> None:
-        if state.checkpoint is not None:
-            self.tracker.log_bytes(state.run_id, "checkpoints/final.pt", state.checkpoint)
+    def _finish_seed(self, state: SeedState, reason: str = "") -> None:
         self._release(state, reusable=True)
-        state.status = "FINISHED"
-        self.tracker.end_run(state.run_id, "FINISHED")
-        if self.progress is not None:
-            self.progress.finish((self.label, state.seed), "FINISHED")
-        self._maybe_finish_trial()
+        state.status = Status.FINISHED
+        self.emit(SeedEnded(self, state.seed, Status.FINISHED, state.final, state.checkpoint))
+        if not reason:
+            self._maybe_finish_trial()
 
     def _fail(self, state: SeedState, error: str) -> None:
         self._release(state)
-        state.status, state.error = "FAILED", error
-        self.tracker.end_run(state.run_id, "FAILED", error)
-        if self.progress is not None:
-            self.progress.finish((self.label, state.seed), "FAILED")
+        state.status, state.error = Status.FAILED, error
+        self.emit(SeedEnded(self, state.seed, Status.FAILED, error=error))
         self._maybe_finish_trial()
 
-    # --- the end --------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
-        return self.status in ("FINISHED", "FAILED", "KILLED")
+        return self.status.ended
 
     def _maybe_finish_trial(self) -> None:
-        if self.done or any(s.status in ("PENDING", "RUNNING") for s in self.seeds.values()):
+        if self.done or any(not s.status.ended for s in self.seeds.values()):
             return
-        assert self.trial_run_id is not None
-        finals = [s.final for s in self.seeds.values() if s.status == "FINISHED" and s.final]
+        finals = [s.final for s in self.seeds.values() if s.status == Status.FINISHED and s.final]
         step = max((s.progress for s in self.seeds.values()), default=0)
-        self.tracker.log_metrics(self.trial_run_id, aggregate_finals(finals), step)
-        failed = [s for s in self.seeds.values() if s.status == "FAILED"]
-        self.status = "FAILED" if failed else "FINISHED"
+        failed = [s for s in self.seeds.values() if s.status == Status.FAILED]
+        self.status = Status.FAILED if failed else Status.FINISHED
         error = "; ".join(f"seed {s.seed}: {(s.error or '').strip().splitlines()[-1][:300]}" for s in failed)
-        self.tracker.end_run(self.trial_run_id, self.status, error or None)
+        self.emit(TrialEnded(self, self.status, aggregate_finals(finals), step, error or None))
 
     def eval_means(self, metric: str) -> dict[int, float]:
         """{metric step: mean over the running or finished seeds} for the steps every such seed has
         evaluated (the intermediate values a sweep reports to its pruner)."""
-        seeds = [s for s in self.seeds.values() if s.status in ("RUNNING", "FINISHED")]
+        seeds = [s for s in self.seeds.values() if s.status in (Status.RUNNING, Status.FINISHED)]
         if not seeds:
             return {}
         steps = set.intersection(*({k for k, v in s.evals.items() if metric in v} for s in seeds))
         return {step: float(np.mean([s.evals[step][metric] for s in seeds])) for step in sorted(steps)}
 
-    def abort(self, status: str = "KILLED", release: bool = True) -> None:
-        """End every unfinished seed run and the trial run as `status`, then (with `release`) free their
-        actors. The records come first and touch no Ray: a SIGTERM to the process group (what `timeout`,
-        Slurm and Kubernetes send) reaches a local Ray's own processes too, and a Ray call on a dead
-        cluster blocks for a minute before Ray ends the process."""
-        stopped = [s for s in self.seeds.values() if s.status in ("PENDING", "RUNNING")]
-        for state in stopped:
+    def stop(self, status: Status | str = Status.KILLED, reason: str = "", release: bool = True) -> None:
+        """End every unfinished seed and the trial as `status` (a scheduler's stop, Ctrl-C, a driver
+        error), then (with `release`) free their actors. The events come first and touch no Ray: a
+        SIGTERM to the process group (what `timeout`, Slurm and Kubernetes send) reaches a local Ray's own
+        processes too, and a Ray call on a dead cluster blocks for a minute before Ray ends the process."""
+        status = Status(status)
+        for state in [s for s in self.seeds.values() if not s.status.ended]:
             state.status = status
-            self.tracker.end_run(state.run_id, status)
-            if self.progress is not None:  # a pruned or stopped seed's bar goes (in a sweep) or says so
-                self.progress.finish((self.label, state.seed), status)
-        if self.trial_run_id and not self.done:
-            self.status = status
-            self.tracker.end_run(self.trial_run_id, status)
+            state.elapsed = time.perf_counter() - state.started
+            self.emit(SeedEnded(self, state.seed, status, state.final, state.checkpoint))
+        if not self.done and self.status != Status.PENDING:
+            self.status, self.stop_reason = status, reason
+            self.emit(TrialEnded(self, status, {}, max((s.progress for s in self.seeds.values()), default=0),
+                                 reason=reason))
         if release:
             self.release()
+
+    abort = stop  # the name the fault tests and older callers use
 
     def release(self) -> None:
         """Free every actor and placement group this runner still holds (idle ones go to the pool)."""
         for state in self.seeds.values():
             if state.actor is not None or state.group is not None:
-                self._release(state, reusable=state.status == "FINISHED")
+                self._release(state, reusable=state.status == Status.FINISHED)
 
 
 def aggregate_finals(finals: list[dict[str, float]]) -> dict[str, float]:

@@ -1,7 +1,18 @@
-"""One command's training session: checks, Ray, the tracker, the driver loop, the summary, end states.
+"""One command's driver session: the checks, Ray, and the loop that drives trials to their end states.
 
 Order matters: every check that can reject the input (specs, tracking URI, whether the cluster can
-ever hold a trial) runs before the first MLflow run is created or the first actor starts.
+ever hold a trial) runs before the first MLflow run is created or the first actor starts (`prepare`).
+
+`DriverSession` is shared by `run`, `suite` and `sweep` (commands.py composes them): it owns the
+listeners every trial gets (the MLflow recorder, the progress bars), the actor pool, the signals, and
+the end state of every run when something goes wrong. `drive(feed)` starts the trials a feed offers while
+there is room (all at once for `run` and `suite`; one Optuna ask at a time for a sweep) and polls every
+running trial through one `ray.wait`, until the feed has nothing more and every trial has ended.
+
+Ctrl-C or SIGTERM anywhere inside the session: every unfinished seed and trial ends KILLED (the records
+first, without touching Ray), each feed undoes its part (a sweep tells its trials FAIL and queues their
+parameters again), every other open run ends KILLED, and the command exits 130. Any other exception
+ends them FAILED with the error and propagates.
 """
 
 from __future__ import annotations
@@ -15,18 +26,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 from rich.console import Console
 
 from labfleet.errors import Problem, SpecError
-from labfleet.orchestration.progress import ProgressBoard, summary_table
-from labfleet.orchestration.runner import TrialRunner, config_hash, drive, unschedulable_reason
-from labfleet.spec.models import ExperimentSpec, SuiteSpec
-from labfleet.tracking.resume import LABEL_TAG, find_unfinished_trial, seed_records
+from labfleet.orchestration.events import DRIVER_ERROR, Listener, SeedRecord, Status
+from labfleet.orchestration.progress import ProgressBoard, ProgressListener
+from labfleet.orchestration.recorder import MlflowRecorder
+from labfleet.orchestration.runner import ActorPool, TrialRunner, drive_once, unschedulable_reason
+from labfleet.spec.models import ExperimentSpec
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
-from labfleet.tracking.uri import DEFAULT_TRACKING_URI, check_tracking_uri, redact_uri, resolve_tracking_uri
+from labfleet.tracking.uri import check_tracking_uri
 
 EXIT_OK, EXIT_TRIAL_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -143,152 +155,99 @@ def interrupts_deferred() -> Iterator[None]:
         raise KeyboardInterrupt(f"signal {held[0]}")
 
 
-def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None, address: str | None,
-            console: Console, quiet: bool = False, suite: SuiteSpec | None = None, fresh: bool = False) -> int:
-    """Train every planned spec (under one `suite` run when `suite` is given); returns the exit code."""
-    spec_uri = suite.tracking.uri if suite else planned[0].spec.tracking.uri
-    uri, tracker = prepare(planned, source=source, tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
-                           address=address)
+class Feed(Protocol):
+    """Where a drive's trials come from. `more(running)` returns the trials to start now (each with the
+    records of an earlier driver's seeds to resume, or None) given how many of this feed's trials run;
+    `interrupted()` undoes the feed's part after Ctrl-C (the runs are already KILLED)."""
 
-    previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
-    runners: list[TrialRunner] = []
-    suite_run_id = None
-    sweep_codes: list[int] = []
-    experiment = (suite.tracking.experiment or suite.name) if suite else None
-    try:
-        with ProgressBoard(console, quiet) as board:
-            done: set[tuple[str, str]] = set()
-            if suite is not None:
-                assert experiment is not None
-                suite_run_id, done = _suite_run(tracker, experiment, suite.name, fresh)
-            runners += _start_runners(planned, tracker, board, suite_run_id, experiment, done, console, fresh)
-            drive(runners)
-        sweep_codes = _run_sweeps(planned, tracker, suite_run_id, experiment, address, console, quiet)
-    except KeyboardInterrupt:
-        ignore_interrupts()  # a second Ctrl-C must not cut the cleanup short
-        for runner in runners:
-            runner.abort("KILLED", release=False)
-        tracker.close_open_runs("KILLED")
-        console.print("[yellow]interrupted: every open run was marked KILLED[/yellow]")
-        release_after_interrupt(runners)
-        return EXIT_INTERRUPTED
-    except BaseException as exc:
-        for runner in runners:
-            runner.abort("FAILED")
-        tracker.close_open_runs("FAILED", f"driver error: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
+    def more(self, running: int) -> list[tuple[TrialRunner, dict[int, SeedRecord] | None]]: ...
 
-    if EXIT_INTERRUPTED in sweep_codes:
-        tracker.close_open_runs("KILLED")
-        return EXIT_INTERRUPTED
-    failed = [r for r in runners if r.status != "FINISHED"]
-    failed_sweeps = sum(code != EXIT_OK for code in sweep_codes)
-    if suite_run_id is not None:
-        error = "; ".join([f"{r.label}: {r.status}" for r in failed] + [f"{failed_sweeps} sweep(s) with failed trials"]
-                          * bool(failed_sweeps))
-        tracker.end_run(suite_run_id, "FAILED" if failed or failed_sweeps else "FINISHED", error or None)
-    tracker.close()  # every queued write is in the store before the summary says where the runs are
-    target = suite.name if suite else (runners[0].experiment if runners else "")
-    _print_summary(console, runners, uri, quiet, target)
-    return EXIT_TRIAL_FAILED if failed or failed_sweeps else EXIT_OK
+    def refresh(self, running: list[TrialRunner]) -> None: ...
+
+    def interrupted(self) -> None: ...
 
 
-def _start_runners(planned: list[Planned], tracker: Tracker, board: ProgressBoard, suite_run_id: str | None,
-                   experiment: str | None, done: set[tuple[str, str]], console: Console,
-                   fresh: bool = False) -> list[TrialRunner]:
-    """A runner per planned spec; one whose last invocation a dead or interrupted driver left unfinished
-    continues it (the same runs, each unfinished seed from its last checkpoint) unless `fresh`."""
-    runners = []
-    for plan in planned:
-        if plan.sweep_data is not None:
-            continue
-        if (plan.spec.name, config_hash(plan.spec)) in done:
-            console.print(f"{plan.spec.name}: finished in the interrupted run of this suite, skipped", highlight=False)
-            continue
-        spec = plan.spec
-        if experiment:  # nested runs show under their parent only within one experiment
-            spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"experiment": experiment})})
-        runner = TrialRunner(spec, tracker, parent_run_id=suite_run_id, spec_dir=plan.spec_path.parent,
-                             progress=board, trial_tags={"labfleet.spec_file": str(plan.spec_path)})
-        runners.append(runner)
-        experiment_id = tracker.experiment_id(runner.experiment)
-        unfinished = None if fresh else find_unfinished_trial(tracker.client, experiment_id, runner.label,
-                                                              config_hash(spec), spec.seeds, suite_run_id)
-        if unfinished is None:
-            runner.start()
-            continue
-        records = seed_records(tracker.client, experiment_id, unfinished.info.run_id)
-        resumed = sorted(seed for seed, r in records.items() if r.status != "FINISHED" and r.checkpoint)
-        console.print(f"{runner.label}: continuing trial run {unfinished.info.run_id} ({unfinished.info.status}); "
-                      f"from checkpoints: seeds {resumed or 'none'} (--fresh starts new runs)", highlight=False)
-        runner.resume(unfinished, records)
-    return runners
+class FixedFeed:
+    """A fixed list of trials, all started at once (`run`, `suite`)."""
+
+    def __init__(self, trials: list[tuple[TrialRunner, dict[int, SeedRecord] | None]]):
+        self.trials = list(trials)
+
+    def more(self, running: int) -> list[tuple[TrialRunner, dict[int, SeedRecord] | None]]:
+        trials, self.trials = self.trials, []
+        return trials
+
+    def refresh(self, running: list[TrialRunner]) -> None:
+        return None
+
+    def interrupted(self) -> None:
+        return None
 
 
-def _run_sweeps(planned: list[Planned], tracker: Tracker, suite_run_id: str | None, experiment: str | None,
-                address: str | None, console: Console, quiet: bool) -> list[int]:
-    """A suite's sweep entries, one after another, after its other entries; each resumes its study."""
-    from labfleet.orchestration.sweep import execute_sweep
+class DriverSession:
+    def __init__(self, tracker: Tracker, console: Console, quiet: bool = False, hide_finished: bool = False):
+        self.tracker = tracker
+        self.console = console
+        self.recorder = MlflowRecorder(tracker)
+        self.board = ProgressBoard(console, quiet, hide_finished=hide_finished)
+        self.pool = ActorPool()  # trial actors are reused across trials of the same shape
+        self.runners: list[TrialRunner] = []  # every trial this session started
+        self.feeds: list[Feed] = []
+        self.interrupted = False
+        self._previous_term: Any = None
 
-    codes: list[int] = []
-    for plan in planned:
-        if plan.sweep_data is None:
-            continue
-        codes.append(execute_sweep(plan.sweep_data, plan.spec, plan.spec_path, storage=None, n_trials=None,
-                                   cli_tracking_uri=tracker.uri, address=address, console=console, quiet=quiet,
-                                   attach=(tracker, suite_run_id, experiment or plan.spec.name)))
-        if codes[-1] == EXIT_INTERRUPTED:
-            break
-    return codes
+    def listeners(self, *extra: Listener) -> list[Listener]:
+        """What every trial of this session tells: the record first (a scheduler's decision, or the
+        study's `tell`, comes after the run it concerns is written), then the bars, then `extra`."""
+        return [self.recorder, ProgressListener(self.board), *extra]
 
+    def runner(self, spec: ExperimentSpec, *extra: Listener, **kwargs: Any) -> TrialRunner:
+        return TrialRunner(spec, self.listeners(*extra), **kwargs)
 
-def _suite_run(tracker: Tracker, experiment: str, name: str, fresh: bool = False) -> tuple[str, set[tuple[str, str]]]:
-    """The suite run: the latest one of this name when it did not finish (an interrupted suite resumes:
-    its FINISHED trials are skipped, the others continue), else (or when `fresh`) a new one."""
-    client = tracker.client
-    experiment_id = tracker.experiment_id(experiment)
-    found = client.search_runs([experiment_id], f"tags.`labfleet.role` = 'suite' and tags.`labfleet.suite` = '{name}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    if fresh or not found or found[0].info.status == "FINISHED":
-        return tracker.start_run(experiment, "suite", name, tags={"labfleet.suite": name}), set()
-    run_id = found[0].info.run_id
-    tracker.reopen_run(run_id, "suite")
-    done: set[tuple[str, str]] = set()
-    for trial in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=5000):
-        if trial.data.tags.get("labfleet.role") != "trial":
-            continue
-        if trial.info.status == "FINISHED":
-            label = trial.data.tags.get(LABEL_TAG, trial.data.tags.get("mlflow.runName", ""))
-            done.add((label, trial.data.tags.get("labfleet.config_hash", "")))
-        stale = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}' "
-                                                    f"and attributes.status = 'RUNNING'")
-        for run in [*stale, *([trial] if trial.info.status == "RUNNING" else [])]:
-            tracker.end_run(run.info.run_id, "KILLED")
-    return run_id, done
+    def __enter__(self) -> DriverSession:
+        self._previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
+        self.board.__enter__()
+        return self
 
+    def drive(self, feed: Feed, poll_seconds: float = 0.5) -> None:
+        """Run the feed's trials to their end states, starting new ones while the feed offers them."""
+        self.feeds.append(feed)
+        active: list[TrialRunner] = []
+        while True:
+            started = feed.more(len(active))
+            for runner, records in started:
+                self.runners.append(runner)
+                active.append(runner)
+                if records is None:
+                    runner.start()
+                else:
+                    runner.resume(records)
+            active = [r for r in active if not r.done]
+            feed.refresh(active)
+            if not active and not started:
+                return
+            if active:
+                drive_once(active, poll_seconds)
 
-def _print_summary(console: Console, runners: list[TrialRunner], uri: str, quiet: bool,
-                   report_target: str = "") -> None:
-    rows = []
-    for runner in runners:
-        for state in runner.seeds.values():
-            metric = runner.info.primary_metric or next(iter(sorted(state.final or {})), "")
-            value = (state.final or {}).get(metric)
-            rows.append({"trial": runner.run_name, "seed": str(state.seed), "status": state.status,
-                         "steps": str(state.progress), "metric": metric,
-                         "value": "" if value is None else f"{value:.4g}", "time": f"{state.elapsed:.0f}s"})
-    if not quiet:
-        console.print(summary_table("labfleet results", rows))
-    for runner in runners:
-        for state in runner.seeds.values():
-            if state.error:
-                console.print(f"[red]{runner.label} seed {state.seed} failed:[/red] "
-                              f"{state.error.strip().splitlines()[-1][:500]}", highlight=False)
-    shown = redact_uri(uri)
-    flag = "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shown}"
-    where = f"Open them at {shown}" if uri.startswith(("http://", "https://")) else (
-        f"Open them with: labfleet ui{flag}  (or: mlflow ui --backend-store-uri {shown} --host 127.0.0.1)")
-    console.print(f"Runs are in {shown} (experiment: {runners[0].experiment if runners else '-'}). {where}. "
-                  f"Compare them with: labfleet report {report_target}{flag}", highlight=False)
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            self.board.__exit__(None, None, None)
+            if kind is not None and issubclass(kind, KeyboardInterrupt):
+                ignore_interrupts()  # a second Ctrl-C must not cut the cleanup short
+                for runner in self.runners:  # the records first; Ray may be gone (see TrialRunner.stop)
+                    runner.stop(Status.KILLED, release=False)
+                for feed in self.feeds:
+                    feed.interrupted()
+                self.tracker.close_open_runs("KILLED")
+                release_after_interrupt(self.runners)
+                self.interrupted = True
+                return True
+            if exc is not None:
+                for runner in self.runners:
+                    runner.stop(Status.FAILED, DRIVER_ERROR)
+                self.tracker.close_open_runs("FAILED", f"driver error: {type(exc).__name__}: {exc}")
+            return False
+        finally:
+            signal.signal(signal.SIGTERM, self._previous_term)
+            if not TERMINATED.is_set():  # after a SIGTERM the idle actors die with this driver
+                self.pool.shutdown()

@@ -448,7 +448,7 @@ def _sweep_images(sweep_run: Run, storage: str | None, notes: list[str]) -> dict
     if "***" in url:
         notes.append("the study's storage URL was recorded without its password: pass --storage to plot it")
         return {}
-    from labfleet.orchestration.sweep import build_storage
+    from labfleet.tracking.studies import build_storage
 
     try:
         study = optuna.load_study(study_name=name, storage=build_storage(url))

@@ -1,0 +1,34 @@
+"""What the registry knows of an algorithm (its own module, so that the code registering algorithms and the
+registry itself import it without importing each other)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from labfleet.algorithms.base import Trainer
+
+ActionKind = Literal["discrete", "continuous"]
+ObservationKind = Literal["vector", "discrete"]
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    name: str
+    kind: Literal["rl", "generative", "custom"]
+    hparams: type[BaseModel]
+    trainer: type[Trainer]
+    summary: str
+    action_spaces: tuple[ActionKind, ...] = ("discrete", "continuous")
+    observation_spaces: tuple[ObservationKind, ...] = ("vector", "discrete")
+    needs_transition_model: bool = False
+    rollout_workers: bool = True  # can spread its environments over Ray rollout actors
+    seed_dependent: bool = True  # False for planners, whose training the seed does not touch
+    primary_metric: str = "eval/return_mean"  # "" for your own code: the first eval/* metric it reports
+    # The `eval/*` metrics it can log: what a sweep objective may name (checked by `labfleet validate`).
+    eval_metrics: tuple[str, ...] = ("eval/return_mean", "eval/return_std")
+    budget_units: tuple[str, ...] = ("env_steps",)
+    tags: dict[str, str] = field(default_factory=dict)

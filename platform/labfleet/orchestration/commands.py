@@ -1,0 +1,213 @@
+"""`labfleet run`, `suite` and `sweep`: thin compositions of one `DriverSession` and its `drive`.
+
+- `run` and `suite`: a `FixedFeed` of trials (one per spec), each continuing what a dead or interrupted
+  driver left unless `--fresh`; a suite's sweep entries follow, one `OptunaSearcher` each, in the same
+  session (one cluster, one tracker, one set of bars, one Ctrl-C).
+- `sweep`: one `OptunaSearcher` over the spec's study; the same command again resumes the study.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from labfleet.orchestration.events import SeedRecord, Status
+from labfleet.orchestration.progress import summary_table
+from labfleet.orchestration.runner import TrialMeta, TrialRunner, config_hash
+from labfleet.orchestration.searcher import OptunaSearcher, TrialState, recover
+from labfleet.orchestration.session import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TRIAL_FAILED,
+    DriverSession,
+    FixedFeed,
+    Planned,
+    prepare,
+)
+from labfleet.orchestration.study import check_sweep, create_study
+from labfleet.orchestration.sweep_view import TrialBoard, best_line, leaderboard, log_pareto_front
+from labfleet.spec.loading import apply_overrides
+from labfleet.spec.models import ExperimentSpec, SuiteSpec
+from labfleet.tracking.studies import DEFAULT_STORAGE
+from labfleet.tracking.uri import DEFAULT_TRACKING_URI, redact_uri, resolve_tracking_uri
+
+
+def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None, address: str | None,
+            console: Console, quiet: bool = False, suite: SuiteSpec | None = None, fresh: bool = False) -> int:
+    """Train every planned spec (under one `suite` run when `suite` is given); returns the exit code."""
+    spec_uri = suite.tracking.uri if suite else planned[0].spec.tracking.uri
+    uri, tracker = prepare(planned, source=source, tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
+                           address=address)
+    session = DriverSession(tracker, console, quiet)
+    experiment = (suite.tracking.experiment or suite.name) if suite else None
+    suite_run_id: str | None = None
+    runners: list[TrialRunner] = []
+    sweep_codes: list[int] = []
+    with session:
+        done: set[tuple[str, str]] = set()
+        if suite is not None:
+            assert experiment is not None
+            suite_run_id, done = session.recorder.suite_run(experiment, suite.name, fresh)
+        trials = _trials(session, planned, suite_run_id, experiment, done, fresh)
+        runners = [runner for runner, _ in trials]
+        session.drive(FixedFeed(trials))
+        for plan in planned:  # a suite's sweep entries, one after another; each resumes its study
+            if plan.sweep_data is not None:
+                sweep_codes.append(run_sweep(session, plan.sweep_data, plan.spec, plan.spec_path, storage=None,
+                                             n_trials=None, parent=suite_run_id,
+                                             experiment=experiment or plan.spec.tracking.experiment or plan.spec.name,
+                                             quiet=quiet))
+    if session.interrupted:
+        if not sweep_codes and all(p.sweep_data is None for p in planned):
+            console.print("[yellow]interrupted: every open run was marked KILLED[/yellow]")
+        return EXIT_INTERRUPTED
+    failed = [r for r in runners if r.status != Status.FINISHED]
+    failed_sweeps = sum(code != EXIT_OK for code in sweep_codes)
+    if suite_run_id is not None:
+        error = "; ".join([f"{r.label}: {r.status}" for r in failed] + [f"{failed_sweeps} sweep(s) with failed trials"]
+                          * bool(failed_sweeps))
+        tracker.end_run(suite_run_id, "FAILED" if failed or failed_sweeps else "FINISHED", error or None)
+    tracker.close()  # every queued write is in the store before the summary says where the runs are
+    target = suite.name if suite else (runners[0].experiment if runners else "")
+    _print_summary(console, session, runners, uri, quiet, target)
+    return EXIT_TRIAL_FAILED if failed or failed_sweeps else EXIT_OK
+
+
+def _trials(session: DriverSession, planned: list[Planned], suite_run_id: str | None, experiment: str | None,
+            done: set[tuple[str, str]], fresh: bool) -> list[tuple[TrialRunner, dict[int, SeedRecord] | None]]:
+    """A trial per planned spec (not the sweep entries); one whose last invocation a dead or interrupted
+    driver left unfinished continues it (the same runs, each unfinished seed from its last checkpoint)
+    unless `fresh`."""
+    trials: list[tuple[TrialRunner, dict[int, SeedRecord] | None]] = []
+    for plan in planned:
+        if plan.sweep_data is not None:
+            continue
+        if (plan.spec.name, config_hash(plan.spec)) in done:
+            session.console.print(f"{plan.spec.name}: finished in the interrupted run of this suite, skipped",
+                                  highlight=False)
+            continue
+        spec = plan.spec
+        if experiment:  # nested runs show under their parent only within one experiment
+            spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"experiment": experiment})})
+        runner = session.runner(spec, meta=TrialMeta(suite_run_id, {"labfleet.spec_file": str(plan.spec_path)},
+                                                     spec_dir=str(plan.spec_path.parent)))
+        found = None if fresh else session.recorder.unfinished(runner)
+        if found is None:
+            trials.append((runner, None))
+            continue
+        run, records = found
+        resumed = sorted(seed for seed, r in records.items() if r.status != Status.FINISHED and r.checkpoint)
+        session.console.print(f"{runner.label}: continuing trial run {run.info.run_id} ({run.info.status}); "
+                              f"from checkpoints: seeds {resumed or 'none'} (--fresh starts new runs)", highlight=False)
+        trials.append((runner, records))
+    return trials
+
+
+def _print_summary(console: Console, session: DriverSession, runners: list[TrialRunner], uri: str, quiet: bool,
+                   report_target: str = "") -> None:
+    rows = []
+    for runner in runners:
+        for state in runner.seeds.values():
+            metric = runner.info.primary_metric or next(iter(sorted(state.final or {})), "")
+            value = (state.final or {}).get(metric)
+            rows.append({"trial": session.recorder.run_name(runner), "seed": str(state.seed),
+                         "status": str(state.status),
+                         "steps": str(state.progress), "metric": metric,
+                         "value": "" if value is None else f"{value:.4g}", "time": f"{state.elapsed:.0f}s"})
+    if not quiet:
+        console.print(summary_table("labfleet results", rows))
+    for runner in runners:
+        for state in runner.seeds.values():
+            if state.error:
+                console.print(f"[red]{runner.label} seed {state.seed} failed:[/red] "
+                              f"{state.error.strip().splitlines()[-1][:500]}", highlight=False)
+    shown = redact_uri(uri)
+    flag = "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shown}"
+    where = f"Open them at {shown}" if uri.startswith(("http://", "https://")) else (
+        f"Open them with: labfleet ui{flag}  (or: mlflow ui --backend-store-uri {shown} --host 127.0.0.1)")
+    console.print(f"Runs are in {shown} (experiment: {runners[0].experiment if runners else '-'}). {where}. "
+                  f"Compare them with: labfleet report {report_target}{flag}", highlight=False)
+
+
+# --- sweeps -------------------------------------------------------------------------------------------------
+
+def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *, storage: str | None,
+                  n_trials: int | None, cli_tracking_uri: str | None, address: str | None, console: Console,
+                  quiet: bool = False) -> int:
+    """`labfleet sweep`: the study of the spec's `sweep:` section, on its own session."""
+    check_sweep(data, spec, str(spec_path), storage)
+    uri, tracker = prepare([Planned(spec, spec_path)], source=str(spec_path), address=address,
+                           tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec.tracking.uri))
+    session = DriverSession(tracker, console, quiet, hide_finished=True)
+    code = EXIT_OK
+    with session:
+        code = run_sweep(session, data, spec, spec_path, storage=storage, n_trials=n_trials, parent=None,
+                         experiment=spec.tracking.experiment or spec.name, quiet=quiet)
+    if session.interrupted:
+        return EXIT_INTERRUPTED
+    tracker.close()
+    return code
+
+
+def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *,
+              storage: str | None, n_trials: int | None, parent: str | None, experiment: str, quiet: bool) -> int:
+    """One study driven inside `session` (alone, or as a suite's entry under the suite run `parent`)."""
+    source = str(spec_path)
+    sweep = check_sweep(data, spec, source, storage)
+    storage_url = storage or sweep.storage or DEFAULT_STORAGE
+    study_name = sweep.study_name or spec.name
+    if experiment != (spec.tracking.experiment or spec.name):  # nested under a suite: its experiment
+        spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"experiment": experiment})})
+        data = apply_overrides(data, {"tracking.experiment": experiment})
+    console = session.console
+    if sweep.multi_objective and sweep.pruner.type != "nop":
+        console.print(f"[yellow]note: a multi-objective study cannot prune; pruner {sweep.pruner.type!r} is not "
+                      "used[/yellow]")
+    study = create_study(sweep, study_name, storage_url)
+    space = json.dumps({k: v.model_dump(exclude_none=True) for k, v in sweep.space.items()}, sort_keys=True)
+    sweep_run = session.recorder.sweep_run(experiment, study_name, redact_uri(storage_url), {
+        "sweep.space": space[:6000], "sweep.metric": ",".join(m for m, _ in sweep.objectives),
+        "sweep.direction": ",".join(d for _, d in sweep.objectives)}, parent)
+    recover(study, session.recorder, experiment, sweep_run)
+    session.board.hide_finished = True  # a sweep's many trials: finished bars give way to the table
+    searcher = OptunaSearcher(session, study, data, spec, source, sweep, n_trials or sweep.n_trials, sweep_run,
+                              TrialBoard(study, sweep, session.board))
+    session.drive(searcher)
+    return _finish_sweep(searcher, session, quiet)
+
+
+def _finish_sweep(searcher: OptunaSearcher, session: DriverSession, quiet: bool) -> int:
+    study, sweep, tracker, sweep_run = searcher.study, searcher.sweep, session.tracker, searcher.sweep_run
+    console = session.console
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete and sweep.multi_objective:
+        log_pareto_front(study, sweep, tracker, sweep_run)
+    elif complete:
+        best = study.best_trial
+        tracker.log_metrics(sweep_run, {"best_value": float(best.value or 0.0)}, len(trials))
+        tracker.set_tags(sweep_run, {"best.trial_number": str(best.number),
+                                     **{f"best.{k}": str(v) for k, v in best.params.items()}})
+    failed_now = [t for t in trials if t.state == TrialState.FAIL and t.number in searcher.asked]
+    tracker.end_run(sweep_run, "FINISHED")
+    tracker.drain()  # every queued write is in the store before the summary says where the runs are
+    if not quiet:
+        console.print(leaderboard(study, sweep))
+    if (line := best_line(study, sweep)) is not None:
+        console.print(line, highlight=False, markup=False)
+    uri = redact_uri(tracker.uri)
+    console.print(f"Study {study.study_name}: {len(complete)} complete, "
+                  f"{sum(t.state == TrialState.PRUNED for t in trials)} pruned, "
+                  f"{sum(t.state == TrialState.FAIL for t in trials)} failed. Runs are in {uri}; "
+                  f"figures: labfleet report {study.study_name} --tracking-uri {uri}", highlight=False)
+    for t in failed_now:
+        console.print(f"[red]trial {t.number} failed:[/red] {str(t.user_attrs.get('error', ''))[-300:]}",
+                      highlight=False)
+    streak = searcher.streak
+    if streak.stopped:
+        console.print(f"[red]stopped: {streak.count} trials in a row failed (sweep.max_consecutive_failures); "
+                      f"the last: {streak.last.strip()[-300:]}[/red]", highlight=False)
+    return EXIT_TRIAL_FAILED if failed_now else EXIT_OK

@@ -1,0 +1,167 @@
+"""What the driver core says happened, and what listeners may answer.
+
+`TrialRunner` (runner.py) keeps only the Ray side of a trial: placement groups, actors, retries, the actor
+pool. Everything else listens to the events it emits, in the order the listeners were given:
+- `MlflowRecorder` (recorder.py) writes the run hierarchy;
+- `ProgressListener` (progress.py) draws the bars;
+- `OptunaSearcher` (searcher.py) reports to the pruner and tells the study;
+- schedulers (pbt.py) decide whether a trial goes on, waits, or takes another trial's checkpoint.
+
+A listener's `handle` returns None, or a `Decision` for the trial that the event is about (only
+`ChunkResult` and `Evaluation` events take decisions). Events are frozen dataclasses: a listener must not
+change what the next listener sees. Listeners are tested on events alone, without Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from labfleet.orchestration.runner import TrialRunner
+
+
+class Status(StrEnum):
+    """The state of a seed or a trial (a `str`: MLflow's run statuses are these words)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+
+    @property
+    def ended(self) -> bool:
+        return self in (Status.FINISHED, Status.FAILED, Status.KILLED)
+
+
+class Action(Enum):
+    CONTINUE = "continue"
+    STOP = "stop"  # end the trial now: its seeds and the trial end as `Decision.status`
+    PAUSE = "pause"  # hold the trial's seeds until a scheduler resumes them (PBT's perturbation points)
+    EXPLOIT = "exploit"  # load `checkpoint` (another trial's) with `spec` and train on
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    status: Status = Status.FINISHED  # STOP: the end state (a pruned trial ends FINISHED)
+    reason: str = ""
+    checkpoints: dict[int, bytes] | None = None  # EXPLOIT: seed -> the checkpoint to load
+    spec: Any = None  # EXPLOIT: the trial's spec from now on (its new hyperparameters)
+
+
+CONTINUE = Decision(Action.CONTINUE)
+DRIVER_ERROR = "driver error"  # the reason of a stop when the driver itself fails
+
+
+@dataclass(frozen=True)
+class SeedRecord:
+    """What a tracking store knows of a seed that an earlier driver started (see `TrialRunner.resume`)."""
+
+    status: Status
+    checkpoint: bytes | None = None
+    logged: dict[str, int] = field(default_factory=dict)  # metric -> the last step in its history
+    final: dict[str, float] = field(default_factory=dict)  # the latest eval/* values
+    retries: int = 0
+
+
+# --- events ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialStarted:
+    trial: TrialRunner
+    resumed: bool = False  # continuing what an earlier driver left (its records were given to `resume`)
+
+
+@dataclass(frozen=True)
+class SeedStarted:
+    """A seed joins the trial: its first launch, or (with `record`) a seed an earlier driver left unfinished."""
+
+    trial: TrialRunner
+    seed: int
+    total: int
+    record: SeedRecord | None = None
+
+
+@dataclass(frozen=True)
+class SeedRestored:
+    """A seed that an earlier driver finished: it stays finished."""
+
+    trial: TrialRunner
+    seed: int
+    record: SeedRecord
+
+
+@dataclass(frozen=True)
+class SeedPlaced:
+    """The seed's actor runs here (after every launch: a retried seed may move to another node)."""
+
+    trial: TrialRunner
+    seed: int
+    where: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SeedRetried:
+    trial: TrialRunner
+    seed: int
+    retries: int
+    error: str
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One chunk of training came back. `records` hold only steps not delivered before (exactly once);
+    `checkpoint` is a new checkpoint to keep durable (None when the chunk made none, or ended the seed)."""
+
+    trial: TrialRunner
+    seed: int
+    records: list[tuple[int, dict[str, float]]]
+    artifacts: dict[str, bytes]
+    progress: int
+    checkpoint: bytes | None
+    done: bool
+    latest: dict[str, float]  # the seed's latest value of every metric, this chunk's included
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A new evaluation step of one seed (`values`: its eval/* metrics), in step order."""
+
+    trial: TrialRunner
+    seed: int
+    step: int
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class SeedEnded:
+    trial: TrialRunner
+    seed: int
+    status: Status
+    final: dict[str, float] | None = None
+    checkpoint: bytes | None = None  # the last checkpoint (the final one, for a finished seed)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TrialEnded:
+    """Every seed has ended. `metrics`: the mean and std over the finished seeds of each final eval/*
+    value, at `step` (ARCHITECTURE section 6). `reason`: why a scheduler stopped it (e.g. "pruned")."""
+
+    trial: TrialRunner
+    status: Status
+    metrics: dict[str, float]
+    step: int
+    error: str | None = None
+    reason: str = ""
+
+
+Event = (TrialStarted | SeedStarted | SeedRestored | SeedPlaced | SeedRetried | ChunkResult | Evaluation
+         | SeedEnded | TrialEnded)
+
+
+class Listener(Protocol):
+    def handle(self, event: Event) -> Decision | None: ...

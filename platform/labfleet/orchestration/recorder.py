@@ -1,0 +1,275 @@
+"""The MLflow recorder: the one listener that writes the run hierarchy (ARCHITECTURE section 5).
+
+It turns the driver's events into `suite`, `sweep`, `trial` and `seed` runs, their params, tags, metric
+curves, artifacts and checkpoints, and it owns every query the driver makes of the store: the distinct
+name of a rerun, the trial run a dead driver left unfinished (with each seed's checkpoint and logged
+steps), the suite or sweep run to reopen, and the stale runs to end when a study is recovered. All writes
+go through `Tracker` (tracking/runs.py), whose writer thread overlaps them with the driver's waits.
+
+A seed's latest checkpoint is also an artifact of its run (`checkpoints/latest.pt`, rewritten at every
+checkpoint), so a rerun after the driver died continues from it without any shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from labfleet import metrics as M
+from labfleet.orchestration.events import (
+    ChunkResult,
+    Event,
+    SeedEnded,
+    SeedPlaced,
+    SeedRecord,
+    SeedRestored,
+    SeedRetried,
+    SeedStarted,
+    Status,
+    TrialEnded,
+    TrialStarted,
+)
+from labfleet.orchestration.runner import TrialRunner, config_hash
+from labfleet.tracking import queries as Q
+from labfleet.tracking.queries import LABEL_TAG
+from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions
+
+LATEST_CHECKPOINT = "checkpoints/latest.pt"
+FINAL_CHECKPOINT = "checkpoints/final.pt"
+UNFINISHED = ("RUNNING", "KILLED")  # a driver that died, or was interrupted; FAILED trials start anew
+
+
+@dataclass
+class _Trial:
+    run_id: str = ""
+    run_name: str = ""
+    seeds: dict[int, str] = field(default_factory=dict)  # seed -> run id
+    resuming: dict[int, str] = field(default_factory=dict)  # seed -> the run id an earlier driver left
+
+
+class MlflowRecorder:
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+        self.trials: dict[TrialRunner, _Trial] = {}
+
+    # --- what the rest of the driver asks --------------------------------------------------------
+    def trial_run_id(self, trial: TrialRunner) -> str:
+        return self.trials[trial].run_id
+
+    def seed_run_id(self, trial: TrialRunner, seed: int) -> str:
+        return self.trials[trial].seeds[seed]
+
+    def run_name(self, trial: TrialRunner) -> str:
+        entry = self.trials.get(trial)
+        return entry.run_name if entry else trial.label
+
+    def run_ids(self, trial: TrialRunner) -> list[str]:
+        """The trial run, then its seed runs."""
+        entry = self.trials[trial]
+        return [entry.run_id, *entry.seeds.values()]
+
+    # --- events ---------------------------------------------------------------------------------
+    def handle(self, event: Event) -> None:
+        tracker = self.tracker
+        match event:
+            case TrialStarted(trial=trial, resumed=resumed):
+                if resumed:
+                    tracker.reopen_run(self.trials[trial].run_id, "trial")  # `unfinished` found it
+                else:
+                    self._start_trial(trial)
+            case SeedStarted():
+                self._start_seed(event)
+            case SeedRestored(trial=trial, seed=seed):
+                entry = self.trials[trial]
+                entry.seeds[seed] = entry.resuming[seed]
+            case SeedPlaced(trial=trial, seed=seed, where=where):
+                tracker.queue_tags(self.seed_run_id(trial, seed), {
+                    "labfleet.node": where["node_id"], "labfleet.host": where["host"],
+                    "labfleet.device": where["device"]})
+            case SeedRetried(trial=trial, seed=seed, retries=retries):
+                tracker.queue_tags(self.seed_run_id(trial, seed), {"labfleet.retries": str(retries)})
+            case ChunkResult():
+                self._chunk(event)
+            case SeedEnded(trial=trial, seed=seed, status=status):
+                run_id = self.seed_run_id(trial, seed)
+                if status == Status.FINISHED and event.checkpoint is not None and event.final is not None:
+                    tracker.log_bytes(run_id, FINAL_CHECKPOINT, event.checkpoint)
+                tracker.end_run(run_id, status, event.error)
+            case TrialEnded(trial=trial, status=status):
+                run_id = self.trial_run_id(trial)
+                if event.metrics:
+                    tracker.log_metrics(run_id, event.metrics, event.step)
+                tracker.end_run(run_id, status, event.error)
+        return None
+
+    def _start_seed(self, event: SeedStarted) -> None:
+        entry, record = self.trials[event.trial], event.record
+        if record is None or event.seed not in entry.resuming:
+            entry.seeds[event.seed] = self._new_seed_run(event.trial, event.seed)
+            return
+        run_id = entry.seeds[event.seed] = entry.resuming[event.seed]
+        self.tracker.reopen_run(run_id, "seed")
+        self.tracker.queue_tags(run_id, {"labfleet.resumed_from": "checkpoint" if record.checkpoint else "scratch"})
+
+    def _chunk(self, event: ChunkResult) -> None:
+        tracker = self.tracker
+        run_id = self.seed_run_id(event.trial, event.seed)
+        for step, values in event.records:
+            tracker.log_metrics(run_id, values, step)
+        for path, data in event.artifacts.items():
+            tracker.log_bytes(run_id, path, data)
+        tracker.flush(run_id)
+        if event.checkpoint is not None:
+            tracker.log_bytes(run_id, LATEST_CHECKPOINT, event.checkpoint)
+
+    def _start_trial(self, trial: TrialRunner) -> None:
+        spec, meta = trial.spec, trial.meta
+        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.config_hash": config_hash(spec),
+                "labfleet.env" if spec.env else "labfleet.dataset": str(spec.env or spec.dataset),
+                **meta.tags, LABEL_TAG: trial.label}
+        # A sweep names its trial's params itself (the sampled values); otherwise the whole configuration.
+        params = meta.params or flatten(spec.model_dump(mode="json", exclude={"seeds"}))
+        params = {**params, "seeds": json.dumps(spec.seeds)}
+        # A sweep's labels are distinct already (its trial numbers); elsewhere reruns of a spec are told apart.
+        name = trial.label if meta.params else self.distinct_name(trial)
+        run_id = self.tracker.start_run(trial.experiment, "trial", name, meta.parent_run_id, tags=tags, params=params)
+        self.trials[trial] = _Trial(run_id, name)
+
+    def _new_seed_run(self, trial: TrialRunner, seed: int) -> str:
+        spec = trial.spec
+        seed_spec = {**spec.model_dump(mode="json"), "seeds": [seed]}
+        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.seed": str(seed),
+                "labfleet.config_hash": config_hash(spec)}
+        tags["labfleet.env" if spec.env else "labfleet.dataset"] = str(spec.env or spec.dataset)
+        commit, dirty = git_commit(trial.meta.spec_dir)
+        if commit:
+            tags["labfleet.git_commit"] = commit
+            tags["labfleet.git_dirty"] = str(dirty).lower()
+        tags.update({f"labfleet.lib.{k}": v for k, v in library_versions().items()})
+        entry = self.trials[trial]
+        run_id = self.tracker.start_run(trial.experiment, "seed", f"{entry.run_name}/seed={seed}", entry.run_id,
+                                        tags=tags, params=flatten(seed_spec))
+        self.tracker.log_yaml(run_id, "spec.yaml", seed_spec)
+        return run_id
+
+    # --- queries --------------------------------------------------------------------------------
+    def distinct_name(self, trial: TrialRunner) -> str:
+        """The label, or "label #N" for the N-th trial run of this label in the experiment, so that reruns
+        of a spec are told apart in the MLflow UI and in reports."""
+        earlier = self.tracker.client.search_runs([self.tracker.experiment_id(trial.experiment)],
+                                                  Q.trials_of_label(trial.label), max_results=10_000)
+        return trial.label if not earlier else f"{trial.label} #{len(earlier) + 1}"
+
+    def unfinished(self, trial: TrialRunner) -> tuple[Any, dict[int, SeedRecord]] | None:
+        """The latest trial run of this configuration (same label, config hash, seeds and parent) when a
+        driver left it RUNNING or KILLED, with a record of each of its seeds; None otherwise (a FINISHED
+        one is never reopened). Found, it is the run that `trial.resume` continues."""
+        client, spec = self.tracker.client, trial.spec
+        experiment_id = self.tracker.experiment_id(trial.experiment)
+        for run in client.search_runs([experiment_id], Q.trials_of_label(trial.label, config_hash(spec)),
+                                      order_by=["attributes.start_time DESC"], max_results=20):
+            if run.data.tags.get(Q.PARENT_TAG) != trial.meta.parent_run_id or \
+                    run.data.params.get("seeds") != json.dumps(spec.seeds):
+                continue
+            if run.info.status not in UNFINISHED:  # only the latest such run counts
+                return None
+            entry = self.trials[trial] = _Trial(run.info.run_id, run.data.tags.get("mlflow.runName", trial.label))
+            records = {}
+            for seed, (run_id, record) in self._seed_records(experiment_id, run.info.run_id).items():
+                entry.resuming[seed] = run_id
+                records[seed] = record
+            return run, records
+        return None
+
+    def _seed_records(self, experiment_id: str, trial_run_id: str) -> dict[int, tuple[str, SeedRecord]]:
+        client = self.tracker.client
+        records = {}
+        for run in client.search_runs([experiment_id], Q.children(trial_run_id), max_results=1000):
+            if run.data.tags.get(Q.ROLE_TAG) != "seed":
+                continue
+            run_id, status = run.info.run_id, run.info.status
+            retries = int(run.data.tags.get("labfleet.retries", 0))
+            if status == "FINISHED":
+                final = {k: v for k, v in run.data.metrics.items() if k.startswith(M.EVAL_PREFIX)}
+                record = SeedRecord(Status.FINISHED, final=final, retries=retries)
+            else:
+                logged = {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+                record = SeedRecord(Status(status), _download(client, run_id, LATEST_CHECKPOINT), logged,
+                                    retries=retries)
+            records[int(run.data.tags["labfleet.seed"])] = (run_id, record)
+        return records
+
+    def suite_run(self, experiment: str, name: str, fresh: bool = False) -> tuple[str, set[tuple[str, str]]]:
+        """The suite run: the latest one of this name when it did not finish (an interrupted suite resumes:
+        its FINISHED trials are skipped, the others continue), else (or when `fresh`) a new one. Returns
+        it with the (label, config hash) of every trial it finished."""
+        tracker = self.tracker
+        client = tracker.client
+        experiment_id = tracker.experiment_id(experiment)
+        found = client.search_runs([experiment_id], Q.suite_runs(name), order_by=["attributes.start_time DESC"],
+                                   max_results=1)
+        if fresh or not found or found[0].info.status == "FINISHED":
+            return tracker.start_run(experiment, "suite", name, tags={"labfleet.suite": name}), set()
+        run_id = found[0].info.run_id
+        tracker.reopen_run(run_id, "suite")
+        done: set[tuple[str, str]] = set()
+        for trial in client.search_runs([experiment_id], Q.children(run_id), max_results=5000):
+            if trial.data.tags.get(Q.ROLE_TAG) != "trial":
+                continue
+            if trial.info.status == "FINISHED":
+                label = trial.data.tags.get(LABEL_TAG, trial.data.tags.get("mlflow.runName", ""))
+                done.add((label, trial.data.tags.get("labfleet.config_hash", "")))
+            stale = client.search_runs([experiment_id], Q.children(trial.info.run_id, running=True))
+            for run in [*stale, *([trial] if trial.info.status == "RUNNING" else [])]:
+                tracker.end_run(run.info.run_id, "KILLED")
+        return run_id, done
+
+    def sweep_run(self, experiment: str, study_name: str, storage_shown: str, params: dict[str, str],
+                  parent: str | None = None) -> str:
+        """The study's `sweep` run: the one an earlier invocation made (reopened), or a new one."""
+        tracker = self.tracker
+        found = tracker.client.search_runs([tracker.experiment_id(experiment)],
+                                           Q.sweep_runs(study_name, storage_shown), max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            tracker.reopen_run(run_id, "sweep")
+            return run_id
+        return tracker.start_run(experiment, "sweep", study_name, parent,
+                                 tags={"optuna.study_name": study_name, "optuna.storage": storage_shown},
+                                 params=params)
+
+    def end_stale_trials(self, experiment: str, sweep_run: str, states: dict[int, str],
+                         failed_run_ids: list[str]) -> None:
+        """Make a sweep's record agree with its study after a dead driver: each trial run still RUNNING
+        under the sweep, and its RUNNING seeds, take the trial's state as `optuna.state` and end (FINISHED
+        for a COMPLETE or PRUNED trial, KILLED otherwise); a trial run the study now says FAIL says so too."""
+        tracker = self.tracker
+        experiment_id = tracker.experiment_id(experiment)
+        stale = {r.info.run_id: r for r in tracker.client.search_runs(
+            [experiment_id], Q.children(sweep_run, running=True))}
+        # A trial whose MLflow record was written just before the driver died, before Optuna was told (the
+        # order `OptunaSearcher.tell` keeps), has a run that says COMPLETE or PRUNED: it is FAIL now.
+        for run_id in failed_run_ids:
+            if run_id and run_id not in stale:
+                tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+        for trial_run in stale.values():
+            state = states.get(int(trial_run.data.tags.get("optuna.trial_number", -1)), "FAIL")
+            status = "FINISHED" if state in ("COMPLETE", "PRUNED") else "KILLED"
+            seeds = tracker.client.search_runs([experiment_id], Q.children(trial_run.info.run_id, running=True))
+            for run in [*seeds, trial_run]:
+                tracker.queue_tags(run.info.run_id, {"optuna.state": state})
+                tracker.end_run(run.info.run_id, status)
+
+
+def _download(client: Any, run_id: str, path: str) -> bytes | None:
+    with tempfile.TemporaryDirectory(prefix="labfleet-resume-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except (MlflowException, OSError):  # no checkpoint yet: the seed starts from scratch
+            return None
+        return Path(local).read_bytes()

@@ -1,0 +1,254 @@
+"""The Optuna side of a sweep: a feed of trials (ask) and a listener of their results (report, prune, tell).
+
+The driver is the study's only ask/tell client (Optuna's heartbeat does not work with ask/tell, and
+SQLite dislikes parallel writers). Each Optuna trial is a `TrialRunner`: the spec with the sampled values
+at the paths of `sweep.space`, run for every seed. At each evaluation step that every seed has reached,
+the mean over seeds of the first objective is reported; when the pruner says so, the searcher answers
+STOP and the trial ends FINISHED, told PRUNED. A finished trial's objective is the mean over seeds of the
+final value of each objective.
+
+Crash safety: a trial is told only once its MLflow record (end states, `optuna.state` tags) is written
+(`tell`); `recover` undoes what a dead driver left: RUNNING trials are told FAIL and their parameters
+queued again, and the MLflow runs it left RUNNING end with the trial's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from labfleet.errors import SpecError
+from labfleet.orchestration.events import (
+    DRIVER_ERROR,
+    Action,
+    Decision,
+    Evaluation,
+    Event,
+    SeedRecord,
+    Status,
+    TrialEnded,
+    TrialStarted,
+)
+from labfleet.orchestration.recorder import MlflowRecorder
+from labfleet.orchestration.runner import TrialMeta, TrialRunner
+from labfleet.orchestration.study import grid_size, suggest
+from labfleet.orchestration.sweep_view import TrialBoard
+from labfleet.spec.loading import apply_overrides, resolve_spec_data
+from labfleet.spec.models import ExperimentSpec, SweepConfig
+
+if TYPE_CHECKING:
+    from labfleet.orchestration.session import DriverSession
+
+TrialState = optuna.trial.TrialState
+PRUNED = "pruned"  # the reason a pruned trial's TrialEnded carries
+
+
+@dataclass
+class ActiveTrial:
+    trial: optuna.Trial
+    runner: TrialRunner
+    reported: int = -1  # last step told to the pruner
+    latest: float | None = None  # its latest intermediate value
+    error: str | None = None  # why it failed
+
+
+@dataclass
+class FailureStreak:
+    """Failed trials in a row: a sweep that cannot succeed (every trial fails the same way) stops asking
+    once `limit` have, instead of failing trials for ever (`n_trials` counts only finished ones)."""
+
+    limit: int
+    count: int = 0
+    last: str = ""
+
+    def record(self, state: TrialState, error: str | None) -> None:
+        self.count = self.count + 1 if state == TrialState.FAIL else 0
+        self.last = error or self.last
+
+    @property
+    def stopped(self) -> bool:
+        return self.count >= self.limit
+
+
+class OptunaSearcher:
+    """Asks the study for trials while `sweep.max_parallel` allows and `total` finished trials are not
+    reached; reports, prunes and tells as their events arrive."""
+
+    def __init__(self, session: DriverSession, study: optuna.Study, data: dict[str, Any], spec: ExperimentSpec,
+                 source: str, sweep: SweepConfig, total: int, sweep_run: str, view: TrialBoard | None = None):
+        self.session, self.study, self.data, self.spec, self.source = session, study, data, spec, source
+        self.sweep, self.total, self.sweep_run, self.view = sweep, total, sweep_run, view
+        self.recorder: MlflowRecorder = session.recorder
+        self.tracker = session.tracker
+        self.metric = sweep.objectives[0][0]
+        self.active: dict[TrialRunner, ActiveTrial] = {}
+        self.asked: set[int] = set()  # trials asked by this invocation (for the exit code)
+        self.finished = finished_count(study)  # COMPLETE + PRUNED, counted here rather than read every loop
+        self.streak = FailureStreak(sweep.max_consecutive_failures)
+        self.extra_listeners: list[Any] = []  # schedulers (PBT) that every trial of this sweep also tells
+
+    # --- the feed -------------------------------------------------------------------------------
+    def more(self, running: int) -> list[tuple[TrialRunner, dict[int, SeedRecord] | None]]:
+        new: list[tuple[TrialRunner, dict[int, SeedRecord] | None]] = []
+        while len(self.active) < self.sweep.max_parallel and self.finished + len(self.active) < self.total \
+                and not (self.exhausted() or self.streak.stopped):
+            runner = self.ask()
+            if runner is not None:
+                new.append((runner, None))
+            self.refresh([])
+        return new
+
+    def ask(self) -> TrialRunner | None:
+        """One new trial as a runner (not started), or None when its sampled values make a spec the
+        algorithm rejects (that trial is told FAIL at once)."""
+        from labfleet.orchestration.session import interrupts_deferred
+
+        with interrupts_deferred():  # a Ctrl-C inside ask() would leave a RUNNING trial no one knows of
+            trial = self.study.ask()
+            self.asked.add(trial.number)
+        values = {path: suggest(trial, path, p) for path, p in self.sweep.space.items()}
+        try:
+            trial_spec = resolve_spec_data(apply_overrides(self.data, values), self.source, check_env=False)
+            trial_spec = trial_spec.model_copy(update={"resources": trial_spec.resources.model_copy(
+                update={"max_retries": self.sweep.max_retries})})
+        except SpecError as exc:  # a combination of values the algorithm rejects
+            trial.set_user_attr("error", str(exc))
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.streak.record(TrialState.FAIL, str(exc))
+            return None
+        meta = TrialMeta(self.sweep_run, {"optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"},
+                         {k: str(v) for k, v in values.items()})
+        runner = self.session.runner(trial_spec, self, *self.extra_listeners, meta=meta, pool=self.session.pool,
+                                     label=f"{self.spec.name}/trial={trial.number}")
+        self.active[runner] = ActiveTrial(trial, runner)
+        return runner
+
+    def exhausted(self) -> bool:
+        """A grid is used up once every point is running or finished (Optuna's `is_exhausted` does not count
+        running trials, so parallel trials would repeat points)."""
+        if self.sweep.sampler.type != "grid":
+            return False
+        taken = {tuple(sorted(t.params.items())) for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))}
+        return len(taken) >= grid_size(self.sweep)
+
+    def refresh(self, running: list[TrialRunner]) -> None:
+        if self.view is not None:
+            self.view.refresh([(a.trial.number, a.trial.params, a.latest) for a in self.active.values()])
+
+    def interrupted(self) -> None:
+        """After Ctrl-C (the session ended the runs KILLED): every trial this invocation asked and did not
+        finish (also one asked a moment before the signal, not yet started) is told FAIL with its
+        parameters queued again."""
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.number in self.asked:
+                fail_and_requeue(self.study, frozen)
+        self.session.console.print("[yellow]interrupted: running trials told FAIL (their parameters are queued "
+                                   "again); run the same command to resume[/yellow]")
+
+    # --- the listener ---------------------------------------------------------------------------
+    def handle(self, event: Event) -> Decision | None:
+        match event:
+            case TrialStarted(trial=runner) if runner in self.active:
+                self.active[runner].trial.set_user_attr("mlflow_run_id", self.recorder.trial_run_id(runner))
+            case Evaluation(trial=runner) if runner in self.active:
+                return self._report(self.active[runner])
+            case TrialEnded(trial=runner) if runner in self.active:
+                self._ended(self.active.pop(runner), event)
+        return None
+
+    def _report(self, active: ActiveTrial) -> Decision | None:
+        """Report every new evaluation step, in order (the pruner sees the same sequence whether results
+        come one chunk at a time or many in one). A multi-objective study takes no intermediate values
+        (Optuna cannot prune it); MLflow still gets them."""
+        run_id = self.recorder.trial_run_id(active.runner)
+        decision = None
+        for step, value in active.runner.eval_means(self.metric).items():
+            if step <= active.reported:
+                continue
+            active.reported, active.latest = step, value
+            self.tracker.log_metrics(run_id, {f"intermediate/{self.metric}": value}, step)
+            if self.sweep.multi_objective:
+                continue
+            active.trial.report(value, step)
+            if active.trial.should_prune():
+                # pruned is a normal end (ARCHITECTURE 5): FINISHED, optuna.state=PRUNED
+                decision = Decision(Action.STOP, Status.FINISHED, PRUNED)
+                break
+        self.tracker.flush(run_id)  # intermediate values show in MLflow while the trial runs
+        return decision
+
+    def _ended(self, active: ActiveTrial, event: TrialEnded) -> None:
+        runner, trial = active.runner, active.trial
+        if event.status == Status.KILLED:  # Ctrl-C: `interrupted` tells the study
+            self.tracker.set_tags(self.recorder.trial_run_id(runner), {"optuna.state": "FAIL"})
+            return
+        if event.reason == DRIVER_ERROR:  # the driver is failing: no record can be trusted to be written
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            return
+        value: Any = None
+        if event.reason == PRUNED:
+            state, value = TrialState.PRUNED, active.latest
+        elif event.status == Status.FINISHED:
+            values, missing = [], []
+            for metric, _ in self.sweep.objectives:
+                finals = [s.final[metric] for s in runner.seeds.values() if s.final and metric in s.final]
+                if len(finals) == len(runner.seeds):
+                    values.append(sum(finals) / len(finals))
+                else:
+                    missing.append(metric)
+            if not missing:
+                state, value = TrialState.COMPLETE, values if self.sweep.multi_objective else values[0]
+            else:
+                state = TrialState.FAIL
+                active.error = f"the trial's final evaluation has no {', '.join(map(repr, missing))}"
+                # its seeds trained, but the trial cannot count: the trial run FAILED
+                self.tracker.end_run(self.recorder.trial_run_id(runner), "FAILED", active.error)
+        else:
+            state = TrialState.FAIL
+            active.error = "; ".join(f"seed {s.seed}: {s.error}" for s in runner.seeds.values()
+                                     if s.error)[-4000:] or str(event.status)
+        if state == TrialState.FAIL:
+            trial.set_user_attr("error", active.error)
+        self.tell(active, state, value)
+        if self.view is not None:
+            self.view.told(trial.number, trial.params, state, value, active.error)
+        self.streak.record(state, active.error)
+        self.finished += state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+    def tell(self, active: ActiveTrial, state: TrialState, value: Any = None) -> None:
+        """Tell Optuna only once the trial's MLflow record (final metrics, checkpoints, end status, the
+        `optuna.state` tag) is written: a driver killed in between leaves a trial that `recover` fails and
+        runs again, never a COMPLETE trial whose MLflow record was lost with the writer's queue."""
+        for run_id in self.recorder.run_ids(active.runner):
+            self.tracker.set_tags(run_id, {"optuna.state": state.name})
+        self.tracker.drain()
+        if state == TrialState.COMPLETE:
+            self.study.tell(active.trial, value)
+        else:
+            self.study.tell(active.trial, state=state)
+
+
+def recover(study: optuna.Study, recorder: MlflowRecorder, experiment: str, sweep_run: str) -> None:
+    """Undo what a dead driver left and make MLflow agree with the study: RUNNING trials -> FAIL (parameters
+    queued again); their trial runs, and every run still RUNNING under the sweep, take the trial's state as
+    `optuna.state` and end (FINISHED for a COMPLETE trial, KILLED otherwise)."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for frozen in failed:
+        fail_and_requeue(study, frozen)
+    states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+    recorder.end_stale_trials(experiment, sweep_run, states, [t.user_attrs.get("mlflow_run_id", "") for t in failed])
+
+
+def fail_and_requeue(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+    """Tell an unfinished trial FAIL and queue its parameters again. A trial stopped before it sampled
+    anything has no parameters to repeat: the next ask samples afresh anyway."""
+    study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+    if frozen.params:
+        study.enqueue_trial(frozen.params, user_attrs={"labfleet.retry_of": frozen.number})
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))

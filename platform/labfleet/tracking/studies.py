@@ -1,0 +1,51 @@
+"""Optuna storages named by URL: SQLAlchemy URLs (SQLite, PostgreSQL, ...) and journal files. Shared by
+the driver (which creates and resumes studies) and the reports (which read them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+JOURNAL_PREFIX = "journal:"
+
+
+def journal_path(url: str) -> str | None:
+    """The file of an Optuna journal storage: `journal:PATH`, or a plain path ending in .log / .jsonl."""
+    if url.startswith(JOURNAL_PREFIX):
+        return url[len(JOURNAL_PREFIX):].removeprefix("//")
+    if "://" not in url and url.endswith((".log", ".jsonl")):
+        return url
+    return None
+
+
+def storage_problem(url: str) -> str | None:
+    """Why `url` cannot name an Optuna storage (checked without connecting or writing anything)."""
+    path = journal_path(url)
+    if path is not None:
+        parent = Path(path).expanduser().resolve().parent
+        return None if parent.is_dir() else f"the journal file's directory {parent} does not exist"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        return (f"not a storage URL ({exc}); use a SQLAlchemy URL such as sqlite:///optuna.db or "
+                f"postgresql://user@host/db, or journal:PATH for an Optuna journal file")
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        parent = Path(parsed.database).expanduser().resolve().parent
+        if not parent.is_dir():
+            return f"the SQLite file's directory {parent} does not exist"
+    return None
+
+
+def build_storage(url: str) -> str | optuna.storages.BaseStorage:
+    path = journal_path(url)
+    if path is not None:
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(Path(path).expanduser())))
+    return url

@@ -31,4 +31,7 @@ class AlgorithmInfo:
     # The `eval/*` metrics it can log: what a sweep objective may name (checked by `labfleet validate`).
     eval_metrics: tuple[str, ...] = ("eval/return_mean", "eval/return_std")
     budget_units: tuple[str, ...] = ("env_steps",)
+    # Hyperparameters a trainer rebuilt from a checkpoint with new values honours mid-training (read at
+    # each use, not fixed at construction): what population-based training may mutate.
+    mutable_hparams: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)

@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from labfleet.orchestration.events import SeedRecord, Status
+from labfleet.orchestration.pbt import LINEAGE, PopulationBasedTraining
 from labfleet.orchestration.progress import summary_table
 from labfleet.orchestration.runner import TrialMeta, TrialRunner, config_hash
 from labfleet.orchestration.searcher import OptunaSearcher, TrialState, recover
@@ -163,9 +164,9 @@ def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec
         spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"experiment": experiment})})
         data = apply_overrides(data, {"tracking.experiment": experiment})
     console = session.console
-    if sweep.multi_objective and sweep.pruner.type != "nop":
-        console.print(f"[yellow]note: a multi-objective study cannot prune; pruner {sweep.pruner.type!r} is not "
-                      "used[/yellow]")
+    if (sweep.multi_objective or sweep.scheduler) and sweep.pruner.type != "nop":
+        why = "population-based training stops no trial" if sweep.scheduler else "a multi-objective study cannot prune"
+        console.print(f"[yellow]note: {why}; pruner {sweep.pruner.type!r} is not used[/yellow]")
     study = create_study(sweep, study_name, storage_url)
     space = json.dumps({k: v.model_dump(exclude_none=True) for k, v in sweep.space.items()}, sort_keys=True)
     sweep_run = session.recorder.sweep_run(experiment, study_name, redact_uri(storage_url), {
@@ -175,6 +176,10 @@ def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec
     session.board.hide_finished = True  # a sweep's many trials: finished bars give way to the table
     searcher = OptunaSearcher(session, study, data, spec, source, sweep, n_trials or sweep.n_trials, sweep_run,
                               TrialBoard(study, sweep, session.board))
+    if sweep.scheduler is not None:
+        lineage = session.recorder.read_json(sweep_run, LINEAGE) or []
+        searcher.scheduler = PopulationBasedTraining(sweep.scheduler, sweep, searcher.total - searcher.finished,
+                                                     searcher.build_spec, session.recorder, sweep_run, lineage)
     session.drive(searcher)
     return _finish_sweep(searcher, session, quiet)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from labfleet.orchestration.runner import TrialRunner
@@ -39,8 +39,7 @@ class Status(StrEnum):
 class Action(Enum):
     CONTINUE = "continue"
     STOP = "stop"  # end the trial now: its seeds and the trial end as `Decision.status`
-    PAUSE = "pause"  # hold the trial's seeds until a scheduler resumes them (PBT's perturbation points)
-    EXPLOIT = "exploit"  # load `checkpoint` (another trial's) with `spec` and train on
+    PAUSE = "pause"  # hold the seed until a scheduler resumes it (PBT's perturbation points)
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,6 @@ class Decision:
     action: Action
     status: Status = Status.FINISHED  # STOP: the end state (a pruned trial ends FINISHED)
     reason: str = ""
-    checkpoints: dict[int, bytes] | None = None  # EXPLOIT: seed -> the checkpoint to load
-    spec: Any = None  # EXPLOIT: the trial's spec from now on (its new hyperparameters)
 
 
 CONTINUE = Decision(Action.CONTINUE)
@@ -137,6 +134,15 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class SeedPaused:
+    """A seed holds (a listener answered PAUSE) until `TrialRunner.resume_seed` or `suspend`/`unsuspend`."""
+
+    trial: TrialRunner
+    seed: int
+    progress: int
+
+
+@dataclass(frozen=True)
 class SeedEnded:
     trial: TrialRunner
     seed: int
@@ -160,7 +166,7 @@ class TrialEnded:
 
 
 Event = (TrialStarted | SeedStarted | SeedRestored | SeedPlaced | SeedRetried | ChunkResult | Evaluation
-         | SeedEnded | TrialEnded)
+         | SeedPaused | SeedEnded | TrialEnded)
 
 
 class Listener(Protocol):

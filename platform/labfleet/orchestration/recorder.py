@@ -73,6 +73,11 @@ class MlflowRecorder:
         entry = self.trials[trial]
         return [entry.run_id, *entry.seeds.values()]
 
+    def read_json(self, run_id: str, path: str) -> Any:
+        """A JSON artifact of a run (e.g. the sweep's PBT lineage so far), or None."""
+        self.tracker.drain()
+        return read_json_artifact(self.tracker.client, run_id, path)
+
     # --- events ---------------------------------------------------------------------------------
     def handle(self, event: Event) -> None:
         tracker = self.tracker
@@ -264,6 +269,11 @@ class MlflowRecorder:
             for run in [*seeds, trial_run]:
                 tracker.queue_tags(run.info.run_id, {"optuna.state": state})
                 tracker.end_run(run.info.run_id, status)
+
+
+def read_json_artifact(client: Any, run_id: str, path: str) -> Any:
+    data = _download(client, run_id, path)
+    return None if data is None else json.loads(data)
 
 
 def _download(client: Any, run_id: str, path: str) -> bytes | None:

@@ -48,6 +48,7 @@ from labfleet.orchestration.events import (
     Event,
     Listener,
     SeedEnded,
+    SeedPaused,
     SeedPlaced,
     SeedRecord,
     SeedRestored,
@@ -194,6 +195,7 @@ class SeedState:
     placed: bool = False  # the current actor's node was announced
     where: dict[str, str] | None = None  # the current actor's node, host and device
     paused: bool = False  # held by a scheduler: no chunk in flight until `resume_seed`
+    reload: bool = False  # on resume, load `checkpoint` with the trial's (new) spec first
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
     elapsed: float = 0.0
@@ -215,6 +217,7 @@ class TrialRunner:
         self.seeds: dict[int, SeedState] = {}
         self.status = Status.PENDING
         self.stop_reason = ""
+        self.suspended = False  # every seed paused and its actor freed (PBT: waiting its turn)
 
     def emit(self, event: Event) -> Decision:
         """Hand the event to every listener in order; the first decision other than CONTINUE wins."""
@@ -334,8 +337,7 @@ class TrialRunner:
             self._finish_seed(state)
         elif decision.action == Action.PAUSE:
             state.paused = True
-        elif decision.action == Action.EXPLOIT:
-            self._exploit(state, decision)
+            self.emit(SeedPaused(self, state.seed, state.progress))
         else:
             state.future = state.actor.advance.remote(self.chunk_seconds)
 
@@ -364,28 +366,42 @@ class TrialRunner:
         return state.where
 
     # --- schedulers' seams ----------------------------------------------------------------------
-    def resume_seed(self, seed: int, checkpoint: bytes | None = None, spec: ExperimentSpec | None = None) -> None:
-        """Go on with a paused seed: as it was, or (PBT's exploit) from another trial's `checkpoint`
-        with this trial's new `spec`."""
+    def resume_seed(self, seed: int) -> None:
+        """Go on with a paused seed (from its state as it was, or as `retarget` set it)."""
         state = self.seeds[seed]
         if not state.paused or state.status != Status.RUNNING:
             return
         state.paused = False
-        self._exploit(state, Decision(Action.EXPLOIT, checkpoints={seed: checkpoint} if checkpoint else None,
-                                      spec=spec))
-
-    def _exploit(self, state: SeedState, decision: Decision) -> None:
-        if decision.spec is not None:
-            self.spec = decision.spec
-        checkpoint = (decision.checkpoints or {}).get(state.seed)
-        if checkpoint is None and decision.spec is None:
+        if state.reload:
+            state.reload = False
+            # The same actor loads the new trial state in place (no new process; the placement group stays).
+            state.future = state.actor.advance.remote(
+                self.chunk_seconds, (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
+        else:
             state.future = state.actor.advance.remote(self.chunk_seconds)
-            return
-        if checkpoint is not None:
-            state.checkpoint = checkpoint
-        # The same actor loads the new trial state in place (no new process; the placement group stays).
-        state.future = state.actor.advance.remote(
-            self.chunk_seconds, (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
+
+    def retarget(self, spec: ExperimentSpec, checkpoints: dict[int, bytes]) -> None:
+        """PBT's exploit and explore: the paused seeds go on from `checkpoints` (another trial's) with the
+        new `spec` (new hyperparameters, same shape) when they resume."""
+        self.spec = spec
+        for seed, checkpoint in checkpoints.items():
+            state = self.seeds[seed]
+            state.checkpoint, state.reload = checkpoint, True
+
+    def suspend(self) -> None:
+        """Free the actors of a trial whose seeds are all paused (its turn is over: others wait for the
+        resources); `unsuspend` relaunches each seed from its checkpoint."""
+        self.suspended = True
+        for state in self.seeds.values():
+            if state.paused and state.status == Status.RUNNING:
+                self._release(state, reusable=True)
+
+    def unsuspend(self) -> None:
+        self.suspended = False
+        for state in self.seeds.values():
+            if state.paused and state.status == Status.RUNNING:
+                state.reload = False
+                self._launch(state)
 
     # --- the end --------------------------------------------------------------------------------
     def adopt(self, state: SeedState, host: Host) -> None:

@@ -26,6 +26,7 @@ from labfleet.orchestration.events import (
     Decision,
     Evaluation,
     Event,
+    Listener,
     SeedRecord,
     Status,
     TrialEnded,
@@ -39,6 +40,7 @@ from labfleet.spec.loading import apply_overrides, resolve_spec_data
 from labfleet.spec.models import ExperimentSpec, SweepConfig
 
 if TYPE_CHECKING:
+    from labfleet.orchestration.pbt import PopulationBasedTraining
     from labfleet.orchestration.session import DriverSession
 
 TrialState = optuna.trial.TrialState
@@ -87,18 +89,32 @@ class OptunaSearcher:
         self.asked: set[int] = set()  # trials asked by this invocation (for the exit code)
         self.finished = finished_count(study)  # COMPLETE + PRUNED, counted here rather than read every loop
         self.streak = FailureStreak(sweep.max_consecutive_failures)
-        self.extra_listeners: list[Any] = []  # schedulers (PBT) that every trial of this sweep also tells
+        self.scheduler: PopulationBasedTraining | None = None  # PBT, when the sweep has one (set it before `more`)
 
     # --- the feed -------------------------------------------------------------------------------
     def more(self, running: int) -> list[tuple[TrialRunner, dict[int, SeedRecord] | None]]:
         new: list[tuple[TrialRunner, dict[int, SeedRecord] | None]] = []
-        while len(self.active) < self.sweep.max_parallel and self.finished + len(self.active) < self.total \
-                and not (self.exhausted() or self.streak.stopped):
-            runner = self.ask()
-            if runner is not None:
-                new.append((runner, None))
-            self.refresh([])
+        running_now = sum(not r.suspended for r in self.active)
+        while running_now < self.sweep.max_parallel:
+            if self.finished + len(self.active) < self.total and not (self.exhausted() or self.streak.stopped):
+                runner = self.ask()
+                if runner is not None:
+                    new.append((runner, None))
+                    running_now += 1
+                self.refresh([])
+                continue
+            turn = self.scheduler.next_turn() if self.scheduler is not None else None
+            if turn is None:
+                break
+            new.append((turn, None))  # a suspended PBT member's turn
+            running_now += 1
         return new
+
+    def build_spec(self, values: dict[str, Any]) -> ExperimentSpec:
+        """The spec with `values` at their paths (a sampled trial, or a PBT member's new values)."""
+        spec = resolve_spec_data(apply_overrides(self.data, values), self.source, check_env=False)
+        return spec.model_copy(update={"resources": spec.resources.model_copy(
+            update={"max_retries": self.sweep.max_retries})})
 
     def ask(self) -> TrialRunner | None:
         """One new trial as a runner (not started), or None when its sampled values make a spec the
@@ -109,10 +125,10 @@ class OptunaSearcher:
             trial = self.study.ask()
             self.asked.add(trial.number)
         values = {path: suggest(trial, path, p) for path, p in self.sweep.space.items()}
+        if self.scheduler is not None:
+            values = self.scheduler.initial(values)
         try:
-            trial_spec = resolve_spec_data(apply_overrides(self.data, values), self.source, check_env=False)
-            trial_spec = trial_spec.model_copy(update={"resources": trial_spec.resources.model_copy(
-                update={"max_retries": self.sweep.max_retries})})
+            trial_spec = self.build_spec(values)
         except SpecError as exc:  # a combination of values the algorithm rejects
             trial.set_user_attr("error", str(exc))
             self.study.tell(trial, state=TrialState.FAIL)
@@ -120,9 +136,12 @@ class OptunaSearcher:
             return None
         meta = TrialMeta(self.sweep_run, {"optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"},
                          {k: str(v) for k, v in values.items()})
-        runner = self.session.runner(trial_spec, self, *self.extra_listeners, meta=meta, pool=self.session.pool,
+        listeners: list[Listener] = [self, *([self.scheduler] if self.scheduler is not None else [])]
+        runner = self.session.runner(trial_spec, *listeners, meta=meta, pool=self.session.pool,
                                      label=f"{self.spec.name}/trial={trial.number}")
         self.active[runner] = ActiveTrial(trial, runner)
+        if self.scheduler is not None:
+            self.scheduler.add(runner, trial.number, values, trial)
         return runner
 
     def exhausted(self) -> bool:

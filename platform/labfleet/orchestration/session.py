@@ -216,13 +216,17 @@ class DriverSession:
         while True:
             started = feed.more(len(active))
             for runner, records in started:
+                if runner.suspended:  # its turn again (PBT)
+                    runner.unsuspend()
+                    active.append(runner)
+                    continue
                 self.runners.append(runner)
                 active.append(runner)
                 if records is None:
                     runner.start()
                 else:
                     runner.resume(records)
-            active = [r for r in active if not r.done]
+            active = [r for r in active if not (r.done or r.suspended)]
             feed.refresh(active)
             if not active and not started:
                 return

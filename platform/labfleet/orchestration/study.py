@@ -85,7 +85,7 @@ def check_sweep(data: dict[str, Any], spec: ExperimentSpec, source: str, storage
     url = storage or sweep.storage or DEFAULT_STORAGE
     if (reason := storage_problem(url)) is not None:
         problems.append(Problem(source, "--storage" if storage else "sweep.storage", f"{redact_uri(url)}: {reason}"))
-    if not sweep.space:
+    if not sweep.space and sweep.scheduler is None:
         problems.append(Problem(source, "sweep.space", "name at least one path to search"))
     for name, build in (("sampler", build_sampler), ("pruner", build_pruner)):
         try:
@@ -93,6 +93,7 @@ def check_sweep(data: dict[str, Any], spec: ExperimentSpec, source: str, storage
         except (TypeError, ValueError, ImportError) as exc:
             problems.append(Problem(source, f"sweep.{name}", f"{type(exc).__name__}: {exc}"))
     problems += _objective_problems(sweep, spec, source)
+    problems += _scheduler_problems(data, sweep, spec, source)
     for path, p in sweep.space.items():
         for value in _probe_values(p):
             try:
@@ -119,6 +120,39 @@ def _probe_values(p: ParamSpace) -> list[Any]:
     return [p.low, p.high] + ([inside] if p.low < inside < p.high else [])
 
 
+def _scheduler_problems(data: dict[str, Any], sweep: SweepConfig, spec: ExperimentSpec, source: str) -> list[Problem]:
+    """PBT mutates only what the algorithm honours mid-training, ranks on one objective, and perturbs
+    inside the budget; every mutation space's values are applied to the spec as the search space's are."""
+    from labfleet.algorithms import registry
+
+    pbt = sweep.scheduler
+    if pbt is None:
+        return []
+    problems = []
+    if sweep.multi_objective:
+        problems.append(Problem(source, "sweep.scheduler", "population-based training ranks trials on one metric; "
+                                "use `sweep.metric`, not `sweep.metrics`"))
+    if pbt.perturbation_interval >= spec.budget.total:
+        problems.append(Problem(source, "sweep.scheduler.perturbation_interval",
+                                f"{pbt.perturbation_interval} is not below the budget ({spec.budget.total}): no "
+                                f"trial would ever reach a perturbation point"))
+    info = registry.get(spec.algorithm)
+    allowed = ", ".join(f"hparams.{name}" for name in info.mutable_hparams) or "none"
+    for path, space in pbt.mutations.items():
+        field = f"sweep.scheduler.mutations.{path}"
+        if path.removeprefix("hparams.") not in info.mutable_hparams or not path.startswith("hparams."):
+            problems.append(Problem(source, field, f"{spec.algorithm} cannot change this mid-training; "
+                                    f"population-based training may mutate: {allowed}"))
+            continue
+        for value in _probe_values(space):
+            try:
+                resolve_spec_data(apply_overrides(data, {path: value}), source, check_env=False)
+            except SpecError as exc:
+                problems.extend(Problem(source, field, f"with {value!r}: {q.path}: {q.message}")
+                                for q in exc.problems)
+    return problems
+
+
 def _objective_problems(sweep: SweepConfig, spec: ExperimentSpec, source: str) -> list[Problem]:
     """Each objective must be an `eval/*` metric the algorithm logs (a trial aggregates only those)."""
     from labfleet.algorithms import registry
@@ -137,7 +171,8 @@ def create_study(sweep: SweepConfig, study_name: str, storage_url: str) -> optun
     """The study of this name in the storage (made on the first run, loaded again on every rerun)."""
     return optuna.create_study(storage=build_storage(storage_url), study_name=study_name,
                                directions=[d for _, d in sweep.objectives], sampler=build_sampler(sweep),
-                               pruner=optuna.pruners.NopPruner() if sweep.multi_objective else build_pruner(sweep),
+                               pruner=optuna.pruners.NopPruner() if sweep.multi_objective or sweep.scheduler
+                               else build_pruner(sweep),
                                load_if_exists=True)
 
 

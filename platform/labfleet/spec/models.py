@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
     field_validator,
     model_validator,
@@ -145,6 +146,26 @@ class PrunerConfig(StrictModel):
 Direction = Literal["maximize", "minimize"]
 
 
+class PBTConfig(StrictModel):
+    """Population-based training (Jaderberg et al. 2017, with the semantics of Ray Tune's
+    `PopulationBasedTraining`): the `n_trials` trials are the population; at every perturbation point a
+    trial in the bottom quantile takes the checkpoint of a top-quantile trial (exploit) and perturbs or
+    resamples the mutable hyperparameters (explore)."""
+
+    type: Literal["pbt"] = "pbt"
+    perturbation_interval: PositiveInt = Field(description="Budget units (env steps, iterations) between "
+                                               "perturbation points; a multiple of eval.every_steps ranks on "
+                                               "fresh evaluations.")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="Top and bottom fraction of the population.")
+    resample_probability: float = Field(0.25, ge=0, le=1, description="Explore by resampling from the space "
+                                        "instead of perturbing.")
+    perturbation_factors: tuple[PositiveFloat, PositiveFloat] = Field((0.8, 1.2), description="Explore: multiply "
+                                                                      "a numeric value by one of these.")
+    mutations: dict[str, ParamSpace] = Field(min_length=1, description="PATH: SPACE of each mutable "
+                                             "hyperparameter (only those the algorithm honours mid-training).")
+    seed: int | None = Field(None, description="Seed of the scheduler's own choices.")
+
+
 class SweepConfig(StrictModel):
     """Used by `labfleet sweep`: an Optuna study over paths of this spec."""
 
@@ -164,6 +185,7 @@ class SweepConfig(StrictModel):
     max_consecutive_failures: PositiveInt = Field(5, description="Stop asking for trials after this many "
                                                   "failed in a row: a sweep that cannot succeed ends (exit 1).")
     space: dict[str, ParamSpace] = Field(default_factory=dict)
+    scheduler: PBTConfig | None = Field(None, description="Population-based training (the pruner is not used).")
 
     @model_validator(mode="after")
     def _objectives(self) -> SweepConfig:

@@ -87,4 +87,5 @@ class A2CTrainer(ActorCriticTrainer):
 register(AlgorithmInfo(
     name="a2c", kind="rl", hparams=A2CHParams, trainer=A2CTrainer,
     summary="Synchronous advantage actor-critic with n-step (or GAE) advantages",
+    mutable_hparams=("learning_rate", "ent_coef", "vf_coef", "gae_lambda", "max_grad_norm"),
 ))

@@ -145,4 +145,5 @@ register(AlgorithmInfo(
     name="dqn", kind="rl", hparams=DQNHParams, trainer=DQNTrainer,
     summary="Deep Q-Network with replay, target network, epsilon schedule, optional Double DQN",
     action_spaces=("discrete",),
+    mutable_hparams=("learning_rate", "max_grad_norm", "gradient_steps"),
 ))

@@ -236,4 +236,6 @@ class PPOTrainer(ActorCriticTrainer):
 register(AlgorithmInfo(
     name="ppo", kind="rl", hparams=PPOHParams, trainer=PPOTrainer,
     summary="Proximal Policy Optimization (clipped surrogate or adaptive KL penalty), 13 core implementation details",
+    mutable_hparams=("learning_rate", "clip_range", "ent_coef", "vf_coef", "gae_lambda", "max_grad_norm", "n_epochs",
+                     "target_kl"),
 ))

@@ -91,4 +91,5 @@ class ReinforceTrainer(ActorCriticTrainer):
 register(AlgorithmInfo(
     name="reinforce", kind="rl", hparams=ReinforceHParams, trainer=ReinforceTrainer,
     summary="REINFORCE (Monte Carlo policy gradient) with a learned state-value baseline",
+    mutable_hparams=("learning_rate", "ent_coef", "vf_coef", "max_grad_norm"),
 ))

@@ -1,0 +1,237 @@
+"""Every listener of the driver core on events alone: no Ray, real MLflow (SQLite) and Optuna storage.
+
+A `TrialRunner` is only built here (building one starts nothing); the events are the ones it would emit.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from labfleet.orchestration.events import (
+    Action,
+    ChunkResult,
+    Evaluation,
+    SeedEnded,
+    SeedPlaced,
+    SeedRecord,
+    SeedRestored,
+    SeedRetried,
+    SeedStarted,
+    Status,
+    TrialEnded,
+    TrialStarted,
+)
+from labfleet.orchestration.progress import ProgressBoard, ProgressListener
+from labfleet.orchestration.recorder import FINAL_CHECKPOINT, LATEST_CHECKPOINT, MlflowRecorder
+from labfleet.orchestration.runner import SeedState, TrialMeta, TrialRunner
+from labfleet.spec.loading import resolve_spec_data
+from labfleet.tracking.runs import Tracker
+
+SPEC = {"name": "vi", "algorithm": "value_iteration", "env": "FrozenLake-v1", "seeds": [0, 1],
+        "budget": {"iterations": 40}, "eval": {"episodes": 10, "every_steps": 10}, "tracking": {"experiment": "exp"}}
+
+
+def _spec(**changes: object):
+    return resolve_spec_data({**SPEC, **changes}, "vi.yaml", check_env=False)
+
+
+def _runs(client: MlflowClient) -> dict[str, list]:
+    experiment = client.get_experiment_by_name("exp")
+    roles: dict[str, list] = {}
+    for run in client.search_runs([experiment.experiment_id]):
+        roles.setdefault(run.data.tags["labfleet.role"], []).append(run)
+    return roles
+
+
+def _artifact(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> bytes:
+    return Path(client.download_artifacts(run_id, path, str(tmp_path))).read_bytes()
+
+
+def test_recorder_writes_the_hierarchy_from_events(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, background=True)
+    recorder = MlflowRecorder(tracker)
+    trial = TrialRunner(_spec(), [recorder], meta=TrialMeta(tags={"labfleet.spec_file": "vi.yaml"}))
+    recorder.handle(TrialStarted(trial))
+    for seed in (0, 1):
+        recorder.handle(SeedStarted(trial, seed, 40))
+    recorder.handle(SeedPlaced(trial, 0, {"node_id": "n1", "host": "h1", "device": "cpu"}))
+    recorder.handle(SeedRetried(trial, 1, 1, "ActorDiedError"))
+    recorder.handle(ChunkResult(trial, 0, [(10, {"eval/return_mean": 0.25}), (20, {"eval/return_mean": 0.5})],
+                                {"media/a.txt": b"hello"}, 20, b"checkpoint-20", False, {}))
+    recorder.handle(SeedEnded(trial, 0, Status.FINISHED, {"eval/return_mean": 0.5}, b"final"))
+    recorder.handle(SeedEnded(trial, 1, Status.FAILED, error="boom"))
+    recorder.handle(TrialEnded(trial, Status.FAILED, {"eval/return_mean": 0.5, "eval/return_mean_std": 0.0}, 40,
+                               "seed 1: boom"))
+    tracker.close()
+
+    client = MlflowClient(uri)
+    roles = _runs(client)
+    (trial_run,) = roles["trial"]
+    seeds = {r.data.tags["labfleet.seed"]: r for r in roles["seed"]}
+    assert trial_run.info.run_id == recorder.trial_run_id(trial)
+    assert trial_run.info.status == "FAILED" and trial_run.data.tags["labfleet.error"] == "seed 1: boom"
+    assert trial_run.data.metrics == {"eval/return_mean": 0.5, "eval/return_mean_std": 0.0}
+    assert trial_run.data.tags["labfleet.spec_file"] == "vi.yaml" and trial_run.data.params["seeds"] == "[0, 1]"
+    assert {s.data.tags["mlflow.parentRunId"] for s in seeds.values()} == {trial_run.info.run_id}
+    first, second = seeds["0"], seeds["1"]
+    assert first.info.status == "FINISHED" and second.info.status == "FAILED"
+    assert first.data.tags["labfleet.node"] == "n1" and second.data.tags["labfleet.retries"] == "1"
+    history = client.get_metric_history(first.info.run_id, "eval/return_mean")
+    assert [(m.step, m.value) for m in history] == [(10, 0.25), (20, 0.5)]
+    assert _artifact(client, first.info.run_id, LATEST_CHECKPOINT, tmp_path / "a") == b"checkpoint-20"
+    assert _artifact(client, first.info.run_id, FINAL_CHECKPOINT, tmp_path / "b") == b"final"
+    assert _artifact(client, first.info.run_id, "media/a.txt", tmp_path / "c") == b"hello"
+    assert first.data.params["seeds"] == "[0]" and first.data.tags["labfleet.config_hash"]
+
+
+def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
+    """The first recorder 'dies' (its runs stay RUNNING); a second one finds the unfinished trial with
+    each seed's record, and the resumed events reopen the same runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, background=True)
+    first = MlflowRecorder(tracker)
+    trial = TrialRunner(_spec(), [first])
+    first.handle(TrialStarted(trial))
+    for seed in (0, 1):
+        first.handle(SeedStarted(trial, seed, 40))
+    first.handle(ChunkResult(trial, 0, [(10, {"eval/return_mean": 0.25})], {}, 10, b"ckpt-10", False, {}))
+    first.handle(ChunkResult(trial, 1, [(40, {"eval/return_mean": 0.75})], {}, 40, None, True, {}))
+    first.handle(SeedEnded(trial, 1, Status.FINISHED, {"eval/return_mean": 0.75}, b"final"))
+    tracker.close()
+
+    tracker = Tracker(uri, background=True)
+    second = MlflowRecorder(tracker)
+    again = TrialRunner(_spec(), [second])
+    found = second.unfinished(again)
+    assert found is not None
+    run, records = found
+    assert run.info.run_id == first.trial_run_id(trial)
+    assert records[0] == SeedRecord(Status.RUNNING, b"ckpt-10", {"eval/return_mean": 10})
+    assert records[1].status == Status.FINISHED and records[1].final == {"eval/return_mean": 0.75}
+    second.handle(TrialStarted(again, resumed=True))
+    second.handle(SeedStarted(again, 0, 40, records[0]))
+    second.handle(SeedRestored(again, 1, records[1]))
+    assert second.seed_run_id(again, 0) == first.seed_run_id(trial, 0)
+    second.handle(SeedEnded(again, 0, Status.FINISHED, {"eval/return_mean": 0.5}, b"final"))
+    second.handle(TrialEnded(again, Status.FINISHED, {"eval/return_mean": 0.625}, 40))
+    tracker.close()
+
+    roles = _runs(MlflowClient(uri))
+    assert len(roles["trial"]) == 1 and len(roles["seed"]) == 2
+    assert {r.info.status for rs in roles.values() for r in rs} == {"FINISHED"}
+    (resumed,) = [r for r in roles["seed"] if r.data.tags["labfleet.seed"] == "0"]
+    assert resumed.data.tags["labfleet.resumed_from"] == "checkpoint"
+    # after success a rerun starts new runs
+    assert MlflowRecorder(Tracker(uri)).unfinished(TrialRunner(_spec(), [])) is None
+
+
+def test_progress_listener_draws_bars_from_events():
+    out = io.StringIO()
+    board = ProgressBoard(Console(file=out, force_terminal=False, width=200))
+    listener = ProgressListener(board)
+    trial = TrialRunner(_spec(seeds=[0]), [listener])
+    with board:
+        listener.handle(SeedStarted(trial, 0, 40))
+        listener.handle(ChunkResult(trial, 0, [], {}, 20, None, False, {"eval/return_mean": 0.5}))
+        listener.handle(SeedEnded(trial, 0, Status.FINISHED))
+        listener.handle(SeedRestored(trial, 1, SeedRecord(Status.FINISHED)))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("vi seed=0: 20/40 (50%) eval/return_mean=0.5")
+    assert lines[1] == "vi seed=0: FINISHED"
+    assert lines[2].startswith("vi seed=1: 40/40 (100%)") and lines[3] == "vi seed=1: FINISHED"
+
+
+def _searcher(tmp_path: Path, pruner: dict):
+    from labfleet.orchestration.searcher import OptunaSearcher
+    from labfleet.orchestration.session import DriverSession
+    from labfleet.orchestration.study import check_sweep, create_study
+
+    data = {**SPEC, "sweep": {"metric": "eval/return_mean", "direction": "maximize", "n_trials": 2, "max_parallel": 1,
+                              "sampler": {"type": "random", "seed": 0}, "pruner": pruner,
+                              "space": {"hparams.gamma": {"type": "float", "low": 0.5, "high": 0.99}}}}
+    spec = resolve_spec_data(data, "vi.yaml", check_env=False)
+    sweep = check_sweep(data, spec, "vi.yaml")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = create_study(sweep, "s", storage)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", background=True)
+    session = DriverSession(tracker, Console(file=io.StringIO()), quiet=True)
+    sweep_run = tracker.start_run("exp", "sweep", "s")
+    return OptunaSearcher(session, study, data, spec, "vi.yaml", sweep, 2, sweep_run), tracker, storage
+
+
+def _started(searcher) -> TrialRunner:
+    (runner, records), *_ = searcher.more(0)
+    assert records is None
+    runner.status = Status.RUNNING
+    runner.emit(TrialStarted(runner))
+    for seed in runner.spec.seeds:
+        runner.seeds[seed] = SeedState(seed, Status.RUNNING)
+        runner.emit(SeedStarted(runner, seed, 40))
+    return runner
+
+
+def _evaluate(runner: TrialRunner, step: int, values: dict[int, float]):
+    decision = None
+    for seed, value in values.items():
+        runner.seeds[seed].evals[step] = {"eval/return_mean": value}
+        decision = runner.emit(Evaluation(runner, seed, step, {"eval/return_mean": value}))
+    return decision
+
+
+def test_searcher_prunes_on_the_mean_over_seeds_and_tells_pruned(tmp_path: Path):
+    searcher, tracker, storage = _searcher(tmp_path, {"type": "threshold", "lower": 0.5})
+    runner = _started(searcher)
+    assert _evaluate(runner, 10, {0: 0.9}).action == Action.CONTINUE  # seed 1 has not reached step 10
+    assert _evaluate(runner, 10, {1: 0.3}).action == Action.CONTINUE  # mean 0.6 >= 0.5
+    decision = _evaluate(runner, 20, {0: 0.6, 1: 0.2})  # mean 0.4 < 0.5
+    assert decision.action == Action.STOP and decision.status == Status.FINISHED and decision.reason == "pruned"
+    runner.stop(decision.status, decision.reason, release=False)
+    tracker.close()
+
+    (trial,) = optuna.load_study(study_name="s", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {10: 0.6, 20: 0.4}
+    client = MlflowClient(tracker.uri)
+    trial_run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert trial_run.info.status == "FINISHED" and trial_run.data.tags["optuna.state"] == "PRUNED"
+    history = client.get_metric_history(trial_run.info.run_id, "intermediate/eval/return_mean")
+    assert [(m.step, m.value) for m in history] == [(10, pytest.approx(0.6)), (20, pytest.approx(0.4))]
+
+
+def test_searcher_tells_the_mean_of_the_final_values(tmp_path: Path):
+    searcher, tracker, storage = _searcher(tmp_path, {"type": "nop"})
+    runner = _started(searcher)
+    for seed, final in ((0, 0.5), (1, 0.7)):
+        state = runner.seeds[seed]
+        state.status, state.final = Status.FINISHED, {"eval/return_mean": final}
+        runner.emit(SeedEnded(runner, seed, Status.FINISHED, state.final))
+    runner.status = Status.FINISHED
+    runner.emit(TrialEnded(runner, Status.FINISHED, {"eval/return_mean": 0.6}, 40))
+    assert searcher.finished == 1 and not searcher.active
+    tracker.close()
+    (trial,) = optuna.load_study(study_name="s", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(0.6)
+    run = MlflowClient(tracker.uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags["optuna.state"] == "COMPLETE" and run.info.status == "FINISHED"
+
+
+def test_searcher_fails_a_finished_trial_without_its_objective(tmp_path: Path):
+    searcher, tracker, storage = _searcher(tmp_path, {"type": "nop"})
+    runner = _started(searcher)
+    for seed in (0, 1):
+        runner.seeds[seed].status, runner.seeds[seed].final = Status.FINISHED, {"eval/other": 1.0}
+        runner.emit(SeedEnded(runner, seed, Status.FINISHED, {"eval/other": 1.0}))
+    runner.status = Status.FINISHED
+    runner.emit(TrialEnded(runner, Status.FINISHED, {}, 40))
+    tracker.close()
+    (trial,) = optuna.load_study(study_name="s", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.FAIL and "eval/return_mean" in trial.user_attrs["error"]
+    run = MlflowClient(tracker.uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
+    assert searcher.streak.count == 1

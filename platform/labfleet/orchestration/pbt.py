@@ -2,10 +2,10 @@
 
 Jaderberg et al. 2017, with the semantics of Ray Tune's `PopulationBasedTraining`: the sweep's `n_trials`
 trials are the population. A trial's seeds pause (`PAUSE`) when they reach its next perturbation point
-(every `perturbation_interval` budget units); once all have, the trial is ranked by the mean over its
-seeds of its latest evaluation of `sweep.metric`, among every member with one. In the bottom
-`quantile_fraction` it takes the checkpoints of a random top-quantile member (exploit) and that member's
-hyperparameters, each mutable one perturbed (x0.8 or x1.2, clipped to its space) or, with
+(every `perturbation_interval` budget units); once all have, the trial is ranked among the members by
+their scores (each one's latest evaluation of `sweep.metric` that all its seeds reached, mean over
+seeds). In the bottom `quantile_fraction` it takes the checkpoints of a random top-quantile member
+(exploit) and that member's hyperparameters, each mutable one perturbed (x0.8 or x1.2, clipped to its space) or, with
 `resample_probability`, resampled (explore); it then trains on from there (`TrialRunner.retarget`).
 
 The checkpoints pass through the driver (they are the bytes the donor's last chunk returned), so no
@@ -32,6 +32,7 @@ from labfleet.orchestration.events import (
     Action,
     ChunkResult,
     Decision,
+    Evaluation,
     Event,
     SeedPaused,
     Status,
@@ -149,6 +150,10 @@ class PopulationBasedTraining:
         match event:
             case TrialStarted():
                 self._log_schedule(member, 0)
+            case Evaluation():  # the member's score: its latest evaluation that every seed has reached
+                means = member.runner.eval_means(self.sweep.metric)
+                if means:
+                    member.score = means[max(means)]
             case ChunkResult(progress=progress, done=done) if not done and progress >= member.next_point:
                 return PAUSE
             case SeedPaused(seed=seed):
@@ -166,8 +171,6 @@ class PopulationBasedTraining:
         progress = member.progress
         while member.next_point <= progress:
             member.next_point += self.config.perturbation_interval
-        means = runner.eval_means(self.sweep.metric)
-        member.score = means[max(means)] if means else None
         self._exploit(member, progress)
         behind = self._unstarted() > 0 or any(m.progress < progress for m in self.waiting if not m.ended)
         if behind:
@@ -209,4 +212,6 @@ class PopulationBasedTraining:
         numeric = {schedule_metric(path): float(value) for path, value in self._mutable(member.values).items()
                    if isinstance(value, int | float) and not isinstance(value, bool)}
         if numeric:
-            self.tracker.log_metrics(self.recorder.trial_run_id(member.runner), numeric, step)
+            run_id = self.recorder.trial_run_id(member.runner)
+            self.tracker.log_metrics(run_id, numeric, step)
+            self.tracker.flush(run_id)

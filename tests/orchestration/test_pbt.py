@@ -188,6 +188,9 @@ def test_pbt_sweep_with_fewer_slots_than_members_finishes(tmp_path: Path):
                    for m in history)
         assert 1e-4 <= entry["new"]["hparams.learning_rate"] <= 3e-3
         assert 0.1 <= entry["new"]["hparams.clip_range"] <= 0.3
-    for trial in study.trials:  # every member trained its whole budget
+    for trial in study.trials:  # every member's objective is its trial run's final evaluation
         run = trials[trial.number]
         assert run.data.metrics["eval/return_mean"] == pytest.approx(trial.value)
+    report = run_cli("report", "pbt", "--tracking-uri", mlflow_uri, "--out", str(tmp_path / "report"), cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert (tmp_path / "report" / "pbt.png").exists() == bool(lineage)

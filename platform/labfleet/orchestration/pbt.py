@@ -42,8 +42,9 @@ from labfleet.orchestration.events import (
 from labfleet.orchestration.recorder import MlflowRecorder
 from labfleet.orchestration.runner import TrialRunner
 from labfleet.spec.models import ExperimentSpec, ParamSpace, PBTConfig, SweepConfig
+from labfleet.tracking.runs import PBT_LINEAGE
 
-LINEAGE = "pbt_lineage.json"
+LINEAGE = PBT_LINEAGE
 PAUSE = Decision(Action.PAUSE, reason="perturbation point")
 
 

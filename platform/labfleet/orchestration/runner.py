@@ -310,6 +310,8 @@ class TrialRunner:
                                          durable, result["done"], dict(state.latest)))
         for step, values in records:
             evals = {k: v for k, v in values.items() if k.startswith(M.EVAL_PREFIX)}
+            if decision.action == Action.STOP:  # a pruned trial reports nothing after the step that pruned it
+                break
             if evals:
                 answer = self.emit(Evaluation(self, state.seed, step, evals))
                 decision = answer if decision.action == Action.CONTINUE else decision

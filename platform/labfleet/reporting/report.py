@@ -22,6 +22,7 @@ import html
 import io
 import math
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from labfleet.errors import Problem, SpecError
+from labfleet.tracking.runs import PBT_LINEAGE
 
 LOWER_IS_BETTER = ("neg_elbo", "recon_nll", "iwae_nll", "baseline_nll", "/kl", "fd_digits", "mode_kl", "loss")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -296,6 +298,46 @@ def curves_png(client: MlflowClient, configs: list[Configuration], metric: str |
     return _png(fig)
 
 
+def pbt_png(client: MlflowClient, sweep_run: Run, configs: list[Configuration], tmp: Path) -> bytes | None:
+    """A PBT sweep: each member's schedule of every mutable hyperparameter (its `pbt/*` metrics, a step
+    line per trial), and its lineage (each exploit an arrow from the donor's row to the receiver's at its
+    step). None when the sweep ran no population-based training."""
+    import json
+
+    names = {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
+    if PBT_LINEAGE not in names:
+        return None
+    lineage = json.loads(Path(client.download_artifacts(sweep_run.info.run_id, PBT_LINEAGE, str(tmp))).read_text())
+    numbers = {int(c.trial.data.tags.get("optuna.trial_number", i)): c for i, c in enumerate(configs)}
+    keys = sorted({k for c in configs for k in c.trial.data.metrics if k.startswith("pbt/")})
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(keys) + 1, 1, figsize=(8, 2.4 * (len(keys) + 1)), squeeze=False, sharex=True)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for number, config in sorted(numbers.items()):
+            history = sorted((m.step, m.value) for m in client.get_metric_history(config.trial.info.run_id, key))
+            if history:
+                last = max((s.data.metrics.get("time/env_steps", 0) for s in config.seeds), default=history[-1][0])
+                steps, values = zip(*history, strict=True)
+                ax.step([*steps, max(last, steps[-1])], [*values, values[-1]], where="post", color=f"C{number % 10}",
+                        label=f"trial {number}")
+        ax.set_ylabel(key.removeprefix("pbt/"), fontsize=8)
+        ax.grid(alpha=0.3)
+        if key.endswith("learning_rate"):
+            ax.set_yscale("log")
+    axes.flat[0].legend(fontsize=7, ncol=4, loc="best")
+    ax = axes.flat[-1]
+    for number in numbers:
+        ax.axhline(number, color="0.85", linewidth=0.8, zorder=0)
+    for entry in lineage:
+        ax.annotate("", xy=(entry["step"], entry["to_trial"]), xytext=(entry["step"], entry["from_trial"]),
+                    arrowprops={"arrowstyle": "->", "color": f"C{entry['from_trial'] % 10}"})
+    ax.set_yticks(sorted(numbers))
+    ax.set_ylabel("trial (exploits: donor -> receiver)", fontsize=8)
+    ax.set_xlabel("env steps")
+    fig.suptitle(f"population-based training: {len(lineage)} exploits", fontsize=10)
+    return _png(fig)
+
+
 def sweep_trials_table(configs: list[Configuration]) -> str:
     """A sweep's trials: number, Optuna state and each sampled parameter, in trial order."""
     params = sorted({k for c in configs for k in c.trial.data.params if k != "seeds"})
@@ -416,6 +458,9 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
     table = markdown_table(names, rows)
     if target.parent is not None and target.parent.data.tags.get("labfleet.role") == "sweep":
         images.update(_sweep_images(target.parent, storage, notes))
+        with tempfile.TemporaryDirectory(prefix="labfleet-report-") as tmp:
+            if (lineage := pbt_png(client, target.parent, target.configurations, Path(tmp))) is not None:
+                images["pbt"] = lineage
         table += "\n## Trials\n\n" + sweep_trials_table(target.configurations)
     out.mkdir(parents=True, exist_ok=True)
     files = []

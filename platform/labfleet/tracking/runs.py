@@ -44,6 +44,7 @@ PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # log_batch limits
 MAX_PARAM_LENGTH = 6000
+PBT_LINEAGE = "pbt_lineage.json"  # a PBT sweep run's record of every exploit and explore
 SECRET_WORDS = ("password", "secret", "token", "credential", "api_key")
 # MLflow 3 opens an experiment without this tag in GenAI mode ("Traces 0"); these are training runs.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}

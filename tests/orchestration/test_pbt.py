@@ -194,3 +194,62 @@ def test_pbt_sweep_with_fewer_slots_than_members_finishes(tmp_path: Path):
     report = run_cli("report", "pbt", "--tracking-uri", mlflow_uri, "--out", str(tmp_path / "report"), cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
     assert (tmp_path / "report" / "pbt.png").exists() == bool(lineage)
+
+
+def _lineage(client: MlflowClient, experiment: str, tmp: Path) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    (sweep_run,) = client.search_runs([exp.experiment_id], "tags.`labfleet.role` = 'sweep'")
+    if LINEAGE not in {a.path for a in client.list_artifacts(sweep_run.info.run_id)}:
+        return []
+    return json.loads(Path(client.download_artifacts(sweep_run.info.run_id, LINEAGE, str(tmp))).read_text())
+
+
+def test_killed_pbt_driver_resumes(tmp_path: Path):
+    """SIGKILL to the whole command mid-population; the same command again finishes the population,
+    keeps the lineage recorded so far and leaves nothing RUNNING."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = {**PPO, "name": "pbt-kill", "budget": {"env_steps": 6144}, "tracking": {"experiment": "pbt-kill"},
+            "sweep": {"metric": "eval/return_mean", "n_trials": 3, "max_parallel": 2,
+                      "sampler": {"type": "random", "seed": 1}, "pruner": {"type": "nop"},
+                      "scheduler": {"type": "pbt", "perturbation_interval": 1024, "quantile_fraction": 0.5,
+                                    "seed": 1, "mutations": {
+                                        "hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3}}}}}
+    spec = tmp_path / "pbt.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    mlflow_uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = [sys.executable, "-m", "labfleet", "sweep", str(spec), "--tracking-uri", mlflow_uri,
+               "--storage", storage, "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    client = MlflowClient(mlflow_uri)
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # until two members have trained past their first perturbation point
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the population did not get going in time"
+            try:
+                trials = optuna.load_study(study_name="pbt-kill", storage=storage).trials
+            except KeyError:
+                trials = []
+            if sum(max(t.intermediate_values, default=0) > 1024 for t in trials) >= 2:
+                break
+            time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    before = _lineage(client, "pbt-kill", tmp_path / "before")
+
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = optuna.load_study(study_name="pbt-kill", storage=storage)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 3
+    exp = client.get_experiment_by_name("pbt-kill")
+    assert not [r for r in client.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
+    after = _lineage(client, "pbt-kill", tmp_path / "after")
+    assert after[:len(before)] == before

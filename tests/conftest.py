@@ -70,6 +70,36 @@ def interrupt_group(proc: subprocess.Popen, timeout: float = 90) -> str:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def descendant_pids(title: str, root: int | None = None) -> list[int]:
+    """Processes below `root` (default: this test process) whose command line starts with `title`
+    (Ray titles its workers ray::ClassName...): never another test's, so that tests can run in parallel."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(root or os.getpid()).children(recursive=True):
+        try:
+            if " ".join(child.cmdline()).startswith(title):
+                found.append(child.pid)
+        except psutil.Error:  # it ended meanwhile
+            continue
+    return found
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """Distinct TCP ports free on 127.0.0.1 now (the kernel's choice, so parallel tests do not pick the
+    same ones): all are held until all are chosen."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def trial_worker_pids(session: int) -> list[int]:
     """Trial actor processes in the session of a `labfleet` command (Ray titles them ray::TrialWorker...;
     Ray gives each worker its own process group, within the driver's session)."""

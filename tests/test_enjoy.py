@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 import labfleet
 from tests.conftest import EXPERIMENTS, run_cli
 
 
+@pytest.mark.slow
 def test_enjoy_records_videos_and_load_gives_the_trainer_back(tmp_path: Path, tracking_uri: str):
     trained = run_cli("run", str(EXPERIMENTS / "cartpole_ppo.yaml"), "--set", "seeds=[0]", "--set",
                       "budget.env_steps=4096", "--set", "eval.episodes=2", "--tracking-uri", tracking_uri,
@@ -36,6 +38,7 @@ def test_enjoy_records_videos_and_load_gives_the_trainer_back(tmp_path: Path, tr
     assert actions.shape == (3,) and set(actions) <= {0, 1}
 
 
+@pytest.mark.slow
 def test_enjoy_a_generative_model_writes_a_sample_grid(tmp_path: Path, tracking_uri: str):
     trained = run_cli("run", str(EXPERIMENTS / "digits_vae.yaml"), "--set", "seeds=[0]", "--set",
                       "budget={epochs: 1}", "--tracking-uri", tracking_uri, "--quiet", cwd=tmp_path)
@@ -47,11 +50,13 @@ def test_enjoy_a_generative_model_writes_a_sample_grid(tmp_path: Path, tracking_
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+@pytest.mark.slow
 def test_enjoy_refuses_what_is_not_there(tmp_path: Path, tracking_uri: str):
     result = run_cli("enjoy", "nope", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow store" in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_video_records_the_final_evaluation_during_training(tmp_path: Path, tracking_uri: str):
     trained = run_cli("run", str(EXPERIMENTS / "cartpole_ppo.yaml"), "--set", "seeds=[0]", "--set",
                       "budget.env_steps=2048", "--set", "eval={episodes: 2, video: true}", "--tracking-uri",

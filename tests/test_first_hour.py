@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -14,6 +15,7 @@ VI = {"name": "vi", "algorithm": "value_iteration", "env": "FrozenLake-v1", "see
       "budget": {"iterations": 20}, "eval": {"episodes": 20}, "tracking": {"experiment": "first-hour"}}
 
 
+@pytest.mark.slow
 def test_version_and_short_help(tmp_path: Path):
     import labfleet
 
@@ -25,6 +27,7 @@ def test_version_and_short_help(tmp_path: Path):
     assert run_help.returncode == 0 and "--fresh" in run_help.stdout
 
 
+@pytest.mark.slow
 def test_runs_are_quiet_open_as_training_runs_and_reruns_are_told_apart(tmp_path: Path, tracking_uri: str):
     spec = tmp_path / "vi.yaml"
     spec.write_text(yaml.safe_dump(VI))

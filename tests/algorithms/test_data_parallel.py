@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -38,6 +39,7 @@ def _train(ray, workers: int) -> dict:
         remove_placement_group(group)
 
 
+@pytest.mark.slow
 def test_two_workers_keep_identical_parameters_and_match_one_worker(ray_local):
     parallel = _train(ray_local, 2)
     rank0, (rank1,) = parallel["digests"]

@@ -51,6 +51,7 @@ def _trainer(workers: int, seed: int = 0):
     return registry.get("es").trainer(spec, seed, "cpu")
 
 
+@pytest.mark.slow
 def test_worker_count_changes_speed_not_results(ray_local):
     thetas, logs = [], []
     for workers in (0, 1, 2):
@@ -64,6 +65,7 @@ def test_worker_count_changes_speed_not_results(ray_local):
         assert [m["train/episode_return"] for m in other] == [m["train/episode_return"] for m in logs[0]]
 
 
+@pytest.mark.slow
 def test_noise_table_is_shared_not_copied_per_call(ray_local):
     """The table is made from the seed and goes to the workers once; each iteration ships theta alone."""
     trainer = _trainer(2)

@@ -18,10 +18,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import EXPERIMENTS, REPO
+from tests.conftest import EXPERIMENTS, REPO, free_ports
 
 DEPLOY = REPO / "deploy" / "local"
-PORT, DASHBOARD, MLFLOW_PORT = 6470, 8470, 5071
+PORT, DASHBOARD, MLFLOW_PORT = free_ports(3)  # never another test run's
 POSTGRES_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 
@@ -98,6 +98,7 @@ def _runs(client: MlflowClient, experiment: str) -> list:
     return [] if exp is None else list(client.search_runs([exp.experiment_id], max_results=1000))
 
 
+@pytest.mark.slow
 def test_submitted_suite_spreads_over_both_nodes(cluster):
     work = cluster["dir"] / "suite"
     work.mkdir()
@@ -123,6 +124,7 @@ def test_submitted_suite_spreads_over_both_nodes(cluster):
             == {"checkpoints/final.pt"}
 
 
+@pytest.mark.slow
 def test_bad_input_is_rejected_before_submitting(cluster, tmp_path: Path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump({"name": "bad", "algorithm": "ppo", "env": "CartPole-v1", "budget": {}}))
@@ -157,6 +159,7 @@ def _job_state(cluster, job: str) -> str:
     return _labfleet("status", job, "--address", cluster["address"], cwd=cluster["dir"]).stdout
 
 
+@pytest.mark.slow
 def test_stop_cancels_a_job_and_its_runs_end_killed(cluster):
     job = _submit_reinforce(cluster, "to-stop", {"seeds": [0], "budget": {"env_steps": 5_000_000}})
     client = MlflowClient(cluster["tracking"])
@@ -169,6 +172,7 @@ def test_stop_cancels_a_job_and_its_runs_end_killed(cluster):
                                                                           r.info.status) for r in runs]
 
 
+@pytest.mark.slow
 def test_lost_worker_node_trials_finish_on_the_other(cluster):
     """Last in this module: it leaves the cluster with the head node alone."""
     # About 20 s of training per seed: the node must be lost while its seed still trains (at 40k steps a

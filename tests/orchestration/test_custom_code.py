@@ -35,6 +35,7 @@ def _download(client: MlflowClient, run_id: str, path: str, tmp: Path) -> dict:
                       weights_only=True)
 
 
+@pytest.mark.slow
 def test_training_function_runs_two_seeds_tracked_like_a_builtin(tmp_path: Path, tracking_uri: str):
     result = run_cli("run", str(CUSTOM / "digits_function.yaml"), "--set", "budget.iterations=4",
                      "--tracking-uri", tracking_uri, cwd=tmp_path)  # another directory: found beside the spec
@@ -56,6 +57,7 @@ def test_training_function_runs_two_seeds_tracked_like_a_builtin(tmp_path: Path,
     assert "eval/accuracy" in result.stdout  # the summary shows the function's own evaluation
 
 
+@pytest.mark.slow
 def test_trainer_subclass_outside_the_package(tmp_path: Path, tracking_uri: str):
     result = run_cli("run", str(CUSTOM / "bandit_trainer.yaml"), "--tracking-uri", tracking_uri, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -70,6 +72,7 @@ def test_trainer_subclass_outside_the_package(tmp_path: Path, tracking_uri: str)
     assert shown.returncode == 0 and "epsilon: float = 0.1" in shown.stdout
 
 
+@pytest.mark.slow
 def test_sweep_over_a_function_prunes_and_nests(tmp_path: Path):
     data = yaml.safe_load((CUSTOM / "digits_function_sweep.yaml").read_text())
     data["budget"] = {"iterations": 6}
@@ -129,6 +132,7 @@ class NotATrainer:
 '''
 
 
+@pytest.mark.slow
 def test_killed_function_resumes_from_ctx_restored(tmp_path: Path, tracking_uri: str):
     (tmp_path / "resumable.py").write_text(RESUMABLE)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "resumable", "algorithm": "resumable:main",
@@ -168,6 +172,7 @@ def _runs_or_none(client: MlflowClient) -> list:
     return [] if exp is None else client.search_runs([exp.experiment_id], max_results=100)
 
 
+@pytest.mark.slow
 def test_raising_function_fails_its_run_cleanly(tmp_path: Path, tracking_uri: str):
     (tmp_path / "failing.py").write_text(FAILING)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "failing", "algorithm": "failing:main",

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import EXPERIMENTS, run_cli
@@ -32,6 +33,7 @@ def _checkpointed(client: MlflowClient) -> bool:
         for r in seeds)
 
 
+@pytest.mark.slow
 def test_killed_driver_continues_from_durable_checkpoints(tmp_path: Path, tracking_uri: str):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     command = [sys.executable, "-m", "labfleet", "run", str(SPEC), *ARGS, "--tracking-uri", tracking_uri, "--quiet"]

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -20,7 +21,7 @@ from labfleet.orchestration.runner import TrialRunner
 from labfleet.orchestration.trial import TrialWorker
 from labfleet.spec.loading import load_spec
 from labfleet.tracking.runs import Tracker
-from tests.conftest import EXPERIMENTS, REPO, interrupt_group
+from tests.conftest import EXPERIMENTS, REPO, descendant_pids, interrupt_group
 
 SPEC = EXPERIMENTS / "cartpole_reinforce.yaml"
 
@@ -33,6 +34,7 @@ def _seed_runs_with_metrics(client: MlflowClient, count: int) -> bool:
     return len(runs) == count and all("time/env_steps" in r.data.metrics for r in runs)
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_every_run_killed(tmp_path: Path, tracking_uri: str):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     proc = subprocess.Popen(
@@ -59,6 +61,7 @@ def test_ctrl_c_leaves_every_run_killed(tmp_path: Path, tracking_uri: str):
     assert {r.info.status for r in runs} == {"KILLED"}, [(r.data.tags["labfleet.role"], r.info.status) for r in runs]
 
 
+@pytest.mark.slow
 def test_killed_trial_actor_resumes_from_its_checkpoint(ray_local, tracking_uri: str):
     spec = load_spec(SPEC, {"seeds": [5], "budget.env_steps": 30720, "eval": {"episodes": 2, "every_steps": 4096}})
     tracker = Tracker(tracking_uri)
@@ -96,6 +99,7 @@ def test_worker_built_from_checkpoint_continues_from_it():
     assert resumed.trainer.progress == result["progress"] and resumed.trainer.done
 
 
+@pytest.mark.slow
 def test_result_lost_with_its_node_restarts_from_the_checkpoint(tmp_path: Path, tracking_uri: str):
     """A node can die after its actor returned a chunk and before the driver fetched it: Ray then cannot
     rebuild the result (an actor call is not re-executed). That is a lost node, so the seed restarts from
@@ -115,6 +119,7 @@ def test_result_lost_with_its_node_restarts_from_the_checkpoint(tmp_path: Path, 
     assert max(m.value for m in history) >= 16384 and outcome["checkpoint_progress"] >= 4096
 
 
+@pytest.mark.slow
 def test_killed_rollout_worker_restarts_its_seed_from_the_checkpoint(ray_local, tracking_uri: str):
     """A rollout worker that dies (its process or node) fails the trial actor's call with a Ray error, not a
     bug in the trainer: the seed restarts from its checkpoint with fresh workers instead of failing."""
@@ -132,8 +137,7 @@ def test_killed_rollout_worker_restarts_its_seed_from_the_checkpoint(ray_local, 
         assert ready, "no result in 60 s"
         runner.on_result(state)
         if not killed and state.checkpoint is not None and state.future is not None:
-            pids = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True,
-                                  text=True).stdout.split()
+            pids = descendant_pids("ray::RolloutWorker")  # this test's Ray only
             assert len(pids) == 1, pids
             os.kill(int(pids[0]), signal.SIGKILL)
             killed = True
@@ -152,6 +156,7 @@ def _assert_exactly_once(client: MlflowClient, run_id: str) -> None:
         assert len(steps) == len(set(steps)), f"{name} repeats steps: {sorted(steps)}"
 
 
+@pytest.mark.slow
 def test_restart_after_steps_past_the_checkpoint_logs_each_step_once(ray_local, tracking_uri: str):
     """The actor dies after results *beyond* its last checkpoint were logged: the restart redoes those
     steps, and no metric history holds a step twice (exactly once, issue 14)."""

@@ -148,6 +148,7 @@ def test_an_exploit_copies_the_donor_checkpoint_exactly(tmp_path: Path):
     assert worker.trainer.progress == donor_worker.trainer.progress
 
 
+@pytest.mark.slow
 def test_pbt_sweep_with_fewer_slots_than_members_finishes(tmp_path: Path):
     data = {**PPO, "name": "pbt", "tracking": {"experiment": "pbt"},
             "sweep": {"metric": "eval/return_mean", "n_trials": 3, "max_parallel": 2,
@@ -204,6 +205,7 @@ def _lineage(client: MlflowClient, experiment: str, tmp: Path) -> list:
     return json.loads(Path(client.download_artifacts(sweep_run.info.run_id, LINEAGE, str(tmp))).read_text())
 
 
+@pytest.mark.slow
 def test_killed_pbt_driver_resumes(tmp_path: Path):
     """SIGKILL to the whole command mid-population; the same command again finishes the population,
     keeps the lineage recorded so far and leaves nothing RUNNING."""

@@ -26,6 +26,7 @@ def _runs(client: MlflowClient, experiment: str):
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
+@pytest.mark.slow
 def test_run_two_seeds_tracked_in_mlflow(tmp_path: Path, tracking_uri: str):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -77,6 +78,7 @@ def test_run_two_seeds_tracked_in_mlflow(tmp_path: Path, tracking_uri: str):
     assert "labfleet results" in result.stdout and "FINISHED" in result.stdout
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_is_reported_before_anything_starts(tmp_path: Path):
     result = run_cli("run", str(SPEC), "--tracking-uri", "http://127.0.0.1:9", cwd=tmp_path, timeout=60)
     assert result.returncode == 2
@@ -85,6 +87,7 @@ def test_unreachable_tracking_server_is_reported_before_anything_starts(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_missing_tracking_directory_is_bad_input(tmp_path: Path):
     result = run_cli("run", str(SPEC), "--tracking-uri", f"sqlite:///{tmp_path}/nope/mlflow.db", cwd=tmp_path,
                      timeout=60)
@@ -92,6 +95,7 @@ def test_missing_tracking_directory_is_bad_input(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_trial_that_cannot_fit_the_cluster_is_bad_input(tmp_path: Path, tracking_uri: str):
     result = run_cli("run", str(SPEC), "--set", "resources.cpus_per_trial=64", "--tracking-uri", tracking_uri,
                      cwd=tmp_path, timeout=120)
@@ -116,6 +120,7 @@ class BoomEnv(CartPoleEnv):
 '''
 
 
+@pytest.mark.slow
 def test_failing_trial_is_marked_failed_with_its_error(tmp_path: Path, tracking_uri: str):
     (tmp_path / "boom_env.py").write_text(BOOM_ENV)
     result = run_cli("run", str(SPEC), *SMALL, "--set", "env=boom_env:BoomEnv", "--tracking-uri", tracking_uri,
@@ -131,6 +136,7 @@ def test_failing_trial_is_marked_failed_with_its_error(tmp_path: Path, tracking_
     assert trial.info.status == "FAILED" and "boom" in trial.data.tags["labfleet.error"]
 
 
+@pytest.mark.slow
 def test_suite_nests_trials_under_one_suite_run(tmp_path: Path, tracking_uri: str):
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"name": "mini", "experiments": [
@@ -154,6 +160,7 @@ def test_suite_nests_trials_under_one_suite_run(tmp_path: Path, tracking_uri: st
     assert {r.data.params["hparams.gamma"] for r in by_role["seed"]} == {"0.99", "0.9"}
 
 
+@pytest.mark.slow
 def test_ppo_with_a_rollout_worker_from_the_command_line(tmp_path: Path, tracking_uri: str):
     result = run_cli("run", str(EXPERIMENTS / "cartpole_ppo.yaml"), "--set", "seeds=[3]",
                      "--set", "budget.env_steps=4096", "--set", "resources.rollout_workers=1",
@@ -167,6 +174,7 @@ def test_ppo_with_a_rollout_worker_from_the_command_line(tmp_path: Path, trackin
     assert [m.step for m in client.get_metric_history(seed.info.run_id, "eval/return_mean")][0] == 2048
 
 
+@pytest.mark.slow
 def test_suite_runs_a_sweep_entry_and_a_rerun_skips_what_finished(tmp_path: Path, tracking_uri: str):
     vi = {"name": "vi", "algorithm": "value_iteration", "env": "FrozenLake-v1", "seeds": [0],
           "budget": {"iterations": 30}, "eval": {"episodes": 100, "every_steps": 10},

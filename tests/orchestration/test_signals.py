@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -93,6 +94,7 @@ class CrashingEnv(CartPoleEnv):
 '''
 
 
+@pytest.mark.slow
 def test_sweep_that_cannot_succeed_stops(tmp_path: Path):
     (tmp_path / "crashing_env.py").write_text(FLAKY_SIM)
     data = yaml.safe_load(SPEC.read_text())

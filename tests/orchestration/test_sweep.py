@@ -74,6 +74,7 @@ def _wait_for_trials(proc: subprocess.Popen, storage: str, ready, what: str, tim
         time.sleep(0.3)
 
 
+@pytest.mark.slow
 def test_grid_sweep_prunes_nests_and_stops_when_exhausted(tmp_path: Path):
     spec = tmp_path / "vi.yaml"
     spec.write_text(yaml.safe_dump(VI_SWEEP))
@@ -111,6 +112,7 @@ def test_grid_sweep_prunes_nests_and_stops_when_exhausted(tmp_path: Path):
     assert {r.data.tags["mlflow.parentRunId"] for r in roles["seed"]} == {r.info.run_id for r in roles["trial"]}
 
 
+@pytest.mark.slow
 def test_nan_trial_fails_cleanly_and_the_sweep_completes(tmp_path: Path):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
     data.update({"seeds": [0], "budget": {"env_steps": 4096}, "eval": {"episodes": 3},
@@ -133,6 +135,7 @@ def test_nan_trial_fails_cleanly_and_the_sweep_completes(tmp_path: Path):
     assert roles["sweep"][0].info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_its_sweep(tmp_path: Path):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
     data.update({"seeds": [0], "budget": {"env_steps": 60_000}, "eval": {"episodes": 3},
@@ -225,6 +228,7 @@ def test_resume_makes_mlflow_agree_with_the_study(tmp_path: Path):
     assert [client.get_run(r).info.status for r in seeds] == ["FINISHED", "FINISHED", "KILLED", "FINISHED"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_fails_running_trials_and_the_next_run_resumes(tmp_path: Path):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
     data.update({"seeds": [0], "budget": {"env_steps": 60_000}, "eval": {"episodes": 3},
@@ -300,6 +304,7 @@ def _vi_spec(tmp_path: Path, **sweep: object) -> Path:
     return spec
 
 
+@pytest.mark.slow
 def test_multi_objective_sweep_logs_its_pareto_front(tmp_path: Path):
     spec = _vi_spec(tmp_path, metrics=["eval/return_mean", "eval/return_std"], directions=["maximize", "minimize"],
                     space={"hparams.gamma": {"type": "categorical", "choices": [0.3, 0.6, 0.9, 0.99]}})
@@ -328,6 +333,7 @@ def test_multi_objective_sweep_logs_its_pareto_front(tmp_path: Path):
     assert "Pareto front" in result.stdout
 
 
+@pytest.mark.slow
 def test_journal_file_storage_is_readable_and_resumes(tmp_path: Path):
     spec = _vi_spec(tmp_path)
     mlflow_uri, _ = _stores(tmp_path)
@@ -346,6 +352,7 @@ def test_journal_file_storage_is_readable_and_resumes(tmp_path: Path):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
+@pytest.mark.slow
 def test_bad_storage_url_is_bad_input_and_writes_nothing(tmp_path: Path):
     spec = _vi_spec(tmp_path)
     mlflow_uri, _ = _stores(tmp_path)
@@ -370,6 +377,7 @@ def _postgres_or_skip() -> None:
         pytest.skip(f"PostgreSQL not reachable at {POSTGRES}")
 
 
+@pytest.mark.slow
 def test_postgres_storage(tmp_path: Path):
     _postgres_or_skip()
     name = f"vi-sweep-{uuid.uuid4().hex[:8]}"
@@ -388,6 +396,7 @@ def test_postgres_storage(tmp_path: Path):
             optuna.delete_study(study_name=name, storage=POSTGRES)
 
 
+@pytest.mark.slow
 def test_killed_trial_actor_in_a_sweep_resumes_from_its_checkpoint(tmp_path: Path):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
     # Long enough that the trial is still training when the test sees its first evaluation: a chunk is

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from labfleet.reporting.report import _fmt
-from tests.conftest import interrupt_group, run_cli
+from tests.conftest import free_ports, interrupt_group, run_cli
 
 VI = {"algorithm": "value_iteration", "env": "FrozenLake-v1", "seeds": [0, 1, 2], "budget": {"iterations": 40},
       "eval": {"episodes": 200, "every_steps": 10}}
@@ -48,6 +47,7 @@ def _chromium() -> str:
     pytest.skip("no Chromium to render the report")
 
 
+@pytest.mark.slow
 def test_report_on_a_suite(suite_store):
     tmp, uri = suite_store
     out = tmp / "out"
@@ -93,6 +93,7 @@ def test_report_on_a_suite(suite_store):
     assert "vi-high" in dom and "<table" in dom
 
 
+@pytest.mark.slow
 def test_report_on_a_sweep_has_optuna_figures(tmp_path: Path):
     spec = {"name": "vi-sweep", **VI, "seeds": [0], "sweep": {
         "n_trials": 4, "max_parallel": 2, "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "nop"},
@@ -113,6 +114,7 @@ def test_report_on_a_sweep_has_optuna_figures(tmp_path: Path):
     assert sum("| COMPLETE |" in line for line in trials.splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_report_bad_target_and_missing_store(tmp_path: Path, suite_store):
     _, uri = suite_store
     result = run_cli("report", "no-such-thing", "--tracking-uri", uri, "--out", str(tmp_path / "o"), cwd=tmp_path)
@@ -123,15 +125,10 @@ def test_report_bad_target_and_missing_store(tmp_path: Path, suite_store):
     assert not missing.exists() and not (tmp_path / "o").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_ui_serves_the_store_on_loopback_and_stops(suite_store):
     tmp, uri = suite_store
-    port = _free_port()
+    (port,) = free_ports()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "labfleet", "ui", "--tracking-uri", uri, "--port", str(port)],
                             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -161,6 +158,7 @@ def test_ui_serves_the_store_on_loopback_and_stops(suite_store):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
 
 
+@pytest.mark.slow
 def test_report_is_read_only_without_log(suite_store, tmp_path: Path):
     """Run on a copy of the store, the report writes nothing into either store (MLflow records artifact
     locations as absolute paths, so a write would land beside the original)."""
@@ -181,6 +179,7 @@ def test_report_is_read_only_without_log(suite_store, tmp_path: Path):
     assert copy.read_bytes() == copy_bytes, "the report wrote into the store it read"
 
 
+@pytest.mark.slow
 def test_report_refuses_an_unknown_metric(suite_store, tmp_path: Path):
     tmp, uri = suite_store
     result = run_cli("report", "two-gammas", "--tracking-uri", uri, "--metric", "eval/retrun_mean",
@@ -191,6 +190,7 @@ def test_report_refuses_an_unknown_metric(suite_store, tmp_path: Path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_bands_stay_in_the_observed_range_and_one_seed_ranks_last(suite_store, tmp_path: Path):
     """Issue 17: a 1-seed 475.9 must not rank above 378.5 +- 155.1 over 3 seeds, and a band never leaves
     the range the seeds reached (a t-interval over 3 capped returns ran from -100 to 2000)."""

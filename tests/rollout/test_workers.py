@@ -23,6 +23,7 @@ def _policy() -> NumpyPolicy:
     return NumpyPolicy(make_policy(env.observation_space, env.action_space, [16], "tanh"), torch.device("cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_workers", [1, 2])
 def test_workers_return_the_in_process_rollouts(ray_local, n_workers):
     policy = _policy()
@@ -50,6 +51,7 @@ SMALL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(SMALL))
 def test_number_of_workers_changes_speed_not_results(ray_local, algorithm):
     results = {}
@@ -68,6 +70,7 @@ def test_number_of_workers_changes_speed_not_results(ray_local, algorithm):
         np.testing.assert_array_equal(results[0][1], results[workers][1])
 
 
+@pytest.mark.slow
 def test_workers_must_divide_environments(ray_local):
     with pytest.raises(ValueError, match="multiple of rollout_workers"):
         RolloutWorkerGroup("CartPole-v1", None, 3, 2, seed=0, generation=0, policy=_policy(), cpus_per_worker=0.5)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from labfleet.tracking.heartbeat import (
@@ -62,6 +63,7 @@ def _seed_runs_logging(client: MlflowClient) -> int:
                for r in client.search_runs([exp.experiment_id], "tags.`labfleet.role` = 'seed'"))
 
 
+@pytest.mark.slow
 def test_reconcile_ends_a_dead_drivers_runs_and_leaves_a_live_ones_alone(tmp_path: Path, tracking_uri: str):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     proc = subprocess.Popen([sys.executable, "-m", "labfleet", "run", str(EXPERIMENTS / "cartpole_reinforce.yaml"),

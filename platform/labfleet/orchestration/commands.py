@@ -187,6 +187,7 @@ def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec
 def _finish_sweep(searcher: OptunaSearcher, session: DriverSession, quiet: bool) -> int:
     study, sweep, tracker, sweep_run = searcher.study, searcher.sweep, session.tracker, searcher.sweep_run
     console = session.console
+    tracker.drain()  # the tells queued behind their trials' records are in the study
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete and sweep.multi_objective:

@@ -14,6 +14,7 @@ queued again, and the MLflow runs it left RUNNING end with the trial's state.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +162,8 @@ class OptunaSearcher:
         """After Ctrl-C (the session ended the runs KILLED): every trial this invocation asked and did not
         finish (also one asked a moment before the signal, not yet started) is told FAIL with its
         parameters queued again."""
+        with contextlib.suppress(Exception):  # the tells already queued behind their records land first
+            self.tracker.drain()
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if frozen.number in self.asked:
                 fail_and_requeue(self.study, frozen)
@@ -240,14 +243,14 @@ class OptunaSearcher:
     def tell(self, active: ActiveTrial, state: TrialState, value: Any = None) -> None:
         """Tell Optuna only once the trial's MLflow record (final metrics, checkpoints, end status, the
         `optuna.state` tag) is written: a driver killed in between leaves a trial that `recover` fails and
-        runs again, never a COMPLETE trial whose MLflow record was lost with the writer's queue."""
+        runs again, never a COMPLETE trial whose MLflow record was lost with the writer's queue. The tell
+        is queued behind those writes (the writer thread makes it), so the driver does not wait for them."""
         for run_id in self.recorder.run_ids(active.runner):
             self.tracker.set_tags(run_id, {"optuna.state": state.name})
-        self.tracker.drain()
         if state == TrialState.COMPLETE:
-            self.study.tell(active.trial, value)
+            self.tracker.after_writes(self.study.tell, active.trial, value)
         else:
-            self.study.tell(active.trial, state=state)
+            self.tracker.after_writes(self.study.tell, active.trial, state=state)
 
 
 def recover(study: optuna.Study, recorder: MlflowRecorder, experiment: str, sweep_run: str) -> None:

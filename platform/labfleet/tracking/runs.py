@@ -17,6 +17,7 @@ driver's `create_run` are two connections to one store, and so are two commands 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform as _platform  # stdlib; the repository's `platform/` folder is a source root, not a package
 import queue
@@ -151,6 +152,11 @@ class Tracker:
             retry_if_locked(function, *args)
         else:
             self._writer.calls.put((function, args))
+
+    def after_writes(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Call `function` once every write queued so far is in the store, in the writer thread, without
+        waiting for it here (a sweep tells Optuna this way: MLflow first, and the driver goes on)."""
+        self._call(functools.partial(function, *args, **kwargs))
 
     def drain(self) -> None:
         """Wait until every queued write is done; raise the first one that failed."""

@@ -1,0 +1,90 @@
+"""How many results per second the single driver takes in, against the number of concurrent trials.
+
+    python benchmarks/driver_ingest.py [--trials 8 16 32] [--rate 40] [--seconds 20] [--tracking-uri URI]
+
+Each trial is a training function (`benchmarks/ingest/reporter.py`) that does nothing but report two
+metrics `--rate` times a second for `--seconds` seconds; N trials run at once (one `labfleet run` of a
+spec with N seeds, one actor each, on a local Ray that advertises N CPUs: the actors sleep between
+reports). Every report goes the whole way: through Ray to the driver, deduplicated, into MLflow
+(`log_batch` through the writer thread) and onto the progress board. Reported per N: the reports
+produced (N x rate x seconds), the wall time of the command, the ingest rate (reports / wall time), and
+how far the driver fell behind: the wall time beyond the trials' own duration (0 when it keeps up).
+`--tracking-uri http://127.0.0.1:PORT` measures a tracking server (e.g. `deploy/local/mlflow-server.sh`
+on Postgres) instead of SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import ray  # noqa: E402
+import yaml  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+HERE = Path(__file__).resolve().parent / "ingest"
+
+
+def one(trials: int, rate: float, seconds: float, tracking: str, tmp: Path) -> dict[str, float]:
+    from labfleet.orchestration.commands import execute
+    from labfleet.orchestration.session import Planned
+    from labfleet.spec.loading import load_spec
+
+    budget = int(rate * seconds)
+    spec_path = HERE / f"ingest-{trials}.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": f"ingest-{trials}", "algorithm": "reporter:main", "seeds": list(range(trials)),
+        "budget": {"iterations": budget}, "hparams": {"rate": rate},
+        "resources": {"cpus_per_trial": 1}, "tracking": {"experiment": "ingest"}}))
+    try:
+        spec = load_spec(spec_path)
+        start = time.perf_counter()
+        with open(os.devnull, "w") as devnull:
+            code = execute([Planned(spec, spec_path)], source=str(spec_path), cli_tracking_uri=tracking,
+                           address=None, console=Console(file=devnull), quiet=True)
+        wall = time.perf_counter() - start
+    finally:
+        spec_path.unlink()
+    assert code == 0, code
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("ingest")
+    runs = [r for r in client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` LIKE 'ingest-{trials}%'")
+            if r.data.tags.get("labfleet.role") == "seed"]
+    logged = sum(len(client.get_metric_history(r.info.run_id, "loss")) for r in runs[:3]) / max(1, min(3, len(runs)))
+    reports = trials * budget
+    return {"trials": trials, "reports": reports, "wall_s": wall, "ingest_per_s": reports / wall,
+            "behind_s": wall - seconds, "logged_per_seed": logged}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--rate", type=float, default=40.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args()
+    ray.init(num_cpus=max(args.trials), logging_level=logging.WARNING, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}})
+    rows = []
+    with tempfile.TemporaryDirectory() as name:
+        tracking = args.tracking_uri or f"sqlite:///{Path(name) / 'mlflow.db'}"
+        MlflowClient(tracking).search_experiments()
+        for n in args.trials:
+            row = one(n, args.rate, args.seconds, tracking, Path(name))
+            rows.append(row)
+            print(row, flush=True)
+    print("\n| trials | reports | wall (s) | reports/s | behind (s) | tracking |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['trials']} | {row['reports']} | {row['wall_s']:.1f} | {row['ingest_per_s']:.0f} | "
+              f"{row['behind_s']:.1f} | {'server' if args.tracking_uri else 'sqlite'} |")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

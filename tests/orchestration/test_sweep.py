@@ -428,3 +428,24 @@ def test_killed_trial_actor_in_a_sweep_resumes_from_its_checkpoint(tmp_path: Pat
                      key=lambda m: (m.timestamp, m.step))
     steps = [m.step for m in history]
     assert steps == sorted(steps) and steps[-1] == 245_760
+
+
+@pytest.mark.slow
+def test_trials_with_more_seeds_than_the_cluster_holds_finish(tmp_path: Path):
+    """Each trial has 3 seeds and the cluster holds 2 at a time: a finished seed's idle actor must not keep
+    the resources a waiting seed needs (it once did, and the sweep hung)."""
+    half = (os.cpu_count() or 2) / 2
+    data = {**VI_SWEEP, "seeds": [0, 1, 2], "resources": {"cpus_per_trial": half},
+            "sweep": {**VI_SWEEP["sweep"], "n_trials": 3, "max_parallel": 2, "pruner": {"type": "nop"},
+                      "sampler": {"type": "random", "seed": 0},
+                      "space": {"hparams.gamma": {"type": "float", "low": 0.5, "high": 0.99}}}}
+    spec = tmp_path / "vi.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    mlflow_uri, storage = _stores(tmp_path)
+    result = run_cli("sweep", str(spec), "--tracking-uri", mlflow_uri, "--storage", storage, cwd=tmp_path,
+                     timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = optuna.load_study(study_name="vi-sweep", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    seeds = _by_role(MlflowClient(mlflow_uri), "vi-sweep")["seed"]
+    assert len(seeds) == 9 and {r.info.status for r in seeds} == {"FINISHED"}

@@ -110,10 +110,11 @@ class ActorPool:
     """Idle trial actors, by the shape of their placement group. Taking a host of one shape first frees
     the idle hosts of other shapes, so that idle actors never hold resources a new trial needs.
 
-    A seed whose new placement group is not placed yet waits (`wait`) until its first result. An actor
-    that comes back while a seed waits goes straight to that seed when their shapes match (the seed's
-    own reservation is dropped), and is freed otherwise: an idle actor never holds what a waiting seed
-    needs (with more seeds than the cluster holds at once, that would deadlock)."""
+    A seed whose new placement group is not placed yet waits (`wait`). An actor that comes back while a
+    seed's reservation is unplaced and cannot be placed with the cluster's free resources goes straight
+    to that seed when their shapes match (the seed's reservation is dropped), and is freed otherwise: an
+    idle actor never holds what a waiting seed needs (with more seeds than the cluster holds at once,
+    that would deadlock). Otherwise it is kept for the next trial, as the waiting seed's own actor starts."""
 
     def __init__(self) -> None:
         self.idle: dict[str, list[Host]] = {}
@@ -133,13 +134,18 @@ class ActorPool:
 
     def put(self, spec: ExperimentSpec, host: Host) -> None:
         key = _bundles_key(spec)
-        for ident, (runner, state) in list(self.waiting.items()):
+        for ident, (_, state) in list(self.waiting.items()):
+            if state.group is None or _placed(state.group):  # its reservation is made: it waits for nothing
+                del self.waiting[ident]
+        starved = [(ident, runner, state) for ident, (runner, state) in self.waiting.items()
+                   if not _fits(runner.spec)]  # it cannot be placed while this idle actor holds its share
+        for ident, runner, state in starved:
             if _bundles_key(runner.spec) == key:
                 del self.waiting[ident]
                 self.reused += 1
                 runner.adopt(state, host)
                 return
-        if self.waiting:
+        if starved:
             _kill(host.actor, host.group)
             return
         self.idle.setdefault(key, []).append(host)
@@ -156,6 +162,27 @@ class ActorPool:
                 _kill(host.actor, host.group)
         self.idle.clear()
         self.waiting.clear()
+
+
+def _fits(spec: ExperimentSpec) -> bool:
+    """Whether the cluster's free resources hold one seed's placement group now."""
+    try:
+        free = ray.available_resources()
+    except Exception:  # Ray is shutting down
+        return True
+    needed: dict[str, float] = {}
+    for bundle in trial_bundles(spec):
+        for resource, amount in bundle.items():
+            needed[resource] = needed.get(resource, 0.0) + amount
+    return all(free.get(resource, 0.0) + 1e-9 >= amount for resource, amount in needed.items())
+
+
+def _placed(group: PlacementGroup) -> bool:
+    """Whether Ray has made the reservation (a call to the GCS; no task is scheduled)."""
+    try:
+        return bool(group.wait(timeout_seconds=0.001))  # 0 answers False even for a placed group
+    except Exception:  # removed meanwhile, or Ray is shutting down
+        return False
 
 
 def _kill(actor: Any, group: PlacementGroup | None) -> None:

@@ -8,7 +8,8 @@ checkpoint up to `resources.max_retries` times; a seed whose trainer raises fail
 
 The runner writes nothing and draws nothing: it emits typed events (events.py) to its listeners, which
 keep the record (recorder.py), the progress bars, the study and the schedulers, and which may answer a
-result with a decision (stop, pause, exploit another trial's checkpoint).
+result with a decision (stop, pause). A paused trial can be retargeted (another trial's checkpoints and a
+new spec: PBT's exploit) or suspended (its actors freed until its turn comes again).
 
 With an `ActorPool` (sweeps use one), a seed that finishes hands its idle actor and placement group to
 the pool, and the next seed of the same shape loads its trial into them instead of starting a process:

@@ -193,14 +193,15 @@ class PopulationBasedTraining:
         if member not in bottom:
             return
         donor = self.rng.choice(top)
-        checkpoints = {seed: donor.runner.seeds[seed].checkpoint for seed in member.runner.seeds}
-        if any(c is None for c in checkpoints.values()) or set(checkpoints) != set(donor.runner.seeds):
+        checkpoints = {seed: state.checkpoint for seed, state in donor.runner.seeds.items()
+                       if state.checkpoint is not None}
+        if set(checkpoints) != set(member.runner.seeds):
             return  # the donor has no checkpoint of every seed yet
         old = self._mutable(member.values)
         new = {path: explore(donor.values.get(path, old.get(path)), space, self.config, self.rng)
                for path, space in self.config.mutations.items()}
         values = {**donor.values, **new}
-        member.runner.retarget(self.build_spec(values), {s: c for s, c in checkpoints.items() if c is not None})
+        member.runner.retarget(self.build_spec(values), checkpoints)
         member.values = values
         self.lineage.append({"step": step, "from_trial": donor.number, "to_trial": member.number,
                              "from_score": donor.score, "to_score": member.score, "old": old, "new": new})

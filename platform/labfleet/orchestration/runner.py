@@ -506,8 +506,6 @@ class TrialRunner:
         if release:
             self.release()
 
-    abort = stop  # the name the fault tests and older callers use
-
     def release(self) -> None:
         """Free every actor and placement group this runner still holds (idle ones go to the pool)."""
         for state in self.seeds.values():

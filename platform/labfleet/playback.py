@@ -109,11 +109,11 @@ def play(trainer: Any, episodes: int, video_dir: Path | None, seed: int = 0) -> 
     `video_dir` (gymnasium's RecordVideo) when given."""
     import gymnasium as gym
 
-    from labfleet.rollout.envs import derive_seed, make_env
+    from labfleet.rollout.envs import EnvMaker, derive_seed
     from labfleet.rollout.sampler import clip_to_space
 
     spec = trainer.spec
-    env = make_env(spec.env, {**spec.env_kwargs, **({"render_mode": "rgb_array"} if video_dir else {})})
+    env = EnvMaker.from_spec(spec).make(evaluation=True, **({"render_mode": "rgb_array"} if video_dir else {}))
     if video_dir is not None:
         env = gym.wrappers.RecordVideo(env, str(video_dir), episode_trigger=lambda _: True, disable_logger=True)
     returns = []

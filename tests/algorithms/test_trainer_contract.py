@@ -19,7 +19,7 @@ SHRINK = {"n_envs": 2, "n_steps": 16, "learning_starts": 16, "batch_size": 16, "
           "gradient_steps": 2, "buffer_size": 1000, "net_arch": [32, 32]}
 
 
-def tiny_spec(algorithm: str):
+def tiny_spec(algorithm: str, extra: dict | None = None):
     spec = load_spec(shipped_spec_for(algorithm))
     hparams = {k: v for k, v in SHRINK.items() if k in spec.hparams}
     overrides = {f"hparams.{k}": v for k, v in hparams.items()}
@@ -28,12 +28,35 @@ def tiny_spec(algorithm: str):
     else:
         overrides[f"budget.{spec.budget.unit}"] = 20
     overrides["eval.episodes"] = 2
-    return load_spec(shipped_spec_for(algorithm), overrides)
+    return load_spec(shipped_spec_for(algorithm), {**overrides, **(extra or {})})
 
 
 def build(algorithm: str, seed: int = 0):
     spec = tiny_spec(algorithm)
     return registry.get(algorithm).trainer(spec, seed, "cpu")
+
+
+# Variants the algorithm-by-algorithm runs above do not reach: running normalisation (its statistics are
+# trainer state) for every deep learner, and wrappers. (The CNN path: tests/algorithms/test_atari.py.)
+VARIANTS = {
+    **{f"{name}+normalize": (name, {"hparams.normalize": True})
+       for name in ("ppo", "a2c", "reinforce", "dqn", "ddpg")},
+    "ppo+wrappers": ("ppo", {"env_wrappers": [{"type": "TimeLimit", "kwargs": {"max_episode_steps": 30}},
+                                              {"type": "ClipReward", "kwargs": {"max_reward": 0.5},
+                                               "train_only": True}]}),
+}
+
+
+def build_variant(variant: str, seed: int = 0):
+    algorithm, overrides = VARIANTS[variant]
+    return registry.get(algorithm).trainer(tiny_spec(algorithm, overrides), seed, "cpu")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_keep_the_contract(variant):
+    testing.check_checkpoint_round_trip(lambda seed: build_variant(variant, seed))
+    testing.check_determinism(lambda seed: build_variant(variant, seed), True)
+    testing.check_evaluate_leaves_training_untouched(lambda seed: build_variant(variant, seed))
 
 
 def test_registry_is_not_empty():

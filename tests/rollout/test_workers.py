@@ -8,7 +8,7 @@ import torch
 
 from labfleet.algorithms import registry
 from labfleet.algorithms.rl.networks import NumpyPolicy, make_policy
-from labfleet.rollout.envs import make_env
+from labfleet.rollout.envs import EnvMaker, make_env
 from labfleet.rollout.sampler import VectorSampler
 from labfleet.rollout.workers import RolloutWorkerGroup
 from labfleet.spec.loading import load_spec
@@ -27,8 +27,8 @@ def _policy() -> NumpyPolicy:
 @pytest.mark.parametrize("n_workers", [1, 2])
 def test_workers_return_the_in_process_rollouts(ray_local, n_workers):
     policy = _policy()
-    local = VectorSampler("CartPole-v1", None, 4, seed=11)
-    group = RolloutWorkerGroup("CartPole-v1", None, 4, n_workers, seed=11, generation=0, policy=policy,
+    local = VectorSampler(EnvMaker("CartPole-v1"), 4, seed=11)
+    group = RolloutWorkerGroup(EnvMaker("CartPole-v1"), 4, n_workers, seed=11, generation=0, policy=policy,
                                cpus_per_worker=0.5)
     try:
         for _ in range(3):  # the policy changes between rollouts; workers must follow it
@@ -43,10 +43,12 @@ def test_workers_return_the_in_process_rollouts(ray_local, n_workers):
         group.close()
 
 
+# PPO and DQN run with running observation and reward normalisation (issue 13): its statistics are
+# merged by the trainer from whole rollouts, so they too must not depend on the worker count.
 SMALL = {
-    "ppo": {"hparams.n_envs": 2, "hparams.n_steps": 32, "hparams.batch_size": 32},
+    "ppo": {"hparams.n_envs": 2, "hparams.n_steps": 32, "hparams.batch_size": 32, "hparams.normalize": True},
     "dqn": {"hparams.n_envs": 2, "hparams.learning_starts": 64, "hparams.train_freq": 32,
-            "hparams.gradient_steps": 4, "hparams.batch_size": 32},
+            "hparams.gradient_steps": 4, "hparams.batch_size": 32, "hparams.normalize": True},
     "qlearning": {"hparams.n_envs": 2, "hparams.n_steps": 16},
 }
 
@@ -61,8 +63,15 @@ def test_number_of_workers_changes_speed_not_results(ray_local, algorithm):
                                                        "resources.cpus_per_worker": 0.5})
         trainer = registry.get(algorithm).trainer(spec, 0, "cpu")
         metrics = [trainer.train_iteration() for _ in range(6)]
-        results[workers] = (metrics, trainer.probe())
+        stats = [] if trainer.obs_normalizer is None else [
+            trainer.obs_normalizer.rms.mean.numpy().copy(), trainer.obs_normalizer.rms.var.numpy().copy(),
+            trainer.reward_scaler.rms.var.numpy().copy()]
+        results[workers] = (metrics, trainer.probe(), stats)
+        trainer.close()
+    assert (algorithm == "qlearning") == (not results[0][2]), "normalisation is on for the deep learners"
     for workers in (1, 2):
+        for a, b in zip(results[0][2], results[workers][2], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
         for a, b in zip(results[0][0], results[workers][0], strict=True):
             for key in a:
                 if key != "time/sps":
@@ -73,4 +82,4 @@ def test_number_of_workers_changes_speed_not_results(ray_local, algorithm):
 @pytest.mark.slow
 def test_workers_must_divide_environments(ray_local):
     with pytest.raises(ValueError, match="multiple of rollout_workers"):
-        RolloutWorkerGroup("CartPole-v1", None, 3, 2, seed=0, generation=0, policy=_policy(), cpus_per_worker=0.5)
+        RolloutWorkerGroup(EnvMaker("CartPole-v1"), 3, 2, seed=0, generation=0, policy=_policy(), cpus_per_worker=0.5)

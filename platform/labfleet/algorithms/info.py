@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from labfleet.algorithms.base import Trainer
 
 ActionKind = Literal["discrete", "continuous"]
-ObservationKind = Literal["vector", "discrete"]
+ObservationKind = Literal["vector", "discrete", "image"]
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 import zlib
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +57,47 @@ def env_class(path: str, spec_dir: str | Path | None = None) -> type[gym.Env]:
     return obj
 
 
+def wrapper_class(name: str, spec_dir: str | Path | None = None) -> type[gym.Wrapper]:
+    """The `gymnasium.Wrapper` subclass that NAME names: a class of `gymnasium.wrappers` ("TimeLimit") or an
+    import path ("package.module:Class"). Anything else is refused with TypeError before it could be called."""
+    if ":" in name:
+        obj = import_path(name, spec_dir)
+    else:
+        obj = getattr(gym.wrappers, name, None)
+        if obj is None:
+            known = ", ".join(gymnasium_wrappers())
+            raise TypeError(f"gymnasium.wrappers has no {name!r}; use one of {known}, or package.module:Class")
+    if not (isinstance(obj, type) and issubclass(obj, gym.Wrapper)):
+        what = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+        raise TypeError(f"{name} must name a gymnasium.Wrapper subclass; it names "
+                        f"{'the class' if isinstance(obj, type) else 'a'} {what}, which is never called")
+    return obj
+
+
+def gymnasium_wrappers() -> list[str]:
+    """The names of `gymnasium.wrappers` that wrap one environment (vector wrappers excluded)."""
+    return sorted(name for name in dir(gym.wrappers) if isinstance(getattr(gym.wrappers, name), type)
+                  and issubclass(getattr(gym.wrappers, name), gym.Wrapper))
+
+
+def register_atari(env: str) -> bool:
+    """Registers ale-py's "ALE/..." ids when `env` is one (gymnasium >= 1.0 loads no plugins itself);
+    False when it is one and ale-py is not installed."""
+    if not env.startswith("ALE/") or env in gym.registry:
+        return True
+    try:
+        import ale_py
+    except ImportError:
+        return False
+    gym.register_envs(ale_py)
+    return True
+
+
 def _env_id(env: str) -> str:
     """Gymnasium makes entry points ("package.module:Class") only through a registration; the class is
     checked first, so a spec can make nothing but an environment."""
     if ":" not in env:
+        register_atari(env)
         return env
     module, _, attr = env.partition(":")
     env_id = f"labfleet-custom/{module}.{attr}"
@@ -68,28 +107,59 @@ def _env_id(env: str) -> str:
     return env_id
 
 
+@dataclass(frozen=True)
+class EnvMaker:
+    """Everything that makes one of a spec's environments: the id or import path, gym.make's keyword
+    arguments and the wrappers applied in order to every instance (training, rollout workers, and, but for
+    the `train_only` ones, evaluation and replays). Small and picklable: it travels to Ray workers."""
+
+    env: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    wrappers: tuple[tuple[str, dict[str, Any], bool], ...] = ()  # (name, kwargs, train_only)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> EnvMaker:
+        assert spec.env is not None
+        return cls(spec.env, dict(spec.env_kwargs),
+                   tuple((w.type, dict(w.kwargs), w.train_only) for w in getattr(spec, "env_wrappers", ())))
+
+    def _wrappers(self, evaluation: bool) -> list[Any]:
+        return [partial(wrapper_class(name), **kwargs) for name, kwargs, train_only in self.wrappers
+                if not (evaluation and train_only)]
+
+    def make(self, evaluation: bool = False, **overrides: Any) -> gym.Env:
+        env = gym.make(_env_id(self.env), **{**self.kwargs, **overrides})
+        for wrap in self._wrappers(evaluation):
+            env = wrap(env)
+        return env
+
+    def make_vector(self, n_envs: int, evaluation: bool = False) -> gym.vector.VectorEnv:
+        """A synchronous vector env that autoresets in the same step, so `info["final_obs"]` carries the
+        last observation of an episode (needed to bootstrap a truncated one); `evaluation` leaves out the
+        train-only wrappers."""
+        return gym.make_vec(
+            _env_id(self.env), num_envs=n_envs, vectorization_mode="sync",
+            # The passive checker wraps every step but checks only the first; `labfleet validate` makes the env.
+            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, disable_env_checker=True,
+            wrappers=self._wrappers(evaluation) or None,
+            **self.kwargs,
+        )
+
+
 def make_env(env: str, env_kwargs: dict[str, Any] | None = None) -> gym.Env:
-    return gym.make(_env_id(env), **(env_kwargs or {}))
-
-
-def make_vector_env(env: str, env_kwargs: dict[str, Any] | None, n_envs: int) -> gym.vector.VectorEnv:
-    """A synchronous vector env that autoresets in the same step, so `info["final_obs"]` carries the
-    last observation of an episode (needed to bootstrap a truncated one)."""
-    return gym.make_vec(
-        _env_id(env), num_envs=n_envs, vectorization_mode="sync",
-        # The passive checker wraps every step but checks only the first; `labfleet validate` makes the env.
-        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, disable_env_checker=True,
-        **(env_kwargs or {}),
-    )
+    return EnvMaker(env, dict(env_kwargs or {})).make()
 
 
 def describe_spaces(env: gym.Env) -> tuple[str, str]:
-    """(observation kind, action kind): 'vector' | 'discrete' | other, 'discrete' | 'continuous' | other."""
+    """(observation kind, action kind): 'vector' | 'discrete' | 'image' (a rank 2 or 3 box) | other,
+    'discrete' | 'continuous' | other."""
     obs, act = env.observation_space, env.action_space
     if isinstance(obs, gym.spaces.Discrete):
         obs_kind = "discrete"
     elif isinstance(obs, gym.spaces.Box) and len(obs.shape) == 1:
         obs_kind = "vector"
+    elif isinstance(obs, gym.spaces.Box) and len(obs.shape) in (2, 3):
+        obs_kind = "image"
     else:
         obs_kind = type(obs).__name__
     if isinstance(act, gym.spaces.Discrete):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from labfleet.rollout.envs import make_vector_env
+from labfleet.rollout.envs import EnvMaker
 from labfleet.rollout.sampler import clip_to_space
 from labfleet.rollout.workers import worker_options
 
@@ -37,9 +37,9 @@ class PerturbationEvaluator:
     """Runs one episode per perturbed parameter vector, `chunk` of them stepped together in a vector env
     with the policies batched by `torch.func.vmap` over stacked parameters."""
 
-    def __init__(self, env: str, env_kwargs: dict[str, Any] | None, policy: nn.Module, noise: np.ndarray,
-                 chunk: int, max_episode_steps: int = 100_000):
-        self.env, self.env_kwargs, self.chunk = env, env_kwargs, chunk
+    def __init__(self, maker: EnvMaker, policy: nn.Module, noise: np.ndarray, chunk: int,
+                 max_episode_steps: int = 100_000):
+        self.maker, self.chunk = maker, chunk
         self.policy = policy.cpu()
         self.noise = noise
         self.max_episode_steps = max_episode_steps
@@ -72,7 +72,7 @@ class PerturbationEvaluator:
         if self.envs is None or self.envs.num_envs != k:
             if self.envs is not None:
                 self.envs.close()
-            self.envs = make_vector_env(self.env, self.env_kwargs, k)
+            self.envs = self.maker.make_vector(k)
         act = vmap(lambda p, o: functional_call(self.policy, p, (o[None],))[0])
         obs, _ = self.envs.reset(seed=list(seeds))  # type: ignore[arg-type]
         total, steps = np.zeros(k), np.zeros(k, dtype=np.int64)
@@ -107,12 +107,12 @@ class PerturbationWorkerGroup:
     """W Ray actors sharing one noise table; `evaluate` deals whole chunks out to them in turn and puts the
     results back in perturbation order."""
 
-    def __init__(self, env: str, env_kwargs: dict[str, Any] | None, policy: nn.Module, noise: np.ndarray,
-                 chunk: int, n_workers: int, cpus_per_worker: float):
+    def __init__(self, maker: EnvMaker, policy: nn.Module, noise: np.ndarray, chunk: int, n_workers: int,
+                 cpus_per_worker: float):
         noise_ref = ray.put(noise)  # once: every worker maps this copy
         self.chunk = chunk
         self.workers: list[Any] = [RemotePerturbationWorker.options(**worker_options(w, cpus_per_worker)).remote(
-            env, env_kwargs, policy, noise_ref, chunk) for w in range(n_workers)]
+            maker, policy, noise_ref, chunk) for w in range(n_workers)]
 
     def evaluate(self, theta: np.ndarray, offsets: np.ndarray, signs: np.ndarray, sigma: float,
                  seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,12 +10,12 @@ other environments (only floating-point rounding of a different batch size can d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import gymnasium as gym
 import numpy as np
 
-from labfleet.rollout.envs import derive_seed, make_vector_env
+from labfleet.rollout.envs import EnvMaker, derive_seed
 
 
 def clip_to_space(actions: np.ndarray, space: gym.Space) -> np.ndarray:
@@ -71,10 +71,9 @@ class Rollout:
 class VectorSampler:
     """Steps environments `first_env .. first_env + n_envs - 1` of a trial with a policy."""
 
-    def __init__(self, env: str, env_kwargs: dict[str, Any] | None, n_envs: int, seed: int,
-                 first_env: int = 0, generation: int = 0):
+    def __init__(self, maker: EnvMaker, n_envs: int, seed: int, first_env: int = 0, generation: int = 0):
         # `generation` separates the streams of a trainer restored from a checkpoint from the original's.
-        self.envs = make_vector_env(env, env_kwargs, n_envs)
+        self.envs = maker.make_vector(n_envs)
         indices = range(first_env, first_env + n_envs)
         self.action_rngs = [np.random.default_rng(derive_seed(seed, i, "actions", generation)) for i in indices]
         self.obs, _ = self.envs.reset(seed=[derive_seed(seed, i, "env", generation) for i in indices])  # type: ignore[arg-type]
@@ -120,12 +119,12 @@ class VectorSampler:
         self.envs.close()
 
 
-def evaluate_policy(env: str, env_kwargs: dict[str, Any] | None, act, episodes: int, seed: int,
-                    max_envs: int = 32, max_episode_steps: int = 100_000) -> np.ndarray:
+def evaluate_policy(maker: EnvMaker, act, episodes: int, seed: int, max_envs: int = 32,
+                    max_episode_steps: int = 100_000) -> np.ndarray:
     """Returns of `episodes` episodes of the deterministic policy `act(obs) -> actions`; episode k is
     reset with a seed derived from (seed, k) alone."""
     n = min(episodes, max_envs)
-    envs = make_vector_env(env, env_kwargs, n)
+    envs = maker.make_vector(n, evaluation=True)
     returns = np.zeros(episodes)
     try:
         for start in range(0, episodes, n):

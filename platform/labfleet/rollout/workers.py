@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from labfleet.rollout.envs import EnvMaker
 from labfleet.rollout.sampler import Rollout, VectorSampler
 
 
@@ -32,12 +33,12 @@ def worker_options(index: int, cpus: float) -> dict[str, Any]:
 
 
 class RolloutWorker:
-    def __init__(self, env: str, env_kwargs: dict[str, Any] | None, n_envs: int, seed: int, first_env: int,
-                 generation: int, policy_blob: bytes):
+    def __init__(self, maker: EnvMaker, n_envs: int, seed: int, first_env: int, generation: int,
+                 policy_blob: bytes):
         import torch
 
         torch.set_num_threads(1)
-        self.sampler = VectorSampler(env, env_kwargs, n_envs, seed, first_env=first_env, generation=generation)
+        self.sampler = VectorSampler(maker, n_envs, seed, first_env=first_env, generation=generation)
         self.policy = pickle.loads(policy_blob)
         self.policy.to_cpu()
 
@@ -52,15 +53,15 @@ RemoteRolloutWorker = ray.remote(RolloutWorker)
 class RolloutWorkerGroup:
     """The trial's W rollout actors; `collect` gathers one rollout from each, in environment order."""
 
-    def __init__(self, env: str, env_kwargs: dict[str, Any] | None, n_envs: int, n_workers: int, seed: int,
-                 generation: int, policy: Any, cpus_per_worker: float):
+    def __init__(self, maker: EnvMaker, n_envs: int, n_workers: int, seed: int, generation: int, policy: Any,
+                 cpus_per_worker: float):
         if n_envs % n_workers:
             raise ValueError(f"n_envs ({n_envs}) must be a multiple of rollout_workers ({n_workers})")
         per_worker = n_envs // n_workers
         blob = pickle.dumps(policy)
         self.workers: list[Any] = [  # actor handles
             RemoteRolloutWorker.options(**worker_options(w, cpus_per_worker)).remote(
-                env, env_kwargs, per_worker, seed, w * per_worker, generation, blob) for w in range(n_workers)]
+                maker, per_worker, seed, w * per_worker, generation, blob) for w in range(n_workers)]
 
     def collect(self, policy: Any, n_steps: int) -> Rollout:
         state = ray.put(policy.get_state())  # once per iteration, shared by every worker

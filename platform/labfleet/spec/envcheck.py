@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import gymnasium as gym
 
-from labfleet.rollout.envs import describe_spaces, env_class, make_env
+from labfleet.rollout.envs import EnvMaker, describe_spaces, env_class, register_atari, wrapper_class
 
 if TYPE_CHECKING:
     from labfleet.algorithms.registry import AlgorithmInfo
@@ -25,11 +25,24 @@ def check_env_id(env: str, spec_dir: Path | None = None) -> str | None:
         except (ImportError, TypeError) as exc:
             return str(exc)
         return None
+    if not register_atari(env):
+        return f"{env} is an Atari game: pip install 'labfleet[atari]' (ale-py, which ships the ROMs)"
     if env not in gym.registry:
         close = difflib.get_close_matches(env, list(gym.registry), n=3)
         hint = f" (did you mean: {', '.join(close)}?)" if close else " (see `labfleet list envs`)"
         return f"unknown gymnasium environment {env!r}{hint}"
     return None
+
+
+def check_wrappers(spec: ExperimentSpec, spec_dir: Path | None = None) -> list[tuple[str, str]]:
+    """Each `env_wrappers` entry must name a `gymnasium.Wrapper` subclass: imported, never called here."""
+    problems = []
+    for i, wrapper in enumerate(spec.env_wrappers):
+        try:
+            wrapper_class(wrapper.type, spec_dir)
+        except (ImportError, TypeError) as exc:
+            problems.append((f"env_wrappers.{i}.type", str(exc)))
+    return problems
 
 
 def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool = True,
@@ -59,6 +72,8 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
             problems.append(("eval.video", "recording needs moviepy: pip install 'labfleet[video]'"))
     if check_env:
         problems += _env_problems(spec, info, spec_dir)
+    else:
+        problems += check_wrappers(spec, spec_dir)
     return problems
 
 
@@ -68,6 +83,8 @@ def _generative_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tupl
     problems: list[tuple[str, str]] = []
     if spec.env is not None:
         problems.append(("env", f"{info.name} trains on a `dataset:`, not an env"))
+    if spec.env_wrappers:
+        problems.append(("env_wrappers", f"{info.name} has no environment to wrap"))
     if spec.dataset is None:
         problems.append(("dataset", f"{info.name} needs a dataset (one of: {', '.join(DATASETS)})"))
     elif spec.dataset not in DATASETS:
@@ -103,6 +120,7 @@ def _custom_problems(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool,
         problems.append(("dataset", f"unknown dataset {spec.dataset!r}; known: {', '.join(DATASETS)}"))
     if spec.env is not None and check_env and (problem := check_env_id(spec.env, spec_dir)):
         problems.append(("env", problem))
+    problems += check_wrappers(spec, spec_dir)
     return problems
 
 
@@ -137,11 +155,28 @@ def _env_problems(spec: ExperimentSpec, info: AlgorithmInfo, spec_dir: Path | No
     problem = check_env_id(spec.env, spec_dir)
     if problem:
         return [("env", problem)]
+    problems = check_wrappers(spec, spec_dir)
+    if problems:
+        return problems
     try:
-        env = make_env(spec.env, spec.env_kwargs)
+        env = EnvMaker(spec.env, dict(spec.env_kwargs)).make()
     except Exception as exc:  # any constructor error is the user's to see, as one line
         return [("env_kwargs" if spec.env_kwargs else "env", f"{spec.env} could not be made: "
                  f"{type(exc).__name__}: {exc}")]
+    spaces = (env.observation_space, env.action_space)
+    for i, wrapper in enumerate(spec.env_wrappers):  # each checked class is built on the env so far
+        try:
+            env = wrapper_class(wrapper.type, spec_dir)(env, **wrapper.kwargs)
+        except Exception as exc:
+            env.close()
+            return [(f"env_wrappers.{i}.kwargs" if wrapper.kwargs else f"env_wrappers.{i}.type",
+                     f"{wrapper.type} could not wrap {spec.env}: {type(exc).__name__}: {exc}")]
+        if not wrapper.train_only:
+            spaces = (env.observation_space, env.action_space)
+        elif spaces != (env.observation_space, env.action_space):
+            env.close()
+            return [(f"env_wrappers.{i}.train_only", f"{wrapper.type} changes the spaces, so the evaluation envs "
+                     f"(made without it) would not fit the policy: only wrappers that keep them may be train-only")]
     problems = []
     try:
         obs_kind, act_kind = describe_spaces(env)
@@ -166,6 +201,15 @@ _EXTRAS = (("gymnasium.envs.box2d", "Box2D", 'pip install "gymnasium[box2d]"'),
            ("gymnasium.envs.tabular", "jax", 'pip install "gymnasium[jax]"'))
 
 
+def _mujoco_major() -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("mujoco").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
+
+
 def env_availability() -> list[tuple[str, str | None]]:
     """(env id, None when it can be made here, else what it needs) for every registered id, without making
     any: an id whose entry point is a function (gymnasium's stand-ins for removed envs) is unavailable."""
@@ -181,6 +225,8 @@ def env_availability() -> list[tuple[str, str | None]]:
         need = next(((package, hint) for prefix, package, hint in _EXTRAS if module.startswith(prefix)), None)
         if need is not None and importlib.util.find_spec(need[0]) is None:
             out.append((env_id, need[1]))
+        elif module == "gymnasium.envs.mujoco.pusher_v4" and _mujoco_major() >= 3:
+            out.append((env_id, "needs mujoco<3 (gymnasium refuses it on mujoco 3): use the -v5 version"))
         else:
             out.append((env_id, None))
     return out

@@ -211,6 +211,16 @@ class SweepConfig(StrictModel):
         return len(self.objectives) > 1
 
 
+class WrapperSpec(StrictModel):
+    """One environment wrapper: a class of `gymnasium.wrappers` or a `package.module:Class` subclass of
+    `gymnasium.Wrapper`, built as `Class(env, **kwargs)`."""
+
+    type: str = Field(description='A gymnasium.wrappers class ("TimeLimit") or "package.module:Class".')
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments after the env.")
+    train_only: bool = Field(False, description="Wrap the training envs only, not the evaluation ones (reward "
+                             "clipping: evaluations then report the environment's own returns).")
+
+
 class ExperimentSpec(StrictModel):
     """One experiment: an algorithm on an environment (or dataset), for each of several seeds."""
 
@@ -218,6 +228,9 @@ class ExperimentSpec(StrictModel):
     algorithm: str = Field(description="A registered algorithm (`labfleet list algorithms`).")
     env: str | None = Field(None, description='A gymnasium id, or "package.module:Class" (RL).')
     env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of gym.make.")
+    env_wrappers: list[WrapperSpec] = Field(default_factory=list, max_length=32, description="Wrappers applied "
+                                            "in order to every env instance (training, rollout workers, "
+                                            "evaluation).")
     dataset: str | None = Field(None, description="A dataset name (generative models; `labfleet list datasets`).")
     dataset_kwargs: dict[str, Any] = Field(default_factory=dict, description="Arguments of the dataset's loader "
                                            "(`path` for mnist / fashion_mnist).")

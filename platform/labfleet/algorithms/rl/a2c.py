@@ -24,10 +24,11 @@ from labfleet.algorithms.optim import OptimHParams, OptimizerConfig
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import EnvCount, StepCount, Width
 
 
-class A2CHParams(OptimHParams):
+class A2CHParams(OptimHParams, ObservationHParams):
     learning_rate: float | str = Field(7e-4, description='Initial learning rate, or "lin_<value>".')
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(type="rmsprop", eps=1e-5, alpha=0.99),
                                        description="RMSprop(alpha 0.99, eps 1e-5), as SB3.")
@@ -61,7 +62,8 @@ class A2CTrainer(ActorCriticTrainer):
         values = self.ac.value(obs)  # (T, N), with gradient for the value loss
         with torch.no_grad():
             next_values = self.ac.value(self.as_tensor(rollout.next_obs))
-            adv = gae_advantages(self.as_tensor(rollout.rewards), values.detach(), self.as_tensor(rollout.terminated),
+            rewards = self.scale_rewards(self.as_tensor(rollout.rewards))  # with normalize.reward, scaled
+            adv = gae_advantages(rewards, values.detach(), self.as_tensor(rollout.terminated),
                                  self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
             returns = adv + values.detach()
             if hp.normalize_advantage and adv.numel() > 1:  # the std of one value is undefined
@@ -88,4 +90,5 @@ register(AlgorithmInfo(
     name="a2c", kind="rl", hparams=A2CHParams, trainer=A2CTrainer,
     summary="Synchronous advantage actor-critic with n-step (or GAE) advantages",
     mutable_hparams=("learning_rate", "ent_coef", "vf_coef", "gae_lambda", "max_grad_norm"),
+    observation_spaces=("vector", "discrete", "image"),
 ))

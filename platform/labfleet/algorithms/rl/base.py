@@ -6,6 +6,7 @@ about where environments run and how they are seeded lives here and in `labfleet
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -19,9 +20,10 @@ from labfleet import metrics as M
 from labfleet.algorithms.base import Trainer
 from labfleet.algorithms.optim import ScheduledOptimizer, StepSizeHParams, scheduled_learning_rate
 from labfleet.algorithms.rl.exploration import EpsilonGreedyHParams, EpsilonGreedyTable
-from labfleet.algorithms.rl.networks import ActorCritic, NumpyPolicy
+from labfleet.algorithms.rl.networks import ActorCritic, NumpyPolicy, ObservationEncoder
+from labfleet.algorithms.rl.normalize import ObservationNormalizer, RewardScaler
 from labfleet.algorithms.sizes import EnvCount, StepCount
-from labfleet.rollout.envs import derive_seed, make_env
+from labfleet.rollout.envs import EnvMaker, derive_seed
 from labfleet.rollout.sampler import NoisePolicy, Rollout, VectorSampler, evaluate_policy
 from labfleet.rollout.workers import RolloutWorkerGroup
 from labfleet.spec.models import ExperimentSpec
@@ -45,11 +47,19 @@ class RLTrainer(Trainer):
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)
-        assert spec.env is not None
-        probe_env = make_env(spec.env, spec.env_kwargs)
+        self.env_maker = EnvMaker.from_spec(spec)
+        probe_env = self.env_maker.make()
         self.observation_space: gym.Space = probe_env.observation_space
         self.action_space: gym.Space = probe_env.action_space
         probe_env.close()
+        # Running normalisation (hparams.normalize of the deep learners; see `normalize`): the trainer alone
+        # updates the statistics, once per rollout.
+        norm = getattr(self.hp, "normalize", None)
+        box = isinstance(self.observation_space, gym.spaces.Box)
+        self.obs_normalizer = (ObservationNormalizer(tuple(self.observation_space.shape or ()), norm.clip_obs,
+                                                     norm.epsilon) if norm is not None and norm.obs and box else None)
+        self.reward_scaler = (RewardScaler(float(getattr(self.hp, "gamma", 0.99)), norm.clip_reward, norm.epsilon)
+                              if norm is not None and norm.reward else None)
         self.env_steps = 0
         self.iterations = 0
         self.evaluations = 0
@@ -63,15 +73,17 @@ class RLTrainer(Trainer):
         """One vectorised rollout of n_steps from each of n_envs environments, and its episode metrics:
         in this process, or from `resources.rollout_workers` Ray actors (the same rollout)."""
         if self._sampler is None:
-            assert self.spec.env is not None
             workers = self.spec.resources.rollout_workers
             if workers:
-                self._sampler = RolloutWorkerGroup(self.spec.env, self.spec.env_kwargs, n_envs, workers, self.seed,
-                                                   self._generation, policy, self.spec.resources.cpus_per_worker)
+                self._sampler = RolloutWorkerGroup(self.env_maker, n_envs, workers, self.seed, self._generation,
+                                                   policy, self.spec.resources.cpus_per_worker)
             else:
-                self._sampler = VectorSampler(self.spec.env, self.spec.env_kwargs, n_envs, self.seed,
-                                              generation=self._generation)
+                self._sampler = VectorSampler(self.env_maker, n_envs, self.seed, generation=self._generation)
         rollout = self._sampler.collect(policy, n_steps)
+        if self.obs_normalizer is not None:
+            self.obs_normalizer.update(rollout.obs)
+        if self.reward_scaler is not None:
+            self.reward_scaler.observe(rollout.rewards, rollout.terminated, rollout.truncated)
         self.env_steps += rollout.steps
         elapsed = time.perf_counter() - self._started
         logged: dict[str, float] = {M.ENV_STEPS: float(self.env_steps),
@@ -80,6 +92,20 @@ class RLTrainer(Trainer):
             logged[M.TRAIN_EPISODE_RETURN] = float(np.mean(rollout.episode_returns))
             logged[M.TRAIN_EPISODE_LENGTH] = float(np.mean(rollout.episode_lengths))
         return rollout, logged
+
+    def encoder(self) -> ObservationEncoder:
+        """A new observation encoder on the trainer's shared normaliser, as `hparams.encoder` asks."""
+        return ObservationEncoder(self.observation_space, self.obs_normalizer, getattr(self.hp, "encoder", "auto"))
+
+    def target_copy(self, net: torch.nn.Module) -> torch.nn.Module:
+        """A target network: a deep copy that shares the trainer's observation normaliser (its statistics are
+        not learned, so a target must not keep a stale copy of them)."""
+        memo = {} if self.obs_normalizer is None else {id(self.obs_normalizer): self.obs_normalizer}
+        return copy.deepcopy(net, memo)
+
+    def scale_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Rewards as the learner sees them: scaled by the return statistics with `normalize.reward`."""
+        return rewards if self.reward_scaler is None else self.reward_scaler.scale(rewards)
 
     def as_tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         if not array.flags.writeable:  # a zero-copy view of a rollout that came through Ray's object store
@@ -95,8 +121,7 @@ class RLTrainer(Trainer):
         raise NotImplementedError
 
     def evaluate(self) -> dict[str, float]:
-        assert self.spec.env is not None
-        returns = evaluate_policy(self.spec.env, self.spec.env_kwargs, self.greedy_actions,
+        returns = evaluate_policy(self.env_maker, self.greedy_actions,
                                   self.spec.eval.episodes, derive_seed(self.seed, "eval", self.evaluations))
         self.evaluations += 1
         return {M.EVAL_RETURN_MEAN: float(returns.mean()), M.EVAL_RETURN_STD: float(returns.std())}
@@ -115,12 +140,23 @@ class RLTrainer(Trainer):
         self._sampler = None
 
     def rl_state(self) -> dict[str, Any]:
-        return {"env_steps": self.env_steps, "iterations": self.iterations, "evaluations": self.evaluations}
+        state: dict[str, Any] = {"env_steps": self.env_steps, "iterations": self.iterations,
+                                 "evaluations": self.evaluations}
+        if self.obs_normalizer is not None:  # also inside the networks' state; here for a trainer-free reader
+            state["obs_rms"] = self.obs_normalizer.state_dict()
+        if self.reward_scaler is not None:
+            state["reward_scaler"] = self.reward_scaler.state_dict()
+        return state
 
     def load_rl_state(self, state: dict[str, Any]) -> None:
         self.env_steps = int(state["env_steps"])
         self.iterations = int(state["iterations"])
         self.evaluations = int(state["evaluations"])
+        if self.obs_normalizer is not None:
+            self.obs_normalizer.load_state_dict(state["obs_rms"])
+        if self.reward_scaler is not None:
+            self.reward_scaler.load_state_dict(state["reward_scaler"])
+            self.reward_scaler.restart()  # the environments restart below, and with them their returns
         # Environments cannot be checkpointed in general: a restored trainer starts fresh episodes on
         # streams seeded from (seed, env index, env_steps at restore), so resuming is reproducible.
         if self._sampler is not None:
@@ -139,8 +175,8 @@ class ActorCriticTrainer(RLTrainer):
         super().__init__(spec, seed, device)
         hp: Any = self.hp
         with seeded_torch(derive_seed(seed, "init")):
-            self.ac = ActorCritic(self.observation_space, self.action_space, hp.net_arch,
-                                  hp.activation).to(self.device)
+            self.ac = ActorCritic(self.observation_space, self.action_space, hp.net_arch, hp.activation,
+                                  encoder=self.encoder()).to(self.device)
         self.optimizer = ScheduledOptimizer(self.ac.parameters(), hp)
         self.actor = NumpyPolicy(self.ac.policy, self.device)
 

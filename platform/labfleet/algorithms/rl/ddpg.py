@@ -13,7 +13,6 @@ One iteration:
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
 import gymnasium as gym
@@ -27,13 +26,14 @@ from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import RLTrainer, seeded_torch
 from labfleet.algorithms.rl.estimators import polyak_update, td_target
 from labfleet.algorithms.rl.networks import ObservationEncoder, mlp
+from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import BatchSize, BufferSize, EnvCount, Width
 from labfleet.rollout.envs import derive_seed
 from labfleet.rollout.replay import ReplayBuffer
 from labfleet.spec.models import ExperimentSpec
 
 
-class DDPGHParams(OptimHParams):
+class DDPGHParams(OptimHParams, ObservationHParams):
     learning_rate: float | str = Field(1e-3, description='Learning rate of actor and critic, or "lin_<value>".')
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     max_grad_norm: PositiveFloat | None = Field(None, description="Clip the global gradient norm; null: off.")
@@ -57,9 +57,9 @@ class Actor(torch.nn.Module):
     """mu(s) in the action box: tanh output rescaled to [low, high]."""
 
     def __init__(self, observation_space: gym.Space, action_space: gym.spaces.Box, net_arch: list[int],
-                 activation: str):
+                 activation: str, encoder: ObservationEncoder | None = None):
         super().__init__()
-        self.encoder = ObservationEncoder(observation_space)
+        self.encoder = encoder or ObservationEncoder(observation_space)
         dim = int(np.prod(action_space.shape or ()))
         self.mu = mlp([self.encoder.dim, *net_arch, dim], activation, orthogonal=False)
         self.low: torch.Tensor
@@ -75,9 +75,10 @@ class Actor(torch.nn.Module):
 class Critic(torch.nn.Module):
     """Q(s, a) on the concatenation of the encoded observation and the action."""
 
-    def __init__(self, observation_space: gym.Space, action_dim: int, net_arch: list[int], activation: str):
+    def __init__(self, observation_space: gym.Space, action_dim: int, net_arch: list[int], activation: str,
+                 encoder: ObservationEncoder | None = None):
         super().__init__()
-        self.encoder = ObservationEncoder(observation_space)
+        self.encoder = encoder or ObservationEncoder(observation_space)
         self.q = mlp([self.encoder.dim + action_dim, *net_arch, 1], activation, orthogonal=False)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -146,10 +147,11 @@ class DDPGTrainer(RLTrainer):
         space = self.action_space
         assert isinstance(space, gym.spaces.Box)
         with seeded_torch(derive_seed(seed, "init")):
-            self.actor = Actor(self.observation_space, space, hp.net_arch, hp.activation).to(self.device)
+            self.actor = Actor(self.observation_space, space, hp.net_arch, hp.activation,
+                               encoder=self.encoder()).to(self.device)
             self.critic = Critic(self.observation_space, int(np.prod(space.shape or ())), hp.net_arch,
-                                 hp.activation).to(self.device)
-        self.actor_target, self.critic_target = copy.deepcopy(self.actor), copy.deepcopy(self.critic)
+                                 hp.activation, encoder=self.encoder()).to(self.device)
+        self.actor_target, self.critic_target = self.target_copy(self.actor), self.target_copy(self.critic)
         self.actor_optimizer = ScheduledOptimizer(self.actor.parameters(), hp)
         self.critic_optimizer = ScheduledOptimizer(self.critic.parameters(), hp)
         self.behaviour = NoisyActor(self.actor, space, hp, self.device)
@@ -172,6 +174,7 @@ class DDPGTrainer(RLTrainer):
         critic_losses, actor_losses, q_means = [], [], []
         for _ in range(hp.gradient_steps):
             batch = self.buffer.sample(hp.batch_size, self.device)
+            batch["rewards"] = self.scale_rewards(batch["rewards"])
             with torch.no_grad():
                 next_q = self.critic_target(batch["next_obs"], self.actor_target(batch["next_obs"]))
                 y = td_target(batch["rewards"], next_q, batch["terminated"], hp.gamma)

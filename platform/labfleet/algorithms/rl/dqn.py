@@ -14,7 +14,6 @@ One iteration:
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
 import numpy as np
@@ -29,13 +28,14 @@ from labfleet.algorithms.rl.base import RLTrainer, seeded_torch
 from labfleet.algorithms.rl.estimators import polyak_update, td_target
 from labfleet.algorithms.rl.exploration import EpsilonGreedyHParams, EpsilonGreedyNet
 from labfleet.algorithms.rl.networks import ObservationEncoder, mlp
+from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import BatchSize, BufferSize, EnvCount, Width
 from labfleet.rollout.envs import derive_seed
 from labfleet.rollout.replay import ReplayBuffer
 from labfleet.spec.models import ExperimentSpec
 
 
-class DQNHParams(OptimHParams, EpsilonGreedyHParams):
+class DQNHParams(OptimHParams, EpsilonGreedyHParams, ObservationHParams):
     learning_rate: float | str = Field(1e-4, description='Initial learning rate, or "lin_<value>".')
     max_grad_norm: float | None = Field(10.0, gt=0, description="Clip the global gradient norm; null: off.")
     n_envs: EnvCount = Field(1, description="Environments stepped together.")
@@ -54,9 +54,10 @@ class DQNHParams(OptimHParams, EpsilonGreedyHParams):
 
 
 class QNetwork(torch.nn.Module):
-    def __init__(self, observation_space: Any, n_actions: int, net_arch: list[int], activation: str):
+    def __init__(self, observation_space: Any, n_actions: int, net_arch: list[int], activation: str,
+                 encoder: ObservationEncoder | None = None):
         super().__init__()
-        self.encoder = ObservationEncoder(observation_space)
+        self.encoder = encoder or ObservationEncoder(observation_space)
         self.q = mlp([self.encoder.dim, *net_arch, n_actions], activation, orthogonal=False)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,9 @@ class DQNTrainer(RLTrainer):
         hp = self.hp
         n_actions = int(self.action_space.n)  # type: ignore[attr-defined]
         with seeded_torch(derive_seed(seed, "init")):
-            self.q_net = QNetwork(self.observation_space, n_actions, hp.net_arch, hp.activation).to(self.device)
-        self.q_target = copy.deepcopy(self.q_net)
+            self.q_net = QNetwork(self.observation_space, n_actions, hp.net_arch, hp.activation,
+                                  encoder=self.encoder()).to(self.device)
+        self.q_target = self.target_copy(self.q_net)
         self.optimizer = ScheduledOptimizer(self.q_net.parameters(), hp)
         self.behaviour = EpsilonGreedyNet(self.q_net, n_actions, self.device)
         space = self.observation_space
@@ -108,6 +110,7 @@ class DQNTrainer(RLTrainer):
             losses, q_values = [], []
             for _ in range(hp.gradient_steps):
                 batch = self.buffer.sample(hp.batch_size, self.device)
+                batch["rewards"] = self.scale_rewards(batch["rewards"])
                 y = dqn_targets(self.q_target, self.q_net, batch, hp.gamma, hp.double_q)
                 q = self.q_net(batch["obs"]).gather(1, batch["actions"].long().unsqueeze(1)).squeeze(1)
                 loss = F.smooth_l1_loss(q, y) if hp.loss == "huber" else F.mse_loss(q, y)
@@ -146,4 +149,5 @@ register(AlgorithmInfo(
     summary="Deep Q-Network with replay, target network, epsilon schedule, optional Double DQN",
     action_spaces=("discrete",),
     mutable_hparams=("learning_rate", "max_grad_norm", "gradient_steps"),
+    observation_spaces=("vector", "discrete", "image"),
 ))

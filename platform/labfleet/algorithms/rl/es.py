@@ -121,15 +121,14 @@ class ESTrainer(RLTrainer):
 
     def evaluator(self) -> PerturbationEvaluator | PerturbationWorkerGroup:
         if self._evaluator is None:
-            assert self.spec.env is not None
             workers = self.spec.resources.rollout_workers
             if workers:
-                self._evaluator = PerturbationWorkerGroup(self.spec.env, self.spec.env_kwargs, self.policy,
-                                                          self.noise, self.hp.chunk, workers,
+                self._evaluator = PerturbationWorkerGroup(self.env_maker, self.policy, self.noise,
+                                                          self.hp.chunk, workers,
                                                           self.spec.resources.cpus_per_worker)
             else:
-                self._evaluator = PerturbationEvaluator(self.spec.env, self.spec.env_kwargs, self.policy,
-                                                        self.noise, self.hp.chunk)
+                self._evaluator = PerturbationEvaluator(self.env_maker, self.policy, self.noise,
+                                                        self.hp.chunk)
         return self._evaluator
 
     def train_iteration(self) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Networks shared by the RL algorithms: MLPs, observation encoding, categorical and Gaussian policies.
+"""Networks shared by the RL algorithms: MLPs, observation encoders (one-hot, flat vectors, the Nature-DQN
+CNN for images), categorical and Gaussian policies.
 
 Plumbing only: no loss is computed here. Policies sample from noise the caller supplies (uniforms in
 (0, 1)), so where and in which batch an environment is stepped does not change its actions.
@@ -16,9 +17,10 @@ from torch import nn
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def layer_init(layer: nn.Linear, gain: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
+def layer_init(layer: nn.Linear | nn.Conv2d, gain: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
     """Orthogonal weights, constant bias (the PPO implementation-details recipe)."""
     nn.init.orthogonal_(layer.weight, gain)
+    assert layer.bias is not None
     nn.init.constant_(layer.bias, bias)
     return layer
 
@@ -36,30 +38,84 @@ def mlp(sizes: list[int], activation: str, out_gain: float = 1.0, orthogonal: bo
     return nn.Sequential(*layers)
 
 
-class ObservationEncoder(nn.Module):
-    """Box(d,) -> float vector as is; Discrete(n) -> one-hot of length n."""
+def is_image_space(space: gym.Space) -> bool:
+    """uint8 boxes of rank 2 (H, W) or 3 (C, H, W or H, W, C): frames, as SB3's `is_image_space` reads them."""
+    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) in (2, 3)
 
-    def __init__(self, space: gym.Space):
+
+class NatureCNN(nn.Module):
+    """The convolutional torso of Mnih et al. (2015), as SB3 and CleanRL use it on Atari frames:
+    conv 32x8x8/4, conv 64x4x4/2, conv 64x3x3/1 (ReLU each), then a 512-unit linear layer (ReLU)."""
+
+    def __init__(self, channels: int, height: int, width: int, features: int = 512):
         super().__init__()
+        self.convs = nn.Sequential(
+            layer_init(nn.Conv2d(channels, 32, 8, stride=4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            flat = self.convs(torch.zeros(1, channels, height, width)).shape[1]
+        self.head = nn.Sequential(layer_init(nn.Linear(flat, features)), nn.ReLU())
+        self.features = features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.convs(images))
+
+
+class ObservationEncoder(nn.Module):
+    """Discrete(n) -> one-hot of length n; a Box -> its values as a flat float vector, or, for images (uint8
+    frames, or any rank-2/3 box with kind "nature_cnn"), the 512 features of a `NatureCNN` on the frames
+    scaled to [0, 1]. An `ObservationNormalizer`, when given, is applied to Box observations first (and
+    replaces the scaling)."""
+
+    def __init__(self, space: gym.Space, normalizer: nn.Module | None = None, kind: str = "auto"):
+        super().__init__()
+        self.normalizer = normalizer
+        self.n = 0
+        self.cnn: NatureCNN | None = None
         if isinstance(space, gym.spaces.Discrete):
             self.n = int(space.n)
             self.dim = self.n
+            return
+        self.shape = tuple(space.shape or ())
+        if kind == "nature_cnn" or (kind == "auto" and is_image_space(space)):
+            if len(self.shape) not in (2, 3):
+                raise ValueError(f"nature_cnn needs image observations (rank 2 or 3), not shape {self.shape}")
+            # Channels first unless the last axis is the small one (H, W, C): frame stacks are (K, H, W).
+            self.channels_last = len(self.shape) == 3 and self.shape[-1] < self.shape[0]
+            c, h, w = ((self.shape[2], self.shape[0], self.shape[1]) if self.channels_last else
+                       (1, *self.shape) if len(self.shape) == 2 else self.shape)
+            self.cnn = NatureCNN(c, h, w)
+            self.scale = 1.0 / 255.0 if space.dtype == np.uint8 and normalizer is None else 1.0
+            self.dim = self.cnn.features
         else:
-            self.n = 0
-            self.dim = int(np.prod(space.shape or ()))
+            self.dim = int(np.prod(self.shape))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if self.n:
             return nn.functional.one_hot(obs.long(), self.n).float()
-        return obs.float()
+        x = obs.float()
+        if self.normalizer is not None:
+            x = self.normalizer(x)
+        rank = len(self.shape)
+        lead = x.shape[:x.dim() - rank]
+        if self.cnn is None:
+            return x if rank == 1 else x.reshape(*lead, self.dim)
+        images = x.reshape(-1, *self.shape) * self.scale
+        if self.channels_last:
+            images = images.permute(0, 3, 1, 2)
+        elif rank == 2:
+            images = images.unsqueeze(1)
+        return self.cnn(images).reshape(*lead, self.dim)
 
 
 class CategoricalPolicy(nn.Module):
     """pi(a|s) = softmax(logits(s)); sampling by Gumbel-max on caller-supplied uniforms."""
 
-    def __init__(self, observation_space: gym.Space, n_actions: int, net_arch: list[int], activation: str):
+    def __init__(self, observation_space: gym.Space, n_actions: int, net_arch: list[int], activation: str,
+                 encoder: ObservationEncoder | None = None):
         super().__init__()
-        self.encoder = ObservationEncoder(observation_space)
+        self.encoder = encoder or ObservationEncoder(observation_space)
         self.logits = mlp([self.encoder.dim, *net_arch, n_actions], activation, out_gain=0.01)
         self.noise_dim = n_actions
 
@@ -88,9 +144,9 @@ class GaussianPolicy(nn.Module):
     """pi(a|s) = N(mu(s), diag(exp(log_std))^2) with a state-independent log_std."""
 
     def __init__(self, observation_space: gym.Space, action_dim: int, net_arch: list[int], activation: str,
-                 log_std_init: float = 0.0):
+                 log_std_init: float = 0.0, encoder: ObservationEncoder | None = None):
         super().__init__()
-        self.encoder = ObservationEncoder(observation_space)
+        self.encoder = encoder or ObservationEncoder(observation_space)
         self.mean = mlp([self.encoder.dim, *net_arch, action_dim], activation, out_gain=0.01)
         self.log_std = nn.Parameter(torch.full((action_dim,), float(log_std_init)))
         self.noise_dim = action_dim
@@ -121,10 +177,11 @@ class GaussianPolicy(nn.Module):
 
 
 def make_policy(observation_space: gym.Space, action_space: gym.Space, net_arch: list[int],
-                activation: str) -> CategoricalPolicy | GaussianPolicy:
+                activation: str, encoder: ObservationEncoder | None = None) -> CategoricalPolicy | GaussianPolicy:
     if isinstance(action_space, gym.spaces.Discrete):
-        return CategoricalPolicy(observation_space, int(action_space.n), net_arch, activation)
-    return GaussianPolicy(observation_space, int(np.prod(action_space.shape or ())), net_arch, activation)
+        return CategoricalPolicy(observation_space, int(action_space.n), net_arch, activation, encoder=encoder)
+    return GaussianPolicy(observation_space, int(np.prod(action_space.shape or ())), net_arch, activation,
+                          encoder=encoder)
 
 
 class NumpyPolicy:
@@ -161,11 +218,14 @@ class NumpyPolicy:
 
 
 class ActorCritic(nn.Module):
-    """Separate policy and state-value MLPs (no shared trunk: one of PPO's implementation details)."""
+    """Separate policy and state-value MLPs (no shared trunk: one of PPO's implementation details) on the
+    policy's observation encoder; for images that encoder is a CNN the two heads share (as in the Atari
+    setups of Mnih et al. 2016, CleanRL and SB3's CnnPolicy)."""
 
-    def __init__(self, observation_space: gym.Space, action_space: gym.Space, net_arch: list[int], activation: str):
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space, net_arch: list[int], activation: str,
+                 encoder: ObservationEncoder | None = None):
         super().__init__()
-        self.policy = make_policy(observation_space, action_space, net_arch, activation)
+        self.policy = make_policy(observation_space, action_space, net_arch, activation, encoder=encoder)
         self.value_net = mlp([self.policy.encoder.dim, *net_arch, 1], activation, out_gain=1.0)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:

@@ -41,12 +41,13 @@ from labfleet.algorithms.optim import LIN_PATTERN, OptimHParams, OptimizerConfig
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import BatchSize, EnvCount, StepCount, Width
 from labfleet.rollout.envs import derive_seed
 from labfleet.spec.models import ExperimentSpec
 
 
-class PPOHParams(OptimHParams):
+class PPOHParams(OptimHParams, ObservationHParams):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(type="adam", eps=1e-5),
                                        description="Adam with eps 1e-5 [3].")
     n_envs: EnvCount = Field(8, description="Environments stepped together [1].")
@@ -161,7 +162,8 @@ class PPOTrainer(ActorCriticTrainer):
             values = self.ac.value(obs)  # (T, N)
             next_values = self.ac.value(self.as_tensor(rollout.next_obs))  # (T, N)
             logp_old, _ = self.ac.policy.log_prob_entropy(obs, actions)  # (T, N)
-            adv = gae_advantages(self.as_tensor(rollout.rewards), values, self.as_tensor(rollout.terminated),
+            rewards = self.scale_rewards(self.as_tensor(rollout.rewards))  # with normalize.reward, scaled
+            adv = gae_advantages(rewards, values, self.as_tensor(rollout.terminated),
                                  self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
             returns = adv + values
         B = rollout.steps
@@ -238,4 +240,5 @@ register(AlgorithmInfo(
     summary="Proximal Policy Optimization (clipped surrogate or adaptive KL penalty), 13 core implementation details",
     mutable_hparams=("learning_rate", "clip_range", "ent_coef", "vf_coef", "gae_lambda", "max_grad_norm", "n_epochs",
                      "target_kl"),
+    observation_spaces=("vector", "discrete", "image"),
 ))

@@ -24,10 +24,11 @@ from labfleet.algorithms.optim import OptimHParams
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import discounted_returns
+from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import EnvCount, StepCount, Width
 
 
-class ReinforceHParams(OptimHParams):
+class ReinforceHParams(OptimHParams, ObservationHParams):
     learning_rate: float | str = Field(1e-3, description='Initial learning rate, or "lin_<value>".')
     n_envs: EnvCount = Field(8, description="Environments stepped together.")
     n_steps: StepCount = Field(128, description="Steps per environment per update.")
@@ -59,7 +60,7 @@ class ReinforceTrainer(ActorCriticTrainer):
         rollout, logged = self.collect(self.actor, hp.n_envs, hp.n_steps)
         obs = self.as_tensor(rollout.obs)  # (T, N, *obs_shape)
         actions = self.as_tensor(rollout.actions)  # (T, N, *act_shape)
-        rewards = self.as_tensor(rollout.rewards)  # (T, N)
+        rewards = self.scale_rewards(self.as_tensor(rollout.rewards))  # (T, N)
 
         # 2. estimate: reward-to-go, bootstrapped only where an episode was cut, not where it ended
         with torch.no_grad():
@@ -92,4 +93,5 @@ register(AlgorithmInfo(
     name="reinforce", kind="rl", hparams=ReinforceHParams, trainer=ReinforceTrainer,
     summary="REINFORCE (Monte Carlo policy gradient) with a learned state-value baseline",
     mutable_hparams=("learning_rate", "ent_coef", "vf_coef", "max_grad_norm"),
+    observation_spaces=("vector", "discrete", "image"),
 ))

@@ -33,12 +33,13 @@ from labfleet.algorithms.optim import OptimHParams, OptimizerConfig, ScheduledOp
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import BatchSize, EnvCount, StepCount, Width
 from labfleet.rollout.envs import derive_seed
 from labfleet.spec.models import ExperimentSpec
 
 
-class TRPOHParams(OptimHParams):
+class TRPOHParams(OptimHParams, ObservationHParams):
     learning_rate: float | str = Field(1e-3, description='The value function\'s Adam step size, or "lin_<value>".')
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(type="adam"),
                                        description="The value function's optimiser.")
@@ -131,7 +132,8 @@ class TRPOTrainer(ActorCriticTrainer):
         with torch.no_grad():
             values = self.ac.value(obs).reshape(rollout.rewards.shape)  # (T, N)
             next_values = self.ac.value(self.as_tensor(rollout.next_obs))  # (T, N)
-            adv = gae_advantages(self.as_tensor(rollout.rewards), values, self.as_tensor(rollout.terminated),
+            rewards = self.scale_rewards(self.as_tensor(rollout.rewards))  # with normalize.reward, scaled
+            adv = gae_advantages(rewards, values, self.as_tensor(rollout.terminated),
                                  self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
             returns = (adv + values).reshape(B)
             adv = adv.reshape(B)
@@ -202,4 +204,5 @@ class TRPOTrainer(ActorCriticTrainer):
 register(AlgorithmInfo(
     name="trpo", kind="rl", hparams=TRPOHParams, trainer=TRPOTrainer,
     summary="Trust Region Policy Optimization: conjugate-gradient natural step, KL line search, GAE",
+    observation_spaces=("vector", "discrete", "image"),
 ))

@@ -72,9 +72,35 @@ def test_what_labfleet_cannot_take_is_named(tmp_path: Path):
     text = out.read_text()
     spec = yaml.safe_load(text)
     assert spec["hparams"]["net_arch"] == [256, 256] and spec["hparams"]["activation"] == "relu"
-    for word in ("normalize=True", "use_sde=True", "log_std_init=-2"):
+    for word in ("use_sde=True", "log_std_init=-2"):
         assert word in text, word  # in the spec's comments
-    assert "normalize" not in spec["hparams"]
+    assert spec["hparams"]["normalize"] == {"obs": True, "reward": True}
+    assert CliRunner().invoke(app, ["validate", str(out)]).exit_code == 0
+
+
+def test_atari_wrappers_frame_stacking_and_normalize_settings_are_mapped(tmp_path: Path):
+    """SB3's AtariWrapper becomes gymnasium's AtariPreprocessing with train-only reward clipping, then the
+    frame stack; CnnPolicy the Nature CNN; a normalize dict(...) is parsed, never evaluated."""
+    zoo = tmp_path / "ppo.yml"
+    zoo.write_text(ZOO_PPO.replace("atari:", "ALE/Pong-v5:") + """MountainCarContinuous-v0:
+  normalize: "dict(norm_obs=True, norm_reward=False)"
+  n_timesteps: 20000
+  env_wrapper:
+    - no_such_package.wrappers.Whatever
+""")
+    out = tmp_path / "pong.yaml"
+    result = CliRunner().invoke(app, ["zoo-import", str(zoo), "ALE/Pong-v5", "ppo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    spec = yaml.safe_load(out.read_text())
+    assert [w["type"] for w in spec["env_wrappers"]] == ["AtariPreprocessing", "ClipReward", "FrameStackObservation"]
+    assert spec["env_wrappers"][1]["train_only"] and spec["env_wrappers"][2]["kwargs"] == {"stack_size": 4}
+    assert spec["hparams"]["encoder"] == "nature_cnn"
+    out = tmp_path / "car.yaml"
+    result = CliRunner().invoke(app, ["zoo-import", str(zoo), "MountainCarContinuous-v0", "ppo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    spec = yaml.safe_load(out.read_text())
+    assert spec["hparams"]["normalize"] == {"obs": True, "reward": False} and "env_wrappers" not in spec
+    assert "no_such_package.wrappers.Whatever" in out.read_text()  # named as left out
     assert CliRunner().invoke(app, ["validate", str(out)]).exit_code == 0
 
 

@@ -1,9 +1,10 @@
 """rl-baselines3-zoo hyperparameter files as labfleet specs (`labfleet zoo-import FILE ENV_ID ALGO`).
 
 A zoo entry is a mapping of SB3 argument names, which labfleet's hyperparameters share, plus a few keys of
-the zoo's own: `n_timesteps` (the budget), `policy`, `policy_kwargs` (a Python expression such as
-"dict(net_arch=[64, 64], activation_fn=nn.ReLU)", read here by parsing it, never by evaluating it),
-`normalize`, `frame_stack` and `env_wrapper`. What labfleet cannot take is left out of the spec and named,
+the zoo's own: `n_timesteps` (the budget), `policy` (CnnPolicy: the Nature CNN), `policy_kwargs` (a Python
+expression such as "dict(net_arch=[64, 64], activation_fn=nn.ReLU)", read here by parsing it, never by
+evaluating it), `normalize` (hparams.normalize), `frame_stack` and `env_wrapper` (env_wrappers; SB3's
+AtariWrapper as gymnasium's AtariPreprocessing). What labfleet cannot take is left out of the spec and named,
 each with why, in comments at the top of the spec and on stderr.
 """
 
@@ -80,6 +81,65 @@ def _policy_kwargs(value: Any, hparams: dict[str, Any], notes: list[str]) -> Non
         notes.append(f"policy_kwargs.{key}={item!r}: not a labfleet hyperparameter")
 
 
+_NORMALIZE_KEYS = {"norm_obs": "obs", "norm_reward": "reward", "clip_obs": "clip_obs",
+                   "clip_reward": "clip_reward", "epsilon": "epsilon"}
+
+
+def _normalize(value: Any, extra: Any, hparams: dict[str, Any], notes: list[str]) -> None:
+    """The zoo's `normalize: true` or "dict(norm_obs=True, norm_reward=False)" (parsed, never evaluated)
+    as hparams.normalize; VecNormalize's own gamma is the algorithm's here."""
+    if isinstance(value, str):
+        value = _literal(ast.parse(value.strip(), mode="eval").body, "normalize")
+    if isinstance(value, bool):
+        settings: dict[str, Any] = {"obs": value, "reward": value}
+    elif isinstance(value, dict):
+        settings = {"obs": True, "reward": True}
+        for key, item in value.items():
+            if key in _NORMALIZE_KEYS:
+                settings[_NORMALIZE_KEYS[key]] = item
+            else:
+                notes.append(f"normalize.{key}={item!r}: not a setting of labfleet's normalisation")
+    else:
+        raise ValueError(f"normalize must be true, false or dict(...), not {value!r}")
+    if extra is not None:
+        notes.append(f"normalize_kwargs={extra!r}: not read (labfleet's normalize takes obs, reward, clip_obs, "
+                     f"clip_reward, epsilon)")
+    hparams["normalize"] = settings
+
+
+# SB3's AtariWrapper in gymnasium's wrappers: no-op starts, frame skip with max-pooling, 84x84 grayscale,
+# and its reward clipping (for training only, so evaluations report the game's score).
+_ATARI_WRAPPER: list[dict[str, Any]] = [
+    {"type": "AtariPreprocessing", "kwargs": {"noop_max": 30, "frame_skip": 4, "screen_size": 84, "grayscale_obs": True}},
+    {"type": "ClipReward", "kwargs": {"min_reward": -1.0, "max_reward": 1.0}, "train_only": True},
+]
+
+
+def _env_wrappers(value: Any, notes: list[str]) -> list[dict[str, Any]]:
+    """The zoo's `env_wrapper` (a dotted name, a {name: kwargs} mapping, or a list of them) as env_wrappers:
+    SB3's AtariWrapper becomes gymnasium's AtariPreprocessing (plus train-only reward clipping); any other
+    class is named by import path, and is kept only when it imports as a gymnasium.Wrapper subclass."""
+    from labfleet.rollout.envs import wrapper_class
+
+    out: list[dict[str, Any]] = []
+    for item in value if isinstance(value, list) else ([] if value is None else [value]):
+        name, kwargs = (next(iter(item.items())) if isinstance(item, dict) else (item, None))
+        if name.rsplit(".", 1)[-1] == "AtariWrapper":
+            out += [{**w, "kwargs": dict(w["kwargs"])} for w in _ATARI_WRAPPER]
+            if kwargs:
+                notes.append(f"env_wrapper AtariWrapper kwargs {kwargs!r}: AtariPreprocessing's defaults are used")
+            continue
+        module, _, attr = str(name).rpartition(".")
+        path = f"{module}:{attr}"
+        try:
+            wrapper_class(path)
+        except (ImportError, TypeError) as exc:
+            notes.append(f"env_wrapper {name}: {exc}")
+            continue
+        out.append({"type": path, "kwargs": dict(kwargs) if isinstance(kwargs, dict) else {}})
+    return out
+
+
 def zoo_entry(document: dict[str, Any], env_id: str, algorithm: str) -> Imported:
     """The spec for `env_id` of a zoo file (already parsed), with notes on what was left out."""
     if env_id not in document:
@@ -90,15 +150,18 @@ def zoo_entry(document: dict[str, Any], env_id: str, algorithm: str) -> Imported
     hparams: dict[str, Any] = {}
     steps = entry.pop("n_timesteps", None)
     policy = entry.pop("policy", "MlpPolicy")
-    if policy != "MlpPolicy":
-        notes.append(f"policy {policy}: labfleet's networks are MLPs")
+    if policy == "CnnPolicy":
+        hparams["encoder"] = "nature_cnn"
+    elif policy != "MlpPolicy":
+        notes.append(f"policy {policy}: labfleet's encoders are an MLP's input or the Nature-DQN CNN")
     if "policy_kwargs" in entry:
         _policy_kwargs(entry.pop("policy_kwargs"), hparams, notes)
-    for key in ("normalize", "normalize_kwargs"):
-        if key in entry:
-            notes.append(f"{key}={entry.pop(key)!r}: observation/reward normalisation is not in labfleet yet")
-    for key in ("frame_stack", "env_wrapper", "callback", "vec_env_wrapper", "env_kwargs", "use_sde",
-                "sde_sample_freq"):
+    if "normalize" in entry:
+        _normalize(entry.pop("normalize"), entry.pop("normalize_kwargs", None), hparams, notes)
+    wrappers = _env_wrappers(entry.pop("env_wrapper", None), notes)
+    if "frame_stack" in entry:  # stacked after the zoo's own wrappers, as its VecFrameStack is
+        wrappers.append({"type": "FrameStackObservation", "kwargs": {"stack_size": int(entry.pop("frame_stack"))}})
+    for key in ("callback", "vec_env_wrapper", "env_kwargs", "use_sde", "sde_sample_freq"):
         if key in entry:
             notes.append(f"{key}={entry.pop(key)!r}: not supported by labfleet yet")
     hparams.update(entry)
@@ -106,6 +169,10 @@ def zoo_entry(document: dict[str, Any], env_id: str, algorithm: str) -> Imported
                             "env": env_id, "seeds": [0, 1, 2],
                             "budget": {"env_steps": int(float(steps)) if steps is not None else 100_000},
                             "hparams": hparams, "eval": {"episodes": 10}, "tracking": {"experiment": env_id}}
+    if wrappers:
+        spec["env_wrappers"] = wrappers
+        if any(w["type"] == "AtariPreprocessing" for w in wrappers):  # it skips frames itself
+            spec["env_kwargs"] = {"frameskip": 1}
     if steps is None:
         notes.append("no n_timesteps: budget.env_steps is 100000; set your own")
     return Imported(spec, notes)

@@ -110,7 +110,8 @@ def _normalize(value: Any, extra: Any, hparams: dict[str, Any], notes: list[str]
 # SB3's AtariWrapper in gymnasium's wrappers: no-op starts, frame skip with max-pooling, 84x84 grayscale,
 # and its reward clipping (for training only, so evaluations report the game's score).
 _ATARI_WRAPPER: list[dict[str, Any]] = [
-    {"type": "AtariPreprocessing", "kwargs": {"noop_max": 30, "frame_skip": 4, "screen_size": 84, "grayscale_obs": True}},
+    {"type": "AtariPreprocessing",
+     "kwargs": {"noop_max": 30, "frame_skip": 4, "screen_size": 84, "grayscale_obs": True}},
     {"type": "ClipReward", "kwargs": {"min_reward": -1.0, "max_reward": 1.0}, "train_only": True},
 ]
 

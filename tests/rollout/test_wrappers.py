@@ -125,3 +125,19 @@ def test_run_wraps_rollout_workers_and_evaluation_and_records_the_wrappers(tmp_p
     recorded = json.loads(seed.data.params["env_wrappers"])
     assert [(w["type"], w["kwargs"]) for w in recorded] == [("TimeLimit", {"max_episode_steps": 20}),
                                                             ("wrappers:RewardScale", {"scale": 0.5})]
+
+
+@pytest.mark.slow
+def test_the_custom_env_example_passes_gymnasiums_checker_and_is_learned(monkeypatch):
+    from gymnasium.utils.env_checker import check_env
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS / "custom"))
+    from corridor_env import Corridor
+
+    check_env(Corridor())
+    spec = load_spec(EXPERIMENTS / "custom" / "corridor_ppo.yaml")
+    trainer = registry.get("ppo").trainer(spec, 3, "cpu")
+    while not trainer.done:
+        trainer.train_iteration()
+    assert trainer.evaluate()[M.EVAL_RETURN_MEAN] == pytest.approx(0.91)  # nine steps right
+    trainer.close()

@@ -89,7 +89,8 @@ def test_report_on_a_suite(suite_store):
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
                           "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
-    assert 'data-images-rendered="1"' in dom, dom[-2000:]
+    assert 'data-images-rendered="2"' in dom, dom[-2000:]  # the curves and the performance profiles
+    assert "Probability of improvement" in dom
     assert "vi-high" in dom and "<table" in dom
 
 

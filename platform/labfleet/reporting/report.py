@@ -33,6 +33,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from labfleet.errors import Problem, SpecError
+from labfleet.reporting import aggregate
 from labfleet.tracking.runs import PBT_LINEAGE
 
 LOWER_IS_BETTER = ("neg_elbo", "recon_nll", "iwae_nll", "baseline_nll", "/kl", "fd_digits", "mode_kl", "loss")
@@ -383,10 +384,77 @@ def study_pngs(study: Any) -> dict[str, bytes]:
     return out
 
 
+def method_scores(configs: list[Configuration], metric: str) -> tuple[aggregate.Scores, bool]:
+    """Each finished seed's final `metric`, by method and task (see `aggregate`): configurations on one task,
+    algorithms across several."""
+    multi_task = len({task_of(c) for c in configs}) > 1
+    scores: dict[str, dict[str, list[float]]] = {}
+    for config in configs:
+        values = [s.data.metrics[metric] for s in config.seeds
+                  if s.info.status == "FINISHED" and metric in s.data.metrics]
+        if values:
+            method = (config.algorithm or config.label) if multi_task else config.label
+            scores.setdefault(method, {}).setdefault(task_of(config), []).extend(values)
+    return {m: {t: np.asarray(v) for t, v in per_task.items()} for m, per_task in scores.items()}, multi_task
+
+
+def profiles_png(normalised: aggregate.Scores, title: str) -> bytes:
+    """Performance profiles (Agarwal et al. 2021, figure 5 style): the fraction of runs above each score."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    taus = np.linspace(0.0, 1.0, 201)
+    for i, (method, per_task) in enumerate(sorted(normalised.items())):
+        n = sum(len(v) for v in per_task.values())
+        ax.step(taus, aggregate.performance_profile(per_task, taus), where="post", color=f"C{i % 10}",
+                label=f"{method} (runs={n})")
+    ax.set_xlabel("normalised score tau (0: the task's worst run, 1: its best)")
+    ax.set_ylabel("fraction of runs with score > tau")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def aggregate_section(configs: list[Configuration], metric: str) -> tuple[str, bytes | None]:
+    """Markdown of the aggregate statistics and the performance-profile figure; ("", None) without runs."""
+    scores, multi_task = method_scores(configs, metric)
+    if not scores:
+        return "", None
+    lower = lower_is_better(metric)
+    ranges = aggregate.task_ranges(scores)
+    normalised = aggregate.normalise(scores, ranges, lower)
+    # One task: IQMs in the metric's own units; P(improvement) compares higher-is-better scores.
+    shown = normalised if multi_task else scores
+    better = normalised if multi_task else ({m: {t: -v for t, v in pt.items()} for m, pt in scores.items()}
+                                            if lower else scores)
+    text = aggregate.aggregate_markdown(shown, multi_task, ranges if multi_task else None, metric, better)
+    return text, profiles_png(normalised, f"performance profiles of {metric}")
+
+
 # --- the report -------------------------------------------------------------------------------------------
 
+def markdown_to_html(text: str) -> str:
+    """The report's own Markdown (paragraphs and pipe tables, no other syntax) as HTML."""
+    out, table = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):  # not the separator row
+                table.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+            continue
+        if table:
+            head, *body = table
+            out.append('<div class="wide"><table><thead><tr>' + "".join(f"<th>{c}</th>" for c in head)
+                       + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+                                                          for row in body) + "</tbody></table></div>")
+            table = []
+        if line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    return "".join(out)
+
+
 def html_page(title: str, images: dict[str, bytes], table_md: str, names: list[str], rows: list[dict[str, Any]],
-              notes: list[str]) -> str:
+              notes: list[str], aggregate_md: str = "") -> str:
     head = ["configuration", "seeds", *names]
     body_rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [
@@ -409,6 +477,7 @@ figure{{display:inline-block;margin:1em}}img{{max-width:100%}}</style></head>
 configuration with one seed ranks after those with several</h2>
 <div class="wide"><table id="results"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr>
 </thead><tbody>{body_rows}</tbody></table></div>
+{"<h2>Aggregate statistics</h2>" + markdown_to_html(aggregate_md) if aggregate_md else ""}
 <h2>Figures</h2>{figures}
 <ul>{notes_html}</ul>
 <script>window.addEventListener("load",function(){{var n=0;
@@ -456,6 +525,10 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
         notes.append(f"no seed run logged {metric}: no learning curves")
     names, rows = final_rows(target.configurations, metric)
     table = markdown_table(names, rows)
+    aggregate_md, profiles = aggregate_section(target.configurations, metric)
+    if profiles is not None:
+        images["profiles"] = profiles
+        table += "\n## Aggregate statistics\n\n" + aggregate_md
     if target.parent is not None and target.parent.data.tags.get("labfleet.role") == "sweep":
         images.update(_sweep_images(target.parent, storage, notes))
         with tempfile.TemporaryDirectory(prefix="labfleet-report-") as tmp:
@@ -472,7 +545,7 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
     (out / "results.csv").write_text(results_csv(names, rows))
     (out / "curves.csv").write_text(curves_csv(client, target.configurations, metric))
     files += [out / "results.csv", out / "curves.csv"]
-    (out / "report.html").write_text(html_page(target.title, images, table, names, rows, notes))
+    (out / "report.html").write_text(html_page(target.title, images, table, names, rows, notes, aggregate_md))
     files += [out / "results.md", out / "report.html"]
     logged_to = None
     if log and target.parent is not None and target.parent.data.tags.get("labfleet.role") in ("suite", "sweep"):

@@ -141,3 +141,9 @@ def test_the_custom_env_example_passes_gymnasiums_checker_and_is_learned(monkeyp
         trainer.train_iteration()
     assert trainer.evaluate()[M.EVAL_RETURN_MEAN] == pytest.approx(0.91)  # nine steps right
     trainer.close()
+
+
+def test_observation_normalisation_needs_box_observations(tmp_path: Path) -> None:
+    spec_file = _write(tmp_path, {**BASE, "env": "FrozenLake-v1", "hparams": {"normalize": True}})
+    _check_refused(CliRunner().invoke(app, ["validate", str(spec_file)]), spec_file, "hparams.normalize.obs",
+                   "discrete observations")

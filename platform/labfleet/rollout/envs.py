@@ -121,7 +121,7 @@ class EnvMaker:
     def from_spec(cls, spec: Any) -> EnvMaker:
         assert spec.env is not None
         return cls(spec.env, dict(spec.env_kwargs),
-                   tuple((w.type, dict(w.kwargs), w.train_only) for w in getattr(spec, "env_wrappers", ())))
+                   tuple((w.type, dict(w.kwargs), w.train_only) for w in spec.env_wrappers))
 
     def _wrappers(self, evaluation: bool) -> list[Any]:
         return [partial(wrapper_class(name), **kwargs) for name, kwargs, train_only in self.wrappers

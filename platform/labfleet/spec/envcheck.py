@@ -186,6 +186,10 @@ def _env_problems(spec: ExperimentSpec, info: AlgorithmInfo, spec_dir: Path | No
         if obs_kind not in info.observation_spaces:
             problems.append(("algorithm", f"{info.name} needs {' or '.join(info.observation_spaces)} observations; "
                              f"{spec.env} has {env.observation_space}"))
+        normalize = spec.hparams.get("normalize")
+        if (normalize is True or (isinstance(normalize, dict) and normalize.get("obs"))) and obs_kind == "discrete":
+            problems.append(("hparams.normalize.obs", f"{spec.env} has discrete observations (one-hot encoded): "
+                             f"there is nothing to normalise; use normalize: {{reward: true}}"))
         if info.needs_transition_model and not hasattr(env.unwrapped, "P"):
             problems.append(("algorithm", f"{info.name} needs the transition model `env.unwrapped.P`, which "
                              f"{spec.env} does not expose"))

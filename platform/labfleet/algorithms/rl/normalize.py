@@ -93,7 +93,8 @@ class ObservationNormalizer(nn.Module):
 
     def update(self, obs: np.ndarray) -> None:
         """obs: (T, N, *shape) raw observations of one rollout."""
-        self.rms.update(torch.as_tensor(obs).reshape(-1, *self.rms.mean.shape))
+        # A copy: a rollout from a worker is a read-only view of Ray's object store.
+        self.rms.update(torch.from_numpy(np.array(obs, dtype=np.float64)).reshape(-1, *self.rms.mean.shape))
 
 
 class RewardScaler:

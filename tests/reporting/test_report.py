@@ -60,7 +60,8 @@ def test_report_on_a_suite(suite_store):
     trials = {r.data.tags["mlflow.runName"]: r for r in
               client.search_runs([exp.experiment_id], "tags.`labfleet.role` = 'trial'")}
     table = (out / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| vi-")]
+    main = table.split("## Aggregate statistics")[0]  # the aggregate section follows (test_aggregate.py)
+    rows = [line for line in main.splitlines() if line.startswith("| vi-")]
     assert [r.split("|")[1].strip() for r in rows] == ["vi-high", "vi-low"], "best first"
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
@@ -109,7 +110,8 @@ def test_report_on_a_sweep_has_optuna_figures(tmp_path: Path):
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("curves", "optimization_history", "param_importances", "parallel_coordinate"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
-    assert len([line for line in (out / "results.md").read_text().splitlines() if "vi-sweep/trial=" in line]) == 4
+    main = (out / "results.md").read_text().split("## Aggregate statistics")[0]
+    assert len([line for line in main.splitlines() if "vi-sweep/trial=" in line]) == 4
     trials = (out / "results.md").read_text().split("## Trials")[1]  # each trial's sampled values and state
     assert "| trial | state | hparams.gamma | hparams.tolerance |" in trials
     assert sum("| COMPLETE |" in line for line in trials.splitlines()) == 4

@@ -100,17 +100,22 @@ class MlflowRecorder:
                 tracker.queue_tags(self.seed_run_id(trial, seed), {"labfleet.retries": str(retries)})
             case ChunkResult():
                 self._chunk(event)
-            case SeedEnded(trial=trial, seed=seed, status=status):
-                run_id = self.seed_run_id(trial, seed)
-                if status == Status.FINISHED and event.checkpoint is not None and event.final is not None:
-                    tracker.log_bytes(run_id, FINAL_CHECKPOINT, event.checkpoint)
-                tracker.end_run(run_id, status, event.error)
+            case SeedEnded():
+                self._end_seed(event)
             case TrialEnded(trial=trial, status=status):
                 run_id = self.trial_run_id(trial)
                 if event.metrics:
                     tracker.log_metrics(run_id, event.metrics, event.step)
                 tracker.end_run(run_id, status, event.error)
         return None
+
+    def _end_seed(self, event: SeedEnded) -> None:
+        run_id = self.trials[event.trial].seeds.get(event.seed)
+        if run_id is None:  # its run was never created: the store failed first, and that error is raised
+            return
+        if event.status == Status.FINISHED and event.checkpoint is not None and event.final is not None:
+            self.tracker.log_bytes(run_id, FINAL_CHECKPOINT, event.checkpoint)
+        self.tracker.end_run(run_id, event.status, event.error)
 
     def _start_seed(self, event: SeedStarted) -> None:
         entry, record = self.trials[event.trial], event.record

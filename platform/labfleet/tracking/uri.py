@@ -115,7 +115,7 @@ def sqlite_wal() -> None:
     _WAL_ON = True
 
 
-LOCK_RETRIES = 30
+LOCK_PATIENCE_S = 120.0  # a loaded machine can starve the other writer's commit for many seconds
 
 
 def retry_if_locked(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -125,11 +125,13 @@ def retry_if_locked(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     over another connection; or two commands run at once). A transaction that read before it writes
     cannot take the lock once the other writer has committed since its read began, and SQLite fails it
     at once instead of waiting; the transaction was rolled back, so running it again is safe."""
-    for attempt in range(LOCK_RETRIES - 1):
+    deadline, attempt = time.monotonic() + LOCK_PATIENCE_S, 0
+    while time.monotonic() < deadline:
         try:
             return call(*args, **kwargs)
         except Exception as exc:  # MLflow wraps SQLAlchemy's OperationalError in MlflowException
             if "database is locked" not in str(exc):
                 raise
             time.sleep(min(0.01 * 2 ** attempt, 0.5))
+            attempt += 1
     return call(*args, **kwargs)  # the last try: its error, whatever it is, is the caller's

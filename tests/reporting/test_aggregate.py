@@ -46,11 +46,11 @@ def test_the_bootstrap_is_stratified_by_task():
     """Task "a" runs are all 0, task "b" runs all 10: a stratified resample always holds 3 of each, so
     every bootstrap mean is exactly 5; a pooled bootstrap would spread."""
     per_task = {"a": np.zeros(3), "b": np.full(3, 10.0)}
-    estimate = aggregate.interval(per_task, lambda x: float(np.mean(x)), n_resamples=500)
+    estimate = aggregate.interval(per_task, np.mean, n_resamples=500)
     assert (estimate.point, estimate.low, estimate.high) == (5.0, 5.0, 5.0)
-    spread = aggregate.interval({"a": np.array([0.0, 1.0, 2.0, 3.0, 10.0])}, lambda x: float(np.mean(x)))
+    spread = aggregate.interval({"a": np.array([0.0, 1.0, 2.0, 3.0, 10.0])}, np.mean)
     assert spread.low < 3.2 < spread.high
-    single = aggregate.interval({"a": np.array([1.0])}, lambda x: float(np.mean(x)))
+    single = aggregate.interval({"a": np.array([1.0])}, np.mean)
     assert single.point == 1.0 and np.isnan(single.low)
 
 
@@ -87,3 +87,12 @@ def test_the_report_gives_iqm_profiles_and_improvement(tmp_path: Path):
     assert (tmp_path / "out" / "profiles.png").read_bytes()[:4] == b"\x89PNG"
     assert "Aggregate statistics" in (tmp_path / "out" / "report.html").read_text()
     assert report.rows
+
+
+def test_a_large_sweep_reports_its_best_methods_only():
+    rng = np.random.default_rng(0)
+    scores = {f"trial={i}": {"t": rng.normal(i, 1.0, 3)} for i in range(50)}
+    text = aggregate.aggregate_markdown(scores, False, None, "eval/return_mean")
+    rows = [line for line in text.splitlines() if line.startswith("| trial=")]
+    assert "The 20 best of 50 methods by IQM." in text
+    assert len(rows) == 20 + 10 and rows[0].startswith("| trial=49 |")  # 20 table rows, 10 matrix rows

@@ -24,6 +24,8 @@ from scipy import stats
 
 # method -> task -> the final score of each run (seed)
 Scores = dict[str, dict[str, np.ndarray]]
+MAX_METHODS = 20  # rows of the aggregate table
+MAX_PAIRS = 10  # rows and columns of the probability-of-improvement matrix
 
 
 def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -60,16 +62,17 @@ class Estimate:
     high: float
 
 
-def interval(per_task: dict[str, np.ndarray], statistic: Callable[[np.ndarray], float], seed: int = 0,
+def interval(per_task: dict[str, np.ndarray], statistic: Callable[..., np.ndarray], seed: int = 0,
              n_resamples: int = 2000) -> Estimate:
-    """`statistic` of all runs pooled, with a 95 % stratified (per-task) percentile bootstrap interval."""
+    """`statistic(values, axis=-1)` of all runs pooled, with a 95 % stratified (per-task) percentile
+    bootstrap interval; the resamples are evaluated in one vectorised call."""
     samples = [np.asarray(v, dtype=float) for _, v in sorted(per_task.items())]
-    point = float(statistic(np.concatenate(samples)))
+    point = float(statistic(np.concatenate(samples), axis=-1))
     if any(len(s) < 2 for s in samples):
         return Estimate(point, float("nan"), float("nan"))
-    result = stats.bootstrap(samples, lambda *parts: statistic(np.concatenate(parts)), vectorized=False,
-                             paired=False, n_resamples=n_resamples, confidence_level=0.95, method="percentile",
-                             rng=np.random.default_rng(seed))
+    result = stats.bootstrap(samples, lambda *parts, axis: statistic(np.concatenate(parts, axis=axis), axis=axis),
+                             vectorized=True, paired=False, n_resamples=n_resamples, confidence_level=0.95,
+                             method="percentile", rng=np.random.default_rng(seed))
     return Estimate(point, float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
@@ -105,14 +108,20 @@ def aggregate_markdown(scores: Scores, multi_task: bool, ranges: dict[str, tuple
                   + "; ".join(f"{task}: [{low:.4g}, {high:.4g}]" for task, (low, high) in sorted(ranges.items())), ""]
     lines += ["| method | runs | IQM | IQM 95 % CI | mean | mean 95 % CI |", "|---|---|---|---|---|---|"]
     order = sorted(scores, key=lambda m: -float(iqm(np.concatenate(list(better[m].values())))))
+    if len(order) > MAX_METHODS:  # a large sweep: the best ones (bootstraps and the pair matrix grow fast)
+        lines += [f"The {MAX_METHODS} best of {len(order)} methods by IQM.", ""]
+        order = order[:MAX_METHODS]
     for method in order:
         per_task = scores[method]
         runs = sum(len(v) for v in per_task.values())
-        q, m = interval(per_task, lambda x: float(iqm(x))), interval(per_task, lambda x: float(np.mean(x)))
+        q, m = interval(per_task, iqm), interval(per_task, np.mean)
         lines.append(f"| {method} | {runs} | {q.point:.4g} | {_ci(q)} | {m.point:.4g} | {_ci(m)} |")
     if len(order) > 1:
-        lines += ["", "Probability of improvement P(row > column) (Mann-Whitney U / nm, averaged over shared "
-                  "tasks):", "", "| P(row > column) | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]
+        among = f" among the {MAX_PAIRS} best" if len(order) > MAX_PAIRS else ""
+        order = order[:MAX_PAIRS]
+        lines += ["", f"Probability of improvement{among} P(row > column) (Mann-Whitney U / nm, averaged over "
+                  "shared tasks):", "", "| P(row > column) | " + " | ".join(order) + " |",
+                  "|---|" + "---|" * len(order)]
         for a in order:
             cells = ["" if a == b else f"{probability_of_improvement(better[a], better[b]):.2f}" for b in order]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")

@@ -3,6 +3,10 @@ directory is on the path, for the trainers' Ray workers too) and built with `env
 
 A corridor of `length` cells: the agent starts at the left end and moves left or right; reaching the right
 end pays 1, every step costs `step_cost`. Observations are the position scaled to [0, 1].
+
+`get_env_state` / `set_env_state` opt in to exact resume: a checkpoint then carries the corridor mid-episode
+(plain data: numbers, strings, lists, dicts, tensors), and a restarted seed goes on exactly where it stopped.
+Without them, a restored trainer starts fresh episodes and its run is tagged `labfleet.resume=approximate`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ class Corridor(gym.Env):
         super().reset(seed=seed)
         self.position = 0
         return self._obs(), {}
+
+    def get_env_state(self) -> dict[str, Any]:
+        return {"position": self.position}  # (its random generator, unused here, would belong too)
+
+    def set_env_state(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
 
     def step(self, action: Any):
         self.position = int(np.clip(self.position + (1 if int(action) == 1 else -1), 0, self.length - 1))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,9 +108,47 @@ def check_evaluate_leaves_training_untouched(build: Build) -> None:
         "evaluate() changed the training state"
 
 
+def flat_state(state: Any, prefix: str = "") -> dict[str, Any]:
+    """A state dict flattened to {path: leaf}."""
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in flat_state(value, f"{prefix}.{key}").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, value in enumerate(state) for k, v in flat_state(value, f"{prefix}[{i}]").items()}
+    return {prefix: state}
+
+
+def check_exact_resume(build: Build, iterations: int = 3) -> None:
+    """A trainer restored from a checkpoint taken mid-training goes on exactly as the original: the same
+    metrics at every later iteration and bit-identical final state (parameters, optimiser, buffers, RNGs).
+    Checked where the trainer says the resume is exact (`resume_exact`; RL environments that cannot be
+    saved make it approximate, see `labfleet.rollout.envstate`)."""
+    original = build(0)
+    for _ in range(iterations):
+        if not original.done:
+            original.train_iteration()
+    restored = build(0)
+    restored.restore_bytes(original.checkpoint_bytes())
+    if not restored.resume_exact:
+        return
+    steps = 0
+    while not original.done:
+        assert not restored.done, "the restored trainer finished before the original"
+        a, b = without_timing(original.train_iteration()), without_timing(restored.train_iteration())
+        assert a == b, f"{steps + 1} iterations after the restore, the metrics differ: {a} against {b}"
+        steps += 1
+    assert restored.done, "the restored trainer did not finish with the original"
+    assert original.evaluate() == restored.evaluate(), "the final evaluations differ"
+    mine, theirs = flat_state(original.state_dict()), flat_state(restored.state_dict())
+    assert mine.keys() == theirs.keys(), f"the final states have other entries: {set(mine) ^ set(theirs)}"
+    for key, value in mine.items():
+        same = torch.equal(value, theirs[key]) if isinstance(value, torch.Tensor) else value == theirs[key]
+        assert same, f"the final states differ at {key}"
+
+
 def check_trainer(build: Build, primary_metric: str | None = None, seed_dependent: bool = True) -> None:
     """Every check of the contract."""
     check_checkpoint_round_trip(build)
+    check_exact_resume(build)
     check_determinism(build, seed_dependent)
     check_pickling(build)
     check_budget(build, primary_metric)

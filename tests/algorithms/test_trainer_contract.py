@@ -55,6 +55,7 @@ def build_variant(variant: str, seed: int = 0):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variants_keep_the_contract(variant):
     testing.check_checkpoint_round_trip(lambda seed: build_variant(variant, seed))
+    testing.check_exact_resume(lambda seed: build_variant(variant, seed))
     testing.check_determinism(lambda seed: build_variant(variant, seed), True)
     testing.check_evaluate_leaves_training_untouched(lambda seed: build_variant(variant, seed))
 
@@ -66,6 +67,16 @@ def test_registry_is_not_empty():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_checkpoint_round_trip_gives_identical_next_actions(algorithm):
     testing.check_checkpoint_round_trip(lambda seed: build(algorithm, seed))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_restored_trainer_goes_on_exactly(algorithm):
+    trainer = build(algorithm)
+    testing.check_exact_resume(lambda seed: build(algorithm, seed))
+    trainer.train_iteration()
+    restored = build(algorithm)
+    restored.restore_bytes(trainer.checkpoint_bytes())
+    assert restored.resume_exact, "the shipped environments can all be saved: the resume must be exact"
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

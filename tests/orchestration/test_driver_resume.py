@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from labfleet.spec.loading import load_spec
 from tests.conftest import EXPERIMENTS, run_cli
+from tests.orchestration.test_faults import _assert_same_model_as_a_fault_free_run
 
 SPEC = EXPERIMENTS / "cartpole_reinforce.yaml"
 ARGS = ["--set", "seeds=[0,1]", "--set", "budget.env_steps=40960", "--set", "eval={episodes: 2, every_steps: 4096}",
         "--set", "hparams.n_envs=4", "--set", "hparams.n_steps=64"]
+SPEC_RESOLVED = load_spec(SPEC, {"budget.env_steps": 40960, "hparams.n_envs": 4, "hparams.n_steps": 64})
 
 
 def _runs(client: MlflowClient) -> list:
@@ -73,6 +76,10 @@ def test_killed_driver_continues_from_durable_checkpoints(tmp_path: Path, tracki
         steps = sorted(m.step for m in client.get_metric_history(run_id, "time/env_steps"))
         assert steps[-1] >= 40960 and logged_before[run_id] in steps  # the old curve is kept and continued
         assert any(a.path == "checkpoints/final.pt" for a in client.list_artifacts(run_id, "checkpoints"))
+        # Exact resume: the seed ends with the network a fault-free run of it ends with, bit for bit.
+        assert run.data.tags["labfleet.resume"] == "exact"
+        final = Path(client.download_artifacts(run_id, "checkpoints/final.pt", str(tmp_path))).read_bytes()
+        _assert_same_model_as_a_fault_free_run(SPEC_RESOLVED, int(run.data.tags["labfleet.seed"]), final)
     trial = next(r for r in after.values() if r.data.tags["labfleet.role"] == "trial")
     assert "eval/return_mean" in trial.data.metrics  # aggregated over both seeds at the end
 

@@ -88,6 +88,31 @@ def test_killed_trial_actor_resumes_from_its_checkpoint(ray_local, tracking_uri:
     # The restarted actor's first iteration continues from the checkpoint, not from scratch (1024).
     assert after_kill[0].value == checkpoint_step + 8 * 128
     assert max(m.value for m in history) >= 30720
+    # Exact resume: the environments went on mid-episode, so the seed ends where a fault-free run ends.
+    assert run.data.tags["labfleet.resume"] == "exact"
+    _assert_same_model_as_a_fault_free_run(spec, 5, state.checkpoint)
+
+
+def _assert_same_model_as_a_fault_free_run(spec, seed: int, final_checkpoint: bytes) -> None:
+    """The final network and optimiser state equal, bit for bit, those of the seed trained without a fault
+    (in this process, without evaluations: they touch no training state)."""
+    from labfleet.algorithms import registry
+    from labfleet.testing import flat_state
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(spec.resources.cpus_per_trial))  # as in the trial actor: the same float rounding
+    try:
+        reference = registry.get(spec.algorithm).trainer(spec, seed, "cpu")
+        while not reference.done:
+            reference.train_iteration()
+        reference.close()
+    finally:
+        torch.set_num_threads(threads)
+    expected = {k: v for k, v in flat_state(reference.state_dict()).items() if k.startswith((".model", ".optimizer"))}
+    got = flat_state(torch.load(io.BytesIO(final_checkpoint), weights_only=True))
+    assert expected, "nothing to compare"
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]) if isinstance(value, torch.Tensor) else value == got[key], key
 
 
 def test_worker_built_from_checkpoint_continues_from_it():
@@ -147,6 +172,9 @@ def test_killed_rollout_worker_restarts_its_seed_from_the_checkpoint(ray_local, 
     run = MlflowClient(tracking_uri).get_run(recorder.seed_run_id(runner, state.seed))
     assert run.info.status == "FINISHED" and run.data.tags["labfleet.retries"] == "1"
     assert run.data.metrics["time/env_steps"] >= 24576
+    # The environments' state came back from the dead worker's share of the checkpoint: exact resume.
+    assert run.data.tags["labfleet.resume"] == "exact"
+    _assert_same_model_as_a_fault_free_run(spec, 1, state.checkpoint)
 
 
 def _assert_exactly_once(client: MlflowClient, run_id: str) -> None:

@@ -119,6 +119,7 @@ def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
     second.handle(SeedStarted(again, 0, 40, records[0]))
     second.handle(SeedRestored(again, 1, records[1]))
     assert second.seed_run_id(again, 0) == first.seed_run_id(trial, 0)
+    second.handle(ChunkResult(again, 0, [(20, {"eval/return_mean": 0.5})], {}, 20, None, False, {}, "approximate"))
     second.handle(SeedEnded(again, 0, Status.FINISHED, {"eval/return_mean": 0.5}, b"final"))
     second.handle(TrialEnded(again, Status.FINISHED, {"eval/return_mean": 0.625}, 40))
     tracker.close()
@@ -128,6 +129,7 @@ def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
     assert {r.info.status for rs in roles.values() for r in rs} == {"FINISHED"}
     (resumed,) = [r for r in roles["seed"] if r.data.tags["labfleet.seed"] == "0"]
     assert resumed.data.tags["labfleet.resumed_from"] == "checkpoint"
+    assert resumed.data.tags["labfleet.resume"] == "approximate"  # how the restart from the checkpoint went
     # after success a rerun starts new runs
     assert MlflowRecorder(Tracker(uri)).unfinished(TrialRunner(_spec(), [])) is None
 

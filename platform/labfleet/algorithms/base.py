@@ -39,6 +39,9 @@ from labfleet.spec.models import ExperimentSpec
 
 class Trainer(ABC):
     hparams_model: ClassVar[type[BaseModel]]
+    # False after `load_state_dict` when the checkpoint could not carry everything the trainer would need to
+    # go on exactly (RL environments that cannot be saved): the driver tags the run `labfleet.resume`.
+    resume_exact: bool = True
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         self.spec = spec

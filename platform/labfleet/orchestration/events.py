@@ -121,6 +121,7 @@ class ChunkResult:
     checkpoint: bytes | None
     done: bool
     latest: dict[str, float]  # the seed's latest value of every metric, this chunk's included
+    resumed: str | None = None  # the chunk's actor started from a checkpoint: "exact" or "approximate"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from labfleet.tracking.runs import Tracker, flatten, git_commit, library_version
 
 LATEST_CHECKPOINT = "checkpoints/latest.pt"
 FINAL_CHECKPOINT = "checkpoints/final.pt"
+RESUME_TAG = "labfleet.resume"  # on a seed run restarted from a checkpoint: "exact" or "approximate"
 UNFINISHED = ("RUNNING", "KILLED")  # a driver that died, or was interrupted; FAILED trials start anew
 
 
@@ -129,6 +130,8 @@ class MlflowRecorder:
     def _chunk(self, event: ChunkResult) -> None:
         tracker = self.tracker
         run_id = self.seed_run_id(event.trial, event.seed)
+        if event.resumed is not None:  # how the last restart from a checkpoint went
+            tracker.queue_tags(run_id, {RESUME_TAG: event.resumed})
         for step, values in event.records:
             tracker.log_metrics(run_id, values, step)
         for path, data in event.artifacts.items():

@@ -335,7 +335,7 @@ class TrialRunner:
         if result["done"]:
             state.final = result["final"]
         decision = self.emit(ChunkResult(self, state.seed, records, result.get("artifacts", {}), state.progress,
-                                         durable, result["done"], dict(state.latest)))
+                                         durable, result["done"], dict(state.latest), result.get("resumed")))
         for step, values in records:
             evals = {k: v for k, v in values.items() if k.startswith(M.EVAL_PREFIX)}
             if decision.action == Action.STOP:  # a pruned trial reports nothing after the step that pruned it

@@ -81,8 +81,12 @@ class TrialWorker:
         self.device = resolve_device(self.spec.device)
         info = registry.get(self.spec.algorithm)
         self.trainer = info.trainer(self.spec, seed, self.device)
+        # How the next result says this load went: "exact" or "approximate" from a checkpoint (see
+        # `Trainer.resume_exact`), None from scratch.
+        self.resumed: str | None = None
         if checkpoint is not None:
             self.trainer.restore_bytes(checkpoint)
+            self.resumed = "exact" if self.trainer.resume_exact else "approximate"
         self.every = eval_interval(self.spec)
         self.next_eval = (self.trainer.progress // self.every + 1) * self.every
         self.window = MetricWindow(self.spec.budget.total // CURVE_POINTS, start=self.trainer.progress)
@@ -141,8 +145,9 @@ class TrialWorker:
             # Taken at the end of the chunk, not at the evaluation: a restart from it redoes no step that
             # this result logs (later chunks' steps it may redo are dropped by the driver: exactly once).
             checkpoint = trainer.checkpoint_bytes()
+        resumed, self.resumed = self.resumed, None
         return {"records": records, "progress": trainer.progress, "done": trainer.done,
-                "checkpoint": checkpoint, "final": final, "artifacts": artifacts}
+                "checkpoint": checkpoint, "final": final, "artifacts": artifacts, "resumed": resumed}
 
     def _final_video(self) -> dict[str, bytes]:
         """`eval.video`: one episode of the final greedy policy as an MP4 (RL trainers)."""

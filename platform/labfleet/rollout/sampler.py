@@ -10,11 +10,14 @@ other environments (only floating-point rounding of a different batch size can d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
+import torch
 
+from labfleet.algorithms.base import rng_state, set_rng_state
+from labfleet.rollout import envstate
 from labfleet.rollout.envs import EnvMaker, derive_seed
 
 
@@ -69,10 +72,15 @@ class Rollout:
 
 
 class VectorSampler:
-    """Steps environments `first_env .. first_env + n_envs - 1` of a trial with a policy."""
+    """Steps environments `first_env .. first_env + n_envs - 1` of a trial with a policy.
 
-    def __init__(self, maker: EnvMaker, n_envs: int, seed: int, first_env: int = 0, generation: int = 0):
-        # `generation` separates the streams of a trainer restored from a checkpoint from the original's.
+    `get_state()` is everything a restored sampler needs to go on exactly (each environment's state, the
+    current observations, the episodes' running returns, the action-noise generators), or None when an
+    environment cannot be saved (see `envstate`); `state=` restores it."""
+
+    def __init__(self, maker: EnvMaker, n_envs: int, seed: int, first_env: int = 0, generation: int = 0,
+                 state: dict[str, Any] | None = None):
+        # `generation` separates the streams of a trainer restored without environment state from the original's.
         self.envs = maker.make_vector(n_envs)
         indices = range(first_env, first_env + n_envs)
         self.action_rngs = [np.random.default_rng(derive_seed(seed, i, "actions", generation)) for i in indices]
@@ -80,6 +88,49 @@ class VectorSampler:
         self.action_space = self.envs.single_action_space
         self.episode_return = np.zeros(n_envs)
         self.episode_length = np.zeros(n_envs, dtype=np.int64)
+        if state is not None:
+            self.set_state(state)
+
+    def get_state(self) -> dict[str, Any] | None:
+        envs = [envstate.snapshot(env) for env in self.envs.envs]  # type: ignore[attr-defined]
+        if any(s is None for s in envs):
+            return None
+        return {"envs": envs, "obs": torch.from_numpy(np.array(self.obs)),
+                "episode_return": torch.from_numpy(self.episode_return.copy()),
+                "episode_length": torch.from_numpy(self.episode_length.copy()),
+                "action_rngs": [rng_state(rng) for rng in self.action_rngs]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if len(state["envs"]) != self.envs.num_envs:
+            raise ValueError(f"the saved sampler has {len(state['envs'])} environments, this one {self.envs.num_envs}")
+        for env, env_state in zip(self.envs.envs, state["envs"], strict=True):  # type: ignore[attr-defined]
+            envstate.restore(env, env_state)
+        self.obs = state["obs"].numpy().astype(self.obs.dtype, copy=True)
+        self.episode_return = state["episode_return"].numpy().copy()
+        self.episode_length = state["episode_length"].numpy().copy()
+        for rng, rng_data in zip(self.action_rngs, state["action_rngs"], strict=True):
+            set_rng_state(rng, rng_data)
+
+    @staticmethod
+    def split_state(state: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+        """A sampler state of n environments as `parts` states of consecutive n / parts environments."""
+        k = len(state["envs"]) // parts
+        return [{"envs": state["envs"][i * k:(i + 1) * k], "obs": state["obs"][i * k:(i + 1) * k],
+                 "episode_return": state["episode_return"][i * k:(i + 1) * k],
+                 "episode_length": state["episode_length"][i * k:(i + 1) * k],
+                 "action_rngs": state["action_rngs"][i * k:(i + 1) * k]} for i in range(parts)]
+
+    @staticmethod
+    def join_states(states: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        """The inverse of `split_state` (None when any part is)."""
+        if any(s is None for s in states):
+            return None
+        parts = [s for s in states if s is not None]
+        return {"envs": [e for s in parts for e in s["envs"]],
+                "obs": torch.cat([s["obs"] for s in parts]),
+                "episode_return": torch.cat([s["episode_return"] for s in parts]),
+                "episode_length": torch.cat([s["episode_length"] for s in parts]),
+                "action_rngs": [r for s in parts for r in s["action_rngs"]]}
 
     def collect(self, policy: NoisePolicy, n_steps: int) -> Rollout:
         n = self.envs.num_envs

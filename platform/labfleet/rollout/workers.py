@@ -34,17 +34,20 @@ def worker_options(index: int, cpus: float) -> dict[str, Any]:
 
 class RolloutWorker:
     def __init__(self, maker: EnvMaker, n_envs: int, seed: int, first_env: int, generation: int,
-                 policy_blob: bytes):
+                 policy_blob: bytes, state: dict[str, Any] | None = None):
         import torch
 
         torch.set_num_threads(1)
-        self.sampler = VectorSampler(maker, n_envs, seed, first_env=first_env, generation=generation)
+        self.sampler = VectorSampler(maker, n_envs, seed, first_env=first_env, generation=generation, state=state)
         self.policy = pickle.loads(policy_blob)
         self.policy.to_cpu()
 
     def collect(self, policy_state: Any, n_steps: int) -> Rollout:
         self.policy.set_state(policy_state)
         return self.sampler.collect(self.policy, n_steps)
+
+    def get_state(self) -> dict[str, Any] | None:
+        return self.sampler.get_state()
 
 
 RemoteRolloutWorker = ray.remote(RolloutWorker)
@@ -54,18 +57,23 @@ class RolloutWorkerGroup:
     """The trial's W rollout actors; `collect` gathers one rollout from each, in environment order."""
 
     def __init__(self, maker: EnvMaker, n_envs: int, n_workers: int, seed: int, generation: int, policy: Any,
-                 cpus_per_worker: float):
+                 cpus_per_worker: float, state: dict[str, Any] | None = None):
         if n_envs % n_workers:
             raise ValueError(f"n_envs ({n_envs}) must be a multiple of rollout_workers ({n_workers})")
         per_worker = n_envs // n_workers
         blob = pickle.dumps(policy)
+        parts = VectorSampler.split_state(state, n_workers) if state is not None else [None] * n_workers
         self.workers: list[Any] = [  # actor handles
             RemoteRolloutWorker.options(**worker_options(w, cpus_per_worker)).remote(
-                maker, per_worker, seed, w * per_worker, generation, blob) for w in range(n_workers)]
+                maker, per_worker, seed, w * per_worker, generation, blob, parts[w]) for w in range(n_workers)]
 
     def collect(self, policy: Any, n_steps: int) -> Rollout:
         state = ray.put(policy.get_state())  # once per iteration, shared by every worker
         return Rollout.concatenate(ray.get([w.collect.remote(state, n_steps) for w in self.workers]))
+
+    def get_state(self) -> dict[str, Any] | None:
+        """The environments' state, in environment order, as one `VectorSampler` state (None: unsaveable)."""
+        return VectorSampler.join_states(ray.get([w.get_state.remote() for w in self.workers]))
 
     def close(self) -> None:
         for worker in self.workers:

@@ -64,7 +64,8 @@ class RLTrainer(Trainer):
         self.iterations = 0
         self.evaluations = 0
         self._sampler: VectorSampler | RolloutWorkerGroup | None = None
-        self._generation = 0  # bumped on restore: fresh, seeded environment streams
+        self._sampler_state: dict[str, Any] | None = None  # restored, for the sampler the next collect builds
+        self._generation = 0  # bumped on a restore without environment state: fresh, seeded streams
         self._started = time.perf_counter()
         self._steps_at_start = 0
 
@@ -74,11 +75,13 @@ class RLTrainer(Trainer):
         in this process, or from `resources.rollout_workers` Ray actors (the same rollout)."""
         if self._sampler is None:
             workers = self.spec.resources.rollout_workers
+            state, self._sampler_state = self._sampler_state, None
             if workers:
                 self._sampler = RolloutWorkerGroup(self.env_maker, n_envs, workers, self.seed, self._generation,
-                                                   policy, self.spec.resources.cpus_per_worker)
+                                                   policy, self.spec.resources.cpus_per_worker, state)
             else:
-                self._sampler = VectorSampler(self.env_maker, n_envs, self.seed, generation=self._generation)
+                self._sampler = VectorSampler(self.env_maker, n_envs, self.seed, generation=self._generation,
+                                              state=state)
         rollout = self._sampler.collect(policy, n_steps)
         if self.obs_normalizer is not None:
             self.obs_normalizer.update(rollout.obs)
@@ -146,6 +149,13 @@ class RLTrainer(Trainer):
             state["obs_rms"] = self.obs_normalizer.state_dict()
         if self.reward_scaler is not None:
             state["reward_scaler"] = self.reward_scaler.state_dict()
+        # The environments mid-episode and the action-noise streams, where the environments can be saved
+        # (rollout/envstate.py): with them a restored trainer goes on exactly as this one would.
+        sampler = self._sampler.get_state() if self._sampler is not None else self._sampler_state
+        if sampler is not None:
+            state["sampler"] = sampler
+        # (before any sampling, or without any, a restored trainer starts the same streams: exact too)
+        state["exact"] = sampler is not None or (self._sampler is None and self.resume_exact)
         return state
 
     def load_rl_state(self, state: dict[str, Any]) -> None:
@@ -156,13 +166,20 @@ class RLTrainer(Trainer):
             self.obs_normalizer.load_state_dict(state["obs_rms"])
         if self.reward_scaler is not None:
             self.reward_scaler.load_state_dict(state["reward_scaler"])
-            self.reward_scaler.restart()  # the environments restart below, and with them their returns
-        # Environments cannot be checkpointed in general: a restored trainer starts fresh episodes on
-        # streams seeded from (seed, env index, env_steps at restore), so resuming is reproducible.
         if self._sampler is not None:
             self._sampler.close()
         self._sampler = None
-        self._generation = self.env_steps
+        self._sampler_state = state.get("sampler")
+        if state.get("exact", self.env_steps == 0):  # (a checkpoint older than exact resume: only at step 0)
+            self.resume_exact = True  # the environments go on from where they were (or from their start)
+            self._generation = 0
+        else:
+            # Environments that cannot be saved restart: fresh episodes on streams seeded from (seed, env
+            # index, env_steps at restore), so that the resume is reproducible, though not exact.
+            self.resume_exact = False
+            self._generation = self.env_steps
+            if self.reward_scaler is not None:
+                self.reward_scaler.restart()  # the episodes restart, and with them their returns
         self._started = time.perf_counter()
         self._steps_at_start = self.env_steps
 

@@ -87,14 +87,17 @@ class MCControlTrainer(TabularTrainer):
         self.episodes += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "counts": torch.from_numpy(self.counts.copy()), "episodes": self.episodes}
+        return {**super().state_dict(), "counts": torch.from_numpy(self.counts.copy()), "episodes": self.episodes,
+                "open": [[list(step) for step in episode] for episode in self._open]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.counts[...] = state["counts"].numpy()
         self.episodes = int(state["episodes"])
-        # Environments restart after a restore: the episodes under way are not finished.
+        # With the environments restored, the episodes under way go on; where they restart, they are dropped.
         self._open = [[] for _ in range(self.hp.n_envs)]
+        if self.resume_exact and "open" in state:
+            self._open = [[(int(s), int(a), float(r)) for s, a, r in episode] for episode in state["open"]]
 
 
 register(AlgorithmInfo(

@@ -73,10 +73,15 @@ class SarsaTrainer(TabularTrainer):
         self.updates += 1
         return error
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pending": [list(p) for p in self.pending]}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        # Environments restart after a restore: the pending steps' next states will not be visited.
-        self.pending = []
+        # With the environments restored, the pending steps get their a' from the next rollout; where the
+        # environments restart, their next states will not be visited.
+        self.pending = [(int(i), int(s), int(a), float(r)) for i, s, a, r in state.get("pending", [])] \
+            if self.resume_exact else []
 
 
 register(AlgorithmInfo(

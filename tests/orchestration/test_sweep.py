@@ -138,23 +138,36 @@ def test_nan_trial_fails_cleanly_and_the_sweep_completes(tmp_path: Path):
 @pytest.mark.slow
 def test_killed_driver_resumes_its_sweep(tmp_path: Path):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
-    data.update({"seeds": [0], "budget": {"env_steps": 60_000}, "eval": {"episodes": 3},
+    data.update({"seeds": [0], "budget": {"env_steps": 60_000}, "eval": {"episodes": 3, "every_steps": 8192},
                  "sweep": {"n_trials": 4, "max_parallel": 2, "sampler": {"type": "random", "seed": 1},
                            "pruner": {"type": "nop"},
                            "space": {"hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3,
                                                                "log": True}}}})
     proc, command, env, mlflow_uri, storage = _popen_sweep(tmp_path, data, "resume.yaml")
+    client = MlflowClient(mlflow_uri)
+
+    def checkpointed(trial) -> bool:  # its seed's latest checkpoint is durable in MLflow
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            return False
+        seeds = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                   f"tags.`mlflow.parentRunId` = '{run_id}'")
+        return bool(seeds) and any(a.path == "checkpoints/latest.pt"
+                                   for a in client.list_artifacts(seeds[0].info.run_id, "checkpoints"))
+
     try:
-        _wait_for_trials(proc, storage, lambda trials: {optuna.trial.TrialState.COMPLETE,
-                                                        optuna.trial.TrialState.RUNNING} <= {t.state for t in trials},
-                         "no trial completed in time")
+        _wait_for_trials(proc, storage, lambda trials: any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+                         and any(t.state == optuna.trial.TrialState.RUNNING and checkpointed(t) for t in trials),
+                         "no trial completed, or none running reached a checkpoint, in time")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-sweep
         proc.wait()
     killed = optuna.load_study(study_name="cartpole-reinforce", storage=storage).trials
     before = {t.number: t.value for t in killed if t.state == optuna.trial.TrialState.COMPLETE}
     left_running = {t.number: t.params for t in killed if t.state == optuna.trial.TrialState.RUNNING}
-    assert left_running, "the driver was killed between trials; nothing to resume mid-trial"
+    continuable = {t.number: t.user_attrs["mlflow_run_id"] for t in killed
+                   if t.state == optuna.trial.TrialState.RUNNING and checkpointed(t)}
+    assert continuable, "the driver was killed with no trial mid-way past a checkpoint"
 
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -164,8 +177,20 @@ def test_killed_driver_resumes_its_sweep(tmp_path: Path):
     assert len(complete) == 4
     assert all(complete[n] == v for n, v in before.items()), "earlier complete trials changed"
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    assert any(left_running.values()), "no trial had sampled its parameters when the driver died"
+    for number, run_id in continuable.items():  # continued in its runs from its checkpoint, not run again
+        assert study.trials[number].state == optuna.trial.TrialState.COMPLETE
+        assert not [t for t in study.trials if t.user_attrs.get("labfleet.retry_of") == number]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        (seed,) = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                     f"tags.`mlflow.parentRunId` = '{run_id}'")
+        assert seed.info.status == "FINISHED" and seed.data.tags["labfleet.resumed_from"] == "checkpoint"
+        assert seed.data.tags["labfleet.resume"] == "exact"
+        for name in seed.data.metrics:
+            steps = [m.step for m in client.get_metric_history(seed.info.run_id, name)]
+            assert len(steps) == len(set(steps)), f"{name} repeats a step"
     for number, params in left_running.items():
+        if number in continuable:
+            continue
         assert study.trials[number].state == optuna.trial.TrialState.FAIL
         rerun = [t for t in study.trials if t.user_attrs.get("labfleet.retry_of") == number]
         if params:  # a trial killed before it sampled anything has nothing to repeat

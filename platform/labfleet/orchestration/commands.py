@@ -172,10 +172,10 @@ def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec
     sweep_run = session.recorder.sweep_run(experiment, study_name, redact_uri(storage_url), {
         "sweep.space": space[:6000], "sweep.metric": ",".join(m for m, _ in sweep.objectives),
         "sweep.direction": ",".join(d for _, d in sweep.objectives)}, parent)
-    recover(study, session.recorder, experiment, sweep_run)
     session.board.hide_finished = True  # a sweep's many trials: finished bars give way to the table
     searcher = OptunaSearcher(session, study, data, spec, source, sweep, n_trials or sweep.n_trials, sweep_run,
                               TrialBoard(study, sweep, session.board))
+    recover(study, session.recorder, experiment, sweep_run, searcher.adopt_running())
     if sweep.scheduler is not None:
         lineage = session.recorder.read_json(sweep_run, LINEAGE) or []
         searcher.scheduler = PopulationBasedTraining(sweep.scheduler, sweep, searcher.total - searcher.finished,

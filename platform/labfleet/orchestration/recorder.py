@@ -257,7 +257,7 @@ class MlflowRecorder:
                                  params=params)
 
     def end_stale_trials(self, experiment: str, sweep_run: str, states: dict[int, str],
-                         failed_run_ids: list[str]) -> None:
+                         failed_run_ids: list[str], keep: set[int] | None = None) -> None:
         """Make a sweep's record agree with its study after a dead driver: each trial run still RUNNING
         under the sweep, and its RUNNING seeds, take the trial's state as `optuna.state` and end (FINISHED
         for a COMPLETE or PRUNED trial, KILLED otherwise); a trial run the study now says FAIL says so too."""
@@ -271,7 +271,10 @@ class MlflowRecorder:
             if run_id and run_id not in stale:
                 tracker.set_tags(run_id, {"optuna.state": "FAIL"})
         for trial_run in stale.values():
-            state = states.get(int(trial_run.data.tags.get("optuna.trial_number", -1)), "FAIL")
+            number = int(trial_run.data.tags.get("optuna.trial_number", -1))
+            if keep and number in keep:  # a trial that goes on in its runs (`OptunaSearcher.adopt_running`)
+                continue
+            state = states.get(number, "FAIL")
             status = "FINISHED" if state in ("COMPLETE", "PRUNED") else "KILLED"
             seeds = tracker.client.search_runs([experiment_id], Q.children(trial_run.info.run_id, running=True))
             for run in [*seeds, trial_run]:

@@ -8,8 +8,10 @@ STOP and the trial ends FINISHED, told PRUNED. A finished trial's objective is t
 final value of each objective.
 
 Crash safety: a trial is told only once its MLflow record (end states, `optuna.state` tags) is written
-(`tell`); `recover` undoes what a dead driver left: RUNNING trials are told FAIL and their parameters
-queued again, and the MLflow runs it left RUNNING end with the trial's state.
+(`tell`). After a dead driver, `adopt_running` takes back every trial it left RUNNING whose seeds left
+durable checkpoints: the same Optuna trial and the same MLflow runs go on, each seed from its checkpoint
+(exactly, where the environments can be saved). `recover` undoes the rest: other RUNNING trials are told
+FAIL and their parameters queued again, and the MLflow runs left RUNNING end with the trial's state.
 """
 
 from __future__ import annotations
@@ -91,12 +93,17 @@ class OptunaSearcher:
         self.finished = finished_count(study)  # COMPLETE + PRUNED, counted here rather than read every loop
         self.streak = FailureStreak(sweep.max_consecutive_failures)
         self.scheduler: PopulationBasedTraining | None = None  # PBT, when the sweep has one (set it before `more`)
+        self.continuing: list[tuple[TrialRunner, dict[int, SeedRecord]]] = []  # see `adopt_running`
 
     # --- the feed -------------------------------------------------------------------------------
     def more(self, running: int) -> list[tuple[TrialRunner, dict[int, SeedRecord] | None]]:
         new: list[tuple[TrialRunner, dict[int, SeedRecord] | None]] = []
         running_now = sum(not r.suspended for r in self.active)
         while running_now < self.sweep.max_parallel:
+            if self.continuing:  # trials a dead driver left, first
+                new.append(self.continuing.pop(0))
+                running_now += 1
+                continue
             if self.finished + len(self.active) < self.total and not (self.exhausted() or self.streak.stopped):
                 runner = self.ask()
                 if runner is not None:
@@ -135,15 +142,50 @@ class OptunaSearcher:
             self.study.tell(trial, state=TrialState.FAIL)
             self.streak.record(TrialState.FAIL, str(exc))
             return None
-        meta = TrialMeta(self.sweep_run, {"optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"},
-                         {k: str(v) for k, v in values.items()})
-        listeners: list[Listener] = [self, *([self.scheduler] if self.scheduler is not None else [])]
-        runner = self.session.runner(trial_spec, *listeners, meta=meta, pool=self.session.pool,
-                                     label=f"{self.spec.name}/trial={trial.number}")
+        runner = self._runner(trial_spec, trial.number, values)
         self.active[runner] = ActiveTrial(trial, runner)
         if self.scheduler is not None:
             self.scheduler.add(runner, trial.number, values, trial)
         return runner
+
+    def _runner(self, trial_spec: ExperimentSpec, number: int, values: dict[str, Any]) -> TrialRunner:
+        meta = TrialMeta(self.sweep_run, {"optuna.trial_number": str(number), "optuna.state": "RUNNING"},
+                         {k: str(v) for k, v in values.items()})
+        listeners: list[Listener] = [self, *([self.scheduler] if self.scheduler is not None else [])]
+        return self.session.runner(trial_spec, *listeners, meta=meta, pool=self.session.pool,
+                                   label=f"{self.spec.name}/trial={number}")
+
+    def adopt_running(self) -> set[int]:
+        """Before `recover`: take back the trials a dead driver left RUNNING whose MLflow trial run is
+        unfinished and whose unfinished seeds left a checkpoint. Each goes on as the same Optuna trial in
+        the same runs (`more` offers them first). Returns their numbers; `recover` fails the others.
+        (A PBT population is not taken back: its members re-run, as its scheduler's state is not kept.)"""
+        if self.scheduler is not None or self.sweep.scheduler is not None:
+            return set()
+        adopted: set[int] = set()
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            values = {path: frozen.params[path] for path in self.sweep.space if path in frozen.params}
+            if len(values) != len(self.sweep.space):
+                continue  # killed before it sampled everything: nothing to go on with
+            try:
+                runner = self._runner(self.build_spec(values), frozen.number, values)
+            except SpecError:
+                continue
+            found = self.recorder.unfinished(runner)
+            if found is None:
+                continue
+            _, records = found
+            if not any(r.checkpoint for r in records.values() if r.status != Status.FINISHED):
+                continue
+            trial = optuna.Trial(self.study, frozen._trial_id)
+            self.active[runner] = ActiveTrial(trial, runner, reported=max(frozen.intermediate_values, default=-1))
+            self.asked.add(frozen.number)
+            self.continuing.append((runner, records))
+            adopted.add(frozen.number)
+            resumed = sorted(seed for seed, r in records.items() if r.status != Status.FINISHED and r.checkpoint)
+            self.session.console.print(f"trial {frozen.number}: continuing from checkpoints (seeds {resumed})",
+                                       highlight=False)
+        return adopted
 
     def exhausted(self) -> bool:
         """A grid is used up once every point is running or finished (Optuna's `is_exhausted` does not count
@@ -253,15 +295,18 @@ class OptunaSearcher:
             self.tracker.after_writes(self.study.tell, active.trial, state=state)
 
 
-def recover(study: optuna.Study, recorder: MlflowRecorder, experiment: str, sweep_run: str) -> None:
+def recover(study: optuna.Study, recorder: MlflowRecorder, experiment: str, sweep_run: str,
+            adopted: set[int] | frozenset[int] = frozenset()) -> None:
     """Undo what a dead driver left and make MLflow agree with the study: RUNNING trials -> FAIL (parameters
     queued again); their trial runs, and every run still RUNNING under the sweep, take the trial's state as
-    `optuna.state` and end (FINISHED for a COMPLETE trial, KILLED otherwise)."""
-    failed = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    `optuna.state` and end (FINISHED for a COMPLETE trial, KILLED otherwise). The `adopted` trials (see
+    `OptunaSearcher.adopt_running`) and their runs go on instead."""
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in adopted]
     for frozen in failed:
         fail_and_requeue(study, frozen)
     states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
-    recorder.end_stale_trials(experiment, sweep_run, states, [t.user_attrs.get("mlflow_run_id", "") for t in failed])
+    recorder.end_stale_trials(experiment, sweep_run, states, [t.user_attrs.get("mlflow_run_id", "") for t in failed],
+                              keep=set(adopted))
 
 
 def fail_and_requeue(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:

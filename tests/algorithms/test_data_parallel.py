@@ -50,3 +50,44 @@ def test_two_workers_keep_identical_parameters_and_match_one_worker(ray_local):
     assert parallel["steps"] == single["steps"]  # the same optimiser steps: each rank takes half a batch
     p, s = parallel["final"]["eval/neg_elbo"], single["final"]["eval/neg_elbo"]
     assert abs(p - s) <= 0.1 * s, (p, s)
+
+
+class SplitWorker(TrialWorker):
+    def run(self, stop_at: int | None) -> dict:
+        """Train to the end; with `stop_at`, stop there first, close everything (the helper ranks die too)
+        and go on from the checkpoint in a new trainer, as a restarted seed does."""
+        resumed = None
+        if stop_at is not None:
+            while self.trainer.progress < stop_at:
+                self.trainer.train_iteration()
+            checkpoint = self.trainer.checkpoint_bytes()
+            self.load(self.spec.model_dump(mode="json"), self.trainer.seed, checkpoint)
+            resumed = self.resumed
+        while not self.trainer.done:
+            self.trainer.train_iteration()
+        return {"digests": (self.trainer.parameter_digest(), self.trainer.helper_digests()), "resumed": resumed}
+
+
+@pytest.mark.slow
+def test_a_data_parallel_trial_resumes_exactly(ray_local):
+    """Every rank's minibatch stream is in rank 0's checkpoint: restored, the trial ends with the parameters
+    of an uninterrupted run, bit for bit."""
+    spec = load_spec(EXPERIMENTS / "digits_vae.yaml", {
+        "budget.epochs": 4, "hparams.early_stopping": None, "hparams.iwae_samples": 1,
+        "resources.data_parallel": 2, "resources.cpus_per_trial": 1})
+    results = []
+    for stop_at in (None, 2):
+        group = placement_group(trial_bundles(spec))
+        ray_local.get(group.ready())
+        actor = ray_local.remote(SplitWorker).options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0)).remote(spec.model_dump(mode="json"), 0)
+        try:
+            results.append(ray_local.get(actor.run.remote(stop_at), timeout=600))
+        finally:
+            ray_local.kill(actor)
+            remove_placement_group(group)
+    uninterrupted, split = results
+    assert split["resumed"] == "exact"
+    (rank0, (rank1,)), (split0, (split1,)) = uninterrupted["digests"], split["digests"]
+    for a, b in zip([*rank0, *rank1], [*split0, *split1], strict=True):
+        assert np.array_equal(a, b), "the resumed trial ended with other parameters"

@@ -171,6 +171,7 @@ class GenerativeTrainer(Trainer):
         self.torch_gen = torch.Generator(device=self.device).manual_seed(derive_seed(seed, "noise", rank))
         self._helpers: list[Any] = []
         self._group = False
+        self._rank_states: list[dict[str, Any]] | None = None  # restored, for the helpers `_start_data_parallel` starts
 
     # --- for subclasses -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -293,7 +294,26 @@ class GenerativeTrainer(Trainer):
             "torch_gen": self.torch_gen.get_state(),
             "early": {"best_value": self.best_value, "best_step": self.best_step, "bad": self.bad_evaluations,
                       "stopped": self.stopped, "best_state": self.best_state},
+            # data parallelism: the other ranks' minibatch streams, so that a restore goes on exactly
+            **({"ranks": ranks} if (ranks := self._helper_sampling_states()) is not None else {}),
         }
+
+    def sampling_state(self) -> dict[str, Any]:
+        """This rank's own minibatch order and noise: what differs between the ranks of one trial."""
+        return {"rng": rng_state(self.rng), "order": torch.as_tensor(self._order), "cursor": self._cursor,
+                "torch_gen": self.torch_gen.get_state()}
+
+    def load_sampling_state(self, state: dict[str, Any]) -> None:
+        set_rng_state(self.rng, state["rng"])
+        self._order, self._cursor = state["order"].numpy(), int(state["cursor"])
+        self.torch_gen.set_state(state["torch_gen"])
+
+    def _helper_sampling_states(self) -> list[dict[str, Any]] | None:
+        if self.world == 1 or self.rank != 0:
+            return None
+        if self._helpers:
+            return ray.get([h.sampling_state.remote() for h in self._helpers])
+        return self._rank_states
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_models(state["models"])
@@ -307,6 +327,9 @@ class GenerativeTrainer(Trainer):
         self.best_value, self.best_step = float(early["best_value"]), int(early["best_step"])
         self.bad_evaluations, self.stopped = int(early["bad"]), bool(early["stopped"])
         self.best_state = early["best_state"]
+        self._rank_states = state.get("ranks")
+        # Helper ranks without their saved streams start fresh ones: reproducible, not exact.
+        self.resume_exact = self.world == 1 or self.steps == 0 or self._rank_states is not None
 
     def probe(self) -> np.ndarray:
         """Decoded / generated samples from fixed latents."""
@@ -334,8 +357,10 @@ class GenerativeTrainer(Trainer):
             if group is not None and len(group.bundle_specs) > rank:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     group, placement_group_bundle_index=rank)
+            sampling = self._rank_states[rank - 1] if self._rank_states is not None else None
             self._helpers.append(RemoteDataParallelRank.options(**options).remote(
-                self.spec.model_dump(mode="json"), self.seed, rank, checkpoint))
+                self.spec.model_dump(mode="json"), self.seed, rank, checkpoint, sampling))
+        self._rank_states = None
         init_method = f"tcp://{address}:{port}"
         joined = [h.join.remote(init_method, backend) for h in self._helpers]
         dist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.world)
@@ -386,7 +411,8 @@ class GenerativeTrainer(Trainer):
 class DataParallelRank:
     """Rank r > 0 of a data-parallel trial: the same trainer, its own minibatches, no reporting."""
 
-    def __init__(self, spec: dict[str, Any], seed: int, rank: int, checkpoint: bytes):
+    def __init__(self, spec: dict[str, Any], seed: int, rank: int, checkpoint: bytes,
+                 sampling: dict[str, Any] | None = None):
         from labfleet.algorithms import registry
         from labfleet.algorithms.base import resolve_device
 
@@ -402,6 +428,11 @@ class DataParallelRank:
         self.trainer._order = self.trainer.rng.permutation(len(self.trainer.train_x))
         self.trainer._cursor = 0
         self.trainer.torch_gen.set_state(gen)
+        if sampling is not None:  # restored: this rank's streams as they were at the checkpoint
+            self.trainer.load_sampling_state(sampling)
+
+    def sampling_state(self) -> dict[str, Any]:
+        return self.trainer.sampling_state()
 
     def join(self, init_method: str, backend: str) -> None:
         import torch.distributed as dist

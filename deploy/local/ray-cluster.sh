@@ -2,6 +2,7 @@
 # A multi-node Ray cluster on this machine, for trying the cluster path and for the tests:
 #   deploy/local/ray-cluster.sh start [--workers N] [--cpus-per-node C] [--dir DIR] [--port 6380] [--dashboard-port 8265]
 #   deploy/local/ray-cluster.sh stop-node INDEX [--dir DIR]     # a worker node dies (as a lost machine would)
+#   deploy/local/ray-cluster.sh start-node INDEX [--cpus-per-node C] [--dir DIR] [--port 6380]  # it comes back
 #   deploy/local/ray-cluster.sh stop [--dir DIR]
 # Every service the head starts for clients (the dashboard and Jobs API, the Ray client server) listens on
 # 127.0.0.1. Ray's GCS port listens on all interfaces whatever it is told: firewall it on a shared host.
@@ -19,7 +20,7 @@ while [ $# -gt 0 ]; do
         --dir) dir="$2"; shift 2 ;;
         --port) port="$2"; shift 2 ;;
         --dashboard-port) dashboard="$2"; shift 2 ;;
-        *) if [ "$command" = "stop-node" ] && [ -z "$index" ]; then index="$1"; shift
+        *) if [[ "$command" == st*-node ]] && [ -z "$index" ]; then index="$1"; shift
            else echo "unknown argument: $1" >&2; exit 2; fi ;;
     esac
 done
@@ -95,6 +96,13 @@ stop-node)
     kill -KILL "${pids[@]}" 2>/dev/null || true
     echo "worker node $index stopped (raylet $raylet)"
     ;;
+start-node)
+    [ -n "$index" ] || { echo "start-node needs a worker index (1..N)" >&2; exit 2; }
+    # shellcheck disable=SC2046
+    ray start --address "127.0.0.1:$port" --node-ip-address 127.0.0.1 --num-cpus "$cpus" \
+        $(node_ports "$index") --disable-usage-stats > "$dir/worker-$index.log" 2>&1
+    echo "worker node $index started"
+    ;;
 stop)
     pids=()
     for p in $(pgrep -f -- "$dir/" || true); do mapfile -t -O "${#pids[@]}" pids < <(tree "$p"); done
@@ -102,6 +110,6 @@ stop)
     echo "Ray cluster under $dir stopped"
     ;;
 *)
-    echo "usage: $0 start|stop|stop-node INDEX [--workers N] [--cpus-per-node C] [--dir DIR] [--port P] [--dashboard-port P]" >&2
+    echo "usage: $0 start|stop|stop-node INDEX|start-node INDEX [--workers N] [--cpus-per-node C] [--dir DIR] [--port P] [--dashboard-port P]" >&2
     exit 2 ;;
 esac

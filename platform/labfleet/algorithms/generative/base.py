@@ -232,8 +232,15 @@ class GenerativeTrainer(Trainer):
         pending = [h.train_iteration.remote() for h in self._helpers]
         for model in self.models.values():
             model.train()
-        with self.autocast():
-            logged = self.step(self.next_batch())
+        try:
+            with self.autocast():
+                logged = self.step(self.next_batch())
+        except RuntimeError:
+            # A rank that died breaks the collective here (gloo: the connection closed); say that a rank was
+            # lost (Ray's own error: the driver retries the seed from its checkpoint), not that training failed.
+            if pending:
+                ray.get(pending, timeout=60)
+            raise
         self.steps += 1
         if pending:
             ray.get(pending)

@@ -51,7 +51,15 @@ def main(tracking_uri: str) -> None:
         relaunched = state.retries
         drive([runner])
         tracker.close()
+        same = True
+        try:  # exact resume: the seed ends with the network of a fault-free run of it
+            from tests.orchestration.test_faults import _assert_same_model_as_a_fault_free_run
+
+            _assert_same_model_as_a_fault_free_run(spec, 3, state.checkpoint)
+        except AssertionError:
+            same = False
         print(json.dumps({"checkpoint_progress": checkpoint_progress, "retries_after_loss": relaunched,
+                          "same_model_as_fault_free": same,
                           "seed_status": state.status, "trial_status": runner.status, "error": state.error,
                           "run_id": recorder.seed_run_id(runner, state.seed),
                           "trial_run_id": recorder.trial_run_id(runner)}))

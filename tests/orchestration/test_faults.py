@@ -136,6 +136,7 @@ def test_result_lost_with_its_node_restarts_from_the_checkpoint(tmp_path: Path, 
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["retries_after_loss"] == 1, outcome
     assert outcome["seed_status"] == outcome["trial_status"] == "FINISHED", outcome
+    assert outcome["same_model_as_fault_free"], "the seed resumed on the new node did not end as a fault-free run"
     client = MlflowClient(tracking_uri)
     seed = client.get_run(outcome["run_id"])
     assert seed.info.status == "FINISHED" and seed.data.tags["labfleet.retries"] == "1"

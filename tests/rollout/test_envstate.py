@@ -108,7 +108,9 @@ def user_envs(monkeypatch):
     module.Plain, module.OptedIn = Plain, OptedIn
     Plain.__module__ = OptedIn.__module__ = module.__name__
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    return module.__name__
+    yield module.__name__
+    for env_id in [k for k in gym.registry if module.__name__ in k]:  # EnvMaker registered them: leave no trace
+        del gym.registry[env_id]
 
 
 def test_what_cannot_be_saved_says_so(user_envs):

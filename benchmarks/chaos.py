@@ -39,7 +39,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from labfleet.testing import flat_state
+from labfleet.testing import state_differences
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -158,7 +158,7 @@ def seed_runs(client: MlflowClient) -> dict[tuple[str, str], Any]:
 
 def final_state(client: MlflowClient, run_id: str, tmp: Path) -> dict[str, Any]:
     local = client.download_artifacts(run_id, "checkpoints/final.pt", str(tmp / run_id))
-    return flat_state(torch.load(io.BytesIO(Path(local).read_bytes()), weights_only=True))
+    return torch.load(io.BytesIO(Path(local).read_bytes()), weights_only=True)
 
 
 def compare(reference_uri: str, chaos_uri: str, tmp: Path) -> dict[str, Any]:
@@ -191,10 +191,9 @@ def compare(reference_uri: str, chaos_uri: str, tmp: Path) -> dict[str, Any]:
             continue
         evals = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
         ref_evals = {k: v for k, v in ref.data.metrics.items() if k.startswith("eval/")}
-        mine, theirs = final_state(client, run.info.run_id, tmp), final_state(ref_client, ref.info.run_id, tmp)
-        differ = sorted(k for k in theirs if k not in mine or not (
-            torch.equal(theirs[k], mine[k]) if isinstance(theirs[k], torch.Tensor) else theirs[k] == mine[k]))
-        if evals != ref_evals or differ or mine.keys() != theirs.keys():
+        differ = state_differences(final_state(client, run.info.run_id, tmp),
+                                   final_state(ref_client, ref.info.run_id, tmp))
+        if evals != ref_evals or differ:
             problems.append(f"{key}: final evaluation or state differs from the reference "
                             f"({differ[:5]}{' ...' if len(differ) > 5 else ''})")
         else:

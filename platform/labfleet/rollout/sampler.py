@@ -111,26 +111,21 @@ class VectorSampler:
         for rng, rng_data in zip(self.action_rngs, state["action_rngs"], strict=True):
             set_rng_state(rng, rng_data)
 
+    # Every entry of a sampler state is per environment (a list, or a tensor whose first axis is the env).
     @staticmethod
     def split_state(state: dict[str, Any], parts: int) -> list[dict[str, Any]]:
         """A sampler state of n environments as `parts` states of consecutive n / parts environments."""
         k = len(state["envs"]) // parts
-        return [{"envs": state["envs"][i * k:(i + 1) * k], "obs": state["obs"][i * k:(i + 1) * k],
-                 "episode_return": state["episode_return"][i * k:(i + 1) * k],
-                 "episode_length": state["episode_length"][i * k:(i + 1) * k],
-                 "action_rngs": state["action_rngs"][i * k:(i + 1) * k]} for i in range(parts)]
+        return [{name: value[i * k:(i + 1) * k] for name, value in state.items()} for i in range(parts)]
 
     @staticmethod
     def join_states(states: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         """The inverse of `split_state` (None when any part is)."""
-        if any(s is None for s in states):
-            return None
         parts = [s for s in states if s is not None]
-        return {"envs": [e for s in parts for e in s["envs"]],
-                "obs": torch.cat([s["obs"] for s in parts]),
-                "episode_return": torch.cat([s["episode_return"] for s in parts]),
-                "episode_length": torch.cat([s["episode_length"] for s in parts]),
-                "action_rngs": [r for s in parts for r in s["action_rngs"]]}
+        if len(parts) < len(states):
+            return None
+        return {name: torch.cat([p[name] for p in parts]) if isinstance(value, torch.Tensor)
+                else [x for p in parts for x in p[name]] for name, value in parts[0].items()}
 
     def collect(self, policy: NoisePolicy, n_steps: int) -> Rollout:
         n = self.envs.num_envs

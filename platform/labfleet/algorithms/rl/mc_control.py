@@ -95,9 +95,9 @@ class MCControlTrainer(TabularTrainer):
         self.counts[...] = state["counts"].numpy()
         self.episodes = int(state["episodes"])
         # With the environments restored, the episodes under way go on; where they restart, they are dropped.
-        self._open = [[] for _ in range(self.hp.n_envs)]
-        if self.resume_exact and "open" in state:
-            self._open = [[(int(s), int(a), float(r)) for s, a, r in episode] for episode in state["open"]]
+        opened = state.get("open") if self.resume_exact else None
+        self._open = [[(int(s), int(a), float(r)) for s, a, r in episode] for episode in opened] \
+            if opened is not None else [[] for _ in range(self.hp.n_envs)]
 
 
 register(AlgorithmInfo(

@@ -216,6 +216,7 @@ def test_searcher_tells_the_mean_of_the_final_values(tmp_path: Path):
     runner.status = Status.FINISHED
     runner.emit(TrialEnded(runner, Status.FINISHED, {"eval/return_mean": 0.6}, 40))
     assert searcher.finished == 1 and not searcher.active
+    assert runner not in searcher.recorder.trials  # a told trial is let go (a long sweep's memory stays flat)
     tracker.close()
     (trial,) = optuna.load_study(study_name="s", storage=storage).trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(0.6)

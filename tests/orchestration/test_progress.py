@@ -54,5 +54,9 @@ def test_a_waiting_seed_shows_pending_and_a_finished_sweep_bar_goes():
         board.update("a", 50, "eval/return_mean=20 3000 sps")
         board._progress.refresh()
         assert "3000 sps" in out.getvalue()
+        board.add("b", "trial 1 seed=0", 100)
         board.finish("a", "FINISHED")
-        assert not board._progress.tasks[0].visible
+        # gone, not only hidden: rich would otherwise keep (and walk) every bar of a 2,000-trial sweep
+        assert [task.description for task in board._progress.tasks] == ["trial 1 seed=0"]
+        board.update("a", 100, "late")  # a result after the end changes nothing
+        board.finish("a", "FINISHED")

@@ -67,7 +67,9 @@ class ProgressBoard:
 
     def update(self, key: Hashable, completed: int, latest: str) -> None:
         if self._progress is not None:
-            task = self._tasks[key]
+            task = self._tasks.get(key)
+            if task is None:  # finished and removed already
+                return
             if key not in self._running:
                 self._running.add(key)
                 self._progress.start_task(task)  # the time column counts running time, not waiting
@@ -85,10 +87,16 @@ class ProgressBoard:
 
     def finish(self, key: Hashable, status: str) -> None:
         if self._progress is not None:
-            task = self._tasks[key]
-            self._progress.update(task, latest=status, visible=not self.hide_finished)
+            task = self._tasks.pop(key, None) if self.hide_finished else self._tasks.get(key)
+            if task is None:
+                return
+            if self.hide_finished:  # gone, not hidden: a long sweep's bars would otherwise pile up in rich
+                self._progress.remove_task(task)
+                self._running.discard(key)
+            else:
+                self._progress.update(task, latest=status)
         elif key in self._plain:
-            self.console.print(f"{self._plain[key]['label']}: {status}", highlight=False)
+            self.console.print(f"{self._plain.pop(key)['label']}: {status}", highlight=False)
 
     def note(self, line: str) -> None:
         """A line for plain output (CI logs) only; a terminal shows the same in `below`."""

@@ -74,6 +74,10 @@ class MlflowRecorder:
         entry = self.trials[trial]
         return [entry.run_id, *entry.seeds.values()]
 
+    def forget(self, trial: TrialRunner) -> None:
+        """Let go of an ended trial whose runs nothing will write again (a sweep's told trial)."""
+        self.trials.pop(trial, None)
+
     def read_json(self, run_id: str, path: str) -> Any:
         """A JSON artifact of a run (e.g. the sweep's PBT lineage so far), or None."""
         self.tracker.drain()

@@ -281,6 +281,7 @@ class OptunaSearcher:
             self.view.told(trial.number, trial.params, state, value, active.error)
         self.streak.record(state, active.error)
         self.finished += state in (TrialState.COMPLETE, TrialState.PRUNED)
+        self.recorder.forget(runner)  # a long sweep's driver holds its running trials, not every one it ran
 
     def tell(self, active: ActiveTrial, state: TrialState, value: Any = None) -> None:
         """Tell Optuna only once the trial's MLflow record (final metrics, checkpoints, end status, the

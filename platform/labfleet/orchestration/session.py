@@ -191,7 +191,7 @@ class DriverSession:
         self.recorder = MlflowRecorder(tracker)
         self.board = ProgressBoard(console, quiet, hide_finished=hide_finished)
         self.pool = ActorPool()  # trial actors are reused across trials of the same shape
-        self.runners: list[TrialRunner] = []  # every trial this session started
+        self.runners: list[TrialRunner] = []  # the trials this session started that have not ended
         self.feeds: list[Feed] = []
         self.interrupted = False
         self._previous_term: Any = None
@@ -227,6 +227,8 @@ class DriverSession:
                 else:
                     runner.resume(records)
             active = [r for r in active if not (r.done or r.suspended)]
+            if started:  # ended trials need no cleanup on Ctrl-C: a long sweep's driver keeps only the others
+                self.runners = [r for r in self.runners if not r.done]
             feed.refresh(active)
             if not active and not started:
                 return

@@ -4,6 +4,7 @@ front of a multi-objective study (on the sweep run)."""
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any
 
 import optuna
@@ -24,7 +25,8 @@ class TrialBoard:
 
     def __init__(self, study: optuna.Study, sweep: SweepConfig, board: ProgressBoard):
         self.sweep, self.board, self.study_name = sweep, board, study.study_name
-        self.finished: list[tuple[int, str, Any, dict[str, Any]]] = []  # (number, state, value, params)
+        # (number, state, value, params) of the last few finished trials: all a long sweep's table shows
+        self.finished: deque[tuple[int, str, Any, dict[str, Any]]] = deque(maxlen=self.SHOWN_FINISHED)
         self.best: tuple[int, float] | None = None
         if not sweep.multi_objective and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             best = study.best_trial
@@ -43,7 +45,7 @@ class TrialBoard:
         for number, params, latest in sorted(active, key=lambda row: row[0]):
             table.add_row(str(number), "RUNNING", *(_short(params.get(p, "")) for p in self.sweep.space),
                           "" if latest is None else _short(latest))
-        for number, state, value, params in self.finished[-self.SHOWN_FINISHED:][::-1]:
+        for number, state, value, params in reversed(self.finished):
             style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "")
             table.add_row(str(number), state, *(_short(params.get(p, "")) for p in self.sweep.space),
                           _short(value), style=style)

@@ -93,3 +93,29 @@ def test_sqlite_refuses_a_stale_transaction_at_once_and_the_retry_runs_it_again(
     assert len(attempts) == 2
     assert sorted(x for (x,) in other.execute("SELECT x FROM t")) == [1, 1, 2]
     other.close()
+
+
+def test_a_store_made_without_wal_opens_while_another_connection_writes_and_switches_later(tmp_path: Path):
+    """The first driver on a store that an older tool made (rollback journal): opening a connection while
+    this process's writer thread holds the write lock must not fail with "database is locked" (it did:
+    switching to WAL needs the file alone); a later connection makes the switch."""
+    from sqlalchemy import create_engine, text
+
+    from labfleet.tracking.uri import sqlite_wal
+
+    sqlite_wal()
+    db = tmp_path / "old.db"
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("CREATE TABLE t (x INTEGER)")
+    assert writer.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t VALUES (1)")  # the write lock, held
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.connect() as connection:  # waits a few seconds for the switch, then goes without it
+        assert connection.execute(text("SELECT count(*) FROM t")).scalar() == 0
+    writer.execute("COMMIT")
+    engine.dispose()
+    with create_engine(f"sqlite:///{db}").connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("SELECT count(*) FROM t")).scalar() == 1
+    writer.close()

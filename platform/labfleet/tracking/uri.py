@@ -108,9 +108,23 @@ def sqlite_wal() -> None:
     def _pragmas(dbapi_connection: object, record: object) -> None:
         if isinstance(dbapi_connection, sqlite3.Connection):
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
+            try:
+                # Switching a store made without WAL needs a moment alone with the file: another of this
+                # process's connections may hold a write lock then, and SQLite answers "locked" at once.
+                # The switch is the file's, made once; until one connection makes it, the others go without.
+                deadline = time.monotonic() + 5.0
+                while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    try:
+                        cursor.execute("PRAGMA journal_mode=WAL")
+                    except sqlite3.OperationalError as exc:
+                        if "locked" not in str(exc):
+                            raise
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.02)
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            finally:
+                cursor.close()
 
     _WAL_ON = True
 

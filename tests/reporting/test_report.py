@@ -116,6 +116,22 @@ def test_report_on_a_sweep_has_optuna_figures(tmp_path: Path):
     assert "| trial | state | hparams.gamma | hparams.tolerance |" in trials
     assert sum("| COMPLETE |" in line for line in trials.splitlines()) == 4
 
+    # A large sweep's seed runs are read in one paged search, not one search per trial: the same runs.
+    from labfleet.reporting import report
+
+    client = MlflowClient(uri)
+    target = report.resolve_target(client, "vi-sweep")
+    bulk = report._configurations(client, target.experiment_id, [c.trial for c in target.configurations],
+                                  bulk_above=0)
+    assert [[s.info.run_id for s in c.seeds] for c in bulk] == \
+        [[s.info.run_id for s in c.seeds] for c in target.configurations]
+    assert all(len(c.seeds) == 1 for c in bulk)
+    # ... and its curves are those of its best configurations, in trial order
+    best = report.best_configurations(target.configurations, "eval/return_mean", 2)
+    finals = sorted((c.trial.data.metrics["eval/return_mean"] for c in target.configurations), reverse=True)
+    assert sorted(c.trial.data.metrics["eval/return_mean"] for c in best) == sorted(finals[:2])
+    assert [c.label for c in best] == [c.label for c in target.configurations if c in best]
+
 
 @pytest.mark.slow
 def test_report_bad_target_and_missing_store(tmp_path: Path, suite_store):

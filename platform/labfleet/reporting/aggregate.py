@@ -95,6 +95,11 @@ def _ci(estimate: Estimate) -> str:
     return "n/a" if np.isnan(estimate.low) else f"[{estimate.low:.4g}, {estimate.high:.4g}]"
 
 
+def ranked(higher_is_better: Scores) -> list[str]:
+    """The methods, best first by the IQM of all their runs (oriented so that more is better)."""
+    return sorted(higher_is_better, key=lambda m: -float(iqm(np.concatenate(list(higher_is_better[m].values())))))
+
+
 def aggregate_markdown(scores: Scores, multi_task: bool, ranges: dict[str, tuple[float, float]] | None,
                        metric: str, higher_is_better: Scores | None = None) -> str:
     """The aggregate table (IQM and mean with intervals, runs) and the probability-of-improvement matrix
@@ -107,7 +112,7 @@ def aggregate_markdown(scores: Scores, multi_task: bool, ranges: dict[str, tuple
         lines += ["Per-task ranges used to normalise (min, max over the report's runs): "
                   + "; ".join(f"{task}: [{low:.4g}, {high:.4g}]" for task, (low, high) in sorted(ranges.items())), ""]
     lines += ["| method | runs | IQM | IQM 95 % CI | mean | mean 95 % CI |", "|---|---|---|---|---|---|"]
-    order = sorted(scores, key=lambda m: -float(iqm(np.concatenate(list(better[m].values())))))
+    order = ranked(better)
     if len(order) > MAX_METHODS:  # a large sweep: the best ones (bootstraps and the pair matrix grow fast)
         lines += [f"The {MAX_METHODS} best of {len(order)} methods by IQM.", ""]
         order = order[:MAX_METHODS]

@@ -34,10 +34,14 @@ from mlflow.tracking import MlflowClient
 
 from labfleet.errors import Problem, SpecError
 from labfleet.reporting import aggregate
+from labfleet.tracking import queries as Q
 from labfleet.tracking.runs import PBT_LINEAGE
 
 LOWER_IS_BETTER = ("neg_elbo", "recon_nll", "iwae_nll", "baseline_nll", "/kl", "fd_digits", "mode_kl", "loss")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+SEARCH_PAGE = 5000  # runs per search page
+BULK_TRIALS = 20  # above this many trials, their seed runs are read in one search, not one per trial
+MAX_CURVES = 10  # curves per panel: a large sweep's best configurations, not a legend of thousands
 
 
 def lower_is_better(metric: str) -> bool:
@@ -65,15 +69,37 @@ class Target:
     configurations: list[Configuration]
 
 
+def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
+    """Every run that matches, page by page (a large sweep has more runs than one page holds)."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=SEARCH_PAGE, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def _children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[Run]:
-    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+    return _search_all(client, experiment_id, Q.children(parent_id))
 
 
-def _configurations(client: MlflowClient, experiment_id: str, trials: list[Run]) -> list[Configuration]:
+def _configurations(client: MlflowClient, experiment_id: str, trials: list[Run],
+                    bulk_above: int = BULK_TRIALS) -> list[Configuration]:
+    wanted = {t.info.run_id for t in trials}
+    if len(trials) > bulk_above:  # a large sweep: every seed run of the experiment in a few pages, not a search each
+        by_trial: dict[str, list[Run]] = {}
+        for run in _search_all(client, experiment_id, Q.role("seed")):
+            parent = run.data.tags.get(Q.PARENT_TAG, "")
+            if parent in wanted:
+                by_trial.setdefault(parent, []).append(run)
+    else:
+        by_trial = {t.info.run_id: [r for r in _children(client, experiment_id, t.info.run_id)
+                                    if r.data.tags.get(Q.ROLE_TAG) == "seed"] for t in trials}
     configs = []
     for trial in sorted(trials, key=lambda r: r.info.start_time):
-        seeds = [r for r in _children(client, experiment_id, trial.info.run_id)
-                 if r.data.tags.get("labfleet.role") == "seed"]
+        seeds = by_trial.get(trial.info.run_id, [])
         label = trial.data.tags.get("mlflow.runName", trial.info.run_id[:8])
         configs.append(Configuration(label, trial, sorted(seeds, key=lambda r: int(r.data.tags.get(
             "labfleet.seed", 0)))))
@@ -102,8 +128,7 @@ def resolve_target(client: MlflowClient, target: str, source: str = "labfleet re
                 known = sorted(e.name for e in experiments)
                 raise SpecError([Problem(source, "TARGET", f"no run id, suite or sweep run name, or experiment "
                                          f"named {target!r} in this store (experiments: {', '.join(known)})")])
-            every = list(client.search_runs([experiment.experiment_id], "tags.`labfleet.role` = 'trial'",
-                                            max_results=5000))
+            every = _search_all(client, experiment.experiment_id, Q.role("trial"))
             return Target(f"experiment {target}", experiment.experiment_id, None,
                           _configurations(client, experiment.experiment_id, every))
     experiment_id = run.info.experiment_id
@@ -268,6 +293,17 @@ def panels(configs: list[Configuration], metric: str | None) -> list[tuple[str, 
     return [(task, m, group) for (task, m), group in groups.items()]
 
 
+def best_configurations(configs: list[Configuration], metric: str, limit: int) -> list[Configuration]:
+    """All of them, or the `limit` best by the trial run's final `metric` (those without it last), in
+    their original order."""
+    if len(configs) <= limit:
+        return configs
+    sign = 1.0 if lower_is_better(metric) else -1.0
+    ranked = sorted(range(len(configs)), key=lambda i: (metric not in configs[i].trial.data.metrics,
+                                                         sign * configs[i].trial.data.metrics.get(metric, 0.0)))
+    return [configs[i] for i in sorted(ranked[:limit])]
+
+
 def curves_png(client: MlflowClient, configs: list[Configuration], metric: str | None) -> bytes | None:
     plt = _pyplot()
     groups = panels(configs, metric)
@@ -276,7 +312,8 @@ def curves_png(client: MlflowClient, configs: list[Configuration], metric: str |
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.2 * rows), squeeze=False)
     drawn = 0
     for ax, (task, name, group) in zip(axes.flat, groups, strict=False):
-        for i, config in enumerate(group):
+        shown = best_configurations(group, name, MAX_CURVES)
+        for i, config in enumerate(shown):
             steps, mean, low, high, n = curve(client, config, name)
             if not len(steps):
                 continue
@@ -287,7 +324,8 @@ def curves_png(client: MlflowClient, configs: list[Configuration], metric: str |
         generative = bool(group[0].trial.data.tags.get("labfleet.dataset"))
         ax.set_xlabel("optimiser steps" if generative else "env steps")
         ax.set_ylabel(name)
-        ax.set_title(f"{task}: {name}", fontsize=9)
+        some = f" (the {len(shown)} best of {len(group)} configurations)" if len(shown) < len(group) else ""
+        ax.set_title(f"{task}: {name}{some}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(groups):]:
@@ -429,7 +467,11 @@ def aggregate_section(configs: list[Configuration], metric: str) -> tuple[str, b
     better = normalised if multi_task else ({m: {t: -v for t, v in pt.items()} for m, pt in scores.items()}
                                             if lower else scores)
     text = aggregate.aggregate_markdown(shown, multi_task, ranges if multi_task else None, metric, better)
-    return text, profiles_png(normalised, f"performance profiles of {metric}")
+    title = f"performance profiles of {metric}"
+    best = aggregate.ranked(better)
+    if len(best) > MAX_CURVES:  # a large sweep: the best ones, not a legend of thousands
+        title += f" (the {MAX_CURVES} best of {len(best)} by IQM)"
+    return text, profiles_png({m: normalised[m] for m in best[:MAX_CURVES]}, title)
 
 
 # --- the report -------------------------------------------------------------------------------------------

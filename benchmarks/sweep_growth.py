@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("sweep_growth"))
+    parser.add_argument("--keep", action="store_true", help="keep the stores (in --out) for a look afterwards")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from labfleet.orchestration.commands import execute_sweep
@@ -98,7 +99,8 @@ def main() -> None:
     ray.init(logging_level=logging.WARNING, include_dashboard=False)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as name:
-        tmp = Path(name)
+        tmp = args.out / "stores" if args.keep else Path(name)
+        tmp.mkdir(parents=True, exist_ok=True)
         data = {**SPEC, "name": "growth", "tracking": {"experiment": "growth"},
                 "sweep": {**SPEC["sweep"], "n_trials": args.trials, "max_parallel": args.parallel,
                           "sampler": {"type": args.sampler, "seed": 0}}}
@@ -117,12 +119,15 @@ def main() -> None:
         assert code == 0, code
         ray.shutdown()
         study = optuna.load_study(study_name="growth", storage=storage)
-        done = sorted(t.datetime_complete.timestamp() for t in study.trials if t.datetime_complete)
-        by_end = sorted((t.datetime_complete.timestamp(), t.number) for t in study.trials if t.datetime_complete)
+        # The driver asks for trial k+1 once trial k-1 (of 2 at a time) has ended: the times of the asks
+        # (Optuna's start times, stamped in the driver's thread) pace the sweep. Completion times do not:
+        # the writer thread tells Optuna after each trial's record, so they bunch up when it lags behind.
+        done = [t for t in study.trials if t.datetime_complete]
+        asked = sorted((t.datetime_start.timestamp(), t.number) for t in study.trials)
         rows = []
         previous = start
-        for end in range(args.window, len(done) + 1, args.window):
-            chunk = by_end[end - args.window:end]
+        for end in range(args.window, len(asked) + 1, args.window):
+            chunk = asked[end - args.window:end]
             seconds = chunk[-1][0] - previous
             previous = chunk[-1][0]
             sampler = sum(clock.seconds.get(number, 0.0) for _, number in chunk) / args.window

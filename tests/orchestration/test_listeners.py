@@ -6,6 +6,8 @@ A `TrialRunner` is only built here (building one starts nothing); the events are
 from __future__ import annotations
 
 import io
+import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -218,6 +220,7 @@ def test_searcher_tells_the_mean_of_the_final_values(tmp_path: Path):
     assert searcher.finished == 1 and not searcher.active
     assert runner not in searcher.recorder.trials  # a told trial is let go (a long sweep's memory stays flat)
     tracker.close()
+    assert searcher.untold == 0
     (trial,) = optuna.load_study(study_name="s", storage=storage).trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(0.6)
     run = MlflowClient(tracker.uri).get_run(trial.user_attrs["mlflow_run_id"])
@@ -238,3 +241,28 @@ def test_searcher_fails_a_finished_trial_without_its_objective(tmp_path: Path):
     run = MlflowClient(tracker.uri).get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
     assert searcher.streak.count == 1
+
+
+def test_searcher_asks_no_new_trial_while_max_parallel_ended_trials_wait_for_their_tell(tmp_path: Path):
+    """Backpressure: trials that end faster than the writer thread records them must not pile up untold
+    (the queue would grow without end and the sampler would ask without their results)."""
+    searcher, tracker, storage = _searcher(tmp_path, {"type": "nop"})  # max_parallel 1
+    runner = _started(searcher)
+    release = threading.Event()
+    tracker.after_writes(release.wait, 30)  # the writer thread is busy until `release`
+    for seed in runner.spec.seeds:
+        state = runner.seeds[seed]
+        state.status, state.final = Status.FINISHED, {"eval/return_mean": 0.5}
+        runner.emit(SeedEnded(runner, seed, Status.FINISHED, state.final))
+    runner.status = Status.FINISHED
+    runner.emit(TrialEnded(runner, Status.FINISHED, {"eval/return_mean": 0.5}, 40))
+    assert searcher.untold == 1 and not searcher.active
+    threading.Timer(0.5, release.set).start()
+    start = time.monotonic()
+    (second, _), = searcher.more(0)
+    assert time.monotonic() - start >= 0.4, "a trial was asked while the last one was still untold"
+    assert searcher.untold == 0
+    states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
+    second.stop(Status.KILLED, release=False)
+    tracker.close()

@@ -258,11 +258,15 @@ class TrialRunner:
 
     # --- start ----------------------------------------------------------------------------------
     def start(self) -> None:
+        """Launch every seed, then tell the listeners: the seeds train while the record of their start is
+        written (a short trial's results are not looked at before `start` returns, so no listener hears of
+        a result before its seed's start)."""
         self.status = Status.RUNNING
+        for seed in self.spec.seeds:
+            self._launch(self.seeds.setdefault(seed, SeedState(seed)))
         self.emit(TrialStarted(self))
         for seed in self.spec.seeds:
-            self._add_seed(seed)
-            self._launch(self.seeds[seed])
+            self.emit(SeedStarted(self, seed, self.spec.budget.total))
 
     def resume(self, records: dict[int, SeedRecord]) -> None:
         """Continue a trial that a dead (or interrupted) driver left: its finished seeds stay finished,

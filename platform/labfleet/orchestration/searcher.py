@@ -17,6 +17,7 @@ FAIL and their parameters queued again, and the MLflow runs left RUNNING end wit
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,11 +95,18 @@ class OptunaSearcher:
         self.streak = FailureStreak(sweep.max_consecutive_failures)
         self.scheduler: PopulationBasedTraining | None = None  # PBT, when the sweep has one (set it before `more`)
         self.continuing: list[tuple[TrialRunner, dict[int, SeedRecord]]] = []  # see `adopt_running`
+        self.untold = 0  # ended trials whose tell still waits behind their records in the writer thread
+        self._untold_lock = threading.Lock()  # counted up here, down in the writer thread
 
     # --- the feed -------------------------------------------------------------------------------
     def more(self, running: int) -> list[tuple[TrialRunner, dict[int, SeedRecord] | None]]:
         new: list[tuple[TrialRunner, dict[int, SeedRecord] | None]] = []
         running_now = sum(not r.suspended for r in self.active)
+        if self.untold >= self.sweep.max_parallel:
+            # Backpressure: when trials end faster than their records are written, the writer's queue (and
+            # the trials sampled without their predecessors' results) would grow without end. At most
+            # `max_parallel` ended trials go untold while new ones are asked.
+            self.tracker.drain()
         while running_now < self.sweep.max_parallel:
             if self.continuing:  # trials a dead driver left, first
                 new.append(self.continuing.pop(0))
@@ -290,10 +298,20 @@ class OptunaSearcher:
         is queued behind those writes (the writer thread makes it), so the driver does not wait for them."""
         for run_id in self.recorder.run_ids(active.runner):
             self.tracker.set_tags(run_id, {"optuna.state": state.name})
+        with self._untold_lock:
+            self.untold += 1
         if state == TrialState.COMPLETE:
-            self.tracker.after_writes(self.study.tell, active.trial, value)
+            self.tracker.after_writes(self._told, active.trial, value)
         else:
-            self.tracker.after_writes(self.study.tell, active.trial, state=state)
+            self.tracker.after_writes(self._told, active.trial, state=state)
+
+    def _told(self, trial: optuna.Trial, *args: Any, **kwargs: Any) -> None:
+        """The tell itself, in the writer thread once the trial's record is written."""
+        try:
+            self.study.tell(trial, *args, **kwargs)
+        finally:
+            with self._untold_lock:
+                self.untold -= 1
 
 
 def recover(study: optuna.Study, recorder: MlflowRecorder, experiment: str, sweep_run: str,

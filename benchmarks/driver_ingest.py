@@ -17,6 +17,7 @@ on Postgres) instead of SQLite.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=40.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--out", type=Path, default=Path("driver_ingest"),
+                        help="where ingest-sqlite.json / ingest-server.json and the plot driver_ingest.png go")
     args = parser.parse_args()
     ray.init(num_cpus=max(args.trials), logging_level=logging.WARNING, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}})
@@ -95,11 +98,42 @@ def main() -> None:
             print(row, flush=True)
     print("\n| trials | reports logged | wall (s) | all reporting for (s) | produced/s | taken in/s (steady) "
           "| tracking |\n|---|---|---|---|---|---|---|")
+    where = "server" if args.tracking_uri else "sqlite"
     for row in rows:
-        where = "server" if args.tracking_uri else "sqlite"
         print(f"| {row['trials']} | {row['logged']}/{row['reports']} | {row['wall_s']:.1f} | "
               f"{row['together_s']:.1f} | {row['produced_per_s']:.0f} | {row['steady_per_s']:.0f} | {where} |")
     ray.shutdown()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"ingest-{where}.json").write_text(json.dumps({"tracking": where, "rate": args.rate, "rows": rows},
+                                                              indent=1))
+    plot(args.out)
+
+
+def plot(out: Path) -> None:
+    """driver_ingest.png: results taken in per second against concurrent trials, one line per store, beside
+    the rate the trials produced."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    produced: dict[int, float] = {}
+    for i, path in enumerate(sorted(out.glob("ingest-*.json"))):
+        result = json.loads(path.read_text())
+        rows = [r for r in result["rows"] if r["steady_per_s"] == r["steady_per_s"]]  # NaN: never all at once
+        ax.plot([r["trials"] for r in rows], [r["steady_per_s"] for r in rows], "o-", c=f"C{i}",
+                label=f"taken in ({result['tracking']})")
+        produced.update({r["trials"]: r["produced_per_s"] for r in result["rows"]})
+    if produced:
+        trials = sorted(produced)
+        ax.plot(trials, [produced[t] for t in trials], "k:", label="produced (trials x rate)")
+    ax.axhline(1000, c="0.6", lw=0.8)
+    ax.set(xlabel="concurrent trials", ylabel="results per second", title="driver ingest (steady, all reporting)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "driver_ingest.png", dpi=110)
 
 
 if __name__ == "__main__":

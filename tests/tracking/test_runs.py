@@ -37,6 +37,52 @@ def test_queued_writes_reach_the_store_in_order(tmp_path: Path):
     assert checkpoint == b"\x00\x01bytes"
 
 
+def test_a_round_of_writes_is_one_log_batch_per_run_and_its_end_comes_after_its_last_tags(tmp_path: Path):
+    """Coalescing: a seed run's params wait for its first metrics; what a round adds to a run (metrics,
+    tags, even tags set after `end_run`, such as a sweep's `optuna.state`) goes in one `log_batch` at the
+    commit, the end status after it, and `after_writes` after both (a sweep's tell)."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", background=True)
+    calls: list[tuple[str, str]] = []
+    client = tracker.client
+
+    def counted(name: str):  # type: ignore[no-untyped-def]
+        method = getattr(client, name)
+
+        def call(run_id: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append((name, run_id))  # counted, then written to the real store
+            return method(run_id, *args, **kwargs)
+        return call
+
+    for name in ("log_batch", "set_terminated"):
+        setattr(client, name, counted(name))
+    seed = tracker.start_run("exp", "seed", "s", params={"a": "1", "b": "2"}, params_with_first_flush=True)
+    trial = tracker.start_run("exp", "trial", "t", params={"seeds": "[0]"})
+    tracker.drain()
+    assert calls == [("log_batch", trial)]  # the seed's params wait for its first metrics
+    calls.clear()
+    tracker.log_metrics(seed, {"eval/return_mean": 1.0}, 5)
+    tracker.queue_tags(seed, {"labfleet.node": "n1"})
+    tracker.log_metrics(trial, {"intermediate/eval/return_mean": 1.0}, 5)
+    tracker.end_run(seed, "FINISHED")
+    tracker.log_metrics(trial, {"eval/return_mean": 1.0}, 5)
+    tracker.end_run(trial, "FINISHED")
+    for run_id in (trial, seed):
+        tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
+    seen: list[tuple[str, str]] = []
+    tracker.after_writes(lambda: seen.extend((client.get_run(r).info.status, client.get_run(r).data.tags.get(
+        "optuna.state", "")) for r in (seed, trial)))
+    tracker.close()
+    assert sorted(calls) == sorted([("log_batch", seed), ("set_terminated", seed), ("log_batch", trial),
+                                    ("set_terminated", trial)])
+    assert calls.index(("log_batch", seed)) < calls.index(("set_terminated", seed))
+    assert seen == [("FINISHED", "COMPLETE")] * 2  # the tell's place: after every write of the round
+    run = MlflowClient(tracker.uri).get_run(seed)
+    assert run.data.params == {"a": "1", "b": "2"} and run.data.tags["labfleet.node"] == "n1"
+    assert run.data.metrics == {"eval/return_mean": 1.0}
+    assert MlflowClient(tracker.uri).get_run(trial).data.metrics == {"intermediate/eval/return_mean": 1.0,
+                                                                     "eval/return_mean": 1.0}
+
+
 def test_a_failed_write_is_raised_at_the_next_drain_and_a_reopened_run_ends_again(tmp_path: Path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", background=True)
     run_id = tracker.start_run("exp", "suite", "r")

@@ -140,8 +140,10 @@ class MlflowRecorder:
             tracker.log_metrics(run_id, values, step)
         for path, data in event.artifacts.items():
             tracker.log_bytes(run_id, path, data)
-        tracker.flush(run_id)
         if event.checkpoint is not None:
+            # the metrics up to a durable checkpoint are in the store before it: a seed resumed from it
+            # delivers only later steps (exactly once). Otherwise they go with the round's commit.
+            tracker.flush(run_id)
             tracker.log_bytes(run_id, LATEST_CHECKPOINT, event.checkpoint)
 
     def _start_trial(self, trial: TrialRunner) -> None:
@@ -170,7 +172,7 @@ class MlflowRecorder:
         tags.update({f"labfleet.lib.{k}": v for k, v in library_versions().items()})
         entry = self.trials[trial]
         run_id = self.tracker.start_run(trial.experiment, "seed", f"{entry.run_name}/seed={seed}", entry.run_id,
-                                        tags=tags, params=flatten(seed_spec))
+                                        tags=tags, params=flatten(seed_spec), params_with_first_flush=True)
         self.tracker.log_yaml(run_id, "spec.yaml", seed_spec)
         return run_id
 

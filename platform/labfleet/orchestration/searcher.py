@@ -249,8 +249,7 @@ class OptunaSearcher:
                 # pruned is a normal end (ARCHITECTURE 5): FINISHED, optuna.state=PRUNED
                 decision = Decision(Action.STOP, Status.FINISHED, PRUNED)
                 break
-        self.tracker.flush(run_id)  # intermediate values show in MLflow while the trial runs
-        return decision
+        return decision  # the values go to MLflow with the round's commit, while the trial runs
 
     def _ended(self, active: ActiveTrial, event: TrialEnded) -> None:
         runner, trial = active.runner, active.trial

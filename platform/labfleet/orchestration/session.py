@@ -234,6 +234,7 @@ class DriverSession:
                 return
             if active:
                 drive_once(active, poll_seconds)
+                self.tracker.commit()  # the round's metrics, tags and ended runs, a store call per run
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         try:

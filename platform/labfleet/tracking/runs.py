@@ -7,7 +7,10 @@ one an end state: no run is ever left RUNNING by a driver that is still alive.
 With `background=True` (the training commands), every write except `create_run` (whose id the driver
 needs at once) goes through one writer thread, in order: the store's work then overlaps the driver's
 waits on Ray instead of adding to them. `drain()` waits for the queue (and re-raises a failed write);
-`close()` drains and stops the thread. A driver killed with SIGKILL loses what was queued, which is what
+`close()` drains and stops the thread. Writes are coalesced: metrics and tags wait in the tracker
+until the driver's `commit()` (once per round of results), which writes each run's in one `log_batch`,
+a seed run's params with its first metrics, and a run's end after its last batch, so that a short sweep
+trial costs about half the store calls it did. A driver killed with SIGKILL loses what was queued, which is what
 it loses anyway: its runs stay RUNNING until the next run of the command closes them, or `labfleet
 reconcile` ends them (every open run carries the driver's identity and a heartbeat: tracking/heartbeat.py).
 Every store call is retried while SQLite answers "database is locked" (`retry_if_locked`): the writer thread and the
@@ -43,7 +46,7 @@ from labfleet.tracking.uri import artifact_root_for, redact_uri, retry_if_locked
 ROLE = "labfleet.role"
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
-MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # log_batch limits
+MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000  # log_batch limits
 MAX_PARAM_LENGTH = 6000
 PBT_LINEAGE = "pbt_lineage.json"  # a PBT sweep run's record of every exploit and explore
 SECRET_WORDS = ("password", "secret", "token", "credential", "api_key")
@@ -133,6 +136,8 @@ class Tracker:
             self._writer.start()
         self._pending: dict[str, list[Metric]] = defaultdict(list)
         self._pending_tags: dict[str, dict[str, str]] = defaultdict(dict)
+        self._pending_params: dict[str, list[Param]] = {}
+        self._ending: dict[str, str] = {}  # run id -> end status, written at the next `commit` (see end_run)
         self.open_runs: dict[str, str] = {}  # run id -> role
         self._experiments: dict[str, str] = {}
         self.driver = driver_identity()
@@ -154,12 +159,28 @@ class Tracker:
             self._writer.calls.put((function, args))
 
     def after_writes(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Call `function` once every write queued so far is in the store, in the writer thread, without
-        waiting for it here (a sweep tells Optuna this way: MLflow first, and the driver goes on)."""
+        """Call `function` once every write queued so far (runs ended included) is in the store, in the
+        writer thread, without waiting for it here (a sweep tells Optuna this way: MLflow first, and the
+        driver goes on)."""
+        self.commit()
         self._call(functools.partial(function, *args, **kwargs))
+
+    def commit(self) -> None:
+        """Queue what the driver's last round of results left: each run's queued metrics and tags in one
+        `log_batch` (its params too, where they wait for its first metrics), and the end of every run
+        `end_run` has ended since the last commit, after its last batch. The driver commits once a round,
+        so that several results of one run cost one store call."""
+        for run_id in [r for r in {*self._pending, *self._pending_tags} if r not in self._ending]:
+            self.flush(run_id)
+        while self._ending:
+            run_id = next(iter(self._ending))
+            status = self._ending.pop(run_id)
+            self.flush(run_id)
+            self._call(self.client.set_terminated, run_id, status)
 
     def drain(self) -> None:
         """Wait until every queued write is done; raise the first one that failed."""
+        self.commit()
         if self._writer is None:
             return
         self._writer.calls.join()
@@ -214,7 +235,11 @@ class Tracker:
         return experiment_id
 
     def start_run(self, experiment: str, role: str, name: str, parent: str | None = None,
-                  tags: dict[str, str] | None = None, params: dict[str, str] | None = None) -> str:
+                  tags: dict[str, str] | None = None, params: dict[str, str] | None = None,
+                  params_with_first_flush: bool = False) -> str:
+        """A new RUNNING run. Its params are written at once, or with `params_with_first_flush` in the same
+        `log_batch` as its first metrics (a seed run's first results come within seconds: one store call
+        fewer per seed)."""
         all_tags = {ROLE: role, RUN_NAME: name, "labfleet.version": labfleet.__version__, DRIVER_TAG: self.driver,
                     HEARTBEAT_TAG: str(int(time.time())), **(tags or {})}
         if parent:
@@ -222,12 +247,15 @@ class Tracker:
         run = retry_if_locked(self.client.create_run, self.experiment_id(experiment), tags=all_tags, run_name=name)
         run_id = run.info.run_id
         self.open_runs[run_id] = role
-        if params:
+        if params and params_with_first_flush and self._writer is not None:
+            self._pending_params[run_id] = [Param(k, v) for k, v in params.items()]
+        elif params:
             self.log_params(run_id, params)
         return run_id
 
     def reopen_run(self, run_id: str, role: str) -> None:
         """An earlier invocation's run (a resumed suite or sweep) is RUNNING again, and ends with this one."""
+        self._ending.pop(run_id, None)
         self._call(self.client.update_run, run_id, "RUNNING")
         self._call(self.client.log_batch, run_id, [], [], [RunTag(DRIVER_TAG, self.driver),
                                                            RunTag(HEARTBEAT_TAG, str(int(time.time())))])
@@ -239,7 +267,8 @@ class Tracker:
             self._call(self.client.log_batch, run_id, [], items[i:i + MAX_PARAMS])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        """Write tags now (with anything queued for the run)."""
+        """Write tags now (with anything queued for the run), or, for a run ended since the last commit,
+        with its end."""
         self.queue_tags(run_id, tags)
         self.flush(run_id)
 
@@ -255,16 +284,21 @@ class Tracker:
             self.flush(run_id)
 
     def flush(self, run_id: str | None = None) -> None:
-        """Write the queued metrics and tags: one `log_batch` per 1000 metrics / 100 tags."""
-        for rid in [run_id] if run_id else list({*self._pending, *self._pending_tags}):
+        """Write the queued metrics, params and tags in as few `log_batch` calls as MLflow's limits allow
+        (1000 metrics, 100 params, 100 tags, 1000 in all). A run ended since the last commit is written
+        with its end (`commit`)."""
+        for rid in [run_id] if run_id else list({*self._pending, *self._pending_tags, *self._pending_params}):
+            if rid in self._ending:  # written with its end
+                continue
             metrics = self._pending.pop(rid, [])
+            params = self._pending_params.pop(rid, [])
             tags = [RunTag(k, v) for k, v in self._pending_tags.pop(rid, {}).items()]
-            for i in range(0, max(len(metrics), 1), MAX_METRICS):
+            while metrics or params or tags:
+                batch_params, params = params[:MAX_PARAMS], params[MAX_PARAMS:]
                 batch_tags, tags = tags[:MAX_TAGS], tags[MAX_TAGS:]
-                if metrics[i:i + MAX_METRICS] or batch_tags:
-                    self._call(self.client.log_batch, rid, metrics[i:i + MAX_METRICS], [], batch_tags)
-            for i in range(0, len(tags), MAX_TAGS):
-                self._call(self.client.log_batch, rid, [], [], tags[i:i + MAX_TAGS])
+                room = min(MAX_METRICS, MAX_ENTITIES - len(batch_params) - len(batch_tags))
+                batch_metrics, metrics = metrics[:room], metrics[room:]
+                self._call(self.client.log_batch, rid, batch_metrics, batch_params, batch_tags)
 
     def log_bytes(self, run_id: str, artifact_path: str, data: bytes) -> None:
         """Store bytes (a checkpoint that travelled through Ray) as an artifact of the run."""
@@ -283,12 +317,17 @@ class Tracker:
         self.log_bytes(run_id, artifact_path, yaml.dump(data, Dumper=dumper, sort_keys=False).encode())
 
     def end_run(self, run_id: str, status: str, error: str | None = None) -> None:
-        """FINISHED, FAILED (with the error as the tag `labfleet.error`) or KILLED."""
+        """FINISHED, FAILED (with the error as the tag `labfleet.error`) or KILLED. With the writer thread,
+        the end is written at the next `commit` (the driver commits once per round of results, and before
+        anything that must come after it: `after_writes`, `drain`), so that what the rest of the round adds
+        to the run (a sweep's `optuna.state`, a later end status) goes in the same store calls."""
         if error:
             self.queue_tags(run_id, {"labfleet.error": error[-5000:]})
-        self.flush(run_id)
-        self._call(self.client.set_terminated, run_id, status)
         self.open_runs.pop(run_id, None)
+        self._ending.pop(run_id, None)  # a second end in the round: the last one counts, written once
+        self._ending[run_id] = status
+        if self._writer is None:
+            self.commit()
 
     def close_open_runs(self, status: str, error: str | None = None) -> None:
         """Give every run this tracker opened and has not ended the same end state (children first)."""

@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 import labfleet
@@ -138,6 +139,7 @@ class Tracker:
         self._pending_tags: dict[str, dict[str, str]] = defaultdict(dict)
         self._pending_params: dict[str, list[Param]] = {}
         self._ending: dict[str, str] = {}  # run id -> end status, written at the next `commit` (see end_run)
+        self._artifact_uris: dict[str, str] = {}  # the open runs this tracker created: no get_run per artifact
         self.open_runs: dict[str, str] = {}  # run id -> role
         self._experiments: dict[str, str] = {}
         self.driver = driver_identity()
@@ -177,6 +179,7 @@ class Tracker:
             status = self._ending.pop(run_id)
             self.flush(run_id)
             self._call(self.client.set_terminated, run_id, status)
+            self._artifact_uris.pop(run_id, None)
 
     def drain(self) -> None:
         """Wait until every queued write is done; raise the first one that failed."""
@@ -247,6 +250,7 @@ class Tracker:
         run = retry_if_locked(self.client.create_run, self.experiment_id(experiment), tags=all_tags, run_name=name)
         run_id = run.info.run_id
         self.open_runs[run_id] = role
+        self._artifact_uris[run_id] = run.info.artifact_uri
         if params and params_with_first_flush and self._writer is not None:
             self._pending_params[run_id] = [Param(k, v) for k, v in params.items()]
         elif params:
@@ -302,14 +306,18 @@ class Tracker:
 
     def log_bytes(self, run_id: str, artifact_path: str, data: bytes) -> None:
         """Store bytes (a checkpoint that travelled through Ray) as an artifact of the run."""
-        self._call(self._log_bytes_now, run_id, artifact_path, data)
+        self._call(self._log_bytes_now, run_id, artifact_path, data, self._artifact_uris.get(run_id))
 
-    def _log_bytes_now(self, run_id: str, artifact_path: str, data: bytes) -> None:
+    def _log_bytes_now(self, run_id: str, artifact_path: str, data: bytes, artifact_uri: str | None = None) -> None:
         directory, _, filename = artifact_path.rpartition("/")
         with tempfile.TemporaryDirectory(prefix="labfleet-artifact-") as tmp:
             local = Path(tmp) / filename
             local.write_bytes(data)
-            self.client.log_artifact(run_id, str(local), directory or None)
+            if artifact_uri is None:  # a run opened elsewhere: MLflow reads its artifact location
+                self.client.log_artifact(run_id, str(local), directory or None)
+            else:
+                get_artifact_repository(artifact_uri, tracking_uri=self.uri).log_artifact(str(local),
+                                                                                          directory or None)
 
     def log_yaml(self, run_id: str, artifact_path: str, data: Any) -> None:
         # libyaml's emitter where PyYAML has it: same text, about 6x faster than the pure-Python one

@@ -224,7 +224,9 @@ class OptunaSearcher:
     def handle(self, event: Event) -> Decision | None:
         match event:
             case TrialStarted(trial=runner) if runner in self.active:
-                self.active[runner].trial.set_user_attr("mlflow_run_id", self.recorder.trial_run_id(runner))
+                # in the writer thread, off the driver's path (`recover` reads it only after a dead driver)
+                self.tracker.after_writes(self.active[runner].trial.set_user_attr, "mlflow_run_id",
+                                          self.recorder.trial_run_id(runner))
             case Evaluation(trial=runner) if runner in self.active:
                 return self._report(self.active[runner])
             case TrialEnded(trial=runner) if runner in self.active:

@@ -27,7 +27,10 @@ def test_list_envs_lists_what_can_be_made_and_marks_the_rest():
     assert ready | missing == set(gym.registry) and not ready & missing
     assert {"CartPole-v1", "FrozenLake-v1", "Pendulum-v1", "Taxi-v4"} <= ready
     assert "HalfCheetah-v2" in missing and "use the -v5 version" in rest
-    for env_id in sorted(ready):  # every id listed as available is made here
+    # every id listed as available is made here; of the 352 Atari ids (one entry point, a ROM each: about
+    # 25 s to make them all), every 8th
+    atari = sorted(i for i in ready if gym.registry[i].entry_point == "ale_py.env:AtariEnv")
+    for env_id in sorted(ready - set(atari)) + atari[::8]:
         if env_id.startswith(("gymnasium.envs.mujoco", "Humanoid")):
             continue
         gym.make(env_id).close()

@@ -266,3 +266,16 @@ def test_searcher_asks_no_new_trial_while_max_parallel_ended_trials_wait_for_the
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
     second.stop(Status.KILLED, release=False)
     tracker.close()
+
+
+def test_trials_a_dead_driver_left_are_offered_even_when_they_fill_max_parallel(tmp_path: Path):
+    """`adopt_running` puts the trials it takes back in `active` before they run: they must not count as
+    running (with as many adopted as `max_parallel`, none was ever started and the sweep ended with them
+    RUNNING)."""
+    searcher, tracker, _ = _searcher(tmp_path, {"type": "nop"})  # max_parallel 1
+    runner = searcher.ask()  # in `active`, as `adopt_running` leaves a trial it takes back
+    assert runner is not None
+    searcher.continuing.append((runner, {}))
+    assert searcher.more(0) == [(runner, {})]
+    assert searcher.more(1) == []  # now it runs, and fills max_parallel
+    tracker.close()

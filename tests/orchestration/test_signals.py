@@ -49,6 +49,7 @@ def _terminate_once_running(command: list[str], cwd: Path, client: MlflowClient,
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # a whole command on Ray
 def test_sigterm_to_run_ends_every_run_killed(tmp_path: Path, tracking_uri: str):
     client = MlflowClient(tracking_uri)
     code, output, seconds = _terminate_once_running(
@@ -61,6 +62,7 @@ def test_sigterm_to_run_ends_every_run_killed(tmp_path: Path, tracking_uri: str)
                                                                           r.info.status) for r in runs]
 
 
+@pytest.mark.slow  # a whole command on Ray
 def test_sigterm_to_sweep_leaves_nothing_running(tmp_path: Path):
     data = yaml.safe_load(SPEC.read_text())
     data.update({"seeds": [0], "budget": {"env_steps": 5_000_000}, "eval": {"episodes": 3},

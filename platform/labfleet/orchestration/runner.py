@@ -262,11 +262,14 @@ class TrialRunner:
         written (a short trial's results are not looked at before `start` returns, so no listener hears of
         a result before its seed's start)."""
         self.status = Status.RUNNING
-        for seed in self.spec.seeds:
-            self._launch(self.seeds.setdefault(seed, SeedState(seed)))
-        self.emit(TrialStarted(self))
-        for seed in self.spec.seeds:
-            self.emit(SeedStarted(self, seed, self.spec.budget.total))
+        try:
+            for seed in self.spec.seeds:
+                self._launch(self.seeds.setdefault(seed, SeedState(seed)))
+        finally:  # also after a Ctrl-C during a launch: its end states need the runs to exist
+            self.emit(TrialStarted(self))
+            for seed in self.spec.seeds:
+                self.seeds.setdefault(seed, SeedState(seed))
+                self.emit(SeedStarted(self, seed, self.spec.budget.total))
 
     def resume(self, records: dict[int, SeedRecord]) -> None:
         """Continue a trial that a dead (or interrupted) driver left: its finished seeds stay finished,

@@ -101,7 +101,9 @@ class OptunaSearcher:
     # --- the feed -------------------------------------------------------------------------------
     def more(self, running: int) -> list[tuple[TrialRunner, dict[int, SeedRecord] | None]]:
         new: list[tuple[TrialRunner, dict[int, SeedRecord] | None]] = []
-        running_now = sum(not r.suspended for r in self.active)
+        # (trials a dead driver left are in `active` from `adopt_running` on, but run only once offered here)
+        waiting = {id(runner) for runner, _ in self.continuing}
+        running_now = sum(not r.suspended and id(r) not in waiting for r in self.active)
         if self.untold >= self.sweep.max_parallel:
             # Backpressure: when trials end faster than their records are written, the writer's queue (and
             # the trials sampled without their predecessors' results) would grow without end. At most

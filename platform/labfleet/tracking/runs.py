@@ -172,8 +172,8 @@ class Tracker:
         `log_batch` (its params too, where they wait for its first metrics), and the end of every run
         `end_run` has ended since the last commit, after its last batch. The driver commits once a round,
         so that several results of one run cost one store call."""
-        for run_id in [r for r in {*self._pending, *self._pending_tags} if r not in self._ending]:
-            self.flush(run_id)
+        for run_id in list({*self._pending, *self._pending_tags}):
+            self.flush(run_id)  # (a run in `_ending` is skipped here and written just below)
         while self._ending:
             run_id = next(iter(self._ending))
             status = self._ending.pop(run_id)

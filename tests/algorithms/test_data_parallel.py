@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
+import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from labfleet.algorithms.generative import base
 from labfleet.orchestration.runner import trial_bundles
 from labfleet.orchestration.trial import TrialWorker
 from labfleet.spec.loading import load_spec
@@ -91,3 +96,38 @@ def test_a_data_parallel_trial_resumes_exactly(ray_local):
     (rank0, (rank1,)), (split0, (split1,)) = uninterrupted["digests"], split["digests"]
     for a, b in zip([*rank0, *rank1], [*split0, *split1], strict=True):
         assert np.array_equal(a, b), "the resumed trial ended with other parameters"
+
+
+class DiesBeforeJoining(base.DataParallelRank):
+    def join(self, init_method: str, backend: str) -> None:
+        os._exit(1)  # as a SIGKILL between the helper's start and its join would
+
+
+class StartWorker(TrialWorker):
+    def start(self) -> tuple[str, float]:
+        """Start the data-parallel group with a helper that dies before it joins."""
+        base.RemoteDataParallelRank = ray.remote(DiesBeforeJoining)  # this worker process only
+        started = time.monotonic()
+        try:
+            self.trainer._start_data_parallel()
+        except Exception as exc:  # noqa: BLE001 (the test reads which)
+            return type(exc).__name__, time.monotonic() - started
+        return "started", time.monotonic() - started
+
+
+def test_a_helper_that_dies_before_joining_is_a_lost_rank_not_a_hang(ray_local):
+    """Rank 0 waited in `init_process_group` for a dead helper until torch's timeout (30 min): the chaos soak
+    hung when its kill landed there. Now Ray's own error comes at once, and the driver retries the seed."""
+    spec = load_spec(EXPERIMENTS / "digits_vae.yaml", {
+        "resources.data_parallel": 2, "resources.cpus_per_trial": 1})
+    group = placement_group(trial_bundles(spec))
+    ray.get(group.ready())
+    actor = ray.remote(StartWorker).options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=0)).remote(spec.model_dump(mode="json"), 0)
+    try:
+        what, seconds = ray.get(actor.start.remote(), timeout=120)
+    finally:
+        ray.kill(actor)
+        remove_placement_group(group)
+    assert what in ("ActorDiedError", "RayActorError"), what
+    assert seconds < 60, seconds

@@ -22,8 +22,10 @@ from __future__ import annotations
 import io
 import math
 import socket
+import threading
 from collections.abc import Callable
 from contextlib import closing, nullcontext
+from datetime import timedelta
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -38,6 +40,10 @@ from labfleet.algorithms.sizes import BatchSize, Width
 from labfleet.data import datasets
 from labfleet.rollout.envs import derive_seed
 from labfleet.spec.models import ExperimentSpec
+
+# How long a rank waits for the others in a collective (torch's default is 30 min): a rank that hangs
+# without dying fails its trial after this, and the driver retries it from its checkpoint.
+DIST_TIMEOUT = timedelta(minutes=5)
 
 
 class EarlyStopping(BaseModel):
@@ -370,9 +376,34 @@ class GenerativeTrainer(Trainer):
         self._rank_states = None
         init_method = f"tcp://{address}:{port}"
         joined = [h.join.remote(init_method, backend) for h in self._helpers]
-        dist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.world)
+        # A helper that dies before it joins would leave rank 0 waiting in `init_process_group` until the
+        # group's timeout: rank 0 joins in a thread while it watches the helpers, and a dead one raises Ray's
+        # own error (the driver retries the seed from its checkpoint; the stuck thread dies with the actor).
+        failed: list[BaseException] = []
+
+        def init() -> None:
+            try:
+                dist.init_process_group(backend, init_method=init_method, rank=0, world_size=self.world,
+                                        timeout=DIST_TIMEOUT)
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller below)
+                failed.append(exc)
+
+        joining = threading.Thread(target=init, name="labfleet-dp-init", daemon=True)
+        joining.start()
+        while joining.is_alive():
+            done, _ = ray.wait(joined, num_returns=len(joined), timeout=0.2, fetch_local=False)
+            for ref in done:
+                ray.get(ref)  # finished already: only a helper that died (or raised) gets here
+            joining.join(0.05)
+        if failed:
+            ray.get(joined, timeout=60)  # a helper that died: say so
+            raise failed[0]
         self._group = True
-        self.attach_process_group()  # its broadcast meets the helpers' inside their `join`
+        try:
+            self.attach_process_group()  # its broadcast meets the helpers' inside their `join`
+        except RuntimeError:
+            ray.get(joined, timeout=60)
+            raise
         ray.get(joined)
 
     def attach_process_group(self) -> None:
@@ -445,7 +476,7 @@ class DataParallelRank:
         import torch.distributed as dist
 
         dist.init_process_group(backend, init_method=init_method, rank=self.trainer.rank,
-                                world_size=self.trainer.world)
+                                world_size=self.trainer.world, timeout=DIST_TIMEOUT)
         self.trainer.attach_process_group()
 
     def train_iteration(self) -> None:

@@ -41,10 +41,11 @@ def test_a2c_learns_cartpole():
 
 @pytest.mark.slow
 def test_dqn_learns_cartpole():
-    # The shipped spec (50k steps); seed 0 gave 500 on one machine and 220.15 on an AVX-512 one (seed 1:
-    # 500), so two seeds: both well above random (about 22), their mean above half the maximum.
-    returns = [train("cartpole_dqn.yaml", {}, s).evaluate()["eval/return_mean"] for s in (0, 1)]
-    assert min(returns) >= 100 and np.mean(returns) >= 250, returns
+    # 30k of the shipped 50k steps, one seed (the shipped budget's bar is the benchmark's: quality_bars.py).
+    # Measured at 30k on seeds 0-5: 229, 191, 192, 163, 158, 456; random: about 22. (At 20k with a 64x64
+    # network one seed in six stayed at 13.)
+    ret = train("cartpole_dqn.yaml", {"budget.env_steps": 30_000, "eval.episodes": 10}, 0).evaluate()
+    assert ret["eval/return_mean"] >= 100, ret
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ reference. Then, read back from both MLflow stores with MlflowClient:
 At most `--kills` kills (each one a restart from the last checkpoint; a killer much faster than the
 trials' checkpoint interval would only ever redo the same work).
 
-`--short` is the small version the tests run (tests/orchestration/test_chaos.py). Exit 0 when every
+`--short` is a small version (1 seed each, about a minute). Exit 0 when every
 assertion holds, 1 otherwise; the last line printed is a JSON summary.
 """
 

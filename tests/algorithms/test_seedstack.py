@@ -87,3 +87,19 @@ def test_a_stacked_seed_restores_into_an_unbatched_network_and_optimizer_and_bac
     opt.load_state_dict(0, plain_opt.state_dict()["state"])
     torch.testing.assert_close(stack(x)[0], alone(x[0]))
     assert int(opt.steps[0]) == 2
+
+
+def test_the_fast_path_of_an_mlp_is_the_vmapped_call_and_other_networks_fall_back():
+    stack = SeedStack([net(i) for i in range(N)])
+    x = torch.randn(N, 8, 4)
+    torch.testing.assert_close(stack.fast(x), stack(x))
+    x.requires_grad_(True)
+    stack.fast(x).sum().backward()  # gradients flow through the fast path too
+    fast_grads = {k: v.grad.clone() for k, v in stack.params.items()}
+    stack.zero_grad()
+    stack(x).sum().backward()
+    for k, v in stack.params.items():
+        torch.testing.assert_close(fast_grads[k], v.grad)
+    normed = SeedStack([nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8)) for _ in range(N)])
+    assert normed._layers is None
+    torch.testing.assert_close(normed.fast(x), normed(x))

@@ -49,9 +49,26 @@ class SeedStack:
 
         self._call = vmap(call)
 
+        self._layers = _mlp_layers(base)
+
     def __call__(self, x: torch.Tensor) -> Any:
         """x: (N, ...) with seed i's inputs at x[i]; the output has the seed axis first too."""
         return self._call(self.params, self.buffers, x)
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same as calling the stack on x (N, B, features), for an `nn.Sequential` MLP (Linear layers
+        and parameter-free activations), as one `baddbmm` per layer: `vmap` costs about 0.15 ms a call,
+        more than a small MLP's own forward pass, which a rollout pays at every step. Other networks: vmap."""
+        if self._layers is None or x.dim() != 3:
+            return self(x)
+        for index, layer in self._layers:
+            if index is None:
+                x = layer(x)
+            else:
+                w, b = self.params[f"{index}.weight"], self.params.get(f"{index}.bias")
+                wt = w.transpose(1, 2)
+                x = torch.bmm(x, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x, wt)
+        return x
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.params.values())
@@ -85,6 +102,22 @@ class SeedStack:
         with torch.no_grad():
             for k, v in {**self.params, **self.buffers}.items():
                 v[i].copy_(state[k])
+
+
+def _mlp_layers(module: nn.Module) -> list[tuple[str | None, nn.Module]] | None:
+    """(parameter prefix, layer) of an `nn.Sequential` of Linear layers and parameter-free elementwise
+    activations, with None for the activations; None for any other network."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    layers: list[tuple[str | None, nn.Module]] = []
+    for name, layer in module.named_children():
+        if isinstance(layer, nn.Linear):
+            layers.append((name, layer))
+        elif isinstance(layer, (nn.Tanh, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Identity)):
+            layers.append((None, layer))
+        else:
+            return None
+    return layers
 
 
 class SeedAdam:

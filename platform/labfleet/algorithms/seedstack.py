@@ -48,7 +48,6 @@ class SeedStack:
             return functional_call(base, (p, b), (x,))
 
         self._call = vmap(call)
-
         self._layers = _mlp_layers(base)
 
     def __call__(self, x: torch.Tensor) -> Any:
@@ -164,8 +163,8 @@ class SeedAdam:
 
     def load_state_dict(self, i: int, state: dict[int, dict[str, torch.Tensor]]) -> None:
         """Seed i's place from an unbatched `torch.optim.Adam.state_dict()["state"]`."""
+        self.steps[i] = int(state[0]["step"])  # one count for all of a network's parameters
         with torch.no_grad():
             for k, (m, v) in enumerate(zip(self.m, self.v, strict=True)):
-                self.steps[i] = int(state[k]["step"])
                 m[i].copy_(state[k]["exp_avg"])
                 v[i].copy_(state[k]["exp_avg_sq"])

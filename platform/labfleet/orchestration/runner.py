@@ -59,10 +59,11 @@ from labfleet.orchestration.events import (
     TrialEnded,
     TrialStarted,
 )
-from labfleet.orchestration.trial import TrialWorker
+from labfleet.orchestration.trial import TrialWorker, TrialWorkerGroup
 from labfleet.spec.models import ExperimentSpec
 
 RemoteTrialWorker = ray.remote(TrialWorker)
+RemoteTrialWorkerGroup = ray.remote(TrialWorkerGroup)
 
 
 def config_hash(spec: ExperimentSpec) -> str:
@@ -104,7 +105,8 @@ class Host:
 
 def _bundles_key(spec: ExperimentSpec) -> str:
     res = spec.resources
-    return json.dumps([trial_bundles(spec), res.cpus_per_trial, res.gpus_per_trial])
+    # (an actor of seeds_per_actor > 1 is another class, with another load protocol: never reused for 1)
+    return json.dumps([trial_bundles(spec), res.cpus_per_trial, res.gpus_per_trial, res.seeds_per_actor > 1])
 
 
 class ActorPool:
@@ -227,6 +229,7 @@ class SeedState:
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
     elapsed: float = 0.0
+    unit: tuple[int, ...] = ()  # with seeds_per_actor > 1: the seeds launched with this one in one actor
 
 
 class TrialRunner:
@@ -263,8 +266,7 @@ class TrialRunner:
         a result before its seed's start)."""
         self.status = Status.RUNNING
         try:
-            for seed in self.spec.seeds:
-                self._launch(self.seeds.setdefault(seed, SeedState(seed)))
+            self._launch_all([self.seeds.setdefault(seed, SeedState(seed)) for seed in self.spec.seeds])
         finally:  # also after a Ctrl-C during a launch: its end states need the runs to exist
             self.emit(TrialStarted(self))
             for seed in self.spec.seeds:
@@ -277,6 +279,7 @@ class TrialRunner:
         metric step is delivered at most once."""
         self.status = Status.RUNNING
         self.emit(TrialStarted(self, resumed=True))
+        pending = []
         for seed in self.spec.seeds:
             record = records.get(seed)
             if record is not None and record.status == Status.FINISHED:
@@ -287,13 +290,58 @@ class TrialRunner:
             state = self._add_seed(seed, record)
             if record is not None:
                 state.checkpoint, state.logged, state.retries = record.checkpoint, dict(record.logged), record.retries
-            self._launch(state)
+            pending.append(state)
+        self._launch_all(pending)
         self._maybe_finish_trial()
 
     def _add_seed(self, seed: int, record: SeedRecord | None = None) -> SeedState:
         state = self.seeds[seed] = SeedState(seed)
         self.emit(SeedStarted(self, seed, self.spec.budget.total, record))
         return state
+
+    def _launch_all(self, states: list[SeedState]) -> None:
+        """One actor per seed, or per `seeds_per_actor` seeds (a unit)."""
+        size = self.spec.resources.seeds_per_actor
+        if size == 1:
+            for state in states:
+                self._launch(state)
+            return
+        for start in range(0, len(states), size):
+            self._launch_unit(states[start:start + size])
+
+    def _launch_unit(self, states: list[SeedState], host: Host | None = None) -> None:
+        """Several seeds in one `TrialWorkerGroup` actor (each from its own checkpoint, if any)."""
+        spec = self.spec
+        unit = tuple(s.seed for s in states)
+        for state in states:
+            state.status, state.placed, state.where, state.paused, state.unit = Status.RUNNING, False, None, False, unit
+        load = (spec.model_dump(mode="json"), list(unit), {s.seed: s.checkpoint for s in states})
+        group, fresh = states[0].group, False
+        actor: Any = None
+        if host is None and self.pool is not None and group is None:
+            host = self.pool.take(spec)
+        if host is not None:  # a warm actor: load these seeds into it
+            actor, group, where = host.actor, host.group, host.where
+            future = actor.advance.remote(self.chunk_seconds, load)
+        else:
+            fresh = group is None
+            if group is None:
+                group = placement_group(trial_bundles(spec), strategy="PACK")
+            res, where = spec.resources, None
+            actor = RemoteTrialWorkerGroup.options(
+                num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+            ).remote(*load)
+            future = actor.advance.remote(self.chunk_seconds)
+        for state in states:
+            state.actor, state.group, state.future, state.where = actor, group, future, where
+        if host is None and fresh and self.pool is not None:
+            self.pool.wait(self, states[0])
+
+    def _unit_states(self, state: SeedState) -> list[SeedState]:
+        """The seeds that share `state`'s actor now (itself included), in launch order."""
+        return [self.seeds[seed] for seed in state.unit
+                if self.seeds[seed].actor is state.actor and not self.seeds[seed].status.ended]
 
     def _launch(self, state: SeedState, checkpoint_spec: ExperimentSpec | None = None) -> None:
         spec = checkpoint_spec or self.spec
@@ -320,18 +368,81 @@ class TrialRunner:
         return {s.future: s for s in self.seeds.values() if s.future is not None}
 
     def on_result(self, state: SeedState) -> None:
+        if state.unit:
+            self._on_unit_result(state)
+            return
         future, state.future = state.future, None
         try:
             result = ray.get(future)
         except RayError as exc:
             self._on_error(state, exc)
             return
+        self._announce(state)
+        decision = self._take(state, result)
+        self._apply(state, decision, result["done"])
+
+    def _announce(self, state: SeedState) -> None:
         if not state.placed:  # after every (re)launch: a retried trial may run on another node
             state.placed = True
             if self.pool is not None:
                 self.pool.placed(state)
             if (where := self._where(state)) is not None:
                 self.emit(SeedPlaced(self, state.seed, where))
+
+    def _on_unit_result(self, state: SeedState) -> None:
+        """The result of a unit's chunk: each seed's part is handled as a lone seed's result would be."""
+        future = state.future
+        states = [s for s in self._unit_states(state) if s.future is future]
+        for s in states:
+            s.future = None
+        try:
+            result = ray.get(future)
+        except RayError as exc:
+            self._on_unit_error(states, exc)
+            return
+        going = []
+        for s in states:
+            part = result["seeds"].get(s.seed)
+            if part is None:
+                continue
+            self._announce(s)
+            if "error" in part:
+                self._fail(s, part["error"])
+                continue
+            decision = self._take(s, part)
+            if decision.action == Action.STOP:
+                self._apply(s, decision, part["done"])
+                return
+            if part["done"]:
+                self._finish_seed(s)
+            else:  # (PAUSE is PBT's, which refuses units at validation)
+                going.append(s)
+        if going and not self.done:
+            future = going[0].actor.advance.remote(self.chunk_seconds)
+            for s in going:
+                s.future = future
+
+    def _on_unit_error(self, states: list[SeedState], exc: RayError) -> None:
+        """A unit's actor died: every seed in it restarts from its own checkpoint, in one new actor."""
+        if not _lost(exc):  # the group could not be built: deterministic, not retried
+            for s in states:
+                self._fail(s, _error_text(exc))
+            return
+        actor = states[0].actor
+        retry = [s for s in states if s.retries < self.spec.resources.max_retries]
+        for s in states:
+            if s not in retry:
+                self._fail(s, f"trial actor died {s.retries + 1} times; last: {_error_text(exc)}")
+        _kill(actor, None)  # the result can be lost while its actor lives on
+        for s in retry:
+            s.retries += 1
+            s.actor = None
+            self.emit(SeedRetried(self, s.seed, s.retries, _error_text(exc)))
+        if retry:
+            self._launch_unit(retry)
+
+    def _take(self, state: SeedState, result: dict[str, Any]) -> Decision:
+        """Deliver one seed's chunk to the listeners; their decision."""
         records = self._new_records(state, result["records"])
         state.progress = result["progress"]
         durable = None
@@ -350,7 +461,7 @@ class TrialRunner:
             if evals:
                 answer = self.emit(Evaluation(self, state.seed, step, evals))
                 decision = answer if decision.action == Action.CONTINUE else decision
-        self._apply(state, decision, result["done"])
+        return decision
 
     def _on_error(self, state: SeedState, exc: RayError) -> None:
         if _lost(exc) and state.retries < self.spec.resources.max_retries:
@@ -443,6 +554,13 @@ class TrialRunner:
     # --- the end --------------------------------------------------------------------------------
     def adopt(self, state: SeedState, host: Host) -> None:
         """A waiting seed takes an idle actor of its shape instead of its own unplaced reservation."""
+        if state.unit:
+            states = self._unit_states(state)
+            _kill(state.actor, state.group)
+            for s in states:
+                s.actor = s.group = s.future = None
+            self._launch_unit(states, host)
+            return
         _kill(state.actor, state.group)
         state.actor, state.group, state.where = host.actor, host.group, host.where
         state.future = state.actor.advance.remote(
@@ -452,6 +570,11 @@ class TrialRunner:
         """Free the seed's actor and placement group; an idle, healthy actor goes back to the pool."""
         if self.pool is not None:
             self.pool.placed(state)
+        if state.actor is not None and any(s is not state and s.actor is state.actor for s in self.seeds.values()):
+            # another seed of its unit still trains in this actor: only this seed lets go of it
+            state.actor = state.group = state.future = None
+            state.elapsed = time.perf_counter() - state.started
+            return
         if reusable and self.pool is not None and state.future is None and state.actor is not None \
                 and state.group is not None:
             self.pool.put(self.spec, Host(state.actor, state.group, state.where))

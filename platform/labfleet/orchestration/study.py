@@ -129,6 +129,9 @@ def _scheduler_problems(data: dict[str, Any], sweep: SweepConfig, spec: Experime
     if pbt is None:
         return []
     problems = []
+    if spec.resources.seeds_per_actor > 1:
+        problems.append(Problem(source, "resources.seeds_per_actor", "population-based training pauses and "
+                                "retargets each seed on its own: use 1 with sweep.scheduler"))
     if sweep.multi_objective:
         problems.append(Problem(source, "sweep.scheduler", "population-based training ranks trials on one metric; "
                                 "use `sweep.metric`, not `sweep.metrics`"))

@@ -150,19 +150,141 @@ class TrialWorker:
                 "checkpoint": checkpoint, "final": final, "artifacts": artifacts, "resumed": resumed}
 
     def _final_video(self) -> dict[str, bytes]:
-        """`eval.video`: one episode of the final greedy policy as an MP4 (RL trainers)."""
-        if not self.spec.eval.video or self.spec.env is None or not hasattr(self.trainer, "greedy_actions"):
-            return {}
-        import tempfile
-        from pathlib import Path
-
-        from labfleet.playback import play
-
-        with tempfile.TemporaryDirectory(prefix="labfleet-video-") as tmp:
-            play(self.trainer, 1, Path(tmp), seed=self.trainer.seed)
-            videos = sorted(Path(tmp).glob("*.mp4"))
-            return {"videos/final.mp4": videos[0].read_bytes()} if videos else {}
+        return final_video(self.spec, self.trainer)
 
     def _media(self) -> dict[str, bytes]:
-        media = getattr(self.trainer, "media", None)
-        return media() if media is not None else {}
+        return trainer_media(self.trainer)
+
+
+def final_video(spec: ExperimentSpec, trainer: Any) -> dict[str, bytes]:
+    """`eval.video`: one episode of the final greedy policy as an MP4 (RL trainers)."""
+    if not spec.eval.video or spec.env is None or not hasattr(trainer, "greedy_actions"):
+        return {}
+    import tempfile
+    from pathlib import Path
+
+    from labfleet.playback import play
+
+    with tempfile.TemporaryDirectory(prefix="labfleet-video-") as tmp:
+        play(trainer, 1, Path(tmp), seed=trainer.seed)
+        videos = sorted(Path(tmp).glob("*.mp4"))
+        return {"videos/final.mp4": videos[0].read_bytes()} if videos else {}
+
+
+def trainer_media(trainer: Any) -> dict[str, bytes]:
+    media = getattr(trainer, "media", None)
+    return media() if media is not None else {}
+
+
+class SeedSlot:
+    """The per-seed bookkeeping of a `TrialWorkerGroup`: what `TrialWorker` keeps for its one seed."""
+
+    def __init__(self, spec: ExperimentSpec, trainer: Any, resumed: str | None):
+        self.every = eval_interval(spec)
+        self.next_eval = (trainer.progress // self.every + 1) * self.every
+        self.window = MetricWindow(spec.budget.total // CURVE_POINTS, start=trainer.progress)
+        self.resumed = resumed
+        self.reported = False  # its end (done or failed) went to the driver: it is no longer trained
+
+
+class TrialWorkerGroup:
+    """`resources.seeds_per_actor`: several seeds of one trial in one actor (seedgroup.py says how they
+    train together). `advance` returns {"seeds": {seed: result}}, each result as `TrialWorker.advance`
+    gives it, or {"error": text} for a seed whose trainer raised or produced a non-finite metric: that seed
+    fails alone."""
+
+    def __init__(self, spec: dict[str, Any] | None = None, seeds: list[int] | None = None,
+                 checkpoints: dict[int, bytes | None] | None = None):
+        self.group: Any = None
+        self.device = "cpu"
+        if spec is not None:
+            self.load(spec, seeds or [], checkpoints)
+
+    def load(self, spec: dict[str, Any], seeds: list[int], checkpoints: dict[int, bytes | None] | None = None
+             ) -> None:
+        from labfleet.algorithms.seedgroup import build_group
+
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+        self.spec = ExperimentSpec.model_validate(spec)
+        torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_trial)))
+        self.device = resolve_device(self.spec.device)
+        info = registry.get(self.spec.algorithm)
+        members, self.slots = {}, {}
+        for seed in seeds:
+            trainer = info.trainer(self.spec, seed, self.device)
+            checkpoint = (checkpoints or {}).get(seed)
+            resumed = None
+            if checkpoint is not None:
+                trainer.restore_bytes(checkpoint)
+                resumed = "exact" if trainer.resume_exact else "approximate"
+            members[seed] = trainer
+            self.slots[seed] = SeedSlot(self.spec, trainer, resumed)
+        self.group = build_group(info.name, members)
+
+    def describe(self) -> dict[str, str]:
+        return TrialWorker.describe(self)  # type: ignore[arg-type]
+
+    def advance(self, seconds: float = 1.0,
+                load: tuple[dict[str, Any], list[int], dict[int, bytes | None]] | None = None) -> dict[str, Any]:
+        if load is not None:
+            self.load(*load)
+        group, slots = self.group, self.slots
+        out: dict[int, dict[str, Any]] = {}
+        records: dict[int, list[tuple[int, dict[str, float]]]] = {seed: [] for seed in group.members}
+        artifacts: dict[int, dict[str, bytes]] = {seed: {} for seed in group.members}
+        evaluated: set[int] = set()
+        started = time.perf_counter()
+        while group.live() and time.perf_counter() - started < seconds:
+            self._iterate(out, records)
+            due = [seed for seed, trainer in group.members.items()
+                   if not trainer.done and trainer.progress >= slots[seed].next_eval]
+            if due:
+                group.sync()
+            for seed in due:
+                trainer, slot = group.members[seed], slots[seed]
+                records[seed].append((trainer.metric_step, trainer.evaluate()))
+                artifacts[seed].update(trainer_media(trainer))
+                evaluated.add(seed)
+                while slot.next_eval <= trainer.progress:
+                    slot.next_eval += slot.every
+        group.sync()
+        for seed, trainer in group.members.items():
+            slot = slots[seed]
+            if slot.reported:
+                continue
+            final = None
+            if trainer.done:
+                closed = slot.window.flush(trainer.metric_step)
+                if closed:
+                    records[seed].append(closed)
+                final = trainer.evaluate()
+                records[seed].append((trainer.metric_step, final))
+                artifacts[seed].update(trainer_media(trainer))
+                artifacts[seed].update(final_video(self.spec, trainer))
+                slot.reported = True
+            checkpoint = trainer.checkpoint_bytes() if seed in evaluated or trainer.done else None
+            resumed, slot.resumed = slot.resumed, None
+            out[seed] = {"records": records[seed], "progress": trainer.progress, "done": trainer.done,
+                         "checkpoint": checkpoint, "final": final, "artifacts": artifacts[seed], "resumed": resumed}
+        return {"seeds": out}
+
+    def _iterate(self, out: dict[int, dict[str, Any]], records: dict[int, list[tuple[int, dict[str, float]]]]
+                 ) -> None:
+        """One iteration of the group: each seed's metrics into its window, or its error into `out`."""
+        group, slots = self.group, self.slots
+        for seed, logged in group.train_iteration().items():
+            trainer = group.members[seed]
+            if not isinstance(logged, BaseException):
+                bad = [k for k, v in logged.items() if not math.isfinite(v)]
+                if bad:
+                    logged = FloatingPointError(f"non-finite {', '.join(bad)} at step {trainer.metric_step}")
+            if isinstance(logged, BaseException):
+                out[seed] = {"error": f"{type(logged).__name__}: {logged}"}
+                slots[seed].reported = True
+                group.drop(seed)
+                continue
+            closed = slots[seed].window.add(trainer.progress, trainer.metric_step, logged)
+            if closed:
+                records[seed].append(closed)

@@ -50,8 +50,14 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
     """Problems as (field path, message): budget unit, the env or dataset the algorithm needs, and the
     env's spaces (the env is made once, when `check_env`)."""
     problems: list[tuple[str, str]] = []
+    if spec.resources.seeds_per_actor > 1 and spec.resources.data_parallel > 1:
+        problems.append(("resources.seeds_per_actor", "seeds that share an actor cannot also train data-parallel "
+                         "(resources.data_parallel): use 1 for one of them"))
     if info.kind == "custom":
-        return _custom_problems(spec, info, check_env, spec_dir)
+        if spec.resources.seeds_per_actor > 1 and info.trainer.__name__ == "FunctionTrainer":
+            problems.append(("resources.seeds_per_actor", f"{info.name} is a training function, which reports "
+                             f"and checkpoints itself: its seeds cannot share an actor (use 1)"))
+        return problems + _custom_problems(spec, info, check_env, spec_dir)
     if spec.budget.unit not in info.budget_units:
         problems.append((f"budget.{spec.budget.unit}", f"{info.name} budgets in "
                          f"{' or '.join(info.budget_units)}, not {spec.budget.unit}"))

@@ -83,6 +83,11 @@ class Resources(StrictModel):
         1, description="Workers training one trial together (torch.distributed: gloo on CPU, NCCL on CUDA); "
                        "each gets cpus_per_trial and gpus_per_trial / data_parallel (generative models)."
     )
+    seeds_per_actor: PositiveInt = Field(
+        1, description="Seeds of a trial trained together in one trial actor (one process, cpus_per_trial for "
+                       "all of them): PPO stacks their networks and steps them as one (torch.func), other "
+                       "algorithms train them in turn. Each seed keeps its run, checkpoint and retries."
+    )
 
 
 class EvalConfig(StrictModel):

@@ -60,11 +60,22 @@ class SeedStack:
         more than a small MLP's own forward pass, which a rollout pays at every step. Other networks: vmap."""
         if self._layers is None or x.dim() != 3:
             return self(x)
-        for index, layer in self._layers:
+        return self._run(self._layers, "", x)
+
+    def mlp(self, prefix: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The stacked copy of the sub-network `module` (an `nn.Sequential` MLP whose parameters are named
+        `prefix` + its own names in the stacked network) on x (N, B, features), by `baddbmm`."""
+        layers = _mlp_layers(module)
+        if layers is None:
+            raise TypeError(f"{prefix or 'the network'} is not an nn.Sequential of Linear layers and activations")
+        return self._run(layers, prefix, x)
+
+    def _run(self, layers: list[tuple[str | None, nn.Module]], prefix: str, x: torch.Tensor) -> torch.Tensor:
+        for index, layer in layers:
             if index is None:
                 x = layer(x)
             else:
-                w, b = self.params[f"{index}.weight"], self.params.get(f"{index}.bias")
+                w, b = self.params[f"{prefix}{index}.weight"], self.params.get(f"{prefix}{index}.bias")
                 wt = w.transpose(1, 2)
                 x = torch.bmm(x, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x, wt)
         return x
@@ -135,13 +146,15 @@ class SeedAdam:
     @torch.no_grad()
     def step(self, lr: float | torch.Tensor, active: torch.Tensor | None = None) -> None:
         """One step for the seeds where `active` (bool, (N,)) is true; lr: one rate or one per seed."""
-        mask = torch.ones(self.n, dtype=torch.bool) if active is None else active.to(torch.bool)
+        mask = torch.ones(self.n, dtype=torch.bool) if active is None else active.cpu().to(torch.bool)
         self.steps += mask.long()
         b1, b2 = self.betas
+        device, dtype = self.params[0].device, self.params[0].dtype
         t = self.steps.clamp(min=1).to(torch.float64)
-        correction1 = (1 - b1 ** t).to(self.params[0].dtype)
-        correction2_sqrt = torch.sqrt(1 - b2 ** t).to(self.params[0].dtype)
-        rate = torch.as_tensor(lr, dtype=self.params[0].dtype).expand(self.n)
+        correction1 = (1 - b1 ** t).to(device=device, dtype=dtype)
+        correction2_sqrt = torch.sqrt(1 - b2 ** t).to(device=device, dtype=dtype)
+        rate = torch.as_tensor(lr, dtype=dtype).to(device).expand(self.n)
+        mask = mask.to(device)
         for p, m, v in zip(self.params, self.m, self.v, strict=True):
             if p.grad is None:
                 continue

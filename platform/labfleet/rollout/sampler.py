@@ -71,6 +71,26 @@ class Rollout:
                        episode_lengths=[n for p in parts for n in p.episode_lengths])
 
 
+@dataclass
+class PartialRollout:
+    """A rollout being collected step by step (`VectorSampler.begin` / `step`), then `finish()`ed."""
+
+    noise: np.ndarray  # (T, N, k): the policy's noise for each step
+    obs: np.ndarray
+    next_obs: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    actions: np.ndarray | None = None
+    episode_returns: list[float] = field(default_factory=list)
+    episode_lengths: list[int] = field(default_factory=list)
+
+    def finish(self) -> Rollout:
+        assert self.actions is not None, "no step was taken"
+        return Rollout(self.obs, self.actions, self.rewards, self.terminated, self.truncated, self.next_obs,
+                       self.episode_returns, self.episode_lengths)
+
+
 class VectorSampler:
     """Steps environments `first_env .. first_env + n_envs - 1` of a trial with a policy.
 
@@ -128,38 +148,44 @@ class VectorSampler:
                 else [x for p in parts for x in p[name]] for name, value in parts[0].items()}
 
     def collect(self, policy: NoisePolicy, n_steps: int) -> Rollout:
+        rollout = self.begin(policy, n_steps)
+        for t in range(n_steps):
+            self.step(rollout, t, policy(self.obs, rollout.noise[t]))
+        return rollout.finish()
+
+    # A rollout in steps, for a caller that computes the actions itself: seeds trained together step each
+    # seed's sampler with the actions of one batched policy call (algorithms/rl/batched.py).
+    def begin(self, policy: NoisePolicy, n_steps: int) -> PartialRollout:
+        """Buffers for n_steps, and the whole rollout's noise (`.noise[t]`, (N, k) per step)."""
         n = self.envs.num_envs
-        obs_buf = np.empty((n_steps, *self.obs.shape), dtype=self.obs.dtype)
-        next_buf = np.empty_like(obs_buf)
-        rewards = np.empty((n_steps, n), dtype=np.float32)
-        terminated = np.empty((n_steps, n), dtype=bool)
-        truncated = np.empty((n_steps, n), dtype=bool)
-        actions_buf = None
-        returns, lengths = [], []
         # Each environment's whole rollout of noise at once: the same stream as drawing it step by step.
         uniforms = np.stack([rng.random((n_steps, policy.noise_dim)) for rng in self.action_rngs], axis=1)
-        noise = policy.transform_noise(uniforms)  # (T, N, k)
-        for t in range(n_steps):
-            actions = policy(self.obs, noise[t])
-            if actions_buf is None:
-                actions_buf = np.empty((n_steps, *actions.shape), dtype=actions.dtype)
-            obs_buf[t], actions_buf[t] = self.obs, actions
-            next_obs, reward, term, trunc, info = self.envs.step(clip_to_space(actions, self.action_space))
-            rewards[t], terminated[t], truncated[t] = reward, term, trunc
-            next_buf[t] = next_obs
-            ended = term | trunc
-            self.episode_return += reward
-            self.episode_length += 1
-            if ended.any():
-                for i in np.flatnonzero(ended):
-                    next_buf[t, i] = info["final_obs"][i]
-                    returns.append(float(self.episode_return[i]))
-                    lengths.append(int(self.episode_length[i]))
-                self.episode_return[ended] = 0.0
-                self.episode_length[ended] = 0
-            self.obs = next_obs
-        assert actions_buf is not None
-        return Rollout(obs_buf, actions_buf, rewards, terminated, truncated, next_buf, returns, lengths)
+        return PartialRollout(
+            noise=policy.transform_noise(uniforms),  # (T, N, k)
+            obs=np.empty((n_steps, *self.obs.shape), dtype=self.obs.dtype),
+            next_obs=np.empty((n_steps, *self.obs.shape), dtype=self.obs.dtype),
+            rewards=np.empty((n_steps, n), dtype=np.float32), terminated=np.empty((n_steps, n), dtype=bool),
+            truncated=np.empty((n_steps, n), dtype=bool))
+
+    def step(self, rollout: PartialRollout, t: int, actions: np.ndarray) -> None:
+        """Step every environment with `actions` (as sampled) and record step t."""
+        if rollout.actions is None:
+            rollout.actions = np.empty((len(rollout.rewards), *actions.shape), dtype=actions.dtype)
+        rollout.obs[t], rollout.actions[t] = self.obs, actions
+        next_obs, reward, term, trunc, info = self.envs.step(clip_to_space(actions, self.action_space))
+        rollout.rewards[t], rollout.terminated[t], rollout.truncated[t] = reward, term, trunc
+        rollout.next_obs[t] = next_obs
+        ended = term | trunc
+        self.episode_return += reward
+        self.episode_length += 1
+        if ended.any():
+            for i in np.flatnonzero(ended):
+                rollout.next_obs[t, i] = info["final_obs"][i]
+                rollout.episode_returns.append(float(self.episode_return[i]))
+                rollout.episode_lengths.append(int(self.episode_length[i]))
+            self.episode_return[ended] = 0.0
+            self.episode_length[ended] = 0
+        self.obs = next_obs
 
     def close(self) -> None:
         self.envs.close()

@@ -73,6 +73,11 @@ class RLTrainer(Trainer):
     def collect(self, policy: NoisePolicy, n_envs: int, n_steps: int) -> tuple[Rollout, dict[str, float]]:
         """One vectorised rollout of n_steps from each of n_envs environments, and its episode metrics:
         in this process, or from `resources.rollout_workers` Ray actors (the same rollout)."""
+        rollout = self.sampler(policy, n_envs).collect(policy, n_steps)
+        return rollout, self.account(rollout)
+
+    def sampler(self, policy: NoisePolicy, n_envs: int) -> VectorSampler | RolloutWorkerGroup:
+        """The trainer's sampler (made on first use, from the restored sampler state if there is one)."""
         if self._sampler is None:
             workers = self.spec.resources.rollout_workers
             state, self._sampler_state = self._sampler_state, None
@@ -82,7 +87,10 @@ class RLTrainer(Trainer):
             else:
                 self._sampler = VectorSampler(self.env_maker, n_envs, self.seed, generation=self._generation,
                                               state=state)
-        rollout = self._sampler.collect(policy, n_steps)
+        return self._sampler
+
+    def account(self, rollout: Rollout) -> dict[str, float]:
+        """Count a collected rollout: normalisation statistics, env steps, and its episode metrics."""
         if self.obs_normalizer is not None:
             self.obs_normalizer.update(rollout.obs)
         if self.reward_scaler is not None:
@@ -94,7 +102,7 @@ class RLTrainer(Trainer):
         if rollout.episode_returns:
             logged[M.TRAIN_EPISODE_RETURN] = float(np.mean(rollout.episode_returns))
             logged[M.TRAIN_EPISODE_LENGTH] = float(np.mean(rollout.episode_lengths))
-        return rollout, logged
+        return logged
 
     def encoder(self) -> ObservationEncoder:
         """A new observation encoder on the trainer's shared normaliser, as `hparams.encoder` asks."""

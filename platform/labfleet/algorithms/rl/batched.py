@@ -1,0 +1,342 @@
+"""PPO for several seeds at once (`resources.seeds_per_actor`; seedgroup.py has the group contract).
+
+Each seed stays an ordinary `PPOTrainer` (its member): its environments and their seeds, its action-noise
+and minibatch generators, its observation normaliser and reward scaler, its KL coefficient, its counters.
+`BatchedPPO` trains the members' networks stacked (`SeedStack`) and steps them as one:
+
+  collect    every member's sampler steps in lockstep; each step's actions for all seeds come from one
+             stacked policy call on each seed's own (normalised) observations and noise;
+  estimate   values, log-probabilities and GAE for all seeds at once (N, T, E);
+  epochs     each seed draws its own minibatch order from its own generator; one forward and backward
+             pass for all seeds, where each seed's loss is the unbatched loss (means over its own
+             minibatch), so each seed's gradient is its unbatched gradient; gradient norms are clipped
+             per seed and `SeedAdam` steps every seed with its own moments, step count and learning rate.
+             A seed that hits its `target_kl` early stop is masked out of the remaining epochs (it draws
+             no more minibatch orders, as its unbatched self would not);
+  KL penalty each seed's beta adapts to its own KL.
+
+What it covers: vector (rank-1 Box) observations, MLP actor and critic, Adam without weight decay, no
+rollout workers (`BatchedPPO.build` returns None otherwise, and the seeds train in turn). The numbers agree
+with each seed trained alone up to float32 rounding of batched matmuls (tests/algorithms/test_batched.py
+measures it), not bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from labfleet import metrics as M
+from labfleet.algorithms.base import Trainer
+from labfleet.algorithms.optim import scheduled_learning_rate
+from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.algorithms.rl.networks import GaussianPolicy
+from labfleet.algorithms.rl.ppo import PPOTrainer, adaptive_kl_coef, explained_variance
+from labfleet.algorithms.seedstack import SeedAdam, SeedStack, _mlp_layers
+from labfleet.rollout.sampler import VectorSampler
+
+
+class BatchedPPO:
+    """PPO members trained together; see the module docstring."""
+
+    batched = True
+
+    @classmethod
+    def build(cls, members: dict[int, Trainer]) -> BatchedPPO | None:
+        """A batched group of these PPO trainers, or None where their spec is outside what it covers."""
+        first = next(iter(members.values()))
+        if not all(isinstance(m, PPOTrainer) for m in members.values()) or not isinstance(first, PPOTrainer):
+            return None
+        hp, encoder = first.hp, first.ac.policy.encoder
+        space = first.observation_space
+        if not (isinstance(space, gym.spaces.Box) and len(space.shape or ()) == 1 and encoder.cnn is None
+                and encoder.n == 0):
+            return None
+        if hp.optimizer.type != "adam" or hp.optimizer.weight_decay or first.spec.resources.rollout_workers:
+            return None
+        policy_net = first.ac.policy.mean if isinstance(first.ac.policy, GaussianPolicy) else first.ac.policy.logits
+        if _mlp_layers(policy_net) is None or _mlp_layers(first.ac.value_net) is None:
+            return None
+        return cls(members)  # type: ignore[arg-type]
+
+    def __init__(self, members: dict[int, PPOTrainer]):
+        self.members: dict[int, PPOTrainer] = dict(members)
+        self.seeds = list(members)  # stack index -> seed (a dropped seed keeps its index, masked)
+        self.index = {seed: i for i, seed in enumerate(self.seeds)}
+        first = members[self.seeds[0]]
+        self.hp, self.spec, self.device = first.hp, first.spec, first.device
+        self.gaussian = isinstance(first.ac.policy, GaussianPolicy)
+        self.policy_prefix = "policy.mean." if self.gaussian else "policy.logits."
+        policy: Any = first.ac.policy
+        self.policy_net: torch.nn.Module = policy.mean if self.gaussian else policy.logits
+        self.value_net: torch.nn.Module = first.ac.value_net
+        acs = [members[seed].ac for seed in self.seeds]
+        self.stack = SeedStack(acs)
+        self.names = [name for name, _ in first.ac.named_parameters()]  # the members' optimiser order
+        cfg = self.hp.optimizer
+        self.adam = SeedAdam([self.stack.params[name] for name in self.names], betas=cfg.betas,
+                             eps=cfg.eps if cfg.eps is not None else 1e-8)
+        for i, seed in enumerate(self.seeds):
+            state = members[seed].optimizer.optimizer.state_dict()["state"]
+            if state:
+                self.adam.load_state_dict(i, state)
+        self.lr = [members[seed].optimizer.learning_rate for seed in self.seeds]
+
+    # --- the group contract ------------------------------------------------------------------------
+    def live(self) -> list[int]:
+        return [seed for seed, m in self.members.items() if not m.done]
+
+    def drop(self, seed: int) -> None:
+        trainer = self.members.pop(seed, None)
+        if trainer is not None:
+            trainer.close()
+
+    def close(self) -> None:
+        for trainer in self.members.values():
+            trainer.close()
+        self.members.clear()
+
+    def sync(self) -> None:
+        """Write each seed's stacked parameters, Adam state and learning rate into its member."""
+        with torch.no_grad():
+            for seed, member in self.members.items():
+                i = self.index[seed]
+                for name, param in member.ac.named_parameters():
+                    param.copy_(self.stack.params[name][i])
+                optimizer = member.optimizer.optimizer
+                groups = optimizer.state_dict()["param_groups"]
+                for group in groups:
+                    group["lr"] = self.lr[i]
+                optimizer.load_state_dict({"state": self.adam.state_dict(i), "param_groups": groups})
+
+    def train_iteration(self) -> dict[int, dict[str, float] | BaseException]:
+        live = self.live()
+        if not live:
+            return {}
+        mask = torch.tensor([seed in live for seed in self.seeds])
+        logged = self._collect_and_update(live, mask)
+        return dict(logged)
+
+    # --- the networks, stacked ---------------------------------------------------------------------
+    def _encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (N, B, d) raw -> what each seed's encoder gives (its own normaliser, if any)."""
+        x = obs.float()
+        norms = [m.obs_normalizer if (m := self.members.get(seed)) is not None else None for seed in self.seeds]
+        if all(norm is None for norm in norms):
+            return x
+        return torch.stack([norm(x[i]) if norm is not None else x[i] for i, norm in enumerate(norms)])
+
+    def _policy_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.mlp(self.policy_prefix, self.policy_net, x)
+
+    def _value(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.mlp("value_net.", self.value_net, x).squeeze(-1)
+
+    def _log_std(self) -> torch.Tensor:
+        return self.stack.params["policy.log_std"].unsqueeze(1)  # (N, 1, A)
+
+    def _log_prob_entropy(self, x: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As each member's policy.log_prob_entropy, for all seeds: x (N, B, d) encoded."""
+        out = self._policy_out(x)
+        if not self.gaussian:
+            logp_all = torch.log_softmax(out, dim=-1)
+            logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+            return logp, -(logp_all.exp() * logp_all).sum(-1)
+        log_std = self._log_std().expand_as(out)
+        z = (actions - out) / log_std.exp()
+        logp = (-0.5 * z.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        return logp, (0.5 + 0.5 * np.log(2 * np.pi) + log_std).sum(-1)
+
+    def _distribution(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+                      ) -> torch.distributions.Distribution:
+        out = self._policy_out(x) if params is None else self._with(params, self._policy_out, x)
+        if not self.gaussian:
+            return torch.distributions.Categorical(logits=out)
+        log_std = (self.stack.params if params is None else params)["policy.log_std"].unsqueeze(1)
+        return torch.distributions.Independent(torch.distributions.Normal(out, log_std.exp().expand_as(out)), 1)
+
+    def _with(self, params: dict[str, torch.Tensor], fn: Any, x: torch.Tensor) -> torch.Tensor:
+        saved = self.stack.params
+        self.stack.params = params
+        try:
+            return fn(x)
+        finally:
+            self.stack.params = saved
+
+    # --- one iteration ---------------------------------------------------------------------------------
+    def _collect(self, live: list[int]) -> dict[int, tuple[Any, dict[str, float]]]:
+        """Every live seed's rollout, stepped in lockstep with one stacked policy call per step."""
+        hp = self.hp
+        samplers: dict[int, VectorSampler] = {}
+        partial = {}
+        for seed in live:
+            member = self.members[seed]
+            sampler = member.sampler(member.actor, hp.n_envs)
+            assert isinstance(sampler, VectorSampler)
+            samplers[seed] = sampler
+            partial[seed] = sampler.begin(member.actor, hp.n_steps)
+        first = samplers[live[0]]
+        obs = np.zeros((len(self.seeds), *first.obs.shape), dtype=first.obs.dtype)
+        noise = np.zeros((len(self.seeds), *partial[live[0]].noise.shape[1:]), dtype=np.float32)
+        rows = [self.index[seed] for seed in live]
+        with torch.inference_mode():
+            for t in range(hp.n_steps):
+                for seed, row in zip(live, rows, strict=True):
+                    obs[row], noise[row] = samplers[seed].obs, partial[seed].noise[t]
+                x = self._encode(torch.as_tensor(obs, device=self.device))
+                out = self._policy_out(x)
+                noise_t = torch.as_tensor(noise, device=self.device)
+                actions = (out + self._log_std().exp() * noise_t if self.gaussian
+                           else torch.argmax(out + noise_t, dim=-1)).cpu().numpy()
+                for seed, row in zip(live, rows, strict=True):
+                    samplers[seed].step(partial[seed], t, actions[row])
+        result = {}
+        for seed in live:
+            rollout = partial[seed].finish()
+            result[seed] = (rollout, self.members[seed].account(rollout))
+        return result
+
+    def _collect_and_update(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
+        hp, members, device = self.hp, self.members, self.device
+        n = len(self.seeds)
+        progress = {seed: members[seed].env_steps / self.spec.budget.total for seed in live}
+        clip = torch.tensor([hp.clip_at(progress.get(seed, 0.0)) for seed in self.seeds], device=device)
+        collected = self._collect(live)
+        any_rollout = collected[live[0]][0]
+
+        def stacked(name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+            arrays = [getattr(collected[seed][0], name) if seed in collected
+                      else np.zeros_like(getattr(any_rollout, name)) for seed in self.seeds]
+            return torch.as_tensor(np.stack(arrays), dtype=dtype, device=device)  # (N, T, E, ...)
+
+        obs, actions, next_obs = stacked("obs"), stacked("actions"), stacked("next_obs")
+        T, E = obs.shape[1], obs.shape[2]
+        B = T * E
+        with torch.no_grad():
+            flat_obs = obs.reshape(n, B, *obs.shape[3:])
+            b_actions = actions.reshape(n, B, *actions.shape[3:])
+            x = self._encode(flat_obs)
+            b_values = self._value(x)  # (N, B)
+            next_values = self._value(self._encode(next_obs.reshape(n, B, *obs.shape[3:])))
+            b_logp_old, _ = self._log_prob_entropy(x, b_actions)
+            rewards = torch.stack([
+                members[seed].scale_rewards(torch.as_tensor(collected[seed][0].rewards, device=device))
+                if seed in collected else torch.zeros(T, E, device=device) for seed in self.seeds])
+            adv = gae_advantages(rewards.transpose(0, 1), b_values.reshape(n, T, E).transpose(0, 1),
+                                 stacked("terminated").transpose(0, 1), stacked("truncated").transpose(0, 1),
+                                 next_values.reshape(n, T, E).transpose(0, 1), hp.gamma, hp.gae_lambda)
+            b_adv = adv.transpose(0, 1).reshape(n, B)
+            b_returns = b_adv + b_values
+
+        penalty = hp.loss == "kl_penalty"
+        old_params = {k: v.detach().clone() for k, v in self.stack.params.items()} if penalty else None
+        beta = torch.tensor([members[s].kl_coef if s in members else 0.0 for s in self.seeds], device=device)
+        active = mask.clone()
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pi", "v", "ent", "kl", "clip", "norm", "on")}
+        lr_last = list(self.lr)
+        for _ in range(hp.n_epochs):
+            if not active.any():
+                break
+            orders = torch.stack([
+                torch.randperm(B, generator=members[seed].shuffle) if active[i] else torch.arange(B)
+                for i, seed in enumerate(self.seeds)]).to(device)
+            for start in range(0, B, hp.batch_size):
+                mb = orders[:, start:start + hp.batch_size]  # (N, b)
+                self._minibatch(mb, x, b_actions, b_logp_old, b_adv, b_returns, b_values, clip, beta,
+                                old_params, active, progress, stats, lr_last)
+            if hp.target_kl is not None:
+                active &= ~(stats["kl"][-1].cpu() > 1.5 * hp.target_kl)
+        self.lr = lr_last
+        return self._log(live, collected, stats, b_values, b_returns, x, old_params)
+
+    def _minibatch(self, mb: torch.Tensor, x: torch.Tensor, b_actions: torch.Tensor, b_logp_old: torch.Tensor,
+                   b_adv: torch.Tensor, b_returns: torch.Tensor, b_values: torch.Tensor, clip: torch.Tensor,
+                   beta: torch.Tensor, old_params: dict[str, torch.Tensor] | None, active: torch.Tensor,
+                   progress: dict[int, float], stats: dict[str, list[torch.Tensor]], lr_last: list[float]) -> None:
+        hp = self.hp
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            index = mb.view(*mb.shape, *([1] * (t.dim() - 2))).expand(*mb.shape, *t.shape[2:])
+            return torch.gather(t, 1, index)
+
+        x_mb, actions_mb = take(x), take(b_actions)
+        logp, entropies = self._log_prob_entropy(x_mb, actions_mb)
+        logratio = logp - take(b_logp_old)
+        ratio = logratio.exp()
+        a = take(b_adv)
+        if hp.normalize_advantage and mb.shape[1] > 1:
+            a = (a - a.mean(1, keepdim=True)) / (a.std(1, keepdim=True) + 1e-8)
+        if old_params is not None:
+            with torch.no_grad():
+                old = self._distribution(x_mb, old_params)
+            kl = torch.distributions.kl_divergence(old, self._distribution(x_mb))
+            loss_pi = -(ratio * a).mean(1) + beta * kl.mean(1)
+        else:
+            c = clip.unsqueeze(1)
+            loss_pi = -torch.min(ratio * a, torch.clamp(ratio, 1 - c, 1 + c) * a).mean(1)
+        values = self._value(x_mb)
+        returns, values_old = take(b_returns), take(b_values)
+        if hp.clip_range_vf is None:
+            loss_v = ((values - returns) ** 2).mean(1)
+        else:
+            clipped = values_old + torch.clamp(values - values_old, -hp.clip_range_vf, hp.clip_range_vf)
+            loss_v = torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean(1)
+        entropy = entropies.mean(1)
+        loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy  # (N,): each seed's unbatched loss
+        on = active.to(loss.device)
+        self.stack.zero_grad()
+        torch.where(on, loss, torch.zeros_like(loss)).sum().backward()
+        norms = self.stack.clip_grad_norms_(hp.max_grad_norm)
+        rates = []
+        for i, seed in enumerate(self.seeds):
+            member = self.members.get(seed)
+            if member is None or not active[i]:
+                rates.append(lr_last[i])
+                continue
+            lr_last[i] = scheduled_learning_rate(hp.schedule, member.optimizer.lr0, member.optimizer.updates,
+                                                 progress.get(seed, 0.0))
+            member.optimizer.updates += 1
+            rates.append(lr_last[i])
+        self.adam.step(torch.tensor(rates), active)
+        with torch.no_grad():
+            stats["kl"].append(((ratio - 1) - logratio).mean(1))
+            stats["clip"].append(((ratio - 1).abs() > clip.unsqueeze(1)).float().mean(1))
+        stats["pi"].append(loss_pi.detach())
+        stats["v"].append(loss_v.detach())
+        stats["ent"].append(entropy.detach())
+        stats["norm"].append(norms.detach())
+        stats["on"].append(on.float())
+
+    def _log(self, live: list[int], collected: dict[int, tuple[Any, dict[str, float]]],
+             stats: dict[str, list[torch.Tensor]], b_values: torch.Tensor, b_returns: torch.Tensor,
+             x: torch.Tensor, old_params: dict[str, torch.Tensor] | None) -> dict[int, dict[str, float]]:
+        hp = self.hp
+        on = torch.stack(stats["on"])  # (M, N): which minibatches each seed took part in
+        count = on.sum(0).clamp(min=1)
+        means = {k: ((torch.stack(v) * on).sum(0) / count).tolist() for k, v in stats.items() if k != "on"}
+        kl_after = None
+        if old_params is not None:
+            with torch.no_grad():
+                kl_after = torch.distributions.kl_divergence(self._distribution(x, old_params),
+                                                             self._distribution(x)).mean(1).tolist()
+        out = {}
+        for seed in live:
+            i, member = self.index[seed], self.members[seed]
+            logged = collected[seed][1]
+            member.iterations += 1
+            if kl_after is not None:
+                logged[M.PPO_KL] = kl_after[i]
+                logged[M.PPO_KL_COEF] = member.kl_coef
+                member.kl_coef = adaptive_kl_coef(member.kl_coef, kl_after[i], hp.kl_target)
+            logged.update({
+                M.LOSS_POLICY: means["pi"][i], M.LOSS_VALUE: means["v"][i], M.LOSS_ENTROPY: means["ent"][i],
+                M.PPO_APPROX_KL: means["kl"][i], M.PPO_CLIP_FRACTION: means["clip"][i],
+                M.GRAD_NORM: means["norm"][i],
+                M.PPO_EXPLAINED_VARIANCE: explained_variance(b_values[i], b_returns[i]),
+                M.LEARNING_RATE: self.lr[i],
+            })
+            out[seed] = logged
+        return out

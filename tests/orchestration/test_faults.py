@@ -217,3 +217,52 @@ def test_restart_after_steps_past_the_checkpoint_logs_each_step_once(ray_local, 
     _assert_exactly_once(client, run_id)
     history = sorted(m.step for m in client.get_metric_history(run_id, "time/env_steps"))
     assert history[-1] >= 30720 and history == sorted(set(history))
+
+
+@pytest.mark.slow
+def test_a_killed_actor_of_several_seeds_restarts_each_from_its_own_checkpoint(ray_local, tracking_uri: str):
+    """`resources.seeds_per_actor`: three PPO seeds trained together in one actor; the actor is killed after
+    their first checkpoint; one new actor restores each seed from its own checkpoint, and each ends with
+    the network and optimiser of the same three seeds trained together without a fault."""
+    from labfleet.orchestration.trial import TrialWorkerGroup
+    from labfleet.testing import state_differences
+
+    spec = load_spec(EXPERIMENTS / "cartpole_ppo.yaml", {
+        "seeds": [0, 1, 2], "budget.env_steps": 8192, "resources": {"seeds_per_actor": 3},
+        "eval": {"episodes": 2, "every_steps": 2048}})
+    tracker = Tracker(tracking_uri)
+    recorder = MlflowRecorder(tracker)
+    runner = TrialRunner(spec, [recorder], chunk_seconds=0.2)
+    runner.start()
+    states = [runner.seeds[seed] for seed in (0, 1, 2)]
+    assert len({id(s.actor) for s in states}) == 1, "one actor for the three seeds"
+    killed = False
+    while not runner.done:
+        ready, _ = ray_local.wait(list(runner.futures()), timeout=60)
+        assert ready, "no result in 60 s"
+        for state in states:
+            if state.future in ready:
+                runner.on_result(state)
+                break
+        if not killed and all(s.checkpoint is not None for s in states) and states[0].actor is not None:
+            killed = True
+            ray_local.kill(states[0].actor, no_restart=True)
+    assert killed and runner.status == "FINISHED"
+    assert [s.retries for s in states] == [1, 1, 1]
+    client = MlflowClient(tracking_uri)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(spec.resources.cpus_per_trial))
+    try:
+        reference = TrialWorkerGroup(spec.model_dump(mode="json"), [0, 1, 2])
+        while not all(m.done for m in reference.group.members.values()):
+            reference.advance(seconds=1e9)
+    finally:
+        torch.set_num_threads(threads)
+    for state in states:
+        run = client.get_run(recorder.seed_run_id(runner, state.seed))
+        assert run.info.status == "FINISHED" and run.data.tags["labfleet.retries"] == "1"
+        assert "checkpoints/final.pt" in [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+        final = torch.load(io.BytesIO(state.checkpoint), weights_only=True)
+        expected = reference.group.members[state.seed].state_dict()
+        differ = state_differences(expected, final, only=(".model", ".optimizer"))
+        assert not differ, f"seed {state.seed} differs from a fault-free run at {differ[:5]}"

@@ -1,6 +1,12 @@
 """labfleet against Stable-Baselines3 on this machine: the same rl-zoo hyperparameters, pair by pair.
 
     python benchmarks/sb3_compare.py [--seeds 0] [--only ppo,dqn,ddpg]
+    python benchmarks/sb3_compare.py --whole --seeds 0,1,2,3,4 --only ppo [--seeds-per-actor 5,1]
+
+`--whole` compares what a user runs, for all the seeds at once: the whole `labfleet run` command (Ray and
+MLflow start-up, the trial actors, tracking; once per `--seeds-per-actor` value) against SB3's whole
+script per seed, `--parallel` of them at a time (default 2: the cores of this machine). Returns are each
+seed's final evaluation (20 episodes), read back from MLflow on the labfleet side.
 
 Each side trains in a subprocess of its own with one torch thread (a labfleet trial's default), and the
 pairs run one after the other so that they never share the CPU. Reported per side: whole-process wall time
@@ -91,11 +97,73 @@ def run_side(code: str, args: list[str]) -> dict:
     return result
 
 
+def whole_labfleet(pair: dict, seeds: list[int], per_actor: int) -> dict:
+    """The whole `labfleet run` of every seed; its wall time and each seed's final eval return."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory(prefix="labfleet-bench-") as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        sets = {"seeds": json.dumps(seeds), "budget.env_steps": pair["steps"], "eval.episodes": 20,
+                "resources.seeds_per_actor": per_actor, **pair["set"]}
+        cmd = [sys.executable, "-m", "labfleet", "run", str(REPO / "experiments" / pair["spec"]),
+               "--tracking-uri", uri]
+        for key, value in sets.items():
+            cmd += ["--set", f"{key}={value}"]
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - start
+        client = MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "tags.`labfleet.role` = 'seed'")
+        returns = [r.data.metrics["eval/return_mean"] for r in runs]
+    return {"wall_s": wall, "returns": returns}
+
+
+def whole_sb3(name: str, pair: dict, seeds: list[int], parallel: int) -> dict:
+    """SB3's script once per seed, `parallel` processes at a time; the total wall time and the returns."""
+    start = time.perf_counter()
+    pending, running, returns = list(seeds), [], []
+    while pending or running:
+        while pending and len(running) < parallel:
+            seed = pending.pop(0)
+            running.append(subprocess.Popen([sys.executable, "-c", SB3_SIDE, name, str(pair["steps"]), str(seed)],
+                                            stdout=subprocess.PIPE, text=True))
+        proc = running.pop(0)
+        out, _ = proc.communicate()
+        assert proc.returncode == 0, f"SB3 exited {proc.returncode}"
+        returns.append(json.loads(out.strip().splitlines()[-1])["return"])
+    return {"wall_s": time.perf_counter() - start, "returns": returns}
+
+
+def main_whole(args: argparse.Namespace) -> None:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print("| algorithm | env | steps | seeds | side | whole command (s) | speed-up | eval returns (20 ep) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.only.split(","):
+        pair = PAIRS[name]
+        theirs = whole_sb3(name, pair, seeds, args.parallel)
+        rows = [(f"SB3, {args.parallel} processes at a time", theirs)]
+        for per_actor in [int(k) for k in args.seeds_per_actor.split(",")]:
+            rows.append((f"labfleet run, seeds_per_actor {per_actor}", whole_labfleet(pair, seeds, per_actor)))
+        for side, r in rows:
+            returns = ", ".join(f"{x:.0f}" for x in sorted(r["returns"]))
+            print(f"| {name} | {pair['env']} | {pair['steps']} | {len(seeds)} | {side} | {r['wall_s']:.1f} | "
+                  f"{theirs['wall_s'] / r['wall_s']:.2f}x | {returns} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--only", default=",".join(PAIRS))
+    parser.add_argument("--whole", action="store_true", help="whole commands, all seeds at once (see above)")
+    parser.add_argument("--seeds-per-actor", default="5,1", help="labfleet's resources.seeds_per_actor values")
+    parser.add_argument("--parallel", type=int, default=2, help="SB3 scripts at a time (--whole)")
     args = parser.parse_args()
+    if args.whole:
+        main_whole(args)
+        return
     rows = []
     for name in args.only.split(","):
         pair = PAIRS[name]

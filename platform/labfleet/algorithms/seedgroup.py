@@ -7,8 +7,8 @@ iterations run:
 
 - `SequentialGroup` (any trainer): the members train in turn, one iteration each. The seeds share a
   process (no actor start-up, no imports, no Ray round trip per seed), not their arithmetic.
-- a batched group (`BATCHED`, PPO's is `labfleet.algorithms.rl.batched.BatchedPPO`): the members' networks
-  are stacked and each iteration runs once for all of them (one policy call per environment step for all
+- a batched group (`BATCHED`: PPO, A2C and REINFORCE, in `labfleet.algorithms.rl.batched`): the members'
+  networks are stacked and each iteration runs once for all of them (one policy call per environment step for all
   seeds, one optimiser step per minibatch for all seeds), with per-seed masks where the unbatched
   algorithm would branch.
 
@@ -59,15 +59,19 @@ class SequentialGroup:
         self.members.clear()
 
 
-def _batched_ppo(members: dict[int, Trainer]) -> Any:
-    from labfleet.algorithms.rl.batched import BatchedPPO
+def _batched(name: str) -> Callable[[dict[int, Trainer]], Any]:
+    def build(members: dict[int, Trainer]) -> Any:
+        from labfleet.algorithms.rl import batched
 
-    return BatchedPPO.build(members)
+        return getattr(batched, name).build(members)
+
+    return build
 
 
 # algorithm name -> a builder that returns a batched group of these members, or None where their spec is
 # one the batched implementation does not cover (then the seeds train in turn).
-BATCHED: dict[str, Callable[[dict[int, Trainer]], Any]] = {"ppo": _batched_ppo}
+BATCHED: dict[str, Callable[[dict[int, Trainer]], Any]] = {
+    "ppo": _batched("BatchedPPO"), "a2c": _batched("BatchedA2C"), "reinforce": _batched("BatchedReinforce")}
 
 
 def build_group(algorithm: str, members: dict[int, Trainer]) -> Any:

@@ -181,3 +181,43 @@ class SeedAdam:
             for k, (m, v) in enumerate(zip(self.m, self.v, strict=True)):
                 m[i].copy_(state[k]["exp_avg"])
                 v[i].copy_(state[k]["exp_avg_sq"])
+
+
+class SeedRMSprop:
+    """RMSprop (torch.optim.RMSprop's update without momentum, centring or weight decay) over stacked
+    parameters, with a step count per seed and the `active` mask of `SeedAdam`."""
+
+    def __init__(self, params: Sequence[torch.Tensor], alpha: float = 0.99, eps: float = 1e-8):
+        self.params = list(params)
+        self.n = self.params[0].shape[0]
+        self.alpha, self.eps = alpha, eps
+        self.steps = torch.zeros(self.n, dtype=torch.int64)
+        self.square_avg = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, lr: float | torch.Tensor, active: torch.Tensor | None = None) -> None:
+        mask = torch.ones(self.n, dtype=torch.bool) if active is None else active.cpu().to(torch.bool)
+        self.steps += mask.long()
+        device, dtype = self.params[0].device, self.params[0].dtype
+        rate = torch.as_tensor(lr, dtype=dtype).to(device).expand(self.n)
+        mask = mask.to(device)
+        for p, sq in zip(self.params, self.square_avg, strict=True):
+            if p.grad is None:
+                continue
+            shape = (-1, *([1] * (p.dim() - 1)))
+            keep = mask.view(shape)
+            g = p.grad
+            sq.copy_(torch.where(keep, sq * self.alpha + g * g * (1 - self.alpha), sq))
+            update = rate.view(shape) * g / (sq.sqrt() + self.eps)
+            p.sub_(torch.where(keep, update, torch.zeros_like(p)))
+
+    def state_dict(self, i: int) -> dict[int, dict[str, torch.Tensor]]:
+        """Seed i's state as `torch.optim.RMSprop.state_dict()["state"]` of its unbatched network."""
+        step = torch.tensor(float(self.steps[i]))
+        return {k: {"step": step.clone(), "square_avg": sq[i].clone()} for k, sq in enumerate(self.square_avg)}
+
+    def load_state_dict(self, i: int, state: dict[int, dict[str, torch.Tensor]]) -> None:
+        self.steps[i] = int(state[0]["step"])
+        with torch.no_grad():
+            for k, sq in enumerate(self.square_avg):
+                sq[i].copy_(state[k]["square_avg"])

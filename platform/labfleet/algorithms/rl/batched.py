@@ -1,24 +1,25 @@
-"""PPO for several seeds at once (`resources.seeds_per_actor`; seedgroup.py has the group contract).
+"""On-policy actor-critic seeds trained together (`resources.seeds_per_actor`; seedgroup.py has the group
+contract): PPO, A2C and REINFORCE.
 
-Each seed stays an ordinary `PPOTrainer` (its member): its environments and their seeds, its action-noise
-and minibatch generators, its observation normaliser and reward scaler, its KL coefficient, its counters.
-`BatchedPPO` trains the members' networks stacked (`SeedStack`) and steps them as one:
+Each seed stays an ordinary trainer (its member): its environments and their seeds, its action-noise and
+minibatch generators, its observation normaliser and reward scaler, PPO's KL coefficient, its counters. A
+batched group trains the members' networks stacked (`SeedStack`) and steps them as one:
 
   collect    every member's sampler steps in lockstep; each step's actions for all seeds come from one
              stacked policy call on each seed's own (normalised) observations and noise;
-  estimate   values, log-probabilities and GAE for all seeds at once (N, T, E);
-  epochs     each seed draws its own minibatch order from its own generator; one forward and backward
-             pass for all seeds, where each seed's loss is the unbatched loss (means over its own
-             minibatch), so each seed's gradient is its unbatched gradient; gradient norms are clipped
-             per seed and `SeedAdam` steps every seed with its own moments, step count and learning rate.
-             A seed that hits its `target_kl` early stop is masked out of the remaining epochs (it draws
-             no more minibatch orders, as its unbatched self would not);
-  KL penalty each seed's beta adapts to its own KL.
+  estimate   values, log-probabilities and advantages (GAE, or REINFORCE's reward-to-go) for all seeds at
+             once (N, T, E);
+  update     each seed's loss is its unbatched loss (means over its own batch or minibatch), so each seed's
+             gradient is its unbatched gradient; gradient norms are clipped per seed, and `SeedAdam` or
+             `SeedRMSprop` steps every seed with its own state, step count and learning rate.
+  PPO        each seed draws its own minibatch order from its own generator; a seed that hits its
+             `target_kl` early stop is masked out of the remaining epochs (it draws no more orders, as its
+             unbatched self would not); with the KL penalty each seed's beta adapts to its own KL.
 
-What it covers: vector (rank-1 Box) observations, MLP actor and critic, Adam without weight decay, no
-rollout workers (`BatchedPPO.build` returns None otherwise, and the seeds train in turn). The numbers agree
-with each seed trained alone up to float32 rounding of batched matmuls (tests/algorithms/test_batched.py
-measures it), not bit for bit.
+What it covers: vector (rank-1 Box) observations, MLP actor and critic, Adam or RMSprop without weight
+decay or momentum, no rollout workers (`build` returns None otherwise, and the seeds train in turn). The
+numbers agree with each seed trained alone up to float32 rounding of batched matmuls
+(tests/algorithms/test_seed_groups.py measures it), not bit for bit.
 """
 
 from __future__ import annotations
@@ -32,38 +33,44 @@ import torch
 from labfleet import metrics as M
 from labfleet.algorithms.base import Trainer
 from labfleet.algorithms.optim import scheduled_learning_rate
-from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.algorithms.rl.a2c import A2CTrainer
+from labfleet.algorithms.rl.base import ActorCriticTrainer
+from labfleet.algorithms.rl.estimators import discounted_returns, gae_advantages
 from labfleet.algorithms.rl.networks import GaussianPolicy
 from labfleet.algorithms.rl.ppo import PPOTrainer, adaptive_kl_coef, explained_variance
-from labfleet.algorithms.seedstack import SeedAdam, SeedStack, _mlp_layers
+from labfleet.algorithms.rl.reinforce import ReinforceTrainer
+from labfleet.algorithms.seedstack import SeedAdam, SeedRMSprop, SeedStack, _mlp_layers
 from labfleet.rollout.sampler import VectorSampler
 
 
-class BatchedPPO:
-    """PPO members trained together; see the module docstring."""
+class BatchedActorCritic:
+    """Members of one `ActorCriticTrainer` class, stacked; subclasses write `_iteration`."""
 
     batched = True
+    trainer_class: type[ActorCriticTrainer]
 
     @classmethod
-    def build(cls, members: dict[int, Trainer]) -> BatchedPPO | None:
-        """A batched group of these PPO trainers, or None where their spec is outside what it covers."""
-        first = next(iter(members.values()))
-        if not all(isinstance(m, PPOTrainer) for m in members.values()) or not isinstance(first, PPOTrainer):
+    def build(cls, members: dict[int, Trainer]) -> BatchedActorCritic | None:
+        """A batched group of these trainers, or None where their spec is outside what it covers."""
+        if not all(type(m) is cls.trainer_class for m in members.values()):
             return None
+        first: Any = next(iter(members.values()))
         hp, encoder = first.hp, first.ac.policy.encoder
         space = first.observation_space
         if not (isinstance(space, gym.spaces.Box) and len(space.shape or ()) == 1 and encoder.cnn is None
                 and encoder.n == 0):
             return None
-        if hp.optimizer.type != "adam" or hp.optimizer.weight_decay or first.spec.resources.rollout_workers:
+        cfg = hp.optimizer
+        if cfg.type not in ("adam", "rmsprop") or cfg.weight_decay or cfg.momentum \
+                or first.spec.resources.rollout_workers:
             return None
         policy_net = first.ac.policy.mean if isinstance(first.ac.policy, GaussianPolicy) else first.ac.policy.logits
         if _mlp_layers(policy_net) is None or _mlp_layers(first.ac.value_net) is None:
             return None
         return cls(members)  # type: ignore[arg-type]
 
-    def __init__(self, members: dict[int, PPOTrainer]):
-        self.members: dict[int, PPOTrainer] = dict(members)
+    def __init__(self, members: dict[int, Any]):
+        self.members: dict[int, Any] = dict(members)
         self.seeds = list(members)  # stack index -> seed (a dropped seed keeps its index, masked)
         self.index = {seed: i for i, seed in enumerate(self.seeds)}
         first = members[self.seeds[0]]
@@ -77,12 +84,14 @@ class BatchedPPO:
         self.stack = SeedStack(acs)
         self.names = [name for name, _ in first.ac.named_parameters()]  # the members' optimiser order
         cfg = self.hp.optimizer
-        self.adam = SeedAdam([self.stack.params[name] for name in self.names], betas=cfg.betas,
-                             eps=cfg.eps if cfg.eps is not None else 1e-8)
+        params = [self.stack.params[name] for name in self.names]
+        eps = cfg.eps if cfg.eps is not None else 1e-8
+        self.opt: SeedAdam | SeedRMSprop = (SeedAdam(params, betas=cfg.betas, eps=eps) if cfg.type == "adam"
+                                            else SeedRMSprop(params, alpha=cfg.alpha, eps=eps))
         for i, seed in enumerate(self.seeds):
             state = members[seed].optimizer.optimizer.state_dict()["state"]
             if state:
-                self.adam.load_state_dict(i, state)
+                self.opt.load_state_dict(i, state)
         self.lr = [members[seed].optimizer.learning_rate for seed in self.seeds]
 
     # --- the group contract ------------------------------------------------------------------------
@@ -110,15 +119,59 @@ class BatchedPPO:
                 groups = optimizer.state_dict()["param_groups"]
                 for group in groups:
                     group["lr"] = self.lr[i]
-                optimizer.load_state_dict({"state": self.adam.state_dict(i), "param_groups": groups})
+                optimizer.load_state_dict({"state": self.opt.state_dict(i), "param_groups": groups})
 
     def train_iteration(self) -> dict[int, dict[str, float] | BaseException]:
         live = self.live()
         if not live:
             return {}
         mask = torch.tensor([seed in live for seed in self.seeds])
-        logged = self._collect_and_update(live, mask)
-        return dict(logged)
+        return dict(self._iteration(live, mask))
+
+    def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
+        raise NotImplementedError
+
+    def _step(self, loss: torch.Tensor, active: torch.Tensor, progress: dict[int, float]) -> torch.Tensor:
+        """Each active seed's optimiser step on its own loss (N,), at its scheduled learning rate (as its
+        member's `ScheduledOptimizer.step` would); the gradient norms before clipping (N,)."""
+        hp = self.hp
+        self.stack.zero_grad()
+        torch.where(active.to(loss.device), loss, torch.zeros_like(loss)).sum().backward()
+        norms = self.stack.clip_grad_norms_(hp.max_grad_norm)
+        for i, seed in enumerate(self.seeds):
+            member = self.members.get(seed)
+            if member is None or not active[i]:
+                continue
+            self.lr[i] = scheduled_learning_rate(hp.schedule, member.optimizer.lr0, member.optimizer.updates,
+                                                 progress.get(seed, 0.0))
+            member.optimizer.updates += 1
+        self.opt.step(torch.tensor(self.lr), active)
+        return norms.detach()
+
+    def _rollouts(self, live: list[int]) -> tuple[dict[int, tuple[Any, dict[str, float]]], dict[str, torch.Tensor]]:
+        """Collect, then the rollouts as stacked tensors (N, T, E, ...), zeros for seeds not live."""
+        collected = self._collect(live)
+        any_rollout = collected[live[0]][0]
+        out = {}
+        for name in ("obs", "actions", "next_obs", "terminated", "truncated"):
+            arrays = [getattr(collected[seed][0], name) if seed in collected
+                      else np.zeros_like(getattr(any_rollout, name)) for seed in self.seeds]
+            out[name] = torch.as_tensor(np.stack(arrays), device=self.device)
+        T, E = any_rollout.rewards.shape
+        out["rewards"] = torch.stack([  # as each member's learner sees them (scaled, with normalize.reward)
+            self.members[seed].scale_rewards(torch.as_tensor(collected[seed][0].rewards, device=self.device))
+            if seed in collected else torch.zeros(T, E, device=self.device) for seed in self.seeds])
+        return collected, out
+
+    @staticmethod
+    def _flat(t: torch.Tensor) -> torch.Tensor:
+        """(N, T, E, ...) -> (N, T * E, ...), time-major as the unbatched trainers flatten (T, E)."""
+        return t.reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
+
+    @staticmethod
+    def _time_first(t: torch.Tensor) -> torch.Tensor:
+        """(N, T, E) -> (T, N, E): the estimators run along the first axis, elementwise along the rest."""
+        return t.transpose(0, 1)
 
     # --- the networks, stacked ---------------------------------------------------------------------
     def _encode(self, obs: torch.Tensor) -> torch.Tensor:
@@ -199,44 +252,35 @@ class BatchedPPO:
             result[seed] = (rollout, self.members[seed].account(rollout))
         return result
 
-    def _collect_and_update(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
+
+
+class BatchedPPO(BatchedActorCritic):
+    trainer_class = PPOTrainer
+
+    def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         hp, members, device = self.hp, self.members, self.device
         n = len(self.seeds)
         progress = {seed: members[seed].env_steps / self.spec.budget.total for seed in live}
         clip = torch.tensor([hp.clip_at(progress.get(seed, 0.0)) for seed in self.seeds], device=device)
-        collected = self._collect(live)
-        any_rollout = collected[live[0]][0]
-
-        def stacked(name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-            arrays = [getattr(collected[seed][0], name) if seed in collected
-                      else np.zeros_like(getattr(any_rollout, name)) for seed in self.seeds]
-            return torch.as_tensor(np.stack(arrays), dtype=dtype, device=device)  # (N, T, E, ...)
-
-        obs, actions, next_obs = stacked("obs"), stacked("actions"), stacked("next_obs")
-        T, E = obs.shape[1], obs.shape[2]
-        B = T * E
+        collected, r = self._rollouts(live)
+        x, b_actions = self._encode(self._flat(r["obs"])), self._flat(r["actions"])
+        T, E = r["rewards"].shape[1:]
         with torch.no_grad():
-            flat_obs = obs.reshape(n, B, *obs.shape[3:])
-            b_actions = actions.reshape(n, B, *actions.shape[3:])
-            x = self._encode(flat_obs)
             b_values = self._value(x)  # (N, B)
-            next_values = self._value(self._encode(next_obs.reshape(n, B, *obs.shape[3:])))
+            next_values = self._value(self._encode(self._flat(r["next_obs"])))
             b_logp_old, _ = self._log_prob_entropy(x, b_actions)
-            rewards = torch.stack([
-                members[seed].scale_rewards(torch.as_tensor(collected[seed][0].rewards, device=device))
-                if seed in collected else torch.zeros(T, E, device=device) for seed in self.seeds])
-            adv = gae_advantages(rewards.transpose(0, 1), b_values.reshape(n, T, E).transpose(0, 1),
-                                 stacked("terminated").transpose(0, 1), stacked("truncated").transpose(0, 1),
-                                 next_values.reshape(n, T, E).transpose(0, 1), hp.gamma, hp.gae_lambda)
-            b_adv = adv.transpose(0, 1).reshape(n, B)
+            tf = self._time_first
+            adv = gae_advantages(tf(r["rewards"]), tf(b_values.reshape(n, T, E)), tf(r["terminated"]),
+                                 tf(r["truncated"]), tf(next_values.reshape(n, T, E)), hp.gamma, hp.gae_lambda)
+            b_adv = self._time_first(adv).reshape(n, T * E)
             b_returns = b_adv + b_values
 
-        penalty = hp.loss == "kl_penalty"
-        old_params = {k: v.detach().clone() for k, v in self.stack.params.items()} if penalty else None
+        old_params = ({k: v.detach().clone() for k, v in self.stack.params.items()}
+                      if hp.loss == "kl_penalty" else None)
         beta = torch.tensor([members[s].kl_coef if s in members else 0.0 for s in self.seeds], device=device)
         active = mask.clone()
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pi", "v", "ent", "kl", "clip", "norm", "on")}
-        lr_last = list(self.lr)
+        B = T * E
         for _ in range(hp.n_epochs):
             if not active.any():
                 break
@@ -246,16 +290,15 @@ class BatchedPPO:
             for start in range(0, B, hp.batch_size):
                 mb = orders[:, start:start + hp.batch_size]  # (N, b)
                 self._minibatch(mb, x, b_actions, b_logp_old, b_adv, b_returns, b_values, clip, beta,
-                                old_params, active, progress, stats, lr_last)
+                                old_params, active, progress, stats)
             if hp.target_kl is not None:
                 active &= ~(stats["kl"][-1].cpu() > 1.5 * hp.target_kl)
-        self.lr = lr_last
         return self._log(live, collected, stats, b_values, b_returns, x, old_params)
 
     def _minibatch(self, mb: torch.Tensor, x: torch.Tensor, b_actions: torch.Tensor, b_logp_old: torch.Tensor,
                    b_adv: torch.Tensor, b_returns: torch.Tensor, b_values: torch.Tensor, clip: torch.Tensor,
                    beta: torch.Tensor, old_params: dict[str, torch.Tensor] | None, active: torch.Tensor,
-                   progress: dict[int, float], stats: dict[str, list[torch.Tensor]], lr_last: list[float]) -> None:
+                   progress: dict[int, float], stats: dict[str, list[torch.Tensor]]) -> None:
         hp = self.hp
 
         def take(t: torch.Tensor) -> torch.Tensor:
@@ -286,30 +329,15 @@ class BatchedPPO:
             loss_v = torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean(1)
         entropy = entropies.mean(1)
         loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy  # (N,): each seed's unbatched loss
-        on = active.to(loss.device)
-        self.stack.zero_grad()
-        torch.where(on, loss, torch.zeros_like(loss)).sum().backward()
-        norms = self.stack.clip_grad_norms_(hp.max_grad_norm)
-        rates = []
-        for i, seed in enumerate(self.seeds):
-            member = self.members.get(seed)
-            if member is None or not active[i]:
-                rates.append(lr_last[i])
-                continue
-            lr_last[i] = scheduled_learning_rate(hp.schedule, member.optimizer.lr0, member.optimizer.updates,
-                                                 progress.get(seed, 0.0))
-            member.optimizer.updates += 1
-            rates.append(lr_last[i])
-        self.adam.step(torch.tensor(rates), active)
+        norms = self._step(loss, active, progress)
         with torch.no_grad():
             stats["kl"].append(((ratio - 1) - logratio).mean(1))
             stats["clip"].append(((ratio - 1).abs() > clip.unsqueeze(1)).float().mean(1))
         stats["pi"].append(loss_pi.detach())
         stats["v"].append(loss_v.detach())
         stats["ent"].append(entropy.detach())
-        stats["norm"].append(norms.detach())
-        stats["on"].append(on.float())
-
+        stats["norm"].append(norms)
+        stats["on"].append(active.to(loss.device).float())
     def _log(self, live: list[int], collected: dict[int, tuple[Any, dict[str, float]]],
              stats: dict[str, list[torch.Tensor]], b_values: torch.Tensor, b_returns: torch.Tensor,
              x: torch.Tensor, old_params: dict[str, torch.Tensor] | None) -> dict[int, dict[str, float]]:
@@ -340,3 +368,66 @@ class BatchedPPO:
             })
             out[seed] = logged
         return out
+
+
+class BatchedPolicyGradient(BatchedActorCritic):
+    """A2C and REINFORCE: one gradient step per rollout on -mean(log pi * A) + vf_coef * value loss -
+    ent_coef * entropy; they differ in the advantage (`_advantages`)."""
+
+    def _advantages(self, r: dict[str, torch.Tensor], values: torch.Tensor, next_values: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages, returns), each (N, T, E), without gradient."""
+        raise NotImplementedError
+
+    def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
+        hp, members = self.hp, self.members
+        n = len(self.seeds)
+        progress = {seed: members[seed].env_steps / self.spec.budget.total for seed in live}
+        collected, r = self._rollouts(live)
+        T, E = r["rewards"].shape[1:]
+        x = self._encode(self._flat(r["obs"]))
+        values = self._value(x)  # (N, B), with gradient for the value loss
+        with torch.no_grad():
+            next_values = self._value(self._encode(self._flat(r["next_obs"]))).reshape(n, T, E)
+            adv, returns = self._advantages(r, values.detach().reshape(n, T, E), next_values)
+            adv, returns = adv.reshape(n, T * E), returns.reshape(n, T * E)
+            if hp.normalize_advantage and adv.shape[1] > 1:  # the std of one value is undefined
+                adv = (adv - adv.mean(1, keepdim=True)) / (adv.std(1, keepdim=True) + 1e-8)
+        logp, entropies = self._log_prob_entropy(x, self._flat(r["actions"]))
+        loss_pi = -(logp * adv).mean(1)
+        loss_v = ((values - returns) ** 2).mean(1)
+        entropy = entropies.mean(1)
+        norms = self._step(loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy, mask, progress)
+        rows = {k: v.detach().tolist() for k, v in (("pi", loss_pi), ("v", loss_v), ("ent", entropy),
+                                                    ("norm", norms))}
+        out = {}
+        for seed in live:
+            i, logged = self.index[seed], collected[seed][1]
+            members[seed].iterations += 1
+            logged.update({M.LOSS_POLICY: rows["pi"][i], M.LOSS_VALUE: rows["v"][i], M.LOSS_ENTROPY: rows["ent"][i],
+                           M.GRAD_NORM: rows["norm"][i], M.LEARNING_RATE: self.lr[i]})
+            out[seed] = logged
+        return out
+
+
+class BatchedA2C(BatchedPolicyGradient):
+    trainer_class = A2CTrainer
+
+    def _advantages(self, r: dict[str, torch.Tensor], values: torch.Tensor, next_values: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hp = self.hp
+        tf = self._time_first
+        adv = tf(gae_advantages(tf(r["rewards"]), tf(values), tf(r["terminated"]), tf(r["truncated"]),
+                                tf(next_values), hp.gamma, hp.gae_lambda))
+        return adv, adv + values
+
+
+class BatchedReinforce(BatchedPolicyGradient):
+    trainer_class = ReinforceTrainer
+
+    def _advantages(self, r: dict[str, torch.Tensor], values: torch.Tensor, next_values: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tf = self._time_first
+        returns = tf(discounted_returns(tf(r["rewards"]), tf(r["terminated"]), tf(r["truncated"]), tf(next_values),
+                                        self.hp.gamma))
+        return returns - values, returns

@@ -116,6 +116,14 @@ CASES = [
     ("gan-pac-per-worker", lambda d: {"name": "g", "algorithm": "gan", "dataset": "ring8",
                                       "budget": {"iterations": 10}, "hparams": {"batch_size": 48, "pac": 4},
                                       "resources": {"data_parallel": 8}}, "hparams.pac", "48 / data_parallel 8 = 6"),
+    ("seeds-per-actor-with-pbt", lambda d: {**d, "resources": {"seeds_per_actor": 2}, "sweep": {
+        **SWEEP, "scheduler": {"type": "pbt", "perturbation_interval": 100, "mutations": {
+            "hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}}},
+     "resources.seeds_per_actor", "use 1 with sweep.scheduler"),
+    ("seeds-per-actor-data-parallel", lambda d: {"name": "g", "algorithm": "gan", "dataset": "ring8",
+                                                 "budget": {"iterations": 10},
+                                                 "resources": {"data_parallel": 2, "seeds_per_actor": 2}},
+     "resources.seeds_per_actor", "cannot also train data-parallel"),
 ]
 
 
@@ -198,3 +206,13 @@ def test_unreachable_address_fails_within_seconds(tmp_path: Path) -> None:
     assert "--address: no Ray cluster answers at 127.0.0.1:9" in result.stderr
     assert time.monotonic() - started < 30
     assert list(tmp_path.iterdir()) == [], "run wrote a file"
+
+
+def test_a_training_function_cannot_share_its_actor_between_seeds(tmp_path: Path) -> None:
+    from tests.conftest import EXPERIMENTS
+
+    result = run_cli("validate", str(EXPERIMENTS / "custom" / "digits_function.yaml"), "--set",
+                     "resources.seeds_per_actor=2", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "resources.seeds_per_actor" in result.stdout + result.stderr
+    assert "training function" in result.stdout + result.stderr

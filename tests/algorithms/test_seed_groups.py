@@ -98,8 +98,8 @@ def test_batched_seeds_agree_with_each_seed_trained_alone(case):
         # Continuous actions carry the rounding into the environment (Pendulum's returns differ in the 8th
         # digit after two iterations, the 5th to 7th after three) and Adam magnifies it where a gradient is
         # near zero: measured, the metrics of the first two iterations agree to 1e-5, the third's to 1e-2,
-        # hence two iterations here. The categorical policies' weights agree to 1e-6 after three.
-        atol = 1e-4 if case == "pendulum-gaussian" else 1e-5
+        # hence two iterations here. The categorical policies' weights agree to 1e-6 to 2e-5 after three.
+        atol = 1e-4 if case == "pendulum-gaussian" else 5e-5
         for (name, p), q in zip(a.ac.named_parameters(), b.ac.parameters(), strict=True):
             torch.testing.assert_close(q, p, rtol=1e-3, atol=atol, msg=f"seed {seed}: {name}")
         assert a.optimizer.updates == b.optimizer.updates  # the same early stops, step for step

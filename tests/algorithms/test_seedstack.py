@@ -103,3 +103,29 @@ def test_the_fast_path_of_an_mlp_is_the_vmapped_call_and_other_networks_fall_bac
     normed = SeedStack([nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8)) for _ in range(N)])
     assert normed._layers is None
     torch.testing.assert_close(normed.fast(x), normed(x))
+
+
+def test_steps_where_every_seed_steps_alike_use_torchs_adam_and_switch_back_to_the_mask():
+    """All seeds active with one rate and one step count: torch's fused Adam on the stacked tensors; then a
+    masked step (the per-seed path) from the same moments; each seed stays its unbatched Adam's twin."""
+    plain = [net(i) for i in range(N)]
+    opts = [torch.optim.Adam(m.parameters(), lr=LR, eps=1e-5) for m in plain]
+    stack = SeedStack([net(i) for i in range(N)])
+    opt = SeedAdam(stack.parameters(), eps=1e-5)
+    masks = [torch.ones(N, dtype=torch.bool)] * 4 + [torch.tensor([True, False, True])] * 2
+    for step, mask in enumerate(masks):
+        x, y = data(step)
+        for i, (m, o) in enumerate(zip(plain, opts, strict=True)):
+            if mask[i]:
+                o.zero_grad()
+                ((m(x[i]) - y[i]) ** 2).mean().backward()
+                o.step()
+        stack.zero_grad()
+        ((stack(x) - y) ** 2).mean(dim=(1, 2)).sum().backward()
+        opt.step(LR, active=mask)
+        if step == 3:
+            assert opt._uniform is not None, "the uniform steps went through torch's Adam"
+    for i, m in enumerate(plain):
+        for name, value in m.state_dict().items():
+            torch.testing.assert_close(stack.state_dict(i)[name], value, rtol=1e-5, atol=1e-6)
+        assert float(opt.state_dict(i)[0]["step"]) == float(opts[i].state_dict()["state"][0]["step"])

@@ -218,3 +218,26 @@ def test_suite_runs_a_sweep_entry_and_a_rerun_skips_what_finished(tmp_path: Path
     assert {r.data.tags["labfleet.label"] for r in trials} == {"reinforce", "vi-run"}
     study = optuna.load_study(study_name="vi-sweep", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.trials) == 2, "the sweep's finished study was resumed, not run again"
+
+
+@pytest.mark.slow
+def test_seeds_sharing_actors_keep_their_own_runs(tmp_path: Path, tracking_uri: str):
+    """`resources.seeds_per_actor: 2` with three seeds: two actors (seeds 0 and 1 together, seed 2 alone);
+    every seed still has its own run, curves, final evaluation and checkpoint."""
+    result = run_cli("run", str(EXPERIMENTS / "cartpole_ppo.yaml"), "--set", "seeds=[0,1,2]",
+                     "--set", "budget.env_steps=4096", "--set", "resources.seeds_per_actor=2",
+                     "--set", "eval={episodes: 2, every_steps: 2048}", "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri)
+    runs = _runs(client, "cartpole")
+    seeds = {int(r.data.tags["labfleet.seed"]): r for r in runs if r.data.tags["labfleet.role"] == "seed"}
+    assert sorted(seeds) == [0, 1, 2] and {r.info.status for r in runs} == {"FINISHED"}
+    pids = {seed: run.data.tags["labfleet.pid"] for seed, run in seeds.items()}
+    assert pids[0] == pids[1] != pids[2], pids
+    for seed, run in seeds.items():
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")] == [2048, 4096]
+        ckpt = Path(client.download_artifacts(run.info.run_id, "checkpoints/final.pt", str(tmp_path)))
+        state = torch.load(io.BytesIO(ckpt.read_bytes()), weights_only=True)
+        assert state["rl"]["env_steps"] == 4096 and state["optimizer"]["updates"] > 0, seed
+    finals = [run.data.metrics["eval/return_mean"] for run in seeds.values()]
+    assert len(set(finals)) > 1, "three seeds, three different policies"

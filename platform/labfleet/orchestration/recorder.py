@@ -98,9 +98,11 @@ class MlflowRecorder:
                 entry = self.trials[trial]
                 entry.seeds[seed] = entry.resuming[seed]
             case SeedPlaced(trial=trial, seed=seed, where=where):
-                tracker.queue_tags(self.seed_run_id(trial, seed), {
-                    "labfleet.node": where["node_id"], "labfleet.host": where["host"],
-                    "labfleet.device": where["device"]})
+                tags = {"labfleet.node": where["node_id"], "labfleet.host": where["host"],
+                        "labfleet.device": where["device"]}
+                if where.get("pid"):  # the trial actor's process (seeds_per_actor > 1: shared by its unit)
+                    tags["labfleet.pid"] = where["pid"]
+                tracker.queue_tags(self.seed_run_id(trial, seed), tags)
             case SeedRetried(trial=trial, seed=seed, retries=retries):
                 tracker.queue_tags(self.seed_run_id(trial, seed), {"labfleet.retries": str(retries)})
             case ChunkResult():

@@ -71,7 +71,8 @@ def _batched(name: str) -> Callable[[dict[int, Trainer]], Any]:
 # algorithm name -> a builder that returns a batched group of these members, or None where their spec is
 # one the batched implementation does not cover (then the seeds train in turn).
 BATCHED: dict[str, Callable[[dict[int, Trainer]], Any]] = {
-    "ppo": _batched("BatchedPPO"), "a2c": _batched("BatchedA2C"), "reinforce": _batched("BatchedReinforce")}
+    "ppo": _batched("BatchedPPO"), "a2c": _batched("BatchedA2C"), "reinforce": _batched("BatchedReinforce"),
+    "dqn": _batched("BatchedDQN")}
 
 
 def build_group(algorithm: str, members: dict[int, Trainer]) -> Any:

@@ -29,13 +29,15 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from labfleet import metrics as M
 from labfleet.algorithms.base import Trainer
 from labfleet.algorithms.optim import scheduled_learning_rate
 from labfleet.algorithms.rl.a2c import A2CTrainer
-from labfleet.algorithms.rl.base import ActorCriticTrainer
-from labfleet.algorithms.rl.estimators import discounted_returns, gae_advantages
+from labfleet.algorithms.rl.base import ActorCriticTrainer, RLTrainer
+from labfleet.algorithms.rl.dqn import DQNTrainer
+from labfleet.algorithms.rl.estimators import discounted_returns, gae_advantages, td_target
 from labfleet.algorithms.rl.networks import GaussianPolicy
 from labfleet.algorithms.rl.ppo import PPOTrainer, adaptive_kl_coef, explained_variance
 from labfleet.algorithms.rl.reinforce import ReinforceTrainer
@@ -43,31 +45,36 @@ from labfleet.algorithms.seedstack import SeedAdam, SeedRMSprop, SeedStack, _mlp
 from labfleet.rollout.sampler import VectorSampler
 
 
-class BatchedActorCritic:
-    """Members of one `ActorCriticTrainer` class, stacked; subclasses write `_iteration`."""
+class BatchedGroup:
+    """Members of one trainer class with one stacked network (`self.stack`, the member's `module`) and one
+    stacked optimiser; subclasses say which network (`_module`), check what they cover (`_covers`) and
+    write `_iteration`."""
 
     batched = True
-    trainer_class: type[ActorCriticTrainer]
+    trainer_class: type[RLTrainer]
 
     @classmethod
-    def build(cls, members: dict[int, Trainer]) -> BatchedActorCritic | None:
+    def build(cls, members: dict[int, Trainer]) -> BatchedGroup | None:
         """A batched group of these trainers, or None where their spec is outside what it covers."""
         if not all(type(m) is cls.trainer_class for m in members.values()):
             return None
         first: Any = next(iter(members.values()))
-        hp, encoder = first.hp, first.ac.policy.encoder
         space = first.observation_space
-        if not (isinstance(space, gym.spaces.Box) and len(space.shape or ()) == 1 and encoder.cnn is None
-                and encoder.n == 0):
+        if not (isinstance(space, gym.spaces.Box) and len(space.shape or ()) == 1):
             return None
-        cfg = hp.optimizer
+        cfg = first.hp.optimizer
         if cfg.type not in ("adam", "rmsprop") or cfg.weight_decay or cfg.momentum \
-                or first.spec.resources.rollout_workers:
+                or first.spec.resources.rollout_workers or not cls._covers(first):
             return None
-        policy_net = first.ac.policy.mean if isinstance(first.ac.policy, GaussianPolicy) else first.ac.policy.logits
-        if _mlp_layers(policy_net) is None or _mlp_layers(first.ac.value_net) is None:
-            return None
-        return cls(members)  # type: ignore[arg-type]
+        return cls(members)
+
+    @classmethod
+    def _covers(cls, member: Any) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def _module(member: Any) -> torch.nn.Module:
+        raise NotImplementedError
 
     def __init__(self, members: dict[int, Any]):
         self.members: dict[int, Any] = dict(members)
@@ -75,14 +82,8 @@ class BatchedActorCritic:
         self.index = {seed: i for i, seed in enumerate(self.seeds)}
         first = members[self.seeds[0]]
         self.hp, self.spec, self.device = first.hp, first.spec, first.device
-        self.gaussian = isinstance(first.ac.policy, GaussianPolicy)
-        self.policy_prefix = "policy.mean." if self.gaussian else "policy.logits."
-        policy: Any = first.ac.policy
-        self.policy_net: torch.nn.Module = policy.mean if self.gaussian else policy.logits
-        self.value_net: torch.nn.Module = first.ac.value_net
-        acs = [members[seed].ac for seed in self.seeds]
-        self.stack = SeedStack(acs)
-        self.names = [name for name, _ in first.ac.named_parameters()]  # the members' optimiser order
+        self.stack = SeedStack([self._module(members[seed]) for seed in self.seeds])
+        self.names = [name for name, _ in self._module(first).named_parameters()]  # the optimiser's order
         cfg = self.hp.optimizer
         params = [self.stack.params[name] for name in self.names]
         eps = cfg.eps if cfg.eps is not None else 1e-8
@@ -109,11 +110,11 @@ class BatchedActorCritic:
         self.members.clear()
 
     def sync(self) -> None:
-        """Write each seed's stacked parameters, Adam state and learning rate into its member."""
+        """Write each seed's stacked parameters, optimiser state and learning rate into its member."""
         with torch.no_grad():
             for seed, member in self.members.items():
                 i = self.index[seed]
-                for name, param in member.ac.named_parameters():
+                for name, param in self._module(member).named_parameters():
                     param.copy_(self.stack.params[name][i])
                 optimizer = member.optimizer.optimizer
                 groups = optimizer.state_dict()["param_groups"]
@@ -148,6 +149,91 @@ class BatchedActorCritic:
         self.opt.step(torch.tensor(self.lr), active)
         return norms.detach()
 
+    def _lockstep(self, live: list[int], n_steps: int, behaviour: Any,
+                  act: Any) -> dict[int, tuple[Any, dict[str, float]]]:
+        """Every live seed's rollout of n_steps, its samplers stepped in lockstep: `behaviour(member)` is
+        the member's own sampling policy (its noise), `act(x, noise)` the actions of all seeds at once from
+        their encoded observations (N, E, d) and noise (N, E, k)."""
+        samplers: dict[int, VectorSampler] = {}
+        partial = {}
+        for seed in live:
+            member = self.members[seed]
+            sampler = member.sampler(behaviour(member), self.hp.n_envs)
+            assert isinstance(sampler, VectorSampler)
+            samplers[seed] = sampler
+            partial[seed] = sampler.begin(behaviour(member), n_steps)
+        first = samplers[live[0]]
+        obs = np.zeros((len(self.seeds), *first.obs.shape), dtype=first.obs.dtype)
+        noise = np.zeros((len(self.seeds), *partial[live[0]].noise.shape[1:]), dtype=partial[live[0]].noise.dtype)
+        rows = [self.index[seed] for seed in live]
+        with torch.inference_mode():
+            for t in range(n_steps):
+                for seed, row in zip(live, rows, strict=True):
+                    obs[row], noise[row] = samplers[seed].obs, partial[seed].noise[t]
+                x = self._encode(torch.as_tensor(obs, device=self.device))
+                actions = act(x, noise)
+                for seed, row in zip(live, rows, strict=True):
+                    samplers[seed].step(partial[seed], t, actions[row])
+        result = {}
+        for seed in live:
+            rollout = partial[seed].finish()
+            result[seed] = (rollout, self.members[seed].account(rollout))
+        return result
+
+    def _encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (N, B, d) raw -> what each seed's encoder gives (its own normaliser, if any)."""
+        x = obs.float()
+        norms = [m.obs_normalizer if (m := self.members.get(seed)) is not None else None for seed in self.seeds]
+        if all(norm is None for norm in norms):
+            return x
+        return torch.stack([norm(x[i]) if norm is not None else x[i] for i, norm in enumerate(norms)])
+
+    def _with(self, params: dict[str, torch.Tensor], fn: Any, x: torch.Tensor) -> torch.Tensor:
+        """fn(x) with the stack's parameters swapped for `params` (a target network, pi_old)."""
+        saved = self.stack.params
+        self.stack.params = params
+        try:
+            return fn(x)
+        finally:
+            self.stack.params = saved
+
+
+class BatchedActorCritic(BatchedGroup):
+    """REINFORCE, A2C, PPO: the members' `ActorCritic` networks, stacked."""
+
+    trainer_class: type[ActorCriticTrainer]
+
+    @classmethod
+    def _covers(cls, member: Any) -> bool:
+        encoder = member.ac.policy.encoder
+        policy_net = member.ac.policy.mean if isinstance(member.ac.policy, GaussianPolicy) else member.ac.policy.logits
+        return (encoder.cnn is None and encoder.n == 0 and _mlp_layers(policy_net) is not None
+                and _mlp_layers(member.ac.value_net) is not None)
+
+    @staticmethod
+    def _module(member: Any) -> torch.nn.Module:
+        return member.ac
+
+    def __init__(self, members: dict[int, Any]):
+        super().__init__(members)
+        first = members[self.seeds[0]]
+        self.gaussian = isinstance(first.ac.policy, GaussianPolicy)
+        self.policy_prefix = "policy.mean." if self.gaussian else "policy.logits."
+        policy: Any = first.ac.policy
+        self.policy_net: torch.nn.Module = policy.mean if self.gaussian else policy.logits
+        self.value_net: torch.nn.Module = first.ac.value_net
+
+    def _collect(self, live: list[int]) -> dict[int, tuple[Any, dict[str, float]]]:
+        """Every live seed's rollout, with one stacked policy call per step."""
+        def act(x: torch.Tensor, noise: np.ndarray) -> np.ndarray:
+            out = self._policy_out(x)
+            noise_t = torch.as_tensor(noise, device=self.device)
+            actions = (out + self._log_std().exp() * noise_t if self.gaussian
+                       else torch.argmax(out + noise_t, dim=-1))
+            return actions.cpu().numpy()
+
+        return self._lockstep(live, self.hp.n_steps, lambda member: member.actor, act)
+
     def _rollouts(self, live: list[int]) -> tuple[dict[int, tuple[Any, dict[str, float]]], dict[str, torch.Tensor]]:
         """Collect, then the rollouts as stacked tensors (N, T, E, ...), zeros for seeds not live."""
         collected = self._collect(live)
@@ -174,14 +260,6 @@ class BatchedActorCritic:
         return t.transpose(0, 1)
 
     # --- the networks, stacked ---------------------------------------------------------------------
-    def _encode(self, obs: torch.Tensor) -> torch.Tensor:
-        """obs (N, B, d) raw -> what each seed's encoder gives (its own normaliser, if any)."""
-        x = obs.float()
-        norms = [m.obs_normalizer if (m := self.members.get(seed)) is not None else None for seed in self.seeds]
-        if all(norm is None for norm in norms):
-            return x
-        return torch.stack([norm(x[i]) if norm is not None else x[i] for i, norm in enumerate(norms)])
-
     def _policy_out(self, x: torch.Tensor) -> torch.Tensor:
         return self.stack.mlp(self.policy_prefix, self.policy_net, x)
 
@@ -210,48 +288,6 @@ class BatchedActorCritic:
             return torch.distributions.Categorical(logits=out)
         log_std = (self.stack.params if params is None else params)["policy.log_std"].unsqueeze(1)
         return torch.distributions.Independent(torch.distributions.Normal(out, log_std.exp().expand_as(out)), 1)
-
-    def _with(self, params: dict[str, torch.Tensor], fn: Any, x: torch.Tensor) -> torch.Tensor:
-        saved = self.stack.params
-        self.stack.params = params
-        try:
-            return fn(x)
-        finally:
-            self.stack.params = saved
-
-    # --- one iteration ---------------------------------------------------------------------------------
-    def _collect(self, live: list[int]) -> dict[int, tuple[Any, dict[str, float]]]:
-        """Every live seed's rollout, stepped in lockstep with one stacked policy call per step."""
-        hp = self.hp
-        samplers: dict[int, VectorSampler] = {}
-        partial = {}
-        for seed in live:
-            member = self.members[seed]
-            sampler = member.sampler(member.actor, hp.n_envs)
-            assert isinstance(sampler, VectorSampler)
-            samplers[seed] = sampler
-            partial[seed] = sampler.begin(member.actor, hp.n_steps)
-        first = samplers[live[0]]
-        obs = np.zeros((len(self.seeds), *first.obs.shape), dtype=first.obs.dtype)
-        noise = np.zeros((len(self.seeds), *partial[live[0]].noise.shape[1:]), dtype=np.float32)
-        rows = [self.index[seed] for seed in live]
-        with torch.inference_mode():
-            for t in range(hp.n_steps):
-                for seed, row in zip(live, rows, strict=True):
-                    obs[row], noise[row] = samplers[seed].obs, partial[seed].noise[t]
-                x = self._encode(torch.as_tensor(obs, device=self.device))
-                out = self._policy_out(x)
-                noise_t = torch.as_tensor(noise, device=self.device)
-                actions = (out + self._log_std().exp() * noise_t if self.gaussian
-                           else torch.argmax(out + noise_t, dim=-1)).cpu().numpy()
-                for seed, row in zip(live, rows, strict=True):
-                    samplers[seed].step(partial[seed], t, actions[row])
-        result = {}
-        for seed in live:
-            rollout = partial[seed].finish()
-            result[seed] = (rollout, self.members[seed].account(rollout))
-        return result
-
 
 
 class BatchedPPO(BatchedActorCritic):
@@ -431,3 +467,105 @@ class BatchedReinforce(BatchedPolicyGradient):
         returns = tf(discounted_returns(tf(r["rewards"]), tf(r["terminated"]), tf(r["truncated"]), tf(next_values),
                                         self.hp.gamma))
         return returns - values, returns
+
+
+class BatchedDQN(BatchedGroup):
+    """DQN's seeds stacked: each keeps its replay buffer (and its sampling generator), its exploration
+    schedule, its target network (stacked too) and its target-update clock; a training phase's gradient
+    steps run once for all seeds on each seed's own minibatch."""
+
+    trainer_class = DQNTrainer
+
+    @classmethod
+    def _covers(cls, member: Any) -> bool:
+        encoder = member.q_net.encoder
+        return encoder.cnn is None and encoder.n == 0 and _mlp_layers(member.q_net.q) is not None
+
+    @staticmethod
+    def _module(member: Any) -> torch.nn.Module:
+        return member.q_net
+
+    def __init__(self, members: dict[int, Any]):
+        super().__init__(members)
+        self.q_module: torch.nn.Module = members[self.seeds[0]].q_net.q
+        with torch.no_grad():
+            self.target = {name: torch.stack([dict(members[seed].q_target.named_parameters())[name].detach()
+                                              for seed in self.seeds]).clone() for name in self.names}
+
+    def sync(self) -> None:
+        super().sync()
+        with torch.no_grad():
+            for seed, member in self.members.items():
+                for name, param in member.q_target.named_parameters():
+                    param.copy_(self.target[name][self.index[seed]])
+
+    def _q(self, x: torch.Tensor, target: bool = False) -> torch.Tensor:
+        if target:
+            return self._with(self.target, lambda h: self.stack.mlp("q.", self.q_module, h), x)
+        return self.stack.mlp("q.", self.q_module, x)
+
+    def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
+        hp, members = self.hp, self.members
+        progress = {seed: members[seed].env_steps / self.spec.budget.total for seed in live}
+        epsilon = np.ones(len(self.seeds))
+        for seed in live:  # 1. collect, epsilon-greedy (uniformly random until learning_starts)
+            member = members[seed]
+            learning = member.env_steps >= hp.learning_starts
+            member.behaviour.epsilon = hp.epsilon_at(progress[seed]) if learning else 1.0
+            epsilon[self.index[seed]] = member.behaviour.epsilon
+        n_actions = members[live[0]].behaviour.n_actions
+
+        def act(x: torch.Tensor, uniforms: np.ndarray) -> np.ndarray:  # as EpsilonGreedyNet, per seed
+            explore = uniforms[..., 0] < epsilon[:, None]
+            random_actions = np.minimum((uniforms[..., 1] * n_actions).astype(np.int64), n_actions - 1)
+            if explore.all():
+                return random_actions
+            return np.where(explore, random_actions, self._q(x).argmax(dim=-1).cpu().numpy())
+
+        collected = self._lockstep(live, hp.train_freq, lambda member: member.behaviour, act)
+        out = {}
+        for seed in live:
+            members[seed].buffer.add_rollout(collected[seed][0])
+            out[seed] = collected[seed][1]
+            out[seed][M.DQN_EPSILON] = members[seed].behaviour.epsilon
+        learners = [seed for seed in live if members[seed].env_steps >= hp.learning_starts]
+        if learners:  # 2. gradient steps, each seed on a minibatch of its own buffer
+            self._train(learners, progress, out)
+        for seed in live:  # 3. target networks
+            member = members[seed]
+            if member.env_steps - member.last_target_update >= hp.target_update_interval:
+                i = self.index[seed]
+                with torch.no_grad():
+                    for name in self.names:
+                        self.target[name][i].lerp_(self.stack.params[name][i], hp.tau)
+                member.last_target_update = member.env_steps
+            member.iterations += 1
+        return out
+
+    def _train(self, learners: list[int], progress: dict[int, float], out: dict[int, dict[str, float]]) -> None:
+        hp, device = self.hp, self.device
+        active = torch.tensor([seed in learners for seed in self.seeds])
+        losses, q_means = [], []
+        for _ in range(hp.gradient_steps):
+            batches = {seed: self.members[seed].buffer.sample(hp.batch_size, device) for seed in learners}
+            any_batch = batches[learners[0]]
+            for seed, batch in batches.items():
+                batch["rewards"] = self.members[seed].scale_rewards(batch["rewards"])
+            stacked = {name: torch.stack([batches[seed][name] if seed in batches else torch.zeros_like(value)
+                                          for seed in self.seeds]) for name, value in any_batch.items()}
+            with torch.no_grad():
+                x_next = self._encode(stacked["next_obs"])
+                next_q_all = self._q(x_next, target=True)  # (N, B, A)
+                chooser = self._q(x_next) if hp.double_q else next_q_all
+                next_q = next_q_all.gather(-1, chooser.argmax(dim=-1, keepdim=True)).squeeze(-1)
+                y = td_target(stacked["rewards"], next_q, stacked["terminated"], hp.gamma)
+            q = self._q(self._encode(stacked["obs"])).gather(-1, stacked["actions"].long().unsqueeze(-1)).squeeze(-1)
+            loss = (F.smooth_l1_loss(q, y, reduction="none") if hp.loss == "huber"
+                    else F.mse_loss(q, y, reduction="none")).mean(1)
+            self._step(loss, active, progress)
+            losses.append(loss.detach())
+            q_means.append(q.detach().mean(1))
+        loss_mean, q_mean = torch.stack(losses).mean(0).tolist(), torch.stack(q_means).mean(0).tolist()
+        for seed in learners:
+            i = self.index[seed]
+            out[seed].update({M.LOSS_VALUE: loss_mean[i], M.Q_MEAN: q_mean[i], M.LEARNING_RATE: self.lr[i]})

@@ -7,7 +7,7 @@ iterations run:
 
 - `SequentialGroup` (any trainer): the members train in turn, one iteration each. The seeds share a
   process (no actor start-up, no imports, no Ray round trip per seed), not their arithmetic.
-- a batched group (`BATCHED`: PPO, A2C and REINFORCE, in `labfleet.algorithms.rl.batched`): the members'
+- a batched group (`BATCHED`: PPO, A2C, REINFORCE and DQN, in `labfleet.algorithms.rl.batched`): the members'
   networks are stacked and each iteration runs once for all of them (one policy call per environment step for all
   seeds, one optimiser step per minibatch for all seeds), with per-seed masks where the unbatched
   algorithm would branch.

@@ -1,8 +1,9 @@
-"""On-policy actor-critic seeds trained together (`resources.seeds_per_actor`; seedgroup.py has the group
-contract): PPO, A2C and REINFORCE.
+"""Seeds trained together (`resources.seeds_per_actor`; seedgroup.py has the group contract): PPO, A2C,
+REINFORCE and DQN.
 
 Each seed stays an ordinary trainer (its member): its environments and their seeds, its action-noise and
-minibatch generators, its observation normaliser and reward scaler, PPO's KL coefficient, its counters. A
+minibatch generators, its observation normaliser and reward scaler, PPO's KL coefficient, DQN's replay
+buffer, exploration schedule and target-update clock, its counters. A
 batched group trains the members' networks stacked (`SeedStack`) and steps them as one:
 
   collect    every member's sampler steps in lockstep; each step's actions for all seeds come from one
@@ -15,8 +16,10 @@ batched group trains the members' networks stacked (`SeedStack`) and steps them 
   PPO        each seed draws its own minibatch order from its own generator; a seed that hits its
              `target_kl` early stop is masked out of the remaining epochs (it draws no more orders, as its
              unbatched self would not); with the KL penalty each seed's beta adapts to its own KL.
+  DQN        epsilon-greedy per seed on one stacked Q call; each gradient step samples every seed's
+             minibatch from its own buffer and steps all seeds at once; target networks stacked too.
 
-What it covers: vector (rank-1 Box) observations, MLP actor and critic, Adam or RMSprop without weight
+What it covers: vector (rank-1 Box) observations, MLP networks, Adam or RMSprop without weight
 decay or momentum, no rollout workers (`build` returns None otherwise, and the seeds train in turn). The
 numbers agree with each seed trained alone up to float32 rounding of batched matmuls
 (tests/algorithms/test_seed_groups.py measures it), not bit for bit.

@@ -7,7 +7,7 @@ iterations run:
 
 - `SequentialGroup` (any trainer): the members train in turn, one iteration each. The seeds share a
   process (no actor start-up, no imports, no Ray round trip per seed), not their arithmetic.
-- a batched group (`BATCHED`: PPO, A2C, REINFORCE and DQN, in `labfleet.algorithms.rl.batched`): the members'
+- a batched group (`BATCHED`: PPO, A2C, REINFORCE, DQN, DDPG, in `labfleet.algorithms.rl.batched`): the members'
   networks are stacked and each iteration runs once for all of them (one policy call per environment step for all
   seeds, one optimiser step per minibatch for all seeds), with per-seed masks where the unbatched
   algorithm would branch.
@@ -72,7 +72,7 @@ def _batched(name: str) -> Callable[[dict[int, Trainer]], Any]:
 # one the batched implementation does not cover (then the seeds train in turn).
 BATCHED: dict[str, Callable[[dict[int, Trainer]], Any]] = {
     "ppo": _batched("BatchedPPO"), "a2c": _batched("BatchedA2C"), "reinforce": _batched("BatchedReinforce"),
-    "dqn": _batched("BatchedDQN")}
+    "dqn": _batched("BatchedDQN"), "ddpg": _batched("BatchedDDPG")}
 
 
 def build_group(algorithm: str, members: dict[int, Trainer]) -> Any:

@@ -85,9 +85,9 @@ class Resources(StrictModel):
     )
     seeds_per_actor: PositiveInt = Field(
         1, description="Seeds of a trial trained together in one trial actor (one process, cpus_per_trial for "
-                       "all of them): PPO, A2C, REINFORCE and DQN on vector observations stack their networks "
-                       "and step them as one (torch.func); other algorithms train them in turn. Each seed keeps "
-                       "its run, metrics, checkpoint and retries."
+                       "all of them): PPO, A2C, REINFORCE, DQN and DDPG on vector observations stack their "
+                       "networks and step them as one (torch.func); other algorithms train them in turn. Each "
+                       "seed keeps its run, metrics, checkpoint and retries."
     )
 
 

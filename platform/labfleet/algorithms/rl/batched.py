@@ -1,5 +1,5 @@
 """Seeds trained together (`resources.seeds_per_actor`; seedgroup.py has the group contract): PPO, A2C,
-REINFORCE and DQN.
+REINFORCE, DQN and DDPG.
 
 Each seed stays an ordinary trainer (its member): its environments and their seeds, its action-noise and
 minibatch generators, its observation normaliser and reward scaler, PPO's KL coefficient, DQN's replay
@@ -18,6 +18,8 @@ batched group trains the members' networks stacked (`SeedStack`) and steps them 
              unbatched self would not); with the KL penalty each seed's beta adapts to its own KL.
   DQN        epsilon-greedy per seed on one stacked Q call; each gradient step samples every seed's
              minibatch from its own buffer and steps all seeds at once; target networks stacked too.
+  DDPG       the same with two stacked networks (actor, critic), two optimisers and two targets; each
+             seed's exploration noise (its Ornstein-Uhlenbeck state) stays its own.
 
 What it covers: vector (rank-1 Box) observations, MLP networks, Adam or RMSprop without weight
 decay or momentum, no rollout workers (`build` returns None otherwise, and the seeds train in turn). The
@@ -39,6 +41,7 @@ from labfleet.algorithms.base import Trainer
 from labfleet.algorithms.optim import scheduled_learning_rate
 from labfleet.algorithms.rl.a2c import A2CTrainer
 from labfleet.algorithms.rl.base import ActorCriticTrainer, RLTrainer
+from labfleet.algorithms.rl.ddpg import DDPGTrainer
 from labfleet.algorithms.rl.dqn import DQNTrainer
 from labfleet.algorithms.rl.estimators import discounted_returns, gae_advantages, td_target
 from labfleet.algorithms.rl.networks import GaussianPolicy
@@ -48,13 +51,59 @@ from labfleet.algorithms.seedstack import SeedAdam, SeedRMSprop, SeedStack, _mlp
 from labfleet.rollout.sampler import VectorSampler
 
 
+class StackedPart:
+    """One network of every member, stacked, with its optimiser: the members' `ScheduledOptimizer`s
+    (Adam or RMSprop) as one `SeedAdam` or `SeedRMSprop`, and each seed's current learning rate."""
+
+    def __init__(self, modules: list[torch.nn.Module], optimizers: list[Any], hp: Any):
+        self.stack = SeedStack(modules)
+        self.names = [name for name, _ in modules[0].named_parameters()]  # the optimisers' order
+        cfg = hp.optimizer
+        params = [self.stack.params[name] for name in self.names]
+        eps = cfg.eps if cfg.eps is not None else 1e-8
+        self.opt: SeedAdam | SeedRMSprop = (SeedAdam(params, betas=cfg.betas, eps=eps) if cfg.type == "adam"
+                                            else SeedRMSprop(params, alpha=cfg.alpha, eps=eps))
+        for i, optimizer in enumerate(optimizers):
+            state = optimizer.optimizer.state_dict()["state"]
+            if state:
+                self.opt.load_state_dict(i, state)
+        self.lr = [optimizer.learning_rate for optimizer in optimizers]
+
+    def step(self, loss: torch.Tensor, active: torch.Tensor, optimizers: list[Any | None], progress: list[float],
+             hp: Any) -> torch.Tensor:
+        """Each active seed's step on its own loss (N,) at its scheduled learning rate, as its member's
+        `ScheduledOptimizer.step` would (`optimizers[i]` None: a seed that left); norms before clipping."""
+        self.stack.zero_grad()
+        torch.where(active.to(loss.device), loss, torch.zeros_like(loss)).sum().backward()
+        norms = self.stack.clip_grad_norms_(hp.max_grad_norm)
+        for i, optimizer in enumerate(optimizers):
+            if optimizer is None or not active[i]:
+                continue
+            self.lr[i] = scheduled_learning_rate(hp.schedule, optimizer.lr0, optimizer.updates, progress[i])
+            optimizer.updates += 1
+        self.opt.step(torch.tensor(self.lr), active)
+        return norms.detach()
+
+    def sync(self, i: int, module: torch.nn.Module, optimizer: Any) -> None:
+        """Seed i's stacked state into its member's network and `ScheduledOptimizer`."""
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                param.copy_(self.stack.params[name][i])
+        torch_optimizer = optimizer.optimizer
+        groups = torch_optimizer.state_dict()["param_groups"]
+        for group in groups:
+            group["lr"] = self.lr[i]
+        torch_optimizer.load_state_dict({"state": self.opt.state_dict(i), "param_groups": groups})
+
+
 class BatchedGroup:
-    """Members of one trainer class with one stacked network (`self.stack`, the member's `module`) and one
-    stacked optimiser; subclasses say which network (`_module`), check what they cover (`_covers`) and
-    write `_iteration`."""
+    """Members of one trainer class whose networks are stacked (`PARTS`: (network attribute, optimiser
+    attribute) of a member; the first part is also `self.stack`, `self.opt`, `self.lr`); subclasses check
+    what they cover (`_covers`) and write `_iteration`."""
 
     batched = True
     trainer_class: type[RLTrainer]
+    PARTS: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def build(cls, members: dict[int, Trainer]) -> BatchedGroup | None:
@@ -75,9 +124,10 @@ class BatchedGroup:
     def _covers(cls, member: Any) -> bool:
         raise NotImplementedError
 
-    @staticmethod
-    def _module(member: Any) -> torch.nn.Module:
-        raise NotImplementedError
+    @classmethod
+    def _module(cls, member: Any) -> torch.nn.Module:
+        """The member's network of the first part."""
+        return getattr(member, cls.PARTS[0][0])
 
     def __init__(self, members: dict[int, Any]):
         self.members: dict[int, Any] = dict(members)
@@ -85,18 +135,11 @@ class BatchedGroup:
         self.index = {seed: i for i, seed in enumerate(self.seeds)}
         first = members[self.seeds[0]]
         self.hp, self.spec, self.device = first.hp, first.spec, first.device
-        self.stack = SeedStack([self._module(members[seed]) for seed in self.seeds])
-        self.names = [name for name, _ in self._module(first).named_parameters()]  # the optimiser's order
-        cfg = self.hp.optimizer
-        params = [self.stack.params[name] for name in self.names]
-        eps = cfg.eps if cfg.eps is not None else 1e-8
-        self.opt: SeedAdam | SeedRMSprop = (SeedAdam(params, betas=cfg.betas, eps=eps) if cfg.type == "adam"
-                                            else SeedRMSprop(params, alpha=cfg.alpha, eps=eps))
-        for i, seed in enumerate(self.seeds):
-            state = members[seed].optimizer.optimizer.state_dict()["state"]
-            if state:
-                self.opt.load_state_dict(i, state)
-        self.lr = [members[seed].optimizer.learning_rate for seed in self.seeds]
+        self.parts = [StackedPart([getattr(members[seed], net) for seed in self.seeds],
+                                  [getattr(members[seed], opt) for seed in self.seeds], self.hp)
+                      for net, opt in self.PARTS]
+        main = self.parts[0]
+        self.stack, self.names, self.opt, self.lr = main.stack, main.names, main.opt, main.lr
 
     # --- the group contract ------------------------------------------------------------------------
     def live(self) -> list[int]:
@@ -114,16 +157,9 @@ class BatchedGroup:
 
     def sync(self) -> None:
         """Write each seed's stacked parameters, optimiser state and learning rate into its member."""
-        with torch.no_grad():
-            for seed, member in self.members.items():
-                i = self.index[seed]
-                for name, param in self._module(member).named_parameters():
-                    param.copy_(self.stack.params[name][i])
-                optimizer = member.optimizer.optimizer
-                groups = optimizer.state_dict()["param_groups"]
-                for group in groups:
-                    group["lr"] = self.lr[i]
-                optimizer.load_state_dict({"state": self.opt.state_dict(i), "param_groups": groups})
+        for seed, member in self.members.items():
+            for (net, opt), part in zip(self.PARTS, self.parts, strict=True):
+                part.sync(self.index[seed], getattr(member, net), getattr(member, opt))
 
     def train_iteration(self) -> dict[int, dict[str, float] | BaseException]:
         live = self.live()
@@ -135,22 +171,13 @@ class BatchedGroup:
     def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         raise NotImplementedError
 
-    def _step(self, loss: torch.Tensor, active: torch.Tensor, progress: dict[int, float]) -> torch.Tensor:
-        """Each active seed's optimiser step on its own loss (N,), at its scheduled learning rate (as its
-        member's `ScheduledOptimizer.step` would); the gradient norms before clipping (N,)."""
-        hp = self.hp
-        self.stack.zero_grad()
-        torch.where(active.to(loss.device), loss, torch.zeros_like(loss)).sum().backward()
-        norms = self.stack.clip_grad_norms_(hp.max_grad_norm)
-        for i, seed in enumerate(self.seeds):
-            member = self.members.get(seed)
-            if member is None or not active[i]:
-                continue
-            self.lr[i] = scheduled_learning_rate(hp.schedule, member.optimizer.lr0, member.optimizer.updates,
-                                                 progress.get(seed, 0.0))
-            member.optimizer.updates += 1
-        self.opt.step(torch.tensor(self.lr), active)
-        return norms.detach()
+    def _step(self, loss: torch.Tensor, active: torch.Tensor, progress: dict[int, float], part: int = 0
+              ) -> torch.Tensor:
+        """Each active seed's optimiser step of network `part` on its own loss (N,); the gradient norms."""
+        opt_name = self.PARTS[part][1]
+        optimizers = [getattr(self.members[seed], opt_name) if seed in self.members else None for seed in self.seeds]
+        return self.parts[part].step(loss, active, optimizers, [progress.get(seed, 0.0) for seed in self.seeds],
+                                     self.hp)
 
     def _lockstep(self, live: list[int], n_steps: int, behaviour: Any,
                   act: Any) -> dict[int, tuple[Any, dict[str, float]]]:
@@ -183,6 +210,16 @@ class BatchedGroup:
             result[seed] = (rollout, self.members[seed].account(rollout))
         return result
 
+    def _replay_batch(self, learners: list[int]) -> dict[str, torch.Tensor]:
+        """One minibatch from each learner's own replay buffer (its own generator; rewards as its learner
+        sees them), stacked (N, B, ...); zeros for the other seeds."""
+        batches = {seed: self.members[seed].buffer.sample(self.hp.batch_size, self.device) for seed in learners}
+        for seed, batch in batches.items():
+            batch["rewards"] = self.members[seed].scale_rewards(batch["rewards"])
+        any_batch = batches[learners[0]]
+        return {name: torch.stack([batches[seed][name] if seed in batches else torch.zeros_like(value)
+                                   for seed in self.seeds]) for name, value in any_batch.items()}
+
     def _encode(self, obs: torch.Tensor) -> torch.Tensor:
         """obs (N, B, d) raw -> what each seed's encoder gives (its own normaliser, if any)."""
         x = obs.float()
@@ -191,20 +228,47 @@ class BatchedGroup:
             return x
         return torch.stack([norm(x[i]) if norm is not None else x[i] for i, norm in enumerate(norms)])
 
-    def _with(self, params: dict[str, torch.Tensor], fn: Any, x: torch.Tensor) -> torch.Tensor:
-        """fn(x) with the stack's parameters swapped for `params` (a target network, pi_old)."""
-        saved = self.stack.params
-        self.stack.params = params
+    def _with(self, params: dict[str, torch.Tensor], fn: Any, x: torch.Tensor, part: int = 0) -> torch.Tensor:
+        """fn(x) with a stack's parameters swapped for `params` (a target network, pi_old)."""
+        stack = self.parts[part].stack
+        saved = stack.params
+        stack.params = params
         try:
             return fn(x)
         finally:
-            self.stack.params = saved
+            stack.params = saved
+
+    def _targets(self, part: int, target: str) -> dict[str, torch.Tensor]:
+        """The members' target copies of network `part` (attribute `target`), stacked (no gradient)."""
+        names = self.parts[part].names
+        with torch.no_grad():
+            return {name: torch.stack([dict(getattr(self.members[seed], target).named_parameters())[name].detach()
+                                       for seed in self.seeds]).clone() for name in names}
+
+    def _sync_targets(self, part: int, target: str, stacked: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for seed, member in self.members.items():
+                for name, param in getattr(member, target).named_parameters():
+                    param.copy_(stacked[name][self.index[seed]])
+
+    def _polyak(self, part: int, stacked: dict[str, torch.Tensor], seeds: list[int], tau: float) -> None:
+        """theta_targ <- tau theta + (1 - tau) theta_targ for these seeds (as `polyak_update` on each)."""
+        params = self.parts[part].stack.params
+        with torch.no_grad():
+            if len(seeds) == len(self.seeds):
+                torch._foreach_lerp_([stacked[n] for n in stacked], [params[n] for n in stacked], tau)
+                return
+            for seed in seeds:
+                i = self.index[seed]
+                for name, target in stacked.items():
+                    target[i].lerp_(params[name][i], tau)
 
 
 class BatchedActorCritic(BatchedGroup):
     """REINFORCE, A2C, PPO: the members' `ActorCritic` networks, stacked."""
 
     trainer_class: type[ActorCriticTrainer]
+    PARTS = (("ac", "optimizer"),)
 
     @classmethod
     def _covers(cls, member: Any) -> bool:
@@ -212,10 +276,6 @@ class BatchedActorCritic(BatchedGroup):
         policy_net = member.ac.policy.mean if isinstance(member.ac.policy, GaussianPolicy) else member.ac.policy.logits
         return (encoder.cnn is None and encoder.n == 0 and _mlp_layers(policy_net) is not None
                 and _mlp_layers(member.ac.value_net) is not None)
-
-    @staticmethod
-    def _module(member: Any) -> torch.nn.Module:
-        return member.ac
 
     def __init__(self, members: dict[int, Any]):
         super().__init__(members)
@@ -478,29 +538,21 @@ class BatchedDQN(BatchedGroup):
     steps run once for all seeds on each seed's own minibatch."""
 
     trainer_class = DQNTrainer
+    PARTS = (("q_net", "optimizer"),)
 
     @classmethod
     def _covers(cls, member: Any) -> bool:
         encoder = member.q_net.encoder
         return encoder.cnn is None and encoder.n == 0 and _mlp_layers(member.q_net.q) is not None
 
-    @staticmethod
-    def _module(member: Any) -> torch.nn.Module:
-        return member.q_net
-
     def __init__(self, members: dict[int, Any]):
         super().__init__(members)
         self.q_module: torch.nn.Module = members[self.seeds[0]].q_net.q
-        with torch.no_grad():
-            self.target = {name: torch.stack([dict(members[seed].q_target.named_parameters())[name].detach()
-                                              for seed in self.seeds]).clone() for name in self.names}
+        self.target = self._targets(0, "q_target")
 
     def sync(self) -> None:
         super().sync()
-        with torch.no_grad():
-            for seed, member in self.members.items():
-                for name, param in member.q_target.named_parameters():
-                    param.copy_(self.target[name][self.index[seed]])
+        self._sync_targets(0, "q_target", self.target)
 
     def _q(self, x: torch.Tensor, target: bool = False) -> torch.Tensor:
         if target:
@@ -534,28 +586,21 @@ class BatchedDQN(BatchedGroup):
         learners = [seed for seed in live if members[seed].env_steps >= hp.learning_starts]
         if learners:  # 2. gradient steps, each seed on a minibatch of its own buffer
             self._train(learners, progress, out)
-        for seed in live:  # 3. target networks
-            member = members[seed]
-            if member.env_steps - member.last_target_update >= hp.target_update_interval:
-                i = self.index[seed]
-                with torch.no_grad():
-                    for name in self.names:
-                        self.target[name][i].lerp_(self.stack.params[name][i], hp.tau)
-                member.last_target_update = member.env_steps
-            member.iterations += 1
+        due = [seed for seed in live  # 3. target networks
+               if members[seed].env_steps - members[seed].last_target_update >= hp.target_update_interval]
+        self._polyak(0, self.target, due, hp.tau)
+        for seed in live:
+            if seed in due:
+                members[seed].last_target_update = members[seed].env_steps
+            members[seed].iterations += 1
         return out
 
     def _train(self, learners: list[int], progress: dict[int, float], out: dict[int, dict[str, float]]) -> None:
-        hp, device = self.hp, self.device
+        hp = self.hp
         active = torch.tensor([seed in learners for seed in self.seeds])
         losses, q_means = [], []
         for _ in range(hp.gradient_steps):
-            batches = {seed: self.members[seed].buffer.sample(hp.batch_size, device) for seed in learners}
-            any_batch = batches[learners[0]]
-            for seed, batch in batches.items():
-                batch["rewards"] = self.members[seed].scale_rewards(batch["rewards"])
-            stacked = {name: torch.stack([batches[seed][name] if seed in batches else torch.zeros_like(value)
-                                          for seed in self.seeds]) for name, value in any_batch.items()}
+            stacked = self._replay_batch(learners)
             with torch.no_grad():
                 x_next = self._encode(stacked["next_obs"])
                 next_q_all = self._q(x_next, target=True)  # (N, B, A)
@@ -572,3 +617,106 @@ class BatchedDQN(BatchedGroup):
         for seed in learners:
             i = self.index[seed]
             out[seed].update({M.LOSS_VALUE: loss_mean[i], M.Q_MEAN: q_mean[i], M.LEARNING_RATE: self.lr[i]})
+
+
+class BatchedDDPG(BatchedGroup):
+    """DDPG's seeds stacked: actors and critics (and their targets) stacked, each with its optimiser; each
+    seed keeps its replay buffer, its exploration noise (its Ornstein-Uhlenbeck state) and its clock."""
+
+    trainer_class = DDPGTrainer
+    PARTS = (("actor", "actor_optimizer"), ("critic", "critic_optimizer"))
+
+    @classmethod
+    def _covers(cls, member: Any) -> bool:
+        encoders = (member.actor.encoder, member.critic.encoder)
+        return (all(e.cnn is None and e.n == 0 for e in encoders) and _mlp_layers(member.actor.mu) is not None
+                and _mlp_layers(member.critic.q) is not None)
+
+    def __init__(self, members: dict[int, Any]):
+        super().__init__(members)
+        first = members[self.seeds[0]]
+        self.mu_module: torch.nn.Module = first.actor.mu
+        self.q_module: torch.nn.Module = first.critic.q
+        self.low, self.high = first.actor.low, first.actor.high  # the one action box of every seed
+        self.actor_target = self._targets(0, "actor_target")
+        self.critic_target = self._targets(1, "critic_target")
+
+    def sync(self) -> None:
+        super().sync()
+        self._sync_targets(0, "actor_target", self.actor_target)
+        self._sync_targets(1, "critic_target", self.critic_target)
+
+    def _actor(self, x: torch.Tensor, target: bool = False) -> torch.Tensor:
+        def mu(h: torch.Tensor) -> torch.Tensor:
+            squashed = torch.tanh(self.parts[0].stack.mlp("mu.", self.mu_module, h))
+            return self.low + (squashed + 1.0) * 0.5 * (self.high - self.low)
+
+        return self._with(self.actor_target, mu, x, part=0) if target else mu(x)
+
+    def _critic(self, x: torch.Tensor, actions: torch.Tensor, target: bool = False) -> torch.Tensor:
+        def q(h: torch.Tensor) -> torch.Tensor:
+            return self.parts[1].stack.mlp("q.", self.q_module, h).squeeze(-1)
+
+        joined = torch.cat([x, actions], dim=-1)
+        return self._with(self.critic_target, q, joined, part=1) if target else q(joined)
+
+    def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
+        hp, members = self.hp, self.members
+        progress = {seed: members[seed].env_steps / self.spec.budget.total for seed in live}
+        for seed in live:
+            members[seed].behaviour.random = members[seed].env_steps < hp.learning_starts
+        rows = {self.index[seed]: members[seed].behaviour for seed in live}
+
+        def act(x: torch.Tensor, uniforms: np.ndarray) -> np.ndarray:  # as each member's NoisyActor
+            mu = None if all(b.random for b in rows.values()) else self._actor(x).cpu().numpy()
+            actions = []
+            for i in range(len(self.seeds)):
+                behaviour = rows.get(i)
+                if behaviour is None:
+                    actions.append(np.zeros_like(uniforms[i]))
+                elif behaviour.random:
+                    actions.append((behaviour.low + uniforms[i] * (behaviour.high - behaviour.low)).astype(np.float32))
+                else:
+                    assert mu is not None
+                    half_range = 0.5 * (behaviour.high - behaviour.low)
+                    actions.append(np.clip(mu[i] + behaviour.noise(uniforms[i]) * half_range, behaviour.low,
+                                           behaviour.high))
+            return np.stack([a.astype(actions[min(rows)].dtype) for a in actions])
+
+        collected = self._lockstep(live, hp.train_freq, lambda member: member.behaviour, act)
+        out = {}
+        for seed in live:
+            members[seed].buffer.add_rollout(collected[seed][0])
+            out[seed] = collected[seed][1]
+        learners = [seed for seed in live if members[seed].env_steps >= hp.learning_starts]
+        if learners:
+            self._train(learners, progress, out)
+        for seed in live:
+            members[seed].iterations += 1
+        return out
+
+    def _train(self, learners: list[int], progress: dict[int, float], out: dict[int, dict[str, float]]) -> None:
+        hp = self.hp
+        active = torch.tensor([seed in learners for seed in self.seeds])
+        critic_losses, actor_losses, q_means = [], [], []
+        for _ in range(hp.gradient_steps):
+            b = self._replay_batch(learners)
+            x, x_next = self._encode(b["obs"]), self._encode(b["next_obs"])
+            with torch.no_grad():
+                next_q = self._critic(x_next, self._actor(x_next, target=True), target=True)
+                y = td_target(b["rewards"], next_q, b["terminated"], hp.gamma)
+            q = self._critic(x, b["actions"])
+            critic_loss = ((q - y) ** 2).mean(1)
+            self._step(critic_loss, active, progress, part=1)
+            actor_loss = -self._critic(x, self._actor(x)).mean(1)
+            self._step(actor_loss, active, progress, part=0)
+            self._polyak(0, self.actor_target, learners, hp.tau)
+            self._polyak(1, self.critic_target, learners, hp.tau)
+            critic_losses.append(critic_loss.detach())
+            actor_losses.append(actor_loss.detach())
+            q_means.append(q.detach().mean(1))
+        means = [torch.stack(v).mean(0).tolist() for v in (critic_losses, actor_losses, q_means)]
+        for seed in learners:
+            i = self.index[seed]
+            out[seed].update({M.LOSS_VALUE: means[0][i], M.LOSS_POLICY: means[1][i], M.DDPG_Q_MEAN: means[2][i],
+                              M.LEARNING_RATE: self.parts[0].lr[i]})

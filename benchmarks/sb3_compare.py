@@ -143,8 +143,11 @@ def main_whole(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.only.split(","):
         pair = PAIRS[name]
-        theirs = whole_sb3(name, pair, seeds, args.parallel)
-        rows = [(f"SB3, {args.parallel} processes at a time", theirs)]
+        if args.sb3_seconds:  # SB3's side measured before (same seeds, same machine): only labfleet runs
+            theirs, rows = {"wall_s": args.sb3_seconds, "returns": []}, []
+        else:
+            theirs = whole_sb3(name, pair, seeds, args.parallel)
+            rows = [(f"SB3, {args.parallel} processes at a time", theirs)]
         for per_actor in [int(k) for k in args.seeds_per_actor.split(",")]:
             rows.append((f"labfleet run, seeds_per_actor {per_actor}", whole_labfleet(pair, seeds, per_actor)))
         for side, r in rows:
@@ -160,6 +163,8 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="whole commands, all seeds at once (see above)")
     parser.add_argument("--seeds-per-actor", default="5,1", help="labfleet's resources.seeds_per_actor values")
     parser.add_argument("--parallel", type=int, default=2, help="SB3 scripts at a time (--whole)")
+    parser.add_argument("--sb3-seconds", type=float, default=None,
+                        help="(--whole) SB3's whole time from an earlier run; SB3 is not run again")
     args = parser.parse_args()
     if args.whole:
         main_whole(args)

@@ -103,6 +103,35 @@ def test_evaluate_leaves_training_untouched(algorithm):
     testing.check_evaluate_leaves_training_untouched(lambda seed: build(algorithm, seed))
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_seeds_trained_together_keep_the_contract(algorithm):
+    """`resources.seeds_per_actor`: two seeds in one group (batched where the algorithm has a batched form),
+    deterministic, and each seed's checkpoint is an ordinary trainer's: it restores into a trainer built
+    alone, which acts as the group's member does."""
+    import numpy as np
+
+    from labfleet.algorithms.seedgroup import BATCHED, build_group
+
+    def group():
+        return build_group(algorithm, {seed: build(algorithm, seed) for seed in (0, 1)})
+
+    def run(g) -> list:
+        logs = [g.train_iteration() for _ in range(2)]
+        g.sync()
+        return logs
+
+    first, second = group(), group()
+    assert run(first) == run(second), "the same seeds trained together twice differ"
+    assert getattr(first, "batched", False) == (algorithm in BATCHED)
+    for seed, member in first.members.items():
+        alone = build(algorithm, seed)
+        alone.restore_bytes(member.checkpoint_bytes())
+        np.testing.assert_array_equal(alone.probe(), member.probe())
+        assert alone.progress == member.progress > 0
+    first.close()
+    second.close()
+
+
 def test_a_users_trainer_passes_the_public_checks(monkeypatch):
     """`labfleet.testing.check_trainer` on a Trainer subclass outside the package (experiments/custom/)."""
     from tests.conftest import EXPERIMENTS

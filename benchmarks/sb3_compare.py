@@ -2,6 +2,7 @@
 
     python benchmarks/sb3_compare.py [--seeds 0] [--only ppo,dqn,ddpg]
     python benchmarks/sb3_compare.py --whole --seeds 0,1,2,3,4 --only ppo [--seeds-per-actor 5,1]
+    python benchmarks/sb3_compare.py --env-limit
 
 `--whole` compares what a user runs, for all the seeds at once: the whole `labfleet run` command (Ray and
 MLflow start-up, the trial actors, tracking; once per `--seeds-per-actor` value) against SB3's whole
@@ -137,6 +138,35 @@ def whole_sb3(name: str, pair: dict, seeds: list[int], parallel: int) -> dict:
     return {"wall_s": time.perf_counter() - start, "returns": returns}
 
 
+def env_limit(seconds: float = 5.0) -> None:
+    """Steps/s of the environments alone: labfleet's vector envs (gymnasium's SyncVectorEnv of CartPoles with
+    its wrappers, as a trainer makes them) stepped with random actions, for one seed's 8 envs and for five
+    seeds' 40, and gymnasium's own vectorised `CartPoleVectorEnv` for comparison."""
+    import gymnasium as gym
+    import numpy as np
+
+    from labfleet.rollout.envs import EnvMaker
+    from labfleet.spec.loading import load_spec
+
+    spec = load_spec(REPO / "experiments" / "cartpole_ppo.yaml")
+    print("| environments | steps/s (random actions) |")
+    print("|---|---|")
+    cases = [(f"labfleet EnvMaker, {n} CartPoles (SyncVectorEnv)", lambda n=n: EnvMaker.from_spec(spec).make_vector(n))
+             for n in (8, 40)]
+    cases.append(("gymnasium CartPoleVectorEnv, 40 envs", lambda: gym.make_vec(
+        "CartPole-v1", num_envs=40, vectorization_mode="vector_entry_point")))
+    for label, make in cases:
+        envs = make()
+        envs.reset(seed=0)
+        rng = np.random.default_rng(0)
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            envs.step(rng.integers(0, 2, size=envs.num_envs))
+            steps += envs.num_envs
+        print(f"| {label} | {steps / (time.perf_counter() - start):,.0f} |")
+        envs.close()
+
+
 def main_whole(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     print("| algorithm | env | steps | seeds | side | whole command (s) | speed-up | eval returns (20 ep) |")
@@ -165,7 +195,11 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="SB3 scripts at a time (--whole)")
     parser.add_argument("--sb3-seconds", type=float, default=None,
                         help="(--whole) SB3's whole time from an earlier run; SB3 is not run again")
+    parser.add_argument("--env-limit", action="store_true", help="steps/s of the environments alone")
     args = parser.parse_args()
+    if args.env_limit:
+        env_limit()
+        return
     if args.whole:
         main_whole(args)
         return

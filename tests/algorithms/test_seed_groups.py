@@ -30,13 +30,14 @@ CASES = {
                            "hparams.gae_lambda": 0.9, "hparams.normalize_advantage": True,
                            "hparams.normalize": True},
     "reinforce": {"algorithm": "reinforce", "spec": "cartpole_reinforce.yaml"},
-    "dqn": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000},
+    "dqn": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000, "hparams.gradient_steps": 32},
     "dqn-double-normalized-polyak": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000,
-                                     "hparams.double_q": True, "hparams.normalize": True,
+                                     "hparams.gradient_steps": 32, "hparams.double_q": True, "hparams.normalize": True,
                                      "hparams.target_update_interval": 250, "hparams.tau": 0.5},
     # (the squared error's larger gradients part the runs sooner: all of these together parted one seed at
     # the 5th iteration; the squared error alone, one at the 11th)
-    "dqn-mse": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000, "hparams.loss": "mse"},
+    "dqn-mse": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000, "hparams.loss": "mse",
+                "hparams.gradient_steps": 32},
     # DDPG: after about 60 Adam steps of the 400x300 ReLU nets the runs part (measured: metrics to 1e-6 up to
     # there, 1e-2 soon after), as for Pendulum's PPO above
     "ddpg": {"algorithm": "ddpg", "spec": "pendulum_ddpg.yaml", "budget.env_steps": 400,
@@ -114,8 +115,8 @@ def test_batched_seeds_agree_with_each_seed_trained_alone(case):
         # digit after two iterations, the 5th to 7th after three) and Adam magnifies it where a gradient is
         # near zero: measured, the metrics of the first two iterations agree to 1e-5, the third's to 1e-2,
         # hence two iterations here. The categorical policies' weights agree to 1e-6 to 2e-5 after three.
-        # DQN: 128 Adam steps a phase; measured after 2000 steps, one seed of three 3e-4 apart (its metrics
-        # agree to 2e-3), the others 1e-6.
+        # DQN: measured after 2000 steps of 128 Adam steps a phase, one seed of three 3e-4 apart (its
+        # metrics agree to 2e-3), the others 1e-6; here 32 steps a phase.
         atol = 1e-4 if case == "pendulum-gaussian" else 1e-3 if spec.algorithm == "dqn" else 5e-5
         for (name, p), q in zip(group._module(a).named_parameters(), group._module(b).parameters(), strict=True):
             torch.testing.assert_close(q, p, rtol=1e-3, atol=atol, msg=f"seed {seed}: {name}")

@@ -400,6 +400,10 @@ class TrialRunner:
         except RayError as exc:
             self._on_unit_error(states, exc)
             return
+        if states and not states[0].placed and states[0].where is None:  # one node lookup for the unit
+            where = self._where(states[0])
+            for s in states:
+                s.where = s.where or where
         going = []
         for s in states:
             part = result["seeds"].get(s.seed)

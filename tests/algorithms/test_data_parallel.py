@@ -67,7 +67,7 @@ class SplitWorker(TrialWorker):
                 self.trainer.train_iteration()
             checkpoint = self.trainer.checkpoint_bytes()
             self.load(self.spec.model_dump(mode="json"), self.trainer.seed, checkpoint)
-            resumed = self.resumed
+            resumed = self.slot.resumed
         while not self.trainer.done:
             self.trainer.train_iteration()
         return {"digests": (self.trainer.parameter_digest(), self.trainer.helper_digests()), "resumed": resumed}

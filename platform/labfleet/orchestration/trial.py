@@ -61,6 +61,50 @@ class MetricWindow:
         return step, means
 
 
+class SeedSlot:
+    """The bookkeeping of one seed in a trial actor: its metric window, its next evaluation, and how its
+    last load went ("exact" or "approximate" from a checkpoint, see `Trainer.resume_exact`; None from
+    scratch), which the next result reports once."""
+
+    def __init__(self, spec: ExperimentSpec, trainer: Any, resumed: str | None):
+        self.every = eval_interval(spec)
+        self.next_eval = (trainer.progress // self.every + 1) * self.every
+        self.window = MetricWindow(spec.budget.total // CURVE_POINTS, start=trainer.progress)
+        self.resumed = resumed
+        self.reported = False  # (groups) its end, done or failed, went to the driver: it is no longer trained
+
+    def eval_due(self, trainer: Any) -> bool:
+        """Whether the trainer has reached its next evaluation (the one at the end is separate); moves the
+        next one past its progress."""
+        if trainer.done or trainer.progress < self.next_eval:
+            return False
+        while self.next_eval <= trainer.progress:
+            self.next_eval += self.every
+        return True
+
+    def take_resumed(self) -> str | None:
+        resumed, self.resumed = self.resumed, None
+        return resumed
+
+
+def non_finite(logged: dict[str, float], step: int) -> FloatingPointError | None:
+    bad = [k for k, v in logged.items() if not math.isfinite(v)]
+    return FloatingPointError(f"non-finite {', '.join(bad)} at step {step}") if bad else None
+
+
+def describe_process(device: str) -> dict[str, str]:
+    """Where a trial actor runs: host, Ray node, process, device."""
+    node = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return {"host": socket.gethostname(), "node_id": node, "pid": str(os.getpid()), "device": device}
+
+
 class TrialWorker:
     """Trains one seed at a time. A worker may be reused for the next trial (`load`, or `advance` with
     `load=`): its process, imports and placement group outlive the trainer (the actor pool of
@@ -81,26 +125,14 @@ class TrialWorker:
         self.device = resolve_device(self.spec.device)
         info = registry.get(self.spec.algorithm)
         self.trainer = info.trainer(self.spec, seed, self.device)
-        # How the next result says this load went: "exact" or "approximate" from a checkpoint (see
-        # `Trainer.resume_exact`), None from scratch.
-        self.resumed: str | None = None
+        resumed = None
         if checkpoint is not None:
             self.trainer.restore_bytes(checkpoint)
-            self.resumed = "exact" if self.trainer.resume_exact else "approximate"
-        self.every = eval_interval(self.spec)
-        self.next_eval = (self.trainer.progress // self.every + 1) * self.every
-        self.window = MetricWindow(self.spec.budget.total // CURVE_POINTS, start=self.trainer.progress)
+            resumed = "exact" if self.trainer.resume_exact else "approximate"
+        self.slot = SeedSlot(self.spec, self.trainer, resumed)
 
     def describe(self) -> dict[str, str]:
-        node = ""
-        try:
-            import ray
-
-            if ray.is_initialized():
-                node = ray.get_runtime_context().get_node_id()
-        except ImportError:
-            pass
-        return {"host": socket.gethostname(), "node_id": node, "pid": str(os.getpid()), "device": self.device}
+        return describe_process(self.device)
 
     def advance(self, seconds: float = 1.0, load: tuple[dict[str, Any], int, bytes | None] | None = None
                 ) -> dict[str, Any]:
@@ -115,26 +147,23 @@ class TrialWorker:
         own_reports = isinstance(trainer, FunctionTrainer)  # a training function reports and evaluates itself
         while not trainer.done and time.perf_counter() - started < seconds:
             logged = trainer.train_iteration()
-            bad = [k for k, v in logged.items() if not math.isfinite(v)]
-            if bad:
-                raise FloatingPointError(f"non-finite {', '.join(bad)} at step {trainer.metric_step}")
+            if (error := non_finite(logged, trainer.metric_step)) is not None:
+                raise error
             if own_reports:
                 if logged:
                     records.append((trainer.metric_step, logged))
                 evaluated = evaluated or trainer.new_checkpoint  # its new checkpoint goes with this chunk
                 continue
-            closed = self.window.add(trainer.progress, trainer.metric_step, logged)
+            closed = self.slot.window.add(trainer.progress, trainer.metric_step, logged)
             if closed:
                 records.append(closed)
-            if trainer.progress >= self.next_eval and not trainer.done:
+            if self.slot.eval_due(trainer):
                 records.append((trainer.metric_step, trainer.evaluate()))
                 artifacts.update(self._media())
                 evaluated = True
-                while self.next_eval <= trainer.progress:
-                    self.next_eval += self.every
         final = None
         if trainer.done:
-            closed = self.window.flush(trainer.metric_step)
+            closed = self.slot.window.flush(trainer.metric_step)
             if closed:
                 records.append(closed)
             final = trainer.evaluate()
@@ -145,9 +174,8 @@ class TrialWorker:
             # Taken at the end of the chunk, not at the evaluation: a restart from it redoes no step that
             # this result logs (later chunks' steps it may redo are dropped by the driver: exactly once).
             checkpoint = trainer.checkpoint_bytes()
-        resumed, self.resumed = self.resumed, None
         return {"records": records, "progress": trainer.progress, "done": trainer.done,
-                "checkpoint": checkpoint, "final": final, "artifacts": artifacts, "resumed": resumed}
+                "checkpoint": checkpoint, "final": final, "artifacts": artifacts, "resumed": self.slot.take_resumed()}
 
     def _final_video(self) -> dict[str, bytes]:
         return final_video(self.spec, self.trainer)
@@ -174,17 +202,6 @@ def final_video(spec: ExperimentSpec, trainer: Any) -> dict[str, bytes]:
 def trainer_media(trainer: Any) -> dict[str, bytes]:
     media = getattr(trainer, "media", None)
     return media() if media is not None else {}
-
-
-class SeedSlot:
-    """The per-seed bookkeeping of a `TrialWorkerGroup`: what `TrialWorker` keeps for its one seed."""
-
-    def __init__(self, spec: ExperimentSpec, trainer: Any, resumed: str | None):
-        self.every = eval_interval(spec)
-        self.next_eval = (trainer.progress // self.every + 1) * self.every
-        self.window = MetricWindow(spec.budget.total // CURVE_POINTS, start=trainer.progress)
-        self.resumed = resumed
-        self.reported = False  # its end (done or failed) went to the driver: it is no longer trained
 
 
 class TrialWorkerGroup:
@@ -224,7 +241,7 @@ class TrialWorkerGroup:
         self.group = build_group(info.name, members)
 
     def describe(self) -> dict[str, str]:
-        return TrialWorker.describe(self)  # type: ignore[arg-type]
+        return describe_process(self.device)
 
     def advance(self, seconds: float = 1.0,
                 load: tuple[dict[str, Any], list[int], dict[int, bytes | None]] | None = None) -> dict[str, Any]:
@@ -238,18 +255,16 @@ class TrialWorkerGroup:
         started = time.perf_counter()
         while group.live() and time.perf_counter() - started < seconds:
             self._iterate(out, records)
-            due = [seed for seed, trainer in group.members.items()
-                   if not trainer.done and trainer.progress >= slots[seed].next_eval]
+            due = [seed for seed, trainer in group.members.items() if slots[seed].eval_due(trainer)]
             if due:
-                group.sync()
+                group.sync()  # (a batched group's members hold their state only after a sync)
             for seed in due:
-                trainer, slot = group.members[seed], slots[seed]
+                trainer = group.members[seed]
                 records[seed].append((trainer.metric_step, trainer.evaluate()))
                 artifacts[seed].update(trainer_media(trainer))
                 evaluated.add(seed)
-                while slot.next_eval <= trainer.progress:
-                    slot.next_eval += slot.every
-        group.sync()
+        if evaluated or any(t.done and not slots[seed].reported for seed, t in group.members.items()):
+            group.sync()  # for the checkpoints and final evaluations below
         for seed, trainer in group.members.items():
             slot = slots[seed]
             if slot.reported:
@@ -265,9 +280,9 @@ class TrialWorkerGroup:
                 artifacts[seed].update(final_video(self.spec, trainer))
                 slot.reported = True
             checkpoint = trainer.checkpoint_bytes() if seed in evaluated or trainer.done else None
-            resumed, slot.resumed = slot.resumed, None
             out[seed] = {"records": records[seed], "progress": trainer.progress, "done": trainer.done,
-                         "checkpoint": checkpoint, "final": final, "artifacts": artifacts[seed], "resumed": resumed}
+                         "checkpoint": checkpoint, "final": final, "artifacts": artifacts[seed],
+                         "resumed": slot.take_resumed()}
         return {"seeds": out}
 
     def _iterate(self, out: dict[int, dict[str, Any]], records: dict[int, list[tuple[int, dict[str, float]]]]
@@ -277,9 +292,7 @@ class TrialWorkerGroup:
         for seed, logged in group.train_iteration().items():
             trainer = group.members[seed]
             if not isinstance(logged, BaseException):
-                bad = [k for k, v in logged.items() if not math.isfinite(v)]
-                if bad:
-                    logged = FloatingPointError(f"non-finite {', '.join(bad)} at step {trainer.metric_step}")
+                logged = non_finite(logged, trainer.metric_step) or logged
             if isinstance(logged, BaseException):
                 out[seed] = {"error": f"{type(logged).__name__}: {logged}"}
                 slots[seed].reported = True

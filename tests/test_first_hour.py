@@ -28,7 +28,8 @@ def test_version_and_short_help(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_runs_are_quiet_open_as_training_runs_and_reruns_are_told_apart(tmp_path: Path, tracking_uri: str):
+def test_runs_are_quiet_open_as_training_runs_and_reruns_are_told_apart(tmp_path: Path):
+    tracking_uri = f"sqlite:///{tmp_path / 'new-store.db'}"  # created by the first run (its log lines hidden)
     spec = tmp_path / "vi.yaml"
     spec.write_text(yaml.safe_dump(VI))
     outputs = []

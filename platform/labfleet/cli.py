@@ -595,8 +595,11 @@ def main() -> None:
             # nothing needs: stop Ray here (its processes end with it) and leave (measured in
             # docs/benchmarks.md, "Start-up and test-suite time").
             ray = sys.modules.get("ray")
-            if ray is not None and ray.is_initialized():
-                _stop_ray(ray)
+            try:
+                if ray is not None and ray.is_initialized():
+                    _stop_ray(ray)
+            except Exception:  # noqa: BLE001 - Ray's own exit hook, in the ordinary exit, tries again
+                raise exc from None
             _close_databases()
             _leave(code)
         raise

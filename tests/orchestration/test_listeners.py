@@ -93,6 +93,20 @@ def test_recorder_writes_the_hierarchy_from_events(tmp_path: Path):
     assert first.data.params["seeds"] == "[0]" and first.data.tags["labfleet.config_hash"]
 
 
+def test_recorder_ends_a_trial_interrupted_before_its_run_existed(tmp_path: Path):
+    """Ctrl-C inside the trial run's `create_run` (seen in a sweep): the session still stops the trial, whose
+    seeds and trial then end without runs to end, and nothing raises."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, background=True)
+    recorder = MlflowRecorder(tracker)
+    trial = TrialRunner(_spec(), [recorder])
+    for seed in (0, 1):
+        recorder.handle(SeedEnded(trial, seed, Status.KILLED))
+    recorder.handle(TrialEnded(trial, Status.KILLED, {}, 0))
+    tracker.close()
+    assert MlflowClient(uri).get_experiment_by_name("exp") is None  # nothing was written
+
+
 def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
     """The first recorder 'dies' (its runs stay RUNNING); a second one finds the unfinished trial with
     each seed's record, and the resumed events reopen the same runs."""

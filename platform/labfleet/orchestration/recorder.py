@@ -59,6 +59,10 @@ class MlflowRecorder:
         self.trials: dict[TrialRunner, _Trial] = {}
 
     # --- what the rest of the driver asks --------------------------------------------------------
+    def has_run(self, trial: TrialRunner) -> bool:
+        """Whether the trial's run exists (not when Ctrl-C came while it was being created)."""
+        return trial in self.trials
+
     def trial_run_id(self, trial: TrialRunner) -> str:
         return self.trials[trial].run_id
 
@@ -109,17 +113,23 @@ class MlflowRecorder:
                 self._chunk(event)
             case SeedEnded():
                 self._end_seed(event)
-            case TrialEnded(trial=trial, status=status):
-                run_id = self.trial_run_id(trial)
-                if event.metrics:
-                    tracker.log_metrics(run_id, event.metrics, event.step)
-                tracker.end_run(run_id, status, event.error)
+            case TrialEnded():
+                self._end_trial(event)
         return None
 
-    def _end_seed(self, event: SeedEnded) -> None:
-        run_id = self.trials[event.trial].seeds.get(event.seed)
-        if run_id is None:  # its run was never created: the store failed first, and that error is raised
+    def _end_trial(self, event: TrialEnded) -> None:
+        if not self.has_run(event.trial):  # its run was never created (Ctrl-C inside `create_run`)
             return
+        run_id = self.trial_run_id(event.trial)
+        if event.metrics:
+            self.tracker.log_metrics(run_id, event.metrics, event.step)
+        self.tracker.end_run(run_id, event.status, event.error)
+
+    def _end_seed(self, event: SeedEnded) -> None:
+        entry = self.trials.get(event.trial)
+        run_id = entry.seeds.get(event.seed) if entry else None
+        if run_id is None:  # its run (or its trial's) was never created: the store failed first, and that
+            return          # error is raised, or Ctrl-C came while the run was being created
         if event.status == Status.FINISHED and event.checkpoint is not None and event.final is not None:
             self.tracker.log_bytes(run_id, FINAL_CHECKPOINT, event.checkpoint)
         self.tracker.end_run(run_id, event.status, event.error)

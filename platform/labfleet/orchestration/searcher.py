@@ -258,7 +258,8 @@ class OptunaSearcher:
     def _ended(self, active: ActiveTrial, event: TrialEnded) -> None:
         runner, trial = active.runner, active.trial
         if event.status == Status.KILLED:  # Ctrl-C: `interrupted` tells the study
-            self.tracker.set_tags(self.recorder.trial_run_id(runner), {"optuna.state": "FAIL"})
+            if self.recorder.has_run(runner):  # (Ctrl-C may come while its run is being created)
+                self.tracker.set_tags(self.recorder.trial_run_id(runner), {"optuna.state": "FAIL"})
             return
         if event.reason == DRIVER_ERROR:  # the driver is failing: no record can be trusted to be written
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)

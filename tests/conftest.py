@@ -46,15 +46,11 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     happens on a store's first use (creation, its log lines) name a path of their own."""
     from mlflow.tracking import MlflowClient
 
+    from labfleet.tracking.uri import close_engines
+
     path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
-    import gc
-
-    import sqlalchemy
-
-    for engine in [o for o in gc.get_objects() if isinstance(o, sqlalchemy.engine.Engine)]:
-        if str(engine.url).endswith(str(path)):
-            engine.dispose()  # (nothing of it is left in a write-ahead log beside the file)
+    close_engines()  # nothing of it is left in a write-ahead log beside the file
     return path
 
 

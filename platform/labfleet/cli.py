@@ -538,22 +538,6 @@ def ui(
     raise typer.Exit(code)
 
 
-def _close_databases() -> None:
-    """Close the SQLAlchemy engines (MLflow's and Optuna's stores): closing a SQLite store's last
-    connection folds its write-ahead log back into the database file, which the interpreter's own exit
-    does and `os._exit` would not (leaving mlflow.db-wal beside mlflow.db)."""
-    sqlalchemy = sys.modules.get("sqlalchemy")
-    if sqlalchemy is None:
-        return
-    import gc
-
-    for engine in [o for o in gc.get_objects() if isinstance(o, sqlalchemy.engine.Engine)]:
-        try:
-            engine.dispose()
-        except Exception:  # noqa: BLE001 - a store that cannot close now is left to the operating system
-            continue
-
-
 def _stop_ray(ray: Any) -> None:
     """`ray.shutdown()`, less the second it waits for the autoscaler's monitor of a local instance to end
     on SIGTERM (it keeps no state this command needs): that process is killed first."""
@@ -600,7 +584,9 @@ def main() -> None:
                     _stop_ray(ray)
             except Exception:  # noqa: BLE001 - Ray's own exit hook, in the ordinary exit, tries again
                 raise exc from None
-            _close_databases()
+            from labfleet.tracking.uri import close_engines
+
+            close_engines()
             _leave(code)
         raise
 

@@ -129,6 +129,25 @@ def sqlite_wal() -> None:
     _WAL_ON = True
 
 
+def close_engines() -> None:
+    """Close this process's SQLAlchemy engines (MLflow's and Optuna's stores). Closing a SQLite store's last
+    connection folds its write-ahead log back into the database file: the interpreter's own exit does
+    that, `os._exit` does not (it would leave mlflow.db-wal beside mlflow.db), and a copy of the file alone
+    needs it."""
+    import sys
+
+    sqlalchemy = sys.modules.get("sqlalchemy")
+    if sqlalchemy is None:
+        return
+    import gc
+
+    for engine in [o for o in gc.get_objects() if isinstance(o, sqlalchemy.engine.Engine)]:
+        try:
+            engine.dispose()
+        except Exception:  # noqa: BLE001 - a store that cannot close now is left to the operating system
+            continue
+
+
 LOCK_PATIENCE_S = 120.0  # a loaded machine can starve the other writer's commit for many seconds
 
 

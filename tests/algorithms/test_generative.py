@@ -193,3 +193,42 @@ def test_mnist_style_images_load_from_a_local_file_and_train(tmp_path):
     assert math.isfinite(result["eval/neg_elbo"]) and result["eval/baseline_nll"] > 0
     with pytest.raises(FileNotFoundError, match="downloads nothing"):
         datasets.load("mnist", path=str(tmp_path / "missing.npz"))
+
+
+def test_fourier_features_are_exact_and_keep_the_points():
+    from labfleet.algorithms.generative.gan import FourierFeatures
+
+    torch.manual_seed(0)
+    features = FourierFeatures(dim=2, count=3, scale=1.0)
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.25]])  # pac 2: two points of 2 coordinates
+    out = features(x)
+    assert out.shape == (1, 2 * (2 + 2 * 3))
+    b = features.frequencies
+    for i, point in enumerate(x.reshape(2, 2)):
+        angles = 2 * math.pi * (point @ b)
+        expected = torch.cat([point, angles.sin(), angles.cos()])
+        torch.testing.assert_close(out[0, i * 8:(i + 1) * 8], expected)
+
+
+def test_gan_with_a_fourier_discriminator_trains_and_restores():
+    from labfleet import testing
+
+    over = {"budget.iterations": 20, "hparams.hidden": [16, 16], "hparams.d_hidden": [16],
+            "hparams.d_fourier_features": 8, "eval.every_steps": 10}
+    spec = load_spec(EXPERIMENTS / "grid_gan.yaml", over)
+
+    def build(seed):
+        return registry.get("gan").trainer(spec, seed, "cpu")
+
+    trainer = build(0)
+    assert trainer.discriminator[1][0].in_features == 4 * (2 + 2 * 8)  # pac 4 points, each with its features
+    assert not torch.equal(build(1).discriminator[0].frequencies, trainer.discriminator[0].frequencies)
+    trainer.train_iteration()
+    restored = build(0)
+    restored.discriminator[0].frequencies.zero_()
+    restored.restore_bytes(trainer.checkpoint_bytes())  # the frequencies are part of the checkpoint
+    torch.testing.assert_close(restored.discriminator[0].frequencies, trainer.discriminator[0].frequencies)
+    testing.check_exact_resume(build, iterations=10)
+    while not trainer.done:
+        trainer.train_iteration()
+    assert set(trainer.evaluate()) >= {"eval/modes_covered", "eval/high_quality_frac"}

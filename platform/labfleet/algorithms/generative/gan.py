@@ -16,11 +16,12 @@ stopping is `valid/mode_score` = mode_kl + (1 - high_quality_frac) on fresh samp
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
 from labfleet import metrics as M
@@ -44,6 +45,27 @@ def _gan_optimizer() -> OptimizerConfig:
     return OptimizerConfig(type="adam", betas=(0.5, 0.999))
 
 
+class FourierFeatures(nn.Module):
+    """(n, pac * dim) -> (n, pac * (dim + 2 * count)): each of the pac points x, followed by sin and cos of
+    2 pi x B, with fixed frequencies B ~ N(0, scale^2) of shape (dim, count). An MLP on raw coordinates learns
+    high frequencies slowly (spectral bias): on grid25 such a discriminator cannot tell the mixture from the
+    same points blurred by 0.3 in 3000 steps, so the generator is never pushed to sharpen its samples; on
+    these features it can within 1000. The raw coordinates stay, so that the discriminator still sees
+    where a point is (sin and cos alone look alike far away).
+    """
+
+    def __init__(self, dim: int, count: int, scale: float):
+        super().__init__()
+        self.dim = dim
+        self.frequencies: torch.Tensor
+        self.register_buffer("frequencies", torch.randn(dim, count) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        points = x.reshape(len(x), -1, self.dim)
+        angles = 2 * math.pi * (points @ self.frequencies)
+        return torch.cat([points, angles.sin(), angles.cos()], -1).flatten(1)
+
+
 class GANHParams(GenerativeHParams):
     learning_rate: float | str = Field(2e-4, description="The generator's (and, by default, the discriminator's).")
     optimizer: OptimizerConfig = Field(default_factory=_gan_optimizer)
@@ -54,6 +76,17 @@ class GANHParams(GenerativeHParams):
     gp_weight: float = Field(0.0, ge=0, description="R1 gradient penalty on real data; 0: off.")
     pac: PositiveInt = Field(1, description="Samples the discriminator judges together (PacGAN); 1: plain GAN.")
     d_steps: PositiveInt = Field(1, description="Discriminator steps per generator step.")
+    d_fourier_features: NonNegativeInt = Field(0, description="Random Fourier features of each point at the "
+                                               "discriminator's input (mlp; Tancik et al. 2020): this many "
+                                               "frequencies, sin and cos each; 0: raw coordinates.")
+    d_fourier_scale: PositiveFloat = Field(1.0, description="Standard deviation of those frequencies, in cycles "
+                                           "per unit of the networks' input.")
+
+    @model_validator(mode="after")
+    def _mlp_only(self) -> GANHParams:
+        if self.d_fourier_features and self.architecture != "mlp":
+            raise ValueError("d_fourier_features needs architecture mlp (points); set it to 0 for conv")
+        return self
 
 
 class GANTrainer(GenerativeTrainer):
@@ -73,8 +106,10 @@ class GANTrainer(GenerativeTrainer):
         else:
             self.generator = mlp([hp.latent_dim, *hp.hidden, dim])
             d_hidden = hp.d_hidden or hp.hidden
-            self.discriminator = mlp([dim * hp.pac, *d_hidden, 1], activation=lambda: nn.LeakyReLU(0.2),
-                                     dropout=hp.dropout)
+            d_in = dim * hp.pac if not hp.d_fourier_features else (dim + 2 * hp.d_fourier_features) * hp.pac
+            body = mlp([d_in, *d_hidden, 1], activation=lambda: nn.LeakyReLU(0.2), dropout=hp.dropout)
+            self.discriminator = body if not hp.d_fourier_features else nn.Sequential(
+                FourierFeatures(dim, hp.d_fourier_features, hp.d_fourier_scale), body)
         self.generator.to(self.device)
         self.discriminator.to(self.device)
         self.models = {"generator": self.generator, "discriminator": self.discriminator}

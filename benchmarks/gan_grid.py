@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 SPEC = Path(__file__).resolve().parent.parent / "experiments" / "grid_gan.yaml"
@@ -78,7 +77,9 @@ def main() -> None:
             print(f"discriminator on {'raw coordinates' if not fourier else f'{fourier} Fourier features'}: "
                   f"loss at steps 1000/2000/3000 = {probe(fourier)}", flush=True)
         return
-    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    from labfleet.spec.loading import parse_set_options
+
+    overrides = parse_set_options(args.set)  # as `labfleet run --set` reads them
     jobs = [(overrides, int(seed), args.every) for seed in args.seeds.split(",")]
     with mp.get_context("spawn").Pool(2) as pool:
         for seed, seconds, curve in pool.imap_unordered(train, jobs):

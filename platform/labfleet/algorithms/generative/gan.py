@@ -6,7 +6,9 @@ discriminator steps on -V (binary cross-entropy with logits: real 1, generated 0
 by default the non-saturating loss -E_z[log D(G(z))] (same fixed point, strong gradients early on), or,
 with `loss: saturating`, E_z[log(1 - D(G(z)))] as in the minimax game. With `pac: m` the discriminator
 judges m samples at once (concatenated), which penalises a generator that drops modes. `gp_weight: g` adds
-g/2 * E_x ||grad_x D(x)||^2 on real data to the discriminator's loss.
+g/2 * E_x ||grad_x D(x)||^2 on real data to the discriminator's loss. On points, `d_fourier_features: k` gives
+the discriminator random Fourier features of each point (`FourierFeatures`), so that it can see how sharp
+the generated modes are.
 
 Evaluation (2500 samples from fixed noise): on ring8/grid25 `eval/modes_covered`, `eval/high_quality_frac`
 and `eval/mode_kl`; on digits `eval/fd_digits` and `eval/confident_frac`. The validation metric for early

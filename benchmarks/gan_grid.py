@@ -4,7 +4,7 @@
     python benchmarks/gan_grid.py probe
     python benchmarks/gan_grid.py train --seeds 7000 --every 5000 [--set hparams.d_fourier_features=64 ...]
 
-`probe` trains only a discriminator (grid_gan.yaml's: pac 4, 3 x 200 LeakyReLU, Adam 2e-4) to tell grid25's
+`probe` trains only grid_gan.yaml's discriminator, as its trainer builds it (pac 4, 3 x 200, Adam 2e-4), to tell grid25's
 points from the same points blurred by Gaussian noise of std 0.3, as a blurry generator's samples would be,
 and prints its loss (2 ln 2 = 1.386: it cannot tell them apart), with raw coordinates and with 64 random
 Fourier features. `train` trains `experiments/grid_gan.yaml` (with the overrides) in-process, one thread per
@@ -25,22 +25,22 @@ from torch import nn
 SPEC = Path(__file__).resolve().parent.parent / "experiments" / "grid_gan.yaml"
 
 
-def probe(fourier: int, steps: int = 3000, blur: float = 0.3, pac: int = 4) -> list[float]:
-    from labfleet.algorithms.generative.base import mlp
-    from labfleet.algorithms.generative.gan import FourierFeatures
-    from labfleet.data import datasets
+def probe(fourier: int, steps: int = 3000, blur: float = 0.3) -> list[float]:
+    """The discriminator of grid_gan.yaml (with `fourier` Fourier features), trained alone with Adam at the
+    spec's rate and betas: its loss every 1000 steps."""
+    from labfleet.algorithms import registry
+    from labfleet.spec.loading import load_spec
 
+    trainer = registry.get("gan").trainer(load_spec(SPEC, {"hparams.d_fourier_features": fourier}), 0, "cpu")
     torch.manual_seed(0)
-    points = torch.as_tensor(datasets.load("grid25", seed=0).train)
-    width = 2 + 2 * fourier if fourier else 2
-    body = mlp([width * pac, 200, 200, 200, 1], activation=lambda: nn.LeakyReLU(0.2))
-    judge = nn.Sequential(FourierFeatures(2, fourier, 1.0), body) if fourier else body
-    optimizer = torch.optim.Adam(judge.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    points, hp = trainer.train_x, trainer.hp
+    optimizer = torch.optim.Adam(trainer.discriminator.parameters(), lr=hp.initial_learning_rate,
+                                 betas=hp.optimizer.betas)
     softplus, losses = nn.functional.softplus, []
     for step in range(1, steps + 1):
-        real = points[torch.randint(len(points), (128,))].reshape(-1, 2 * pac)
-        blurred = (points[torch.randint(len(points), (128,))] + blur * torch.randn(128, 2)).reshape(-1, 2 * pac)
-        loss = softplus(-judge(real)).mean() + softplus(judge(blurred)).mean()
+        real = points[torch.randint(len(points), (hp.batch_size,))]
+        blurred = points[torch.randint(len(points), (hp.batch_size,))] + blur * torch.randn(hp.batch_size, 2)
+        loss = softplus(-trainer.judge(real)).mean() + softplus(trainer.judge(blurred)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

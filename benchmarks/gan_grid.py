@@ -4,11 +4,12 @@
     python benchmarks/gan_grid.py probe
     python benchmarks/gan_grid.py train --seeds 7000 --every 5000 [--set hparams.d_fourier_features=64 ...]
 
-`probe` trains only grid_gan.yaml's discriminator, as its trainer builds it (pac 4, 3 x 200, Adam 2e-4), to tell grid25's
-points from the same points blurred by Gaussian noise of std 0.3, as a blurry generator's samples would be,
-and prints its loss (2 ln 2 = 1.386: it cannot tell them apart), with raw coordinates and with 64 random
-Fourier features. `train` trains `experiments/grid_gan.yaml` (with the overrides) in-process, one thread per
-seed, two seeds at a time, and prints modes covered and the high-quality fraction every `--every` iterations.
+`probe` trains only grid_gan.yaml's discriminator, as its trainer builds it (pac 4, 3 x 200, Adam 2e-4), to
+tell grid25's points from the same points blurred by Gaussian noise of std 0.3, as a blurry generator's
+samples would be, and prints its loss (2 ln 2 = 1.386: it cannot tell them apart), with raw coordinates
+and with 64 random Fourier features. `train` trains `experiments/grid_gan.yaml` (with the overrides)
+in-process, one thread per seed, two seeds at a time, and prints modes covered and the high-quality
+fraction every `--every` iterations.
 """
 
 from __future__ import annotations

@@ -27,7 +27,13 @@ done
 
 export RAY_AUTH_MODE=token
 unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # set to 0 it forbids joining a second node
-base=$((20000 + (port % 1000) * 40))     # 40 ports per node, clear of other clusters on this machine
+# 40 ports per node, from a base that depends on --port only (start-node finds the same ones), clear of
+# other clusters on this machine, and below the kernel's ephemeral range (32768 and up on Linux), where
+# ports the kernel hands out (the tests' --port and --dashboard-port) come from. The GCS port and the
+# client server's (port + 1) must not fall among them: Ray refuses to start when two components share one.
+span=$((40 * 64))
+base=$((10000 + (port % 500) * 40))
+if [ "$port" -ge "$base" ] && [ "$port" -lt $((base + span)) ]; then base=$((base + span + 40)); fi
 
 node_ports() {  # every port of node K (0: the head) explicit, so that two clusters never collide
     local b=$((base + 40 * $1))

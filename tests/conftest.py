@@ -12,6 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Training in the test process runs on one torch thread, as each trial actor does (`cpus_per_trial: 1`).
+# With torch's default of a thread per core, the small matmuls of these tests slowed down fourfold whenever
+# anything else kept one of the two cores busy (a Ray worker, a concurrent command): measured, one A2C seed
+# of 100k CartPole steps took 8.8 s on a quiet machine and 35 s beside one busy process with 2 threads,
+# 8.3 s with 1; in a full run its learning test took 175 s for three seeds.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"

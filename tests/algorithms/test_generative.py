@@ -14,6 +14,7 @@ from labfleet.algorithms import registry
 from labfleet.algorithms.generative import metrics as GM
 from labfleet.algorithms.generative.vae import VAETrainer
 from labfleet.data import datasets
+from labfleet.errors import SpecError
 from labfleet.spec.loading import load_spec
 from tests.conftest import EXPERIMENTS
 
@@ -232,3 +233,49 @@ def test_gan_with_a_fourier_discriminator_trains_and_restores():
     while not trainer.done:
         trainer.train_iteration()
     assert set(trainer.evaluate()) >= {"eval/modes_covered", "eval/high_quality_frac"}
+
+
+def test_fourier_ramp_brings_frequencies_in_lowest_first():
+    from labfleet.algorithms.generative.gan import FourierFeatures
+
+    torch.manual_seed(0)
+    features = FourierFeatures(dim=2, count=4, scale=1.0, ramp=(0.2, 0.6))
+    norms = features.frequencies.norm(dim=0)
+    assert torch.all(norms[1:] >= norms[:-1])  # sorted: the first to come in is the lowest
+    x = torch.tensor([[0.5, -1.0]])
+    # a = 4 * (progress - 0.2) / 0.4; weight k = (1 - cos(pi * clip(a - k, 0, 1))) / 2
+    for progress, weights in [(0.0, [0, 0, 0, 0]), (0.2, [0, 0, 0, 0]), (0.25, [0.5, 0, 0, 0]),
+                              (0.4, [1, 1, 0, 0]), (0.55, [1, 1, 1, 0.5]), (0.9, [1, 1, 1, 1])]:
+        features.progress.fill_(progress)
+        w = torch.tensor(weights, dtype=torch.float32)
+        torch.testing.assert_close(features.weights(), w)
+        angles = 2 * math.pi * (x[0] @ features.frequencies)
+        torch.testing.assert_close(features(x)[0], torch.cat([x[0], w * angles.sin(), w * angles.cos()]))
+
+
+def test_gan_fourier_ramp_follows_the_budget_and_resumes():
+    from labfleet import testing
+
+    over = {"budget.iterations": 20, "hparams.hidden": [16, 16], "hparams.d_hidden": [16],
+            "hparams.d_fourier_features": 8, "hparams.d_fourier_ramp": [0.25, 0.75], "eval.every_steps": 10}
+    spec = load_spec(EXPERIMENTS / "grid_gan.yaml", over)
+
+    def build(seed):
+        return registry.get("gan").trainer(spec, seed, "cpu")
+
+    trainer = build(0)
+    for _ in range(10):
+        trainer.train_iteration()
+    # the tenth step ran at budget fraction 9/20: a = 8 * (0.45 - 0.25) / 0.5 = 3.2 frequencies in
+    assert trainer.fourier.progress.item() == pytest.approx(0.45)
+    assert trainer.fourier.weights().tolist()[2:5] == pytest.approx([1.0, (1 - math.cos(0.2 * math.pi)) / 2, 0.0],
+                                                               abs=1e-6)  # float32
+    restored = build(0)
+    restored.restore_bytes(trainer.checkpoint_bytes())
+    assert restored.fourier.progress.item() == pytest.approx(0.45)
+    testing.check_exact_resume(build, iterations=10)
+    for bad, message in [([0.5, 0.5], "0 <= start < end <= 1"), ([0.2, 1.5], "0 <= start < end <= 1")]:
+        with pytest.raises(SpecError, match=message):
+            load_spec(EXPERIMENTS / "grid_gan.yaml", {**over, "hparams.d_fourier_ramp": bad})
+    with pytest.raises(SpecError, match="needs d_fourier_features"):
+        load_spec(EXPERIMENTS / "grid_gan.yaml", {"hparams.d_fourier_ramp": [0.2, 0.5]})

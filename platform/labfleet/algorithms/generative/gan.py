@@ -54,18 +54,42 @@ class FourierFeatures(nn.Module):
     same points blurred by 0.3 in 3000 steps, so the generator is never pushed to sharpen its samples; on
     these features it can within 1000. The raw coordinates stay, so that the discriminator still sees
     where a point is (sin and cos alone look alike far away).
+
+    With a `ramp` (start, end) in fractions of the budget, the features come in coarse to fine, as in BARF
+    (Lin et al. 2021): the frequencies are sorted by norm, and frequency k is weighted by
+    (1 - cos(pi * clip(a - k, 0, 1))) / 2 with a = count * (progress - start) / (end - start), so that before
+    `start` the discriminator sees the raw coordinates only and after `end` every feature at full weight.
+    `progress` (a buffer, so that a checkpoint keeps it) is set by the trainer.
     """
 
-    def __init__(self, dim: int, count: int, scale: float):
+    def __init__(self, dim: int, count: int, scale: float, ramp: tuple[float, float] | None = None):
         super().__init__()
         self.dim = dim
+        self.ramp = ramp
+        frequencies = torch.randn(dim, count) * scale
+        if ramp is not None:
+            frequencies = frequencies[:, frequencies.norm(dim=0).argsort()]
         self.frequencies: torch.Tensor
-        self.register_buffer("frequencies", torch.randn(dim, count) * scale)
+        self.register_buffer("frequencies", frequencies)
+        if ramp is not None:
+            self.progress: torch.Tensor
+            self.register_buffer("progress", torch.zeros(()))
+
+    def weights(self) -> torch.Tensor:
+        """Each frequency's weight in [0, 1] at the current progress (all 1 without a ramp)."""
+        count = self.frequencies.shape[1]
+        if self.ramp is None:
+            return torch.ones(count, device=self.frequencies.device)
+        start, end = self.ramp
+        a = count * ((self.progress - start) / (end - start)).clamp(0.0, 1.0)
+        k = torch.arange(count, device=self.frequencies.device)
+        return (1 - torch.cos(math.pi * (a - k).clamp(0.0, 1.0))) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         points = x.reshape(len(x), -1, self.dim)
         angles = 2 * math.pi * (points @ self.frequencies)
-        return torch.cat([points, angles.sin(), angles.cos()], -1).flatten(1)
+        w = self.weights()
+        return torch.cat([points, w * angles.sin(), w * angles.cos()], -1).flatten(1)
 
 
 class GANHParams(GenerativeHParams):
@@ -83,11 +107,20 @@ class GANHParams(GenerativeHParams):
                                                "frequencies, sin and cos each; 0: raw coordinates.")
     d_fourier_scale: PositiveFloat = Field(1.0, description="Standard deviation of those frequencies, in cycles "
                                            "per unit of the networks' input.")
+    d_fourier_ramp: tuple[float, float] | None = Field(
+        None, description="[start, end] fractions of the budget over which the Fourier features come in, lowest "
+        "frequencies first (coarse to fine); null: all of them from the start.")
 
     @model_validator(mode="after")
     def _mlp_only(self) -> GANHParams:
         if self.d_fourier_features and self.architecture != "mlp":
             raise ValueError("d_fourier_features needs architecture mlp (points); set it to 0 for conv")
+        if self.d_fourier_ramp is not None:
+            start, end = self.d_fourier_ramp
+            if not self.d_fourier_features:
+                raise ValueError("d_fourier_ramp needs d_fourier_features > 0")
+            if not 0 <= start < end <= 1:
+                raise ValueError(f"d_fourier_ramp must be [start, end] with 0 <= start < end <= 1, got {[start, end]}")
         return self
 
 
@@ -101,6 +134,7 @@ class GANTrainer(GenerativeTrainer):
         self.validation_name = "valid/fd_digits" if self.data.name == "digits" else "valid/mode_score"
         if self.hp.batch_size // self.world % hp.pac:
             raise ValueError(f"batch_size per worker ({self.hp.batch_size // self.world}) must be a multiple of pac")
+        self.fourier: FourierFeatures | None = None
         if hp.architecture == "conv":
             self.generator: nn.Module = ConvDecoder(hp.latent_dim, shape, hp.channels)
             packed = (shape[0] * hp.pac, *shape[1:])
@@ -110,8 +144,9 @@ class GANTrainer(GenerativeTrainer):
             d_hidden = hp.d_hidden or hp.hidden
             d_in = dim * hp.pac if not hp.d_fourier_features else (dim + 2 * hp.d_fourier_features) * hp.pac
             body = mlp([d_in, *d_hidden, 1], activation=lambda: nn.LeakyReLU(0.2), dropout=hp.dropout)
-            self.discriminator = body if not hp.d_fourier_features else nn.Sequential(
-                FourierFeatures(dim, hp.d_fourier_features, hp.d_fourier_scale), body)
+            self.fourier = FourierFeatures(dim, hp.d_fourier_features, hp.d_fourier_scale, hp.d_fourier_ramp) \
+                if hp.d_fourier_features else None
+            self.discriminator = body if self.fourier is None else nn.Sequential(self.fourier, body)
         self.generator.to(self.device)
         self.discriminator.to(self.device)
         self.models = {"generator": self.generator, "discriminator": self.discriminator}
@@ -141,6 +176,8 @@ class GANTrainer(GenerativeTrainer):
     def step(self, batch: torch.Tensor) -> dict[str, float]:
         softplus = nn.functional.softplus
         real = self.scaled(batch)
+        if self.fourier is not None and self.fourier.ramp is not None:
+            self.fourier.progress.fill_(self.budget_fraction())
         d_loss = torch.zeros(())
         for i in range(self.hp.d_steps):
             if i:

@@ -118,7 +118,8 @@ def test_batched_seeds_agree_with_each_seed_trained_alone(case):
         # digit after two iterations, the 5th to 7th after three) and Adam magnifies it where a gradient is
         # near zero: measured with two torch threads, the metrics of the first two iterations agree to 1e-5,
         # the third's to 1e-2; with one thread (as in the tests and in a trial actor) the second's grad norm
-        # already 1e-2 apart, hence one iteration (80 Adam steps) here. The categorical policies' weights agree to 1e-6 to 2e-5 after three.
+        # already 1e-2 apart, hence one iteration (80 Adam steps) here. The categorical policies' weights
+        # agree to 1e-6 to 2e-5 after three.
         # DQN: measured after 2000 steps of 128 Adam steps a phase, one seed of three 3e-4 apart (its
         # metrics agree to 2e-3), the others 1e-6; here 32 steps a phase.
         atol = 1e-4 if case == "pendulum-gaussian" else 1e-3 if spec.algorithm == "dqn" else 5e-5

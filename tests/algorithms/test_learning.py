@@ -32,7 +32,7 @@ def test_ppo_solves_cartpole_at_its_shipped_budget():
 
 @pytest.mark.slow
 def test_a2c_learns_cartpole():
-    # 100k of the shipped 300k steps; random: about 22. Truncated RL runs round differently per CPU: seeds
+    # 100k of the shipped 500k steps; random: about 22. Truncated RL runs round differently per CPU: seeds
     # 0, 1 gave 91 and 387 on one machine and 73.9, 186.05 (seed 2: 500) on an AVX-512 one, so three seeds.
     returns = [train("cartpole_a2c.yaml", {"budget.env_steps": 100_000}, s).evaluate()["eval/return_mean"]
                for s in (0, 1, 2)]

@@ -88,6 +88,8 @@ class FourierFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         points = x.reshape(len(x), -1, self.dim)
         angles = 2 * math.pi * (points @ self.frequencies)
+        if self.ramp is None:
+            return torch.cat([points, angles.sin(), angles.cos()], -1).flatten(1)
         w = self.weights()
         return torch.cat([points, w * angles.sin(), w * angles.cos()], -1).flatten(1)
 

@@ -112,6 +112,35 @@ def test_td_target_terminal_vs_truncated():
     assert td_target(rewards, next_q, terminated, 0.9).tolist() == pytest.approx([1.0, 10.0])
 
 
+def test_munchausen_target_against_hand_computation():
+    from labfleet.algorithms.rl.dqn import munchausen_targets
+
+    tau, alpha, gamma = 0.5, 0.9, 0.9
+    q_obs = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]])
+    q_next = torch.tensor([[1.0, 0.0], [2.0, 2.0], [0.0, 0.0]])
+    actions, rewards = torch.tensor([0, 1, 1]), torch.tensor([1.0, 0.0, 1.0])
+    terminated = torch.tensor([False, False, True])
+    y = munchausen_targets(q_obs, q_next, actions, rewards, terminated, gamma, alpha, tau, -1.0)
+    # tau ln pi(a|s) with pi = softmax(q / tau): row 0, action 0: 1 - 0.5 ln(e^2 + e^4) = -1 - 0.5 ln(1 + e^-2)
+    # = -1.0635, clipped to -1; row 1: 0.5 ln(1/2) = -0.3466; row 2: action 1 is 3 below: clipped to -1.
+    # Soft value tau * logsumexp(q' / tau): row 0: 0.5 ln(e^2 + 1) = 1.0635; row 1: 2 + 0.5 ln 2 = 2.3466.
+    expected = [1 - 0.9 + 0.9 * 0.5 * np.log(np.e ** 2 + 1),
+                0 + 0.9 * 0.5 * np.log(0.5) + 0.9 * (2 + 0.5 * np.log(2)),
+                1 - 0.9]  # terminal: no bootstrap
+    assert y.tolist() == pytest.approx(expected, abs=1e-6)
+    # alpha 0 leaves soft Q-learning's target: r + gamma * tau * logsumexp(q' / tau)
+    y0 = munchausen_targets(q_obs, q_next, actions, rewards, terminated, gamma, 0.0, tau, -1.0)
+    assert y0.tolist() == pytest.approx([1 + 0.9 * 1.0635, 0.9 * 2.3466, 1.0], abs=1e-4)
+
+
+def test_munchausen_and_double_q_are_refused_together():
+    from labfleet.algorithms.rl.dqn import DQNHParams
+
+    with pytest.raises(ValueError, match="munchausen and double_q"):
+        DQNHParams(munchausen=0.9, double_q=True)
+    assert DQNHParams(munchausen=0.9).munchausen == 0.9
+
+
 @pytest.mark.parametrize(("ratio", "adv", "expected"), [
     (1.5, 1.0, -1.2),   # clipped at 1 + eps: min(1.5, 1.2) * 1
     (0.5, 1.0, -0.5),   # below 1 - eps with A > 0: the unclipped term is smaller

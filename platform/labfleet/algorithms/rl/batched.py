@@ -42,7 +42,7 @@ from labfleet.algorithms.optim import scheduled_learning_rate
 from labfleet.algorithms.rl.a2c import A2CTrainer
 from labfleet.algorithms.rl.base import ActorCriticTrainer, RLTrainer
 from labfleet.algorithms.rl.ddpg import DDPGTrainer
-from labfleet.algorithms.rl.dqn import DQNTrainer
+from labfleet.algorithms.rl.dqn import DQNTrainer, munchausen_targets
 from labfleet.algorithms.rl.estimators import discounted_returns, gae_advantages, td_target
 from labfleet.algorithms.rl.networks import GaussianPolicy
 from labfleet.algorithms.rl.ppo import PPOTrainer, adaptive_kl_coef, explained_variance
@@ -604,9 +604,14 @@ class BatchedDQN(BatchedGroup):
             with torch.no_grad():
                 x_next = self._encode(stacked["next_obs"])
                 next_q_all = self._q(x_next, target=True)  # (N, B, A)
-                chooser = self._q(x_next) if hp.double_q else next_q_all
-                next_q = next_q_all.gather(-1, chooser.argmax(dim=-1, keepdim=True)).squeeze(-1)
-                y = td_target(stacked["rewards"], next_q, stacked["terminated"], hp.gamma)
+                if hp.munchausen:
+                    y = munchausen_targets(self._q(self._encode(stacked["obs"]), target=True), next_q_all,
+                                           stacked["actions"], stacked["rewards"], stacked["terminated"], hp.gamma,
+                                           hp.munchausen, hp.entropy_tau, hp.log_policy_clip)
+                else:
+                    chooser = self._q(x_next) if hp.double_q else next_q_all
+                    next_q = next_q_all.gather(-1, chooser.argmax(dim=-1, keepdim=True)).squeeze(-1)
+                    y = td_target(stacked["rewards"], next_q, stacked["terminated"], hp.gamma)
             q = self._q(self._encode(stacked["obs"])).gather(-1, stacked["actions"].long().unsqueeze(-1)).squeeze(-1)
             loss = (F.smooth_l1_loss(q, y, reduction="none") if hp.loss == "huber"
                     else F.mse_loss(q, y, reduction="none")).mean(1)

@@ -1,11 +1,14 @@
-"""DQN (Mnih et al. 2015), with the Double DQN target (van Hasselt et al. 2016) as an option.
+"""DQN (Mnih et al. 2015), with the Double DQN target (van Hasselt et al. 2016) or Munchausen DQN's
+(Vieillard et al. 2020) as options.
 
 One iteration:
   1. collect   train_freq steps from each of n_envs environments, epsilon-greedy on Q_theta (uniformly
                random actions until learning_starts); store (s, a, r, s', terminated) in the replay buffer
   2. for each of gradient_steps minibatches from the buffer (once learning_starts steps are collected):
        target  y = r + gamma * Q_targ(s', argmax_a' Q(s', a')) * (1 - terminated)
-               where the inner argmax uses Q_targ (DQN) or Q_theta (Double DQN)
+               where the inner argmax uses Q_targ (DQN) or Q_theta (Double DQN); with `munchausen: alpha`
+               (M-DQN) y = r + alpha * clip(tau ln pi(a|s), l0, 0) + gamma * tau lse(Q_targ(s') / tau) instead,
+               pi = softmax(Q_targ / tau) (see `munchausen_targets`)
        loss    Huber(Q_theta(s, a) - y) (or the squared error)
        step    (clip the global gradient norm)
   3. every target_update_interval env steps: theta_targ <- tau * theta + (1 - tau) * theta_targ
@@ -19,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from labfleet import metrics as M
 from labfleet.algorithms.optim import OptimHParams, ScheduledOptimizer
@@ -51,6 +54,17 @@ class DQNHParams(OptimHParams, EpsilonGreedyHParams, ObservationHParams):
     loss: Literal["huber", "mse"] = Field("huber", description="Huber (smooth L1) or squared TD error.")
     net_arch: list[Width] = Field(default_factory=lambda: [64, 64], description="Hidden layer sizes.")
     activation: Literal["tanh", "relu"] = "relu"
+    munchausen: float = Field(0.0, ge=0, le=1, description="Munchausen DQN's alpha, the weight of the scaled "
+                              "log-policy added to the reward (Vieillard et al. 2020 use 0.9); 0: off.")
+    entropy_tau: PositiveFloat = Field(0.03, description="Munchausen DQN's temperature tau of pi = "
+                                       "softmax(Q / tau).")
+    log_policy_clip: float = Field(-1.0, lt=0, description="Munchausen DQN's lower clip l0 of tau ln pi.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DQNHParams:
+        if self.munchausen and self.double_q:
+            raise ValueError("munchausen and double_q are two different targets: set one of them")
+        return self
 
 
 class QNetwork(torch.nn.Module):
@@ -74,6 +88,34 @@ def dqn_targets(q_target: torch.nn.Module, q_online: torch.nn.Module, batch: dic
             next_actions = next_q_all.argmax(dim=1, keepdim=True)
         next_q = next_q_all.gather(1, next_actions).squeeze(1)
         return td_target(batch["rewards"], next_q, batch["terminated"], gamma)
+
+
+def munchausen_targets(q_target_obs: torch.Tensor, q_target_next: torch.Tensor, actions: torch.Tensor,
+                       rewards: torch.Tensor, terminated: torch.Tensor, gamma: float, alpha: float, tau: float,
+                       clip: float) -> torch.Tensor:
+    """Munchausen DQN's target (Vieillard et al. 2020, eq. 2), from the target network's Q values at s and s'
+    (shape (..., A)) and the actions taken (shape (...)):
+
+        y = r + alpha * clip(tau ln pi(a|s), clip, 0) + gamma * sum_a' pi(a'|s') (Q(s', a') - tau ln pi(a'|s'))
+
+    with pi = softmax(Q / tau). The sum is the soft value tau * logsumexp(Q(s') / tau), and tau ln pi(a|s) =
+    Q(s, a) - tau * logsumexp(Q(s) / tau). A truncated transition is bootstrapped, as in `td_target`."""
+    with torch.no_grad():
+        soft_obs = tau * torch.logsumexp(q_target_obs / tau, dim=-1)
+        log_pi = q_target_obs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1) - soft_obs
+        soft_next = tau * torch.logsumexp(q_target_next / tau, dim=-1)
+        return td_target(rewards + alpha * log_pi.clamp(clip, 0.0), soft_next, terminated, gamma)
+
+
+def targets(hp: DQNHParams, q_target: torch.nn.Module, q_online: torch.nn.Module,
+            batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The TD targets of a minibatch for the target the hyperparameters choose."""
+    if hp.munchausen:
+        with torch.no_grad():
+            return munchausen_targets(q_target(batch["obs"]), q_target(batch["next_obs"]), batch["actions"],
+                                      batch["rewards"], batch["terminated"], hp.gamma, hp.munchausen,
+                                      hp.entropy_tau, hp.log_policy_clip)
+    return dqn_targets(q_target, q_online, batch, hp.gamma, hp.double_q)
 
 
 class DQNTrainer(RLTrainer):
@@ -111,7 +153,7 @@ class DQNTrainer(RLTrainer):
             for _ in range(hp.gradient_steps):
                 batch = self.buffer.sample(hp.batch_size, self.device)
                 batch["rewards"] = self.scale_rewards(batch["rewards"])
-                y = dqn_targets(self.q_target, self.q_net, batch, hp.gamma, hp.double_q)
+                y = targets(hp, self.q_target, self.q_net, batch)
                 q = self.q_net(batch["obs"]).gather(1, batch["actions"].long().unsqueeze(1)).squeeze(1)
                 loss = F.smooth_l1_loss(q, y) if hp.loss == "huber" else F.mse_loss(q, y)
                 self.optimizer.step(loss, progress)

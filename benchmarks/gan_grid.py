@@ -3,13 +3,16 @@
 
     python benchmarks/gan_grid.py probe
     python benchmarks/gan_grid.py train --seeds 7000 --every 5000 [--set hparams.d_fourier_features=64 ...]
+    python benchmarks/gan_grid.py train --seeds 7100 --raw-weight 1 --set hparams.d_fourier_features=64 ...
 
 `probe` trains only grid_gan.yaml's discriminator, as its trainer builds it (pac 4, 3 x 200, Adam 2e-4), to
 tell grid25's points from the same points blurred by Gaussian noise of std 0.3, as a blurry generator's
 samples would be, and prints its loss (2 ln 2 = 1.386: it cannot tell them apart), with raw coordinates
 and with 64 random Fourier features. `train` trains `experiments/grid_gan.yaml` (with the overrides)
 in-process, one thread per seed, two seeds at a time, and prints modes covered and the high-quality
-fraction every `--every` iterations.
+fraction every `--every` iterations. `--raw-weight w` trains a second discriminator on raw coordinates
+beside the Fourier one (the spec's own, with its own Adam) and adds w times its non-saturating loss to the
+generator's (a variant tried and not kept in the trainer; docs/benchmarks.md, "Two discriminators").
 """
 
 from __future__ import annotations
@@ -50,13 +53,59 @@ def probe(fourier: int, steps: int = 3000, blur: float = 0.3) -> list[float]:
     return losses
 
 
-def train(args: tuple[dict, int, int]) -> tuple[int, float, list[tuple[int, float, float]]]:
-    overrides, seed, every = args
+def two_discriminators(raw_weight: float) -> type:
+    """The GAN trainer with a second, raw-coordinate discriminator beside its Fourier one."""
+    from labfleet.algorithms.generative.base import mlp
+    from labfleet.algorithms.generative.gan import GANTrainer
+    from labfleet.algorithms.optim import ScheduledOptimizer
+
+    class TwoDiscriminators(GANTrainer):
+        def build(self) -> None:
+            super().build()
+            hp = self.hp
+            self.d_raw = mlp([2 * hp.pac, *(hp.d_hidden or hp.hidden), 1], activation=lambda: nn.LeakyReLU(0.2))
+            self.models["discriminator_raw"] = self.d_raw
+            self.optimizers["discriminator_raw"] = ScheduledOptimizer(self.d_raw.parameters(), hp)
+
+        def step(self, batch: torch.Tensor) -> dict[str, float]:
+            softplus, fraction = nn.functional.softplus, self.budget_fraction()
+            real = self.scaled(batch)
+            if self.fourier is not None and self.fourier.ramp is not None:
+                self.fourier.progress.fill_(fraction)
+            fake = self.generate_scaled(len(real), self.torch_gen).detach()
+
+            def packed(x: torch.Tensor) -> torch.Tensor:
+                return x.reshape(-1, self.hp.pac * 2)
+
+            d_loss = softplus(-self.judge(real)).mean() + softplus(self.judge(fake)).mean()
+            self.optimizers["discriminator"].step(d_loss, fraction)
+            raw_loss = softplus(-self.d_raw(packed(real))).mean() + softplus(self.d_raw(packed(fake))).mean()
+            self.optimizers["discriminator_raw"].step(raw_loss, fraction)
+            generated = self.generate_scaled(len(real), self.torch_gen)
+            g_loss = (softplus(-self.judge(generated)).mean()
+                      + raw_weight * softplus(-self.d_raw(packed(generated))).mean())
+            judges = [*self.discriminator.parameters(), *self.d_raw.parameters()]
+            for p in judges:
+                p.requires_grad_(False)
+            try:
+                self.optimizers["generator"].step(g_loss, fraction)
+            finally:
+                for p in judges:
+                    p.requires_grad_(True)
+            return {"loss/generator": float(g_loss.detach()), "loss/discriminator": float(d_loss.detach()),
+                    "loss/discriminator_raw": float(raw_loss.detach())}
+
+    return TwoDiscriminators
+
+
+def train(args: tuple[dict, int, int, float]) -> tuple[int, float, list[tuple[int, float, float]]]:
+    overrides, seed, every, raw_weight = args
     torch.set_num_threads(1)
     from labfleet.algorithms import registry
     from labfleet.spec.loading import load_spec
 
-    trainer = registry.get("gan").trainer(load_spec(SPEC, overrides), seed, "cpu")
+    trainer_class = two_discriminators(raw_weight) if raw_weight else registry.get("gan").trainer
+    trainer = trainer_class(load_spec(SPEC, overrides), seed, "cpu")
     start, curve = time.perf_counter(), []
     while not trainer.done:
         trainer.train_iteration()
@@ -72,6 +121,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="7000")
     parser.add_argument("--every", type=int, default=5000)
     parser.add_argument("--set", action="append", default=[], metavar="PATH=YAML", help="a spec override")
+    parser.add_argument("--raw-weight", type=float, default=0.0,
+                        help="train a second, raw-coordinate discriminator; its weight in the generator's loss")
     args = parser.parse_args()
     if args.mode == "probe":
         for fourier in (0, 64):
@@ -81,10 +132,10 @@ def main() -> None:
     from labfleet.spec.loading import parse_set_options
 
     overrides = parse_set_options(args.set)  # as `labfleet run --set` reads them
-    jobs = [(overrides, int(seed), args.every) for seed in args.seeds.split(",")]
+    jobs = [(overrides, int(seed), args.every, args.raw_weight) for seed in args.seeds.split(",")]
     with mp.get_context("spawn").Pool(2) as pool:
         for seed, seconds, curve in pool.imap_unordered(train, jobs):
-            print(json.dumps({"overrides": overrides, "seed": seed, "seconds": seconds,
+            print(json.dumps({"overrides": overrides, "raw_weight": args.raw_weight, "seed": seed, "seconds": seconds,
                               "steps, modes, high-quality fraction": curve}), flush=True)
 
 

@@ -63,9 +63,12 @@ def two_discriminators(raw_weight: float) -> type:
         def build(self) -> None:
             super().build()
             hp = self.hp
+            if hp.d_steps != 1 or hp.gp_weight:
+                raise ValueError("--raw-weight trains one step of each discriminator without a gradient penalty")
             self.d_raw = mlp([2 * hp.pac, *(hp.d_hidden or hp.hidden), 1], activation=lambda: nn.LeakyReLU(0.2))
             self.models["discriminator_raw"] = self.d_raw
-            self.optimizers["discriminator_raw"] = ScheduledOptimizer(self.d_raw.parameters(), hp)
+            d_hp = hp.model_copy(update={"learning_rate": hp.d_learning_rate}) if hp.d_learning_rate else hp
+            self.optimizers["discriminator_raw"] = ScheduledOptimizer(self.d_raw.parameters(), d_hp)
 
         def step(self, batch: torch.Tensor) -> dict[str, float]:
             softplus, fraction = nn.functional.softplus, self.budget_fraction()

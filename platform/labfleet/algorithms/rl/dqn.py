@@ -111,10 +111,10 @@ def targets(hp: DQNHParams, q_target: torch.nn.Module, q_online: torch.nn.Module
             batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The TD targets of a minibatch for the target the hyperparameters choose."""
     if hp.munchausen:
-        with torch.no_grad():
-            return munchausen_targets(q_target(batch["obs"]), q_target(batch["next_obs"]), batch["actions"],
-                                      batch["rewards"], batch["terminated"], hp.gamma, hp.munchausen,
-                                      hp.entropy_tau, hp.log_policy_clip)
+        with torch.no_grad():  # the target network's values only
+            q_obs, q_next = q_target(torch.cat([batch["obs"], batch["next_obs"]])).chunk(2)
+        return munchausen_targets(q_obs, q_next, batch["actions"], batch["rewards"], batch["terminated"], hp.gamma,
+                                  hp.munchausen, hp.entropy_tau, hp.log_policy_clip)
     return dqn_targets(q_target, q_online, batch, hp.gamma, hp.double_q)
 
 

@@ -141,7 +141,10 @@ def close_engines() -> None:
         return
     import gc
 
-    for engine in [o for o in gc.get_objects() if isinstance(o, sqlalchemy.engine.Engine)]:
+    # type(o), not isinstance(o, ...): isinstance falls back to o.__class__, and some of torch's module-level
+    # objects warn when that is read (a FutureWarning for torch.distributed.reduce_op at every command's end)
+    engine_type = sqlalchemy.engine.Engine
+    for engine in [o for o in gc.get_objects() if issubclass(type(o), engine_type)]:
         try:
             engine.dispose()
         except Exception:  # noqa: BLE001 - a store that cannot close now is left to the operating system

@@ -83,13 +83,16 @@ def connect_ray(address: str | None, code_dirs: list[str] | None = None) -> None
     if problem:
         raise SpecError([Problem("--address" if address else "$RAY_ADDRESS", "", problem)])
     verbose = bool(os.environ.get("LABFLEET_VERBOSE"))
-    # Workers import users' own modules (env and algorithm import paths) from the specs' directories, as
-    # the driver does; a submitted job ships its working directory instead.
-    paths = [str(Path(d).resolve()) for d in code_dirs or []] + [os.getcwd()]
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
-        dict.fromkeys(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))}}
-    ray.init(address=target, logging_level=logging.WARNING if verbose else logging.ERROR, include_dashboard=False,
-             runtime_env=runtime_env if target == "local" else None)
+    if target == "local":
+        # Workers import users' own modules (env and algorithm import paths) from the specs' directories, as
+        # the driver does; a submitted job ships its working directory instead. The path goes into the
+        # environment the local instance's processes inherit, not into a runtime_env: workers of a job with
+        # a runtime_env cannot be the ones Ray starts ahead, so each trial actor would wait for a new process
+        # (measured: an actor's first call 1.25 s after creation with one, 0.43 s without).
+        paths = [str(Path(d).resolve()) for d in code_dirs or []] + [os.getcwd()]
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            dict.fromkeys(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    ray.init(address=target, logging_level=logging.WARNING if verbose else logging.ERROR, include_dashboard=False)
 
 
 def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None) -> tuple[str, Tracker]:

@@ -82,8 +82,5 @@ def test_killed_driver_continues_from_durable_checkpoints(tmp_path: Path, tracki
         _assert_same_model_as_a_fault_free_run(SPEC_RESOLVED, int(run.data.tags["labfleet.seed"]), final)
     trial = next(r for r in after.values() if r.data.tags["labfleet.role"] == "trial")
     assert "eval/return_mean" in trial.data.metrics  # aggregated over both seeds at the end
-
-    third = run_cli(*command[3:], cwd=tmp_path, env=env)  # after success: new runs
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert "continuing" not in third.stdout
-    assert len(_runs(client)) == 6
+    # A rerun after success makes new runs: tests/test_first_hour.py (a whole command and two seeds' training
+    # again here, 15-20 s, for the same lookup of unfinished runs).

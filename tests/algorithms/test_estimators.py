@@ -139,6 +139,8 @@ def test_munchausen_and_double_q_are_refused_together():
     with pytest.raises(ValueError, match="munchausen and double_q"):
         DQNHParams(munchausen=0.9, double_q=True)
     assert DQNHParams(munchausen=0.9).munchausen == 0.9
+    with pytest.raises(ValueError, match="munchausen's target is a one-step target"):
+        DQNHParams(munchausen=0.9, n_step=3)
 
 
 @pytest.mark.parametrize(("ratio", "adv", "expected"), [

@@ -38,6 +38,8 @@ CASES = {
     # the 5th iteration; the squared error alone, one at the 11th)
     "dqn-mse": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000, "hparams.loss": "mse",
                 "hparams.gradient_steps": 32},
+    "dqn-n-step": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000,
+                   "hparams.gradient_steps": 32, "hparams.n_step": 3, "hparams.n_envs": 2},
     "dqn-munchausen": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000,
                        "hparams.gradient_steps": 32, "hparams.double_q": False, "hparams.munchausen": 0.9},
     # DDPG: after some tens of Adam steps of the 400x300 ReLU nets the runs part, as for Pendulum's PPO above,

@@ -41,6 +41,7 @@ def build(algorithm: str, seed: int = 0):
 VARIANTS = {
     **{f"{name}+normalize": (name, {"hparams.normalize": True})
        for name in ("ppo", "a2c", "reinforce", "dqn", "ddpg")},
+    "dqn+n_step": ("dqn", {"hparams.n_step": 3}),
     "ppo+wrappers": ("ppo", {"env_wrappers": [{"type": "TimeLimit", "kwargs": {"max_episode_steps": 30}},
                                               {"type": "ClipReward", "kwargs": {"max_reward": 0.5},
                                                "train_only": True}]}),

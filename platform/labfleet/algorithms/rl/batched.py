@@ -611,7 +611,7 @@ class BatchedDQN(BatchedGroup):
                 else:
                     chooser = self._q(x_next) if hp.double_q else next_q_all
                     next_q = next_q_all.gather(-1, chooser.argmax(dim=-1, keepdim=True)).squeeze(-1)
-                    y = td_target(stacked["rewards"], next_q, stacked["terminated"], hp.gamma)
+                    y = td_target(stacked["rewards"], next_q, stacked["terminated"], stacked.get("discounts", hp.gamma))
             q = self._q(self._encode(stacked["obs"])).gather(-1, stacked["actions"].long().unsqueeze(-1)).squeeze(-1)
             loss = (F.smooth_l1_loss(q, y, reduction="none") if hp.loss == "huber"
                     else F.mse_loss(q, y, reduction="none")).mean(1)

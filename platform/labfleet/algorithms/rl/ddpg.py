@@ -157,7 +157,7 @@ class DDPGTrainer(RLTrainer):
         self.behaviour = NoisyActor(self.actor, space, hp, self.device)
         obs_space = self.observation_space
         self.buffer = ReplayBuffer(hp.buffer_size, obs_space.shape or (), obs_space.dtype, space.shape or (),
-                                   np.float32, derive_seed(seed, "replay"))
+                                   np.float32, derive_seed(seed, "replay"), n_envs=hp.n_envs)
 
     def train_iteration(self) -> dict[str, float]:
         hp = self.hp

@@ -6,7 +6,9 @@ One iteration:
                random actions until learning_starts); store (s, a, r, s', terminated) in the replay buffer
   2. for each of gradient_steps minibatches from the buffer (once learning_starts steps are collected):
        target  y = r + gamma * Q_targ(s', argmax_a' Q(s', a')) * (1 - terminated)
-               where the inner argmax uses Q_targ (DQN) or Q_theta (Double DQN); with `munchausen: alpha`
+               where the inner argmax uses Q_targ (DQN) or Q_theta (Double DQN); with `n_step: n`, r is the
+               discounted sum of up to n rewards, s' the state after them and gamma gamma^k for the k summed
+               (see ReplayBuffer); with `munchausen: alpha`
                (M-DQN) y = r + alpha * clip(tau ln pi(a|s), l0, 0) + gamma * tau lse(Q_targ(s') / tau) instead,
                pi = softmax(Q_targ / tau) (see `munchausen_targets`)
        loss    Huber(Q_theta(s, a) - y) (or the squared error)
@@ -51,6 +53,8 @@ class DQNHParams(OptimHParams, EpsilonGreedyHParams, ObservationHParams):
     gradient_steps: PositiveInt = Field(1, description="Gradient steps per training phase.")
     target_update_interval: PositiveInt = Field(10_000, description="Env steps between target updates.")
     double_q: bool = Field(False, description="Double DQN: the online network picks the next action.")
+    n_step: PositiveInt = Field(1, le=100, description="Multi-step targets: sum n rewards, then bootstrap with "
+                                "gamma^n (Rainbow uses 3); 1: one-step DQN.")
     loss: Literal["huber", "mse"] = Field("huber", description="Huber (smooth L1) or squared TD error.")
     net_arch: list[Width] = Field(default_factory=lambda: [64, 64], description="Hidden layer sizes.")
     activation: Literal["tanh", "relu"] = "relu"
@@ -64,6 +68,8 @@ class DQNHParams(OptimHParams, EpsilonGreedyHParams, ObservationHParams):
     def _one_target(self) -> DQNHParams:
         if self.munchausen and self.double_q:
             raise ValueError("munchausen and double_q are two different targets: set one of them")
+        if self.munchausen and self.n_step > 1:
+            raise ValueError("munchausen's target is a one-step target: use n_step 1 with it")
         return self
 
 
@@ -87,7 +93,7 @@ def dqn_targets(q_target: torch.nn.Module, q_online: torch.nn.Module, batch: dic
         else:
             next_actions = next_q_all.argmax(dim=1, keepdim=True)
         next_q = next_q_all.gather(1, next_actions).squeeze(1)
-        return td_target(batch["rewards"], next_q, batch["terminated"], gamma)
+        return td_target(batch["rewards"], next_q, batch["terminated"], batch.get("discounts", gamma))
 
 
 def munchausen_targets(q_target_obs: torch.Tensor, q_target_next: torch.Tensor, actions: torch.Tensor,
@@ -134,7 +140,7 @@ class DQNTrainer(RLTrainer):
         self.behaviour = EpsilonGreedyNet(self.q_net, n_actions, self.device)
         space = self.observation_space
         self.buffer = ReplayBuffer(hp.buffer_size, space.shape or (), space.dtype, (), np.int64,
-                                   derive_seed(seed, "replay"))
+                                   derive_seed(seed, "replay"), n_step=hp.n_step, gamma=hp.gamma, n_envs=hp.n_envs)
         self.last_target_update = 0
 
     def train_iteration(self) -> dict[str, float]:

@@ -49,10 +49,11 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, terminated: torc
     return advantages
 
 
-def td_target(rewards: torch.Tensor, next_q: torch.Tensor, terminated: torch.Tensor, gamma: float) -> torch.Tensor:
+def td_target(rewards: torch.Tensor, next_q: torch.Tensor, terminated: torch.Tensor,
+              gamma: float | torch.Tensor) -> torch.Tensor:
     """One-step TD target r + gamma * max_a' Q(s', a') (or the caller's choice of next value), with no
     bootstrap past a terminal state. A truncated transition is bootstrapped: time limits are not
-    terminal states."""
+    terminal states. `gamma` may be a tensor of per-sample discounts (gamma^k of k-step transitions)."""
     return rewards + gamma * next_q * (~terminated).float()
 
 

@@ -469,6 +469,10 @@ def enjoy(
             (out / f"{image}.png").write_bytes(data)
             typer.echo(f"{name}: wrote {out / image}.png")
         return
+    if video and trainer.spec.env_backend == "envpool":
+        with bad_input_exits_2():
+            raise SpecError([Problem("labfleet enjoy", "--video", "videos are rendered through gymnasium; this run "
+                                     "stepped EnvPool's environments (env_backend: envpool)")])
     if video:
         import importlib.util
 

@@ -113,6 +113,10 @@ def play(trainer: Any, episodes: int, video_dir: Path | None, seed: int = 0) -> 
     from labfleet.rollout.sampler import clip_to_space
 
     spec = trainer.spec
+    if spec.env_backend == "envpool":
+        if video_dir is not None:
+            raise ValueError("videos are rendered through gymnasium; this spec steps EnvPool's environments")
+        return _play_vector(trainer, EnvMaker.from_spec(spec), episodes, seed)
     env = EnvMaker.from_spec(spec).make(evaluation=True, **({"render_mode": "rgb_array"} if video_dir else {}))
     if video_dir is not None:
         env = gym.wrappers.RecordVideo(env, str(video_dir), episode_trigger=lambda _: True, disable_logger=True)
@@ -129,6 +133,28 @@ def play(trainer: Any, episodes: int, video_dir: Path | None, seed: int = 0) -> 
             returns.append(total)
     finally:
         env.close()
+    return returns
+
+
+def _play_vector(trainer: Any, maker: Any, episodes: int, seed: int) -> list[float]:
+    """`play` on a vector env of one (EnvPool's), episode k seeded as `play` seeds it."""
+    from labfleet.rollout.envs import derive_seed
+    from labfleet.rollout.sampler import clip_to_space
+
+    envs = maker.make_vector(1, evaluation=True)
+    returns = []
+    try:
+        for episode in range(episodes):
+            obs, _ = envs.reset(seed=[derive_seed(seed, "enjoy", episode)])
+            total, done = 0.0, False
+            while not done:
+                actions = clip_to_space(trainer.greedy_actions(np.asarray(obs)), envs.single_action_space)
+                obs, reward, terminated, truncated, _ = envs.step(actions)
+                total += float(reward[0])
+                done = bool(terminated[0] or truncated[0])
+            returns.append(total)
+    finally:
+        envs.close()
     return returns
 
 

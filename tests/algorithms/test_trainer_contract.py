@@ -37,11 +37,14 @@ def build(algorithm: str, seed: int = 0):
 
 
 # Variants the algorithm-by-algorithm runs above do not reach: running normalisation (its statistics are
-# trainer state) for every deep learner, and wrappers. (The CNN path: tests/algorithms/test_atari.py.)
+# trainer state) for every deep learner, wrappers, and EnvPool. (The CNN path: tests/algorithms/test_atari.py.)
 VARIANTS = {
     **{f"{name}+normalize": (name, {"hparams.normalize": True})
        for name in ("ppo", "a2c", "reinforce", "dqn", "ddpg")},
     "dqn+n_step": ("dqn", {"hparams.n_step": 3}),
+    # EnvPool's environments (rollout/envpool_backend.py): a discrete and a continuous action space
+    "ppo+envpool": ("ppo", {"env_backend": "envpool"}),
+    "ddpg+envpool": ("ddpg", {"env_backend": "envpool"}),
     "ppo+wrappers": ("ppo", {"env_wrappers": [{"type": "TimeLimit", "kwargs": {"max_episode_steps": 30}},
                                               {"type": "ClipReward", "kwargs": {"max_reward": 0.5},
                                                "train_only": True}]}),

@@ -24,12 +24,12 @@ def _policy() -> NumpyPolicy:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_workers", [1, 2])
-def test_workers_return_the_in_process_rollouts(ray_local, n_workers):
+@pytest.mark.parametrize(("n_workers", "backend"), [(1, "gymnasium"), (2, "gymnasium"), (2, "envpool")])
+def test_workers_return_the_in_process_rollouts(ray_local, n_workers, backend):
     policy = _policy()
-    local = VectorSampler(EnvMaker("CartPole-v1"), 4, seed=11)
-    group = RolloutWorkerGroup(EnvMaker("CartPole-v1"), 4, n_workers, seed=11, generation=0, policy=policy,
-                               cpus_per_worker=0.5)
+    maker = EnvMaker("CartPole-v1", backend=backend)
+    local = VectorSampler(maker, 4, seed=11)
+    group = RolloutWorkerGroup(maker, 4, n_workers, seed=11, generation=0, policy=policy, cpus_per_worker=0.5)
     try:
         for _ in range(3):  # the policy changes between rollouts; workers must follow it
             expected, got = local.collect(policy, 50), group.collect(policy, 50)

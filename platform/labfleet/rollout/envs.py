@@ -116,18 +116,34 @@ class EnvMaker:
     env: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     wrappers: tuple[tuple[str, dict[str, Any], bool], ...] = ()  # (name, kwargs, train_only)
+    backend: str = "gymnasium"  # or "envpool": `kwargs` are then EnvPool's options (rollout/envpool_backend.py)
 
     @classmethod
     def from_spec(cls, spec: Any) -> EnvMaker:
         assert spec.env is not None
         return cls(spec.env, dict(spec.env_kwargs),
-                   tuple((w.type, dict(w.kwargs), w.train_only) for w in spec.env_wrappers))
+                   tuple((w.type, dict(w.kwargs), w.train_only) for w in spec.env_wrappers), spec.env_backend)
+
+    def spaces(self) -> tuple[gym.Space, gym.Space]:
+        """One environment's (observation space, action space), as the policy sees them."""
+        if self.backend == "envpool":
+            from labfleet.rollout import envpool_backend
+
+            return envpool_backend.spaces(self.env, self.kwargs)
+        env = self.make()
+        try:
+            return env.observation_space, env.action_space
+        finally:
+            env.close()
 
     def _wrappers(self, evaluation: bool) -> list[Any]:
         return [partial(wrapper_class(name), **kwargs) for name, kwargs, train_only in self.wrappers
                 if not (evaluation and train_only)]
 
     def make(self, evaluation: bool = False, **overrides: Any) -> gym.Env:
+        """One environment (gymnasium's; a spec on EnvPool steps vector envs only, see `make_vector`)."""
+        if self.backend == "envpool":
+            raise ValueError(f"{self.env} runs on EnvPool (env_backend: envpool), which makes vector envs only")
         env = gym.make(_env_id(self.env), **{**self.kwargs, **overrides})
         for wrap in self._wrappers(evaluation):
             env = wrap(env)
@@ -136,7 +152,11 @@ class EnvMaker:
     def make_vector(self, n_envs: int, evaluation: bool = False) -> gym.vector.VectorEnv:
         """A synchronous vector env that autoresets in the same step, so `info["final_obs"]` carries the
         last observation of an episode (needed to bootstrap a truncated one); `evaluation` leaves out the
-        train-only wrappers."""
+        train-only wrappers. On EnvPool, the same semantics (`envpool_backend.EnvPoolVectorEnv`)."""
+        if self.backend == "envpool":
+            from labfleet.rollout.envpool_backend import EnvPoolVectorEnv
+
+            return EnvPoolVectorEnv(self.env, n_envs, self.kwargs, evaluation)
         return gym.make_vec(
             _env_id(self.env), num_envs=n_envs, vectorization_mode="sync",
             # The passive checker wraps every step but checks only the first; `labfleet validate` makes the env.

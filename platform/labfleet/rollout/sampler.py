@@ -112,7 +112,9 @@ class VectorSampler:
             self.set_state(state)
 
     def get_state(self) -> dict[str, Any] | None:
-        envs = [envstate.snapshot(env) for env in self.envs.envs]  # type: ignore[attr-defined]
+        if not hasattr(self.envs, "envs"):  # EnvPool's: its C++ environments cannot be saved
+            return None
+        envs = [envstate.snapshot(env) for env in self.envs.envs]
         if any(s is None for s in envs):
             return None
         return {"envs": envs, "obs": torch.from_numpy(np.array(self.obs)),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
@@ -71,16 +72,22 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
     if spec.env is None:
         return [*problems, ("env", f"{info.name} needs an env (a gymnasium id or \"package.module:Class\")")]
     problems += _rollout_worker_problems(spec, info)
-    if spec.eval.video:
-        import importlib.util
-
-        if importlib.util.find_spec("moviepy") is None:
-            problems.append(("eval.video", "recording needs moviepy: pip install 'labfleet[video]'"))
+    if spec.env_backend == "envpool":
+        return problems + _envpool_problems(spec, info, check_env)
+    problems += _video_problems(spec)
     if check_env:
         problems += _env_problems(spec, info, spec_dir)
     else:
         problems += check_wrappers(spec, spec_dir)
     return problems
+
+
+def _video_problems(spec: ExperimentSpec) -> list[tuple[str, str]]:
+    import importlib.util
+
+    if spec.eval.video and importlib.util.find_spec("moviepy") is None:
+        return [("eval.video", "recording needs moviepy: pip install 'labfleet[video]'")]
+    return []
 
 
 def _generative_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tuple[str, str]]:
@@ -91,6 +98,8 @@ def _generative_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tupl
         problems.append(("env", f"{info.name} trains on a `dataset:`, not an env"))
     if spec.env_wrappers:
         problems.append(("env_wrappers", f"{info.name} has no environment to wrap"))
+    if spec.env_backend != "gymnasium":
+        problems.append(("env_backend", f"{info.name} has no environment to step"))
     if spec.dataset is None:
         problems.append(("dataset", f"{info.name} needs a dataset (one of: {', '.join(DATASETS)})"))
     elif spec.dataset not in DATASETS:
@@ -124,6 +133,8 @@ def _custom_problems(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool,
         problems.append(("resources.data_parallel", f"{info.name} runs in one process: use 1"))
     if spec.dataset is not None and spec.dataset not in DATASETS:
         problems.append(("dataset", f"unknown dataset {spec.dataset!r}; known: {', '.join(DATASETS)}"))
+    if spec.env is not None and spec.env_backend == "envpool":
+        return problems + _envpool_problems(spec, info, check_env)
     if spec.env is not None and check_env and (problem := check_env_id(spec.env, spec_dir)):
         problems.append(("env", problem))
     problems += check_wrappers(spec, spec_dir)
@@ -183,24 +194,59 @@ def _env_problems(spec: ExperimentSpec, info: AlgorithmInfo, spec_dir: Path | No
             env.close()
             return [(f"env_wrappers.{i}.train_only", f"{wrapper.type} changes the spaces, so the evaluation envs "
                      f"(made without it) would not fit the policy: only wrappers that keep them may be train-only")]
-    problems = []
     try:
-        obs_kind, act_kind = describe_spaces(env)
-        if act_kind not in info.action_spaces:
-            problems.append(("algorithm", f"{info.name} needs a {' or '.join(info.action_spaces)} action space; "
-                             f"{spec.env} has {env.action_space}"))
-        if obs_kind not in info.observation_spaces:
-            problems.append(("algorithm", f"{info.name} needs {' or '.join(info.observation_spaces)} observations; "
-                             f"{spec.env} has {env.observation_space}"))
-        normalize = spec.hparams.get("normalize")
-        if (normalize is True or (isinstance(normalize, dict) and normalize.get("obs"))) and obs_kind == "discrete":
-            problems.append(("hparams.normalize.obs", f"{spec.env} has discrete observations (one-hot encoded): "
-                             f"there is nothing to normalise; use normalize: {{reward: true}}"))
+        problems = _space_problems(spec, info, env)
         if info.needs_transition_model and not hasattr(env.unwrapped, "P"):
             problems.append(("algorithm", f"{info.name} needs the transition model `env.unwrapped.P`, which "
                              f"{spec.env} does not expose"))
     finally:
         env.close()
+    return problems
+
+
+def _space_problems(spec: ExperimentSpec, info: AlgorithmInfo, env: Any) -> list[tuple[str, str]]:
+    """The algorithm's spaces against the env's (anything with `observation_space` and `action_space`)."""
+    problems = []
+    obs_kind, act_kind = describe_spaces(env)
+    if act_kind not in info.action_spaces:
+        problems.append(("algorithm", f"{info.name} needs a {' or '.join(info.action_spaces)} action space; "
+                         f"{spec.env} has {env.action_space}"))
+    if obs_kind not in info.observation_spaces:
+        problems.append(("algorithm", f"{info.name} needs {' or '.join(info.observation_spaces)} observations; "
+                         f"{spec.env} has {env.observation_space}"))
+    normalize = spec.hparams.get("normalize")
+    if (normalize is True or (isinstance(normalize, dict) and normalize.get("obs"))) and obs_kind == "discrete":
+        problems.append(("hparams.normalize.obs", f"{spec.env} has discrete observations (one-hot encoded): "
+                         f"there is nothing to normalise; use normalize: {{reward: true}}"))
+    return problems
+
+
+def _envpool_problems(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool) -> list[tuple[str, str]]:
+    """`env_backend: envpool`: an EnvPool id with EnvPool's options, no gymnasium wrappers, no transition model.
+    Only EnvPool's option parser runs; nothing is made."""
+    from labfleet.rollout import envpool_backend
+
+    assert spec.env is not None
+    problems: list[tuple[str, str]] = []
+    if info.needs_transition_model:
+        problems.append(("env_backend", f"{info.name} reads gymnasium's transition model and steps no "
+                         f"environments: use env_backend: gymnasium"))
+    if spec.env_wrappers:
+        problems.append(("env_wrappers", "EnvPool's environments take no gymnasium wrappers: EnvPool's own options "
+                         "go in env_kwargs (Atari: stack_num, frame_skip, episodic_life, reward_clip, ...)"))
+    if spec.eval.video:
+        problems.append(("eval.video", "videos are rendered through gymnasium; EnvPool's environments are not "
+                         "recorded: use env_backend: gymnasium for a run with video"))
+    if ":" in spec.env:
+        return [*problems, ("env", f"EnvPool steps its own environments: an EnvPool id, not an import path "
+                            f"({spec.env})")]
+    if check_env:
+        problem = envpool_backend.check_task(spec.env, dict(spec.env_kwargs))
+        if problem is not None:
+            where = "env_kwargs" if spec.env_kwargs and "has no environment" not in problem else "env"
+            return [*problems, (where, problem)]
+        obs_space, act_space = envpool_backend.spaces(spec.env, dict(spec.env_kwargs))
+        problems += _space_problems(spec, info, SimpleNamespace(observation_space=obs_space, action_space=act_space))
     return problems
 
 

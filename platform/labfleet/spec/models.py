@@ -237,6 +237,9 @@ class ExperimentSpec(StrictModel):
     env_wrappers: list[WrapperSpec] = Field(default_factory=list, max_length=32, description="Wrappers applied "
                                             "in order to every env instance (training, rollout workers, "
                                             "evaluation).")
+    env_backend: Literal["gymnasium", "envpool"] = Field(
+        "gymnasium", description="Who steps the environments: gymnasium's vector env, or EnvPool's C++ envs "
+        "(`pip install 'labfleet[envpool]'`; `env` is then an EnvPool id, env_kwargs its options, no env_wrappers).")
     dataset: str | None = Field(None, description="A dataset name (generative models; `labfleet list datasets`).")
     dataset_kwargs: dict[str, Any] = Field(default_factory=dict, description="Arguments of the dataset's loader "
                                            "(`path` for mnist / fashion_mnist).")

@@ -48,10 +48,9 @@ class RLTrainer(Trainer):
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)
         self.env_maker = EnvMaker.from_spec(spec)
-        probe_env = self.env_maker.make()
-        self.observation_space: gym.Space = probe_env.observation_space
-        self.action_space: gym.Space = probe_env.action_space
-        probe_env.close()
+        spaces = self.env_maker.spaces()
+        self.observation_space: gym.Space = spaces[0]
+        self.action_space: gym.Space = spaces[1]
         # Running normalisation (hparams.normalize of the deep learners; see `normalize`): the trainer alone
         # updates the statistics, once per rollout.
         norm = getattr(self.hp, "normalize", None)

@@ -140,3 +140,25 @@ def test_enjoy_plays_episodes_on_envpool_and_refuses_video(tmp_path):
     assert play(trainer, 2, None) == returns, "episode k is seeded alike each time"
     with pytest.raises(ValueError, match="rendered through gymnasium"):
         play(trainer, 1, tmp_path)
+
+
+def test_atari_on_envpool_feeds_the_cnn_and_evaluates_the_whole_game():
+    from labfleet.algorithms import registry
+    from labfleet.algorithms.rl.networks import NatureCNN
+
+    options = {"episodic_life": True, "reward_clip": True, "max_episode_steps": 1000}
+    evaluation = EnvPoolVectorEnv("Breakout-v5", 1, options, evaluation=True).options
+    assert evaluation["episodic_life"] is False and evaluation["reward_clip"] is False
+    assert evaluation["max_episode_steps"] == 1000
+    spec = load_spec(EXPERIMENTS / "atari" / "breakout_ppo.yaml", {
+        "env": "Breakout-v5", "env_backend": "envpool", "env_kwargs": options, "env_wrappers": [],
+        "hparams.n_envs": 2, "hparams.n_steps": 128, "hparams.batch_size": 128, "hparams.n_epochs": 1,
+        "budget.env_steps": 256, "eval.episodes": 1})
+    trainer = registry.get("ppo").trainer(spec, 0, "cpu")
+    assert trainer.observation_space.shape == (4, 84, 84) and trainer.observation_space.dtype == np.uint8
+    assert sum(isinstance(m, NatureCNN) for m in trainer.ac.modules()) == 1
+    before = [p.detach().clone() for p in trainer.ac.parameters()]
+    logged = trainer.train_iteration()
+    assert trainer.done and logged["time/env_steps"] == 256
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ac.parameters(), strict=True))
+    assert trainer.evaluate()["eval/return_mean"] >= 0

@@ -142,6 +142,7 @@ def test_enjoy_plays_episodes_on_envpool_and_refuses_video(tmp_path):
         play(trainer, 1, tmp_path)
 
 
+@pytest.mark.slow
 def test_atari_on_envpool_feeds_the_cnn_and_evaluates_the_whole_game():
     from labfleet.algorithms import registry
     from labfleet.algorithms.rl.networks import NatureCNN

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAIRS = {
     "ppo": {"spec": "cartpole_ppo.yaml", "steps": 100_000, "env": "CartPole-v1", "set": {}},
     "dqn": {"spec": "cartpole_dqn.yaml", "steps": 50_000, "env": "CartPole-v1",
-            "set": {"hparams.learning_rate": 2.3e-3, "hparams.double_q": False}},
+            "set": {"hparams.learning_rate": 2.3e-3, "hparams.double_q": False, "hparams.n_step": 1}},
     "ddpg": {"spec": "pendulum_ddpg.yaml", "steps": 20_000, "env": "Pendulum-v1", "set": {}},
 }
 

@@ -40,8 +40,11 @@ CASES = {
                 "hparams.gradient_steps": 32},
     "dqn-n-step": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000,
                    "hparams.gradient_steps": 32, "hparams.n_step": 3, "hparams.n_envs": 2},
+    "dqn-one-step": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000,
+                     "hparams.gradient_steps": 32, "hparams.n_step": 1},
     "dqn-munchausen": {"algorithm": "dqn", "spec": "cartpole_dqn.yaml", "budget.env_steps": 2000,
-                       "hparams.gradient_steps": 32, "hparams.double_q": False, "hparams.munchausen": 0.9},
+                       "hparams.gradient_steps": 32, "hparams.double_q": False, "hparams.munchausen": 0.9,
+                       "hparams.n_step": 1},
     # DDPG: after some tens of Adam steps of the 400x300 ReLU nets the runs part, as for Pendulum's PPO above,
     # and where depends on the CPU's rounding: on one machine after about 60 (metrics to 1e-6 up to there,
     # 1e-2 soon after); on a machine with AVX-512 the weights were 1e-6 apart after 20 steps, up to 4e-5

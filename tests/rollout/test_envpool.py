@@ -163,3 +163,11 @@ def test_atari_on_envpool_feeds_the_cnn_and_evaluates_the_whole_game():
     assert trainer.done and logged["time/env_steps"] == 256
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ac.parameters(), strict=True))
     assert trainer.evaluate()["eval/return_mean"] >= 0
+
+
+def test_without_envpool_the_backend_is_refused_with_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "envpool", None)  # import envpool raises ImportError
+    [problem] = _problems({})
+    assert problem.startswith("env_backend: EnvPool is not installed: pip install 'labfleet[envpool]'")

@@ -36,34 +36,19 @@ EVALUATION_OVERRIDES = {"episodic_life": False, "reward_clip": False}
 DEFAULT_THREADS = 1  # one stepping thread a pool; `env_kwargs: {num_threads: N}` for more
 
 
-def available() -> bool:
-    try:
-        import envpool  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _envpool() -> Any:
+def require() -> Any:
+    """The envpool module, or ImportError saying how to install it."""
     try:
         import envpool
     except ImportError:
-        raise ImportError("env_backend: envpool needs EnvPool: pip install 'labfleet[envpool]'") from None
+        raise ImportError("EnvPool is not installed: pip install 'labfleet[envpool]'") from None
     return envpool
-
-
-def task_ids() -> list[str]:
-    return sorted(_envpool().list_all_envs())
 
 
 def check_task(env: str, kwargs: dict[str, Any]) -> str | None:
     """Why EnvPool cannot make `env` with `kwargs` (None when it can): an unknown id, or an unknown or bad
-    option. Builds EnvPool's config only; no environment is made."""
-    try:
-        envpool = _envpool()
-    except ImportError as exc:
-        return str(exc)
-    known = envpool.list_all_envs()
+    option. Builds EnvPool's config only; no environment is made. ImportError without EnvPool."""
+    known = require().list_all_envs()
     if env not in known:
         close = difflib.get_close_matches(env.removeprefix("ALE/"), known, n=3)
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
@@ -76,7 +61,7 @@ def check_task(env: str, kwargs: dict[str, Any]) -> str | None:
 
 
 def _options(env: str, kwargs: dict[str, Any], evaluation: bool = False) -> dict[str, Any]:
-    config = _envpool().make_spec(env).config._asdict()
+    config = require().make_spec(env).config._asdict()
     options = {"num_threads": DEFAULT_THREADS, **kwargs}
     if evaluation:
         options.update({k: v for k, v in EVALUATION_OVERRIDES.items() if k in config})
@@ -86,7 +71,7 @@ def _options(env: str, kwargs: dict[str, Any], evaluation: bool = False) -> dict
 def _spec(env: str, kwargs: dict[str, Any]) -> Any:
     with warnings.catch_warnings():  # EnvPool builds float32 boxes from float64 bounds, which gymnasium warns of
         warnings.simplefilter("ignore")
-        return _envpool().make_spec(env, **_options(env, kwargs))
+        return require().make_spec(env, **_options(env, kwargs))
 
 
 def spaces(env: str, kwargs: dict[str, Any]) -> tuple[gym.Space, gym.Space]:
@@ -121,7 +106,7 @@ class EnvPoolVectorEnv(gym.vector.VectorEnv):
         self._seeds = seeds
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._pool = _envpool().make_gymnasium(self.task, num_envs=self.num_envs, env_seed=seeds, **self.options)
+            self._pool = require().make_gymnasium(self.task, num_envs=self.num_envs, env_seed=seeds, **self.options)
             _ = self._pool.observation_space, self._pool.action_space  # built (and cached) on first use: warns
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None

@@ -240,6 +240,10 @@ def _envpool_problems(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool
     if ":" in spec.env:
         return [*problems, ("env", f"EnvPool steps its own environments: an EnvPool id, not an import path "
                             f"({spec.env})")]
+    try:
+        envpool_backend.require()
+    except ImportError as exc:
+        return [*problems, ("env_backend", str(exc))]
     if check_env:
         problem = envpool_backend.check_task(spec.env, dict(spec.env_kwargs))
         if problem is not None:

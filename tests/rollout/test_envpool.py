@@ -88,9 +88,8 @@ def test_an_ended_episode_is_reset_in_the_same_step_and_the_next_action_counts()
 def test_each_environment_has_its_own_seed():
     """Environment i of a trial is the same however the trial's environments are split (rollout workers)."""
     maker = EnvMaker("CartPole-v1", backend="envpool")
-    env = gym.make("CartPole-v1")
     torch.manual_seed(0)
-    policy = NumpyPolicy(make_policy(env.observation_space, env.action_space, [16], "tanh"), torch.device("cpu"))
+    policy = NumpyPolicy(make_policy(*maker.spaces(), [16], "tanh"), torch.device("cpu"))
     whole = VectorSampler(maker, 4, seed=7).collect(policy, 300)
     upper = VectorSampler(maker, 2, seed=7, first_env=2).collect(policy, 300)
     for name in ("obs", "actions", "rewards", "terminated", "next_obs"):

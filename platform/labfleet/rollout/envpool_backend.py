@@ -61,9 +61,9 @@ def check_task(env: str, kwargs: dict[str, Any]) -> str | None:
 
 
 def _options(env: str, kwargs: dict[str, Any], evaluation: bool = False) -> dict[str, Any]:
-    config = require().make_spec(env).config._asdict()
     options = {"num_threads": DEFAULT_THREADS, **kwargs}
-    if evaluation:
+    if evaluation:  # only the options this task has (Atari's)
+        config = require().make_spec(env).config._asdict()
         options.update({k: v for k, v in EVALUATION_OVERRIDES.items() if k in config})
     return options
 

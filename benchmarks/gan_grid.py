@@ -10,7 +10,8 @@ tell grid25's points from the same points blurred by Gaussian noise of std 0.3, 
 samples would be, and prints its loss (2 ln 2 = 1.386: it cannot tell them apart), with raw coordinates
 and with 64 random Fourier features. `train` trains `experiments/grid_gan.yaml` (with the overrides)
 in-process, one thread per seed, two seeds at a time, and prints modes covered and the high-quality
-fraction every `--every` iterations. `--raw-weight w` trains a second discriminator on raw coordinates
+fraction every `--every` iterations (with `drs`, of the samples rejection sampling keeps, then of the
+generator's own G(z)). `--raw-weight w` trains a second discriminator on raw coordinates
 beside the Fourier one (the spec's own, with its own Adam) and adds w times its non-saturating loss to the
 generator's (a variant tried and not kept in the trainer; docs/benchmarks.md, "Two discriminators").
 """
@@ -105,6 +106,7 @@ def train(args: tuple[dict, int, int, float]) -> tuple[int, float, list[tuple[in
     overrides, seed, every, raw_weight = args
     torch.set_num_threads(1)
     from labfleet.algorithms import registry
+    from labfleet.algorithms.generative.metrics import mixture_metrics
     from labfleet.spec.loading import load_spec
 
     trainer_class = two_discriminators(raw_weight) if raw_weight else registry.get("gan").trainer
@@ -114,7 +116,13 @@ def train(args: tuple[dict, int, int, float]) -> tuple[int, float, list[tuple[in
         trainer.train_iteration()
         if trainer.steps % every == 0 or trainer.done:
             result = trainer.evaluate()
-            curve.append((trainer.steps, result["eval/modes_covered"], round(result["eval/high_quality_frac"], 3)))
+            point = (trainer.steps, result["eval/modes_covered"], round(result["eval/high_quality_frac"], 3))
+            if trainer.hp.drs:  # and the generator's own samples, G(z) without the rejection step
+                with torch.no_grad():
+                    own = mixture_metrics(trainer.generate_scaled(2500, torch.Generator().manual_seed(12)).numpy(),
+                                          trainer.data.modes, trainer.data.sigma)
+                point += (own["eval/modes_covered"], round(own["eval/high_quality_frac"], 3))
+            curve.append(point)
     return seed, round(time.perf_counter() - start), curve
 
 
@@ -138,8 +146,9 @@ def main() -> None:
     jobs = [(overrides, int(seed), args.every, args.raw_weight) for seed in args.seeds.split(",")]
     with mp.get_context("spawn").Pool(2) as pool:
         for seed, seconds, curve in pool.imap_unordered(train, jobs):
+            key = "steps, modes, high-quality fraction (with drs: then the generator's own)"
             print(json.dumps({"overrides": overrides, "raw_weight": args.raw_weight, "seed": seed, "seconds": seconds,
-                              "steps, modes, high-quality fraction": curve}), flush=True)
+                              key: curve}), flush=True)
 
 
 if __name__ == "__main__":

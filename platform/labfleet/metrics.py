@@ -45,6 +45,7 @@ LOSS_DISCRIMINATOR = "loss/discriminator"
 VAE_BASELINE_NLL = "eval/baseline_nll"
 VAE_IWAE_NLL = "eval/iwae_nll"
 LOSS_VAE = "loss/vae"
+LOSS_CRITIC = "loss/critic"  # the GAN's rejection critic (`drs: true`)
 TRAIN_NEG_ELBO = "train/neg_elbo"
 TRAIN_KL = "train/kl"
 GAN_MODE_KL = "eval/mode_kl"

@@ -10,6 +10,14 @@ g/2 * E_x ||grad_x D(x)||^2 on real data to the discriminator's loss. On points,
 the discriminator random Fourier features of each point (`FourierFeatures`), so that it can see how sharp
 the generated modes are.
 
+With `drs: true` (points only), samples are drawn by discriminator rejection sampling (Azadi et al. 2019): a
+critic of its own (unpacked, 64 random Fourier features, 3 x 200) learns beside the GAN, one step per
+iteration on the iteration's real points against its last generated ones, and never feeds the generator a
+gradient, so the generator and discriminator train exactly as without it. Its logit l(x) estimates
+log p_data(x) / p_g(x); a generated point is kept with probability min(1, exp(l(x) - M)), M the
+`drs_quantile` quantile of l over the first round of candidates. Every sample the trainer gives out
+(evaluations, the validation metric, sample plots, `labfleet enjoy`) is drawn this way.
+
 Evaluation (2500 samples from fixed noise): on ring8/grid25 `eval/modes_covered`, `eval/high_quality_frac`
 and `eval/mode_kl`; on digits `eval/fd_digits` and `eval/confident_frac`. The validation metric for early
 stopping is `valid/mode_score` = mode_kl + (1 - high_quality_frac) on fresh samples (mixtures) or
@@ -36,11 +44,14 @@ from labfleet.algorithms.generative.base import (
     mlp,
 )
 from labfleet.algorithms.generative.plots import image_grid_png, points_png
-from labfleet.algorithms.optim import OptimizerConfig, ScheduledOptimizer
+from labfleet.algorithms.optim import ConstantSchedule, OptimizerConfig, ScheduledOptimizer
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.sizes import Width
 
 EVAL_SAMPLES = 2500
+DRS_FEATURES = 64  # the rejection critic's Fourier features (scale 1), as the discriminator probe found enough
+DRS_CANDIDATES = 40  # candidates drawn per round for each sample asked for
+DRS_ROUNDS = 50  # at most this many rounds (at least 1 - drs_quantile of the first round is kept for sure)
 
 
 def _gan_optimizer() -> OptimizerConfig:
@@ -112,11 +123,20 @@ class GANHParams(GenerativeHParams):
     d_fourier_ramp: tuple[float, float] | None = Field(
         None, description="[start, end] fractions of the budget over which the Fourier features come in, lowest "
         "frequencies first (coarse to fine); null: all of them from the start.")
+    drs: bool = Field(False, description="Draw samples by discriminator rejection sampling (Azadi et al. 2019) "
+                      "with a Fourier-feature critic trained beside the GAN (mlp, points only); false: G(z) as is.")
+    drs_quantile: float = Field(0.99, gt=0, le=1, description="Points whose critic logit is above this quantile "
+                                "of the candidates' are kept for sure, the rest with probability exp(l - M); "
+                                "1: the exact rule with M the candidates' maximum (fewest, sharpest samples).")
+    drs_learning_rate: PositiveFloat = Field(1e-3, description="The rejection critic's Adam learning rate "
+                                             "(constant).")
 
     @model_validator(mode="after")
     def _mlp_only(self) -> GANHParams:
         if self.d_fourier_features and self.architecture != "mlp":
             raise ValueError("d_fourier_features needs architecture mlp (points); set it to 0 for conv")
+        if self.drs and self.architecture != "mlp":
+            raise ValueError("drs needs architecture mlp (points): its critic reads Fourier features of points")
         if self.d_fourier_ramp is not None:
             start, end = self.d_fourier_ramp
             if not self.d_fourier_features:
@@ -155,6 +175,15 @@ class GANTrainer(GenerativeTrainer):
         d_hp = hp.model_copy(update={"learning_rate": hp.d_learning_rate}) if hp.d_learning_rate else hp
         self.optimizers = {"generator": ScheduledOptimizer(self.generator.parameters(), hp),
                            "discriminator": ScheduledOptimizer(self.discriminator.parameters(), d_hp)}
+        self.critic: nn.Module | None = None
+        if hp.drs:  # built last, so that the generator and discriminator start as they do without it
+            self.critic = nn.Sequential(
+                FourierFeatures(dim, DRS_FEATURES, 1.0),
+                mlp([dim + 2 * DRS_FEATURES, 200, 200, 200, 1], activation=lambda: nn.LeakyReLU(0.2))).to(self.device)
+            self.models["critic"] = self.critic
+            c_hp = hp.model_copy(update={"learning_rate": hp.drs_learning_rate, "lr_schedule": ConstantSchedule(),
+                                         "max_grad_norm": None})
+            self.optimizers["critic"] = ScheduledOptimizer(self.critic.parameters(), c_hp)
 
     # --- the networks ----------------------------------------------------------------------------------
     def generate_scaled(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -164,8 +193,32 @@ class GANTrainer(GenerativeTrainer):
         return torch.sigmoid(out) if self.data.levels else out
 
     def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        out = self.generate_scaled(n, generator)
+        out = self.generate_scaled(n, generator) if self.critic is None else self.rejection_sample(n, generator)
         return out * self.data.levels if self.data.levels else out
+
+    @torch.no_grad()
+    def rejection_sample(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """n points of G(z) kept by the critic: each with probability min(1, exp(l - M)), M the
+        `drs_quantile` quantile of the first round's logits (rounds of DRS_CANDIDATES * n candidates)."""
+        assert self.critic is not None
+        kept: list[torch.Tensor] = []
+        count, ceiling = 0, None
+        for _ in range(DRS_ROUNDS):
+            candidates = self.generate_scaled(DRS_CANDIDATES * n, generator)
+            logits = torch.cat([self.critic(chunk).squeeze(-1) for chunk in candidates.split(20_000)])
+            if ceiling is None:
+                q = self.hp.drs_quantile
+                ceiling = logits.max() if q >= 1 else torch.quantile(logits[:100_000], q)
+            u = torch.rand(len(logits), generator=generator, device=self.device)
+            accepted = candidates[u < torch.exp(logits - ceiling)]
+            kept.append(accepted)
+            count += len(accepted)
+            if count >= n:
+                break
+        out = torch.cat(kept)
+        if len(out) < n:
+            raise RuntimeError(f"rejection sampling kept {len(out)} of the {n} points asked for in {DRS_ROUNDS} rounds")
+        return out[:n]
 
     def judge(self, x: torch.Tensor) -> torch.Tensor:
         """Discriminator logits, one per pack of `pac` samples."""
@@ -203,9 +256,14 @@ class GANTrainer(GenerativeTrainer):
         finally:
             for p in self.discriminator.parameters():
                 p.requires_grad_(True)
-        return {"loss/generator": float(g_loss.detach()), "loss/discriminator": float(d_loss.detach()),
-                "train/grad_norm": g_norm,
-                "train/learning_rate": self.optimizers["generator"].learning_rate}
+        logged = {"loss/generator": float(g_loss.detach()), "loss/discriminator": float(d_loss.detach()),
+                  "train/grad_norm": g_norm,
+                  "train/learning_rate": self.optimizers["generator"].learning_rate}
+        if self.critic is not None:  # the rejection critic: the same real points against the last fakes
+            c_loss = softplus(-self.critic(real.detach())).mean() + softplus(self.critic(fake)).mean()
+            self.optimizers["critic"].step(c_loss, self.budget_fraction())
+            logged[M.LOSS_CRITIC] = float(c_loss.detach())
+        return logged
 
     # --- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -12,6 +12,7 @@ from scipy import stats
 
 from labfleet.algorithms import registry
 from labfleet.algorithms.generative import metrics as GM
+from labfleet.algorithms.generative.gan import DRS_CANDIDATES
 from labfleet.algorithms.generative.vae import VAETrainer
 from labfleet.data import datasets
 from labfleet.errors import SpecError
@@ -328,7 +329,7 @@ def test_rejection_sampling_keeps_by_the_rule_and_resumes_exactly():
         last.weight.zero_()
         last.bias.fill_(0.3)
     kept = trainer.generate(50, torch.Generator().manual_seed(4))
-    candidates = trainer.generate_scaled(40 * 50, torch.Generator().manual_seed(4))
+    candidates = trainer.generate_scaled(DRS_CANDIDATES * 50, torch.Generator().manual_seed(4))
     torch.testing.assert_close(kept, candidates[:50])
     testing.check_exact_resume(build, iterations=10)  # the critic and its optimiser are in the checkpoint
     with pytest.raises(SpecError, match="drs needs architecture mlp"):

@@ -10,11 +10,11 @@ g/2 * E_x ||grad_x D(x)||^2 on real data to the discriminator's loss. On points,
 the discriminator random Fourier features of each point (`FourierFeatures`), so that it can see how sharp
 the generated modes are.
 
-With `drs: true` (points only), samples are drawn by discriminator rejection sampling (Azadi et al. 2019): a
-critic of its own (unpacked, 64 random Fourier features, 3 x 200) learns beside the GAN, one step per
-iteration on the iteration's real points against its last generated ones, and never feeds the generator a
-gradient, so the generator and discriminator train exactly as without it. Its logit l(x) estimates
-log p_data(x) / p_g(x); a generated point is kept with probability min(1, exp(l(x) - M)), M the
+With `drs: true` (architecture mlp; made for points), samples are drawn by discriminator rejection sampling
+(Azadi et al. 2019): a critic of its own (unpacked, 64 random Fourier features, 3 x 200) learns beside the
+GAN, one step per iteration on the iteration's real points against its last generated ones, and never feeds
+the generator a gradient, so the generator and discriminator train exactly as without it. Its logit l(x)
+estimates log p_data(x) / p_g(x); a generated point is kept with probability min(1, exp(l(x) - M)), M the
 `drs_quantile` quantile of l over the first round of candidates. Every sample the trainer gives out
 (evaluations, the validation metric, sample plots, `labfleet enjoy`) is drawn this way.
 
@@ -124,7 +124,7 @@ class GANHParams(GenerativeHParams):
         None, description="[start, end] fractions of the budget over which the Fourier features come in, lowest "
         "frequencies first (coarse to fine); null: all of them from the start.")
     drs: bool = Field(False, description="Draw samples by discriminator rejection sampling (Azadi et al. 2019) "
-                      "with a Fourier-feature critic trained beside the GAN (mlp, points only); false: G(z) as is.")
+                      "with a Fourier-feature critic trained beside the GAN (architecture mlp); false: G(z) as is.")
     drs_quantile: float = Field(0.99, gt=0, le=1, description="Points whose critic logit is above this quantile "
                                 "of the candidates' are kept for sure, the rest with probability exp(l - M); "
                                 "1: the exact rule with M the candidates' maximum (fewest, sharpest samples).")
@@ -202,7 +202,7 @@ class GANTrainer(GenerativeTrainer):
         `drs_quantile` quantile of the first round's logits (rounds of DRS_CANDIDATES * n candidates)."""
         assert self.critic is not None
         kept: list[torch.Tensor] = []
-        count, ceiling = 0, None
+        ceiling = None
         for _ in range(DRS_ROUNDS):
             candidates = self.generate_scaled(DRS_CANDIDATES * n, generator)
             logits = torch.cat([self.critic(chunk).squeeze(-1) for chunk in candidates.split(20_000)])
@@ -212,8 +212,7 @@ class GANTrainer(GenerativeTrainer):
             u = torch.rand(len(logits), generator=generator, device=self.device)
             accepted = candidates[u < torch.exp(logits - ceiling)]
             kept.append(accepted)
-            count += len(accepted)
-            if count >= n:
+            if sum(len(k) for k in kept) >= n:
                 break
         out = torch.cat(kept)
         if len(out) < n:

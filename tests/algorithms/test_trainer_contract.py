@@ -14,9 +14,11 @@ from labfleet.spec.loading import load_spec
 from tests.conftest import shipped_spec_for
 
 ALGORITHMS = registry.names()
-# Keep each algorithm to a few iterations: small batches, a small budget.
+# Keep each algorithm to a few iterations: small batches, a small budget, small networks (the GAN's and the
+# VAE's `hidden` and `d_hidden` too: grid_gan.yaml's 4 x 400 generator costs seconds an evaluation).
 SHRINK = {"n_envs": 2, "n_steps": 16, "learning_starts": 16, "batch_size": 16, "train_freq": 8,
-          "gradient_steps": 2, "buffer_size": 1000, "net_arch": [32, 32]}
+          "gradient_steps": 2, "buffer_size": 1000, "net_arch": [32, 32], "hidden": [32, 32],
+          "d_hidden": [32, 32]}
 
 
 def tiny_spec(algorithm: str, extra: dict | None = None):

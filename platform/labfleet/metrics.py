@@ -2,6 +2,10 @@
 
 EVAL_RETURN_MEAN = "eval/return_mean"
 EVAL_RETURN_STD = "eval/return_std"
+# eval.select_best, on the final record of a seed run: the env step of the selected network, and the evaluation
+# of the network training ended with (before the selection)
+SELECTED_STEP = "select/step"
+LAST_RETURN_MEAN = "select/last_return_mean"
 TRAIN_EPISODE_RETURN = "train/episode_return"
 TRAIN_EPISODE_LENGTH = "train/episode_length"
 ENV_STEPS = "time/env_steps"

@@ -54,6 +54,9 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
     if spec.resources.seeds_per_actor > 1 and spec.resources.data_parallel > 1:
         problems.append(("resources.seeds_per_actor", "seeds that share an actor cannot also train data-parallel "
                          "(resources.data_parallel): use 1 for one of them"))
+    if spec.eval.select_best and getattr(info.trainer, "POLICY", None) is None:
+        problems.append(("eval.select_best", f"{info.name} has no policy network to select from its evaluations: "
+                         f"select_best is for {', '.join(_selecting_algorithms())}"))
     if info.kind == "custom":
         if spec.resources.seeds_per_actor > 1 and info.trainer.__name__ == "FunctionTrainer":
             problems.append(("resources.seeds_per_actor", f"{info.name} is a training function, which reports "
@@ -80,6 +83,12 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
     else:
         problems += check_wrappers(spec, spec_dir)
     return problems
+
+
+def _selecting_algorithms() -> list[str]:
+    from labfleet.algorithms import registry
+
+    return [name for name in registry.names() if getattr(registry.get(name).trainer, "POLICY", None) is not None]
 
 
 def _video_problems(spec: ExperimentSpec) -> list[tuple[str, str]]:

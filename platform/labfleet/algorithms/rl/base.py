@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -45,6 +45,10 @@ class RLTrainer(Trainer):
     (calling `self.rl_state()` / `self.load_rl_state()` for the shared counters).
     """
 
+    # The attribute holding the network `greedy_actions` reads (its observation normaliser inside it): what
+    # `eval.select_best` keeps. None: no such network (tables, ES's parameter vector, planners).
+    POLICY: ClassVar[str | None] = None
+
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)
         self.env_maker = EnvMaker.from_spec(spec)
@@ -67,6 +71,8 @@ class RLTrainer(Trainer):
         self._generation = 0  # bumped on a restore without environment state: fresh, seeded streams
         self._started = time.perf_counter()
         self._steps_at_start = 0
+        # eval.select_best: the best evaluation so far, {"return", "step", "policy" (the network's state)}
+        self._best: dict[str, Any] | None = None
 
     # --- sampling --------------------------------------------------------------------------------
     def collect(self, policy: NoisePolicy, n_envs: int, n_steps: int) -> tuple[Rollout, dict[str, float]]:
@@ -131,10 +137,39 @@ class RLTrainer(Trainer):
         raise NotImplementedError
 
     def evaluate(self) -> dict[str, float]:
+        """The greedy policy on `eval.episodes` episodes, seeded afresh for each evaluation. With
+        `eval.select_best`, an evaluation during training also remembers the network if it is the best so far,
+        and the one at the end selects (`_evaluate_selected`)."""
+        select = self.spec.eval.select_best and self.POLICY is not None
+        if select and self.done:
+            return self._evaluate_selected()
+        result = self._evaluate_greedy()
+        if select and (self._best is None or result[M.EVAL_RETURN_MEAN] >= self._best["return"]):
+            self._remember(result[M.EVAL_RETURN_MEAN])
+        return result
+
+    def _evaluate_greedy(self) -> dict[str, float]:
         returns = evaluate_policy(self.env_maker, self.greedy_actions,
                                   self.spec.eval.episodes, derive_seed(self.seed, "eval", self.evaluations))
         self.evaluations += 1
         return {M.EVAL_RETURN_MEAN: float(returns.mean()), M.EVAL_RETURN_STD: float(returns.std())}
+
+    def _remember(self, mean_return: float) -> None:
+        policy: torch.nn.Module = getattr(self, str(self.POLICY))
+        self._best = {"return": mean_return, "step": self.env_steps,
+                      "policy": {k: v.detach().clone() for k, v in policy.state_dict().items()}}
+
+    def _evaluate_selected(self) -> dict[str, float]:
+        """The end of training under `eval.select_best`: the network training ended with is a candidate too;
+        the best one (ties to the later) becomes the policy, and is evaluated again on fresh episodes, so that
+        the reported return is not the maximum it was chosen by."""
+        last = self._evaluate_greedy()[M.EVAL_RETURN_MEAN]
+        if self._best is None or last >= self._best["return"]:
+            self._remember(last)
+        else:
+            getattr(self, str(self.POLICY)).load_state_dict(self._best["policy"])
+        assert self._best is not None
+        return {**self._evaluate_greedy(), M.SELECTED_STEP: float(self._best["step"]), M.LAST_RETURN_MEAN: last}
 
     def probe(self) -> np.ndarray:
         space = self.observation_space
@@ -156,6 +191,8 @@ class RLTrainer(Trainer):
             state["obs_rms"] = self.obs_normalizer.state_dict()
         if self.reward_scaler is not None:
             state["reward_scaler"] = self.reward_scaler.state_dict()
+        if self._best is not None:
+            state["best"] = self._best
         # The environments mid-episode and the action-noise streams, where the environments can be saved
         # (rollout/envstate.py): with them a restored trainer goes on exactly as this one would.
         sampler = self._sampler.get_state() if self._sampler is not None else self._sampler_state
@@ -169,6 +206,7 @@ class RLTrainer(Trainer):
         self.env_steps = int(state["env_steps"])
         self.iterations = int(state["iterations"])
         self.evaluations = int(state["evaluations"])
+        self._best = state.get("best")
         if self.obs_normalizer is not None:
             self.obs_normalizer.load_state_dict(state["obs_rms"])
         if self.reward_scaler is not None:
@@ -194,6 +232,8 @@ class RLTrainer(Trainer):
 class ActorCriticTrainer(RLTrainer):
     """RL trainers whose model is one `ActorCritic` (separate policy and value MLPs) trained by one
     `ScheduledOptimizer`: REINFORCE, A2C, PPO. Their hparams have `net_arch` and `activation`."""
+
+    POLICY = "ac"
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)

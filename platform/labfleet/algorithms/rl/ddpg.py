@@ -140,6 +140,7 @@ class NoisyActor:
 class DDPGTrainer(RLTrainer):
     hparams_model = DDPGHParams
     hp: DDPGHParams
+    POLICY = "actor"
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)

@@ -127,6 +127,7 @@ def targets(hp: DQNHParams, q_target: torch.nn.Module, q_online: torch.nn.Module
 class DQNTrainer(RLTrainer):
     hparams_model = DQNHParams
     hp: DQNHParams
+    POLICY = "q_net"
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)

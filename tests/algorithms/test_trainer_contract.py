@@ -44,9 +44,11 @@ VARIANTS = {
     **{f"{name}+normalize": (name, {"hparams.normalize": True})
        for name in ("ppo", "a2c", "reinforce", "dqn", "ddpg")},
     "dqn+one_step": ("dqn", {"hparams.n_step": 1}),  # (the shipped spec uses 3-step targets)
-    # eval.select_best: the best network so far is trainer state (tests/algorithms/test_select_best.py)
-    "dqn+select_best": ("dqn", {"eval.select_best": True}),
+    # eval.select_best: the best network so far is trainer state (tests/algorithms/test_select_best.py); the
+    # shipped DQN spec selects, so its variant is the one without
+    "dqn+no_select": ("dqn", {"eval.select_best": False}),
     "ppo+select_best": ("ppo", {"eval.select_best": True}),
+    "ddpg+select_best": ("ddpg", {"eval.select_best": True}),
     # EnvPool's environments (rollout/envpool_backend.py): a discrete and a continuous action space
     "ppo+envpool": ("ppo", {"env_backend": "envpool"}),
     "ddpg+envpool": ("ddpg", {"env_backend": "envpool"}),

@@ -100,10 +100,11 @@ class EvalConfig(StrictModel):
     )
     select_best: bool = Field(
         False, description="RL with a policy network (PPO, A2C, REINFORCE, TRPO, DQN, DDPG): the final policy is "
-        "the network of the best evaluation during training, the end of training included (ties go to the later "
-        "one), as rl-zoo's best model. The final eval/* metrics evaluate it again on fresh episodes (not the ones "
-        "it was chosen on); select/step logs when it was trained, select/last_return_mean the evaluation of the "
-        "network training ended with; the final checkpoint holds it.")
+        "the best of the networks evaluated during training, the end of training included, as rl-zoo's best "
+        "model: the 4 best evaluated are evaluated again on the same fresh episodes and the best mean of the two "
+        "evaluations wins. The final eval/* metrics evaluate the winner once more on fresh episodes; select/step "
+        "logs when it was trained, select/last_return_mean the evaluation of the network training ended with; "
+        "the final checkpoint holds it.")
     video: bool = Field(False, description="Record one episode of the final policy as videos/final.mp4 of the "
                         "seed run (gymnasium's RecordVideo; needs moviepy: labfleet[video]).")
 

@@ -37,6 +37,9 @@ def seeded_torch(seed: int):
         yield
 
 
+SELECT_FINALISTS = 4  # eval.select_best: the best evaluated networks kept to the end, where each is evaluated again
+
+
 class RLTrainer(Trainer):
     """Counts environment steps against `budget.env_steps` and evaluates the greedy policy.
 
@@ -71,8 +74,10 @@ class RLTrainer(Trainer):
         self._generation = 0  # bumped on a restore without environment state: fresh, seeded streams
         self._started = time.perf_counter()
         self._steps_at_start = 0
-        # eval.select_best: the best evaluation so far, {"return", "step", "policy" (the network's state)}
-        self._best: dict[str, Any] | None = None
+        # eval.select_best: the best evaluations so far, best first, each {"return", "step", "policy" (the
+        # network's state)}; at the end, the one selected ({"step", "last_return"})
+        self._finalists: list[dict[str, Any]] = []
+        self._selected: dict[str, float] | None = None
 
     # --- sampling --------------------------------------------------------------------------------
     def collect(self, policy: NoisePolicy, n_envs: int, n_steps: int) -> tuple[Rollout, dict[str, float]]:
@@ -138,13 +143,13 @@ class RLTrainer(Trainer):
 
     def evaluate(self) -> dict[str, float]:
         """The greedy policy on `eval.episodes` episodes, seeded afresh for each evaluation. With
-        `eval.select_best`, an evaluation during training also remembers the network if it is the best so far,
-        and the one at the end selects (`_evaluate_selected`)."""
+        `eval.select_best`, an evaluation during training also keeps the network among the finalists if it is
+        one of the SELECT_FINALISTS best so far, and the one at the end selects (`_evaluate_selected`)."""
         select = self.spec.eval.select_best and self.POLICY is not None
         if select and self.done:
             return self._evaluate_selected()
         result = self._evaluate_greedy()
-        if select and (self._best is None or result[M.EVAL_RETURN_MEAN] >= self._best["return"]):
+        if select:
             self._remember(result[M.EVAL_RETURN_MEAN])
         return result
 
@@ -155,21 +160,39 @@ class RLTrainer(Trainer):
         return {M.EVAL_RETURN_MEAN: float(returns.mean()), M.EVAL_RETURN_STD: float(returns.std())}
 
     def _remember(self, mean_return: float) -> None:
+        """The policy network as it is now among the finalists, if its return is one of the best (best first;
+        a later network goes before an earlier one with the same return)."""
+        if len(self._finalists) == SELECT_FINALISTS and mean_return < self._finalists[-1]["return"]:
+            return
         policy: torch.nn.Module = getattr(self, str(self.POLICY))
-        self._best = {"return": mean_return, "step": self.env_steps,
-                      "policy": {k: v.detach().clone() for k, v in policy.state_dict().items()}}
+        snapshot = {"return": mean_return, "step": self.env_steps,
+                    "policy": {k: v.detach().clone() for k, v in policy.state_dict().items()}}
+        self._finalists = sorted([snapshot, *self._finalists], key=lambda f: -f["return"])[:SELECT_FINALISTS]
 
     def _evaluate_selected(self) -> dict[str, float]:
-        """The end of training under `eval.select_best`: the network training ended with is a candidate too;
-        the best one (ties to the later) becomes the policy, and is evaluated again on fresh episodes, so that
-        the reported return is not the maximum it was chosen by."""
-        last = self._evaluate_greedy()[M.EVAL_RETURN_MEAN]
-        if self._best is None or last >= self._best["return"]:
+        """The end of training under `eval.select_best`. The network training ended with is evaluated and is a
+        candidate too. Twenty evaluations of 20 episodes rank many networks at 500 alike, and one that scored
+        500 may fail on other episodes, so every finalist is evaluated again, all on the same fresh episodes,
+        and the best mean over its two evaluations wins (ties: the better first evaluation, then the later).
+        The winner becomes the policy and is evaluated once more on fresh episodes, so that the reported
+        return is not the maximum it was chosen by."""
+        policy: torch.nn.Module = getattr(self, str(self.POLICY))
+        if self._selected is None:
+            last = self._evaluate_greedy()[M.EVAL_RETURN_MEAN]
             self._remember(last)
-        else:
-            getattr(self, str(self.POLICY)).load_state_dict(self._best["policy"])
-        assert self._best is not None
-        return {**self._evaluate_greedy(), M.SELECTED_STEP: float(self._best["step"]), M.LAST_RETURN_MEAN: last}
+            seed = derive_seed(self.seed, "eval", self.evaluations)
+            scores = []
+            for finalist in self._finalists:
+                policy.load_state_dict(finalist["policy"])
+                again = evaluate_policy(self.env_maker, self.greedy_actions, self.spec.eval.episodes, seed)
+                scores.append((finalist["return"] + float(again.mean())) / 2)
+            self.evaluations += 1
+            winner = self._finalists[max(range(len(scores)), key=lambda i: (scores[i], -i))]
+            policy.load_state_dict(winner["policy"])
+            self._selected = {"step": winner["step"], "last_return": last}
+            self._finalists = [winner]
+        return {**self._evaluate_greedy(), M.SELECTED_STEP: float(self._selected["step"]),
+                M.LAST_RETURN_MEAN: self._selected["last_return"]}
 
     def probe(self) -> np.ndarray:
         space = self.observation_space
@@ -191,8 +214,10 @@ class RLTrainer(Trainer):
             state["obs_rms"] = self.obs_normalizer.state_dict()
         if self.reward_scaler is not None:
             state["reward_scaler"] = self.reward_scaler.state_dict()
-        if self._best is not None:
-            state["best"] = self._best
+        if self._finalists:
+            state["finalists"] = self._finalists
+        if self._selected is not None:
+            state["selected"] = self._selected
         # The environments mid-episode and the action-noise streams, where the environments can be saved
         # (rollout/envstate.py): with them a restored trainer goes on exactly as this one would.
         sampler = self._sampler.get_state() if self._sampler is not None else self._sampler_state
@@ -206,7 +231,8 @@ class RLTrainer(Trainer):
         self.env_steps = int(state["env_steps"])
         self.iterations = int(state["iterations"])
         self.evaluations = int(state["evaluations"])
-        self._best = state.get("best")
+        self._finalists = list(state.get("finalists", []))
+        self._selected = state.get("selected")
         if self.obs_normalizer is not None:
             self.obs_normalizer.load_state_dict(state["obs_rms"])
         if self.reward_scaler is not None:

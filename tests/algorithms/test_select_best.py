@@ -49,7 +49,7 @@ def test_the_final_policy_is_the_finalist_best_on_two_evaluations_evaluated_on_f
         if not trainer.done and trainer.env_steps % 512 == 0:
             candidates.append((trainer.env_steps, trainer.evaluate()[M.EVAL_RETURN_MEAN]))
             snapshots[trainer.env_steps] = state(trainer.q_net)
-    # the network training ends with made worse than every evaluated one: a constant Q always pushes left
+    # the network training ends with made poor, so that an earlier one must win: a constant Q always pushes left
     with torch.no_grad():
         for p in trainer.q_net.parameters():
             p.zero_()

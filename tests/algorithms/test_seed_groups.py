@@ -202,3 +202,64 @@ def test_one_seeds_nan_fails_that_seed_alone():
         state = torch.load(io.BytesIO(parts[seed]["checkpoint"]), weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert worker.advance(seconds=1e9)["seeds"] == {}  # nothing left to train or report
+
+
+# Trials of a sweep that differ only in hyperparameters the batched group takes per seed (`PER_SEED`) train
+# batched in one actor (`sweep.share_actors`): each member with its own values, learning as it would alone.
+MIXED = {
+    "ppo": ("cartpole_ppo.yaml", {"budget.env_steps": 1536}, [
+        {"hparams.learning_rate": "lin_0.001", "hparams.clip_range": 0.1, "hparams.gae_lambda": 0.8,
+         "hparams.n_epochs": 4, "hparams.gamma": 0.98, "hparams.target_kl": 0.002, "hparams.max_grad_norm": 0.3},
+        {"hparams.learning_rate": 3e-4, "hparams.clip_range": "lin_0.3", "hparams.gae_lambda": 0.95,
+         "hparams.n_epochs": 10, "hparams.ent_coef": 0.01, "hparams.vf_coef": 1.0, "hparams.max_grad_norm": None},
+        {"hparams.learning_rate": 0.002, "hparams.n_epochs": 6, "hparams.gamma": 0.9}]),
+    "a2c": ("cartpole_a2c.yaml", {"budget.env_steps": 1200}, [
+        {"hparams.learning_rate": 0.001, "hparams.gamma": 0.95, "hparams.gae_lambda": 0.9},
+        {"hparams.ent_coef": 0.01, "hparams.vf_coef": 0.25, "hparams.max_grad_norm": 1.0},
+        {"hparams.learning_rate": "lin_0.002"}]),
+    "reinforce": ("cartpole_reinforce.yaml", {"budget.env_steps": 3072}, [
+        {"hparams.gamma": 0.95}, {"hparams.learning_rate": 3e-4, "hparams.ent_coef": 0.01},
+        {"hparams.vf_coef": 1.0, "hparams.max_grad_norm": None}]),
+    "dqn": ("cartpole_dqn.yaml", {"budget.env_steps": 2000, "hparams.gradient_steps": 32, "hparams.n_step": 1}, [
+        {"hparams.learning_rate": 1e-3, "hparams.gamma": 0.95, "hparams.target_update_interval": 250,
+         "hparams.tau": 0.5},
+        {"hparams.exploration_fraction": 0.5, "hparams.exploration_final_eps": 0.1},
+        {"hparams.max_grad_norm": 1.0, "hparams.target_update_interval": 400}]),
+    "ddpg": ("pendulum_ddpg.yaml", {"budget.env_steps": 264, "hparams.learning_starts": 200,
+                                    "hparams.train_freq": 16, "hparams.gradient_steps": 4}, [
+        {"hparams.learning_rate": 3e-4, "hparams.tau": 0.02}, {"hparams.gamma": 0.9, "hparams.noise_std": 0.3},
+        {}]),
+}
+
+
+@pytest.mark.parametrize("algorithm", list(MIXED))
+def test_members_with_their_own_hyperparameters_agree_with_each_alone(algorithm):
+    name, common, own = MIXED[algorithm]
+    specs = {key: load_spec(EXPERIMENTS / name, {"eval": {"episodes": 3}, **common, **values})
+             for key, values in zip(SEEDS, own, strict=True)}
+    info = registry.get(algorithm)
+    alone = {key: info.trainer(spec, 7, "cpu") for key, spec in specs.items()}  # one seed, three configurations
+    alone_logs = {key: train(trainer) for key, trainer in alone.items()}
+    group = build_group(algorithm, {key: info.trainer(spec, 7, "cpu") for key, spec in specs.items()})
+    assert isinstance(group, BatchedGroup)
+    together = train({"group": group})
+    atol = 1e-3 if algorithm == "dqn" else 5e-5
+    for key in SEEDS:
+        assert_agree(alone_logs[key], together[key])
+        a, b = alone[key], group.members[key]
+        for (pname, p), q in zip(group._module(a).named_parameters(), group._module(b).parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-3, atol=atol, msg=f"member {key}: {pname}")
+        for _, optimizer in group.PARTS:
+            assert getattr(a, optimizer).updates == getattr(b, optimizer).updates > 0
+    if algorithm == "ppo":  # each ran its own number of epochs (and the first its early stop)
+        updates = [alone[key].optimizer.updates for key in SEEDS]
+        assert len(set(updates)) == 3, updates
+    lrs = {round(logs[-1][M.LEARNING_RATE], 12) for logs in together.values()}
+    assert len(lrs) > 1, lrs  # the learning rates really differ
+
+
+def test_members_that_differ_in_a_shape_train_in_turn():
+    specs = [ppo_spec({"hparams.batch_size": size}) for size in (128, 256)]
+    ppo = registry.get("ppo")
+    group = build_group("ppo", {key: ppo.trainer(spec, 7, "cpu") for key, spec in enumerate(specs)})
+    assert isinstance(group, SequentialGroup)

@@ -92,9 +92,9 @@ class SeedStack:
         squares = [p.grad.reshape(self.n, -1).pow(2).sum(1) for p in self.params.values() if p.grad is not None]
         return torch.stack(squares).sum(0).sqrt()
 
-    def clip_grad_norms_(self, max_norm: float | None) -> torch.Tensor:
+    def clip_grad_norms_(self, max_norm: float | torch.Tensor | None) -> torch.Tensor:
         """Scale each seed's gradients as `torch.nn.utils.clip_grad_norm_` would on that seed's network
-        alone; returns the norms before clipping."""
+        alone (`max_norm` a tensor (N,): each seed's own, inf for none); returns the norms before clipping."""
         norms = self.grad_norms()
         if max_norm is not None:
             scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)

@@ -29,6 +29,7 @@ numbers agree with each seed trained alone up to float32 rounding of batched mat
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gymnasium as gym
@@ -69,17 +70,23 @@ class StackedPart:
                 self.opt.load_state_dict(i, state)
         self.lr = [optimizer.learning_rate for optimizer in optimizers]
 
-    def step(self, loss: torch.Tensor, active: torch.Tensor, optimizers: list[Any | None], progress: list[float],
-             hp: Any) -> torch.Tensor:
-        """Each active seed's step on its own loss (N,) at its scheduled learning rate, as its member's
-        `ScheduledOptimizer.step` would (`optimizers[i]` None: a seed that left); norms before clipping."""
+    def step(self, loss: torch.Tensor, active: torch.Tensor, optimizers: list[Any | None], progress: list[float]
+             ) -> torch.Tensor:
+        """Each active seed's step on its own loss (N,) at its scheduled learning rate, with its own clipping
+        norm, as its member's `ScheduledOptimizer.step` would (`optimizers[i]` None: a seed that left);
+        norms before clipping."""
         self.stack.zero_grad()
         torch.where(active.to(loss.device), loss, torch.zeros_like(loss)).sum().backward()
-        norms = self.stack.clip_grad_norms_(hp.max_grad_norm)
+        limits = [optimizer.hp.max_grad_norm if optimizer is not None else None for optimizer in optimizers]
+        kept = {limit for limit, optimizer in zip(limits, optimizers, strict=True) if optimizer is not None}
+        max_norm: float | torch.Tensor | None = next(iter(kept)) if len(kept) == 1 else torch.tensor(
+            [math.inf if limit is None else limit for limit in limits], device=loss.device)
+        norms = self.stack.clip_grad_norms_(max_norm)
         for i, optimizer in enumerate(optimizers):
             if optimizer is None or not active[i]:
                 continue
-            self.lr[i] = scheduled_learning_rate(hp.schedule, optimizer.lr0, optimizer.updates, progress[i])
+            self.lr[i] = scheduled_learning_rate(optimizer.hp.schedule, optimizer.lr0, optimizer.updates,
+                                                 progress[i])
             optimizer.updates += 1
         self.opt.step(torch.tensor(self.lr), active)
         return norms.detach()
@@ -104,6 +111,9 @@ class BatchedGroup:
     batched = True
     trainer_class: type[RLTrainer]
     PARTS: tuple[tuple[str, str], ...] = ()
+    # The hyperparameters a member may hold its own value of (trials of a sweep that differ only in these
+    # train batched in one actor, `sweep.share_actors`); members that differ in any other train in turn.
+    PER_SEED: frozenset[str] = frozenset({"learning_rate", "lr_schedule", "max_grad_norm"})
 
     @classmethod
     def build(cls, members: dict[int, Trainer]) -> BatchedGroup | None:
@@ -118,7 +128,17 @@ class BatchedGroup:
         if cfg.type not in ("adam", "rmsprop") or cfg.weight_decay or cfg.momentum \
                 or first.spec.resources.rollout_workers or not cls._covers(first):
             return None
+        shared = cls._shared(first)
+        if any(cls._shared(member) != shared for member in members.values()):
+            return None
         return cls(members)
+
+    @classmethod
+    def _shared(cls, member: Any) -> tuple[Any, ...]:
+        """What every member of a batched group has in common: its spec but its seed and the hyperparameters
+        in `PER_SEED`."""
+        return (member.hp.model_dump(mode="json", exclude=set(cls.PER_SEED)),
+                member.spec.model_dump(mode="json", exclude={"hparams", "seeds"}))
 
     @classmethod
     def _covers(cls, member: Any) -> bool:
@@ -134,7 +154,8 @@ class BatchedGroup:
         self.seeds = list(members)  # stack index -> seed (a dropped seed keeps its index, masked)
         self.index = {seed: i for i, seed in enumerate(self.seeds)}
         first = members[self.seeds[0]]
-        self.hp, self.spec, self.device = first.hp, first.spec, first.device
+        self.hp, self.spec, self.device = first.hp, first.spec, first.device  # shared but for `PER_SEED`
+        self.hps = {seed: member.hp for seed, member in members.items()}  # each seed's own (also once it left)
         self.parts = [StackedPart([getattr(members[seed], net) for seed in self.seeds],
                                   [getattr(members[seed], opt) for seed in self.seeds], self.hp)
                       for net, opt in self.PARTS]
@@ -171,13 +192,21 @@ class BatchedGroup:
     def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         raise NotImplementedError
 
+    def _column(self, name: str, dims: int = 0) -> float | torch.Tensor:
+        """Each seed's `hparams.<name>` (`PER_SEED`; inf where it is null): the one number when every seed
+        has the same (the arithmetic is then each seed's alone, exactly), else a tensor (N,) with `dims`
+        trailing axes of size 1, to broadcast against (N, ...)."""
+        values = [math.inf if v is None else float(v) for v in (getattr(self.hps[seed], name) for seed in self.seeds)]
+        if len(set(values)) == 1:
+            return values[0]
+        return torch.tensor(values, dtype=torch.float32, device=self.device).view(-1, *([1] * dims))
+
     def _step(self, loss: torch.Tensor, active: torch.Tensor, progress: dict[int, float], part: int = 0
               ) -> torch.Tensor:
         """Each active seed's optimiser step of network `part` on its own loss (N,); the gradient norms."""
         opt_name = self.PARTS[part][1]
         optimizers = [getattr(self.members[seed], opt_name) if seed in self.members else None for seed in self.seeds]
-        return self.parts[part].step(loss, active, optimizers, [progress.get(seed, 0.0) for seed in self.seeds],
-                                     self.hp)
+        return self.parts[part].step(loss, active, optimizers, [progress.get(seed, 0.0) for seed in self.seeds])
 
     def _lockstep(self, live: list[int], n_steps: int, behaviour: Any,
                   act: Any) -> dict[int, tuple[Any, dict[str, float]]]:
@@ -251,17 +280,19 @@ class BatchedGroup:
                 for name, param in getattr(member, target).named_parameters():
                     param.copy_(stacked[name][self.index[seed]])
 
-    def _polyak(self, part: int, stacked: dict[str, torch.Tensor], seeds: list[int], tau: float) -> None:
-        """theta_targ <- tau theta + (1 - tau) theta_targ for these seeds (as `polyak_update` on each)."""
+    def _polyak(self, part: int, stacked: dict[str, torch.Tensor], seeds: list[int]) -> None:
+        """theta_targ <- tau theta + (1 - tau) theta_targ for these seeds, each with its own `hparams.tau`
+        (as `polyak_update` on each)."""
         params = self.parts[part].stack.params
+        taus = {self.hps[seed].tau for seed in seeds}
         with torch.no_grad():
-            if len(seeds) == len(self.seeds):
-                torch._foreach_lerp_([stacked[n] for n in stacked], [params[n] for n in stacked], tau)
+            if len(seeds) == len(self.seeds) and len(taus) == 1:
+                torch._foreach_lerp_([stacked[n] for n in stacked], [params[n] for n in stacked], taus.pop())
                 return
             for seed in seeds:
                 i = self.index[seed]
                 for name, target in stacked.items():
-                    target[i].lerp_(params[name][i], tau)
+                    target[i].lerp_(params[name][i], self.hps[seed].tau)
 
 
 class BatchedActorCritic(BatchedGroup):
@@ -355,12 +386,14 @@ class BatchedActorCritic(BatchedGroup):
 
 class BatchedPPO(BatchedActorCritic):
     trainer_class = PPOTrainer
+    PER_SEED = BatchedGroup.PER_SEED | {"clip_range", "gamma", "gae_lambda", "ent_coef", "vf_coef", "n_epochs",
+                                        "target_kl", "kl_target", "kl_coef"}
 
     def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         hp, members, device = self.hp, self.members, self.device
         n = len(self.seeds)
-        progress = {seed: members[seed].env_steps / self.spec.budget.total for seed in live}
-        clip = torch.tensor([hp.clip_at(progress.get(seed, 0.0)) for seed in self.seeds], device=device)
+        progress = {seed: members[seed].env_steps / members[seed].spec.budget.total for seed in live}
+        clip = torch.tensor([self.hps[seed].clip_at(progress.get(seed, 0.0)) for seed in self.seeds], device=device)
         collected, r = self._rollouts(live)
         x, b_actions = self._encode(self._flat(r["obs"])), self._flat(r["actions"])
         T, E = r["rewards"].shape[1:]
@@ -370,7 +403,8 @@ class BatchedPPO(BatchedActorCritic):
             b_logp_old, _ = self._log_prob_entropy(x, b_actions)
             tf = self._time_first
             adv = gae_advantages(tf(r["rewards"]), tf(b_values.reshape(n, T, E)), tf(r["terminated"]),
-                                 tf(r["truncated"]), tf(next_values.reshape(n, T, E)), hp.gamma, hp.gae_lambda)
+                                 tf(r["truncated"]), tf(next_values.reshape(n, T, E)), self._column("gamma", 1),
+                                 self._column("gae_lambda", 1))
             b_adv = self._time_first(adv).reshape(n, T * E)
             b_returns = b_adv + b_values
 
@@ -380,7 +414,10 @@ class BatchedPPO(BatchedActorCritic):
         active = mask.clone()
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pi", "v", "ent", "kl", "clip", "norm", "on")}
         B = T * E
-        for _ in range(hp.n_epochs):
+        epochs = torch.tensor([self.hps[seed].n_epochs for seed in self.seeds])
+        target_kl = self._column("target_kl")
+        for epoch in range(int(epochs.max())):
+            active &= epoch < epochs  # a seed past its own n_epochs draws no more orders, as alone
             if not active.any():
                 break
             orders = torch.stack([
@@ -390,8 +427,8 @@ class BatchedPPO(BatchedActorCritic):
                 mb = orders[:, start:start + hp.batch_size]  # (N, b)
                 self._minibatch(mb, x, b_actions, b_logp_old, b_adv, b_returns, b_values, clip, beta,
                                 old_params, active, progress, stats)
-            if hp.target_kl is not None:
-                active &= ~(stats["kl"][-1].cpu() > 1.5 * hp.target_kl)
+            active &= ~(stats["kl"][-1].cpu() > 1.5 * (target_kl.cpu() if isinstance(target_kl, torch.Tensor)
+                                                       else target_kl))  # (no target_kl: inf)
         return self._log(live, collected, stats, b_values, b_returns, x, old_params)
 
     def _minibatch(self, mb: torch.Tensor, x: torch.Tensor, b_actions: torch.Tensor, b_logp_old: torch.Tensor,
@@ -427,7 +464,8 @@ class BatchedPPO(BatchedActorCritic):
             clipped = values_old + torch.clamp(values - values_old, -hp.clip_range_vf, hp.clip_range_vf)
             loss_v = torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean(1)
         entropy = entropies.mean(1)
-        loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy  # (N,): each seed's unbatched loss
+        # (N,): each seed's unbatched loss
+        loss = loss_pi + self._column("vf_coef") * loss_v - self._column("ent_coef") * entropy
         norms = self._step(loss, active, progress)
         with torch.no_grad():
             stats["kl"].append(((ratio - 1) - logratio).mean(1))
@@ -440,7 +478,6 @@ class BatchedPPO(BatchedActorCritic):
     def _log(self, live: list[int], collected: dict[int, tuple[Any, dict[str, float]]],
              stats: dict[str, list[torch.Tensor]], b_values: torch.Tensor, b_returns: torch.Tensor,
              x: torch.Tensor, old_params: dict[str, torch.Tensor] | None) -> dict[int, dict[str, float]]:
-        hp = self.hp
         on = torch.stack(stats["on"])  # (M, N): which minibatches each seed took part in
         count = on.sum(0).clamp(min=1)
         means = {k: ((torch.stack(v) * on).sum(0) / count).tolist() for k, v in stats.items() if k != "on"}
@@ -457,7 +494,7 @@ class BatchedPPO(BatchedActorCritic):
             if kl_after is not None:
                 logged[M.PPO_KL] = kl_after[i]
                 logged[M.PPO_KL_COEF] = member.kl_coef
-                member.kl_coef = adaptive_kl_coef(member.kl_coef, kl_after[i], hp.kl_target)
+                member.kl_coef = adaptive_kl_coef(member.kl_coef, kl_after[i], self.hps[seed].kl_target)
             logged.update({
                 M.LOSS_POLICY: means["pi"][i], M.LOSS_VALUE: means["v"][i], M.LOSS_ENTROPY: means["ent"][i],
                 M.PPO_APPROX_KL: means["kl"][i], M.PPO_CLIP_FRACTION: means["clip"][i],
@@ -481,8 +518,9 @@ class BatchedPolicyGradient(BatchedActorCritic):
     def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         hp, members = self.hp, self.members
         n = len(self.seeds)
-        progress = {seed: members[seed].env_steps / self.spec.budget.total for seed in live}
         collected, r = self._rollouts(live)
+        # (after the rollout, as A2C and REINFORCE alone step their schedules)
+        progress = {seed: members[seed].env_steps / members[seed].spec.budget.total for seed in live}
         T, E = r["rewards"].shape[1:]
         x = self._encode(self._flat(r["obs"]))
         values = self._value(x)  # (N, B), with gradient for the value loss
@@ -496,7 +534,8 @@ class BatchedPolicyGradient(BatchedActorCritic):
         loss_pi = -(logp * adv).mean(1)
         loss_v = ((values - returns) ** 2).mean(1)
         entropy = entropies.mean(1)
-        norms = self._step(loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy, mask, progress)
+        norms = self._step(loss_pi + self._column("vf_coef") * loss_v - self._column("ent_coef") * entropy, mask,
+                           progress)
         rows = {k: v.detach().tolist() for k, v in (("pi", loss_pi), ("v", loss_v), ("ent", entropy),
                                                     ("norm", norms))}
         out = {}
@@ -511,24 +550,25 @@ class BatchedPolicyGradient(BatchedActorCritic):
 
 class BatchedA2C(BatchedPolicyGradient):
     trainer_class = A2CTrainer
+    PER_SEED = BatchedGroup.PER_SEED | {"gamma", "gae_lambda", "ent_coef", "vf_coef"}
 
     def _advantages(self, r: dict[str, torch.Tensor], values: torch.Tensor, next_values: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hp = self.hp
         tf = self._time_first
         adv = tf(gae_advantages(tf(r["rewards"]), tf(values), tf(r["terminated"]), tf(r["truncated"]),
-                                tf(next_values), hp.gamma, hp.gae_lambda))
+                                tf(next_values), self._column("gamma", 1), self._column("gae_lambda", 1)))
         return adv, adv + values
 
 
 class BatchedReinforce(BatchedPolicyGradient):
     trainer_class = ReinforceTrainer
+    PER_SEED = BatchedGroup.PER_SEED | {"gamma", "ent_coef", "vf_coef"}
 
     def _advantages(self, r: dict[str, torch.Tensor], values: torch.Tensor, next_values: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         tf = self._time_first
         returns = tf(discounted_returns(tf(r["rewards"]), tf(r["terminated"]), tf(r["truncated"]), tf(next_values),
-                                        self.hp.gamma))
+                                        self._column("gamma", 1)))
         return returns - values, returns
 
 
@@ -539,6 +579,8 @@ class BatchedDQN(BatchedGroup):
 
     trainer_class = DQNTrainer
     PARTS = (("q_net", "optimizer"),)
+    PER_SEED = BatchedGroup.PER_SEED | {"gamma", "tau", "target_update_interval", "exploration_initial_eps",
+                                        "exploration_final_eps", "exploration_fraction"}
 
     @classmethod
     def _covers(cls, member: Any) -> bool:
@@ -561,12 +603,12 @@ class BatchedDQN(BatchedGroup):
 
     def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         hp, members = self.hp, self.members
-        progress = {seed: members[seed].env_steps / self.spec.budget.total for seed in live}
+        progress = {seed: members[seed].env_steps / members[seed].spec.budget.total for seed in live}
         epsilon = np.ones(len(self.seeds))
         for seed in live:  # 1. collect, epsilon-greedy (uniformly random until learning_starts)
             member = members[seed]
             learning = member.env_steps >= hp.learning_starts
-            member.behaviour.epsilon = hp.epsilon_at(progress[seed]) if learning else 1.0
+            member.behaviour.epsilon = self.hps[seed].epsilon_at(progress[seed]) if learning else 1.0
             epsilon[self.index[seed]] = member.behaviour.epsilon
         n_actions = members[live[0]].behaviour.n_actions
 
@@ -587,8 +629,9 @@ class BatchedDQN(BatchedGroup):
         if learners:  # 2. gradient steps, each seed on a minibatch of its own buffer
             self._train(learners, progress, out)
         due = [seed for seed in live  # 3. target networks
-               if members[seed].env_steps - members[seed].last_target_update >= hp.target_update_interval]
-        self._polyak(0, self.target, due, hp.tau)
+               if members[seed].env_steps - members[seed].last_target_update >= self.hps[seed].target_update_interval]
+        if due:
+            self._polyak(0, self.target, due)
         for seed in live:
             if seed in due:
                 members[seed].last_target_update = members[seed].env_steps
@@ -599,6 +642,7 @@ class BatchedDQN(BatchedGroup):
         hp = self.hp
         active = torch.tensor([seed in learners for seed in self.seeds])
         losses, q_means = [], []
+        gamma = self._column("gamma", 1)  # (N, 1)
         for _ in range(hp.gradient_steps):
             stacked = self._replay_batch(learners)
             with torch.no_grad():
@@ -606,12 +650,12 @@ class BatchedDQN(BatchedGroup):
                 next_q_all = self._q(x_next, target=True)  # (N, B, A)
                 if hp.munchausen:
                     y = munchausen_targets(self._q(self._encode(stacked["obs"]), target=True), next_q_all,
-                                           stacked["actions"], stacked["rewards"], stacked["terminated"], hp.gamma,
+                                           stacked["actions"], stacked["rewards"], stacked["terminated"], gamma,
                                            hp.munchausen, hp.entropy_tau, hp.log_policy_clip)
                 else:
                     chooser = self._q(x_next) if hp.double_q else next_q_all
                     next_q = next_q_all.gather(-1, chooser.argmax(dim=-1, keepdim=True)).squeeze(-1)
-                    y = td_target(stacked["rewards"], next_q, stacked["terminated"], stacked.get("discounts", hp.gamma))
+                    y = td_target(stacked["rewards"], next_q, stacked["terminated"], stacked.get("discounts", gamma))
             q = self._q(self._encode(stacked["obs"])).gather(-1, stacked["actions"].long().unsqueeze(-1)).squeeze(-1)
             loss = (F.smooth_l1_loss(q, y, reduction="none") if hp.loss == "huber"
                     else F.mse_loss(q, y, reduction="none")).mean(1)
@@ -630,6 +674,7 @@ class BatchedDDPG(BatchedGroup):
 
     trainer_class = DDPGTrainer
     PARTS = (("actor", "actor_optimizer"), ("critic", "critic_optimizer"))
+    PER_SEED = BatchedGroup.PER_SEED | {"gamma", "tau", "noise_std"}
 
     @classmethod
     def _covers(cls, member: Any) -> bool:
@@ -667,7 +712,7 @@ class BatchedDDPG(BatchedGroup):
 
     def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         hp, members = self.hp, self.members
-        progress = {seed: members[seed].env_steps / self.spec.budget.total for seed in live}
+        progress = {seed: members[seed].env_steps / members[seed].spec.budget.total for seed in live}
         for seed in live:
             members[seed].behaviour.random = members[seed].env_steps < hp.learning_starts
         rows = {self.index[seed]: members[seed].behaviour for seed in live}
@@ -704,19 +749,20 @@ class BatchedDDPG(BatchedGroup):
         hp = self.hp
         active = torch.tensor([seed in learners for seed in self.seeds])
         critic_losses, actor_losses, q_means = [], [], []
+        gamma = self._column("gamma", 1)  # (N, 1)
         for _ in range(hp.gradient_steps):
             b = self._replay_batch(learners)
             x, x_next = self._encode(b["obs"]), self._encode(b["next_obs"])
             with torch.no_grad():
                 next_q = self._critic(x_next, self._actor(x_next, target=True), target=True)
-                y = td_target(b["rewards"], next_q, b["terminated"], hp.gamma)
+                y = td_target(b["rewards"], next_q, b["terminated"], gamma)
             q = self._critic(x, b["actions"])
             critic_loss = ((q - y) ** 2).mean(1)
             self._step(critic_loss, active, progress, part=1)
             actor_loss = -self._critic(x, self._actor(x)).mean(1)
             self._step(actor_loss, active, progress, part=0)
-            self._polyak(0, self.actor_target, learners, hp.tau)
-            self._polyak(1, self.critic_target, learners, hp.tau)
+            self._polyak(0, self.actor_target, learners)
+            self._polyak(1, self.critic_target, learners)
             critic_losses.append(critic_loss.detach())
             actor_losses.append(actor_loss.detach())
             q_means.append(q.detach().mean(1))

@@ -97,8 +97,8 @@ def dqn_targets(q_target: torch.nn.Module, q_online: torch.nn.Module, batch: dic
 
 
 def munchausen_targets(q_target_obs: torch.Tensor, q_target_next: torch.Tensor, actions: torch.Tensor,
-                       rewards: torch.Tensor, terminated: torch.Tensor, gamma: float, alpha: float, tau: float,
-                       clip: float) -> torch.Tensor:
+                       rewards: torch.Tensor, terminated: torch.Tensor, gamma: float | torch.Tensor, alpha: float,
+                       tau: float, clip: float) -> torch.Tensor:
     """Munchausen DQN's target (Vieillard et al. 2020, eq. 2), from the target network's Q values at s and s'
     (shape (..., A)) and the actions taken (shape (...)):
 

@@ -14,7 +14,7 @@ import torch
 
 
 def discounted_returns(rewards: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor,
-                       next_values: torch.Tensor, gamma: float) -> torch.Tensor:
+                       next_values: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
     """Reward-to-go G_t = r_t + gamma * G_{t+1} within an episode, with
     G_t = r_t                            where the episode terminates at t,
     G_t = r_t + gamma * V(s_{t+1})       where it is truncated at t, or at the rollout's last step."""
@@ -31,12 +31,14 @@ def discounted_returns(rewards: torch.Tensor, terminated: torch.Tensor, truncate
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor,
-                   next_values: torch.Tensor, gamma: float, gae_lambda: float) -> torch.Tensor:
+                   next_values: torch.Tensor, gamma: float | torch.Tensor, gae_lambda: float | torch.Tensor
+                   ) -> torch.Tensor:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16):
         delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
         A_t     = delta_t + gamma * lambda * A_{t+1}, the sum restarting wherever an episode ended at t.
     `values[t] = V(s_t)`; `next_values[t] = V(s_{t+1})` for the true next state (the final observation
-    where an episode ended), so truncated episodes and the rollout's end are bootstrapped."""
+    where an episode ended), so truncated episodes and the rollout's end are bootstrapped. `gamma` and
+    `gae_lambda` may be tensors that broadcast against one step's (N, ...) (each seed its own, batched.py)."""
     T = rewards.shape[0]
     advantages = torch.empty_like(rewards)
     not_terminal = (~terminated).float()

@@ -263,3 +263,18 @@ def test_members_that_differ_in_a_shape_train_in_turn():
     ppo = registry.get("ppo")
     group = build_group("ppo", {key: ppo.trainer(spec, 7, "cpu") for key, spec in enumerate(specs)})
     assert isinstance(group, SequentialGroup)
+
+
+def test_members_of_several_trials_keyed_apart_and_one_dropped():
+    """A shared actor's load: members keyed by the driver (two trials, both with seed 0), each with its own
+    spec; `drop` takes a pruned trial's member out, and the other goes on alone."""
+    specs = [ppo_spec({"hparams.learning_rate": lr, "eval": {"episodes": 2}}) for lr in (1e-3, 3e-4)]
+    worker = TrialWorkerGroup([s.model_dump(mode="json") for s in specs], [(10, 0, 0), (11, 1, 0)])
+    assert isinstance(worker.group, BatchedPPO)
+    first = worker.advance(seconds=0.0)["seeds"]
+    assert set(first) == {10, 11}
+    assert worker.group.lr == [1e-3, 3e-4]  # each member's own rate
+    parts = worker.advance(seconds=0.0, drop=[10])["seeds"]
+    assert set(parts) == {11} and set(worker.group.members) == {11}
+    rest = worker.advance(seconds=1e9)["seeds"]
+    assert rest[11]["done"] and rest[11]["final"] is not None

@@ -120,6 +120,15 @@ CASES = [
         **SWEEP, "scheduler": {"type": "pbt", "perturbation_interval": 100, "mutations": {
             "hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}}},
      "resources.seeds_per_actor", "use 1 with sweep.scheduler"),
+    ("share-actors-shape", lambda d: {**d, "resources": {"seeds_per_actor": 4}, "sweep": {
+        **SWEEP, "share_actors": True, "space": {"hparams.n_envs": {"type": "int", "low": 2, "high": 8}}}},
+     "sweep.space.hparams.n_envs", "takes per seed: hparams.ent_coef, hparams.gamma"),
+    ("share-actors-one-seed-an-actor", lambda d: {**d, "sweep": {**SWEEP, "share_actors": True}},
+     "resources.seeds_per_actor", "set it to 2 or more"),
+    ("share-actors-unbatched", lambda d: {"name": "e", "algorithm": "es", "env": "CartPole-v1",
+                                          "budget": {"env_steps": 1000}, "resources": {"seeds_per_actor": 2},
+                                          "sweep": {**SWEEP, "share_actors": True}},
+     "sweep.share_actors", "no batched trainer"),
     ("seeds-per-actor-data-parallel", lambda d: {"name": "g", "algorithm": "gan", "dataset": "ring8",
                                                  "budget": {"iterations": 10},
                                                  "resources": {"data_parallel": 2, "seeds_per_actor": 2}},

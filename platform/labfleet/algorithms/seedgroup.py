@@ -68,11 +68,22 @@ def _batched(name: str) -> Callable[[dict[int, Trainer]], Any]:
     return build
 
 
+# algorithm name -> its batched group's class in `labfleet.algorithms.rl.batched`
+BATCHED_CLASSES = {"ppo": "BatchedPPO", "a2c": "BatchedA2C", "reinforce": "BatchedReinforce", "dqn": "BatchedDQN",
+                   "ddpg": "BatchedDDPG"}
 # algorithm name -> a builder that returns a batched group of these members, or None where their spec is
 # one the batched implementation does not cover (then the seeds train in turn).
-BATCHED: dict[str, Callable[[dict[int, Trainer]], Any]] = {
-    "ppo": _batched("BatchedPPO"), "a2c": _batched("BatchedA2C"), "reinforce": _batched("BatchedReinforce"),
-    "dqn": _batched("BatchedDQN"), "ddpg": _batched("BatchedDDPG")}
+BATCHED: dict[str, Callable[[dict[int, Trainer]], Any]] = {name: _batched(cls) for name, cls in BATCHED_CLASSES.items()}
+
+
+def per_seed_hparams(algorithm: str) -> frozenset[str]:
+    """The hyperparameters each member of the algorithm's batched group may hold its own value of (none
+    without a batched group): trials that differ only in these can share an actor (`sweep.share_actors`)."""
+    if algorithm not in BATCHED_CLASSES:
+        return frozenset()
+    from labfleet.algorithms.rl import batched
+
+    return frozenset(getattr(batched, BATCHED_CLASSES[algorithm]).PER_SEED)
 
 
 def build_group(algorithm: str, members: dict[int, Trainer]) -> Any:

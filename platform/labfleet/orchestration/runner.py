@@ -230,6 +230,7 @@ class SeedState:
     started: float = field(default_factory=time.perf_counter)
     elapsed: float = 0.0
     unit: tuple[int, ...] = ()  # with seeds_per_actor > 1: the seeds launched with this one in one actor
+    shared: SharedUnit | None = None  # with sweep.share_actors: the actor it shares with other trials' seeds
 
 
 class TrialRunner:
@@ -268,10 +269,13 @@ class TrialRunner:
         try:
             self._launch_all([self.seeds.setdefault(seed, SeedState(seed)) for seed in self.spec.seeds])
         finally:  # also after a Ctrl-C during a launch: its end states need the runs to exist
-            self.emit(TrialStarted(self))
-            for seed in self.spec.seeds:
-                self.seeds.setdefault(seed, SeedState(seed))
-                self.emit(SeedStarted(self, seed, self.spec.budget.total))
+            self.announce_start()
+
+    def announce_start(self) -> None:
+        self.emit(TrialStarted(self))
+        for seed in self.spec.seeds:
+            self.seeds.setdefault(seed, SeedState(seed))
+            self.emit(SeedStarted(self, seed, self.spec.budget.total))
 
     def resume(self, records: dict[int, SeedRecord]) -> None:
         """Continue a trial that a dead (or interrupted) driver left: its finished seeds stay finished,
@@ -368,6 +372,9 @@ class TrialRunner:
         return {s.future: s for s in self.seeds.values() if s.future is not None}
 
     def on_result(self, state: SeedState) -> None:
+        if state.shared is not None:
+            state.shared.on_result()
+            return
         if state.unit:
             self._on_unit_result(state)
             return
@@ -558,6 +565,9 @@ class TrialRunner:
     # --- the end --------------------------------------------------------------------------------
     def adopt(self, state: SeedState, host: Host) -> None:
         """A waiting seed takes an idle actor of its shape instead of its own unplaced reservation."""
+        if state.shared is not None:
+            state.shared.adopt(host)
+            return
         if state.unit:
             states = self._unit_states(state)
             _kill(state.actor, state.group)
@@ -574,6 +584,12 @@ class TrialRunner:
         """Free the seed's actor and placement group; an idle, healthy actor goes back to the pool."""
         if self.pool is not None:
             self.pool.placed(state)
+        if state.shared is not None:  # the unit frees its actor once its last seed lets go
+            unit, state.shared = state.shared, None
+            state.actor = state.group = state.future = None
+            state.elapsed = time.perf_counter() - state.started
+            unit.let_go(state)
+            return
         if state.actor is not None and any(s is not state and s.actor is state.actor for s in self.seeds.values()):
             # another seed of its unit still trains in this actor: only this seed lets go of it
             state.actor = state.group = state.future = None
@@ -645,6 +661,153 @@ class TrialRunner:
         for state in self.seeds.values():
             if state.actor is not None or state.group is not None:
                 self._release(state, reusable=state.status == Status.FINISHED)
+
+
+class SharedUnit:
+    """Seeds of several trials (a sweep's, `sweep.share_actors`) in one `TrialWorkerGroup` actor, each with
+    its trial's spec, trained batched (seedgroup.py). The unit owns the actor: each chunk's result goes to
+    each seed's own runner as a lone seed's would (its listeners, its pruner, its end), a seed whose trial
+    ended (pruned, failed) is dropped from the actor at the next call, and the actor is freed once its last
+    seed lets go (to the pool, when it is idle and healthy). If the actor dies, every seed with retries left
+    restarts from its own checkpoint in one new actor."""
+
+    def __init__(self, members: list[tuple[TrialRunner, SeedState]], pool: ActorPool | None, chunk_seconds: float):
+        self.members = dict(enumerate(members))  # key -> (its trial's runner, its seed's state)
+        self.pool, self.chunk_seconds = pool, chunk_seconds
+        self.spec = members[0][0].spec  # (the resources and the shape every member shares)
+        self.actor: Any = None
+        self.group: PlacementGroup | None = None
+        self.future: Any = None
+        self.where: dict[str, str] | None = None
+        self.dropped: list[int] = []  # keys to take out of the actor at its next call
+        for _, state in members:
+            state.shared = self
+
+    def _live(self) -> list[tuple[int, TrialRunner, SeedState]]:
+        return [(key, runner, state) for key, (runner, state) in self.members.items()
+                if state.shared is self and not state.status.ended]
+
+    def launch(self, host: Host | None = None) -> None:
+        """Load every live seed (each from its checkpoint, if any) into a warm actor, or a new one."""
+        live = self._live()
+        specs: list[dict[str, Any]] = []
+        index: dict[int, int] = {}
+        for _, runner, _ in live:
+            if id(runner) not in index:
+                index[id(runner)] = len(specs)
+                specs.append(runner.spec.model_dump(mode="json"))
+        load = (specs, [(key, index[id(runner)], state.seed) for key, runner, state in live],
+                {key: state.checkpoint for key, _, state in live})
+        self.dropped = []
+        if host is None and self.pool is not None and self.group is None:
+            host = self.pool.take(self.spec)
+        fresh = False
+        if host is not None:
+            self.actor, self.group, self.where = host.actor, host.group, host.where
+            self.future = self.actor.advance.remote(self.chunk_seconds, load)
+        else:
+            fresh = self.group is None
+            if self.group is None:
+                self.group = placement_group(trial_bundles(self.spec), strategy="PACK")
+            res, self.where = self.spec.resources, None
+            self.actor = RemoteTrialWorkerGroup.options(
+                num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=0),
+            ).remote(*load)
+            self.future = self.actor.advance.remote(self.chunk_seconds)
+        for _, _, state in live:
+            state.status, state.placed, state.paused = Status.RUNNING, False, False
+            state.actor, state.group, state.future, state.where = self.actor, self.group, self.future, self.where
+        if fresh and self.pool is not None and live:
+            self.pool.wait(live[0][1], live[0][2])
+
+    def adopt(self, host: Host) -> None:
+        """Take an idle actor of the same shape instead of this unit's unplaced reservation."""
+        _kill(self.actor, self.group)
+        self.actor = self.group = self.future = None
+        self.launch(host)
+
+    def on_result(self) -> None:
+        future, self.future = self.future, None
+        live = self._live()
+        for _, _, state in live:
+            state.future = None
+        try:
+            result = ray.get(future)
+        except RayError as exc:
+            self._on_error(live, exc)
+            return
+        if live and self.where is None:  # one node lookup for the unit
+            self.where = live[0][1]._where(live[0][2])
+        for key, runner, state in live:
+            part = result["seeds"].get(key)
+            if part is None or state.shared is not self or state.status.ended:
+                continue  # (its trial ended meanwhile: it was let go, and is dropped at the next call)
+            state.where = state.where or self.where
+            runner._announce(state)
+            if "error" in part:
+                runner._fail(state, part["error"])
+                continue
+            decision = runner._take(state, part)
+            if decision.action == Action.STOP:
+                runner._apply(state, decision, part["done"])  # the trial ends: its other seeds let go too
+            elif part["done"]:
+                runner._finish_seed(state)
+        going = self._live()
+        if going:
+            self.future = self.actor.advance.remote(self.chunk_seconds, None, self.dropped)
+            self.dropped = []
+            for _, _, state in going:
+                state.future = self.future
+
+    def let_go(self, state: SeedState) -> None:
+        """A seed leaves the unit (it ended); the last one to leave frees the actor."""
+        key = next(k for k, (_, s) in self.members.items() if s is state)
+        self.dropped.append(key)
+        if self._live():
+            return
+        if self.future is None and self.actor is not None and self.group is not None and self.pool is not None:
+            self.pool.put(self.spec, Host(self.actor, self.group, self.where))  # idle and healthy
+        else:
+            _kill(self.actor, self.group)
+        self.actor = self.group = None
+
+    def _on_error(self, live: list[tuple[int, TrialRunner, SeedState]], exc: RayError) -> None:
+        """The actor died: each seed restarts from its own checkpoint in one new actor (same reservation),
+        or fails once its retries are spent; an error building the group fails them all."""
+        _kill(self.actor, None)  # the result can be lost while its actor lives on
+        self.actor = None
+        if not _lost(exc):
+            for _, runner, state in live:
+                runner._fail(state, _error_text(exc))
+            return
+        spent = []
+        for _, runner, state in live:
+            if state.retries < runner.spec.resources.max_retries:
+                state.retries += 1
+                runner.emit(SeedRetried(runner, state.seed, state.retries, _error_text(exc)))
+            else:
+                spent.append((runner, state))
+        for runner, state in spent:  # (let go first: the relaunch below loads only the others)
+            runner._fail(state, f"trial actor died {state.retries + 1} times; last: {_error_text(exc)}")
+        if self._live():
+            self.launch()
+
+
+def start_shared(runners: list[TrialRunner], capacity: int) -> None:
+    """Start these trials with their seeds packed in order into shared actors of up to `capacity` seeds
+    (`sweep.share_actors`), then tell each trial's listeners, as `TrialRunner.start` does."""
+    pairs = []
+    for runner in runners:
+        runner.status = Status.RUNNING
+        pairs += [(runner, runner.seeds.setdefault(seed, SeedState(seed))) for seed in runner.spec.seeds]
+    try:
+        for start in range(0, len(pairs), capacity):
+            chunk = pairs[start:start + capacity]
+            SharedUnit(chunk, chunk[0][0].pool, chunk[0][0].chunk_seconds).launch()
+    finally:  # also after a Ctrl-C during a launch: its end states need the runs to exist
+        for runner in runners:
+            runner.announce_start()
 
 
 def aggregate_finals(finals: list[dict[str, float]]) -> dict[str, float]:

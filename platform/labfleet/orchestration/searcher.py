@@ -96,6 +96,8 @@ class OptunaSearcher:
         self.scheduler: PopulationBasedTraining | None = None  # PBT, when the sweep has one (set it before `more`)
         self.continuing: list[tuple[TrialRunner, dict[int, SeedRecord]]] = []  # see `adopt_running`
         self.untold = 0  # ended trials whose tell still waits behind their records in the writer thread
+        # `sweep.share_actors`: the seeds of the trials asked together share actors of up to this many seeds
+        self.share_capacity = spec.resources.seeds_per_actor if sweep.share_actors else 0
         self._untold_lock = threading.Lock()  # counted up here, down in the writer thread
 
     # --- the feed -------------------------------------------------------------------------------

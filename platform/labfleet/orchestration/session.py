@@ -35,7 +35,7 @@ from labfleet.errors import Problem, SpecError
 from labfleet.orchestration.events import DRIVER_ERROR, Listener, SeedRecord, Status
 from labfleet.orchestration.progress import ProgressBoard, ProgressListener
 from labfleet.orchestration.recorder import MlflowRecorder
-from labfleet.orchestration.runner import ActorPool, TrialRunner, drive_once, unschedulable_reason
+from labfleet.orchestration.runner import ActorPool, TrialRunner, drive_once, start_shared, unschedulable_reason
 from labfleet.spec.models import ExperimentSpec
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
 from labfleet.tracking.uri import check_tracking_uri
@@ -169,9 +169,14 @@ class Feed(Protocol):
 
     def interrupted(self) -> None: ...
 
+    # > 0: the seeds of new trials started together share actors of up to this many seeds (`start_shared`)
+    share_capacity: int
+
 
 class FixedFeed:
     """A fixed list of trials, all started at once (`run`, `suite`)."""
+
+    share_capacity = 0
 
     def __init__(self, trials: list[tuple[TrialRunner, dict[int, SeedRecord] | None]]):
         self.trials = list(trials)
@@ -218,6 +223,7 @@ class DriverSession:
         active: list[TrialRunner] = []
         while True:
             started = feed.more(len(active))
+            together = []  # new trials whose seeds share actors
             for runner, records in started:
                 if runner.suspended:  # its turn again (PBT)
                     runner.unsuspend()
@@ -225,10 +231,14 @@ class DriverSession:
                     continue
                 self.runners.append(runner)
                 active.append(runner)
-                if records is None:
+                if records is None and feed.share_capacity > 0:
+                    together.append(runner)
+                elif records is None:
                     runner.start()
                 else:
                     runner.resume(records)
+            if together:
+                start_shared(together, feed.share_capacity)
             active = [r for r in active if not (r.done or r.suspended)]
             if started:  # ended trials need no cleanup on Ctrl-C: a long sweep's driver keeps only the others
                 self.runners = [r for r in self.runners if not r.done]

@@ -94,6 +94,7 @@ def check_sweep(data: dict[str, Any], spec: ExperimentSpec, source: str, storage
             problems.append(Problem(source, f"sweep.{name}", f"{type(exc).__name__}: {exc}"))
     problems += _objective_problems(sweep, spec, source)
     problems += _scheduler_problems(data, sweep, spec, source)
+    problems += _share_problems(sweep, spec, source)
     for path, p in sweep.space.items():
         for value in _probe_values(p):
             try:
@@ -153,6 +154,33 @@ def _scheduler_problems(data: dict[str, Any], sweep: SweepConfig, spec: Experime
             except SpecError as exc:
                 problems.extend(Problem(source, field, f"with {value!r}: {q.path}: {q.message}")
                                 for q in exc.problems)
+    return problems
+
+
+def _share_problems(sweep: SweepConfig, spec: ExperimentSpec, source: str) -> list[Problem]:
+    """Trials share an actor only where their batched group takes each member's values of every searched
+    path (nothing that changes a network's shape, a rollout's or a minibatch's)."""
+    from labfleet.algorithms.seedgroup import per_seed_hparams
+
+    if not sweep.share_actors:
+        return []
+    problems = []
+    if spec.resources.seeds_per_actor < 2:
+        problems.append(Problem(source, "resources.seeds_per_actor", "sweep.share_actors packs the seeds of "
+                                "several trials into one actor of up to this many seeds: set it to 2 or more"))
+    if sweep.scheduler is not None:
+        problems.append(Problem(source, "sweep.share_actors", "population-based training pauses and retargets "
+                                "each trial on its own: drop sweep.share_actors or sweep.scheduler"))
+    shared = per_seed_hparams(spec.algorithm)
+    if not shared:
+        problems.append(Problem(source, "sweep.share_actors", f"{spec.algorithm} has no batched trainer; trials "
+                                "can share an actor with ppo, a2c, reinforce, dqn and ddpg"))
+        return problems
+    allowed = ", ".join(f"hparams.{name}" for name in sorted(shared))
+    for path in sweep.space:
+        if not path.startswith("hparams.") or path.removeprefix("hparams.") not in shared:
+            problems.append(Problem(source, f"sweep.space.{path}", f"with sweep.share_actors, trials may differ "
+                                    f"only in what {spec.algorithm}'s batched trainer takes per seed: {allowed}"))
     return problems
 
 

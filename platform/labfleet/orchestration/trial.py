@@ -205,48 +205,62 @@ def trainer_media(trainer: Any) -> dict[str, bytes]:
 
 
 class TrialWorkerGroup:
-    """`resources.seeds_per_actor`: several seeds of one trial in one actor (seedgroup.py says how they
-    train together). `advance` returns {"seeds": {seed: result}}, each result as `TrialWorker.advance`
-    gives it, or {"error": text} for a seed whose trainer raised or produced a non-finite metric: that seed
-    fails alone."""
+    """`resources.seeds_per_actor`: several seeds in one actor (seedgroup.py says how they train together),
+    of one trial, or of several trials of a sweep (`sweep.share_actors`), each member with its own spec.
 
-    def __init__(self, spec: dict[str, Any] | None = None, seeds: list[int] | None = None,
+    Members are keyed: by their seed (`load(spec, seeds, checkpoints)`), or by the driver's own keys
+    (`load(specs, [(key, spec index, seed), ...], checkpoints by key)`). `advance` returns
+    {"seeds": {key: result}}, each result as `TrialWorker.advance` gives it, or {"error": text} for a member
+    whose trainer raised or produced a non-finite metric: that member fails alone. `drop` (keys) takes
+    members out first (a pruned trial's)."""
+
+    def __init__(self, spec: dict[str, Any] | list[dict[str, Any]] | None = None, seeds: list[Any] | None = None,
                  checkpoints: dict[int, bytes | None] | None = None):
         self.group: Any = None
         self.device = "cpu"
         if spec is not None:
             self.load(spec, seeds or [], checkpoints)
 
-    def load(self, spec: dict[str, Any], seeds: list[int], checkpoints: dict[int, bytes | None] | None = None
-             ) -> None:
+    def load(self, spec: dict[str, Any] | list[dict[str, Any]], seeds: list[Any],
+             checkpoints: dict[int, bytes | None] | None = None) -> None:
         from labfleet.algorithms.seedgroup import build_group
 
         if self.group is not None:
             self.group.close()
             self.group = None
-        self.spec = ExperimentSpec.model_validate(spec)
+        if isinstance(spec, dict):  # the seeds of one trial, keyed by seed
+            specs, members_of = [ExperimentSpec.model_validate(spec)], [(seed, 0, seed) for seed in seeds]
+        else:
+            specs, members_of = [ExperimentSpec.model_validate(s) for s in spec], [tuple(m) for m in seeds]
+        self.spec = specs[0]  # (every member's resources, device and algorithm are the same)
         torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_trial)))
         self.device = resolve_device(self.spec.device)
         info = registry.get(self.spec.algorithm)
-        members, self.slots = {}, {}
-        for seed in seeds:
-            trainer = info.trainer(self.spec, seed, self.device)
-            checkpoint = (checkpoints or {}).get(seed)
+        members, self.slots, self.specs = {}, {}, {}
+        for key, index, seed in members_of:
+            member_spec = specs[index]
+            trainer = info.trainer(member_spec, seed, self.device)
+            checkpoint = (checkpoints or {}).get(key)
             resumed = None
             if checkpoint is not None:
                 trainer.restore_bytes(checkpoint)
                 resumed = "exact" if trainer.resume_exact else "approximate"
-            members[seed] = trainer
-            self.slots[seed] = SeedSlot(self.spec, trainer, resumed)
+            members[key] = trainer
+            self.specs[key] = member_spec
+            self.slots[key] = SeedSlot(member_spec, trainer, resumed)
         self.group = build_group(info.name, members)
 
     def describe(self) -> dict[str, str]:
         return describe_process(self.device)
 
-    def advance(self, seconds: float = 1.0,
-                load: tuple[dict[str, Any], list[int], dict[int, bytes | None]] | None = None) -> dict[str, Any]:
+    def advance(self, seconds: float = 1.0, load: tuple[Any, list[Any], dict[int, bytes | None]] | None = None,
+                drop: list[int] | None = None) -> dict[str, Any]:
         if load is not None:
             self.load(*load)
+        for key in drop or ():
+            if key in self.group.members:
+                self.group.drop(key)
+                self.slots[key].reported = True
         group, slots = self.group, self.slots
         out: dict[int, dict[str, Any]] = {}
         records: dict[int, list[tuple[int, dict[str, float]]]] = {seed: [] for seed in group.members}
@@ -277,7 +291,7 @@ class TrialWorkerGroup:
                 final = trainer.evaluate()
                 records[seed].append((trainer.metric_step, final))
                 artifacts[seed].update(trainer_media(trainer))
-                artifacts[seed].update(final_video(self.spec, trainer))
+                artifacts[seed].update(final_video(self.specs[seed], trainer))
                 slot.reported = True
             checkpoint = trainer.checkpoint_bytes() if seed in evaluated or trainer.done else None
             out[seed] = {"records": records[seed], "progress": trainer.progress, "done": trainer.done,

@@ -199,6 +199,10 @@ class SweepConfig(StrictModel):
                                                   "failed in a row: a sweep that cannot succeed ends (exit 1).")
     space: dict[str, ParamSpace] = Field(default_factory=dict)
     scheduler: PBTConfig | None = Field(None, description="Population-based training (the pruner is not used).")
+    share_actors: bool = Field(False, description="Trials started together pack their seeds into shared trial "
+                               "actors of up to resources.seeds_per_actor seeds, trained batched, each with its "
+                               "own hyperparameters (PPO, A2C, REINFORCE, DQN, DDPG; the space may only hold "
+                               "hyperparameters that keep the networks' shapes).")
 
     @model_validator(mode="after")
     def _objectives(self) -> SweepConfig:

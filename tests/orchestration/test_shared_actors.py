@@ -1,0 +1,155 @@
+"""`sweep.share_actors`: the seeds of several trials in one actor, each with its own hyperparameters. Each
+trial keeps its own record, pruner and end; a pruned trial leaves the actor to the others; a killed actor
+restarts every seed from its own checkpoint. Real Ray, real MLflow (SQLite) and Optuna stores."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from labfleet import metrics as M
+from labfleet.orchestration.events import Action, Decision, Evaluation, Event, Status
+from labfleet.orchestration.recorder import MlflowRecorder
+from labfleet.orchestration.runner import TrialRunner, drive, start_shared
+from labfleet.spec.loading import load_spec
+from labfleet.tracking.runs import Tracker
+from tests.conftest import EXPERIMENTS, run_cli
+
+BUDGET = 4096
+
+
+def _trials(values: list[dict], seeds: list[int]):
+    return [load_spec(EXPERIMENTS / "cartpole_ppo.yaml", {
+        "seeds": seeds, "budget.env_steps": BUDGET, "resources": {"seeds_per_actor": 8},
+        "eval": {"episodes": 2, "every_steps": 2048}, "hparams.n_steps": 32, **v}) for v in values]
+
+
+class StopAtFirstEvaluation:
+    """A pruner of one trial: STOP at its first evaluation step (a pruned trial ends FINISHED)."""
+
+    def __init__(self) -> None:
+        self.target: TrialRunner | None = None
+
+    def handle(self, event: Event) -> Decision | None:
+        if isinstance(event, Evaluation) and event.trial is self.target:
+            return Decision(Action.STOP, Status.FINISHED, "pruned")
+        return None
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_leaves_the_shared_actor_to_the_others(ray_local, tracking_uri: str):
+    specs = _trials([{"hparams.learning_rate": 3e-3, "hparams.n_epochs": 4},
+                     {"hparams.learning_rate": 3e-4, "hparams.n_epochs": 10}], seeds=[0, 1])
+    recorder = MlflowRecorder(Tracker(tracking_uri))
+    pruner = StopAtFirstEvaluation()
+    runners = [TrialRunner(spec, [recorder, pruner], chunk_seconds=0.1, label=f"t{i}") for i, spec in enumerate(specs)]
+    pruner.target = runners[0]
+    start_shared(runners, capacity=8)
+    actors = {id(s.actor) for r in runners for s in r.seeds.values()}
+    assert len(actors) == 1, "four seeds of two trials in one actor"
+    drive(runners, poll_seconds=1.0)
+    pruned, kept = runners
+    assert pruned.status == Status.FINISHED and pruned.stop_reason == "pruned"
+    assert all(s.progress < BUDGET and s.shared is None and s.actor is None for s in pruned.seeds.values())
+    assert kept.status == Status.FINISHED and all(s.progress == BUDGET for s in kept.seeds.values())
+    recorder.tracker.drain()
+    client = MlflowClient(tracking_uri)
+    evaluated = {}
+    for runner, lr in ((pruned, 3e-3), (kept, 3e-4)):
+        for seed in (0, 1):
+            run = client.get_run(recorder.seed_run_id(runner, seed))
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics[M.LEARNING_RATE] == pytest.approx(lr)
+            evaluated[runner.label, seed] = [m.step for m in client.get_metric_history(run.info.run_id,
+                                                                                        M.EVAL_RETURN_MEAN)]
+    # the kept trial evaluates to the end; the pruned one reports nothing after the step that pruned it (its
+    # other seed's evaluation of that step may come in the same chunk, after the stop: it is not delivered)
+    assert evaluated["t1", 0] == evaluated["t1", 1] == [2048, BUDGET]
+    assert sorted([evaluated["t0", 0], evaluated["t0", 1]]) in ([[], [2048]], [[2048], [2048]]), evaluated
+
+
+@pytest.mark.slow
+def test_a_killed_shared_actor_restarts_each_seed_from_its_own_checkpoint(ray_local, tracking_uri: str):
+    """Two trials of two seeds in one actor, killed after their first checkpoints: one new actor restores every
+    seed, and each ends with the network and optimiser of the same four trained together without a fault."""
+    from labfleet.orchestration.trial import TrialWorkerGroup
+    from labfleet.testing import state_differences
+
+    specs = _trials([{"hparams.learning_rate": 1e-3, "hparams.clip_range": 0.1},
+                     {"hparams.learning_rate": 5e-4, "hparams.gamma": 0.95}], seeds=[0, 1])
+    recorder = MlflowRecorder(Tracker(tracking_uri))
+    runners = [TrialRunner(spec, [recorder], chunk_seconds=0.2, label=f"t{i}") for i, spec in enumerate(specs)]
+    start_shared(runners, capacity=8)
+    states = [s for r in runners for s in r.seeds.values()]
+    killed = False
+    while not all(r.done for r in runners):
+        ready, _ = ray_local.wait(list({s.future for s in states if s.future is not None}), timeout=60)
+        assert ready, "no result in 60 s"
+        owner = next(s for s in states if s.future in ready)
+        owner.shared.on_result()
+        if not killed and all(s.checkpoint is not None for s in states) and states[0].actor is not None:
+            killed = True
+            ray_local.kill(states[0].actor, no_restart=True)
+    assert killed and [r.status for r in runners] == [Status.FINISHED, Status.FINISHED]
+    assert [s.retries for s in states] == [1, 1, 1, 1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the same four members, keyed as the unit keys them
+        reference = TrialWorkerGroup([spec.model_dump(mode="json") for spec in specs],
+                                     [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)])
+        while not all(m.done for m in reference.group.members.values()):
+            reference.advance(seconds=1e9)
+    finally:
+        torch.set_num_threads(threads)
+    client = MlflowClient(tracking_uri)
+    recorder.tracker.drain()
+    for key, state in enumerate(states):
+        runner = runners[key // 2]
+        run = client.get_run(recorder.seed_run_id(runner, state.seed))
+        assert run.info.status == "FINISHED" and run.data.tags["labfleet.retries"] == "1"
+        final = torch.load(io.BytesIO(state.checkpoint), weights_only=True)
+        expected = reference.group.members[key].state_dict()
+        differ = state_differences(expected, final, only=(".model", ".optimizer"))
+        assert not differ, f"{runner.label} seed {state.seed} differs from a fault-free run at {differ[:5]}"
+
+
+@pytest.mark.slow
+def test_sweep_trials_share_actors_and_keep_their_own_records(tmp_path: Path):
+    """`labfleet sweep` with `share_actors`: three trials of two seeds each in one actor (one process for the six
+    seed runs), each seed training with its own trial's sampled values; the study and every run finish."""
+    data = yaml.safe_load((EXPERIMENTS / "sweeps" / "cartpole_ppo_sweep.yaml").read_text())
+    data.update({"seeds": [0, 1], "budget": {"env_steps": 2048}, "eval": {"episodes": 2, "every_steps": 1024},
+                 "resources": {"seeds_per_actor": 6}})
+    data["hparams"]["n_epochs"] = 2
+    data["sweep"].update({"n_trials": 3, "max_parallel": 3, "share_actors": True,
+                          "sampler": {"type": "random", "seed": 3}, "pruner": {"type": "nop"}})
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    mlflow_uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run_cli("sweep", str(spec), "--tracking-uri", mlflow_uri, "--storage", storage, "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = optuna.load_study(study_name=data["name"], storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(data["tracking"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    trials = {r.info.run_id: r for r in runs if r.data.tags["labfleet.role"] == "trial"}
+    seeds = [r for r in runs if r.data.tags["labfleet.role"] == "seed"]
+    assert len(trials) == 3 and len(seeds) == 6
+    assert len({r.data.tags["labfleet.pid"] for r in seeds}) == 1, "one actor for the six seeds"
+    by_number = {t.number: t for t in study.trials}
+    for run in seeds:
+        trial = trials[run.data.tags["mlflow.parentRunId"]]
+        sampled = by_number[int(trial.data.tags["optuna.trial_number"])].params
+        lr0 = sampled["hparams.learning_rate"]
+        # learning_rate sampled as a number: constant, so the logged rate is the trial's own
+        assert run.data.metrics[M.LEARNING_RATE] == pytest.approx(lr0), (lr0, run.data.metrics[M.LEARNING_RATE])
+        assert "checkpoints/final.pt" in [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert len({round(r.data.metrics[M.LEARNING_RATE], 12) for r in seeds}) == 3

@@ -229,8 +229,7 @@ class SeedState:
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
     elapsed: float = 0.0
-    unit: tuple[int, ...] = ()  # with seeds_per_actor > 1: the seeds launched with this one in one actor
-    shared: SharedUnit | None = None  # with sweep.share_actors: the actor it shares with other trials' seeds
+    shared: SharedUnit | None = None  # with seeds_per_actor > 1: the unit whose actor it shares with other seeds
 
 
 class TrialRunner:
@@ -311,41 +310,8 @@ class TrialRunner:
                 self._launch(state)
             return
         for start in range(0, len(states), size):
-            self._launch_unit(states[start:start + size])
-
-    def _launch_unit(self, states: list[SeedState], host: Host | None = None) -> None:
-        """Several seeds in one `TrialWorkerGroup` actor (each from its own checkpoint, if any)."""
-        spec = self.spec
-        unit = tuple(s.seed for s in states)
-        for state in states:
-            state.status, state.placed, state.where, state.paused, state.unit = Status.RUNNING, False, None, False, unit
-        load = (spec.model_dump(mode="json"), list(unit), {s.seed: s.checkpoint for s in states})
-        group, fresh = states[0].group, False
-        actor: Any = None
-        if host is None and self.pool is not None and group is None:
-            host = self.pool.take(spec)
-        if host is not None:  # a warm actor: load these seeds into it
-            actor, group, where = host.actor, host.group, host.where
-            future = actor.advance.remote(self.chunk_seconds, load)
-        else:
-            fresh = group is None
-            if group is None:
-                group = placement_group(trial_bundles(spec), strategy="PACK")
-            res, where = spec.resources, None
-            actor = RemoteTrialWorkerGroup.options(
-                num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
-            ).remote(*load)
-            future = actor.advance.remote(self.chunk_seconds)
-        for state in states:
-            state.actor, state.group, state.future, state.where = actor, group, future, where
-        if host is None and fresh and self.pool is not None:
-            self.pool.wait(self, states[0])
-
-    def _unit_states(self, state: SeedState) -> list[SeedState]:
-        """The seeds that share `state`'s actor now (itself included), in launch order."""
-        return [self.seeds[seed] for seed in state.unit
-                if self.seeds[seed].actor is state.actor and not self.seeds[seed].status.ended]
+            unit = [(self, state) for state in states[start:start + size]]
+            SharedUnit(unit, self.pool, self.chunk_seconds).launch()
 
     def _launch(self, state: SeedState, checkpoint_spec: ExperimentSpec | None = None) -> None:
         spec = checkpoint_spec or self.spec
@@ -375,9 +341,6 @@ class TrialRunner:
         if state.shared is not None:
             state.shared.on_result()
             return
-        if state.unit:
-            self._on_unit_result(state)
-            return
         future, state.future = state.future, None
         try:
             result = ray.get(future)
@@ -395,62 +358,6 @@ class TrialRunner:
                 self.pool.placed(state)
             if (where := self._where(state)) is not None:
                 self.emit(SeedPlaced(self, state.seed, where))
-
-    def _on_unit_result(self, state: SeedState) -> None:
-        """The result of a unit's chunk: each seed's part is handled as a lone seed's result would be."""
-        future = state.future
-        states = [s for s in self._unit_states(state) if s.future is future]
-        for s in states:
-            s.future = None
-        try:
-            result = ray.get(future)
-        except RayError as exc:
-            self._on_unit_error(states, exc)
-            return
-        if states and not states[0].placed and states[0].where is None:  # one node lookup for the unit
-            where = self._where(states[0])
-            for s in states:
-                s.where = s.where or where
-        going = []
-        for s in states:
-            part = result["seeds"].get(s.seed)
-            if part is None:
-                continue
-            self._announce(s)
-            if "error" in part:
-                self._fail(s, part["error"])
-                continue
-            decision = self._take(s, part)
-            if decision.action == Action.STOP:
-                self._apply(s, decision, part["done"])
-                return
-            if part["done"]:
-                self._finish_seed(s)
-            else:  # (PAUSE is PBT's, which refuses units at validation)
-                going.append(s)
-        if going and not self.done:
-            future = going[0].actor.advance.remote(self.chunk_seconds)
-            for s in going:
-                s.future = future
-
-    def _on_unit_error(self, states: list[SeedState], exc: RayError) -> None:
-        """A unit's actor died: every seed in it restarts from its own checkpoint, in one new actor."""
-        if not _lost(exc):  # the group could not be built: deterministic, not retried
-            for s in states:
-                self._fail(s, _error_text(exc))
-            return
-        actor = states[0].actor
-        retry = [s for s in states if s.retries < self.spec.resources.max_retries]
-        for s in states:
-            if s not in retry:
-                self._fail(s, f"trial actor died {s.retries + 1} times; last: {_error_text(exc)}")
-        _kill(actor, None)  # the result can be lost while its actor lives on
-        for s in retry:
-            s.retries += 1
-            s.actor = None
-            self.emit(SeedRetried(self, s.seed, s.retries, _error_text(exc)))
-        if retry:
-            self._launch_unit(retry)
 
     def _take(self, state: SeedState, result: dict[str, Any]) -> Decision:
         """Deliver one seed's chunk to the listeners; their decision."""
@@ -568,13 +475,6 @@ class TrialRunner:
         if state.shared is not None:
             state.shared.adopt(host)
             return
-        if state.unit:
-            states = self._unit_states(state)
-            _kill(state.actor, state.group)
-            for s in states:
-                s.actor = s.group = s.future = None
-            self._launch_unit(states, host)
-            return
         _kill(state.actor, state.group)
         state.actor, state.group, state.where = host.actor, host.group, host.where
         state.future = state.actor.advance.remote(
@@ -589,11 +489,6 @@ class TrialRunner:
             state.actor = state.group = state.future = None
             state.elapsed = time.perf_counter() - state.started
             unit.let_go(state)
-            return
-        if state.actor is not None and any(s is not state and s.actor is state.actor for s in self.seeds.values()):
-            # another seed of its unit still trains in this actor: only this seed lets go of it
-            state.actor = state.group = state.future = None
-            state.elapsed = time.perf_counter() - state.started
             return
         if reusable and self.pool is not None and state.future is None and state.actor is not None \
                 and state.group is not None:
@@ -664,12 +559,12 @@ class TrialRunner:
 
 
 class SharedUnit:
-    """Seeds of several trials (a sweep's, `sweep.share_actors`) in one `TrialWorkerGroup` actor, each with
-    its trial's spec, trained batched (seedgroup.py). The unit owns the actor: each chunk's result goes to
-    each seed's own runner as a lone seed's would (its listeners, its pruner, its end), a seed whose trial
-    ended (pruned, failed) is dropped from the actor at the next call, and the actor is freed once its last
-    seed lets go (to the pool, when it is idle and healthy). If the actor dies, every seed with retries left
-    restarts from its own checkpoint in one new actor."""
+    """Seeds in one `TrialWorkerGroup` actor (`resources.seeds_per_actor`): of one trial, or of several trials
+    of a sweep (`sweep.share_actors`), each with its trial's spec, trained together (seedgroup.py). The unit
+    owns the actor: each chunk's result goes to each seed's own runner as a lone seed's would (its listeners,
+    its pruner, its end), a seed whose trial ended (pruned, failed) is dropped from the actor at the next
+    call, and the actor is freed once its last seed lets go (to the pool, when it is idle and healthy). If
+    the actor dies, every seed with retries left restarts from its own checkpoint in one new actor."""
 
     def __init__(self, members: list[tuple[TrialRunner, SeedState]], pool: ActorPool | None, chunk_seconds: float):
         self.members = dict(enumerate(members))  # key -> (its trial's runner, its seed's state)

@@ -435,6 +435,45 @@ class BatchedPPO(BatchedActorCritic):
                    b_adv: torch.Tensor, b_returns: torch.Tensor, b_values: torch.Tensor, clip: torch.Tensor,
                    beta: torch.Tensor, old_params: dict[str, torch.Tensor] | None, active: torch.Tensor,
                    progress: dict[int, float], stats: dict[str, list[torch.Tensor]]) -> None:
+        """One minibatch step of every active seed. When only some seeds are active (the others stopped early,
+        ran their own fewer epochs, or left the group), only those compute: their rows of the data and of the
+        stacked parameters are taken (the gradient flows back into the stack through the indexing)."""
+        n = len(self.seeds)
+        vf_coef, ent_coef = self._column("vf_coef"), self._column("ent_coef")
+        rows = None if bool(active.all()) else active.nonzero().squeeze(1).to(x.device)
+        if rows is None:
+            out = self._minibatch_loss(mb, x, b_actions, b_logp_old, b_adv, b_returns, b_values, clip, beta,
+                                       old_params, vf_coef, ent_coef)
+        else:
+            def pick(t: Any) -> Any:
+                return t.index_select(0, rows) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+            stack = self.stack
+            saved = stack.params
+            stack.params = {name: pick(value) for name, value in saved.items()}
+            try:
+                out = self._minibatch_loss(
+                    pick(mb), pick(x), pick(b_actions), pick(b_logp_old), pick(b_adv), pick(b_returns),
+                    pick(b_values), pick(clip), pick(beta),
+                    None if old_params is None else {k: pick(v) for k, v in old_params.items()},
+                    pick(vf_coef), pick(ent_coef))
+            finally:
+                stack.params = saved
+        loss = out.pop("loss")
+        if rows is not None:  # each seed's row again (zeros for the seeds that did not compute)
+            loss = loss.new_zeros(n).index_copy(0, rows, loss)
+            out = {k: v.new_zeros(n).index_copy(0, rows, v) for k, v in out.items()}
+        norms = self._step(loss, active, progress)
+        for key, value in out.items():
+            stats[key].append(value)
+        stats["norm"].append(norms)
+        stats["on"].append(active.to(loss.device).float())
+
+    def _minibatch_loss(self, mb: torch.Tensor, x: torch.Tensor, b_actions: torch.Tensor, b_logp_old: torch.Tensor,
+                        b_adv: torch.Tensor, b_returns: torch.Tensor, b_values: torch.Tensor, clip: torch.Tensor,
+                        beta: torch.Tensor, old_params: dict[str, torch.Tensor] | None, vf_coef: float | torch.Tensor,
+                        ent_coef: float | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each row's unbatched loss (with its gradient) and statistics, all (rows,)."""
         hp = self.hp
 
         def take(t: torch.Tensor) -> torch.Tensor:
@@ -464,17 +503,13 @@ class BatchedPPO(BatchedActorCritic):
             clipped = values_old + torch.clamp(values - values_old, -hp.clip_range_vf, hp.clip_range_vf)
             loss_v = torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean(1)
         entropy = entropies.mean(1)
-        # (N,): each seed's unbatched loss
-        loss = loss_pi + self._column("vf_coef") * loss_v - self._column("ent_coef") * entropy
-        norms = self._step(loss, active, progress)
         with torch.no_grad():
-            stats["kl"].append(((ratio - 1) - logratio).mean(1))
-            stats["clip"].append(((ratio - 1).abs() > clip.unsqueeze(1)).float().mean(1))
-        stats["pi"].append(loss_pi.detach())
-        stats["v"].append(loss_v.detach())
-        stats["ent"].append(entropy.detach())
-        stats["norm"].append(norms)
-        stats["on"].append(active.to(loss.device).float())
+            approx_kl = ((ratio - 1) - logratio).mean(1)
+            clipped_share = ((ratio - 1).abs() > clip.unsqueeze(1)).float().mean(1)
+        return {"loss": loss_pi + vf_coef * loss_v - ent_coef * entropy,  # each seed's unbatched loss
+                "kl": approx_kl, "clip": clipped_share, "pi": loss_pi.detach(), "v": loss_v.detach(),
+                "ent": entropy.detach()}
+
     def _log(self, live: list[int], collected: dict[int, tuple[Any, dict[str, float]]],
              stats: dict[str, list[torch.Tensor]], b_values: torch.Tensor, b_returns: torch.Tensor,
              x: torch.Tensor, old_params: dict[str, torch.Tensor] | None) -> dict[int, dict[str, float]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -691,14 +692,22 @@ class SharedUnit:
 
 def start_shared(runners: list[TrialRunner], capacity: int) -> None:
     """Start these trials with their seeds packed in order into shared actors of up to `capacity` seeds
-    (`sweep.share_actors`), then tell each trial's listeners, as `TrialRunner.start` does."""
+    (`sweep.share_actors`), then tell each trial's listeners, as `TrialRunner.start` does. The seeds are
+    spread evenly over as many actors as the capacity needs, and at least as many as the cluster's CPUs
+    hold at once (two trials of one seed on two cores: two actors, not one)."""
     pairs = []
     for runner in runners:
         runner.status = Status.RUNNING
         pairs += [(runner, runner.seeds.setdefault(seed, SeedState(seed))) for seed in runner.spec.seeds]
     try:
-        for start in range(0, len(pairs), capacity):
-            chunk = pairs[start:start + capacity]
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    except Exception:  # Ray is shutting down: the launch below fails and says so
+        cpus = 1.0
+    fill = max(1, int(cpus // max(runners[0].spec.resources.cpus_per_trial, 1e-9))) if runners else 1
+    units = max(math.ceil(len(pairs) / capacity), min(len(pairs), fill))
+    try:
+        for k in range(units):
+            chunk = pairs[k * len(pairs) // units:(k + 1) * len(pairs) // units]
             SharedUnit(chunk, chunk[0][0].pool, chunk[0][0].chunk_seconds).launch()
     finally:  # also after a Ctrl-C during a launch: its end states need the runs to exist
         for runner in runners:

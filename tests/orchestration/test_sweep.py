@@ -136,13 +136,19 @@ def test_nan_trial_fails_cleanly_and_the_sweep_completes(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_its_sweep(tmp_path: Path):
+@pytest.mark.parametrize("share", [False, True], ids=["own-actors", "shared-actors"])
+def test_killed_driver_resumes_its_sweep(tmp_path: Path, share: bool):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
     data.update({"seeds": [0], "budget": {"env_steps": 60_000}, "eval": {"episodes": 3, "every_steps": 8192},
                  "sweep": {"n_trials": 4, "max_parallel": 2, "sampler": {"type": "random", "seed": 1},
                            "pruner": {"type": "nop"},
                            "space": {"hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3,
                                                                "log": True}}}})
+    if share:  # the two running trials in one actor of all the local cluster's CPUs; a rerun continues each
+        from ray._private.utils import get_num_cpus
+
+        data["resources"] = {"seeds_per_actor": 2, "cpus_per_trial": get_num_cpus()}
+        data["sweep"]["share_actors"] = True
     proc, command, env, mlflow_uri, storage = _popen_sweep(tmp_path, data, "resume.yaml")
     client = MlflowClient(mlflow_uri)
 
@@ -210,6 +216,11 @@ def test_killed_driver_resumes_its_sweep(tmp_path: Path):
     assert len(roles["sweep"]) == 1
     finished = [r.data.tags["optuna.trial_number"] for r in roles["trial"] if r.data.tags["optuna.state"] == "COMPLETE"]
     assert sorted(finished) == sorted(str(n) for n in complete), "duplicate or missing finished trial runs"
+    if share:  # the trials that finished before the kill had trained side by side in one actor
+        number_of = {r.info.run_id: r.data.tags["optuna.trial_number"] for r in roles["trial"]}
+        pids = {r.data.tags["labfleet.pid"] for r in roles["seed"]
+                if int(number_of[r.data.tags["mlflow.parentRunId"]]) in before}
+        assert len(before) == 2 and len(pids) == 1, (before, pids)
 
 
 def test_resume_makes_mlflow_agree_with_the_study(tmp_path: Path):

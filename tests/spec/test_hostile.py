@@ -123,6 +123,9 @@ CASES = [
     ("share-actors-shape", lambda d: {**d, "resources": {"seeds_per_actor": 4}, "sweep": {
         **SWEEP, "share_actors": True, "space": {"hparams.n_envs": {"type": "int", "low": 2, "high": 8}}}},
      "sweep.space.hparams.n_envs", "takes per seed: hparams.ent_coef, hparams.gamma"),
+    ("share-actors-rollout-workers", lambda d: {**d, "resources": {"seeds_per_actor": 4, "rollout_workers": 2},
+                                                "sweep": {**SWEEP, "share_actors": True}},
+     "resources.rollout_workers", "use 0 with sweep.share_actors"),
     ("share-actors-one-seed-an-actor", lambda d: {**d, "sweep": {**SWEEP, "share_actors": True}},
      "resources.seeds_per_actor", "set it to 2 or more"),
     ("share-actors-unbatched", lambda d: {"name": "e", "algorithm": "es", "env": "CartPole-v1",

@@ -168,6 +168,9 @@ def _share_problems(sweep: SweepConfig, spec: ExperimentSpec, source: str) -> li
     if spec.resources.seeds_per_actor < 2:
         problems.append(Problem(source, "resources.seeds_per_actor", "sweep.share_actors packs the seeds of "
                                 "several trials into one actor of up to this many seeds: set it to 2 or more"))
+    if spec.resources.rollout_workers:
+        problems.append(Problem(source, "resources.rollout_workers", "trials that share an actor train batched "
+                                "in its one process: use 0 with sweep.share_actors"))
     if sweep.scheduler is not None:
         problems.append(Problem(source, "sweep.share_actors", "population-based training pauses and retargets "
                                 "each trial on its own: drop sweep.share_actors or sweep.scheduler"))

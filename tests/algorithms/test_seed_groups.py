@@ -278,3 +278,17 @@ def test_members_of_several_trials_keyed_apart_and_one_dropped():
     assert set(parts) == {11} and set(worker.group.members) == {11}
     rest = worker.advance(seconds=1e9)["seeds"]
     assert rest[11]["done"] and rest[11]["final"] is not None
+
+
+def test_a_member_that_cannot_be_built_fails_alone():
+    """In a shared actor one trial's member may fail to build (here an environment that does not exist, or a
+    checkpoint that does not fit): it is reported as that member's error, and the others train."""
+    good = ppo_spec({"eval": {"episodes": 2}}, steps=512)
+    broken = good.model_dump(mode="json") | {"env": "NoSuchEnv-v0"}
+    worker = TrialWorkerGroup([good.model_dump(mode="json"), broken, good.model_dump(mode="json")],
+                              [(0, 0, 0), (1, 1, 0), (2, 2, 1)], {2: b"not a checkpoint"})
+    assert set(worker.group.members) == {0}
+    parts = worker.advance(seconds=1e9)["seeds"]
+    assert "NoSuchEnv" in parts[1]["error"] and "error" in parts[2], parts[2]
+    assert parts[0]["done"] and parts[0]["final"] is not None
+    assert set(worker.advance(seconds=1e9)["seeds"]) == set(), "each error is reported once"

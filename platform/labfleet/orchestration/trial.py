@@ -211,8 +211,9 @@ class TrialWorkerGroup:
     Members are keyed: by their seed (`load(spec, seeds, checkpoints)`), or by the driver's own keys
     (`load(specs, [(key, spec index, seed), ...], checkpoints by key)`). `advance` returns
     {"seeds": {key: result}}, each result as `TrialWorker.advance` gives it, or {"error": text} for a member
-    whose trainer raised or produced a non-finite metric: that member fails alone. `drop` (keys) takes
-    members out first (a pruned trial's)."""
+    whose trainer could not be built or restored, raised, or produced a non-finite metric: that member fails
+    alone (in a shared actor, the other trials' seeds go on). `drop` (keys) takes members out first (a
+    pruned trial's)."""
 
     def __init__(self, spec: dict[str, Any] | list[dict[str, Any]] | None = None, seeds: list[Any] | None = None,
                  checkpoints: dict[int, bytes | None] | None = None):
@@ -237,14 +238,22 @@ class TrialWorkerGroup:
         self.device = resolve_device(self.spec.device)
         info = registry.get(self.spec.algorithm)
         members, self.slots, self.specs = {}, {}, {}
+        self.failed: dict[int, str] = {}  # members that could not be built or restored, reported once
         for key, index, seed in members_of:
             member_spec = specs[index]
-            trainer = info.trainer(member_spec, seed, self.device)
-            checkpoint = (checkpoints or {}).get(key)
-            resumed = None
-            if checkpoint is not None:
-                trainer.restore_bytes(checkpoint)
-                resumed = "exact" if trainer.resume_exact else "approximate"
+            trainer = None
+            try:
+                trainer = info.trainer(member_spec, seed, self.device)
+                checkpoint = (checkpoints or {}).get(key)
+                resumed = None
+                if checkpoint is not None:
+                    trainer.restore_bytes(checkpoint)
+                    resumed = "exact" if trainer.resume_exact else "approximate"
+            except Exception as exc:  # this member fails; the others train
+                if trainer is not None:
+                    trainer.close()
+                self.failed[key] = f"{type(exc).__name__}: {exc}"
+                continue
             members[key] = trainer
             self.specs[key] = member_spec
             self.slots[key] = SeedSlot(member_spec, trainer, resumed)
@@ -262,7 +271,8 @@ class TrialWorkerGroup:
                 self.group.drop(key)
                 self.slots[key].reported = True
         group, slots = self.group, self.slots
-        out: dict[int, dict[str, Any]] = {}
+        out: dict[int, dict[str, Any]] = {key: {"error": text} for key, text in self.failed.items()}
+        self.failed = {}
         records: dict[int, list[tuple[int, dict[str, float]]]] = {seed: [] for seed in group.members}
         artifacts: dict[int, dict[str, bytes]] = {seed: {} for seed in group.members}
         evaluated: set[int] = set()

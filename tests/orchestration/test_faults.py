@@ -188,14 +188,18 @@ def _assert_exactly_once(client: MlflowClient, run_id: str) -> None:
 def test_restart_after_steps_past_the_checkpoint_logs_each_step_once(ray_local, tracking_uri: str):
     """The actor dies after results *beyond* its last checkpoint were logged: the restart redoes those
     steps, and no metric history holds a step twice (exactly once, issue 14)."""
-    spec = load_spec(SPEC, {"seeds": [6], "budget.env_steps": 30720, "eval": {"episodes": 2, "every_steps": 8192}})
+    # A chunk lasts 0.05 s and ends with a checkpoint if it evaluated. On a fast CPU a chunk spans about five
+    # 1024-step iterations. With an evaluation every 8 iterations and the kill after the second result past a
+    # checkpoint, every other chunk evaluated and the kill never came (seen once). With an evaluation every 16
+    # iterations and the kill at the first result past the checkpoint, such a result comes on any CPU (an
+    # iteration of 1024 CartPole steps takes well over 5 ms).
+    spec = load_spec(SPEC, {"seeds": [6], "budget.env_steps": 30720, "eval": {"episodes": 2, "every_steps": 16384}})
     tracker = Tracker(tracking_uri)
     recorder = MlflowRecorder(tracker)
     runner = TrialRunner(spec, [recorder], chunk_seconds=0.05)
     runner.start()
     state = runner.seeds[6]
     checkpoint_step = None
-    results_since_checkpoint = 0
     while not runner.done:
         ready, _ = ray_local.wait(list(runner.futures()), timeout=30)
         assert ready, "no result in 30 s"
@@ -205,11 +209,9 @@ def test_restart_after_steps_past_the_checkpoint_logs_each_step_once(ray_local, 
             continue
         if state.checkpoint is not had:
             checkpoint_step = torch.load(io.BytesIO(state.checkpoint), weights_only=True)["rl"]["env_steps"]
-            results_since_checkpoint = 0
-        elif checkpoint_step is not None and state.actor is not None:
-            results_since_checkpoint += 1
-            if results_since_checkpoint == 2 and state.logged.get("time/env_steps", 0) > checkpoint_step:
-                ray_local.kill(state.actor, no_restart=True)
+        elif checkpoint_step is not None and state.actor is not None \
+                and state.logged.get("time/env_steps", 0) > checkpoint_step:
+            ray_local.kill(state.actor, no_restart=True)
     assert state.retries == 1 and state.status == "FINISHED"
     tracker.close()
     client = MlflowClient(tracking_uri)

@@ -141,7 +141,7 @@ def test_result_lost_with_its_node_restarts_from_the_checkpoint(tmp_path: Path, 
     assert seed.info.status == "FINISHED" and seed.data.tags["labfleet.retries"] == "1"
     assert client.get_run(outcome["trial_run_id"]).info.status == "FINISHED"
     history = client.get_metric_history(outcome["run_id"], "time/env_steps")
-    assert max(m.value for m in history) >= 16384 and outcome["checkpoint_progress"] >= 4096
+    assert max(m.value for m in history) >= 49152 and outcome["checkpoint_progress"] >= 4096
 
 
 @pytest.mark.slow

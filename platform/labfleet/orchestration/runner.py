@@ -36,7 +36,7 @@ from ray.exceptions import (
     RayTaskError,
     WorkerCrashedError,
 )
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from labfleet import metrics as M
@@ -182,9 +182,11 @@ def _fits(spec: ExperimentSpec) -> bool:
 
 
 def _placed(group: PlacementGroup) -> bool:
-    """Whether Ray has made the reservation (a call to the GCS; no task is scheduled)."""
+    """Whether Ray has made the reservation: the GCS's table says so (no task is scheduled). Not
+    `group.wait` with a short timeout: on a loaded machine the GCS answers later than that, and a placed
+    group read as unplaced let an idle actor replace a seed's own, already starting, actor (a wasted start)."""
     try:
-        return bool(group.wait(timeout_seconds=0.001))  # 0 answers False even for a placed group
+        return placement_group_table(group).get("state") == "CREATED"
     except Exception:  # removed meanwhile, or Ray is shutting down
         return False
 

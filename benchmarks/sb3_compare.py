@@ -98,7 +98,7 @@ def run_side(code: str, args: list[str]) -> dict:
     return result
 
 
-def whole_labfleet(pair: dict, seeds: list[int], per_actor: int) -> dict:
+def whole_labfleet(pair: dict, seeds: list[int], per_actor: int, cpus: float | None = None) -> dict:
     """The whole `labfleet run` of every seed; its wall time and each seed's final eval return."""
     import tempfile
 
@@ -108,6 +108,8 @@ def whole_labfleet(pair: dict, seeds: list[int], per_actor: int) -> dict:
         uri = f"sqlite:///{tmp}/mlflow.db"
         sets = {"seeds": json.dumps(seeds), "budget.env_steps": pair["steps"], "eval.episodes": 20,
                 "resources.seeds_per_actor": per_actor, **pair["set"]}
+        if cpus is not None:  # an actor's CPUs (and torch threads); the spec's own otherwise
+            sets["resources.cpus_per_trial"] = cpus
         cmd = [sys.executable, "-m", "labfleet", "run", str(REPO / "experiments" / pair["spec"]),
                "--tracking-uri", uri]
         for key, value in sets.items():
@@ -179,7 +181,9 @@ def main_whole(args: argparse.Namespace) -> None:
             theirs = whole_sb3(name, pair, seeds, args.parallel)
             rows = [(f"SB3, {args.parallel} processes at a time", theirs)]
         for per_actor in [int(k) for k in args.seeds_per_actor.split(",")]:
-            rows.append((f"labfleet run, seeds_per_actor {per_actor}", whole_labfleet(pair, seeds, per_actor)))
+            label = f"labfleet run, seeds_per_actor {per_actor}" + (f", cpus_per_trial {args.cpus_per_trial:g}"
+                                                                     if args.cpus_per_trial else "")
+            rows.append((label, whole_labfleet(pair, seeds, per_actor, args.cpus_per_trial)))
         for side, r in rows:
             returns = ", ".join(f"{x:.0f}" for x in sorted(r["returns"]))
             print(f"| {name} | {pair['env']} | {pair['steps']} | {len(seeds)} | {side} | {r['wall_s']:.1f} | "
@@ -193,6 +197,8 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="whole commands, all seeds at once (see above)")
     parser.add_argument("--seeds-per-actor", default="5,1", help="labfleet's resources.seeds_per_actor values")
     parser.add_argument("--parallel", type=int, default=2, help="SB3 scripts at a time (--whole)")
+    parser.add_argument("--cpus-per-trial", type=float, default=None,
+                        help="labfleet's resources.cpus_per_trial (--whole; the spec's own by default)")
     parser.add_argument("--sb3-seconds", type=float, default=None,
                         help="(--whole) SB3's whole time from an earlier run; SB3 is not run again")
     parser.add_argument("--env-limit", action="store_true", help="steps/s of the environments alone")

@@ -492,4 +492,3 @@ def test_trials_with_more_seeds_than_the_cluster_holds_finish(tmp_path: Path):
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     seeds = _by_role(MlflowClient(mlflow_uri), "vi-sweep")["seed"]
     assert len(seeds) == 9 and {r.info.status for r in seeds} == {"FINISHED"}
-

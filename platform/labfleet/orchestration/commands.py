@@ -32,6 +32,7 @@ from labfleet.orchestration.study import check_sweep, create_study
 from labfleet.orchestration.sweep_view import TrialBoard, best_line, leaderboard, log_pareto_front
 from labfleet.spec.loading import apply_overrides
 from labfleet.spec.models import ExperimentSpec, SuiteSpec
+from labfleet.tracking.heartbeat import live_owner
 from labfleet.tracking.studies import DEFAULT_STORAGE
 from labfleet.tracking.uri import DEFAULT_TRACKING_URI, redact_uri, resolve_tracking_uri
 
@@ -194,11 +195,14 @@ def _finish_sweep(searcher: OptunaSearcher, session: DriverSession, quiet: bool)
         log_pareto_front(study, sweep, tracker, sweep_run)
     elif complete:
         best = study.best_trial
-        tracker.log_metrics(sweep_run, {"best_value": float(best.value or 0.0)}, len(trials))
+        # Another driver of the study may have logged the same step already (each step once: ARCHITECTURE 5)
+        if len(trials) not in {m.step for m in tracker.client.get_metric_history(sweep_run, "best_value")}:
+            tracker.log_metrics(sweep_run, {"best_value": float(best.value or 0.0)}, len(trials))
         tracker.set_tags(sweep_run, {"best.trial_number": str(best.number),
                                      **{f"best.{k}": str(v) for k, v in best.params.items()}})
     failed_now = [t for t in trials if t.state == TrialState.FAIL and t.number in searcher.asked]
-    tracker.end_run(sweep_run, "FINISHED")
+    if live_owner(tracker.client.get_run(sweep_run)) is None:  # else another driver of the study ends it
+        tracker.end_run(sweep_run, "FINISHED")
     tracker.drain()  # every queued write is in the store before the summary says where the runs are
     if not quiet:
         console.print(leaderboard(study, sweep))

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
 from labfleet import metrics as M
+from labfleet.errors import Problem, SpecError
 from labfleet.orchestration.events import (
     ChunkResult,
     Event,
@@ -36,13 +39,26 @@ from labfleet.orchestration.events import (
 )
 from labfleet.orchestration.runner import TrialRunner, config_hash
 from labfleet.tracking import queries as Q
+from labfleet.tracking.heartbeat import DRIVER_TAG, HEARTBEAT_TAG, live_owner
 from labfleet.tracking.queries import LABEL_TAG
 from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions
+from labfleet.tracking.uri import retry_if_locked
 
 LATEST_CHECKPOINT = "checkpoints/latest.pt"
 FINAL_CHECKPOINT = "checkpoints/final.pt"
 RESUME_TAG = "labfleet.resume"  # on a seed run restarted from a checkpoint: "exact" or "approximate"
 UNFINISHED = ("RUNNING", "KILLED")  # a driver that died, or was interrupted; FAILED trials start anew
+# How long a driver waits between writing its claim on runs a gone driver left and reading it back (`claim`)
+CLAIM_SETTLE_S = 0.25
+
+
+class RunsOwned(SpecError):
+    """Runs a command would continue are still written by another live driver: nothing is taken over."""
+
+    def __init__(self, where: str, what: str, run: Any, owner: str):
+        super().__init__([Problem(where, "", f"{what} (run {run.info.run_id}) is being written by another driver "
+                                             f"({owner}) right now; wait for it to end, or pass --fresh to start "
+                                             "new runs beside it")])
 
 
 @dataclass
@@ -209,6 +225,11 @@ class MlflowRecorder:
                 continue
             if run.info.status not in UNFINISHED:  # only the latest such run counts
                 return None
+            owner = live_owner(run)
+            if owner is not None:  # only a gone driver's work is taken over (reconcile's rule)
+                raise RunsOwned(trial.meta.tags.get("labfleet.spec_file", trial.label), f"trial {trial.label}",
+                                run, owner)
+            self.claim([run], trial.meta.tags.get("labfleet.spec_file", trial.label), f"trial {trial.label}")
             entry = self.trials[trial] = _Trial(run.info.run_id, run.data.tags.get("mlflow.runName", trial.label))
             records = {}
             for seed, (run_id, record) in self._seed_records(experiment_id, run.info.run_id).items():
@@ -246,6 +267,10 @@ class MlflowRecorder:
                                    max_results=1)
         if fresh or not found or found[0].info.status == "FINISHED":
             return tracker.start_run(experiment, "suite", name, tags={"labfleet.suite": name}), set()
+        owner = live_owner(found[0])
+        if owner is not None:
+            raise RunsOwned(name, f"suite {name}", found[0], owner)
+        self.claim(found, name, f"suite {name}")
         run_id = found[0].info.run_id
         tracker.reopen_run(run_id, "suite")
         done: set[tuple[str, str]] = set()
@@ -260,12 +285,30 @@ class MlflowRecorder:
                 tracker.end_run(run.info.run_id, "KILLED")
         return run_id, done
 
+    def claim(self, runs: list[Any], where: str, what: str) -> None:
+        """Take runs a gone driver left for this driver before continuing them: write this driver's identity
+        on each, wait `CLAIM_SETTLE_S`, and read them back. Two drivers that found the same runs free at the
+        same moment both write; the later writer keeps them and the other is refused (`RunsOwned`)."""
+        client, me = self.tracker.client, self.tracker.driver
+        for run in runs:
+            retry_if_locked(client.log_batch, run.info.run_id, [], [],
+                            [RunTag(DRIVER_TAG, me), RunTag(HEARTBEAT_TAG, str(int(time.time())))])
+        time.sleep(CLAIM_SETTLE_S)
+        for run in runs:
+            now = client.get_run(run.info.run_id)
+            owner = now.data.tags.get(DRIVER_TAG, "")
+            if owner != me:
+                raise RunsOwned(where, what, now, owner)
+
     def sweep_run(self, experiment: str, study_name: str, storage_shown: str, params: dict[str, str],
                   parent: str | None = None) -> str:
-        """The study's `sweep` run: the one an earlier invocation made (reopened), or a new one."""
+        """The study's `sweep` run: the one an earlier invocation made (reopened, or joined as it is while
+        another live driver works on the same study), or a new one."""
         tracker = self.tracker
         found = tracker.client.search_runs([tracker.experiment_id(experiment)],
                                            Q.sweep_runs(study_name, storage_shown), max_results=1)
+        if found and live_owner(found[0]) is not None:  # a second driver of the study: its trials join it
+            return found[0].info.run_id
         if found:
             run_id = found[0].info.run_id
             tracker.reopen_run(run_id, "sweep")
@@ -273,6 +316,13 @@ class MlflowRecorder:
         return tracker.start_run(experiment, "sweep", study_name, parent,
                                  tags={"optuna.study_name": study_name, "optuna.storage": storage_shown},
                                  params=params)
+
+    def running_trial_runs(self, sweep_run: str) -> dict[int, Any]:
+        """The RUNNING trial runs under a sweep run, by Optuna trial number."""
+        client = self.tracker.client
+        experiment_id = client.get_run(sweep_run).info.experiment_id
+        runs = client.search_runs([experiment_id], Q.children(sweep_run, running=True), max_results=50_000)
+        return {int(r.data.tags["optuna.trial_number"]): r for r in runs if "optuna.trial_number" in r.data.tags}
 
     def end_stale_trials(self, experiment: str, sweep_run: str, states: dict[int, str],
                          failed_run_ids: list[str], keep: set[int] | None = None) -> None:
@@ -291,6 +341,8 @@ class MlflowRecorder:
         for trial_run in stale.values():
             number = int(trial_run.data.tags.get("optuna.trial_number", -1))
             if keep and number in keep:  # a trial that goes on in its runs (`OptunaSearcher.adopt_running`)
+                continue
+            if live_owner(trial_run) is not None:  # another live driver's trial of the same study
                 continue
             state = states.get(number, "FAIL")
             status = "FINISHED" if state in ("COMPLETE", "PRUNED") else "KILLED"

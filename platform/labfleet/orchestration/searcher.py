@@ -12,6 +12,10 @@ Crash safety: a trial is told only once its MLflow record (end states, `optuna.s
 durable checkpoints: the same Optuna trial and the same MLflow runs go on, each seed from its checkpoint
 (exactly, where the environments can be saved). `recover` undoes the rest: other RUNNING trials are told
 FAIL and their parameters queued again, and the MLflow runs left RUNNING end with the trial's state.
+
+Several drivers may work on one study at once (Optuna's parallel workers): each trial carries the identity
+of the driver that asked it (`DRIVER_ATTR`), a trial whose driver is alive is never adopted, failed or
+ended by another, and `n_trials` counts every driver's trials, so that together they finish the study.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ from labfleet.orchestration.events import (
     TrialEnded,
     TrialStarted,
 )
-from labfleet.orchestration.recorder import MlflowRecorder
+from labfleet.orchestration.recorder import MlflowRecorder, RunsOwned
 from labfleet.orchestration.runner import TrialMeta, TrialRunner
 from labfleet.orchestration.study import grid_size, suggest
 from labfleet.orchestration.sweep_view import TrialBoard
 from labfleet.spec.loading import apply_overrides, resolve_spec_data
 from labfleet.spec.models import ExperimentSpec, SweepConfig
+from labfleet.tracking.heartbeat import DRIVER_TAG, driver_gone, last_beat
 
 if TYPE_CHECKING:
     from labfleet.orchestration.pbt import PopulationBasedTraining
@@ -49,6 +54,7 @@ if TYPE_CHECKING:
 
 TrialState = optuna.trial.TrialState
 PRUNED = "pruned"  # the reason a pruned trial's TrialEnded carries
+DRIVER_ATTR = "labfleet.driver"  # an Optuna trial's user attribute: the driver that asked it (heartbeat.py)
 
 
 @dataclass
@@ -92,6 +98,7 @@ class OptunaSearcher:
         self.active: dict[TrialRunner, ActiveTrial] = {}
         self.asked: set[int] = set()  # trials asked by this invocation (for the exit code)
         self.finished = finished_count(study)  # COMPLETE + PRUNED, counted here rather than read every loop
+        self.finished_before = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
         self.streak = FailureStreak(sweep.max_consecutive_failures)
         self.scheduler: PopulationBasedTraining | None = None  # PBT, when the sweep has one (set it before `more`)
         self.continuing: list[tuple[TrialRunner, dict[int, SeedRecord]]] = []  # see `adopt_running`
@@ -116,7 +123,8 @@ class OptunaSearcher:
                 new.append(self.continuing.pop(0))
                 running_now += 1
                 continue
-            if self.finished + len(self.active) < self.total and not (self.exhausted() or self.streak.stopped):
+            if self.finished + len(self.active) < self.total and not (self.exhausted() or self.streak.stopped) \
+                    and self.finished + len(self.active) + self.others() < self.total:
                 runner = self.ask()
                 if runner is not None:
                     new.append((runner, None))
@@ -144,6 +152,7 @@ class OptunaSearcher:
         with interrupts_deferred():  # a Ctrl-C inside ask() would leave a RUNNING trial no one knows of
             trial = self.study.ask()
             self.asked.add(trial.number)
+            trial.set_user_attr(DRIVER_ATTR, self.tracker.driver)  # whose it is, for a second driver's `adopt_running`
         values = {path: suggest(trial, path, p) for path, p in self.sweep.space.items()}
         if self.scheduler is not None:
             values = self.scheduler.initial(values)
@@ -167,15 +176,25 @@ class OptunaSearcher:
         return self.session.runner(trial_spec, *listeners, meta=meta, pool=self.session.pool,
                                    label=f"{self.spec.name}/trial={number}")
 
+    def others(self) -> int:
+        """Trials other drivers of the study asked since this one started, running or finished."""
+        return sum(t.number not in self.asked and t.number not in self.finished_before
+                   for t in self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+
     def adopt_running(self) -> set[int]:
         """Before `recover`: take back the trials a dead driver left RUNNING whose MLflow trial run is
         unfinished and whose unfinished seeds left a checkpoint. Each goes on as the same Optuna trial in
-        the same runs (`more` offers them first). Returns their numbers; `recover` fails the others.
+        the same runs (`more` offers them first). Returns the numbers of the trials that go on: these, and
+        those another live driver is running (left to it); `recover` fails the others.
         (A PBT population is not taken back: its members re-run, as its scheduler's state is not kept.)"""
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        runs = self.recorder.running_trial_runs(self.sweep_run) if running else {}
+        kept = {t.number for t in running if self._live_owner(t, runs.get(t.number)) is not None}
         if self.scheduler is not None or self.sweep.scheduler is not None:
-            return set()
-        adopted: set[int] = set()
-        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return kept
+        for frozen in running:
+            if frozen.number in kept:
+                continue
             values = {path: frozen.params[path] for path in self.sweep.space if path in frozen.params}
             if len(values) != len(self.sweep.space):
                 continue  # killed before it sampled everything: nothing to go on with
@@ -183,21 +202,38 @@ class OptunaSearcher:
                 runner = self._runner(self.build_spec(values), frozen.number, values)
             except SpecError:
                 continue
-            found = self.recorder.unfinished(runner)
+            try:
+                found = self.recorder.unfinished(runner)
+            except RunsOwned:  # another driver took it back a moment ago
+                kept.add(frozen.number)
+                continue
             if found is None:
                 continue
             _, records = found
             if not any(r.checkpoint for r in records.values() if r.status != Status.FINISHED):
                 continue
             trial = optuna.Trial(self.study, frozen._trial_id)
+            trial.set_user_attr(DRIVER_ATTR, self.tracker.driver)
             self.active[runner] = ActiveTrial(trial, runner, reported=max(frozen.intermediate_values, default=-1))
             self.asked.add(frozen.number)
             self.continuing.append((runner, records))
-            adopted.add(frozen.number)
+            kept.add(frozen.number)
             resumed = sorted(seed for seed, r in records.items() if r.status != Status.FINISHED and r.checkpoint)
             self.session.console.print(f"trial {frozen.number}: continuing from checkpoints (seeds {resumed})",
                                        highlight=False)
-        return adopted
+        return kept
+
+    def _live_owner(self, frozen: optuna.trial.FrozenTrial, run: Any) -> str | None:
+        """The other live driver that runs this RUNNING trial (by the trial's `DRIVER_ATTR`, else its MLflow
+        trial run's driver tag; liveness as `labfleet reconcile` judges it), or None."""
+        identity = frozen.user_attrs.get(DRIVER_ATTR) or (run.data.tags.get(DRIVER_TAG) if run else None)
+        if identity == self.tracker.driver:
+            return None
+        if run is not None:
+            beat = last_beat(run.data.tags, run.info.start_time)
+        else:  # asked a moment ago (its run not yet made), or long ago by a driver that died before making it
+            beat = frozen.datetime_start.timestamp() if frozen.datetime_start else 0.0
+        return None if driver_gone(identity, beat) else (identity or "a driver without an identity")
 
     def exhausted(self) -> bool:
         """A grid is used up once every point is running or finished (Optuna's `is_exhausted` does not count
@@ -325,7 +361,7 @@ def recover(study: optuna.Study, recorder: MlflowRecorder, experiment: str, swee
     """Undo what a dead driver left and make MLflow agree with the study: RUNNING trials -> FAIL (parameters
     queued again); their trial runs, and every run still RUNNING under the sweep, take the trial's state as
     `optuna.state` and end (FINISHED for a COMPLETE trial, KILLED otherwise). The `adopted` trials (see
-    `OptunaSearcher.adopt_running`) and their runs go on instead."""
+    `OptunaSearcher.adopt_running`: taken back, or another live driver's) and their runs go on instead."""
     failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in adopted]
     for frozen in failed:
         fail_and_requeue(study, frozen)
@@ -342,5 +378,8 @@ def fail_and_requeue(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> N
         study.enqueue_trial(frozen.params, user_attrs={"labfleet.retry_of": frozen.number})
 
 
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return len(study.get_trials(deepcopy=False, states=FINISHED))

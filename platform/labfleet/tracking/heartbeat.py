@@ -12,6 +12,7 @@ that pid and start time), or, for a driver on another host, when its heartbeat i
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -85,25 +86,58 @@ class Stale:
     reason: str
 
 
+def last_beat(tags: dict[str, str], start_time_ms: int) -> float:
+    """When a run's driver last showed life: its heartbeat tag, else (no tag, or one that is not a number,
+    as a foreign tool may write) the run's start."""
+    try:
+        beat = float(tags.get(HEARTBEAT_TAG, ""))
+    except ValueError:
+        beat = math.nan
+    return beat if math.isfinite(beat) else start_time_ms / 1000
+
+
+def driver_gone(identity: str | None, beat: float, stale_after: float = STALE_AFTER,
+                now: float | None = None) -> str | None:
+    """Why the driver `identity`, last seen alive at `beat`, is gone; None while it may still be working.
+    A driver on this machine is gone when its process is (provably); one elsewhere when its heartbeat is
+    older than `stale_after` seconds."""
+    alive = driver_alive(identity) if identity else None
+    if alive:
+        return None
+    if alive is False:
+        return f"its driver ({identity}) is no longer running"
+    age = (time.time() if now is None else now) - beat
+    if age > stale_after:
+        what = f"driver {identity}" if identity else "no driver heartbeat"
+        return f"{what}; last sign of life {age:.0f} s ago"
+    return None
+
+
+def live_owner(run: Any, stale_after: float = STALE_AFTER) -> str | None:
+    """The identity of another driver that still owns `run` (RUNNING, its driver alive or its heartbeat
+    fresh), else None: an ended run, a run of a dead driver, or one this process opened. Only such runs
+    may be taken over (continued, reopened, ended) by a new driver."""
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    identity = tags.get(DRIVER_TAG)
+    if identity == driver_identity():
+        return None
+    if driver_gone(identity, last_beat(tags, run.info.start_time), stale_after) is not None:
+        return None
+    return identity or "a driver without an identity"
+
+
 def stale_runs(client: Any, stale_after: float = STALE_AFTER, now: float | None = None) -> list[Stale]:
     """RUNNING runs whose driver is gone, with why, in every experiment of the store."""
-    now = time.time() if now is None else now
     found = []
     for experiment in client.search_experiments():
         for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'",
                                       max_results=50_000):
             tags = run.data.tags
-            identity, beat = tags.get(DRIVER_TAG), tags.get(HEARTBEAT_TAG)
-            alive = driver_alive(identity) if identity else None
-            if alive:
-                continue
-            last = float(beat) if beat else run.info.start_time / 1000
-            age = now - last
-            if alive is False:
-                found.append(Stale(run, f"its driver ({identity}) is no longer running"))
-            elif age > stale_after:
-                what = f"driver {identity}" if identity else "no driver heartbeat"
-                found.append(Stale(run, f"{what}; last sign of life {age:.0f} s ago"))
+            reason = driver_gone(tags.get(DRIVER_TAG), last_beat(tags, run.info.start_time), stale_after, now)
+            if reason is not None:
+                found.append(Stale(run, reason))
     return found
 
 

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a trial failed, 2 bad input (nothing started, nothing w
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from labfleet.errors import Problem, SpecError
+from labfleet.errors import Problem, SpecError, shown
 
 app = typer.Typer(
     name="labfleet", no_args_is_help=True, add_completion=True, pretty_exceptions_show_locals=False,
@@ -385,7 +386,7 @@ def report(
         result = build_report(client, target, out, metric, storage, log=log)
     console = Console()
     warn_stale(client, console)
-    console.print(f"[bold]{result.title}[/bold]")
+    console.print(f"[bold]{shown(result.title)}[/bold]")
     console.print(markdown_table(result.names, result.rows), highlight=False, markup=False)
     console.print(f"Wrote {', '.join(p.name for p in result.files)} to {result.out}/", highlight=False)
     if result.logged_to:
@@ -411,7 +412,7 @@ def warn_stale(client, console: Console) -> None:
 
     note = stale_note(client)
     if note:
-        console.print(f"[yellow]{note}[/yellow]", highlight=False)
+        console.print(f"[yellow]{shown(note)}[/yellow]", highlight=False)
 
 
 @app.command()
@@ -424,12 +425,17 @@ def reconcile(
     """End KILLED every RUNNING run whose driver is gone (dead here, or no heartbeat); live drivers' runs stay."""
     from mlflow.tracking import MlflowClient
 
+    from labfleet.tracking.heartbeat import HEARTBEAT_SECONDS, stale_runs
     from labfleet.tracking.heartbeat import reconcile as end_stale
-    from labfleet.tracking.heartbeat import stale_runs
     from labfleet.tracking.uri import redact_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri, None)
     with bad_input_exits_2():
+        if not math.isfinite(stale_after) or stale_after < 2 * HEARTBEAT_SECONDS:
+            # shorter than two heartbeats would end the runs of live drivers on other machines
+            raise SpecError([Problem("labfleet reconcile", "--stale-after", f"expected seconds, at least "
+                                     f"{2 * HEARTBEAT_SECONDS:g} (drivers renew their heartbeat every "
+                                     f"{HEARTBEAT_SECONDS:g} s), got {stale_after}")])
         _existing_store(uri, "reconcile")
     client = MlflowClient(uri)
     changed = stale_runs(client, stale_after) if dry_run else end_stale(client, stale_after)

@@ -18,6 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from labfleet.errors import Problem, SpecError
+from labfleet.tracking import queries as Q
 from labfleet.tracking.uri import resolve_tracking_uri
 
 RUN_ID_LENGTH = 32
@@ -41,7 +42,7 @@ def _seed_run(client: MlflowClient, target: str) -> Any:
                                      "finished trial")])
         run = trials[0]
     if run.data.tags.get("labfleet.role") == "trial":
-        seeds = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
+        seeds = client.search_runs([run.info.experiment_id], f"{Q.children(run.info.run_id)} "
                                    "and tags.`labfleet.role` = 'seed'", max_results=1000)
         if not seeds:
             raise SpecError([Problem("labfleet enjoy", "RUN_OR_EXPERIMENT", f"trial run {run.info.run_id} has no "

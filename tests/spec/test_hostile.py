@@ -111,6 +111,17 @@ CASES = [
     ("sweep-objective-never-logged", lambda d: {**d, "sweep": {**SWEEP, "metric": "eval/retrun_mean"}},
      "sweep.metric", "eval/return_mean, eval/return_std"),
     ("tracking-scheme", _set("tracking", {"uri": "ftp://example/store"}), "tracking.uri", "unsupported"),
+    # an experiment name becomes a directory under the store's artifact root, and is printed
+    ("experiment-traversal", _set("tracking", {"experiment": "../../../../X/escape"}), "tracking.experiment",
+     "not a valid experiment or study name"),
+    ("experiment-markup", _set("tracking", {"experiment": "lab[/x]runs"}), "tracking.experiment",
+     "no '/'"),
+    ("experiment-escape", _set("tracking", {"experiment": "lab\x1b]8;;http://x\x1b\\runs"}), "tracking.experiment",
+     "not a valid experiment"),
+    ("study-traversal", lambda d: {**d, "sweep": {**SWEEP, "study_name": "a/../../b"}}, "sweep.study_name",
+     "not a valid experiment or study name"),
+    ("name-final-newline", _set("name", "good\n"), "name", "not a valid name"),
+    ("device-final-newline", _set("device", "cpu\n"), "device", "expected auto, cpu"),
     ("gan-pac", lambda d: {"name": "g", "algorithm": "gan", "dataset": "ring8", "budget": {"iterations": 10},
                            "hparams": {"batch_size": 30, "pac": 4}}, "hparams.pac", "multiple of pac (4)"),
     ("gan-pac-per-worker", lambda d: {"name": "g", "algorithm": "gan", "dataset": "ring8",
@@ -228,3 +239,51 @@ def test_a_training_function_cannot_share_its_actor_between_seeds(tmp_path: Path
     assert result.returncode == 2, result.stdout + result.stderr
     assert "resources.seeds_per_actor" in result.stdout + result.stderr
     assert "training function" in result.stdout + result.stderr
+
+
+def test_user_text_is_neither_markup_nor_raw_terminal_escapes(tmp_path: Path) -> None:
+    """A training function's error with rich markup and an OSC-8 link in it: the summary prints it as
+    written (no MarkupError after the runs finished), with the escape shown, not sent to the terminal."""
+    (tmp_path / "boom.py").write_text("def main(config, ctx):\n"
+                                      "    raise ValueError('bad [/x] \\x1b]8;;http://evil\\x1b\\\\ link \\u202e')\n")
+    spec_file = _write(tmp_path, {"name": "boom", "algorithm": "boom:main", "seeds": [0],
+                                  "budget": {"iterations": 1}, "resources": {"max_retries": 0}})
+    result = run_cli("run", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "Traceback" not in out and "MarkupError" not in out
+    assert "bad [/x]" in result.stdout
+    assert "\x1b]8" not in out and "\u202e" not in out
+    assert "\\x1b]8" in result.stdout  # shown as an escape
+
+
+@pytest.mark.parametrize("uri", ["postgresql://u:PW@h:5432/db?sslmode=require&password=PW",
+                                 "postgresql://h/db?password=PW", "http://u:PW@h:5000/?token=PW",
+                                 "http://u:s3c/PW@h:5000"])
+def test_redacted_uris_hold_no_password(uri: str) -> None:
+    from labfleet.tracking.uri import redact_uri
+
+    shown = redact_uri(uri)
+    assert "PW" not in shown, shown
+    assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "1"])
+def test_reconcile_refuses_a_stale_after_that_would_end_live_drivers_runs(tmp_path: Path, value: str) -> None:
+    result = CliRunner().invoke(app, ["reconcile", f"--stale-after={value}", "--tracking-uri",
+                                      f"sqlite:///{tmp_path / 'm.db'}"])
+    assert result.exit_code == 2, result.output
+    assert "--stale-after: expected seconds, at least 60" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["it's", "a\"b", "both'\""])
+def test_report_targets_with_quotes_are_looked_up_not_pasted(tmp_path: Path, target: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    MlflowClient(uri).create_experiment("present")
+    result = CliRunner().invoke(app, ["report", target, "--tracking-uri", uri, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "labfleet report: TARGET:" in result.output

@@ -48,7 +48,7 @@ def is_import_path(name: str) -> bool:
 
 def custom_info(path: str, spec_dir: str | None = None) -> AlgorithmInfo:
     """The AlgorithmInfo of `package.module:Name`; raises ImportError or TypeError saying what is wrong."""
-    from labfleet.rollout.envs import import_path
+    from labfleet.usercode import import_path
 
     obj = import_path(path, spec_dir)
     if isinstance(obj, type) and issubclass(obj, Trainer):
@@ -119,7 +119,7 @@ class FunctionTrainer(Trainer):
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)
-        from labfleet.rollout.envs import import_path
+        from labfleet.usercode import import_path
 
         self.function = import_path(spec.algorithm)
         self.ctx = Context(self.seed, str(self.device), spec.budget.total)

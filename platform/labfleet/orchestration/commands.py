@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
+from labfleet.errors import shown
 from labfleet.orchestration.events import SeedRecord, Status
 from labfleet.orchestration.pbt import LINEAGE, PopulationBasedTraining
 from labfleet.orchestration.progress import summary_table
@@ -124,14 +125,14 @@ def _print_summary(console: Console, session: DriverSession, runners: list[Trial
     for runner in runners:
         for state in runner.seeds.values():
             if state.error:
-                console.print(f"[red]{runner.label} seed {state.seed} failed:[/red] "
-                              f"{state.error.strip().splitlines()[-1][:500]}", highlight=False)
-    shown = redact_uri(uri)
-    flag = "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shown}"
-    where = f"Open them at {shown}" if uri.startswith(("http://", "https://")) else (
-        f"Open them with: labfleet ui{flag}  (or: mlflow ui --backend-store-uri {shown} --host 127.0.0.1)")
-    console.print(f"Runs are in {shown} (experiment: {runners[0].experiment if runners else '-'}). {where}. "
-                  f"Compare them with: labfleet report {report_target}{flag}", highlight=False)
+                console.print(f"[red]{shown(runner.label)} seed {state.seed} failed:[/red] "
+                              f"{shown(state.error.strip().splitlines()[-1][:500])}", highlight=False)
+    store = shown(redact_uri(uri))
+    flag = "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {store}"
+    where = f"Open them at {store}" if uri.startswith(("http://", "https://")) else (
+        f"Open them with: labfleet ui{flag}  (or: mlflow ui --backend-store-uri {store} --host 127.0.0.1)")
+    console.print(f"Runs are in {store} (experiment: {shown(runners[0].experiment) if runners else '-'}). {where}. "
+                  f"Compare them with: labfleet report {shown(report_target)}{flag}", highlight=False)
 
 
 # --- sweeps -------------------------------------------------------------------------------------------------
@@ -209,15 +210,15 @@ def _finish_sweep(searcher: OptunaSearcher, session: DriverSession, quiet: bool)
     if (line := best_line(study, sweep)) is not None:
         console.print(line, highlight=False, markup=False)
     uri = redact_uri(tracker.uri)
-    console.print(f"Study {study.study_name}: {len(complete)} complete, "
+    console.print(f"Study {shown(study.study_name)}: {len(complete)} complete, "
                   f"{sum(t.state == TrialState.PRUNED for t in trials)} pruned, "
                   f"{sum(t.state == TrialState.FAIL for t in trials)} failed. Runs are in {uri}; "
-                  f"figures: labfleet report {study.study_name} --tracking-uri {uri}", highlight=False)
+                  f"figures: labfleet report {shown(study.study_name)} --tracking-uri {uri}", highlight=False)
     for t in failed_now:
-        console.print(f"[red]trial {t.number} failed:[/red] {str(t.user_attrs.get('error', ''))[-300:]}",
+        console.print(f"[red]trial {t.number} failed:[/red] {shown(str(t.user_attrs.get('error', ''))[-300:])}",
                       highlight=False)
     streak = searcher.streak
     if streak.stopped:
         console.print(f"[red]stopped: {streak.count} trials in a row failed (sweep.max_consecutive_failures); "
-                      f"the last: {streak.last.strip()[-300:]}[/red]", highlight=False)
+                      f"the last: {shown(streak.last.strip()[-300:])}[/red]", highlight=False)
     return EXIT_TRIAL_FAILED if failed_now else EXIT_OK

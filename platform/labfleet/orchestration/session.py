@@ -39,6 +39,7 @@ from labfleet.orchestration.runner import ActorPool, TrialRunner, drive_once, st
 from labfleet.spec.models import ExperimentSpec
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
 from labfleet.tracking.uri import check_tracking_uri
+from labfleet.usercode import CODE_DIRS_ENV, code_dirs
 
 EXIT_OK, EXIT_TRIAL_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -84,12 +85,14 @@ def connect_ray(address: str | None, code_dirs: list[str] | None = None) -> None
         raise SpecError([Problem("--address" if address else "$RAY_ADDRESS", "", problem)])
     verbose = bool(os.environ.get("LABFLEET_VERBOSE"))
     if target == "local":
-        # Workers import users' own modules (env and algorithm import paths) from the specs' directories, as
-        # the driver does; a submitted job ships its working directory instead. The path goes into the
-        # environment the local instance's processes inherit, not into a runtime_env: workers of a job with
-        # a runtime_env cannot be the ones Ray starts ahead, so each trial actor would wait for a new process
-        # (measured: an actor's first call 1.25 s after creation with one, 0.43 s without).
-        paths = [str(Path(d).resolve()) for d in code_dirs or []] + [os.getcwd()]
+        # Workers import users' own modules (env and algorithm import paths) from the directories the specs'
+        # import paths were found in (`labfleet.usercode.code_dirs`), as the driver does; a submitted job ships
+        # its working directory instead. The path goes into the environment the local instance's processes
+        # inherit, not into a runtime_env: workers of a job with a runtime_env cannot be the ones Ray starts
+        # ahead, so each trial actor would wait for a new process (measured: an actor's first call 1.25 s
+        # after creation with one, 0.43 s without).
+        paths = [str(Path(d).resolve()) for d in code_dirs or []]
+        os.environ[CODE_DIRS_ENV] = os.pathsep.join(paths)
         os.environ["PYTHONPATH"] = os.pathsep.join(
             dict.fromkeys(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     ray.init(address=target, logging_level=logging.WARNING if verbose else logging.ERROR, include_dashboard=False)
@@ -100,7 +103,10 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
     problem = check_tracking_uri(tracking_uri)
     if problem:
         raise SpecError([Problem(source, "tracking.uri", problem)])
-    connect_ray(address, [str(p.spec_path.parent) for p in planned])
+    dirs, clashes = code_dirs((p.spec, p.spec_path.parent) for p in planned)
+    if clashes:
+        raise SpecError([Problem(source, "", clash) for clash in clashes])
+    connect_ray(address, dirs)
     cluster = ray.cluster_resources()
     problems = [Problem(str(p.spec_path), "resources", reason) for p in planned
                 if (reason := unschedulable_reason(p.spec, cluster))]

@@ -116,9 +116,12 @@ def resolve_target(client: MlflowClient, target: str, source: str = "labfleet re
             run = None
     if run is None:
         experiments = client.search_experiments(max_results=1000)
-        named = client.search_runs([e.experiment_id for e in experiments],
-                                   f"tags.`mlflow.runName` = '{target}'", order_by=["attributes.start_time DESC"],
-                                   max_results=50) if experiments else []
+        try:
+            by_name = Q.named(target)
+        except ValueError as exc:
+            raise SpecError([Problem(source, "TARGET", str(exc))]) from None
+        named = client.search_runs([e.experiment_id for e in experiments], by_name,
+                                   order_by=["attributes.start_time DESC"], max_results=50) if experiments else []
         named = [r for r in named if r.data.tags.get("labfleet.role") in ("suite", "sweep", "trial")]
         if named:
             run = named[0]

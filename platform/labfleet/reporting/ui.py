@@ -17,7 +17,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from labfleet.errors import Problem, SpecError
+from labfleet.errors import Problem, SpecError, shown
 from labfleet.tracking.heartbeat import stale_note
 from labfleet.tracking.uri import artifact_root_for, check_tracking_uri, redact_uri, resolve_tracking_uri, sqlite_path
 
@@ -83,7 +83,7 @@ def serve(tracking_uri: str | None, port: int, storage: str | None, dashboard_po
         console.print(f"MLflow UI: {url}  (store: {redact_uri(uri)})", highlight=False)
         note = stale_note(MlflowClient(uri))
         if note:
-            console.print(f"[yellow]{note}[/yellow]", highlight=False)
+            console.print(f"[yellow]{shown(note)}[/yellow]", highlight=False)
         if storage:
             command = dashboard_command(storage, dashboard_port)
             if command is None:

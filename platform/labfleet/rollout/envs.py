@@ -6,9 +6,6 @@ the environments are spread over processes changes speed, not results.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,32 +15,13 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from labfleet.usercode import import_path
+
 
 def derive_seed(*parts: int | str) -> int:
     """A 32-bit seed from a run seed and any further indices or labels, via numpy's SeedSequence."""
     entropy = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
-def import_path(path: str, spec_dir: str | Path | None = None) -> Any:
-    """The object that "package.module:Name" names, imported as `python -m` would find it: from the spec's
-    directory, then the working directory. Only the module's import runs; nothing it names is called."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ImportError(f"{path!r} is not of the form package.module:Name")
-    for directory in (os.getcwd(), *([str(Path(spec_dir).resolve())] if spec_dir is not None else [])):
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"cannot import module {module_name!r}: {exc}") from None
-    except Exception as exc:  # the module's own import-time code failed: the user's to see, as one line
-        raise ImportError(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
 def env_class(path: str, spec_dir: str | Path | None = None) -> type[gym.Env]:

@@ -22,18 +22,31 @@ from pydantic import (
     model_validator,
 )
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# fullmatch, not match with "$": "$" also matches before a final newline ("good\n" would pass)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# An MLflow experiment or Optuna study name: it becomes a directory under the store's artifact root and is
+# shown in terminals and HTML, so no path separators, "..", markup brackets or control characters.
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.,:+=@#-]{0,199}")
 
 
 def _check_name(value: str) -> str:
-    if not NAME_PATTERN.match(value):
+    if not NAME_PATTERN.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid name: use letters, digits, '_', '.' and '-', starting with a "
                          f"letter or digit, at most 128 characters")
     return value
 
 
+def _check_label(value: str) -> str:
+    if not LABEL_PATTERN.fullmatch(value) or ".." in value or value != value.strip():
+        raise ValueError(f"{value!r} is not a valid experiment or study name: use letters, digits, spaces and "
+                         "'_ . , : + = @ # -' (no '/', '\\', '..' or brackets), starting with a letter or digit, "
+                         "at most 200 characters")
+    return value
+
+
 Name = Annotated[str, AfterValidator(_check_name)]
+Label = Annotated[str, AfterValidator(_check_label)]
 
 
 class StrictModel(BaseModel):
@@ -112,7 +125,7 @@ class EvalConfig(StrictModel):
 class TrackingConfig(StrictModel):
     """Where runs are recorded. URI precedence: --tracking-uri > this > $MLFLOW_TRACKING_URI > sqlite."""
 
-    experiment: str | None = Field(None, description="MLflow experiment name; default: the spec's name.")
+    experiment: Label | None = Field(None, description="MLflow experiment name; default: the spec's name.")
     uri: str | None = Field(None, description="MLflow tracking URI.")
 
 
@@ -192,7 +205,7 @@ class SweepConfig(StrictModel):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///optuna.db.")
-    study_name: str | None = Field(None, description="Default: the spec's name.")
+    study_name: Label | None = Field(None, description="Default: the spec's name.")
     max_retries: NonNegativeInt = Field(2, description="Restarts from the last checkpoint of a trial whose "
                                         "actor died (overrides resources.max_retries in a sweep).")
     max_consecutive_failures: PositiveInt = Field(5, description="Stop asking for trials after this many "
@@ -267,7 +280,7 @@ class ExperimentSpec(StrictModel):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not DEVICE_PATTERN.match(value):
+        if not DEVICE_PATTERN.fullmatch(value):
             raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
         return value
 

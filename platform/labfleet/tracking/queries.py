@@ -9,32 +9,38 @@ LABEL_TAG = "labfleet.label"  # a trial run's configuration label (its run name 
 
 
 def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
+    """`value` as a quoted string of MLflow's filter syntax, which has no escapes: single quotes, or double
+    quotes around a value that holds a single one. A value with both cannot be searched for (ValueError)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both kinds of quote, which MLflow's search cannot match")
 
 
 def role(name: str) -> str:
-    return f"tags.`{ROLE_TAG}` = '{_quote(name)}'"
+    return f"tags.`{ROLE_TAG}` = {_quote(name)}"
 
 
 def children(parent_run_id: str, *, running: bool = False) -> str:
-    query = f"tags.`{PARENT_TAG}` = '{_quote(parent_run_id)}'"
+    query = f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)}"
     return query + " and attributes.status = 'RUNNING'" if running else query
 
 
 def trials_of_label(label: str, config_hash: str | None = None) -> str:
-    query = f"{role('trial')} and tags.`{LABEL_TAG}` = '{_quote(label)}'"
+    query = f"{role('trial')} and tags.`{LABEL_TAG}` = {_quote(label)}"
     if config_hash is not None:
-        query += f" and tags.`labfleet.config_hash` = '{_quote(config_hash)}'"
+        query += f" and tags.`labfleet.config_hash` = {_quote(config_hash)}"
     return query
 
 
 def suite_runs(name: str) -> str:
-    return f"{role('suite')} and tags.`labfleet.suite` = '{_quote(name)}'"
+    return f"{role('suite')} and tags.`labfleet.suite` = {_quote(name)}"
 
 
 def sweep_runs(study_name: str, storage: str) -> str:
-    return (f"{role('sweep')} and tags.`optuna.study_name` = '{_quote(study_name)}' "
-            f"and tags.`optuna.storage` = '{_quote(storage)}'")
+    return (f"{role('sweep')} and tags.`optuna.study_name` = {_quote(study_name)} "
+            f"and tags.`optuna.storage` = {_quote(storage)}")
 
 
 def running() -> str:
@@ -42,4 +48,4 @@ def running() -> str:
 
 
 def named(name: str) -> str:
-    return f"tags.`mlflow.runName` = '{_quote(name)}'"
+    return f"tags.`mlflow.runName` = {_quote(name)}"

@@ -9,7 +9,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -21,15 +21,29 @@ def resolve_tracking_uri(cli: str | None, spec: str | None) -> str:
     return cli or spec or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "key", "credential", "sslpassword")
+
+
 def redact_uri(uri: str) -> str:
-    """The URI with any password replaced by ***, safe to log as a tag or print."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
+    """The URI with any password replaced by ***, in its user part and in query parameters that carry one
+    (`?password=...`, `token=...`), safe to log as a tag or print. A URI that does not parse is withheld
+    whole rather than shown in part."""
+    try:
+        parts = urlsplit(uri)
+        password, port = parts.password, parts.port
+    except ValueError:  # a broken port or host: the user part may still hold a password
+        return "<unparsable URI withheld>" if "@" in uri else uri
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(any(word in k.lower() for word in SECRET_QUERY_KEYS) for k, _ in pairs):
+        query = urlencode([(k, "***" if any(word in k.lower() for word in SECRET_QUERY_KEYS) else v)
+                           for k, v in pairs], safe="*")
+    if password is None:
+        return uri if query == parts.query else urlunsplit(parts._replace(query=query))
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    if port:
+        host = f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}", query=query))
 
 
 def sqlite_path(uri: str) -> Path | None:

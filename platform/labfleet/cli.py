@@ -506,6 +506,8 @@ def zoo_import(
     out: Path = typer.Option(None, "--out", help="Spec file to write (default: print it)."),
 ) -> None:
     """Write a labfleet spec from an rl-zoo hyperparameter entry; what labfleet cannot take is named."""
+    import yaml
+
     from labfleet.spec.loading import parse_yaml, resolve_spec_data
     from labfleet.spec.zoo import drop_rejected, render, zoo_entry
 
@@ -513,7 +515,7 @@ def zoo_import(
         try:
             document = parse_yaml(file.read_text(encoding="utf-8"))[0]
             imported = zoo_entry(document, env_id, algorithm)
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
             raise SpecError([Problem(str(file), "", f"cannot read: {exc}")]) from None
         except (KeyError, ValueError, TypeError) as exc:
             raise SpecError([Problem(str(file), env_id, str(exc.args[0] if exc.args else exc))]) from None

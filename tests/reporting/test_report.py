@@ -163,6 +163,12 @@ def test_ui_serves_the_store_on_loopback_and_stops(suite_store):
             except OSError:
                 time.sleep(0.5)
         assert status == 200
+        # the store's URI (which may hold a password) reaches `mlflow server` through its environment, never
+        # through a command line that `ps` shows every user
+        import psutil
+
+        lines = [" ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert any("mlflow" in line for line in lines) and not any(uri in line for line in lines), lines
         # the experiment the suite wrote is what this UI serves
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?"
                                     f"experiment_name=two-gammas", timeout=10) as response:
@@ -266,3 +272,39 @@ def test_a_report_over_several_tasks_draws_a_panel_each(tmp_path: Path):
     table = markdown_table(names, rows)
     assert "| configuration | task | seeds |" in table
     assert [r["task"] for r in rows] == ["CartPole-v1", "FrozenLake-v1", "Pendulum-v1"]
+
+
+@pytest.mark.parametrize("tag", ["sqlite:///{dir}/planted/optuna.db", "journal:{dir}/planted/study.log"])
+def test_report_opens_a_tagged_storage_read_only_and_never_shows_a_password(tmp_path: Path, tracking_uri: str,
+                                                                              tag: str) -> None:
+    """A sweep run whose `optuna.storage` tag names a file that does not exist: the report creates nothing
+    there; a `--storage` with a password that cannot be opened leaves the password out of every file."""
+    from mlflow.entities import Metric
+    from typer.testing import CliRunner
+
+    from labfleet.cli import app
+
+    (tmp_path / "planted").mkdir()
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("planted")
+    sweep = client.create_run(experiment, tags={"labfleet.role": "sweep", "mlflow.runName": "st",
+                                                "optuna.study_name": "st",
+                                                "optuna.storage": tag.format(dir=tmp_path)}).info.run_id
+    trial = client.create_run(experiment, tags={"labfleet.role": "trial", "mlflow.parentRunId": sweep,
+                                                "mlflow.runName": "st/trial=0"}).info.run_id
+    seed = client.create_run(experiment, tags={"labfleet.role": "seed", "mlflow.parentRunId": trial,
+                                               "labfleet.seed": "0", "labfleet.algorithm": "ppo"}).info.run_id
+    client.log_batch(seed, [Metric("eval/return_mean", float(i), 0, i) for i in range(3)])
+    for run_id in (seed, trial, sweep):
+        client.set_terminated(run_id)
+    runner = CliRunner()
+    first = runner.invoke(app, ["report", "st", "--tracking-uri", tracking_uri, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    assert list((tmp_path / "planted").iterdir()) == [], "the report created the file a tag named"
+    assert "could not open study" in (tmp_path / "a" / "report.html").read_text()
+    second = runner.invoke(app, ["report", "st", "--tracking-uri", tracking_uri, "--out", str(tmp_path / "b"),
+                                 "--storage", "postgresql://u:S3CRETPW@127.0.0.1:1/db"])
+    assert second.exit_code == 0, second.output
+    assert "S3CRETPW" not in second.output
+    for file in (tmp_path / "b").iterdir():
+        assert b"S3CRETPW" not in file.read_bytes(), f"{file.name} holds the password"

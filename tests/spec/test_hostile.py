@@ -4,6 +4,7 @@ no traceback, nothing written and nothing that the spec names called; a fuzz tes
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,121 @@ def test_report_targets_with_quotes_are_looked_up_not_pasted(tmp_path: Path, tar
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "labfleet report: TARGET:" in result.output
+
+
+def _laughs(anchor_at: str) -> str:
+    """Nine aliases of nine aliases, eight levels deep (43 million values), hung under `anchor_at`."""
+    lines = [f"{anchor_at}:", "  l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 8)]
+    return "\n".join(lines) + "\n"
+
+
+BOMBS = [
+    ("function-hparams", "name: f\nalgorithm: mymod:main\nseeds: [0]\nbudget: {iterations: 1}\n" + _laughs("hparams")),
+    ("dataset-kwargs", "name: v\nalgorithm: vae\ndataset: digits\nbudget: {epochs: 1}\n" + _laughs("dataset_kwargs")),
+    ("categorical-choices", "name: p\nalgorithm: ppo\nenv: CartPole-v1\n" + _laughs("x")
+     + "sweep:\n  metric: eval/return_mean\n  space:\n    hparams.gamma: {type: categorical, choices: *l7}\n"),
+    ("circular", "name: c\nalgorithm: reinforce\nenv: CartPole-v1\nhparams: &h\n  n_envs: *h\n"),
+    ("suite-of-aliases", "name: s\ne: &e {spec: spec.yaml}\nexperiments:\n" + "  - *e\n" * 50_000),
+]
+
+
+@pytest.mark.parametrize("text", [b[1] for b in BOMBS], ids=[b[0] for b in BOMBS])
+def test_alias_bombs_are_refused_before_they_expand(tmp_path: Path, text: str) -> None:
+    import resource
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(text)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = CliRunner().invoke(app, ["validate", str(bomb)])
+    assert result.exit_code == 2, result.output
+    assert f"{bomb}: invalid YAML:" in result.output
+    assert "alias" in result.output or "contains itself" in result.output
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB on Linux
+    assert grown < 200_000, f"validation grew the process by {grown} KiB"
+
+
+def test_counts_are_bounded(tmp_path: Path) -> None:
+    """Without aliases: 1001 categorical choices and a suite of 501 entries are refused by count."""
+    spec = _write(tmp_path, {**BASE, "sweep": {**SWEEP, "space": {"hparams.gamma": {
+        "type": "categorical", "choices": [0.9 + i * 1e-5 for i in range(1001)]}}}})
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 2 and "sweep.space.hparams.gamma.choices" in result.output, result.output
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "s", "experiments": [{"spec": "spec.yaml"}] * 501}))
+    result = CliRunner().invoke(app, ["validate", str(suite)])
+    assert result.exit_code == 2 and "experiments" in result.output and "500" in result.output, result.output
+
+
+def test_a_suite_naming_a_device_or_a_huge_file_reads_at_most_a_page(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.yaml"
+    with open(huge, "wb") as handle:  # a sparse 8 GiB file: reading it whole would take the machine down
+        handle.truncate(8 << 30)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "s", "experiments": [{"spec": str(huge)}, {"spec": "/dev/zero"}]}))
+    result = CliRunner().invoke(app, ["validate", str(suite)])
+    assert result.exit_code == 2, result.output
+    assert f"{huge}: the file has more than" in result.output
+    assert "/dev/zero" in result.output
+
+
+@pytest.mark.parametrize("option", [["--set", "tracking.uri=http://u:PW@127.0.0.1:5000"],
+                                    ["--set", "env_kwargs.url=postgresql://u:PW@h/db"],
+                                    ["--tracking-uri", "http://u:s3c/PW@127.0.0.1:5000"],
+                                    ["--tracking-uri", "postgresql://h/db?password=PW"]])
+def test_submit_refuses_a_password_on_the_jobs_command_line(tmp_path: Path, option: list[str]) -> None:
+    spec_file = _write(tmp_path, BASE)
+    result = CliRunner().invoke(app, ["submit", str(spec_file), "--address", "http://127.0.0.1:1", *option])
+    assert result.exit_code == 2, result.output
+    assert "holds a password" in result.output and "PW" not in result.output
+
+
+def test_a_submission_ships_no_secrets_and_follows_no_link_outside(tmp_path: Path) -> None:
+    """What Ray's own packaging makes of the submitted directory with labfleet's excludes: no dotenv file,
+    no key, and nothing behind a link that leads out of the directory."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from labfleet.orchestration.jobs import shipping_excludes
+
+    work, home = tmp_path / "work", tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("PRIVATE KEY")
+    work.mkdir()
+    _write(work, BASE)
+    (work / ".env").write_text("MLFLOW_TRACKING_PASSWORD=PW\n")
+    (work / "keys").symlink_to(home / ".ssh")
+    (work / "data").mkdir()
+    (work / "data" / "inside.txt").write_text("kept")
+    (work / "alias").symlink_to(work / "data")  # a link inside the directory is fine
+    excludes, outside = shipping_excludes(work)
+    assert outside == [("/keys", str((home / ".ssh").resolve()))]
+    package = tmp_path / "package.zip"
+    create_package(str(work), package, include_gitignore=True, excludes=excludes)
+    names = zipfile.ZipFile(package).namelist()
+    assert "spec.yaml" in names and "data/inside.txt" in names, names
+    assert not [n for n in names if ".env" in n or "id_ed25519" in n or n.startswith("keys")], names
+
+
+def test_params_and_the_logged_spec_hold_no_password() -> None:
+    from labfleet.tracking.runs import flatten, redact_tree
+
+    spec = {"env_kwargs": {"db": "postgresql://u:PW@h/db", "api": "https://h/x?token=PW"},
+            "tracking": {"uri": "http://u:PW@h:5000"}, "hparams": {"password": "PW"}}
+    assert "PW" not in json.dumps(flatten(spec))
+    assert "PW" not in json.dumps({k: v for k, v in redact_tree(spec).items() if k != "hparams"})
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://[::1:5000",
+                                 "http://u:s3c/PW@h:5000", "postgresql://u:PW@h:70000/db", "sqlite:///a\nb.db"])
+def test_malformed_tracking_uris_are_bad_input_and_show_no_password(tmp_path: Path, uri: str) -> None:
+    spec_file = _write(tmp_path, BASE)
+    for args in (["validate", str(spec_file), "--set", f"tracking.uri={json.dumps(uri)}"],
+                 ["run", str(spec_file), "--tracking-uri", uri]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "tracking.uri" in result.output or "--tracking-uri" in result.output, result.output
+        assert "PW" not in result.output and "s3c" not in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]

@@ -26,6 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from labfleet.errors import Problem, SpecError
+from labfleet.tracking.uri import redact_credentials, redact_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 STOP_GRACE_SECONDS = 60
@@ -56,11 +57,43 @@ def _kind(data: dict[str, Any], sweep: bool) -> str:
     return "sweep" if sweep else "run"
 
 
+# What a submission never ships from its directory: stores and their artifacts, logs, version control, and
+# the files that hold secrets by convention (dotenv files, keys, cloud and SSH credentials).
+EXCLUDES = ["*.db", "*.db-wal", "*.db-shm", "mlartifacts/", "mlruns/", "*.log", ".git/", "__pycache__/",
+            ".env", ".env.*", "*.env", ".envrc", ".netrc", ".pgpass", "*.pem", "*.key", "id_rsa*", "id_ed25519*",
+            "id_ecdsa*", ".ssh/", ".aws/", ".gnupg/", ".docker/", ".kube/", ".config/gcloud/"]
+MAX_SHIPPED_ENTRIES = 100_000  # how many paths `shipping_excludes` looks at before it stops looking
+
+
+def has_credentials(text: str) -> bool:
+    """Whether `text` holds a URL with a password (`scheme://user:password@host`) or one in its query."""
+    return redact_credentials(text) != text or redact_uri(text) != text
+
+
+def shipping_excludes(workdir: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Ray's `excludes` for a submitted directory: `EXCLUDES`, and every symbolic link in it that leads
+    outside it (Ray's packaging follows links, so a link to ~/.ssh would ship the keys). Returns them and
+    the (link, target) pairs left out."""
+    root = workdir.resolve()
+    outside: list[tuple[str, str]] = []
+    seen = 0
+    for directory, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            seen += 1
+            path = Path(directory) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if root != target and root not in target.parents:
+                    outside.append(("/" + str(path.relative_to(root)), str(target)))
+        dirs[:] = [d for d in dirs if not (Path(directory) / d).is_symlink() and d not in (".git", "__pycache__")]
+        if seen > MAX_SHIPPED_ENTRIES:
+            break
+    return EXCLUDES + [link for link, _ in outside], outside
+
+
 def plan_submission(path: Path, overrides: list[str], tracking_uri: str | None, sweep: bool, python: str,
                     n_trials: int | None = None) -> tuple[str, str, Path]:
     """(command kind, entrypoint, working directory), after every local check of the file."""
-    from urllib.parse import urlsplit
-
     from labfleet.spec.loading import (
         apply_overrides,
         from_set,
@@ -70,10 +103,14 @@ def plan_submission(path: Path, overrides: list[str], tracking_uri: str | None, 
         resolve_spec_data,
     )
 
-    if tracking_uri and urlsplit(tracking_uri).password is not None:
-        raise SpecError([Problem("labfleet submit", "--tracking-uri", "holds a password, which the job's entrypoint "
-                                 "would show to anyone who can list jobs: set MLFLOW_TRACKING_USERNAME and "
-                                 "MLFLOW_TRACKING_PASSWORD in the cluster's environment instead")])
+    secret = "holds a password, which the job's entrypoint would show to anyone who can list jobs: set " \
+             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or the database's own variables, such as " \
+             "PGPASSWORD) in the cluster's environment instead"
+    if tracking_uri and has_credentials(tracking_uri):
+        raise SpecError([Problem("labfleet submit", "--tracking-uri", secret)])
+    for item in overrides:
+        if has_credentials(item):
+            raise SpecError([Problem("labfleet submit", f"--set {item.partition('=')[0]}", secret)])
     doc = read_yaml(path)
     kind = _kind(doc.data, sweep)
     parsed = parse_set_options(overrides)
@@ -103,9 +140,12 @@ def submit(path: Path, *, address: str | None, overrides: list[str], tracking_ur
            python: str, ship_package: bool, wait: bool, console: Console, n_trials: int | None = None) -> int:
     kind, entrypoint, workdir = plan_submission(path, overrides, tracking_uri, sweep, python, n_trials)
     jobs = client(address)
+    excludes, outside = shipping_excludes(workdir)
+    for link, target in outside:
+        console.print(f"not shipped: {link} (a link to {target}, outside {workdir})", highlight=False)
     runtime_env: dict[str, Any] = {
         "working_dir": str(workdir),
-        "excludes": ["*.db", "*.db-wal", "*.db-shm", "mlartifacts/", "mlruns/", "*.log", ".git/", "__pycache__/"],
+        "excludes": excludes,
         "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_SECONDS), "PYTHONUNBUFFERED": "1"},
     }
     if ship_package:

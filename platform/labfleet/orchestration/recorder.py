@@ -41,7 +41,7 @@ from labfleet.orchestration.runner import TrialRunner, config_hash
 from labfleet.tracking import queries as Q
 from labfleet.tracking.heartbeat import DRIVER_TAG, HEARTBEAT_TAG, live_owner
 from labfleet.tracking.queries import LABEL_TAG
-from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions
+from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions, redact_tree
 from labfleet.tracking.uri import retry_if_locked
 
 LATEST_CHECKPOINT = "checkpoints/latest.pt"
@@ -201,7 +201,7 @@ class MlflowRecorder:
         entry = self.trials[trial]
         run_id = self.tracker.start_run(trial.experiment, "seed", f"{entry.run_name}/seed={seed}", entry.run_id,
                                         tags=tags, params=flatten(seed_spec), params_with_first_flush=True)
-        self.tracker.log_yaml(run_id, "spec.yaml", seed_spec)
+        self.tracker.log_yaml(run_id, "spec.yaml", redact_tree(seed_spec))
         return run_id
 
     # --- queries --------------------------------------------------------------------------------

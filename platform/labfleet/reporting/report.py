@@ -36,6 +36,7 @@ from labfleet.errors import Problem, SpecError
 from labfleet.reporting import aggregate
 from labfleet.tracking import queries as Q
 from labfleet.tracking.runs import PBT_LINEAGE
+from labfleet.tracking.uri import redact_text, redact_uri
 
 LOWER_IS_BETTER = ("neg_elbo", "recon_nll", "iwae_nll", "baseline_nll", "/kl", "fd_digits", "mode_kl", "loss")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -601,7 +602,6 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
 
 
 def _sweep_images(sweep_run: Run, storage: str | None, notes: list[str]) -> dict[str, bytes]:
-    import optuna
 
     name = sweep_run.data.tags.get("optuna.study_name")
     url = storage or sweep_run.data.tags.get("optuna.storage")
@@ -611,11 +611,12 @@ def _sweep_images(sweep_run: Run, storage: str | None, notes: list[str]) -> dict
     if "***" in url:
         notes.append("the study's storage URL was recorded without its password: pass --storage to plot it")
         return {}
-    from labfleet.tracking.studies import build_storage
+    from labfleet.tracking.studies import load_study_read_only
 
     try:
-        study = optuna.load_study(study_name=name, storage=build_storage(url))
+        study = load_study_read_only(name, url)
     except Exception as exc:  # noqa: BLE001 - the report goes on without the study's figures
-        notes.append(f"could not open study {name!r} at {url}: {type(exc).__name__}: {exc}")
+        notes.append(f"could not open study {name!r} at {redact_uri(url)}: {type(exc).__name__}: "
+                     f"{redact_text(str(exc), url)}")
         return {}
     return study_pngs(study)

@@ -4,6 +4,7 @@ runs used. Both are child processes; Ctrl-C (or SIGTERM) stops them."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import signal
 import subprocess
@@ -39,13 +40,16 @@ def _wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120) ->
     return False
 
 
-def mlflow_command(uri: str, port: int) -> list[str]:
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST,
-               "--port", str(port), "--workers", "1"]
+def mlflow_command(uri: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow server` command and its environment. The store's URI goes in the environment
+    (`MLFLOW_BACKEND_STORE_URI`, which `mlflow server` reads), not in argv, where `ps` would show its
+    password to every user of the machine."""
+    command = [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     root = artifact_root_for(uri)
     if root:  # the same artifact root the runs were written with
         command += ["--default-artifact-root", root]
-    return command
+    return command, env
 
 
 def dashboard_command(storage: str, port: int) -> list[str] | None:
@@ -67,6 +71,24 @@ def _checked_uri(tracking_uri: str | None) -> str:
     return uri
 
 
+def _start_dashboard(storage: str, port: int, console: Console) -> list[subprocess.Popen[Any]]:
+    """optuna-dashboard over the study storage, where it is installed and the storage holds no password
+    (the dashboard takes its storage on its command line, where `ps` shows it to every user)."""
+    command = dashboard_command(storage, port)
+    shown_storage = redact_uri(storage)
+    if command is None:
+        console.print("optuna-dashboard is not installed (pip install optuna-dashboard) to browse "
+                      f"the study storage {shown_storage}", highlight=False)
+        return []
+    if shown_storage != storage:
+        console.print("optuna-dashboard takes its storage on its command line, where `ps` shows it: not "
+                      f"started for {shown_storage}, which holds a password", highlight=False)
+        return []
+    process = subprocess.Popen(command)
+    console.print(f"optuna-dashboard: http://{HOST}:{port}  (storage: {shown_storage})", highlight=False)
+    return [process]
+
+
 def serve(tracking_uri: str | None, port: int, storage: str | None, dashboard_port: int, console: Console) -> int:
     uri = _checked_uri(tracking_uri)
     if storage is None and Path("optuna.db").exists():
@@ -74,7 +96,8 @@ def serve(tracking_uri: str | None, port: int, storage: str | None, dashboard_po
     children: list[subprocess.Popen[Any]] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        mlflow_ui = subprocess.Popen(mlflow_command(uri, port))
+        command, env = mlflow_command(uri, port)
+        mlflow_ui = subprocess.Popen(command, env=env)
         children.append(mlflow_ui)
         url = f"http://{HOST}:{port}"
         if not _wait_until_up(url + "/health", mlflow_ui):
@@ -85,14 +108,7 @@ def serve(tracking_uri: str | None, port: int, storage: str | None, dashboard_po
         if note:
             console.print(f"[yellow]{shown(note)}[/yellow]", highlight=False)
         if storage:
-            command = dashboard_command(storage, dashboard_port)
-            if command is None:
-                console.print("optuna-dashboard is not installed (pip install optuna-dashboard) to browse "
-                              f"the study storage {redact_uri(storage)}", highlight=False)
-            else:
-                children.append(subprocess.Popen(command))
-                console.print(f"optuna-dashboard: http://{HOST}:{dashboard_port}  (storage: {redact_uri(storage)})",
-                              highlight=False)
+            children.extend(_start_dashboard(storage, dashboard_port, console))
         console.print("Ctrl-C stops them.")
         while all(child.poll() is None for child in children):
             time.sleep(0.5)

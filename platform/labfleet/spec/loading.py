@@ -6,6 +6,7 @@ problem it finds as `FILE: field.path: what is wrong (line N)`.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import difflib
@@ -60,16 +61,55 @@ SpecLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 MAX_SPEC_BYTES = 1 << 20  # a spec or suite is a page of YAML; anything larger is not one
+# Values a document may hold once its aliases are expanded: a spec or suite is a page of YAML, and an
+# alias bomb ("billion laughs": nine aliases of nine aliases of ...) is a few lines that expand past memory.
+MAX_YAML_NODES = 20_000
 
 
 def parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
-    """(data, root node) of one YAML document, with SpecLoader. Raises yaml.YAMLError or RecursionError."""
+    """(data, root node) of one YAML document, with SpecLoader. Raises yaml.YAMLError or RecursionError;
+    a document whose aliases expand past `MAX_YAML_NODES` values, or refer to themselves, is refused
+    before any of it is built."""
     loader = SpecLoader(text)
     try:
         root = loader.get_single_node()
+        if root is not None:
+            _check_expanded_size(root)
         return (loader.construct_document(root) if root is not None else None), root
     finally:
         loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values of the document as its aliases expand them (each node once, memoised: linear in
+    the file's size); raise yaml.YAMLError past `MAX_YAML_NODES` or on an alias inside its own anchor."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise yaml.YAMLError(f"line {node.start_mark.line + 1}: an alias refers to the anchor it is inside "
+                                 "(a value that contains itself)")
+        open_nodes.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_NODES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_NODES} values once its aliases are expanded; a spec or "
+                                     "suite is a page of YAML (an alias bomb?)")
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 @dataclass
@@ -117,11 +157,15 @@ def _child(node: yaml.Node, part: str | int) -> yaml.Node | None:
 def read_yaml(path: str | Path) -> YamlDocument:
     source = str(path)
     try:
-        raw = Path(path).read_bytes()
+        if not Path(path).is_file():  # a device (/dev/zero), a FIFO or a directory: nothing to read whole
+            raise SpecError([Problem(source, "", "not a regular file")])
+        with open(path, "rb") as handle:  # at most one byte past the limit, however large the file is
+            raw = handle.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError([Problem(source, "", f"cannot read file: {exc.strerror or exc}")]) from None
     if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError([Problem(source, "", f"the file has {len(raw)} bytes; a spec has at most {MAX_SPEC_BYTES}")])
+        raise SpecError([Problem(source, "", f"the file has more than {MAX_SPEC_BYTES} bytes; a spec has at most "
+                                 f"{MAX_SPEC_BYTES}")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -390,8 +434,8 @@ def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
             problems.extend(exc.problems)
     if problems:
         raise SpecError(problems)
-    names = [e.spec.name for e in entries]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    counts = collections.Counter(e.spec.name for e in entries)
+    duplicates = sorted(n for n, count in counts.items() if count > 1)
     if duplicates:
         raise SpecError([Problem(doc.source, "experiments", f"entries must have distinct names (repeated: "
                                  f"{', '.join(duplicates)}); give each a `set: {{name: ...}}`")])

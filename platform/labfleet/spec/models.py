@@ -137,7 +137,8 @@ class ParamSpace(StrictModel):
     high: float | None = None
     log: bool = False
     step: float | None = None
-    choices: list[Any] | None = None
+    choices: list[Any] | None = Field(None, max_length=1000, description="The values a categorical takes "
+                                      "(at most 1000).")
 
     @model_validator(mode="after")
     def _consistent(self) -> ParamSpace:
@@ -305,4 +306,4 @@ class SuiteSpec(StrictModel):
     name: Name
     description: str = ""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    experiments: list[SuiteEntry] = Field(min_length=1)
+    experiments: list[SuiteEntry] = Field(min_length=1, max_length=500, description="The specs to run (at most 500).")

@@ -42,7 +42,7 @@ from mlflow.tracking import MlflowClient
 
 import labfleet
 from labfleet.tracking.heartbeat import DRIVER_TAG, HEARTBEAT_TAG, Heartbeat, driver_identity
-from labfleet.tracking.uri import artifact_root_for, redact_uri, retry_if_locked, sqlite_wal
+from labfleet.tracking.uri import artifact_root_for, redact_credentials, redact_uri, retry_if_locked, sqlite_wal
 
 ROLE = "labfleet.role"
 PARENT = "mlflow.parentRunId"
@@ -66,11 +66,20 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
         if not data and prefix:
             flat[prefix[:-1]] = "{}"
         return flat
-    value = json.dumps(data) if isinstance(data, list | tuple) else str(data)
+    value = redact_credentials(json.dumps(data) if isinstance(data, list | tuple) else str(data))
     if prefix.rstrip(".") in ("tracking.uri", "sweep.storage"):
         value = redact_uri(value)
     flat[prefix[:-1]] = value[:MAX_PARAM_LENGTH]
     return flat
+
+
+def redact_tree(data: Any) -> Any:
+    """Nested data (a resolved spec) with the passwords of URLs in its strings replaced by ***."""
+    if isinstance(data, dict):
+        return {key: redact_tree(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [redact_tree(value) for value in data]
+    return redact_credentials(data) if isinstance(data, str) else data
 
 
 @cache

@@ -35,6 +35,11 @@ def storage_problem(url: str) -> str | None:
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         return (f"not a storage URL ({exc}); use a SQLAlchemy URL such as sqlite:///optuna.db or "
                 f"postgresql://user@host/db, or journal:PATH for an Optuna journal file")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError as exc:
+        return (f"the {parsed.get_backend_name()} storage needs the Python module {exc.name or exc}, which is "
+                "not installed (for PostgreSQL: pip install psycopg2-binary)")
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         parent = Path(parsed.database).expanduser().resolve().parent
         if not parent.is_dir():
@@ -49,3 +54,28 @@ def build_storage(url: str) -> str | optuna.storages.BaseStorage:
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(Path(path).expanduser())))
     return url
+
+
+def load_study_read_only(study_name: str, url: str) -> optuna.Study:
+    """A study opened for reading only (`labfleet report`): a SQLite or journal file that does not exist
+    is not created (FileNotFoundError), a SQLite file is opened read-only, and no storage gets tables made
+    or migrated. The URL may come from a run's tag, which whoever writes the store decides."""
+    path = journal_path(url)
+    if path is not None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"no journal file {file}")
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.load_study(study_name=study_name,
+                                 storage=optuna.storages.JournalStorage(JournalFileBackend(str(file))))
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        file = Path(parsed.database or "").expanduser()
+        if not parsed.database or not file.is_file():
+            raise FileNotFoundError(f"no SQLite file {file}")
+        url = f"sqlite:///file:{file.resolve()}?mode=ro&uri=true"
+    storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
+    return optuna.load_study(study_name=study_name, storage=storage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -35,15 +36,46 @@ def redact_uri(uri: str) -> str:
         return "<unparsable URI withheld>" if "@" in uri else uri
     query = parts.query
     pairs = parse_qsl(query, keep_blank_values=True)
-    if any(any(word in k.lower() for word in SECRET_QUERY_KEYS) for k, _ in pairs):
-        query = urlencode([(k, "***" if any(word in k.lower() for word in SECRET_QUERY_KEYS) else v)
-                           for k, v in pairs], safe="*")
+    if any(_secret_key(k) for k, _ in pairs):
+        query = urlencode([(k, "***" if _secret_key(k) else v) for k, v in pairs], safe="*")
     if password is None:
         return uri if query == parts.query else urlunsplit(parts._replace(query=query))
     host = parts.hostname or ""
     if port:
         host = f"{host}:{port}"
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}", query=query))
+
+
+_USERINFO_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s]*@")
+_QUERY_SECRET = re.compile(
+    r"([?&;](?:[A-Za-z0-9_.-]*(?:" + "|".join(SECRET_QUERY_KEYS) + r")[A-Za-z0-9_.-]*)=)[^&;\s]*", re.IGNORECASE)
+
+
+def redact_credentials(text: str) -> str:
+    """Any text (a param's value, a --set item) with the passwords of the URLs in it replaced by ***."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", text))
+
+
+def redact_text(text: str, uri: str) -> str:
+    """`text` (an error message, say) with the password of `uri`, if it has one, replaced by ***."""
+    try:
+        password = urlsplit(uri).password
+    except ValueError:
+        password = uri.rpartition("@")[0].partition("://")[2].partition(":")[2] or None
+    for secret in {password, *(v for k, v in _query_pairs(uri) if _secret_key(k))} - {None, ""}:
+        text = text.replace(str(secret), "***")
+    return text
+
+
+def _secret_key(key: str) -> bool:
+    return any(word in key.lower() for word in SECRET_QUERY_KEYS)
+
+
+def _query_pairs(uri: str) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(urlsplit(uri).query, keep_blank_values=True)
+    except ValueError:
+        return []
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -67,7 +99,16 @@ DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 
 def tracking_uri_form_problem(uri: str) -> str | None:
     """Why `uri` cannot be a tracking URI by its form alone (no I/O), or None."""
-    scheme = urlsplit(uri).scheme
+    if any(not ch.isprintable() for ch in uri):
+        return "the URI holds control characters or line breaks"
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:  # its message may quote part of a password: not shown
+        return (f"{redact_uri(uri)} does not parse as a URI: a port is a number up to 65535, an IPv6 host is "
+                "written [ADDRESS], and a password with '/', '@' or ':' in it must be percent-encoded (%2F, %40, "
+                "%3A), or better given through the environment")
+    scheme = parts.scheme
     if scheme == "sqlite":
         if sqlite_path(uri) is None:
             return f"only file-based SQLite URIs (sqlite:///PATH) are supported, got {redact_uri(uri)}"

@@ -377,6 +377,11 @@ def report(
 
     uri = resolve_tracking_uri(tracking_uri, None)
     with bad_input_exits_2():
+        if out.exists() and not out.is_dir():
+            raise SpecError([Problem("labfleet report", "--out", f"{out} is a file; the report needs a directory "
+                                     "(it writes several files into it)")])
+        if any(not ch.isprintable() for ch in target):
+            raise SpecError([Problem("labfleet report", "TARGET", "holds control characters or line breaks")])
         _existing_store(uri, "report")
         from mlflow.tracking import MlflowClient
 

@@ -169,3 +169,53 @@ def test_two_sweep_drivers_each_take_their_own_trials(tmp_path: Path):
         assert [s.data.tags["labfleet.driver"] for s in seeds] == [trial.user_attrs["labfleet.driver"]]
     assert len([r for r in runs if r.data.tags["labfleet.role"] == "sweep"]) == 1
     _assert_steps_once(client, runs)
+
+
+def test_checkpoint_damage_is_found_without_loading_it() -> None:
+    import io
+
+    import torch
+
+    from labfleet.orchestration.recorder import checkpoint_damage
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(1000.0)}, buffer)
+    data = buffer.getvalue()
+    assert checkpoint_damage(data) is None
+    assert checkpoint_damage(data[: len(data) // 2]) is not None
+    assert checkpoint_damage(b"") is not None
+    at = data.index(torch.arange(1000.0).numpy().tobytes()[8:64]) + 100  # inside the tensor's bytes
+    flipped = data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1:]
+    assert "CRC" in (checkpoint_damage(flipped) or "")
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_restarts_its_seed_from_scratch(tmp_path: Path, tracking_uri: str):
+    """A dead driver's seed whose checkpoints/latest.pt was damaged (a full disk, a bad copy): the rerun says
+    so and trains that seed from the start in the same run instead of failing it."""
+    import signal
+
+    spec = _gated_spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    spec.write_text(yaml.safe_dump({**data, "seeds": [0]}))
+    args = [sys.executable, "-m", "labfleet", "run", str(spec), "--tracking-uri", tracking_uri, "--quiet"]
+    first = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    store = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    try:
+        _wait(first, lambda: any(store.rglob("latest.pt")), "no checkpoint reached the store")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    (latest,) = store.rglob("latest.pt")
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated
+    (tmp_path / "go").touch()
+    again = run_cli(*args[3:], cwd=tmp_path, env=_env())
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "is damaged" in again.stdout and "from scratch" in again.stdout, again.stdout
+    client = MlflowClient(tracking_uri)
+    runs = _runs(client, "conc")
+    assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2  # the same trial and seed runs
+    (seed,) = [r for r in runs if r.data.tags["labfleet.role"] == "seed"]
+    assert seed.data.tags["labfleet.resumed_from"] == "scratch"
+    _assert_steps_once(client, runs)

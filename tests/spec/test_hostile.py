@@ -406,3 +406,13 @@ def test_malformed_tracking_uris_are_bad_input_and_show_no_password(tmp_path: Pa
         assert "PW" not in result.output and "s3c" not in result.output, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_report_out_naming_a_file_is_bad_input(tmp_path: Path) -> None:
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    result = CliRunner().invoke(app, ["report", "x", "--out", str(taken), "--tracking-uri",
+                                      f"sqlite:///{tmp_path / 'm.db'}"])
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.output and "is a file" in result.output
+    assert taken.read_text() == "mine"

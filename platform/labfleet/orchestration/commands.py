@@ -98,6 +98,8 @@ def _trials(session: DriverSession, planned: list[Planned], suite_run_id: str | 
         runner = session.runner(spec, meta=TrialMeta(suite_run_id, {"labfleet.spec_file": str(plan.spec_path)},
                                                      spec_dir=str(plan.spec_path.parent)))
         found = None if fresh else session.recorder.unfinished(runner)
+        for note in session.recorder.pop_notes():
+            session.console.print(f"[yellow]{shown(note)}[/yellow]", highlight=False, soft_wrap=True)
         if found is None:
             trials.append((runner, None))
             continue

@@ -73,6 +73,7 @@ class MlflowRecorder:
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
         self.trials: dict[TrialRunner, _Trial] = {}
+        self.notes: list[str] = []  # what the driver should tell the user about the runs it took back
 
     # --- what the rest of the driver asks --------------------------------------------------------
     def has_run(self, trial: TrialRunner) -> bool:
@@ -93,6 +94,10 @@ class MlflowRecorder:
         """The trial run, then its seed runs."""
         entry = self.trials[trial]
         return [entry.run_id, *entry.seeds.values()]
+
+    def pop_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
 
     def forget(self, trial: TrialRunner) -> None:
         """Let go of an ended trial whose runs nothing will write again (a sweep's told trial)."""
@@ -251,8 +256,12 @@ class MlflowRecorder:
                 record = SeedRecord(Status.FINISHED, final=final, retries=retries)
             else:
                 logged = {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
-                record = SeedRecord(Status(status), _download(client, run_id, LATEST_CHECKPOINT), logged,
-                                    retries=retries)
+                checkpoint = _download(client, run_id, LATEST_CHECKPOINT)
+                if checkpoint is not None and (damage := checkpoint_damage(checkpoint)) is not None:
+                    self.notes.append(f"seed run {run_id}: its {LATEST_CHECKPOINT} is damaged ({damage}); the seed "
+                                      "starts again from scratch in the same run (--fresh starts new runs)")
+                    checkpoint = None
+                record = SeedRecord(Status(status), checkpoint, logged, retries=retries)
             records[int(run.data.tags["labfleet.seed"])] = (run_id, record)
         return records
 
@@ -350,6 +359,22 @@ class MlflowRecorder:
             for run in [*seeds, trial_run]:
                 tracker.queue_tags(run.info.run_id, {"optuna.state": state})
                 tracker.end_run(run.info.run_id, status)
+
+
+def checkpoint_damage(data: bytes) -> str | None:
+    """Why checkpoint bytes cannot be restored, or None. A checkpoint is `torch.save`'s zip archive: a
+    truncated file has no central directory, and a flipped bit fails a member's CRC."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        return f"not a readable archive: {exc}"
+    except Exception as exc:  # noqa: BLE001 - zlib.error and friends: any failure to read back is damage
+        return f"{type(exc).__name__}: {exc}"
+    return f"member {bad} fails its CRC check" if bad is not None else None
 
 
 def read_json_artifact(client: Any, run_id: str, path: str) -> Any:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from labfleet.errors import SpecError
+from labfleet.errors import SpecError, shown
 from labfleet.orchestration.events import (
     DRIVER_ERROR,
     Action,
@@ -207,6 +207,8 @@ class OptunaSearcher:
             except RunsOwned:  # another driver took it back a moment ago
                 kept.add(frozen.number)
                 continue
+            for note in self.recorder.pop_notes():
+                self.session.console.print(f"[yellow]{shown(note)}[/yellow]", highlight=False, soft_wrap=True)
             if found is None:
                 continue
             _, records = found

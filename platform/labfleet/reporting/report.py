@@ -581,18 +581,20 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
             if (lineage := pbt_png(client, target.parent, target.configurations, Path(tmp))) is not None:
                 images["pbt"] = lineage
         table += "\n## Trials\n\n" + sweep_trials_table(target.configurations)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for name, data in images.items():
-        (out / f"{name}.png").write_bytes(data)
-        files.append(out / f"{name}.png")
-    (out / "results.md").write_text(f"# {target.title}\n\nMean ± standard deviation over the finished seeds "
-                                    f"(n: the seeds column); best first, one-seed configurations last.\n\n{table}")
-    (out / "results.csv").write_text(results_csv(names, rows))
-    (out / "curves.csv").write_text(curves_csv(client, target.configurations, metric))
-    files += [out / "results.csv", out / "curves.csv"]
-    (out / "report.html").write_text(html_page(target.title, images, table, names, rows, notes, aggregate_md))
-    files += [out / "results.md", out / "report.html"]
+    contents = {f"{name}.png": data for name, data in images.items()}
+    contents["results.csv"] = results_csv(names, rows).encode()
+    contents["curves.csv"] = curves_csv(client, target.configurations, metric).encode()
+    contents["results.md"] = (f"# {target.title}\n\nMean ± standard deviation over the finished seeds (n: the "
+                              f"seeds column); best first, one-seed configurations last.\n\n{table}").encode()
+    contents["report.html"] = html_page(target.title, images, table, names, rows, notes, aggregate_md).encode()
+    files = [out / name for name in contents]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path, data in zip(files, contents.values(), strict=True):
+            path.write_bytes(data)
+    except OSError as exc:
+        raise SpecError([Problem("labfleet report", "--out", f"cannot write the report in {out}: "
+                                 f"{exc.strerror or exc}")]) from None
     logged_to = None
     if log and target.parent is not None and target.parent.data.tags.get("labfleet.role") in ("suite", "sweep"):
         for path in files:

@@ -3,6 +3,7 @@ no traceback, nothing written and nothing that the spec names called; a fuzz tes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -416,3 +417,63 @@ def test_report_out_naming_a_file_is_bad_input(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "--out" in result.output and "is a file" in result.output
     assert taken.read_text() == "mine"
+
+
+def _damaged_stores(directory: Path) -> dict[str, Path]:
+    """SQLite files a careless colleague or a full disk leaves: garbage, a truncated store, a half-made one
+    (tables but no schema version), one of another schema version."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    stores = {name: directory / f"{name}.db" for name in ("garbage", "truncated", "half", "other-version")}
+    stores["garbage"].write_bytes(bytes(range(256)) * 20)
+    good = directory / "good.db"
+    MlflowClient(f"sqlite:///{good}").search_experiments()
+    data = good.read_bytes()
+    stores["truncated"].write_bytes(data[: len(data) // 2])
+    with contextlib.closing(sqlite3.connect(stores["half"])) as db:
+        db.execute("CREATE TABLE experiments (x)")
+        db.commit()
+    with contextlib.closing(sqlite3.connect(stores["other-version"])) as db:
+        db.execute("CREATE TABLE alembic_version (version_num)")
+        db.execute("INSERT INTO alembic_version VALUES ('0123abcd')")
+        db.commit()
+    return stores
+
+
+def test_damaged_stores_are_refused_at_once_before_ray_starts(tmp_path: Path) -> None:
+    import time as _time
+
+    spec_file = _write(tmp_path, BASE)
+    for name, store in _damaged_stores(tmp_path).items():
+        before = store.read_bytes()
+        started = _time.monotonic()
+        result = CliRunner().invoke(app, ["run", str(spec_file), "--tracking-uri", f"sqlite:///{store}"])
+        assert result.exit_code == 2, (name, result.output)
+        assert f"tracking.uri: {store}" in result.output or str(store) in result.output, (name, result.output)
+        assert _time.monotonic() - started < 60, f"{name}: MLflow's retries ran"
+        assert store.read_bytes() == before, f"{name}: the store was written"
+    result = CliRunner().invoke(app, ["sweep", str(_write(tmp_path, {**BASE, "sweep": SWEEP})), "--storage",
+                                      f"sqlite:///{tmp_path / 'garbage.db'}", "--tracking-uri",
+                                      f"sqlite:///{tmp_path / 'fresh.db'}"])
+    assert result.exit_code == 2 and "--storage" in result.output, result.output
+    assert not (tmp_path / "fresh.db").exists(), "a store was made before the storage was refused"
+
+
+def test_a_locked_storage_is_refused_in_seconds(tmp_path: Path) -> None:
+    import sqlite3
+
+    storage = tmp_path / "optuna.db"
+    holder = sqlite3.connect(storage, isolation_level=None)
+    holder.execute("CREATE TABLE studies (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        result = CliRunner().invoke(app, ["sweep", str(_write(tmp_path, {**BASE, "sweep": SWEEP})), "--storage",
+                                          f"sqlite:///{storage}", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.exit_code == 2, result.output
+    assert "locked by another process" in result.output
+    assert not (tmp_path / "m.db").exists()

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from labfleet.errors import shown
+from labfleet.errors import Problem, SpecError, shown
 from labfleet.orchestration.events import SeedRecord, Status
 from labfleet.orchestration.pbt import LINEAGE, PopulationBasedTraining
 from labfleet.orchestration.progress import summary_table
@@ -34,7 +34,7 @@ from labfleet.orchestration.sweep_view import TrialBoard, best_line, leaderboard
 from labfleet.spec.loading import apply_overrides
 from labfleet.spec.models import ExperimentSpec, SuiteSpec
 from labfleet.tracking.heartbeat import live_owner
-from labfleet.tracking.studies import DEFAULT_STORAGE
+from labfleet.tracking.studies import DEFAULT_STORAGE, storage_open_problem
 from labfleet.tracking.uri import DEFAULT_TRACKING_URI, redact_uri, resolve_tracking_uri
 
 
@@ -42,6 +42,11 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
             console: Console, quiet: bool = False, suite: SuiteSpec | None = None, fresh: bool = False) -> int:
     """Train every planned spec (under one `suite` run when `suite` is given); returns the exit code."""
     spec_uri = suite.tracking.uri if suite else planned[0].spec.tracking.uri
+    problems = [Problem(str(plan.spec_path), "sweep.storage", problem) for plan in planned
+                if plan.sweep_data is not None and plan.spec.sweep is not None
+                and (problem := storage_open_problem(plan.spec.sweep.storage or DEFAULT_STORAGE)) is not None]
+    if problems:
+        raise SpecError(problems)
     uri, tracker = prepare(planned, source=source, tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
                            address=address)
     session = DriverSession(tracker, console, quiet)
@@ -143,7 +148,10 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
                   n_trials: int | None, cli_tracking_uri: str | None, address: str | None, console: Console,
                   quiet: bool = False) -> int:
     """`labfleet sweep`: the study of the spec's `sweep:` section, on its own session."""
-    check_sweep(data, spec, str(spec_path), storage)
+    sweep = check_sweep(data, spec, str(spec_path), storage)
+    url = storage or sweep.storage or DEFAULT_STORAGE
+    if (problem := storage_open_problem(url)) is not None:
+        raise SpecError([Problem(str(spec_path), "--storage" if storage else "sweep.storage", problem)])
     uri, tracker = prepare([Planned(spec, spec_path)], source=str(spec_path), address=address,
                            tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec.tracking.uri))
     session = DriverSession(tracker, console, quiet, hide_finished=True)

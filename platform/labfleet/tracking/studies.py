@@ -79,3 +79,18 @@ def load_study_read_only(study_name: str, url: str) -> optuna.Study:
         url = f"sqlite:///file:{file.resolve()}?mode=ro&uri=true"
     storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
     return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def storage_open_problem(url: str) -> str | None:
+    """Why the storage cannot be opened for writing now (a SQLite file that is garbage, damaged, half-made,
+    read-only or locked by another process), found before anything starts; None otherwise or for servers."""
+    from sqlalchemy.engine import make_url
+
+    from labfleet.tracking.uri import sqlite_file_problem
+
+    if journal_path(url) is not None:
+        return None
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return sqlite_file_problem(Path(parsed.database).expanduser(), "studies", "Optuna storage")

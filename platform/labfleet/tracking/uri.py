@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -130,7 +131,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
         assert path is not None
         if not path.parent.resolve().is_dir():
             return f"the directory of the SQLite file does not exist: {path.parent.resolve()}"
-        return None
+        return sqlite_file_problem(path, "alembic_version", "MLflow store") or mlflow_schema_problem(path)
     if scheme in SERVER_SCHEMES:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
@@ -140,6 +141,76 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
         except (urllib.error.URLError, OSError) as exc:
             return f"tracking server {redact_uri(uri)} is unreachable: {getattr(exc, 'reason', exc)}"
     return None  # a database: MLflow connects on first use; errors surface then, before any trial starts
+
+
+def sqlite_file_problem(path: Path, marker_table: str, what: str, lock_wait_s: float = 5.0) -> str | None:
+    """Why a SQLite file cannot hold a store, found in milliseconds, or None: a file that is not SQLite
+    (garbage), is shorter than its header says (truncated), cannot be read (damaged), was left half-created
+    (tables, but not `marker_table`, which the last migration step writes), cannot be written (a read-only
+    file system), or stays locked by another process for `lock_wait_s`. A file that does not exist yet is
+    fine where its directory is writable. MLflow itself retries such a store for minutes."""
+    import sqlite3
+
+    if not path.exists():
+        if not os.access(path.parent, os.W_OK):
+            return f"cannot create the {what} {path}: its directory is not writable"
+        return None
+    if not path.is_file():
+        return f"{path} is not a file"
+    with open(path, "rb") as handle:
+        header = handle.read(100)
+    if not header:
+        return None  # an empty file: SQLite makes a database of it
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return f"{path} is not a SQLite database (the {what} was expected there)"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages, valid_for, changes = (int.from_bytes(header[i:i + 4], "big") for i in (28, 92, 24))
+    if pages and valid_for == changes and path.stat().st_size < pages * page_size:
+        return f"{path} is damaged: it is shorter than its header says (truncated?)"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=lock_wait_s)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        if "locked" in str(exc):
+            return f"the {what} {path} stayed locked by another process for {lock_wait_s:g} s"
+        return f"{path} cannot be read as the {what}: {exc}"
+    if tables and marker_table not in tables:
+        return (f"{path} holds tables but is not a whole {what} (was it created on a full disk, or by another "
+                "program?); move it away, or name another file")
+    if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+        return f"cannot write the {what} {path}: the file or its directory is read-only"
+    try:
+        with contextlib.closing(sqlite3.connect(str(path), timeout=lock_wait_s, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            return f"the {what} {path} stayed locked by another process for {lock_wait_s:g} s"
+        return f"cannot write the {what} {path}: {exc}"
+    return None
+
+
+def mlflow_schema_problem(path: Path) -> str | None:
+    """Why an existing SQLite MLflow store's schema is not the one this MLflow writes (left half-migrated
+    on a full disk, or made by another MLflow version), or None."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        head = _get_latest_schema_revision()
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    except (ImportError, sqlite3.DatabaseError):  # no such table (an empty store) or MLflow moved its helper
+        return None
+    found = rows[0][0] if rows else None
+    if found == head:
+        return None
+    return (f"the MLflow store {path} has schema {found}, this MLflow writes {head}: it was left half-made (a full "
+            f"disk?) or made by another MLflow version; back it up, then run `mlflow db upgrade sqlite:///{path}`")
 
 
 _WAL_ON = False

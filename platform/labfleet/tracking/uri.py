@@ -161,13 +161,8 @@ def sqlite_file_problem(path: Path, marker_table: str, what: str, lock_wait_s: f
         header = handle.read(100)
     if not header:
         return None  # an empty file: SQLite makes a database of it
-    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
-        return f"{path} is not a SQLite database (the {what} was expected there)"
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages, valid_for, changes = (int.from_bytes(header[i:i + 4], "big") for i in (28, 92, 24))
-    if pages and valid_for == changes and path.stat().st_size < pages * page_size:
-        return f"{path} is damaged: it is shorter than its header says (truncated?)"
+    if (problem := _sqlite_header_problem(path, header, what)) is not None:
+        return problem
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=lock_wait_s)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -188,6 +183,18 @@ def sqlite_file_problem(path: Path, marker_table: str, what: str, lock_wait_s: f
         if "locked" in str(exc):
             return f"the {what} {path} stayed locked by another process for {lock_wait_s:g} s"
         return f"cannot write the {what} {path}: {exc}"
+    return None
+
+
+def _sqlite_header_problem(path: Path, header: bytes, what: str) -> str | None:
+    """The first 100 bytes of a SQLite file: its magic string, and the size it declares (sqlite.org/fileformat2)."""
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return f"{path} is not a SQLite database (the {what} was expected there)"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages, valid_for, changes = (int.from_bytes(header[i:i + 4], "big") for i in (28, 92, 24))
+    if pages and valid_for == changes and path.stat().st_size < pages * page_size:
+        return f"{path} is damaged: it is shorter than its header says (truncated?)"
     return None
 
 

@@ -206,3 +206,41 @@ def test_what_is_neither_is_refused_and_nothing_is_called(tmp_path: Path, algori
                                   "hparams": {"marker": str(marker)}}))
     assert CliRunner().invoke(app, ["validate", str(ok)]).exit_code == 0
     assert not marker.exists(), "validation called the training function"
+
+
+@pytest.mark.slow
+def test_a_hanging_function_is_reported_and_what_it_reported_is_logged(tmp_path: Path, tracking_uri: str):
+    """A function reports three steps, then hangs (until the test lets it go): the driver warns after
+    `resources.stall_warning_s`, and the three steps are in the store while it hangs."""
+    (tmp_path / "hangs.py").write_text(
+        "import time\nfrom pathlib import Path\n\n\ndef main(config, ctx):\n"
+        "    for step in (1, 2, 3):\n        ctx.report(step, {'eval/score': float(step)})\n"
+        "    while not Path(config['release']).exists():\n        time.sleep(0.1)\n")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "hangs", "algorithm": "hangs:main", "seeds": [0], "budget": {"iterations": 10},
+        "hparams": {"release": str(tmp_path / "go")}, "resources": {"stall_warning_s": 3},
+        "tracking": {"experiment": "hangs"}}))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-m", "labfleet", "run", str(tmp_path / "spec.yaml"), "--tracking-uri",
+                             tracking_uri], cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    client = MlflowClient(tracking_uri)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("no progress for 3 s" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stdout.readline())
+        seeds = [r for r in _runs(client, "hangs") if r.data.tags["labfleet.role"] == "seed"]
+        deadline = time.monotonic() + 30
+        while not (seeds and len(client.get_metric_history(seeds[0].info.run_id, "eval/score")) == 3):
+            assert time.monotonic() < deadline, "the steps reported before the hang are not in the store"
+            time.sleep(0.5)
+            seeds = [r for r in _runs(client, "hangs") if r.data.tags["labfleet.role"] == "seed"]
+        (tmp_path / "go").touch()
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "its code or environment may hang" in "".join(lines)

@@ -112,6 +112,9 @@ class Context:
                 continue
 
 
+IDLE_S = 0.25  # how long `train_iteration` waits for the function before it returns without a report
+
+
 class FunctionTrainer(Trainer):
     """A training function as a Trainer: each `train_iteration` hands over the function's next report."""
 
@@ -145,14 +148,20 @@ class FunctionTrainer(Trainer):
             return
 
     def _next(self) -> tuple:
+        """The function's next event, or ("idle",) when it sent none within `IDLE_S`: the actor's chunk then
+        ends on time, and what the function reported so far reaches the driver even if it hangs next."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="labfleet-function", daemon=True)
             self._thread.start()
-        return self.ctx._events.get()
+        try:
+            return self.ctx._events.get(timeout=IDLE_S)
+        except queue.Empty:
+            return ("idle",)
 
     # --- the Trainer interface ------------------------------------------------------------------
     def train_iteration(self) -> dict[str, float]:
-        """Up to the function's next report (checkpoints on the way are kept); {} when it returned."""
+        """Up to the function's next report (checkpoints on the way are kept); {} when it returned, or when
+        it reported nothing for `IDLE_S` (it is busy, or hangs)."""
         while True:
             event = self._next()
             if event[0] == "checkpoint":
@@ -168,6 +177,8 @@ class FunctionTrainer(Trainer):
                 return values
             elif event[0] == "error":
                 raise event[1]
+            elif event[0] == "idle":
+                return {}
             else:
                 self.finished = True
                 return {}

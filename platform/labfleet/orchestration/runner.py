@@ -232,7 +232,32 @@ class SeedState:
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
     elapsed: float = 0.0
+    moved: float = field(default_factory=time.perf_counter)  # when it last made progress, or was (re)launched
+    stall_warned: bool = False  # the driver said it makes no progress (`resources.stall_warning_s`)
     shared: SharedUnit | None = None  # with seeds_per_actor > 1: the unit whose actor it shares with other seeds
+
+
+def stall_warnings(runners: list[TrialRunner], now: float | None = None) -> list[str]:
+    """One sentence for each running seed that has made no progress for `resources.stall_warning_s`
+    seconds (said once until it moves again)."""
+    now = time.perf_counter() if now is None else now
+    lines = []
+    for runner in runners:
+        limit = runner.spec.resources.stall_warning_s
+        for state in runner.seeds.values():
+            if not limit or state.status != Status.RUNNING or state.paused or state.stall_warned \
+                    or now - state.moved < limit:
+                continue
+            state.stall_warned = True
+            if state.placed:
+                lines.append(f"{runner.label} seed {state.seed}: no progress for {limit:g} s (at step "
+                             f"{state.progress}): its code or environment may hang. What it reported is logged; "
+                             "Ctrl-C stops it (resources.stall_warning_s sets this warning)")
+            else:
+                lines.append(f"{runner.label} seed {state.seed}: not started after {limit:g} s: it waits for the "
+                             "cluster's resources, or its environment or code hangs while starting "
+                             "(resources.stall_warning_s sets this warning)")
+    return lines
 
 
 class TrialRunner:
@@ -319,6 +344,7 @@ class TrialRunner:
     def _launch(self, state: SeedState, checkpoint_spec: ExperimentSpec | None = None) -> None:
         spec = checkpoint_spec or self.spec
         state.status, state.placed, state.where, state.paused = Status.RUNNING, False, None, False
+        state.moved = time.perf_counter()
         host = self.pool.take(spec) if self.pool is not None and state.group is None else None
         if host is not None:  # a warm actor: load this seed into it
             state.actor, state.group, state.where = host.actor, host.group, host.where
@@ -365,6 +391,8 @@ class TrialRunner:
     def _take(self, state: SeedState, result: dict[str, Any]) -> Decision:
         """Deliver one seed's chunk to the listeners; their decision."""
         records = self._new_records(state, result["records"])
+        if records or result["progress"] != state.progress:
+            state.moved, state.stall_warned = time.perf_counter(), False
         state.progress = result["progress"]
         durable = None
         if result["checkpoint"] is not None:
@@ -615,6 +643,7 @@ class SharedUnit:
             self.future = self.actor.advance.remote(self.chunk_seconds)
         for _, _, state in live:
             state.status, state.placed, state.paused = Status.RUNNING, False, False
+            state.moved = time.perf_counter()
             state.actor, state.group, state.future, state.where = self.actor, self.group, self.future, self.where
         if fresh and self.pool is not None and live:
             self.pool.wait(live[0][1], live[0][2])

@@ -31,11 +31,18 @@ from typing import Any, Protocol
 import ray
 from rich.console import Console
 
-from labfleet.errors import Problem, SpecError
+from labfleet.errors import Problem, SpecError, shown
 from labfleet.orchestration.events import DRIVER_ERROR, Listener, SeedRecord, Status
 from labfleet.orchestration.progress import ProgressBoard, ProgressListener
 from labfleet.orchestration.recorder import MlflowRecorder
-from labfleet.orchestration.runner import ActorPool, TrialRunner, drive_once, start_shared, unschedulable_reason
+from labfleet.orchestration.runner import (
+    ActorPool,
+    TrialRunner,
+    drive_once,
+    stall_warnings,
+    start_shared,
+    unschedulable_reason,
+)
 from labfleet.spec.models import ExperimentSpec
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
 from labfleet.tracking.uri import check_tracking_uri
@@ -254,6 +261,8 @@ class DriverSession:
             if active:
                 drive_once(active, poll_seconds)
                 self.tracker.commit()  # the round's metrics, tags and ended runs, a store call per run
+                for line in stall_warnings(active):
+                    self.console.print(f"[yellow]{shown(line)}[/yellow]", highlight=False, soft_wrap=True)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         try:

@@ -102,6 +102,11 @@ class Resources(StrictModel):
                        "networks and step them as one (torch.func); other algorithms train them in turn. Each "
                        "seed keeps its run, metrics, checkpoint and retries."
     )
+    stall_warning_s: float = Field(
+        600.0, ge=0, allow_inf_nan=False,
+        description="Seconds a seed may go without progress (no step, no report) before the driver warns that "
+                    "its code or environment may hang; 0 never warns. Its metrics so far are logged meanwhile."
+    )
 
 
 class EvalConfig(StrictModel):

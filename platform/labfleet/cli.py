@@ -87,6 +87,13 @@ def local_ray_on_loopback(address: str | None) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Token authentication is Ray 2.60's default; saying so keeps its "enabled by default" notice away.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # A SIGTERM from here on stops the command as Ctrl-C does, also while Ray starts (Python's default
+    # would end this process at once and leave the local Ray processes it had started behind).
+    import signal
+
+    from labfleet.orchestration.signals import raise_interrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 def _overrides(items: list[str] | None) -> dict:
@@ -565,6 +572,29 @@ def _stop_ray(ray: Any) -> None:
     ray.shutdown()
 
 
+def _kill_descendants() -> None:
+    """SIGKILL every process below this one (a local Ray instance's processes and their workers and
+    agents), deepest first, read from /proc: a process that has gone meanwhile is skipped."""
+    import signal
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    order, stack = [], list(children.get(os.getpid(), []))
+    while stack:
+        pid = stack.pop()
+        order.append(pid)
+        stack.extend(children.get(pid, []))
+    for pid in reversed(order):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _leave(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -584,10 +614,13 @@ def main() -> None:
     try:
         app(prog_name="labfleet")
     except SystemExit as exc:
-        session = sys.modules.get("labfleet.orchestration.session")
-        if session is not None and session.TERMINATED.is_set():
-            # After a SIGTERM the end states are already in the stores. A local Ray's processes got the
-            # signal too, and Ray's exit hook would wait a minute on the dead cluster: leave at once.
+        signals = sys.modules.get("labfleet.orchestration.signals")
+        if signals is not None and signals.TERMINATED.is_set():
+            # After a SIGTERM the end states are already in the stores, and Ray's exit hook would wait a
+            # minute on a dead cluster: leave at once. A SIGTERM to the process group reached the local Ray's
+            # processes too; one sent to this process alone (`kill PID`, a service manager) did not, and
+            # without this its raylet's agents would outlive it.
+            _kill_descendants()
             _leave(exc.code if isinstance(exc.code, int) else 1)
         code = 0 if exc.code is None else exc.code
         if isinstance(code, int) and _can_leave_early():

@@ -5,9 +5,10 @@ A module is looked up as `python -m` would find it from the spec: in the spec's 
 working directory, then among installed packages. Python knows a module by its name alone, so one command
 can hold only one file per module name: two specs whose `myenvs` are different files (common names such as
 `envs.py` or `train.py` make this likely), or a user's file named like a module that labfleet, Ray or torch
-already imported (`typing_extensions.py`), would silently train one file's code for both. `import_path`
-refuses that with both files named, and `code_dirs` gives Ray's processes only the directories the specs'
-import paths were found in, never every spec's directory.
+already imported (`typing_extensions.py`), would silently train one file's code for both. `code_dirs` (a
+command's specs together) refuses two files of one name, naming both; `import_path` refuses a user's file
+that would stand in for a module that is not a user's; and Ray's processes get only the directories the
+specs' import paths were found in, never every spec's directory.
 """
 
 from __future__ import annotations
@@ -63,13 +64,24 @@ def _loaded_from(module: Any) -> str:
     return str(Path(file).resolve()) if file else "built into Python"
 
 
+_LOADED: dict[str, str] = {}  # top-level module name -> the user's file `import_path` loaded it from
+
+
 def check_clash(module_name: str, file: Path) -> None:
-    """Raise `ModuleClash` when the top-level module of `module_name` is loaded already from another file."""
+    """Make room for the user's `file` as the top-level module of `module_name`: a module of that name
+    that an earlier command in this process loaded from another user's file is forgotten (with its
+    submodules); one that is not a user's file (installed, or part of Python) raises `ModuleClash`, as the
+    user's file would stand in for it. Two files of one name in one command are refused by `code_dirs`."""
     top = module_name.partition(".")[0]
     loaded = sys.modules.get(top)
-    if loaded is not None and _loaded_from(loaded) != str(file):
+    if loaded is None or _loaded_from(loaded) == str(file):
+        return
+    if _LOADED.get(top) != _loaded_from(loaded):
         raise ModuleClash(f"module {top!r} is {_loaded_from(loaded)} already, and {file} has the same name: one "
                           f"command holds one module per name, so rename one of the two files")
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
 
 
 def import_path(path: str, spec_dir: str | Path | None = None) -> Any:
@@ -86,6 +98,7 @@ def import_path(path: str, spec_dir: str | Path | None = None) -> Any:
         if root in sys.path:
             sys.path.remove(root)
         sys.path.insert(0, root)
+        _LOADED[module_name.partition(".")[0]] = str(file)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

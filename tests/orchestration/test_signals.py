@@ -28,6 +28,20 @@ def _all_runs(client: MlflowClient) -> list:
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
 
 
+def _group(pgid: int) -> list[str]:
+    """The processes left in a process group (read from /proc)."""
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            left.append(text.split(" (", 1)[1].rsplit(")", 1)[0])
+    return left
+
+
 def _terminate_once_running(command: list[str], cwd: Path, client: MlflowClient, seeds: int) -> tuple[int, str, float]:
     """Start `command` in its own process group, SIGTERM the group once `seeds` seed runs log metrics;
     (exit code, output, seconds from the signal to the exit)."""
@@ -47,6 +61,41 @@ def _terminate_once_running(command: list[str], cwd: Path, client: MlflowClient,
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["while Ray starts", "while training"])
+def test_sigterm_to_the_driver_alone_leaves_no_process(tmp_path: Path, tracking_uri: str, when: str):
+    """`kill PID` (a service manager, a colleague) reaches the driver only, not the local Ray's processes:
+    the command still ends them all, its agents included, and ends its runs KILLED."""
+    client = MlflowClient(tracking_uri)
+    command = [sys.executable, "-m", "labfleet", "run", str(SPEC), "--set", "seeds=[0]", "--set",
+               "budget.env_steps=5000000", "--tracking-uri", tracking_uri, "--quiet"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+    def ready() -> bool:
+        if when == "while Ray starts":
+            return any("raylet" in name for name in _group(proc.pid))
+        return any(r.data.tags.get("labfleet.role") == "seed" and r.data.metrics for r in _all_runs(client))
+
+    try:
+        deadline = time.monotonic() + 180
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05 if when == "while Ray starts" else 0.5)
+        os.kill(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+        code = proc.returncode
+        time.sleep(2)
+        left = _group(proc.pid)
+    finally:
+        if proc.poll() is None or _group(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code in (1, 130), output
+    assert "Traceback" not in output, output
+    assert left == [], f"left running: {left}"
+    assert not [r for r in _all_runs(client) if r.info.status == "RUNNING"]
 
 
 @pytest.mark.slow  # a whole command on Ray

@@ -117,7 +117,7 @@ CASES = [
     ("experiment-traversal", _set("tracking", {"experiment": "../../../../X/escape"}), "tracking.experiment",
      "not a valid experiment or study name"),
     ("experiment-markup", _set("tracking", {"experiment": "lab[/x]runs"}), "tracking.experiment",
-     "no '/'"),
+     "not a valid experiment or study name"),
     ("experiment-escape", _set("tracking", {"experiment": "lab\x1b]8;;http://x\x1b\\runs"}), "tracking.experiment",
      "not a valid experiment"),
     ("study-traversal", lambda d: {**d, "sweep": {**SWEEP, "study_name": "a/../../b"}}, "sweep.study_name",

@@ -75,19 +75,20 @@ def test_each_spec_alone_trains_its_own_file(tmp_path: Path) -> None:
     assert returns == [10.0, 50.0]
 
 
-def test_import_path_refuses_a_second_file_of_a_loaded_name(tmp_path: Path) -> None:
+def test_a_later_command_in_one_process_gets_its_own_file(tmp_path: Path) -> None:
+    """One process (a notebook, a test session) validates two projects in turn, each with its own
+    `clashmod_one.py`: each gets its own file, not the module the first one left in sys.modules."""
     _spec_dir(tmp_path, "one", 1.0, module="clashmod_one")
     other = tmp_path / "two"
     other.mkdir()
     (other / "clashmod_one.py").write_text(ENV.format(reward=2.0))
     try:
-        assert import_path("clashmod_one:Env", tmp_path / "one").__module__ == "clashmod_one"
-        with pytest.raises(ModuleClash, match="rename one of the two files") as caught:
-            import_path("clashmod_one:Env", other)
-        assert str(tmp_path / "one" / "clashmod_one.py") in str(caught.value)
-        assert str(other / "clashmod_one.py") in str(caught.value)
-        # the same file again is no clash
-        assert import_path("clashmod_one:Env", tmp_path / "one").__module__ == "clashmod_one"
+        first = import_path("clashmod_one:Env", tmp_path / "one")
+        assert sys.modules["clashmod_one"].__file__ == str(tmp_path / "one" / "clashmod_one.py")
+        second = import_path("clashmod_one:Env", other)
+        assert second is not first
+        assert sys.modules["clashmod_one"].__file__ == str(other / "clashmod_one.py")
+        assert import_path("clashmod_one:Env", other) is second  # the same file again: the same module
     finally:
         sys.modules.pop("clashmod_one", None)
 
@@ -97,6 +98,8 @@ def test_a_users_file_never_stands_in_for_an_installed_module(tmp_path: Path) ->
     result = run_cli("validate", str(spec), cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "typing_extensions" in result.stderr and "rename one of the two files" in result.stderr
+    with pytest.raises(ModuleClash):
+        import_path("typing_extensions:Env", spec.parent)
 
 
 def test_only_the_directories_import_paths_need_go_on_rays_path(tmp_path: Path) -> None:

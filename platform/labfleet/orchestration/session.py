@@ -43,6 +43,7 @@ from labfleet.orchestration.runner import (
     start_shared,
     unschedulable_reason,
 )
+from labfleet.orchestration.signals import TERMINATED, raise_interrupt
 from labfleet.spec.models import ExperimentSpec
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
 from labfleet.tracking.uri import check_tracking_uri
@@ -102,7 +103,17 @@ def connect_ray(address: str | None, code_dirs: list[str] | None = None) -> None
         os.environ[CODE_DIRS_ENV] = os.pathsep.join(paths)
         os.environ["PYTHONPATH"] = os.pathsep.join(
             dict.fromkeys(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    ray.init(address=target, logging_level=logging.WARNING if verbose else logging.ERROR, include_dashboard=False)
+    try:
+        ray.init(address=target, logging_level=logging.WARNING if verbose else logging.ERROR, include_dashboard=False)
+    except SystemExit as exc:  # Ray's own SIGTERM handler, installed early in `ray.init`, exits with the signal
+        if exc.code != signal.SIGTERM:
+            raise
+        TERMINATED.set()
+        raise KeyboardInterrupt(f"signal {signal.SIGTERM}") from None
+    if threading.current_thread() is threading.main_thread():
+        # Ray's driver installs a SIGTERM handler that exits on the spot, leaving a local instance's agents
+        # running; from here on a SIGTERM stops this command as Ctrl-C does (see `raise_interrupt`).
+        signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None) -> tuple[str, Tracker]:
@@ -125,15 +136,6 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
     except TrackingUnavailable as exc:
         raise SpecError([Problem(source, "tracking.uri", str(exc))]) from None
     return tracking_uri, tracker
-
-
-TERMINATED = threading.Event()  # set by SIGTERM: the command exits without touching Ray again
-
-
-def raise_interrupt(signum: int, frame: Any) -> None:
-    """A SIGTERM handler: stop the way Ctrl-C stops (every open run ends KILLED)."""
-    TERMINATED.set()
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def release_after_interrupt(runners: list[TrialRunner]) -> None:

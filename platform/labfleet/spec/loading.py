@@ -157,7 +157,7 @@ def _child(node: yaml.Node, part: str | int) -> yaml.Node | None:
 def read_yaml(path: str | Path) -> YamlDocument:
     source = str(path)
     try:
-        if not Path(path).is_file():  # a device (/dev/zero), a FIFO or a directory: nothing to read whole
+        if Path(path).exists() and not Path(path).is_file():  # a device (/dev/zero), a FIFO or a directory
             raise SpecError([Problem(source, "", "not a regular file")])
         with open(path, "rb") as handle:  # at most one byte past the limit, however large the file is
             raw = handle.read(MAX_SPEC_BYTES + 1)
@@ -432,6 +432,10 @@ def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
             entries.append(ResolvedEntry(entry, spec_path, resolved, data))
         except SpecError as exc:
             problems.extend(exc.problems)
+    from labfleet.usercode import code_dirs
+
+    problems += [Problem(doc.source, "experiments", clash)
+                 for clash in code_dirs((e.spec, e.spec_path.parent) for e in entries)[1]]
     if problems:
         raise SpecError(problems)
     counts = collections.Counter(e.spec.name for e in entries)

@@ -27,7 +27,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # An MLflow experiment or Optuna study name: it becomes a directory under the store's artifact root and is
 # shown in terminals and HTML, so no path separators, "..", markup brackets or control characters.
-LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.,:+=@#-]{0,199}")
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.,:+=@#-]*(/[A-Za-z0-9][A-Za-z0-9 _.,:+=@#-]*)*")
 
 
 def _check_name(value: str) -> str:
@@ -38,10 +38,10 @@ def _check_name(value: str) -> str:
 
 
 def _check_label(value: str) -> str:
-    if not LABEL_PATTERN.fullmatch(value) or ".." in value or value != value.strip():
+    if len(value) > 200 or not LABEL_PATTERN.fullmatch(value) or ".." in value or value != value.strip():
         raise ValueError(f"{value!r} is not a valid experiment or study name: use letters, digits, spaces and "
-                         "'_ . , : + = @ # -' (no '/', '\\', '..' or brackets), starting with a letter or digit, "
-                         "at most 200 characters")
+                         "'_ . , : + = @ # -', with '/' only between parts that start with a letter or digit "
+                         "(ALE/Pong-v5); no '\\', '..' or brackets; at most 200 characters")
     return value
 
 

@@ -79,6 +79,19 @@ def bad_input_exits_2():
         raise typer.Exit(2) from None
 
 
+@contextmanager
+def store_failures_exit_1():
+    """A write to the MLflow store that failed while training (a full disk): one line, exit 1."""
+    from labfleet.tracking.runs import TrackingWriteFailed
+
+    try:
+        yield
+    except TrackingWriteFailed as exc:
+        err_console.print(f"{exc}; the runs it could still reach were ended FAILED (labfleet reconcile ends the "
+                          "rest once the store takes writes again)", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
 def local_ray_on_loopback(address: str | None) -> None:
     """A local Ray instance listens on 127.0.0.1 only. On Linux Ray maps 127.0.0.1 to the machine's
     routable address unless this is set, and it is read when `ray` is first imported, so every training
@@ -172,7 +185,7 @@ def run(
     from labfleet.orchestration.session import Planned
     from labfleet.spec.loading import load_spec
 
-    with bad_input_exits_2():
+    with bad_input_exits_2(), store_failures_exit_1():
         resolved = load_spec(spec, _overrides(set_))
         code = execute([Planned(resolved, spec)], source=str(spec), cli_tracking_uri=tracking_uri,
                        address=address, console=Console(), quiet=quiet, fresh=fresh)
@@ -195,7 +208,7 @@ def sweep(
     from labfleet.orchestration.commands import execute_sweep
     from labfleet.spec.loading import apply_overrides, from_set, read_yaml, resolve_spec_data
 
-    with bad_input_exits_2():
+    with bad_input_exits_2(), store_failures_exit_1():
         overrides = _overrides(set_)
         doc = from_set(read_yaml(spec), overrides)
         data = apply_overrides(doc.data, overrides)
@@ -222,7 +235,7 @@ def suite(
     from labfleet.orchestration.session import Planned
     from labfleet.spec.loading import load_suite
 
-    with bad_input_exits_2():
+    with bad_input_exits_2(), store_failures_exit_1():
         suite_spec, entries = load_suite(suite_file, _overrides(set_))
         planned = [Planned(e.spec, e.spec_path, e.data if e.entry.sweep else None) for e in entries]
         code = execute(planned, source=str(suite_file), cli_tracking_uri=tracking_uri, address=address,

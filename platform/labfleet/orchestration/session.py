@@ -46,7 +46,7 @@ from labfleet.orchestration.runner import (
 from labfleet.orchestration.signals import TERMINATED, raise_interrupt
 from labfleet.spec.models import ExperimentSpec
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
-from labfleet.tracking.uri import check_tracking_uri
+from labfleet.tracking.uri import check_tracking_uri, redact_uri
 from labfleet.usercode import CODE_DIRS_ENV, code_dirs
 
 EXIT_OK, EXIT_TRIAL_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -130,10 +130,15 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
                 if (reason := unschedulable_reason(p.spec, cluster))]
     if problems:
         raise SpecError(problems)
-    tracker = Tracker(tracking_uri, background=True)  # the first write: a SQLite store is created here
+    try:
+        tracker = Tracker(tracking_uri, background=True)  # the first write: a SQLite store is created here
+    except Exception as exc:  # noqa: BLE001 - MLflow's store failed to open or to migrate (a full disk, say)
+        raise SpecError([Problem(source, "tracking.uri", f"the MLflow store {redact_uri(tracking_uri)} cannot be "
+                                 f"opened: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")]) from None
     try:
         tracker.check()
     except TrackingUnavailable as exc:
+        tracker.close()
         raise SpecError([Problem(source, "tracking.uri", str(exc))]) from None
     return tracking_uri, tracker
 

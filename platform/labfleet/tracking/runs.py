@@ -112,6 +112,11 @@ class TrackingUnavailable(Exception):
     """The tracking store cannot be opened (reported before any trial starts)."""
 
 
+class TrackingWriteFailed(Exception):
+    """A write to the store failed while training (a full disk, a server gone): the runs it left open
+    were ended FAILED where the store still took that much."""
+
+
 class _Writer(threading.Thread):
     """Runs queued store calls in order; the first failure is kept for `Tracker.drain` to raise."""
 
@@ -150,6 +155,7 @@ class Tracker:
         self._ending: dict[str, str] = {}  # run id -> end status, written at the next `commit` (see end_run)
         self._artifact_uris: dict[str, str] = {}  # the open runs this tracker created: no get_run per artifact
         self.open_runs: dict[str, str] = {}  # run id -> role
+        self.touched: set[str] = set()  # every run this tracker created or reopened
         self._experiments: dict[str, str] = {}
         self.driver = driver_identity()
         self._heartbeat: Heartbeat | None = None
@@ -198,7 +204,24 @@ class Tracker:
         self._writer.calls.join()
         if self._writer.error is not None:
             error, self._writer.error = self._writer.error, None
-            raise error
+            message = (f"writing to the MLflow store {redact_uri(self.uri)} failed: {type(error).__name__}: "
+                       f"{redact_credentials(str(error).strip().splitlines()[0] if str(error).strip() else '')}")
+            self._end_unended(message)
+            raise TrackingWriteFailed(message) from error
+
+    def _end_unended(self, message: str) -> None:
+        """After a failed write: end FAILED, with the error, every run this tracker touched that the store
+        still holds RUNNING (whatever the store still takes; a run it refuses stays for `labfleet reconcile`)."""
+        for run_id in sorted(self.touched, key=lambda r: 0 if self.open_runs.get(r) == "seed" else 1):
+            try:
+                if self.client.get_run(run_id).info.status != "RUNNING":
+                    continue
+                retry_if_locked(self.client.set_tag, run_id, "labfleet.error", message[:5000])
+                retry_if_locked(self.client.set_terminated, run_id, "FAILED")
+            except Exception:  # noqa: BLE001, S112 - the store refuses even this: reconcile ends it later
+                continue
+            self.open_runs.pop(run_id, None)
+            self._ending.pop(run_id, None)
 
     def close(self) -> None:
         """Drain and stop the writer thread (the tracker writes synchronously afterwards)."""
@@ -259,6 +282,7 @@ class Tracker:
         run = retry_if_locked(self.client.create_run, self.experiment_id(experiment), tags=all_tags, run_name=name)
         run_id = run.info.run_id
         self.open_runs[run_id] = role
+        self.touched.add(run_id)
         self._artifact_uris[run_id] = run.info.artifact_uri
         if params and params_with_first_flush and self._writer is not None:
             self._pending_params[run_id] = [Param(k, v) for k, v in params.items()]
@@ -273,6 +297,7 @@ class Tracker:
         self._call(self.client.log_batch, run_id, [], [], [RunTag(DRIVER_TAG, self.driver),
                                                            RunTag(HEARTBEAT_TAG, str(int(time.time())))])
         self.open_runs[run_id] = role
+        self.touched.add(run_id)
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]

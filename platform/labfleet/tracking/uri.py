@@ -193,7 +193,9 @@ def _sqlite_header_problem(path: Path, header: bytes, what: str) -> str | None:
     page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size
     pages, valid_for, changes = (int.from_bytes(header[i:i + 4], "big") for i in (28, 92, 24))
-    if pages and valid_for == changes and path.stat().st_size < pages * page_size:
+    wal = path.with_name(path.name + "-wal")  # a checkpoint cut short is finished from the log: not damage
+    if pages and valid_for == changes and path.stat().st_size < pages * page_size \
+            and not (wal.exists() and wal.stat().st_size > 0):
         return f"{path} is damaged: it is shorter than its header says (truncated?)"
     return None
 

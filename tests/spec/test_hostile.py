@@ -477,3 +477,86 @@ def test_a_locked_storage_is_refused_in_seconds(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "locked by another process" in result.output
     assert not (tmp_path / "m.db").exists()
+
+
+def _no_crash(result) -> None:
+    assert result.exit_code in (0, 2), (result.output, result.exception)
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
+        repr(result.exception)
+
+
+_entry = st.fixed_dictionaries({"spec": st.sampled_from(["spec.yaml", "missing.yaml", "../spec.yaml", "",
+                                                         "/dev/zero"])},
+                                optional={"set": st.dictionaries(_keys, _documents, max_size=3),
+                                          "sweep": st.booleans()})
+
+
+@_fuzz
+@given(suite=st.fixed_dictionaries({"experiments": st.lists(_entry, max_size=4)},
+                                   optional={"name": st.text(max_size=10), "tracking": st.dictionaries(
+                                       st.sampled_from(["experiment", "uri", "other"]), _scalars, max_size=2)}))
+def test_fuzz_suites(tmp_path: Path, suite: dict) -> None:
+    _write(tmp_path, BASE)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    _no_crash(_runner.invoke(app, ["validate", str(path)]))
+
+
+_space = st.dictionaries(st.sampled_from(["hparams.learning_rate", "hparams.gamma", "hparams.n_envs", "seeds",
+                                          "hparams", "x.y"]),
+                         st.dictionaries(st.sampled_from(["type", "low", "high", "log", "step", "choices"]),
+                                         _documents, max_size=4), max_size=3)
+
+
+@_fuzz
+@given(sweep=st.fixed_dictionaries({"space": _space}, optional={
+    "metric": st.sampled_from(["eval/return_mean", "eval/nope", ""]), "n_trials": _scalars,
+    "max_parallel": _scalars, "sampler": st.dictionaries(st.sampled_from(["type", "seed"]), _scalars, max_size=2),
+    "pruner": st.dictionaries(st.sampled_from(["type", "lower"]), _scalars, max_size=2),
+    "study_name": st.text(max_size=12), "storage": st.text(max_size=20)}))
+def test_fuzz_sweeps(tmp_path: Path, sweep: dict) -> None:
+    _no_crash(_runner.invoke(app, ["validate", str(_write(tmp_path, {**BASE, "sweep": sweep}))]))
+
+
+_uris = st.one_of(st.text(max_size=30), st.builds(
+    lambda scheme, user, host, port, rest: f"{scheme}://{user}{host}{port}{rest}",
+    st.sampled_from(["http", "https", "sqlite", "postgresql", "file", "ftp", ""]),
+    st.sampled_from(["", "u@", "u:p/w@", "u:p@"]), st.sampled_from(["127.0.0.1", "[::1", "[::1]", "h"]),
+    st.sampled_from(["", ":5000", ":99999", ":x"]), st.text(max_size=10)))
+
+
+@_fuzz
+@given(items=st.lists(st.text(max_size=30), max_size=3), uri=_uris)
+def test_fuzz_set_options_and_tracking_uris(tmp_path: Path, items: list[str], uri: str) -> None:
+    spec = _write(tmp_path, BASE)
+    args = [arg for item in items for arg in ("--set", item)]
+    _no_crash(_runner.invoke(app, ["validate", str(spec), *args]))
+    _no_crash(_runner.invoke(app, ["validate", str(spec), "--set", f"tracking.uri={json.dumps(uri)}"]))
+    if "\x00" not in uri:
+        result = _runner.invoke(app, ["reconcile", "--tracking-uri", uri, "--dry-run"])
+        assert result.exit_code in (0, 2), (uri, result.output, result.exception)
+
+
+@_fuzz
+@given(target=st.text(max_size=20))
+def test_fuzz_report_targets(tmp_path: Path, empty_store: Path, target: str) -> None:
+    import shutil
+
+    store = tmp_path / "m.db"
+    if not store.exists():
+        shutil.copyfile(empty_store, store)
+    result = _runner.invoke(app, ["report", target, "--tracking-uri", f"sqlite:///{store}", "--out",
+                                  str(tmp_path / "out")])
+    assert result.exit_code == 2, (target, result.output, result.exception)
+    assert "Traceback" not in result.output
+
+
+def test_a_database_without_its_driver_module_is_bad_input(tmp_path: Path) -> None:
+    spec_file = _write(tmp_path, {**BASE, "sweep": SWEEP})
+    for args, field in ((["run", str(spec_file), "--tracking-uri", "mysql://root@127.0.0.1/test"], "tracking.uri"),
+                        (["validate", str(spec_file), "--set", "sweep.storage=mysql://root@127.0.0.1/test"],
+                         "sweep.storage")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert field in result.output and "needs the Python module MySQLdb" in result.output, result.output

@@ -35,11 +35,10 @@ def storage_problem(url: str) -> str | None:
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         return (f"not a storage URL ({exc}); use a SQLAlchemy URL such as sqlite:///optuna.db or "
                 f"postgresql://user@host/db, or journal:PATH for an Optuna journal file")
-    try:
-        parsed.get_dialect().import_dbapi()
-    except ImportError as exc:
-        return (f"the {parsed.get_backend_name()} storage needs the Python module {exc.name or exc}, which is "
-                "not installed (for PostgreSQL: pip install psycopg2-binary)")
+    from labfleet.tracking.uri import database_driver_problem
+
+    if (problem := database_driver_problem(url)) is not None:
+        return problem
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         parent = Path(parsed.database).expanduser().resolve().parent
         if not parent.is_dir():

@@ -114,10 +114,13 @@ def tracking_uri_form_problem(uri: str) -> str | None:
         if sqlite_path(uri) is None:
             return f"only file-based SQLite URIs (sqlite:///PATH) are supported, got {redact_uri(uri)}"
         return None
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+        return (f"{redact_uri(uri)} names a directory store, which MLflow no longer writes; use "
+                f"sqlite:///PATH/mlflow.db (a file), http(s)://HOST:PORT (a tracking server) or postgresql://...")
     if scheme in SERVER_SCHEMES or scheme in ("", "file") or scheme.split("+")[0] in DATABASE_SCHEMES:
         return None
     return (f"unsupported tracking URI scheme {scheme!r} in {redact_uri(uri)}; use sqlite:///PATH, "
-            f"http(s)://HOST:PORT (a tracking server), postgresql://..., mysql://... or a directory")
+            f"http(s)://HOST:PORT (a tracking server), postgresql://... or mysql://...")
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
@@ -140,7 +143,22 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
                 return f"tracking server {redact_uri(uri)} answered HTTP {response.status} on /health"
         except (urllib.error.URLError, OSError) as exc:
             return f"tracking server {redact_uri(uri)} is unreachable: {getattr(exc, 'reason', exc)}"
-    return None  # a database: MLflow connects on first use; errors surface then, before any trial starts
+    return database_driver_problem(uri)  # else MLflow connects on first use, before any trial starts
+
+
+def database_driver_problem(uri: str) -> str | None:
+    """Why a database URI's Python driver cannot be imported (mysql:// without MySQLdb, say), or None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        return f"{redact_uri(uri)} is not a database URL SQLAlchemy knows: {exc}"
+    except ImportError as exc:
+        return (f"{redact_uri(uri)} needs the Python module {exc.name or exc}, which is not installed: install "
+                "it, or name an installed driver in the scheme (postgresql+psycopg2://, mysql+pymysql://)")
+    return None
 
 
 def sqlite_file_problem(path: Path, marker_table: str, what: str, lock_wait_s: float = 5.0) -> str | None:

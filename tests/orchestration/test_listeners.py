@@ -117,7 +117,8 @@ def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
     first.handle(TrialStarted(trial))
     for seed in (0, 1):
         first.handle(SeedStarted(trial, seed, 40))
-    first.handle(ChunkResult(trial, 0, [(10, {"eval/return_mean": 0.25})], {}, 10, b"ckpt-10", False, {}))
+    checkpoint = _checkpoint_bytes({"step": 10})  # a checkpoint is torch.save's archive (damage is checked)
+    first.handle(ChunkResult(trial, 0, [(10, {"eval/return_mean": 0.25})], {}, 10, checkpoint, False, {}))
     first.handle(ChunkResult(trial, 1, [(40, {"eval/return_mean": 0.75})], {}, 40, None, True, {}))
     first.handle(SeedEnded(trial, 1, Status.FINISHED, {"eval/return_mean": 0.75}, b"final"))
     tracker.close()
@@ -129,7 +130,7 @@ def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
     assert found is not None
     run, records = found
     assert run.info.run_id == first.trial_run_id(trial)
-    assert records[0] == SeedRecord(Status.RUNNING, b"ckpt-10", {"eval/return_mean": 10})
+    assert records[0] == SeedRecord(Status.RUNNING, checkpoint, {"eval/return_mean": 10})
     assert records[1].status == Status.FINISHED and records[1].final == {"eval/return_mean": 0.75}
     second.handle(TrialStarted(again, resumed=True))
     second.handle(SeedStarted(again, 0, 40, records[0]))
@@ -293,3 +294,13 @@ def test_trials_a_dead_driver_left_are_offered_even_when_they_fill_max_parallel(
     assert searcher.more(0) == [(runner, {})]
     assert searcher.more(1) == []  # now it runs, and fills max_parallel
     tracker.close()
+
+
+def _checkpoint_bytes(state: dict) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()

@@ -7,6 +7,10 @@ import os
 
 # Local Ray instances in the tests listen on 127.0.0.1 only (read when ray is first imported).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Token authentication, as every labfleet command sets it before Ray is imported: a command invoked in this
+# process (CliRunner) sets it too, and a mode that changed after Ray's import would start a local instance
+# whose GCS wants a token this process does not send ("Failed to start GCS").
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 import subprocess
 import sys
 from pathlib import Path

@@ -21,9 +21,7 @@ ended by another, and `n_trials` counts every driver's trials, so that together 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +55,6 @@ if TYPE_CHECKING:
 TrialState = optuna.trial.TrialState
 PRUNED = "pruned"  # the reason a pruned trial's TrialEnded carries
 DRIVER_ATTR = "labfleet.driver"  # an Optuna trial's user attribute: the driver that asked it (heartbeat.py)
-OTHERS_EVERY_S = 1.0  # how stale the count of other drivers' trials may be (two drivers overshoot by at most that)
 
 
 @dataclass
@@ -102,7 +99,6 @@ class OptunaSearcher:
         self.asked: set[int] = set()  # trials asked by this invocation (for the exit code)
         self.finished = finished_count(study)  # COMPLETE + PRUNED, counted here rather than read every loop
         self.finished_before = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
-        self._others, self._others_read = 0, -math.inf  # see `others`
         self.streak = FailureStreak(sweep.max_consecutive_failures)
         self.scheduler: PopulationBasedTraining | None = None  # PBT, when the sweep has one (set it before `more`)
         self.continuing: list[tuple[TrialRunner, dict[int, SeedRecord]]] = []  # see `adopt_running`
@@ -181,14 +177,9 @@ class OptunaSearcher:
                                    label=f"{self.spec.name}/trial={number}")
 
     def others(self) -> int:
-        """Trials other drivers of the study asked since this one started, running or finished: read from
-        the storage at most once every `OTHERS_EVERY_S` (one read per ask cost 3 ms of a sweep's 80)."""
-        now = time.monotonic()
-        if now - self._others_read >= OTHERS_EVERY_S:
-            self._others = sum(t.number not in self.asked and t.number not in self.finished_before
-                               for t in self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
-            self._others_read = now
-        return self._others
+        """Trials other drivers of the study asked since this one started, running or finished."""
+        return sum(t.number not in self.asked and t.number not in self.finished_before
+                   for t in self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
 
     def adopt_running(self) -> set[int]:
         """Before `recover`: take back the trials a dead driver left RUNNING whose MLflow trial run is

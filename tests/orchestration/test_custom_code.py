@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -226,11 +227,13 @@ def test_a_hanging_function_is_reported_and_what_it_reported_is_logged(tmp_path:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     client = MlflowClient(tracking_uri)
     lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()  # (a blocking readline in this thread could wait for ever if the warning never came)
     try:
         deadline = time.monotonic() + 120
-        while not any("no progress for 3 s" in line for line in lines):
+        while not any("no progress for 3 s" in line for line in list(lines)):
             assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-            lines.append(proc.stdout.readline())
+            time.sleep(0.2)
         seeds = [r for r in _runs(client, "hangs") if r.data.tags["labfleet.role"] == "seed"]
         deadline = time.monotonic() + 30
         while not (seeds and len(client.get_metric_history(seeds[0].info.run_id, "eval/score")) == 3):
@@ -238,9 +241,10 @@ def test_a_hanging_function_is_reported_and_what_it_reported_is_logged(tmp_path:
             time.sleep(0.5)
             seeds = [r for r in _runs(client, "hangs") if r.data.tags["labfleet.role"] == "seed"]
         (tmp_path / "go").touch()
-        rest = proc.communicate(timeout=120)[0]
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, "".join(lines) + rest
+    assert proc.returncode == 0, "".join(lines)
     assert "its code or environment may hang" in "".join(lines)

@@ -123,8 +123,9 @@ class OptunaSearcher:
                 new.append(self.continuing.pop(0))
                 running_now += 1
                 continue
-            if self.finished + len(self.active) < self.total and not (self.exhausted() or self.streak.stopped) \
-                    and self.finished + len(self.active) + self.others() < self.total:
+            taken = self.finished + len(self.active)  # (other drivers' trials are read only when it matters)
+            if taken < self.total and not (self.exhausted() or self.streak.stopped) \
+                    and taken + self.others() < self.total:
                 runner = self.ask()
                 if runner is not None:
                     new.append((runner, None))

@@ -63,6 +63,9 @@ ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local instanc
 # The options every training command takes, declared once.
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)]  # noqa: UP045 (typer)
 TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", help=TRACKING_HELP)]  # noqa: UP045
+# The commands that read a store take no spec: their default has no "spec's" step.
+StoreOption = Annotated[Optional[str], typer.Option(  # noqa: UP045 (typer)
+    "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")]
 AddressOption = Annotated[Optional[str], typer.Option("--address", help=ADDRESS_HELP)]  # noqa: UP045
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 FreshOption = Annotated[bool, typer.Option("--fresh", help="Start new runs even where a dead or interrupted "
@@ -386,7 +389,7 @@ def report(
     out: Path = typer.Option(Path("report"), "--out", help="Directory for the PNGs, results.md and report.html."),
     metric: str = typer.Option(None, "--metric", help="Metric of the curves and the ranking (default: the "
                                "algorithm's primary metric)."),
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
     storage: str = typer.Option(None, "--storage", help="Optuna storage of a sweep (default: the one its sweep "
                                 "run recorded)."),
     log: bool = typer.Option(False, "--log", help="Also attach the report to the suite or sweep run (artifacts "
@@ -442,7 +445,7 @@ def warn_stale(client, console: Console) -> None:
 
 @app.command()
 def reconcile(
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
     stale_after: float = typer.Option(150.0, "--stale-after", help="Seconds without a heartbeat after which a "
                                       "run whose driver runs on another machine counts as orphaned."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would change."),
@@ -481,7 +484,7 @@ def enjoy(
     video: bool = typer.Option(False, "--video", help="Record MP4s (gymnasium's RecordVideo; needs moviepy) and "
                                "log them to the run as videos/."),
     out: Path = typer.Option(Path("enjoy"), "--out", help="Where the videos or sample grids are written."),
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
 ) -> None:
     """Watch a trained agent: its final policy's returns (and videos), or a generative model's samples."""
     from labfleet.tracking.uri import resolve_tracking_uri
@@ -561,7 +564,7 @@ def zoo_import(
 
 @app.command()
 def ui(
-    tracking_uri: TrackingOption = None,
+    tracking_uri: StoreOption = None,
     port: int = typer.Option(5000, "--port", help="Port of the MLflow UI (127.0.0.1)."),
     storage: str = typer.Option(None, "--storage", help="An Optuna storage to open in optuna-dashboard too "
                                 "(default: sqlite:///optuna.db when it exists)."),

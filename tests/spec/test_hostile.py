@@ -124,6 +124,7 @@ CASES = [
      "not a valid experiment or study name"),
     ("name-final-newline", _set("name", "good\n"), "name", "not a valid name"),
     ("device-final-newline", _set("device", "cpu\n"), "device", "expected auto, cpu"),
+    ("cuda-without-a-gpu", _set("device", "cuda"), "device", "needs resources.gpus_per_trial above 0"),
     ("gan-pac", lambda d: {"name": "g", "algorithm": "gan", "dataset": "ring8", "budget": {"iterations": 10},
                            "hparams": {"batch_size": 30, "pac": 4}}, "hparams.pac", "multiple of pac (4)"),
     ("gan-pac-per-worker", lambda d: {"name": "g", "algorithm": "gan", "dataset": "ring8",

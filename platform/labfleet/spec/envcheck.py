@@ -46,14 +46,22 @@ def check_wrappers(spec: ExperimentSpec, spec_dir: Path | None = None) -> list[t
     return problems
 
 
+def _resource_problems(spec: ExperimentSpec) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if spec.device.startswith("cuda") and spec.resources.gpus_per_trial == 0:
+        problems.append(("device", f"{spec.device} needs resources.gpus_per_trial above 0: Ray reserves no GPU for "
+                                   "a trial that asks for none (use device: auto, or reserve a GPU)"))
+    if spec.resources.seeds_per_actor > 1 and spec.resources.data_parallel > 1:
+        problems.append(("resources.seeds_per_actor", "seeds that share an actor cannot also train data-parallel "
+                         "(resources.data_parallel): use 1 for one of them"))
+    return problems
+
+
 def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool = True,
                          spec_dir: Path | None = None) -> list[tuple[str, str]]:
     """Problems as (field path, message): budget unit, the env or dataset the algorithm needs, and the
     env's spaces (the env is made once, when `check_env`)."""
-    problems: list[tuple[str, str]] = []
-    if spec.resources.seeds_per_actor > 1 and spec.resources.data_parallel > 1:
-        problems.append(("resources.seeds_per_actor", "seeds that share an actor cannot also train data-parallel "
-                         "(resources.data_parallel): use 1 for one of them"))
+    problems = _resource_problems(spec)
     if spec.eval.select_best and getattr(info.trainer, "POLICY", None) is None:
         problems.append(("eval.select_best", f"{info.name} has no policy network to select from its evaluations: "
                          f"select_best is for {', '.join(_selecting_algorithms())}"))

@@ -155,7 +155,7 @@ class Tracker:
         self._ending: dict[str, str] = {}  # run id -> end status, written at the next `commit` (see end_run)
         self._artifact_uris: dict[str, str] = {}  # the open runs this tracker created: no get_run per artifact
         self.open_runs: dict[str, str] = {}  # run id -> role
-        self.touched: set[str] = set()  # every run this tracker created or reopened
+        self.touched: set[str] = set()  # the runs this tracker created or reopened whose end is not written
         self._experiments: dict[str, str] = {}
         self.driver = driver_identity()
         self._heartbeat: Heartbeat | None = None
@@ -194,6 +194,9 @@ class Tracker:
             status = self._ending.pop(run_id)
             self.flush(run_id)
             self._call(self.client.set_terminated, run_id, status)
+            # (a long sweep's tracker keeps only the runs whose end is not written yet: after a failed write
+            # the writer skips the rest, this included, so `_end_unended` still sees the run)
+            self._call(self.touched.discard, run_id)
             self._artifact_uris.pop(run_id, None)
 
     def drain(self) -> None:

@@ -134,7 +134,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str | None:
         assert path is not None
         if not path.parent.resolve().is_dir():
             return f"the directory of the SQLite file does not exist: {path.parent.resolve()}"
-        return sqlite_file_problem(path, "alembic_version", "MLflow store") or mlflow_schema_problem(path)
+        return (sqlite_file_problem(path, "alembic_version", "MLflow store")
+                or unless_being_made(path, lambda: mlflow_schema_problem(path)))
     if scheme in SERVER_SCHEMES:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
@@ -181,16 +182,19 @@ def sqlite_file_problem(path: Path, marker_table: str, what: str, lock_wait_s: f
         return None  # an empty file: SQLite makes a database of it
     if (problem := _sqlite_header_problem(path, header, what)) is not None:
         return problem
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=lock_wait_s)) as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as exc:
-        if "locked" in str(exc):
-            return f"the {what} {path} stayed locked by another process for {lock_wait_s:g} s"
-        return f"{path} cannot be read as the {what}: {exc}"
+    tables = _tables(path, what, lock_wait_s)
+    if isinstance(tables, str):
+        return tables
     if tables and marker_table not in tables:
-        return (f"{path} holds tables but is not a whole {what} (was it created on a full disk, or by another "
-                "program?); move it away, or name another file")
+        def half_made() -> str | None:
+            now = _tables(path, what, lock_wait_s)
+            if isinstance(now, str) or not now or marker_table in now:
+                return None  # being written, or finished, in the meantime
+            return (f"{path} holds tables but is not a whole {what} (was it created on a full disk, or by "
+                    "another program?); move it away, or name another file")
+
+        if (problem := unless_being_made(path, half_made)) is not None:
+            return problem
     if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
         return f"cannot write the {what} {path}: the file or its directory is read-only"
     try:
@@ -202,6 +206,19 @@ def sqlite_file_problem(path: Path, marker_table: str, what: str, lock_wait_s: f
             return f"the {what} {path} stayed locked by another process for {lock_wait_s:g} s"
         return f"cannot write the {what} {path}: {exc}"
     return None
+
+
+def _tables(path: Path, what: str, lock_wait_s: float) -> set[str] | str:
+    """The names of a SQLite file's tables, or why they cannot be read."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=lock_wait_s)) as db:
+            return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        if "locked" in str(exc):
+            return f"the {what} {path} stayed locked by another process for {lock_wait_s:g} s"
+        return f"{path} cannot be read as the {what}: {exc}"
 
 
 def _sqlite_header_problem(path: Path, header: bytes, what: str) -> str | None:
@@ -216,6 +233,37 @@ def _sqlite_header_problem(path: Path, header: bytes, what: str) -> str | None:
             and not (wal.exists() and wal.stat().st_size > 0):
         return f"{path} is damaged: it is shorter than its header says (truncated?)"
     return None
+
+
+def _file_stamp(path: Path) -> tuple[int, ...]:
+    """Sizes and modification times of a SQLite file and its write-ahead log and journal."""
+    stamp: list[int] = []
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-journal")):
+        with contextlib.suppress(OSError):
+            info = file.stat()
+            stamp += [info.st_size, info.st_mtime_ns]
+    return tuple(stamp)
+
+
+def unless_being_made(path: Path, probe: Callable[[], str | None], quiet_s: float = 3.0,
+                      most_s: float = 60.0) -> str | None:
+    """`probe()`'s problem with the SQLite file at `path`, once the file has been left alone for `quiet_s`.
+    Another process that is creating or migrating the store right now (a `labfleet ui`, a second driver, a
+    notebook's MlflowClient) shows it half-made for a moment; a half-made store a full disk left, or one of
+    another version, stays the same. At most `most_s` is spent waiting; a store with no problem costs one probe."""
+    problem = probe()
+    if problem is None:
+        return None
+    deadline = time.monotonic() + most_s
+    seen, since = (problem, _file_stamp(path)), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.2)
+        problem = probe()
+        if problem is None:
+            return None
+        if (problem, _file_stamp(path)) != seen:
+            seen, since = (problem, _file_stamp(path)), time.monotonic()
+    return problem
 
 
 def mlflow_schema_problem(path: Path) -> str | None:

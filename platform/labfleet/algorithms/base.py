@@ -27,6 +27,7 @@ Contract (who calls what, from where):
 from __future__ import annotations
 
 import io
+import os
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -92,7 +93,9 @@ class Trainer(ABC):
         return buffer.getvalue()
 
     def restore_bytes(self, data: bytes) -> None:
-        self.load_state_dict(torch.load(io.BytesIO(data), map_location=self.device, weights_only=True))
+        """Read onto the CPU whatever device wrote it: generator states must be CPU byte tensors, and arrays
+        come back through `.numpy()`; `load_state_dict` copies module and optimiser state to `self.device`."""
+        self.load_state_dict(load_checkpoint(data))
 
     # --- pickling: rebuild from the spec and restore the state ------------------------------------
     def __reduce__(self):
@@ -106,8 +109,34 @@ def _rebuild(cls: type[Trainer], spec: dict, seed: int, device: str, state: byte
     return trainer
 
 
-def resolve_device(requested: str) -> str:
-    """`auto` is CUDA when torch sees a GPU (Ray sets CUDA_VISIBLE_DEVICES for the actor), else CPU."""
+def load_checkpoint(data: bytes) -> Any:
+    """A checkpoint's state read onto the CPU, only tensors and plain values (`weights_only`)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def held_gpus() -> list[str] | None:
+    """The GPU ids Ray assigned to this process's actor or task, or None outside a Ray worker."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None
+    return [str(i) for i in ray.get_gpu_ids()]
+
+
+def resolve_device(requested: str, held: list[str] | None = None) -> str:
+    """The torch device a trainer uses. `held` are the GPUs Ray gave this actor (None: not in an actor, where
+    torch's view decides). `auto` is CUDA only where the actor holds a GPU and torch sees one, else the CPU.
+    An actor that holds no GPU never sees one: Ray (2.60) leaves `CUDA_VISIBLE_DEVICES` alone for actors that
+    reserve none, so it is emptied here, before anything touches CUDA; a trial then never computes on a GPU
+    that Ray gave to another."""
+    if held is not None and not held:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if requested.startswith("cuda"):
+            raise RuntimeError(f"device {requested!r} was requested but this trial holds no GPU "
+                               "(set resources.gpus_per_trial)")
+        return "cpu"
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from labfleet.algorithms import registry
-from labfleet.algorithms.base import resolve_device
+from labfleet.algorithms.base import held_gpus, resolve_device
 from labfleet.algorithms.custom import FunctionTrainer
 from labfleet.spec.models import ExperimentSpec
 
@@ -122,7 +122,7 @@ class TrialWorker:
             self.trainer = None
         self.spec = ExperimentSpec.model_validate(spec)
         torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_trial)))
-        self.device = resolve_device(self.spec.device)
+        self.device = resolve_device(self.spec.device, held_gpus())
         info = registry.get(self.spec.algorithm)
         self.trainer = info.trainer(self.spec, seed, self.device)
         resumed = None
@@ -235,7 +235,7 @@ class TrialWorkerGroup:
             specs, members_of = [ExperimentSpec.model_validate(s) for s in spec], [tuple(m) for m in seeds]
         self.spec = specs[0]  # (every member's resources, device and algorithm are the same)
         torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_trial)))
-        self.device = resolve_device(self.spec.device)
+        self.device = resolve_device(self.spec.device, held_gpus())
         info = registry.get(self.spec.algorithm)
         members, self.slots, self.specs = {}, {}, {}
         self.failed: dict[int, str] = {}  # members that could not be built or restored, reported once

@@ -182,19 +182,8 @@ def sqlite_file_problem(path: Path, marker_table: str, what: str, lock_wait_s: f
         return None  # an empty file: SQLite makes a database of it
     if (problem := _sqlite_header_problem(path, header, what)) is not None:
         return problem
-    tables = _tables(path, what, lock_wait_s)
-    if isinstance(tables, str):
-        return tables
-    if tables and marker_table not in tables:
-        def half_made() -> str | None:
-            now = _tables(path, what, lock_wait_s)
-            if isinstance(now, str) or not now or marker_table in now:
-                return None  # being written, or finished, in the meantime
-            return (f"{path} holds tables but is not a whole {what} (was it created on a full disk, or by "
-                    "another program?); move it away, or name another file")
-
-        if (problem := unless_being_made(path, half_made)) is not None:
-            return problem
+    if (problem := _half_made_problem(path, marker_table, what, lock_wait_s)) is not None:
+        return problem
     if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
         return f"cannot write the {what} {path}: the file or its directory is read-only"
     try:
@@ -206,6 +195,25 @@ def sqlite_file_problem(path: Path, marker_table: str, what: str, lock_wait_s: f
             return f"the {what} {path} stayed locked by another process for {lock_wait_s:g} s"
         return f"cannot write the {what} {path}: {exc}"
     return None
+
+
+def _half_made_problem(path: Path, marker_table: str, what: str, lock_wait_s: float) -> str | None:
+    """Why the file's tables are not a whole store (tables, but not `marker_table`, which the last migration
+    step writes), once no other process is still making it; or why they cannot be read."""
+    tables = _tables(path, what, lock_wait_s)
+    if isinstance(tables, str):
+        return tables
+    if not tables or marker_table in tables:
+        return None
+
+    def half_made() -> str | None:
+        now = _tables(path, what, lock_wait_s)
+        if isinstance(now, str) or not now or marker_table in now:
+            return None  # being written, or finished, in the meantime
+        return (f"{path} holds tables but is not a whole {what} (was it created on a full disk, or by "
+                "another program?); move it away, or name another file")
+
+    return unless_being_made(path, half_made)
 
 
 def _tables(path: Path, what: str, lock_wait_s: float) -> set[str] | str:

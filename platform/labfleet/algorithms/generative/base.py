@@ -11,20 +11,20 @@ then uses the best parameters and reports `early_stopping/best_step`.
 
 Data parallelism (`resources.data_parallel: N`): this trainer is rank 0; it starts N - 1 `DataParallelRank`
 Ray actors in the trial's placement group, each with the same model (built from rank 0's checkpoint) and
-its own minibatches (per-rank seeds), joined in a `torch.distributed` process group (gloo on CPU, NCCL on
-CUDA). Every optimiser step all-reduces the gradients (their mean over ranks) before clipping, so the
-parameters stay identical on every rank. Each rank's minibatch is `batch_size / N`, so the global batch,
-and hence the result, matches one worker. Only rank 0 evaluates, reports and checkpoints.
+its own minibatches (per-rank seeds), joined in a `torch.distributed` process group (NCCL where each rank
+holds a GPU of its own; gloo on the CPU and where ranks share a GPU). Every optimiser step all-reduces the
+gradients (their mean over ranks) before clipping, so the parameters stay identical on every rank. Each
+rank's minibatch is `batch_size / N`, so the global batch, and hence the result, matches one worker.
+Only rank 0 evaluates, reports and checkpoints.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import socket
 import threading
-from collections.abc import Callable
-from contextlib import closing, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, ClassVar, Literal
 
@@ -129,6 +129,12 @@ def check_architecture(hp: GenerativeHParams, data: datasets.Dataset) -> None:
                              f"{len(hp.channels)} times: the size must be a multiple of {scale}")
 
 
+def collective_backend(device_type: str, gpus_per_trial: float, world: int) -> str:
+    """NCCL where every rank holds a GPU of its own; gloo on the CPU, and where ranks share a GPU (NCCL
+    refuses two ranks of one communicator on one device; gloo all-reduces CUDA tensors too)."""
+    return "nccl" if device_type == "cuda" and gpus_per_trial / world >= 1 else "gloo"
+
+
 def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("", 0))
@@ -175,6 +181,13 @@ class GenerativeTrainer(Trainer):
             torch.manual_seed(derive_seed(seed, "init"))
             self.build()
         self.torch_gen = torch.Generator(device=self.device).manual_seed(derive_seed(seed, "noise", rank))
+        # Dropout draws from torch's global generator: the trainer keeps that generator's state as its own,
+        # seeded here and checkpointed, and sets it around each step (`own_global_rng`)
+        self.dropout_rng: list[torch.Tensor] | None = None
+        if self.hp.dropout:
+            with torch.random.fork_rng(devices=self._cuda()):
+                torch.manual_seed(derive_seed(seed, "dropout", rank))
+                self.dropout_rng = self._global_rng()
         self._helpers: list[Any] = []
         self._group = False
         self._rank_states: list[dict[str, Any]] | None = None  # restored, for the helpers `_start_data_parallel` starts
@@ -199,6 +212,33 @@ class GenerativeTrainer(Trainer):
         """bf16 autocast on CUDA when asked for; a no-op context otherwise."""
         enabled = self.hp.bf16 and self.device.type == "cuda"
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else nullcontext()
+
+    def _cuda(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _global_rng(self) -> list[torch.Tensor]:
+        return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self._cuda())]
+
+    @contextmanager
+    def own_global_rng(self) -> Iterator[None]:
+        """Inside: torch's global generators (CPU, and this trainer's GPU) hold this trainer's dropout
+        stream; outside, they are as they were. Nothing to do without dropout."""
+        if self.dropout_rng is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=self._cuda()):
+            torch.set_rng_state(self.dropout_rng[0])
+            for d, state in zip(self._cuda(), self.dropout_rng[1:], strict=True):
+                torch.cuda.set_rng_state(state, d)
+            yield
+            self.dropout_rng = self._global_rng()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step on the next minibatch, in training mode, with this trainer's own randomness."""
+        for model in self.models.values():
+            model.train()
+        with self.own_global_rng(), self.autocast():
+            return self.step(self.next_batch())
 
     # --- data ----------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
@@ -236,11 +276,8 @@ class GenerativeTrainer(Trainer):
         if self.world > 1 and self.rank == 0 and not self._helpers:
             self._start_data_parallel()
         pending = [h.train_iteration.remote() for h in self._helpers]
-        for model in self.models.values():
-            model.train()
         try:
-            with self.autocast():
-                logged = self.step(self.next_batch())
+            logged = self.train_step()
         except RuntimeError:
             # A rank that died breaks the collective here (gloo: the connection closed); say that a rank was
             # lost (Ray's own error: the driver retries the seed from its checkpoint), not that training failed.
@@ -304,7 +341,7 @@ class GenerativeTrainer(Trainer):
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "steps": self.steps, "evaluations": self.evaluations, "rng": rng_state(self.rng),
             "order": torch.as_tensor(self._order), "cursor": self._cursor,
-            "torch_gen": self.torch_gen.get_state(),
+            "torch_gen": self.torch_gen.get_state(), "dropout_rng": self.dropout_rng,
             "early": {"best_value": self.best_value, "best_step": self.best_step, "bad": self.bad_evaluations,
                       "stopped": self.stopped, "best_state": self.best_state},
             # data parallelism: the other ranks' minibatch streams, so that a restore goes on exactly
@@ -314,12 +351,18 @@ class GenerativeTrainer(Trainer):
     def sampling_state(self) -> dict[str, Any]:
         """This rank's own minibatch order and noise: what differs between the ranks of one trial."""
         return {"rng": rng_state(self.rng), "order": torch.as_tensor(self._order), "cursor": self._cursor,
-                "torch_gen": self.torch_gen.get_state()}
+                "torch_gen": self.torch_gen.get_state(), "dropout_rng": self.dropout_rng}
 
     def load_sampling_state(self, state: dict[str, Any]) -> None:
         set_rng_state(self.rng, state["rng"])
         self._order, self._cursor = state["order"].numpy(), int(state["cursor"])
         self.torch_gen.set_state(state["torch_gen"])
+        self._load_dropout_rng(state)
+
+    def _load_dropout_rng(self, state: dict[str, Any]) -> None:
+        saved = state.get("dropout_rng")
+        if self.dropout_rng is not None and saved is not None and len(saved) == len(self.dropout_rng):
+            self.dropout_rng = list(saved)
 
     def _helper_sampling_states(self) -> list[dict[str, Any]] | None:
         if self.world == 1 or self.rank != 0:
@@ -336,6 +379,7 @@ class GenerativeTrainer(Trainer):
         set_rng_state(self.rng, state["rng"])
         self._order, self._cursor = state["order"].numpy(), int(state["cursor"])
         self.torch_gen.set_state(state["torch_gen"])
+        self._load_dropout_rng(state)
         early = state["early"]
         self.best_value, self.best_step = float(early["best_value"]), int(early["best_step"])
         self.bad_evaluations, self.stopped = int(early["bad"]), bool(early["stopped"])
@@ -361,8 +405,8 @@ class GenerativeTrainer(Trainer):
 
         group = ray.util.get_current_placement_group()
         address, port = ray.util.get_node_ip_address(), free_port()
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
         res = self.spec.resources
+        backend = collective_backend(self.device.type, res.gpus_per_trial, self.world)
         checkpoint = self.checkpoint_bytes()
         for rank in range(1, self.world):
             options: dict[str, Any] = {"num_cpus": res.cpus_per_trial,
@@ -452,20 +496,22 @@ class DataParallelRank:
     def __init__(self, spec: dict[str, Any], seed: int, rank: int, checkpoint: bytes,
                  sampling: dict[str, Any] | None = None):
         from labfleet.algorithms import registry
-        from labfleet.algorithms.base import resolve_device
+        from labfleet.algorithms.base import held_gpus, load_checkpoint, resolve_device
 
         parsed = ExperimentSpec.model_validate(spec)
         torch.set_num_threads(max(1, int(parsed.resources.cpus_per_trial)))
-        device = resolve_device(parsed.device)
+        device = resolve_device(parsed.device, held_gpus())
         trainer = registry.get(parsed.algorithm).trainer(parsed, seed, device, rank=rank)  # type: ignore[call-arg]
         assert isinstance(trainer, GenerativeTrainer)
         self.trainer = trainer
-        rng, gen = self.trainer.rng.bit_generator.state, self.trainer.torch_gen.get_state()
-        self.trainer.load_state_dict(torch.load(io.BytesIO(checkpoint), map_location=device, weights_only=True))
+        rng, gen, dropout = (self.trainer.rng.bit_generator.state, self.trainer.torch_gen.get_state(),
+                             self.trainer.dropout_rng)
+        self.trainer.load_state_dict(load_checkpoint(checkpoint))
         self.trainer.rng.bit_generator.state = rng  # this rank's own minibatches and noise
         self.trainer._order = self.trainer.rng.permutation(len(self.trainer.train_x))
         self.trainer._cursor = 0
         self.trainer.torch_gen.set_state(gen)
+        self.trainer.dropout_rng = dropout
         if sampling is not None:  # restored: this rank's streams as they were at the checkpoint
             self.trainer.load_sampling_state(sampling)
 
@@ -480,10 +526,7 @@ class DataParallelRank:
         self.trainer.attach_process_group()
 
     def train_iteration(self) -> None:
-        for model in self.trainer.models.values():
-            model.train()
-        with self.trainer.autocast():
-            self.trainer.step(self.trainer.next_batch())
+        self.trainer.train_step()
         self.trainer.steps += 1
 
     def parameter_digest(self) -> list[np.ndarray]:

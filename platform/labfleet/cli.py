@@ -330,7 +330,7 @@ def list_(what: str = typer.Argument(..., metavar="algorithms|envs|datasets", he
 
         table = Table("dataset", "shape", "summary")
         for name, data in DATASETS.items():
-            table.add_row(name, "x".join(map(str, data.shape)), data.summary)
+            table.add_row(name, "x".join(map(str, data.shape)) or "from the file", data.summary)
         Console().print(table)
     elif what == "envs":
         from labfleet.spec.envcheck import env_availability

@@ -58,6 +58,13 @@ CONFIDENT_FRAC = "eval/confident_frac"
 VALID_NEG_ELBO = "valid/neg_elbo"
 VALID_FD_DIGITS = "valid/fd_digits"
 VALID_MODE_SCORE = "valid/mode_score"
+# 8-bit image datasets: bits per dimension, and sample quality in a feature classifier's features
+VAE_BITS_PER_DIM = "eval/bits_per_dim"
+FD = "eval/fd"
+KID = "eval/kid"
+PRECISION = "eval/precision"
+RECALL = "eval/recall"
+VALID_FD = "valid/fd"
 EARLY_STOP_BEST_STEP = "early_stopping/best_step"
 EARLY_STOP_STOPPED = "early_stopping/stopped"
 

@@ -74,3 +74,13 @@ def test_a_checkpoint_is_read_onto_the_cpu():
     state = load_checkpoint(buffer.getvalue())
     assert state["gen"].device.type == "cpu" and state["order"].numpy().tolist() == [0, 1, 2]
     torch.Generator().set_state(state["gen"])
+
+
+def test_the_gpu_check_lists_its_checks_without_a_gpu():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for check in ("vae-bf16", "gan-fp32", "restore", "ranks-one-gpu", "cpu-vs-gpu"):
+        assert check in done.stdout

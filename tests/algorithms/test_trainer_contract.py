@@ -104,7 +104,8 @@ def test_trainer_pickles_for_ray(algorithm):
 def test_budget_is_respected_and_metric_names_are_shared(algorithm):
     from labfleet import metrics as M
 
-    names = testing.check_budget(lambda seed: build(algorithm, seed), registry.get(algorithm).primary_metric)
+    metric = registry.get(algorithm).primary_metric_for(tiny_spec(algorithm).dataset)
+    names = testing.check_budget(lambda seed: build(algorithm, seed), metric)
     known = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str)}
     assert names <= known, f"metric names not defined in labfleet.metrics: {names - known}"
 

@@ -28,6 +28,7 @@ class AlgorithmInfo:
     rollout_workers: bool = True  # can spread its environments over Ray rollout actors
     seed_dependent: bool = True  # False for planners, whose training the seed does not touch
     primary_metric: str = "eval/return_mean"  # "" for your own code: the first eval/* metric it reports
+    dataset_metrics: dict[str, str] = field(default_factory=dict)  # the primary metric on these datasets
     # The `eval/*` metrics it can log: what a sweep objective may name (checked by `labfleet validate`).
     eval_metrics: tuple[str, ...] = ("eval/return_mean", "eval/return_std")
     budget_units: tuple[str, ...] = ("env_steps",)
@@ -35,3 +36,7 @@ class AlgorithmInfo:
     # each use, not fixed at construction): what population-based training may mutate.
     mutable_hparams: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
+
+    def primary_metric_for(self, dataset: str | None) -> str:
+        """The metric that sums a run up: on some datasets another than `primary_metric` (the GAN's)."""
+        return self.dataset_metrics.get(dataset or "", self.primary_metric)

@@ -6,8 +6,13 @@
 - `ring8`: 8 Gaussians on the unit circle, sigma 0.01; `grid25`: 25 Gaussians on {-4,-2,0,2,4}^2,
   sigma 0.05 (the PacGAN / VEEGAN benchmarks). Samples are drawn from the mixture with the trial's
   seed: a fixed train set of `n_train` points, and fresh validation/test sets.
-- `mnist` / `fashion_mnist`: read from a local `.npz` file (`path`, arrays `x_train`, `x_test`), as
-  `torchvision.datasets` or `keras.datasets` save them; nothing is downloaded.
+- `fashion_mnist`, `mnist`, `images`: uint8 images read from local files (`labfleet.data.images`), never
+  downloaded. `fashion_mnist` is found where Debian's `dataset-fashion-mnist` package puts it (or under
+  `$LABFLEET_DATA/fashion-mnist`); `dataset_kwargs.path` names any `.npz` file (`x_train`, `x_test`,
+  optional `y_train`, `y_test`; (n, H, W) or (n, H, W, C)) or a directory of IDX files. The validation split
+  is `n_valid` training images (default: a tenth, at most 5000) chosen by a fixed permutation; `limit: N`
+  trains on the first N of the rest, `eval_limit: M` keeps the first M of the validation and test splits
+  (both fixed, whatever the seed).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,9 +29,9 @@ SPLIT_SEED = 0
 
 @dataclass
 class Dataset:
-    """Arrays of shape (n, *shape), float32; `levels` is the number of intensity levels - 1 for count
-    images (16 for digits, 255 for MNIST), None for continuous points. `modes` and `sigma` describe a
-    Gaussian mixture (ring8, grid25)."""
+    """Arrays of shape (n, *shape): float32, or uint8 for 8-bit images; `levels` is the number of intensity
+    levels - 1 for count images (16 for digits, 255 for 8-bit images), None for continuous points. `modes` and
+    `sigma` describe a Gaussian mixture (ring8, grid25)."""
 
     name: str
     train: np.ndarray
@@ -49,7 +53,8 @@ class DatasetInfo:
     name: str
     summary: str
     load: Callable[..., Dataset]
-    shape: tuple[int, ...]  # of one example: (C, H, W) images or (D,) points
+    shape: tuple[int, ...]  # of one example: (C, H, W) images or (D,) points; () when read from the file
+    kwargs: tuple[str, ...] = ()  # the dataset_kwargs its loader takes
 
 
 def _split(n: int, sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,36 +105,54 @@ def load_grid25(seed: int = 0, n_train: int = 100_000) -> Dataset:
     return _mixture("grid25", grid_modes(), 0.05, seed, n_train)
 
 
-def load_npz_images(name: str, path: str, seed: int = 0, n_valid: int = 5000) -> Dataset:
-    """MNIST-style images from a local .npz (`x_train` (n, 28, 28) uint8, `x_test`, optional `y_*`)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"{name}: no file {file} (give dataset_kwargs.path: a local .npz with x_train "
-                                f"and x_test; labfleet downloads nothing)")
-    with np.load(file) as arrays:
-        x_train = arrays["x_train"].astype(np.float32)[:, None]
-        x_test = arrays["x_test"].astype(np.float32)[:, None]
-        y_train = arrays["y_train"].astype(np.int64) if "y_train" in arrays else None
-        y_test = arrays["y_test"].astype(np.int64) if "y_test" in arrays else None
+def default_n_valid(n_train: int) -> int:
+    """Validation images held out of the training files unless `n_valid` says: a tenth, at most 5000."""
+    return min(5000, max(1, n_train // 10))
+
+
+def load_image_files(name: str, seed: int = 0, path: str | None = None, n_valid: int | None = None,
+                     limit: int | None = None, eval_limit: int | None = None) -> Dataset:
+    """8-bit images from local files (see `labfleet.data.images`), split into train / valid / test."""
+    from labfleet.data import images
+
+    arrays = images.read(name, path)
+    x_train, y_train = arrays["x_train"], arrays.get("y_train")
+    n_valid = default_n_valid(len(x_train)) if n_valid is None else n_valid
     order = np.random.default_rng(SPLIT_SEED).permutation(len(x_train))
     valid, train = order[:n_valid], order[n_valid:]
+    train = np.sort(train)[:limit] if limit is not None else np.sort(train)
+    valid = np.sort(valid)[:eval_limit]
+    test = slice(0, eval_limit)
     labels = {} if y_train is None else {"train": y_train[train], "valid": y_train[valid]}
-    if y_test is not None:
-        labels["test"] = y_test
-    return Dataset(name, x_train[train], x_train[valid], x_test, tuple(x_train.shape[1:]), levels=255,
-                   labels=labels)
+    if arrays.get("y_test") is not None:
+        labels["test"] = arrays["y_test"][test]
+    return Dataset(name, x_train[train], x_train[valid], arrays["x_test"][test], tuple(x_train.shape[1:]),
+                   levels=255, labels=labels)
 
+
+def _image_source(name: str) -> Callable[..., Dataset]:
+    def load_named(seed: int = 0, **kwargs: Any) -> Dataset:
+        return load_image_files(name, seed=seed, **kwargs)
+
+    return load_named
+
+
+IMAGE_KWARGS = ("path", "n_valid", "limit", "eval_limit")
 
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", "scikit-learn digits, 8x8 images (counts 0..16), 1257/270/270 split",
                           load_digits_dataset, (1, 8, 8)),
-    "ring8": DatasetInfo("ring8", "8 Gaussians on the unit circle, sigma 0.01 (generated)", load_ring8, (2,)),
-    "grid25": DatasetInfo("grid25", "25 Gaussians on {-4,-2,0,2,4}^2, sigma 0.05 (generated)", load_grid25, (2,)),
-    "mnist": DatasetInfo("mnist", "MNIST from a local .npz (dataset_kwargs.path)",
-                         lambda seed=0, **kw: load_npz_images("mnist", seed=seed, **kw), (1, 28, 28)),
-    "fashion_mnist": DatasetInfo("fashion_mnist", "Fashion-MNIST from a local .npz (dataset_kwargs.path)",
-                                 lambda seed=0, **kw: load_npz_images("fashion_mnist", seed=seed, **kw),
-                                 (1, 28, 28)),
+    "ring8": DatasetInfo("ring8", "8 Gaussians on the unit circle, sigma 0.01 (generated)", load_ring8, (2,),
+                         ("n_train",)),
+    "grid25": DatasetInfo("grid25", "25 Gaussians on {-4,-2,0,2,4}^2, sigma 0.05 (generated)", load_grid25, (2,),
+                          ("n_train",)),
+    "fashion_mnist": DatasetInfo("fashion_mnist", "Fashion-MNIST, 60k + 10k 28x28 images, 10 classes (Debian's "
+                                 "dataset-fashion-mnist, or dataset_kwargs.path)", _image_source("fashion_mnist"),
+                                 (1, 28, 28), IMAGE_KWARGS),
+    "mnist": DatasetInfo("mnist", "MNIST from local files (dataset_kwargs.path: .npz or IDX directory)",
+                         _image_source("mnist"), (1, 28, 28), IMAGE_KWARGS),
+    "images": DatasetInfo("images", "8-bit images of any size, grey or RGB, from local files (dataset_kwargs.path)",
+                          _image_source("images"), (), IMAGE_KWARGS),
 }
 
 

@@ -121,7 +121,7 @@ def _print_summary(console: Console, session: DriverSession, runners: list[Trial
     rows = []
     for runner in runners:
         for state in runner.seeds.values():
-            metric = runner.info.primary_metric or next(iter(sorted(state.final or {})), "")
+            metric = runner.info.primary_metric_for(runner.spec.dataset) or next(iter(sorted(state.final or {})), "")
             value = (state.final or {}).get(metric)
             rows.append({"trial": session.recorder.run_name(runner), "seed": str(state.seed),
                          "status": str(state.status),

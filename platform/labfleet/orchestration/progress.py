@@ -122,7 +122,8 @@ class ProgressListener:
                 board.update((trial.label, seed), total, "")
                 board.finish((trial.label, seed), "FINISHED")
             case ChunkResult(trial=trial, seed=seed, progress=progress, latest=latest):
-                board.update((trial.label, seed), progress, headline(latest, trial.info.primary_metric))
+                metric = trial.info.primary_metric_for(trial.spec.dataset)
+                board.update((trial.label, seed), progress, headline(latest, metric))
             case SeedEnded(trial=trial, seed=seed, status=status):
                 board.finish((trial.label, seed), str(status))
         return None

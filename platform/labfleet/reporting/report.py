@@ -150,14 +150,19 @@ def resolve_target(client: MlflowClient, target: str, source: str = "labfleet re
 def primary_metric(configs: list[Configuration]) -> str:
     from labfleet.algorithms import registry
 
+    logged = logged_metric_names(configs)
     for config in configs:
         try:
-            metric = registry.get(config.algorithm).primary_metric
+            info = registry.get(config.algorithm)
         except (KeyError, ImportError, TypeError):  # your own code that is not importable here
-            metric = ""
-        if metric:
-            return metric
-    evals = [m for m in logged_metric_names(configs) if m.startswith("eval/")]  # your own code: what it reported
+            continue
+        if info.primary_metric in logged or not logged:
+            return info.primary_metric
+        # a model whose headline depends on its dataset (the GAN's on images): the first it logged
+        for metric in (*info.dataset_metrics.values(), *info.eval_metrics):
+            if metric in logged:
+                return metric
+    evals = [m for m in logged if m.startswith("eval/")]  # your own code: what it reported
     return evals[0] if evals else "eval/return_mean"
 
 

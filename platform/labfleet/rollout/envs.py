@@ -6,22 +6,17 @@ the environments are spread over processes changes speed, not results.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 
+from labfleet.seeding import derive_seed
 from labfleet.usercode import import_path
 
-
-def derive_seed(*parts: int | str) -> int:
-    """A 32-bit seed from a run seed and any further indices or labels, via numpy's SeedSequence."""
-    entropy = [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+__all__ = ["derive_seed"]  # kept here too: most callers import it from this module
 
 
 def env_class(path: str, spec_dir: str | Path | None = None) -> type[gym.Env]:

@@ -7,7 +7,8 @@ passed to every worker. Workers are placed in the bundles 1..W of the trial's pl
 trial runs in one, and are owned by the trial actor, so they die with it.
 
 A sampling policy (see `NoisePolicy`) works with workers when it also has `get_state()` (small, picklable,
-CPU), `set_state(state)` and `to_cpu()`.
+CPU), `set_state(state)` and `to_cpu()`. Workers receive a CPU copy of the policy (`cpu_copy`) and hold no
+GPU, so a trial on CUDA opens no CUDA context in its rollout workers.
 """
 
 from __future__ import annotations
@@ -32,11 +33,23 @@ def worker_options(index: int, cpus: float) -> dict[str, Any]:
     return options
 
 
+def cpu_copy(policy: Any) -> Any:
+    """The policy as workers receive it: a copy on the CPU, so that unpickling it opens no CUDA context."""
+    import copy
+
+    cpu = copy.deepcopy(policy)
+    cpu.to_cpu()
+    return cpu
+
+
 class RolloutWorker:
     def __init__(self, maker: EnvMaker, n_envs: int, seed: int, first_env: int, generation: int,
                  policy_blob: bytes, state: dict[str, Any] | None = None):
         import torch
 
+        from labfleet.algorithms.base import held_gpus, resolve_device
+
+        resolve_device("cpu", held_gpus())  # it holds no GPU: it sees none (Ray 2.60 would show it the node's)
         torch.set_num_threads(1)
         self.sampler = VectorSampler(maker, n_envs, seed, first_env=first_env, generation=generation, state=state)
         self.policy = pickle.loads(policy_blob)
@@ -61,7 +74,7 @@ class RolloutWorkerGroup:
         if n_envs % n_workers:
             raise ValueError(f"n_envs ({n_envs}) must be a multiple of rollout_workers ({n_workers})")
         per_worker = n_envs // n_workers
-        blob = pickle.dumps(policy)
+        blob = pickle.dumps(cpu_copy(policy))
         parts = VectorSampler.split_state(state, n_workers) if state is not None else [None] * n_workers
         self.workers: list[Any] = [  # actor handles
             RemoteRolloutWorker.options(**worker_options(w, cpus_per_worker)).remote(

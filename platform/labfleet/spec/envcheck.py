@@ -124,7 +124,7 @@ def _generative_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tupl
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
         problems.append(("dataset", f"unknown dataset {spec.dataset!r}{hint}; known: {', '.join(DATASETS)}"))
     else:
-        problems += _architecture_problems(spec, DATASETS[spec.dataset].shape)
+        problems += _dataset_problems(spec, info)
     pac, batch = spec.hparams.get("pac", 1), spec.hparams.get("batch_size")
     world = spec.resources.data_parallel
     if batch is not None and (batch // world) % pac:
@@ -156,6 +156,50 @@ def _custom_problems(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool,
         problems.append(("env", problem))
     problems += check_wrappers(spec, spec_dir)
     return problems
+
+
+def _dataset_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tuple[str, str]]:
+    """The dataset's arguments, its files (headers only: shape, labels) and what the model needs of them."""
+    from labfleet.data import images
+    from labfleet.data.datasets import DATASETS
+
+    assert spec.dataset is not None
+    data = DATASETS[spec.dataset]
+    unknown = sorted(set(spec.dataset_kwargs) - set(data.kwargs))
+    if unknown:
+        allowed = ", ".join(data.kwargs) if data.kwargs else "none"
+        return [(f"dataset_kwargs.{unknown[0]}",
+                 f"{spec.dataset} takes no argument {unknown[0]!r} (it takes: {allowed})")]
+    shape, labels = data.shape, True
+    if "path" in data.kwargs:
+        path = spec.dataset_kwargs.get("path")
+        try:
+            found = images.describe(spec.dataset, None if path is None else str(path))
+        except (OSError, ValueError) as exc:
+            return [("dataset_kwargs.path" if path is not None else "dataset", str(exc))]
+        shape, labels = found.shape, found.labels
+        problems = _split_problems(spec, found.n_train)
+        if problems:
+            return problems
+    if info.name == "gan" and len(shape) == 3 and spec.dataset != "digits" and not labels:
+        return [("dataset", f"the GAN's sample-quality metrics on {spec.dataset} use a classifier trained on its "
+                 "labels, and the files have no y_train")]
+    return _architecture_problems(spec, shape)
+
+
+def _split_problems(spec: ExperimentSpec, n_train: int) -> list[tuple[str, str]]:
+    """n_valid, limit and eval_limit against the number of training images the files' headers give."""
+    from labfleet.data.datasets import default_n_valid
+
+    for key in ("n_valid", "limit", "eval_limit"):
+        value = spec.dataset_kwargs.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            return [(f"dataset_kwargs.{key}", f"expected a positive whole number, got {value!r}")]
+    n_valid = spec.dataset_kwargs.get("n_valid") or default_n_valid(n_train)
+    if n_valid >= n_train:
+        return [("dataset_kwargs.n_valid", f"{n_valid} validation images leave none to train on "
+                 f"({n_train} training images in the files)")]
+    return []
 
 
 def _architecture_problems(spec: ExperimentSpec, shape: tuple[int, ...]) -> list[tuple[str, str]]:

@@ -97,7 +97,8 @@ def reference_markdown() -> str:
     for title, model, note in sections:
         out += [f"## {title}", ""] + ([note, ""] if note else []) + _table(model) + [""]
     out += ["## Datasets", "", "| dataset | shape | summary |", "|---|---|---|"]
-    out += [f"| `{name}` | {'x'.join(map(str, d.shape))} | {d.summary} |" for name, d in DATASETS.items()]
+    out += [f"| `{name}` | {'x'.join(map(str, d.shape)) or 'from the file'} | {d.summary} |"
+            for name, d in DATASETS.items()]
     out += ["", "## Algorithms: `hparams`", ""]
     for name in registry.names():
         info = registry.get(name)

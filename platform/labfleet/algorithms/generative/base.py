@@ -29,16 +29,16 @@ from datetime import timedelta
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
 from labfleet.algorithms.base import Trainer, rng_state, set_rng_state
+from labfleet.algorithms.generative import metrics as GM
 from labfleet.algorithms.optim import OptimHParams, ScheduledOptimizer
 from labfleet.algorithms.sizes import BatchSize, Width
 from labfleet.data import datasets
-from labfleet.rollout.envs import derive_seed
+from labfleet.seeding import derive_seed
 from labfleet.spec.models import ExperimentSpec
 
 # How long a rank waits for the others in a collective (torch's default is 30 min): a rank that hangs
@@ -81,37 +81,43 @@ def mlp(sizes: list[int], activation: Callable[[], nn.Module] = nn.ReLU, dropout
 
 
 class ConvEncoder(nn.Module):
-    """(n, C, H, W) -> (n, out): stride-2 3x3 convolutions (each halves H and W), then a linear layer."""
+    """(n, C, H, W) -> (n, out): stride-2 3x3 convolutions (each halves H and W) with LeakyReLU, then a
+    linear layer; spectral normalisation of every layer when asked (Miyato et al. 2018, a discriminator's)."""
 
-    def __init__(self, shape: tuple[int, ...], channels: list[int], out: int, dropout: float = 0.0):
+    def __init__(self, shape: tuple[int, ...], channels: list[int], out: int, dropout: float = 0.0,
+                 spectral_norm: bool = False):
         super().__init__()
+        norm = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda module: module)
         layers: list[nn.Module] = []
         c_in = shape[0]
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            layers += [norm(nn.Conv2d(c_in, c, 3, stride=2, padding=1)), nn.LeakyReLU(0.2)]
             if dropout:
                 layers.append(nn.Dropout(dropout))
             c_in = c
         self.body = nn.Sequential(*layers, nn.Flatten())
         scale = 2 ** len(channels)
-        self.head = nn.Linear(c_in * (shape[1] // scale) * (shape[2] // scale), out)
+        self.head = norm(nn.Linear(c_in * (shape[1] // scale) * (shape[2] // scale), out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
 
 class ConvDecoder(nn.Module):
-    """(n, in) -> (n, C, H, W): a linear layer, then stride-2 transposed convolutions (each doubles H, W)."""
+    """(n, in) -> (n, C, H, W): a linear layer, then stride-2 transposed convolutions (each doubles H, W),
+    with BatchNorm after each when asked (DCGAN's generator)."""
 
-    def __init__(self, n_in: int, shape: tuple[int, ...], channels: list[int]):
+    def __init__(self, n_in: int, shape: tuple[int, ...], channels: list[int], batch_norm: bool = False):
         super().__init__()
         scale = 2 ** len(channels)
         self.start = (channels[-1], shape[1] // scale, shape[2] // scale)
-        self.head = nn.Sequential(nn.Linear(n_in, int(np.prod(self.start))), nn.ReLU())
+        width = int(np.prod(self.start))
+        self.head = nn.Sequential(nn.Linear(n_in, width), *([nn.BatchNorm1d(width)] if batch_norm else []), nn.ReLU())
         layers: list[nn.Module] = []
         reversed_channels = list(reversed(channels))
         for c_in, c_out in zip(reversed_channels, [*reversed_channels[1:], reversed_channels[-1]], strict=True):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1),
+                       *([nn.BatchNorm2d(c_out)] if batch_norm else []), nn.ReLU()]
         layers.append(nn.Conv2d(reversed_channels[-1], shape[0], 3, padding=1))
         self.body = nn.Sequential(*layers)
 
@@ -127,6 +133,13 @@ def check_architecture(hp: GenerativeHParams, data: datasets.Dataset) -> None:
         if data.shape[1] % scale or data.shape[2] % scale:
             raise ValueError(f"{len(hp.channels)} conv layers halve {data.shape[1]}x{data.shape[2]} images "
                              f"{len(hp.channels)} times: the size must be a multiple of {scale}")
+
+
+def _ray() -> Any:
+    """Ray, imported where data parallelism needs it: a trainer on one device runs without it."""
+    import ray
+
+    return ray
 
 
 def collective_backend(device_type: str, gpus_per_trial: float, world: int) -> str:
@@ -159,9 +172,12 @@ class GenerativeTrainer(Trainer):
             kwargs["n_train"] = self.hp.dataset_size
         self.data = datasets.load(spec.dataset, seed=seed, **kwargs)
         check_architecture(self.hp, self.data)
+        if self.device.type == "cuda":  # fixed shapes: let cuDNN pick its fastest convolution once
+            torch.backends.cudnn.benchmark = True
+        # 8-bit images stay uint8 on the device (a quarter of float32's memory) and become float per batch
         self.train_x = torch.as_tensor(self.data.train, device=self.device)
-        self.valid_x = torch.as_tensor(self.data.valid, device=self.device)
-        self.test_x = torch.as_tensor(self.data.test, device=self.device)
+        self.valid_x = torch.as_tensor(self.data.valid, device=self.device).float()
+        self.test_x = torch.as_tensor(self.data.test, device=self.device).float()
         self.rng = np.random.default_rng(derive_seed(seed, "batches", rank))
         self.batch = max(1, self.hp.batch_size // self.world)
         self.steps_per_epoch = math.ceil(len(self.train_x) / self.hp.batch_size)
@@ -189,6 +205,7 @@ class GenerativeTrainer(Trainer):
                 torch.manual_seed(derive_seed(seed, "dropout", rank))
                 self.dropout_rng = self._global_rng()
         self._helpers: list[Any] = []
+        self._classifier: Any = None
         self._group = False
         self._rank_states: list[dict[str, Any]] | None = None  # restored, for the helpers `_start_data_parallel` starts
 
@@ -207,6 +224,23 @@ class GenerativeTrainer(Trainer):
 
     def sample_images(self) -> dict[str, bytes]:
         return {}
+
+    # --- sample quality on 8-bit image datasets ------------------------------------------------------
+    @property
+    def has_image_metrics(self) -> bool:
+        """FD, KID, precision and recall apply: 8-bit images with class labels (digits has metrics of its own)."""
+        return self.data.is_image and self.data.levels == 255 and "train" in self.data.labels
+
+    def image_quality(self, samples: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+        """`GM.image_metrics` of samples against reference images (both in counts 0..255), in the features of
+        the dataset's classifier, trained on the whole train split whatever `dataset_kwargs.limit` says."""
+        if self._classifier is None:
+            whole = self.data
+            if self.spec.dataset_kwargs.get("limit") is not None:
+                kwargs = {k: v for k, v in self.spec.dataset_kwargs.items() if k != "limit"}
+                whole = datasets.load(self.data.name, seed=self.seed, **kwargs)
+            self._classifier, _ = GM.feature_classifier(whole.train, whole.labels["train"])
+        return GM.image_metrics(samples / 255.0, reference / 255.0, self._classifier)
 
     def autocast(self) -> Any:
         """bf16 autocast on CUDA when asked for; a no-op context otherwise."""
@@ -247,7 +281,7 @@ class GenerativeTrainer(Trainer):
             self._cursor = 0
         index = self._order[self._cursor:self._cursor + self.batch]
         self._cursor += self.batch
-        return self.train_x[torch.as_tensor(index, device=self.device)]
+        return self.train_x[torch.as_tensor(index, device=self.device)].float()
 
     def scaled(self, x: torch.Tensor) -> torch.Tensor:
         """Network input: count images scaled to [0, 1]; points as they are."""
@@ -282,11 +316,11 @@ class GenerativeTrainer(Trainer):
             # A rank that died breaks the collective here (gloo: the connection closed); say that a rank was
             # lost (Ray's own error: the driver retries the seed from its checkpoint), not that training failed.
             if pending:
-                ray.get(pending, timeout=60)
+                _ray().get(pending, timeout=60)
             raise
         self.steps += 1
         if pending:
-            ray.get(pending)
+            _ray().get(pending)
         return logged
 
     def evaluate(self) -> dict[str, float]:
@@ -368,7 +402,7 @@ class GenerativeTrainer(Trainer):
         if self.world == 1 or self.rank != 0:
             return None
         if self._helpers:
-            return ray.get([h.sampling_state.remote() for h in self._helpers])
+            return _ray().get([h.sampling_state.remote() for h in self._helpers])
         return self._rank_states
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -403,8 +437,12 @@ class GenerativeTrainer(Trainer):
         import torch.distributed as dist
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        group = ray.util.get_current_placement_group()
-        address, port = ray.util.get_node_ip_address(), free_port()
+        global RemoteDataParallelRank
+        if RemoteDataParallelRank is None:
+            RemoteDataParallelRank = _ray().remote(DataParallelRank)
+
+        group = _ray().util.get_current_placement_group()
+        address, port = _ray().util.get_node_ip_address(), free_port()
         res = self.spec.resources
         backend = collective_backend(self.device.type, res.gpus_per_trial, self.world)
         checkpoint = self.checkpoint_bytes()
@@ -435,20 +473,20 @@ class GenerativeTrainer(Trainer):
         joining = threading.Thread(target=init, name="labfleet-dp-init", daemon=True)
         joining.start()
         while joining.is_alive():
-            done, _ = ray.wait(joined, num_returns=len(joined), timeout=0.2, fetch_local=False)
+            done, _ = _ray().wait(joined, num_returns=len(joined), timeout=0.2, fetch_local=False)
             for ref in done:
-                ray.get(ref)  # finished already: only a helper that died (or raised) gets here
+                _ray().get(ref)  # finished already: only a helper that died (or raised) gets here
             joining.join(0.05)
         if failed:
-            ray.get(joined, timeout=60)  # a helper that died: say so
+            _ray().get(joined, timeout=60)  # a helper that died: say so
             raise failed[0]
         self._group = True
         try:
             self.attach_process_group()  # its broadcast meets the helpers' inside their `join`
         except RuntimeError:
-            ray.get(joined, timeout=60)
+            _ray().get(joined, timeout=60)
             raise
-        ray.get(joined)
+        _ray().get(joined)
 
     def attach_process_group(self) -> None:
         """Average gradients over ranks at every optimiser step; start from rank 0's parameters."""
@@ -476,12 +514,12 @@ class GenerativeTrainer(Trainer):
         return [p.detach().cpu().numpy().copy() for m in self.models.values() for p in m.parameters()]
 
     def helper_digests(self) -> list[list[np.ndarray]]:
-        return ray.get([h.parameter_digest.remote() for h in self._helpers])
+        return _ray().get([h.parameter_digest.remote() for h in self._helpers])
 
     def close(self) -> None:
         if self._helpers:
             for helper in self._helpers:
-                ray.kill(helper)
+                _ray().kill(helper)
             self._helpers = []
         if self._group:
             import torch.distributed as dist
@@ -533,4 +571,4 @@ class DataParallelRank:
         return self.trainer.parameter_digest()
 
 
-RemoteDataParallelRank = ray.remote(DataParallelRank)
+RemoteDataParallelRank: Any = None  # ray.remote(DataParallelRank), made when a trial first needs it

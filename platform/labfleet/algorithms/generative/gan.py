@@ -4,8 +4,10 @@ optional R1 gradient penalty (Mescheder et al. 2018).
 The value function is V(G, D) = E_x[log D(x)] + E_z[log(1 - D(G(z)))]. Each iteration takes `d_steps`
 discriminator steps on -V (binary cross-entropy with logits: real 1, generated 0) and one generator step:
 by default the non-saturating loss -E_z[log D(G(z))] (same fixed point, strong gradients early on), or,
-with `loss: saturating`, E_z[log(1 - D(G(z)))] as in the minimax game. With `pac: m` the discriminator
-judges m samples at once (concatenated), which penalises a generator that drops modes. `gp_weight: g` adds
+with `loss: saturating`, E_z[log(1 - D(G(z)))] as in the minimax game. With `loss: hinge` the discriminator
+minimises E[max(0, 1 - D(x))] + E[max(0, 1 + D(G(z)))] and the generator -E[D(G(z))] (Lim and Ye 2017).
+With `pac: m` the discriminator judges m samples at once (concatenated), which penalises a generator that
+drops modes. `gp_weight: g` adds
 g/2 * E_x ||grad_x D(x)||^2 on real data to the discriminator's loss. On points, `d_fourier_features: k` gives
 the discriminator random Fourier features of each point (`FourierFeatures`), so that it can see how sharp
 the generated modes are.
@@ -19,13 +21,16 @@ estimates log p_data(x) / p_g(x); a generated point is kept with probability min
 (evaluations, the validation metric, sample plots, `labfleet enjoy`) is drawn this way.
 
 Evaluation (2500 samples from fixed noise): on ring8/grid25 `eval/modes_covered`, `eval/high_quality_frac`
-and `eval/mode_kl`; on digits `eval/fd_digits` and `eval/confident_frac`. The validation metric for early
-stopping is `valid/mode_score` = mode_kl + (1 - high_quality_frac) on fresh samples (mixtures) or
-`valid/fd_digits` against the validation split (digits); lower is better.
+and `eval/mode_kl`; on digits `eval/fd_digits` and `eval/confident_frac`; on 8-bit image datasets
+(Fashion-MNIST, ...) `eval/fd`, `eval/kid`, `eval/precision` and `eval/recall` against the test split in a
+feature classifier's features (`metrics.image_metrics`). The validation metric for early stopping is
+`valid/mode_score` = mode_kl + (1 - high_quality_frac) on fresh samples (mixtures), `valid/fd_digits`
+(digits) or `valid/fd` (images) against the validation split; lower is better.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import ClassVar, Literal
 
@@ -111,7 +116,11 @@ class GANHParams(GenerativeHParams):
     d_learning_rate: float | None = Field(None, gt=0, description="The discriminator's; null: learning_rate.")
     latent_dim: PositiveInt = Field(16, description="Size of the generator's noise z ~ N(0, I).")
     d_hidden: list[Width] | None = Field(None, description="Discriminator MLP widths; null: hidden.")
-    loss: Literal["non_saturating", "saturating"] = "non_saturating"
+    loss: Literal["non_saturating", "saturating", "hinge"] = "non_saturating"
+    batch_norm: bool = Field(False, description="BatchNorm in the conv generator (DCGAN).")
+    spectral_norm: bool = Field(False, description="Spectral normalisation of the conv discriminator's layers.")
+    ema: float | None = Field(None, gt=0, lt=1, description="Decay of an exponential moving average of the "
+                              "generator's weights, which every sample is drawn from (e.g. 0.999); null: off.")
     gp_weight: float = Field(0.0, ge=0, description="R1 gradient penalty on real data; 0: off.")
     pac: PositiveInt = Field(1, description="Samples the discriminator judges together (PacGAN); 1: plain GAN.")
     d_steps: PositiveInt = Field(1, description="Discriminator steps per generator step.")
@@ -135,6 +144,8 @@ class GANHParams(GenerativeHParams):
     def _mlp_only(self) -> GANHParams:
         if self.d_fourier_features and self.architecture != "mlp":
             raise ValueError("d_fourier_features needs architecture mlp (points); set it to 0 for conv")
+        if (self.batch_norm or self.spectral_norm) and self.architecture != "conv":
+            raise ValueError("batch_norm and spectral_norm need architecture conv")
         if self.drs and self.architecture != "mlp":
             raise ValueError("drs needs architecture mlp (points): its critic reads Fourier features of points")
         if self.d_fourier_ramp is not None:
@@ -153,14 +164,22 @@ class GANTrainer(GenerativeTrainer):
     def build(self) -> None:
         shape, hp = self.data.shape, self.hp
         dim = int(np.prod(shape))
-        self.validation_name = "valid/fd_digits" if self.data.name == "digits" else "valid/mode_score"
+        if self.data.name == "digits":
+            self.validation_name = M.VALID_FD_DIGITS
+        elif self.data.is_image:
+            if not self.has_image_metrics:
+                raise ValueError(f"the GAN on {self.data.name} needs class labels (y_train) to train the feature "
+                                 "classifier its sample-quality metrics use")
+            self.validation_name = M.VALID_FD
+        else:
+            self.validation_name = M.VALID_MODE_SCORE
         if self.hp.batch_size // self.world % hp.pac:
             raise ValueError(f"batch_size per worker ({self.hp.batch_size // self.world}) must be a multiple of pac")
         self.fourier: FourierFeatures | None = None
         if hp.architecture == "conv":
-            self.generator: nn.Module = ConvDecoder(hp.latent_dim, shape, hp.channels)
+            self.generator: nn.Module = ConvDecoder(hp.latent_dim, shape, hp.channels, hp.batch_norm)
             packed = (shape[0] * hp.pac, *shape[1:])
-            self.discriminator: nn.Module = ConvEncoder(packed, hp.channels, 1, hp.dropout)
+            self.discriminator: nn.Module = ConvEncoder(packed, hp.channels, 1, hp.dropout, hp.spectral_norm)
         else:
             self.generator = mlp([hp.latent_dim, *hp.hidden, dim])
             d_hidden = hp.d_hidden or hp.hidden
@@ -175,6 +194,10 @@ class GANTrainer(GenerativeTrainer):
         d_hp = hp.model_copy(update={"learning_rate": hp.d_learning_rate}) if hp.d_learning_rate else hp
         self.optimizers = {"generator": ScheduledOptimizer(self.generator.parameters(), hp),
                            "discriminator": ScheduledOptimizer(self.discriminator.parameters(), d_hp)}
+        self.average: nn.Module | None = None
+        if hp.ema is not None:  # an average of the generator's weights (and BatchNorm statistics)
+            self.average = copy.deepcopy(self.generator).requires_grad_(False)
+            self.models["generator_ema"] = self.average
         self.critic: nn.Module | None = None
         if hp.drs:  # built last, so that the generator and discriminator start as they do without it
             self.critic = nn.Sequential(
@@ -186,14 +209,22 @@ class GANTrainer(GenerativeTrainer):
             self.optimizers["critic"] = ScheduledOptimizer(self.critic.parameters(), c_hp)
 
     # --- the networks ----------------------------------------------------------------------------------
-    def generate_scaled(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
-        """G(z) in the discriminator's input scale: [0, 1] images, or points."""
+    def generate_scaled(self, n: int, generator: torch.Generator | None, averaged: bool = False) -> torch.Tensor:
+        """G(z) in the discriminator's input scale: [0, 1] images, or points; from the averaged generator
+        when asked and there is one."""
         z = torch.randn(n, self.hp.latent_dim, generator=generator, device=self.device)
-        out = self.generator(z).reshape(n, *self.data.shape)
+        network = self.average if averaged and self.average is not None else self.generator
+        out = network(z).reshape(n, *self.data.shape)
         return torch.sigmoid(out) if self.data.levels else out
 
     def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        out = self.generate_scaled(n, generator) if self.critic is None else self.rejection_sample(n, generator)
+        if self.critic is not None:
+            out = self.rejection_sample(n, generator)
+        elif self.data.is_image:  # in chunks: bounded memory for conv generators
+            out = torch.cat([self.generate_scaled(len(chunk), generator, averaged=True)
+                             for chunk in torch.arange(n).split(1000)])
+        else:
+            out = self.generate_scaled(n, generator, averaged=True)
         return out * self.data.levels if self.data.levels else out
 
     @torch.no_grad()
@@ -239,15 +270,22 @@ class GANTrainer(GenerativeTrainer):
             fake = self.generate_scaled(len(real), self.torch_gen).detach()
             real_in = real.requires_grad_(True) if self.hp.gp_weight else real
             real_logits = self.judge(real_in)
-            # -V(G, D): -log D(x) - log(1 - D(G(z))), with log D = -softplus(-l), log(1 - D) = -softplus(l)
-            d_loss = softplus(-real_logits).mean() + softplus(self.judge(fake)).mean()
+            if self.hp.loss == "hinge":  # E[max(0, 1 - D(x))] + E[max(0, 1 + D(G(z)))]
+                d_loss = nn.functional.relu(1 - real_logits).mean() + nn.functional.relu(1 + self.judge(fake)).mean()
+            else:  # -V(G, D): -log D(x) - log(1 - D(G(z))), with log D = -softplus(-l), log(1 - D) = -softplus(l)
+                d_loss = softplus(-real_logits).mean() + softplus(self.judge(fake)).mean()
             if self.hp.gp_weight:
                 grad, = torch.autograd.grad(real_logits.sum(), real_in, create_graph=True)
                 d_loss = d_loss + 0.5 * self.hp.gp_weight * grad.pow(2).flatten(1).sum(1).mean()
             self.optimizers["discriminator"].step(d_loss, self.budget_fraction())
         fake_logits = self.judge(self.generate_scaled(len(real), self.torch_gen))
-        # non-saturating: -log D(G(z)); saturating (minimax): log(1 - D(G(z)))
-        g_loss = softplus(-fake_logits).mean() if self.hp.loss == "non_saturating" else -softplus(fake_logits).mean()
+        # non-saturating: -log D(G(z)); saturating (minimax): log(1 - D(G(z))); hinge: -D(G(z))
+        if self.hp.loss == "hinge":
+            g_loss = -fake_logits.mean()
+        elif self.hp.loss == "non_saturating":
+            g_loss = softplus(-fake_logits).mean()
+        else:
+            g_loss = -softplus(fake_logits).mean()
         for p in self.discriminator.parameters():
             p.requires_grad_(False)  # the generator's step leaves the discriminator's gradients alone
         try:
@@ -255,6 +293,8 @@ class GANTrainer(GenerativeTrainer):
         finally:
             for p in self.discriminator.parameters():
                 p.requires_grad_(True)
+        if self.average is not None:
+            self._update_average()
         logged = {"loss/generator": float(g_loss.detach()), "loss/discriminator": float(d_loss.detach()),
                   "train/grad_norm": g_norm,
                   "train/learning_rate": self.optimizers["generator"].learning_rate}
@@ -263,6 +303,15 @@ class GANTrainer(GenerativeTrainer):
             self.optimizers["critic"].step(c_loss, self.budget_fraction())
             logged[M.LOSS_CRITIC] = float(c_loss.detach())
         return logged
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        assert self.average is not None and self.hp.ema is not None
+        decay = self.hp.ema
+        for kept, current in zip(self.average.parameters(), self.generator.parameters(), strict=True):
+            kept.lerp_(current, 1 - decay)
+        for buffer, now in zip(self.average.buffers(), self.generator.buffers(), strict=True):
+            buffer.copy_(now)  # BatchNorm's running statistics and counts: the generator's own
 
     # --- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -273,12 +322,14 @@ class GANTrainer(GenerativeTrainer):
             return GM.mixture_metrics(samples.cpu().numpy(), self.data.modes, self.data.sigma)
         if self.data.name == "digits":
             return GM.digits_metrics(samples / 16.0, reference / 16.0)
-        return {}
+        return self.image_quality(samples, reference)
 
     def validation_metric(self) -> float:
         quality = self._quality(11, self.valid_x)
         if "eval/fd_digits" in quality:
             return quality["eval/fd_digits"]
+        if M.FD in quality:
+            return quality[M.FD]
         if "eval/mode_kl" in quality:
             return quality["eval/mode_kl"] + 1.0 - quality["eval/high_quality_frac"]
         raise ValueError(f"no validation metric for the GAN on {self.data.name}")
@@ -300,5 +351,7 @@ register(AlgorithmInfo(
     name="gan", kind="generative", hparams=GANHParams, trainer=GANTrainer,
     summary="GAN (non-saturating or minimax loss, PacGAN packing, R1 gradient penalty)",
     rollout_workers=False, primary_metric="eval/modes_covered", budget_units=("iterations", "epochs"),
-    eval_metrics=(M.GAN_MODES_COVERED, M.GAN_HIGH_QUALITY_FRAC, M.GAN_MODE_KL, M.FD_DIGITS, M.CONFIDENT_FRAC),
+    dataset_metrics={"digits": M.FD_DIGITS, "fashion_mnist": M.FD, "mnist": M.FD, "images": M.FD},
+    eval_metrics=(M.GAN_MODES_COVERED, M.GAN_HIGH_QUALITY_FRAC, M.GAN_MODE_KL, M.FD_DIGITS, M.CONFIDENT_FRAC,
+                  M.FD, M.KID, M.PRECISION, M.RECALL),
 ))

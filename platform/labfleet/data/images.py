@@ -1,0 +1,206 @@
+"""8-bit image datasets from local files; nothing is ever downloaded.
+
+Two formats:
+- a `.npz` file with `x_train` and `x_test` (uint8, (n, H, W) or (n, H, W, C)) and, optionally, `y_train` and
+  `y_test` (integer class labels), as `numpy.savez` writes them (torchvision's and Keras's MNIST arrays saved
+  that way, or anything of one's own);
+- a directory of IDX files as LeCun's MNIST and Zalando's Fashion-MNIST ship them
+  (`train-images-idx3-ubyte`, `t10k-images-idx3-ubyte` and the two `*-labels-idx1-ubyte`, each optionally
+  gzipped).
+
+Images come back as uint8 arrays of shape (n, C, H, W). `fashion_mnist` without a path is looked for under
+`$LABFLEET_DATA/fashion-mnist`, then where Debian's `dataset-fashion-mnist` package installs it
+(`/usr/share/datasets/fashion-mnist`). `describe` reads only the files' headers, so that `labfleet validate`
+knows the image shape without loading the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
+PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
+IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+IDX_TYPES: dict[int, np.dtype] = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+                                  0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class ImageDataError(ValueError):
+    """Files that are not an image dataset labfleet can read: the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """What the headers say: the source, one image's shape (C, H, W), the split sizes, labels or not."""
+
+    source: Path
+    shape: tuple[int, int, int]
+    n_train: int
+    n_test: int
+    labels: bool
+
+
+def locate(name: str, path: str | None) -> Path:
+    """The file or directory a dataset is read from."""
+    if path is not None:
+        source = Path(path).expanduser()
+        if not source.exists():
+            raise FileNotFoundError(f"{name}: no file {source} (give dataset_kwargs.path: a local .npz with x_train "
+                                    f"and x_test, or a directory of IDX files; labfleet downloads nothing)")
+        return source
+    candidates = []
+    if os.environ.get("LABFLEET_DATA"):
+        candidates.append(Path(os.environ["LABFLEET_DATA"]) / name.replace("_", "-"))
+    if name in DEBIAN_DIRS:
+        candidates.append(DEBIAN_DIRS[name])
+    for candidate in candidates:
+        if candidate.is_dir() and _idx_file(candidate, "x_train") is not None:
+            return candidate
+    hint = (f"install Debian's {PACKAGES[name]} package (apt-get install {PACKAGES[name]}), or "
+            if name in PACKAGES else "")
+    raise FileNotFoundError(f"{name}: no local copy found; {hint}give dataset_kwargs.path (a .npz, or a "
+                            "directory of IDX files); labfleet downloads nothing")
+
+
+def describe(name: str, path: str | None) -> ImageFiles:
+    """The shape, sizes and labels of a dataset's files, read from their headers only."""
+    source = locate(name, path)
+    if source.is_dir():
+        shapes = {key: _idx_header(file, key)[1] for key in IDX_FILES if (file := _idx_file(source, key))}
+        _require(source, shapes, ("x_train", "x_test"))
+    else:
+        shapes = _npz_shapes(source)
+    x_train, x_test = shapes["x_train"], shapes["x_test"]
+    image = _image_shape(source, "x_train", x_train)
+    if _image_shape(source, "x_test", x_test) != image:
+        raise ImageDataError(f"{source}: x_train images are {_shown(x_train[1:])} but x_test images are "
+                             f"{_shown(x_test[1:])}; both splits must have one shape")
+    for x, y in (("x_train", "y_train"), ("x_test", "y_test")):
+        if y in shapes and shapes[y][:1] != shapes[x][:1]:
+            raise ImageDataError(f"{source}: {y} has {shapes[y][0]} labels for {shapes[x][0]} images in {x}")
+    return ImageFiles(source, image, x_train[0], x_test[0], "y_train" in shapes)
+
+
+def read(name: str, path: str | None) -> dict[str, np.ndarray]:
+    """x_train, x_test as uint8 (n, C, H, W); y_train, y_test as int64 where the files have them."""
+    info = describe(name, path)
+    source = info.source
+    arrays: dict[str, np.ndarray] = {}
+    if source.is_dir():
+        for key in IDX_FILES:
+            if (file := _idx_file(source, key)) is not None:
+                arrays[key] = _idx_read(file, key)
+    else:
+        with np.load(source, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in IDX_FILES if key in data}
+    out: dict[str, np.ndarray] = {}
+    for key, array in arrays.items():
+        if key.startswith("x"):
+            if array.dtype != np.uint8:
+                raise ImageDataError(f"{source}: {key} holds {array.dtype}; 8-bit images (uint8) are expected")
+            array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
+            out[key] = np.ascontiguousarray(array)
+        else:
+            if not np.issubdtype(array.dtype, np.integer):
+                raise ImageDataError(f"{source}: {key} holds {array.dtype}; integer class labels are expected")
+            out[key] = array.astype(np.int64).reshape(-1)
+    return out
+
+
+# --- headers ------------------------------------------------------------------------------------------
+def _shown(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _require(source: Path, shapes: dict[str, tuple[int, ...]], keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in shapes]
+    if missing:
+        names = ", ".join(IDX_FILES[k] if source.is_dir() else k for k in missing)
+        raise ImageDataError(f"{source}: no {names} (a dataset needs a train and a test split)")
+
+
+def _image_shape(source: Path, key: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) == 3:
+        return (1, shape[1], shape[2])
+    if len(shape) == 4 and shape[3] in (1, 3, 4):
+        return (shape[3], shape[1], shape[2])
+    raise ImageDataError(f"{source}: {key} has shape {_shown(shape)}; images are (n, H, W) or (n, H, W, C) with "
+                         "C 1, 3 or 4")
+
+
+def _npz_shapes(source: Path) -> dict[str, tuple[int, ...]]:
+    if source.suffix != ".npz":
+        raise ImageDataError(f"{source}: expected a .npz file or a directory of IDX files")
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ImageDataError(f"{source}: not a .npz archive ({exc})") from None
+    shapes: dict[str, tuple[int, ...]] = {}
+    with archive:
+        for key in IDX_FILES:
+            if f"{key}.npy" not in archive.namelist():
+                continue
+            with archive.open(f"{key}.npy") as member:
+                try:
+                    version = np.lib.format.read_magic(member)
+                    shape, _, dtype = _npy_header(member, version)
+                except ValueError as exc:
+                    raise ImageDataError(f"{source}: {key} is not a numpy array ({exc})") from None
+            if key.startswith("x") and dtype != np.uint8:
+                raise ImageDataError(f"{source}: {key} holds {dtype}; 8-bit images (uint8) are expected")
+            shapes[key] = shape
+    _require(source, shapes, ("x_train", "x_test"))
+    return shapes
+
+
+def _npy_header(member: IO[bytes], version: tuple[int, int]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    return np.lib.format.read_array_header_2_0(member)
+
+
+def _idx_file(directory: Path, key: str) -> Path | None:
+    for candidate in (directory / IDX_FILES[key], directory / f"{IDX_FILES[key]}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _open_idx(file: Path) -> IO[bytes]:
+    if file.suffix == ".gz":
+        return gzip.open(file, "rb")  # type: ignore[return-value]  # a GzipFile reads bytes
+    return open(file, "rb")  # noqa: SIM115 (returned to a with block)
+
+
+def _idx_header(file: Path, key: str) -> tuple[np.dtype, tuple[int, ...]]:
+    try:
+        with _open_idx(file) as handle:
+            magic = handle.read(4)
+            if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in IDX_TYPES or not 1 <= magic[3] <= 4:
+                raise ImageDataError(f"{file}: not an IDX file (its first bytes are {magic!r})")
+            dims = tuple(int.from_bytes(handle.read(4), "big") for _ in range(magic[3]))
+    except (OSError, EOFError) as exc:
+        raise ImageDataError(f"{file}: cannot be read ({exc})") from None
+    dtype = IDX_TYPES[magic[2]]
+    if key.startswith("x") and dtype != np.uint8:
+        raise ImageDataError(f"{file}: holds {dtype}; 8-bit images (uint8) are expected")
+    return dtype, dims
+
+
+def _idx_read(file: Path, key: str) -> np.ndarray:
+    dtype, dims = _idx_header(file, key)
+    with _open_idx(file) as handle:
+        handle.read(4 + 4 * len(dims))
+        data = handle.read()
+    count = int(np.prod(dims))
+    if len(data) < count * dtype.itemsize:
+        raise ImageDataError(f"{file}: truncated ({len(data)} bytes of data for {_shown(dims)} values)")
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(dims).copy()  # writable, as torch wants

@@ -1,0 +1,225 @@
+"""Image datasets from local files (npz, IDX, Debian's Fashion-MNIST), the discrete image likelihoods, the
+sample-quality metrics against hand computations, and short learning runs on a Fashion-MNIST subset."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy import linalg, stats
+from typer.testing import CliRunner
+
+from labfleet.algorithms import registry
+from labfleet.algorithms.generative import metrics as GM
+from labfleet.cli import app
+from labfleet.data import datasets, images
+from labfleet.spec.loading import load_spec
+from tests.conftest import EXPERIMENTS
+
+FASHION = images.DEBIAN_DIRS["fashion_mnist"]
+
+
+def _fashion_mnist() -> None:
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        message = "Debian's dataset-fashion-mnist is not installed (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _write_idx(file: Path, array: np.ndarray) -> None:
+    code = {np.uint8: 0x08, np.int32: 0x0C}[array.dtype.type]
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(file, "wb") as handle:
+        handle.write(header + array.astype(array.dtype.newbyteorder(">")).tobytes())
+
+
+def test_npz_and_idx_files_round_trip_with_their_shapes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    grey = {"x_train": rng.integers(0, 256, (60, 12, 16), dtype=np.uint8), "y_train": rng.integers(0, 3, 60),
+            "x_test": rng.integers(0, 256, (20, 12, 16), dtype=np.uint8), "y_test": rng.integers(0, 3, 20)}
+    np.savez(tmp_path / "grey.npz", **grey)
+    rgb = {"x_train": rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8),
+           "x_test": rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)}
+    np.savez(tmp_path / "rgb.npz", **rgb)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for key, name in images.IDX_FILES.items():
+        _write_idx(idx / f"{name}.gz", grey[key].astype(np.uint8 if key.startswith("x") else np.int32))
+
+    for source in (tmp_path / "grey.npz", idx):
+        info = images.describe("images", str(source))
+        assert (info.shape, info.n_train, info.n_test, info.labels) == ((1, 12, 16), 60, 20, True)
+        arrays = images.read("images", str(source))
+        assert np.array_equal(arrays["x_train"][:, 0], grey["x_train"]) and arrays["x_train"].dtype == np.uint8
+        assert np.array_equal(arrays["y_test"], grey["y_test"])
+    info = images.describe("images", str(tmp_path / "rgb.npz"))
+    assert (info.shape, info.labels) == ((3, 8, 8), False)
+    assert np.array_equal(images.read("images", str(tmp_path / "rgb.npz"))["x_test"],
+                          rgb["x_test"].transpose(0, 3, 1, 2))
+
+    data = datasets.load("images", path=str(tmp_path / "grey.npz"), n_valid=10, limit=30, eval_limit=8)
+    assert (len(data.train), len(data.valid), len(data.test), data.shape) == (30, 8, 8, (1, 12, 16))
+    again = datasets.load("images", seed=5, path=str(tmp_path / "grey.npz"), n_valid=10)
+    assert np.array_equal(again.valid[:8], data.valid)  # the held-out split does not depend on seed or limit
+    assert np.array_equal(again.train[:30], data.train)  # `limit` keeps the first training images
+    assert not {tuple(x.ravel()) for x in data.valid} & {tuple(x.ravel()) for x in again.train}
+
+
+@pytest.mark.parametrize("case, field, words", [
+    ("float", "dataset_kwargs.path", "uint8"),
+    ("mixed", "dataset_kwargs.path", "one shape"),
+    ("no-test", "dataset_kwargs.path", "x_test"),
+    ("labels", "dataset_kwargs.path", "labels for"),
+    ("not-npz", "dataset_kwargs.path", "not a .npz"),
+    ("bad-kwarg", "dataset_kwargs.shuffle", "takes no argument"),
+    ("gan-no-labels", "dataset", "y_train"),
+    ("n-valid", "dataset_kwargs.n_valid", "none to train"),
+])
+def test_bad_image_files_are_refused_at_validation(tmp_path: Path, case: str, field: str, words: str) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8)
+    arrays = {"x_train": x, "x_test": x[:10], "y_train": np.zeros(40, dtype=np.int64)}
+    algorithm, kwargs = "vae", {}
+    if case == "float":
+        arrays["x_train"] = x.astype(np.float32)
+    elif case == "mixed":
+        arrays["x_test"] = rng.integers(0, 256, (10, 4, 4), dtype=np.uint8)
+    elif case == "no-test":
+        del arrays["x_test"]
+    elif case == "labels":
+        arrays["y_train"] = np.zeros(39, dtype=np.int64)
+    elif case == "bad-kwarg":
+        kwargs = {"shuffle": True}
+    elif case == "gan-no-labels":
+        del arrays["y_train"]
+        algorithm = "gan"
+    elif case == "n-valid":
+        kwargs = {"n_valid": 40}
+    data_file = tmp_path / "data.npz"
+    if case == "not-npz":
+        data_file.write_text("pixels")
+    else:
+        np.savez(data_file, **arrays)
+    spec = {"name": "img", "algorithm": algorithm, "dataset": "images", "seeds": [0], "budget": {"iterations": 2},
+            "dataset_kwargs": {"path": str(data_file), **kwargs}, "hparams": {"architecture": "conv"}}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["validate", str(spec_file)])
+    assert result.exit_code == 2, result.output
+    assert f"{field}:" in result.output and words in result.output, result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([data_file.name, "spec.yaml"])
+
+
+def test_discretised_logistic_is_a_distribution_over_the_levels() -> None:
+    n = 255
+    levels = torch.arange(n + 1, dtype=torch.float32).reshape(-1, 1)
+    for location, log_scale in ((0.0, -3.0), (2.0, -1.0), (-4.0, -6.0), (0.3, 0.5)):
+        logits = torch.full_like(levels, location)
+        log_p = GM.discretized_logistic_log_prob(levels, logits, torch.full_like(levels, log_scale), n)
+        assert float(torch.logsumexp(log_p.double(), 0)) == pytest.approx(0.0, abs=2e-4), (location, log_scale)
+    # an inner level's mass is the logistic CDF's difference over its bin
+    mu, s = 1 / (1 + math.exp(-0.4)), math.exp(-2.0)
+    expected = stats.logistic.cdf(100.5 / n, mu, s) - stats.logistic.cdf(99.5 / n, mu, s)
+    got = GM.discretized_logistic_log_prob(torch.tensor([[100.0]]), torch.tensor([[0.4]]), torch.tensor([[-2.0]]), n)
+    assert float(got.exp()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_pixel_histogram_baseline_is_the_smoothed_categorical() -> None:
+    rng = np.random.default_rng(1)
+    train, test = rng.integers(0, 4, (50, 3)), rng.integers(0, 4, (7, 3))
+    nll = 0.0
+    for d in range(3):
+        p = (np.bincount(train[:, d], minlength=4) + 1) / (50 + 4)
+        nll -= np.log(p[test[:, d]]).sum()
+    assert GM.pixel_histogram_nll(train, test, 3) == pytest.approx(nll / 7)
+
+
+def test_fd_kid_precision_recall_against_hand_computations() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (400, 3)), rng.normal(0.5, 2, (500, 3))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)
+    assert GM.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+    x, y = rng.normal(0, 1, (30, 4)), rng.normal(1, 1, (30, 4))
+
+    def k(u, v):
+        return (u @ v.T / 4 + 1) ** 3
+
+    m = 30
+    mmd = ((k(x, x).sum() - np.trace(k(x, x))) / (m * (m - 1)) + (k(y, y).sum() - np.trace(k(y, y))) / (m * (m - 1))
+           - 2 * k(x, y).mean())
+    assert GM.kernel_inception_distance(x, y, subsets=3, size=30) == pytest.approx(mmd)  # every subset is all
+    same = GM.kernel_inception_distance(a[:200], a[200:], subsets=5, size=200)  # unbiased: about 0
+    assert abs(same) < 0.05 * GM.kernel_inception_distance(a, b, subsets=5, size=200)
+
+    real = np.array([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])
+    fake = np.array([[0.5], [1.5], [11.0], [50.0]])
+    precision, recall = GM.precision_recall(real, fake, k=1)
+    # real radii (1st neighbour): 1 each; fake points within: 0.5, 1.5, 11 -> 3 of 4
+    # fake radii: 1, 1, 9.5, 39 -> real points within: 0, 1, 2 (near 0.5/1.5), 10, 11, 12 (near 11 or 50) -> 6 of 6
+    assert (precision, recall) == (0.75, 1.0)
+
+
+@pytest.mark.slow
+def test_conv_vae_on_fashion_mnist_beats_the_independent_pixel_baseline(tmp_path: Path, monkeypatch) -> None:
+    _fashion_mnist()
+    monkeypatch.setenv("LABFLEET_CACHE", str(tmp_path))
+    spec = load_spec(EXPERIMENTS / "fashion_mnist_vae.yaml", {
+        "dataset_kwargs": {"limit": 5000, "eval_limit": 1000}, "budget": {"iterations": 300},
+        "hparams.elbo_samples": 2})
+    trainer = registry.get("vae").trainer(spec, 0, "cpu")
+    while not trainer.done:
+        trainer.train_iteration()
+    result = trainer.evaluate()
+    baseline_bits = result["eval/baseline_nll"] / (784 * math.log(2))
+    assert result["eval/bits_per_dim"] < baseline_bits - 0.3, result
+    assert {"eval/fd", "eval/kid", "eval/precision", "eval/recall"} <= set(result)
+    assert {"samples/step_00000300.png", "reconstructions/step_00000300.png"} <= set(trainer.media())
+
+
+@pytest.mark.slow
+def test_dcgan_on_fashion_mnist_beats_a_gaussian_fit(tmp_path: Path, monkeypatch) -> None:
+    _fashion_mnist()
+    monkeypatch.setenv("LABFLEET_CACHE", str(tmp_path))
+    spec = load_spec(EXPERIMENTS / "fashion_mnist_dcgan.yaml", {
+        "dataset_kwargs": {"limit": 2000, "eval_limit": 2500}, "budget.iterations": 600})
+    trainer = registry.get("gan").trainer(spec, 0, "cpu")
+    while not trainer.done:
+        trainer.train_iteration()
+    result = trainer.evaluate()
+    # the trivial generator: independent Gaussian pixels fitted to the training images
+    train = trainer.data.train.reshape(len(trainer.data.train), -1).astype(np.float64)
+    rng = np.random.default_rng(0)
+    fitted = np.clip(train.mean(0) + train.std(0) * rng.standard_normal((2500, 784)), 0, 255)
+    trivial = trainer.image_quality(torch.as_tensor(fitted, dtype=torch.float32).reshape(-1, 1, 28, 28),
+                                    trainer.test_x)
+    assert result["eval/fd"] < 0.5 * trivial["eval/fd"], (result, trivial)
+    assert result["eval/recall"] > trivial["eval/recall"]
+
+
+def test_the_feature_classifier_is_trained_once_and_cached_on_disk(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LABFLEET_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    train = (rng.integers(0, 100, (300, 1, 6, 6)) + 150 * labels[:, None, None, None]).astype(np.uint8)
+    model, accuracy = GM.feature_classifier(train, labels, train, labels)
+    assert accuracy > 0.95
+    (file,) = tmp_path.glob("feature-classifiers/*.pt")
+    monkeypatch.setattr(GM, "_CLASSIFIERS", {})  # a new process: only the disk cache is left
+    torch.save({k: v + 1 for k, v in model.state_dict().items()}, file)  # marked, to see it is read back
+    again, _ = GM.feature_classifier(train, labels)
+    assert all(torch.equal(again.state_dict()[k], v + 1) for k, v in model.state_dict().items())
+    file.write_bytes(b"garbage")  # a damaged cache file is replaced, not trusted
+    monkeypatch.setattr(GM, "_CLASSIFIERS", {})
+    third, _ = GM.feature_classifier(train, labels)
+    assert all(torch.equal(third.state_dict()[k], v) for k, v in model.state_dict().items())

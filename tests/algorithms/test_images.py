@@ -223,3 +223,19 @@ def test_the_feature_classifier_is_trained_once_and_cached_on_disk(tmp_path: Pat
     monkeypatch.setattr(GM, "_CLASSIFIERS", {})
     third, _ = GM.feature_classifier(train, labels)
     assert all(torch.equal(third.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_sample_grids_draw_colour_images_in_colour() -> None:
+    import io
+
+    from matplotlib import image
+
+    from labfleet.algorithms.generative.plots import image_grid_png
+
+    red = np.zeros((4, 3, 16, 16))
+    red[:, 0] = 1.0
+    pixels = image.imread(io.BytesIO(image_grid_png(red, "red")))[..., :3]
+    reddish = (pixels[..., 0] > 0.9) & (pixels[..., 1] < 0.1) & (pixels[..., 2] < 0.1)
+    assert reddish.mean() > 0.3  # the tiles are red, not the grey of one channel
+    grey = image.imread(io.BytesIO(image_grid_png(red[:, :1], "grey")))[..., :3]
+    assert np.allclose(grey[..., 0], grey[..., 1], atol=0.02)  # one channel: grey

@@ -25,17 +25,23 @@ def _png(plt, fig) -> bytes:  # type: ignore[no-untyped-def]
 
 
 def image_grid_png(images: np.ndarray, title: str) -> bytes:
-    """(n, C, H, W) images in [0, 1] as one grid of gray tiles."""
-    n, _, h, w = images.shape
+    """(n, C, H, W) images in [0, 1] as one grid of tiles: grey for one channel (0 black, 1 white), colour
+    for three (RGB) or four (RGBA, drawn without its alpha), on a mid-grey frame."""
+    n, channels, h, w = images.shape
+    shown = 1 if channels == 1 else 3
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1))
+    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, shown), 0.5)
+    tiles = np.clip(images[:, :shown].transpose(0, 2, 3, 1), 0, 1)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = images[i, 0]
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = tiles[i]
     plt, fig = _figure(4, 4 * rows / cols + 0.4)
     ax = fig.add_subplot()
-    ax.imshow(np.clip(grid, 0, 1), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    if shown == 1:
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     return _png(plt, fig)

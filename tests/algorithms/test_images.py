@@ -239,3 +239,64 @@ def test_sample_grids_draw_colour_images_in_colour() -> None:
     assert reddish.mean() > 0.3  # the tiles are red, not the grey of one channel
     grey = image.imread(io.BytesIO(image_grid_png(red[:, :1], "grey")))[..., :3]
     assert np.allclose(grey[..., 0], grey[..., 1], atol=0.02)  # one channel: grey
+
+
+def test_likelihoods_of_bf16_outputs_are_summed_in_float32() -> None:
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 1, 28, 28), generator=rng).float()
+    logits, log_scale = torch.randn(4, 1, 28, 28, generator=rng), torch.randn(4, 1, 28, 28, generator=rng) - 3
+    exact = GM.discretized_logistic_log_prob(x, logits, log_scale, 255)
+    low = GM.discretized_logistic_log_prob(x, logits.bfloat16(), log_scale.bfloat16(), 255)
+    assert low.dtype == torch.float32
+    # only the inputs' rounding differs: far below what bf16 arithmetic over 784 pixels would lose
+    assert torch.allclose(low, GM.discretized_logistic_log_prob(x, logits.bfloat16().float(),
+                                                                log_scale.bfloat16().float(), 255))
+    assert (low - exact).abs().max() < 0.02 * exact.abs().max()
+    binomial = GM.binomial_log_prob(x, logits.bfloat16(), 255)
+    assert binomial.dtype == torch.float32
+
+
+def test_a_folder_of_png_and_jpeg_images_with_class_subfolders(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 2)):
+        for label, colour in ((0, (255, 0, 0)), (1, (0, 0, 255))):
+            folder = tmp_path / "shapes" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.integers(0, 20, (10, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    path = str(tmp_path / "shapes")
+    info = images.describe("images", path)
+    assert (info.shape, info.n_train, info.n_test, info.labels) == ((3, 10, 12), 12, 4, True)
+    arrays = images.read("images", path)
+    assert arrays["x_train"].shape == (12, 3, 10, 12) and arrays["y_test"].tolist() == [0, 0, 1, 1]
+    assert (arrays["x_train"][arrays["y_train"] == 0][:, 0] > 200).all()  # class0 is red
+    assert (arrays["x_train"][arrays["y_train"] == 1][:, 2] > 200).all()
+    data = datasets.load("images", path=path, n_valid=2, size=[8, 8])
+    assert data.shape == (3, 8, 8) and len(data.train) == 10 and len(data.test) == 4
+
+    Image.fromarray(np.zeros((5, 5, 3), dtype=np.uint8)).save(tmp_path / "shapes" / "test" / "class1" / "odd.png")
+    with pytest.raises(images.ImageDataError, match="several sizes"):
+        images.describe("images", path)
+    assert images.describe("images", path, (8, 8)).shape == (3, 8, 8)
+
+
+def test_bernoulli_likelihood_binarises_training_afresh_and_evaluation_once(tmp_path: Path, monkeypatch) -> None:
+    _fashion_mnist()
+    monkeypatch.setenv("LABFLEET_CACHE", str(tmp_path))
+    spec = load_spec(EXPERIMENTS / "fashion_mnist_vae.yaml", {
+        "dataset_kwargs": {"limit": 3000, "eval_limit": 300}, "budget": {"iterations": 80},
+        "hparams.likelihood": "bernoulli"})
+    a, b = (registry.get("vae").trainer(spec, seed, "cpu") for seed in (0, 1))
+    assert torch.equal(a.test_target, b.test_target)  # one fixed binarisation, whatever the seed
+    assert set(a.test_target.unique().tolist()) == {0.0, 255.0}
+    assert abs(float(a.test_target.mean() - a.test_x.mean())) < 3.0  # on with probability intensity / 255
+    batch = a.train_x[:64].float()
+    assert not torch.equal(a.binarise(batch, a.torch_gen), a.binarise(batch, a.torch_gen))  # afresh each time
+    while not a.done:
+        a.train_iteration()
+    result = a.evaluate()
+    assert result["eval/neg_elbo"] < result["eval/baseline_nll"], result
+    assert result["eval/bits_per_dim"] == pytest.approx(result["eval/neg_elbo"] / (784 * math.log(2)))

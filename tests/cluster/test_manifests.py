@@ -34,7 +34,9 @@ def _containers(node):
 
 def test_dockerfile_builds_from_files_that_exist():
     text = (DEPLOY / "Dockerfile").read_text()
-    assert re.search(r"^FROM rayproject/ray:2\.60\.\d+-py311", text, re.M)
+    assert re.search(r"^ARG RAY_IMAGE=rayproject/ray:2\.60\.\d+-py311$", text, re.M)
+    assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.M)
+    assert "--build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu" in text  # the GPU variant, documented
     for source in re.findall(r"^COPY(?: --\S+)* (.+) \S+$", text, re.M):
         for name in source.split():
             assert (REPO / name).exists(), f"Dockerfile copies {name}, which the repository lacks"
@@ -49,7 +51,7 @@ def test_kubernetes_manifests_use_the_image_token_auth_and_secrets():
         for doc in _documents(path):
             kinds.add(doc["kind"])
             for container in _containers(doc):
-                assert container["image"] == IMAGE, (path.name, container["image"])
+                assert container["image"] in (IMAGE, f"{IMAGE}-gpu"), (path.name, container["image"])
                 env = {e["name"]: e for e in container.get("env", [])}
                 if container["name"].startswith("ray-"):
                     assert env["RAY_AUTH_MODE"]["value"] == "token", path.name
@@ -59,6 +61,13 @@ def test_kubernetes_manifests_use_the_image_token_auth_and_secrets():
                             and name != "RAY_AUTH_MODE":
                         assert "valueFrom" in entry and "value" not in entry, f"{path.name}: {name} is not a secret"
     assert {"RayCluster", "RayJob", "Deployment", "Service"} <= kinds
+    (cluster,) = _documents(DEPLOY / "kuberay" / "raycluster.yaml")
+    groups = {g["groupName"]: g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]}
+    (gpu,) = groups["gpu"]["containers"]
+    assert gpu["image"] == f"{IMAGE}-gpu" and gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for spec in [cluster["spec"]["headGroupSpec"]["template"]["spec"], *groups.values()]:
+        shm = {v["name"] for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
+        assert any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in spec["containers"][0]["volumeMounts"])
     mlflow = (DEPLOY / "mlflow" / "mlflow.yaml").read_text()
     assert "--app-name basic-auth" in mlflow and "MLFLOW_ADMIN_PASSWORD" in mlflow
 

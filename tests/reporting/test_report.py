@@ -308,3 +308,32 @@ def test_report_opens_a_tagged_storage_read_only_and_never_shows_a_password(tmp_
     assert "S3CRETPW" not in second.output
     for file in (tmp_path / "b").iterdir():
         assert b"S3CRETPW" not in file.read_bytes(), f"{file.name} holds the password"
+
+
+def test_a_report_on_generative_runs_shows_their_latest_sample_grids(tmp_path: Path):
+    from labfleet.algorithms.generative.plots import image_grid_png
+    from labfleet.reporting.report import build_report
+    from labfleet.tracking.runs import Tracker
+
+    store = f"sqlite:///{tmp_path / 'gen.db'}"
+    tracker = Tracker(store)
+    suite = tracker.start_run("gen", "suite", "gen")
+    grids = {}
+    for label, algorithm in (("fm-vae", "vae"), ("fm-gan", "gan")):
+        trial = tracker.start_run("gen", "trial", label, suite, tags={"labfleet.algorithm": algorithm})
+        seed = tracker.start_run("gen", "seed", f"{label}/seed=0", trial, tags={"labfleet.algorithm": algorithm})
+        for step, shade in ((10, 0.2), (20, 0.9)):  # the report shows the last grid
+            grid = image_grid_png(np.full((4, 1, 8, 8), shade), f"{label} {step}")
+            tracker.log_bytes(seed, f"samples/step_{step:08d}.png", grid)
+            grids[label] = grid
+        tracker.log_metrics(seed, {"eval/neg_elbo": 1.0, "eval/fd": 2.0}, 20)
+        tracker.log_metrics(trial, {"eval/neg_elbo": 1.0, "eval/fd": 2.0}, 20)
+        for run in (seed, trial):
+            tracker.end_run(run, "FINISHED")
+    tracker.close()
+    report = build_report(MlflowClient(store), "gen", tmp_path / "out")
+    for label in ("fm-vae", "fm-gan"):
+        assert (tmp_path / "out" / f"samples_{label}.png").read_bytes() == grids[label]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<figure>") >= 2 and "samples fm-vae" in page
+    assert report.files

@@ -9,7 +9,9 @@
 - `fashion_mnist`, `mnist`, `images`: uint8 images read from local files (`labfleet.data.images`), never
   downloaded. `fashion_mnist` is found where Debian's `dataset-fashion-mnist` package puts it (or under
   `$LABFLEET_DATA/fashion-mnist`); `dataset_kwargs.path` names any `.npz` file (`x_train`, `x_test`,
-  optional `y_train`, `y_test`; (n, H, W) or (n, H, W, C)) or a directory of IDX files. The validation split
+  optional `y_train`, `y_test`; (n, H, W) or (n, H, W, C)), a directory of IDX files, or a folder of PNG /
+  JPEG files in `train/` and `test/` (class subfolders as labels; `size: [H, W]` scales and centre-crops
+  them). The validation split
   is `n_valid` training images (default: a tenth, at most 5000) chosen by a fixed permutation; `limit: N`
   trains on the first N of the rest, `eval_limit: M` keeps the first M of the validation and test splits
   (both fixed, whatever the seed).
@@ -111,11 +113,12 @@ def default_n_valid(n_train: int) -> int:
 
 
 def load_image_files(name: str, seed: int = 0, path: str | None = None, n_valid: int | None = None,
-                     limit: int | None = None, eval_limit: int | None = None) -> Dataset:
+                     limit: int | None = None, eval_limit: int | None = None,
+                     size: list[int] | None = None) -> Dataset:
     """8-bit images from local files (see `labfleet.data.images`), split into train / valid / test."""
     from labfleet.data import images
 
-    arrays = images.read(name, path)
+    arrays = images.read(name, path, None if size is None else (int(size[0]), int(size[1])))
     x_train, y_train = arrays["x_train"], arrays.get("y_train")
     n_valid = default_n_valid(len(x_train)) if n_valid is None else n_valid
     order = np.random.default_rng(SPLIT_SEED).permutation(len(x_train))
@@ -137,7 +140,7 @@ def _image_source(name: str) -> Callable[..., Dataset]:
     return load_named
 
 
-IMAGE_KWARGS = ("path", "n_valid", "limit", "eval_limit")
+IMAGE_KWARGS = ("path", "n_valid", "limit", "eval_limit", "size")
 
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", "scikit-learn digits, 8x8 images (counts 0..16), 1257/270/270 split",

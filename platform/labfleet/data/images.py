@@ -1,12 +1,16 @@
 """8-bit image datasets from local files; nothing is ever downloaded.
 
-Two formats:
+Three formats:
 - a `.npz` file with `x_train` and `x_test` (uint8, (n, H, W) or (n, H, W, C)) and, optionally, `y_train` and
   `y_test` (integer class labels), as `numpy.savez` writes them (torchvision's and Keras's MNIST arrays saved
   that way, or anything of one's own);
 - a directory of IDX files as LeCun's MNIST and Zalando's Fashion-MNIST ship them
   (`train-images-idx3-ubyte`, `t10k-images-idx3-ubyte` and the two `*-labels-idx1-ubyte`, each optionally
-  gzipped).
+  gzipped);
+- a folder with `train/` and `test/` subfolders of PNG or JPEG files (read with Pillow), in one subfolder per
+  class (the labels, in sorted order of the class names) or directly (no labels). All images of a folder
+  must have one size, unless `size: [H, W]` is given: then each is scaled so that it covers H x W and
+  centre-cropped to it. Grey images stay one channel; any other mode becomes RGB.
 
 Images come back as uint8 arrays of shape (n, C, H, W). `fashion_mnist` without a path is looked for under
 `$LABFLEET_DATA/fashion-mnist`, then where Debian's `dataset-fashion-mnist` package installs it
@@ -70,9 +74,14 @@ def locate(name: str, path: str | None) -> Path:
                             "directory of IDX files); labfleet downloads nothing")
 
 
-def describe(name: str, path: str | None) -> ImageFiles:
+def describe(name: str, path: str | None, size: tuple[int, int] | None = None) -> ImageFiles:
     """The shape, sizes and labels of a dataset's files, read from their headers only."""
     source = locate(name, path)
+    if source.is_dir() and _idx_file(source, "x_train") is None:
+        return _describe_folder(source, size)
+    if size is not None:
+        raise ImageDataError(f"{source}: dataset_kwargs.size resizes a folder of PNG/JPEG images; these are "
+                             "arrays of one size already")
     if source.is_dir():
         shapes = {key: _idx_header(file, key)[1] for key in IDX_FILES if (file := _idx_file(source, key))}
         _require(source, shapes, ("x_train", "x_test"))
@@ -89,11 +98,13 @@ def describe(name: str, path: str | None) -> ImageFiles:
     return ImageFiles(source, image, x_train[0], x_test[0], "y_train" in shapes)
 
 
-def read(name: str, path: str | None) -> dict[str, np.ndarray]:
+def read(name: str, path: str | None, size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """x_train, x_test as uint8 (n, C, H, W); y_train, y_test as int64 where the files have them."""
-    info = describe(name, path)
+    info = describe(name, path, size)
     source = info.source
     arrays: dict[str, np.ndarray] = {}
+    if source.is_dir() and _idx_file(source, "x_train") is None:
+        return _read_folder(source, info)
     if source.is_dir():
         for key in IDX_FILES:
             if (file := _idx_file(source, key)) is not None:
@@ -204,3 +215,79 @@ def _idx_read(file: Path, key: str) -> np.ndarray:
     if len(data) < count * dtype.itemsize:
         raise ImageDataError(f"{file}: truncated ({len(data)} bytes of data for {_shown(dims)} values)")
     return np.frombuffer(data, dtype=dtype, count=count).reshape(dims).copy()  # writable, as torch wants
+
+
+# --- folders of PNG / JPEG files --------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _folder_files(source: Path) -> dict[str, list[tuple[Path, int]]]:
+    """split -> [(file, label)], labels -1 where the split has no class subfolders."""
+    splits = {split: source / split for split in ("train", "test")}
+    missing = [split for split, folder in splits.items() if not folder.is_dir()]
+    if missing:
+        raise ImageDataError(f"{source}: no {' or '.join(f'{m}/' for m in missing)} subfolder (a folder of images "
+                             "needs train/ and test/, each with images or one subfolder per class; or give IDX files)")
+    classes = sorted(d.name for d in splits["train"].iterdir() if d.is_dir())
+    files: dict[str, list[tuple[Path, int]]] = {}
+    for split, folder in splits.items():
+        if classes:
+            extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes)
+            if extra:
+                raise ImageDataError(f"{folder}: classes {', '.join(extra)} are not among train/'s "
+                                     f"({', '.join(classes)})")
+            pairs = [(f, k) for k, c in enumerate(classes) for f in sorted((folder / c).iterdir())
+                     if f.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            pairs = [(f, -1) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not pairs:
+            raise ImageDataError(f"{folder}: no PNG or JPEG images")
+        files[split] = pairs
+    return files
+
+
+def _describe_folder(source: Path, size: tuple[int, int] | None) -> ImageFiles:
+    from PIL import Image, UnidentifiedImageError
+
+    files = _folder_files(source)
+    sizes: dict[tuple[int, int], Path] = {}
+    grey = True
+    for pairs in files.values():
+        for file, _ in pairs:
+            try:
+                with Image.open(file) as image:  # reads the header only
+                    sizes.setdefault((image.height, image.width), file)
+                    grey = grey and image.mode in ("L", "1", "I;16", "I")
+            except (UnidentifiedImageError, OSError) as exc:
+                raise ImageDataError(f"{file}: not an image Pillow can read ({exc})") from None
+    if size is None and len(sizes) > 1:
+        (a, fa), (b, fb) = list(sizes.items())[:2]
+        raise ImageDataError(f"{source}: images of several sizes ({fa.name} is {a[0]}x{a[1]}, {fb.name} is "
+                             f"{b[0]}x{b[1]}); give dataset_kwargs.size: [H, W] to scale and crop them to one")
+    height, width = size if size is not None else next(iter(sizes))
+    return ImageFiles(source, (1 if grey else 3, height, width), len(files["train"]), len(files["test"]),
+                      files["train"][0][1] >= 0)
+
+
+def _read_folder(source: Path, info: ImageFiles) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    channels, height, width = info.shape
+    out: dict[str, np.ndarray] = {}
+    for split, pairs in _folder_files(source).items():
+        images = np.empty((len(pairs), channels, height, width), dtype=np.uint8)
+        for i, (file, _) in enumerate(pairs):
+            with Image.open(file) as image:
+                picture = image.convert("L" if channels == 1 else "RGB")
+            if picture.size != (width, height):
+                scale = max(width / picture.width, height / picture.height)
+                scaled = (max(width, round(picture.width * scale)), max(height, round(picture.height * scale)))
+                picture = picture.resize(scaled, Image.Resampling.BILINEAR)
+                left, top = (picture.width - width) // 2, (picture.height - height) // 2
+                picture = picture.crop((left, top, left + width, top + height))
+            array = np.asarray(picture, dtype=np.uint8)
+            images[i] = array[None] if channels == 1 else array.transpose(2, 0, 1)
+        out[f"x_{split}"] = images
+        if info.labels:
+            out[f"y_{split}"] = np.array([label for _, label in pairs], dtype=np.int64)
+    return out

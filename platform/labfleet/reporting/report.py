@@ -553,6 +553,33 @@ def logged_metric_names(configurations: list[Configuration]) -> list[str]:
     return sorted({k for c in configurations for run in (c.trial, *c.seeds) for k in run.data.metrics})
 
 
+MAX_SAMPLE_GRIDS = 12
+SAMPLE_KINDS = ("samples", "reconstructions")
+
+
+def sample_grids(client: MlflowClient, configs: list[Configuration]) -> dict[str, bytes]:
+    """What the generative models draw, beside their numbers: the last sample grid (and reconstructions) of
+    each configuration's first seed, for at most MAX_SAMPLE_GRIDS configurations."""
+    from labfleet.algorithms import registry
+
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="labfleet-report-") as tmp:
+        for config in configs:
+            try:
+                generative = registry.get(config.algorithm).kind == "generative"
+            except (KeyError, ImportError, TypeError):
+                generative = False
+            if not generative or not config.seeds or len(out) >= 2 * MAX_SAMPLE_GRIDS:
+                continue
+            seed = min(config.seeds, key=lambda r: r.data.tags.get("mlflow.runName", ""))
+            for kind in SAMPLE_KINDS:
+                pngs = [a.path for a in client.list_artifacts(seed.info.run_id, kind) if a.path.endswith(".png")]
+                if pngs:
+                    local = client.download_artifacts(seed.info.run_id, max(pngs), tmp)
+                    out[f"{kind}_{re.sub(r'[^A-Za-z0-9.=-]+', '-', config.label)}"] = Path(local).read_bytes()
+    return out
+
+
 def build_report(client: MlflowClient, target_text: str, out: Path, metric: str | None = None,
                  storage: str | None = None, log: bool = False) -> Report:
     """The report's files in `out`; read-only on the store unless `log`, which attaches them to the
@@ -580,6 +607,7 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
     if profiles is not None:
         images["profiles"] = profiles
         table += "\n## Aggregate statistics\n\n" + aggregate_md
+    images.update(sample_grids(client, target.configurations))
     if target.parent is not None and target.parent.data.tags.get("labfleet.role") == "sweep":
         images.update(_sweep_images(target.parent, storage, notes))
         with tempfile.TemporaryDirectory(prefix="labfleet-report-") as tmp:

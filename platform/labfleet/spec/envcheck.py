@@ -172,9 +172,14 @@ def _dataset_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tuple[s
                  f"{spec.dataset} takes no argument {unknown[0]!r} (it takes: {allowed})")]
     shape, labels = data.shape, True
     if "path" in data.kwargs:
-        path = spec.dataset_kwargs.get("path")
+        path, size = spec.dataset_kwargs.get("path"), spec.dataset_kwargs.get("size")
+        if size is not None and not (isinstance(size, list) and len(size) == 2
+                                     and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096
+                                             for v in size)):
+            return [("dataset_kwargs.size", f"expected [height, width], whole numbers 1..4096, got {size!r}")]
         try:
-            found = images.describe(spec.dataset, None if path is None else str(path))
+            found = images.describe(spec.dataset, None if path is None else str(path),
+                                    None if size is None else (size[0], size[1]))
         except (OSError, ValueError) as exc:
             return [("dataset_kwargs.path" if path is not None else "dataset", str(exc))]
         shape, labels = found.shape, found.labels

@@ -10,11 +10,12 @@ after P evaluations without an improvement of at least `min_delta` the trial sto
 then uses the best parameters and reports `early_stopping/best_step`.
 
 Data parallelism (`resources.data_parallel: N`): this trainer is rank 0; it starts N - 1 `DataParallelRank`
-Ray actors in the trial's placement group, each with the same model (built from rank 0's checkpoint) and
-its own minibatches (per-rank seeds), joined in a `torch.distributed` process group (NCCL where each rank
-holds a GPU of its own; gloo on the CPU and where ranks share a GPU). Every optimiser step all-reduces the
-gradients (their mean over ranks) before clipping, so the parameters stay identical on every rank. Each
-rank's minibatch is `batch_size / N`, so the global batch, and hence the result, matches one worker.
+Ray actors in the trial's placement group, each with the same model (built from rank 0's checkpoint), its
+own slice of every minibatch (the ranks partition each epoch) and its own noise, joined in a
+`torch.distributed` process group (NCCL where each rank holds a GPU of its own; gloo on the CPU and where
+ranks share a GPU). Every optimiser step all-reduces the gradients (their mean over ranks) before clipping,
+so the parameters stay identical on every rank. Each rank's slice is `batch_size / N` examples, so the
+ranks together draw the minibatch one worker would.
 Only rank 0 evaluates, reports and checkpoints.
 """
 
@@ -178,7 +179,7 @@ class GenerativeTrainer(Trainer):
         self.train_x = torch.as_tensor(self.data.train, device=self.device)
         self.valid_x = torch.as_tensor(self.data.valid, device=self.device).float()
         self.test_x = torch.as_tensor(self.data.test, device=self.device).float()
-        self.rng = np.random.default_rng(derive_seed(seed, "batches", rank))
+        self.rng = np.random.default_rng(derive_seed(seed, "batches", 0))  # one stream for every rank
         self.batch = max(1, self.hp.batch_size // self.world)
         self.steps_per_epoch = math.ceil(len(self.train_x) / self.hp.batch_size)
         self._order = self.rng.permutation(len(self.train_x))
@@ -276,11 +277,17 @@ class GenerativeTrainer(Trainer):
 
     # --- data ----------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
-        if self._cursor >= len(self._order):
+        """This rank's part of the next minibatch. Every rank walks the same permutations of the train split
+        (one stream, seeded from the seed alone) and rank r takes the r-th of `world` consecutive slices, so
+        the ranks partition each epoch and together draw the minibatch one worker would. With several
+        ranks an epoch's last, incomplete minibatch is dropped, so that no rank is left without examples."""
+        global_batch = self.batch * self.world
+        if self._cursor >= len(self._order) or (self.world > 1 and self._cursor + global_batch > len(self._order)):
             self._order = self.rng.permutation(len(self.train_x))
             self._cursor = 0
-        index = self._order[self._cursor:self._cursor + self.batch]
-        self._cursor += self.batch
+        start = self._cursor + self.rank * self.batch
+        index = self._order[start:start + self.batch]
+        self._cursor += global_batch
         return self.train_x[torch.as_tensor(index, device=self.device)].float()
 
     def scaled(self, x: torch.Tensor) -> torch.Tensor:
@@ -383,7 +390,7 @@ class GenerativeTrainer(Trainer):
         }
 
     def sampling_state(self) -> dict[str, Any]:
-        """This rank's own minibatch order and noise: what differs between the ranks of one trial."""
+        """This rank's place in the shared minibatch stream, and its own noise and dropout streams."""
         return {"rng": rng_state(self.rng), "order": torch.as_tensor(self._order), "cursor": self._cursor,
                 "torch_gen": self.torch_gen.get_state(), "dropout_rng": self.dropout_rng}
 
@@ -529,7 +536,7 @@ class GenerativeTrainer(Trainer):
 
 
 class DataParallelRank:
-    """Rank r > 0 of a data-parallel trial: the same trainer, its own minibatches, no reporting."""
+    """Rank r > 0 of a data-parallel trial: the same trainer, its own slice of every minibatch, no reporting."""
 
     def __init__(self, spec: dict[str, Any], seed: int, rank: int, checkpoint: bytes,
                  sampling: dict[str, Any] | None = None):
@@ -542,13 +549,10 @@ class DataParallelRank:
         trainer = registry.get(parsed.algorithm).trainer(parsed, seed, device, rank=rank)  # type: ignore[call-arg]
         assert isinstance(trainer, GenerativeTrainer)
         self.trainer = trainer
-        rng, gen, dropout = (self.trainer.rng.bit_generator.state, self.trainer.torch_gen.get_state(),
-                             self.trainer.dropout_rng)
+        gen, dropout = self.trainer.torch_gen.get_state(), self.trainer.dropout_rng
+        # rank 0's parameters, optimiser and minibatch stream (the ranks share it, each its own slice) ...
         self.trainer.load_state_dict(load_checkpoint(checkpoint))
-        self.trainer.rng.bit_generator.state = rng  # this rank's own minibatches and noise
-        self.trainer._order = self.trainer.rng.permutation(len(self.trainer.train_x))
-        self.trainer._cursor = 0
-        self.trainer.torch_gen.set_state(gen)
+        self.trainer.torch_gen.set_state(gen)  # ... and this rank's own noise and dropout
         self.trainer.dropout_rng = dropout
         if sampling is not None:  # restored: this rank's streams as they were at the checkpoint
             self.trainer.load_sampling_state(sampling)

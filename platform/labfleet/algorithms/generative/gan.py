@@ -337,12 +337,23 @@ class GANTrainer(GenerativeTrainer):
     def test_metrics(self) -> dict[str, float]:
         return self._quality(12, self.test_x)
 
+    def _interpolations(self) -> torch.Tensor:
+        """Each row: the (averaged) generator along the straight path between two fixed latents, 8 steps."""
+        gen = torch.Generator(device=self.device).manual_seed(6)
+        ends = torch.randn(16, self.hp.latent_dim, generator=gen, device=self.device)
+        weights = torch.linspace(0, 1, 8, device=self.device)[None, :, None]
+        path = (ends[:8, None] * (1 - weights) + ends[8:, None] * weights).reshape(-1, self.hp.latent_dim)
+        network = self.average if self.average is not None else self.generator
+        return torch.sigmoid(network(path).reshape(len(path), *self.data.shape))
+
     def sample_images(self) -> dict[str, bytes]:
         samples = self.generate(64 if self.data.is_image else 1000, torch.Generator(device=self.device).manual_seed(5))
         if self.data.is_image:
             assert self.data.levels is not None
             return {"samples": image_grid_png(samples.cpu().numpy() / self.data.levels,
-                                              f"GAN samples, step {self.steps}")}
+                                              f"GAN samples, step {self.steps}"),
+                    "interpolations": image_grid_png(self._interpolations().cpu().numpy(),
+                                                     f"GAN between fixed latents, step {self.steps}")}
         assert self.data.modes is not None
         return {"samples": points_png(samples.cpu().numpy(), self.data.modes, f"GAN samples, step {self.steps}")}
 

@@ -28,8 +28,15 @@ from torch import nn
 LOG_2PI = math.log(2 * math.pi)
 
 
+def _wide(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """bfloat16 / float16 tensors (from autocast) as float32; float32 and float64 as they are. Densities and
+    losses are summed over hundreds of dimensions, where bf16's 8 bits of mantissa would show."""
+    return tuple(t.float() if t.is_floating_point() and t.element_size() < 4 else t for t in tensors)
+
+
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag(exp(logvar))) || N(0, I)) in closed form, summed over the last dimension."""
+    mu, logvar = _wide(mu, logvar)
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
@@ -40,13 +47,16 @@ def kl_gaussians(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor,
 
 
 def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(x; mu, diag(exp(logvar))), summed over the last dimension."""
+    """log N(x; mu, diag(exp(logvar))), summed over the last dimension (in float32 at least)."""
+    x, mu, logvar = _wide(x, mu, logvar)
     return -0.5 * (LOG_2PI + logvar + (x - mu).pow(2) / logvar.exp()).sum(-1)
 
 
 def binomial_log_prob(x: torch.Tensor, logits: torch.Tensor, n: int) -> torch.Tensor:
     """log Binomial(x; n, sigmoid(logits)) per example: summed over every non-batch dimension. x holds
-    counts 0..n. The log binomial coefficient is included, so the value is a proper log-likelihood."""
+    counts 0..n. The log binomial coefficient is included, so the value is a proper log-likelihood (in float32
+    at least)."""
+    x, logits = _wide(x, logits)
     log_coef = math.lgamma(n + 1) - torch.lgamma(x + 1) - torch.lgamma(n - x + 1)
     log_p = x * nn.functional.logsigmoid(logits) + (n - x) * nn.functional.logsigmoid(-logits) + log_coef
     return log_p.flatten(1).sum(1)
@@ -56,9 +66,10 @@ def discretized_logistic_log_prob(x: torch.Tensor, logits: torch.Tensor, log_sca
                                   ) -> torch.Tensor:
     """log P(x) per example, summed over every non-batch dimension, of counts x in 0..n under a logistic of
     location sigmoid(logits) and scale exp(log_scale) on [0, 1], discretised into n + 1 bins of width 1/n
-    centred on k/n, the two end bins reaching to -inf and +inf (Salimans et al. 2017). Computed in float32
-    (also under bf16 autocast)."""
-    x, logits, log_scale = x.float(), logits.float(), log_scale.float().clamp(min=-9.0)
+    centred on k/n, the two end bins reaching to -inf and +inf (Salimans et al. 2017). Computed in float32 at
+    least (also under bf16 autocast)."""
+    x, logits, log_scale = _wide(x, logits, log_scale)
+    log_scale = log_scale.clamp(min=-9.0)
     centred = x / n - torch.sigmoid(logits)
     inverse = torch.exp(-log_scale)
     upper, lower = inverse * (centred + 0.5 / n), inverse * (centred - 0.5 / n)

@@ -15,7 +15,10 @@ as it is, with no dequantisation or binarisation, so nats are comparable with an
 counts. Digits (intensities 0..16) use a Binomial with n = the number of levels per pixel, p = sigmoid(decoder
 logits). 8-bit images use a discretised logistic (Salimans et al. 2017) whose location and scale the decoder
 gives per pixel: a Binomial's variance is tied to its mean, which for 256 levels makes it a poor model (about
-90 bits per dimension on Fashion-MNIST against about 4). `likelihood` chooses either. Points (ring8, grid25)
+90 bits per dimension on Fashion-MNIST against about 4). `likelihood: bernoulli` models binarised images
+instead, the classic MNIST benchmark: each training minibatch is binarised afresh (pixel on with probability
+intensity / 255, from the trainer's noise generator), the validation and test splits once, with a fixed seed,
+so that every run is scored on the same binary images. Points (ring8, grid25)
 use a diagonal Gaussian with a learned per-dimension variance.
 
 Evaluation on the test split, nats per example: `eval/neg_elbo` (`elbo_samples` of z per example),
@@ -50,6 +53,8 @@ from labfleet.algorithms.generative.base import (
 from labfleet.algorithms.generative.plots import image_grid_png, points_png
 from labfleet.algorithms.optim import ScheduledOptimizer
 from labfleet.algorithms.registry import AlgorithmInfo, register
+from labfleet.data import datasets
+from labfleet.seeding import derive_seed
 
 EVAL_SAMPLES = 10
 EVAL_CHUNK = 1000  # examples per evaluation forward pass
@@ -63,9 +68,10 @@ class VAEHParams(GenerativeHParams):
     iwae_samples: PositiveInt = Field(1, description="K importance samples for eval/iwae_nll; 1: not computed.")
     hierarchical: bool = Field(False, description="Two latent levels, z1 given z2.")
     latent_dim2: PositiveInt = Field(8, description="Size of z2 (hierarchical).")
-    likelihood: Literal["auto", "binomial", "logistic"] = Field(
-        "auto", description="p(x|z) of count images: binomial (n = the levels), or logistic (discretised, a mean "
-        "and a scale per pixel); auto: binomial for digits, logistic for 8-bit images. Points: a Gaussian.")
+    likelihood: Literal["auto", "binomial", "logistic", "bernoulli"] = Field(
+        "auto", description="p(x|z) of count images: binomial (n = the levels), logistic (discretised, a mean "
+        "and a scale per pixel), or bernoulli (images binarised: afresh each step in training, once and fixed "
+        "for evaluation); auto: binomial for digits, logistic for 8-bit images. Points: a Gaussian.")
     elbo_samples: PositiveInt = Field(EVAL_SAMPLES, description="Samples of z per example in the evaluation's "
                                       "ELBO estimates (valid/neg_elbo, eval/neg_elbo).")
 
@@ -111,6 +117,11 @@ class VAETrainer(GenerativeTrainer):
         if self.likelihood == "auto":
             self.likelihood = "logistic" if self.data.levels == 255 else "binomial"
         outputs = 2 if self.likelihood == "logistic" else 1
+        # what the likelihood scores in evaluation: the held-out images, or one fixed binarisation of them
+        self.valid_target, self.test_target = self.valid_x, self.test_x
+        if self.likelihood == "bernoulli":
+            fixed = torch.Generator(device=self.device).manual_seed(derive_seed(datasets.SPLIT_SEED, "binarise"))
+            self.valid_target, self.test_target = self.binarise(self.valid_x, fixed), self.binarise(self.test_x, fixed)
         self.model = VAEModel(self.hp, self.data.shape, self.gaussian, outputs).to(self.device)
         self.models = {"vae": self.model}
         self.optimizers = {"vae": ScheduledOptimizer(self.model.parameters(), self.hp)}
@@ -126,7 +137,15 @@ class VAETrainer(GenerativeTrainer):
         if self.likelihood == "logistic":
             logits, log_scale = out.chunk(2, dim=1)
             return GM.discretized_logistic_log_prob(x, logits, log_scale, self.data.levels)
+        if self.likelihood == "bernoulli":  # x is 0 or `levels`: a Binomial(1, p) of x / levels
+            return GM.binomial_log_prob(x / self.data.levels, out, 1)
         return GM.binomial_log_prob(x, out, self.data.levels)
+
+    def binarise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Each pixel `levels` with probability intensity / levels, else 0 (dynamic binarisation)."""
+        assert self.data.levels is not None
+        draws = torch.rand(x.shape, generator=generator, device=x.device)
+        return (draws < x / self.data.levels).to(x.dtype) * self.data.levels
 
     def decoded_mean(self, out: torch.Tensor) -> torch.Tensor:
         """The decoder's output as counts (images: the likelihood's mean, or the logistic's location) or
@@ -160,6 +179,8 @@ class VAETrainer(GenerativeTrainer):
         return recon, kl, log_weight
 
     def step(self, batch: torch.Tensor) -> dict[str, float]:
+        if self.likelihood == "bernoulli":
+            batch = self.binarise(batch, self.torch_gen)
         recon, kl, _ = self.terms(batch, self.torch_gen)
         loss = -(recon - self.hp.beta * kl).mean()
         norm = self.optimizers["vae"].step(loss, self.budget_fraction())
@@ -181,7 +202,7 @@ class VAETrainer(GenerativeTrainer):
         return -recon_mean, kl_mean, kl_mean - recon_mean
 
     def validation_metric(self) -> float:
-        return self._estimates(self.valid_x, self.hp.elbo_samples, 1)[2]
+        return self._estimates(self.valid_target, self.hp.elbo_samples, 1)[2]
 
     def iwae_nll(self, x: torch.Tensor, k: int, seed: int = 2) -> float:
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -192,11 +213,11 @@ class VAETrainer(GenerativeTrainer):
         return total / len(x)
 
     def test_metrics(self) -> dict[str, float]:
-        recon_nll, kl, neg_elbo = self._estimates(self.test_x, self.hp.elbo_samples, 3)
+        recon_nll, kl, neg_elbo = self._estimates(self.test_target, self.hp.elbo_samples, 3)
         out = {"eval/neg_elbo": neg_elbo, "eval/recon_nll": recon_nll, "eval/kl": kl,
                "eval/baseline_nll": self.baseline_nll}
         if self.hp.iwae_samples > 1:
-            out["eval/iwae_nll"] = self.iwae_nll(self.test_x, self.hp.iwae_samples)
+            out["eval/iwae_nll"] = self.iwae_nll(self.test_target, self.hp.iwae_samples)
         if self.data.is_image:  # nats per example over dimensions and ln 2: bits per dimension
             out[M.VAE_BITS_PER_DIM] = neg_elbo / (math.prod(self.data.shape) * math.log(2))
         if self.data.name == "digits":
@@ -213,11 +234,15 @@ class VAETrainer(GenerativeTrainer):
 
     def _baseline_nll(self) -> float:
         """Test NLL of independent pixels (or coordinates) fitted by maximum likelihood on the train split."""
-        train, test = self.train_x.flatten(1).double(), self.test_x.flatten(1).double()
+        train, test = self.train_x.flatten(1).double(), self.test_target.flatten(1).double()
         if self.gaussian:
             mean, var = train.mean(0), train.var(0, unbiased=False).clamp_min(1e-12)
             return float(-GM.gaussian_log_prob(test, mean, var.log()).mean())
         assert self.data.levels is not None
+        if self.likelihood == "bernoulli":  # independent Bernoulli pixels, p_j = mean intensity / levels
+            p = (train.mean(0) / self.data.levels).clamp(1e-6, 1 - 1e-6)
+            logits = (p.log() - (-p).log1p()).expand_as(test)
+            return float(-GM.binomial_log_prob(test / self.data.levels, logits, 1).mean())
         if self.likelihood == "logistic":  # the best independent-pixel model of 8-bit counts: a histogram each
             return GM.pixel_histogram_nll(self.data.train, self.data.test, self.data.levels)
         p = (train.mean(0) / self.data.levels).clamp(1e-6, 1 - 1e-6)
@@ -243,14 +268,21 @@ class VAETrainer(GenerativeTrainer):
             assert self.data.modes is not None
             return {"samples": points_png(samples.cpu().numpy(), self.data.modes, f"VAE samples, step {self.steps}")}
         assert self.data.levels is not None
-        x = self.test_x[:32]
+        x = self.test_target[:32]
         mu, _ = self.model.encode(self.scaled(x))
         recon = self.decoded_mean(self.model.decode(mu))
         pairs = torch.stack([x, recon], 1).reshape(-1, *self.data.shape)  # original, reconstruction, ...
         levels = float(self.data.levels)
+        # each row: the decoded path between the latent means of two test images, in 8 equal steps
+        ends, _ = self.model.encode(self.scaled(self.test_target[:16]))
+        weights = torch.linspace(0, 1, 8, device=self.device)[None, :, None]
+        path = ends[:8, None] * (1 - weights) + ends[8:16, None] * weights
+        between = self.decoded_mean(self.model.decode(path.reshape(-1, path.shape[-1])))
         return {"samples": image_grid_png(samples.cpu().numpy() / levels, f"VAE samples, step {self.steps}"),
                 "reconstructions": image_grid_png(pairs.cpu().numpy() / levels,
-                                                  f"test images and reconstructions, step {self.steps}")}
+                                                  f"test images and reconstructions, step {self.steps}"),
+                "interpolations": image_grid_png(between.cpu().numpy() / levels,
+                                                 f"between two test images' latents, step {self.steps}")}
 
 
 register(AlgorithmInfo(

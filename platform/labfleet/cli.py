@@ -358,6 +358,47 @@ def _indented(text: str) -> str:
     return textwrap.fill(text, width=width, initial_indent="    ", subsequent_indent="    ")
 
 
+data_app = typer.Typer(help="Datasets from local files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("import")
+def data_import(
+    source: str = typer.Argument(..., help="fashion_mnist or mnist (their usual local places), or a path: a "
+                                 "directory of IDX files, a folder of PNG/JPEG images in train/ and test/, or a .npz."),
+    out: Path = typer.Option(..., "--out", help="The .npz file to write (x_train, y_train, x_test, y_test)."),
+    size: tuple[int, int] = typer.Option((0, 0), "--size", help="Scale and centre-crop folder images to H W."),
+) -> None:
+    """Turn local image files into one .npz that `dataset: images` (or mnist / fashion_mnist) reads with
+    `dataset_kwargs.path`: uint8 (n, H, W) or (n, H, W, C) arrays, labels where the files have them."""
+    import os
+
+    import numpy as np
+
+    from labfleet.data import images
+
+    with bad_input_exits_2():
+        name, path = (source, None) if source in images.PACKAGES or source == "mnist" else ("images", source)
+        if out.suffix != ".npz":
+            raise SpecError([Problem("labfleet data import", "--out", f"{out}: the file must end in .npz")])
+        if out.exists():
+            raise SpecError([Problem("labfleet data import", "--out", f"{out} exists; name another file")])
+        if not out.parent.is_dir():
+            raise SpecError([Problem("labfleet data import", "--out", f"no directory {out.parent}")])
+        try:
+            arrays = images.read(name, path, size if size != (0, 0) else None)
+        except (OSError, ValueError) as exc:
+            raise SpecError([Problem("labfleet data import", "SOURCE", str(exc))]) from None
+    stored = {k: (v[:, 0] if v.shape[1] == 1 else v.transpose(0, 2, 3, 1)) if k.startswith("x") else v
+              for k, v in arrays.items()}
+    partial = out.with_name(f".{out.name}.{os.getpid()}.part.npz")
+    np.savez_compressed(partial, **stored)  # type: ignore[arg-type]  # (numpy types the keywords as its own)
+    os.replace(partial, out)
+    shape = "x".join(map(str, arrays["x_train"].shape[1:]))
+    typer.echo(f"wrote {out}: {len(arrays['x_train'])} training and {len(arrays['x_test'])} test images of "
+               f"{shape}{', with labels' if 'y_train' in arrays else ''}")
+
+
 @app.command()
 def show(
     algorithm: str = typer.Argument(..., help="A registered algorithm."),

@@ -300,3 +300,36 @@ def test_bernoulli_likelihood_binarises_training_afresh_and_evaluation_once(tmp_
     result = a.evaluate()
     assert result["eval/neg_elbo"] < result["eval/baseline_nll"], result
     assert result["eval/bits_per_dim"] == pytest.approx(result["eval/neg_elbo"] / (784 * math.log(2)))
+
+
+def test_data_import_turns_idx_files_and_image_folders_into_one_npz(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    grey = {"x_train": rng.integers(0, 256, (30, 6, 6), dtype=np.uint8), "y_train": rng.integers(0, 4, 30),
+            "x_test": rng.integers(0, 256, (10, 6, 6), dtype=np.uint8), "y_test": rng.integers(0, 4, 10)}
+    for key, name in images.IDX_FILES.items():
+        _write_idx(idx / name, grey[key].astype(np.uint8 if key.startswith("x") else np.int32))
+    out = tmp_path / "idx.npz"
+    result = CliRunner().invoke(app, ["data", "import", str(idx), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with np.load(out) as data:
+        assert all(np.array_equal(data[k], grey[k]) for k in grey)
+    folder = tmp_path / "pictures"
+    for split in ("train", "test"):
+        (folder / split).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(folder / split / f"{i}.png")
+    result = CliRunner().invoke(app, ["data", "import", str(folder), "--out", str(tmp_path / "rgb.npz"),
+                                      "--size", "4", "4"])
+    assert result.exit_code == 0, result.output
+    assert images.describe("images", str(tmp_path / "rgb.npz")) == images.ImageFiles(
+        tmp_path / "rgb.npz", (3, 4, 4), 3, 3, False)
+    for args, word in ((["data", "import", str(tmp_path / "missing"), "--out", str(tmp_path / "m.npz")], "no file"),
+                       (["data", "import", str(idx), "--out", str(out)], "exists"),
+                       (["data", "import", str(idx), "--out", str(tmp_path / "x.txt")], ".npz")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and word in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "idx.npz", "pictures", "rgb.npz"]

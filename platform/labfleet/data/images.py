@@ -186,7 +186,10 @@ def _idx_file(directory: Path, key: str) -> Path | None:
 
 
 def _open_idx(file: Path) -> IO[bytes]:
-    if file.suffix == ".gz":
+    """The file's bytes, through gzip where it is compressed (by its magic bytes, whatever its name)."""
+    with open(file, "rb") as handle:
+        compressed = handle.read(2) == b"\x1f\x8b"
+    if compressed:
         return gzip.open(file, "rb")  # type: ignore[return-value]  # a GzipFile reads bytes
     return open(file, "rb")  # noqa: SIM115 (returned to a with block)
 

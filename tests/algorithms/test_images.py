@@ -333,3 +333,24 @@ def test_data_import_turns_idx_files_and_image_folders_into_one_npz(tmp_path: Pa
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and word in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "idx.npz", "pictures", "rgb.npz"]
+
+
+def test_the_resnet_vae_trains_and_resumes_exactly() -> None:
+    from labfleet import testing
+
+    spec = load_spec(EXPERIMENTS / "digits_vae.yaml", {
+        "budget.epochs": 3, "hparams.early_stopping": None, "hparams.architecture": "resnet",
+        "hparams.channels": [16, 16], "hparams.iwae_samples": 1})
+
+    def build(seed):
+        return registry.get("vae").trainer(spec, seed, "cpu")
+
+    trainer = build(0)
+    start = trainer.evaluate()["eval/neg_elbo"]
+    while not trainer.done:
+        trainer.train_iteration()
+    assert trainer.evaluate()["eval/neg_elbo"] < 0.8 * start
+    testing.check_exact_resume(build, iterations=10)
+    result = CliRunner().invoke(app, ["validate", str(EXPERIMENTS / "digits_vae.yaml"), "--set",
+                                      "hparams.architecture=resnet", "--set", "hparams.channels=[16, 16, 16, 16]"])
+    assert result.exit_code == 2 and "multiple of 16" in result.output, result.output

@@ -208,11 +208,12 @@ def _split_problems(spec: ExperimentSpec, n_train: int) -> list[tuple[str, str]]
 
 
 def _architecture_problems(spec: ExperimentSpec, shape: tuple[int, ...]) -> list[tuple[str, str]]:
-    """A conv architecture needs images whose size its stride-2 layers can halve."""
-    if spec.hparams.get("architecture") != "conv":
+    """A conv or resnet architecture needs images whose size its stride-2 layers can halve."""
+    if spec.hparams.get("architecture") not in ("conv", "resnet"):
         return []
     if len(shape) != 3:
-        return [("hparams.architecture", f"conv needs an image dataset; {spec.dataset} is points (use mlp)")]
+        return [("hparams.architecture", f"{spec.hparams['architecture']} needs an image dataset; {spec.dataset} is "
+                 "points (use mlp)")]
     layers = len(spec.hparams.get("channels") or [32, 64])
     if shape[1] % 2 ** layers or shape[2] % 2 ** layers:
         return [("hparams.channels", f"{layers} conv layers halve {shape[1]}x{shape[2]} images {layers} times: "

@@ -126,10 +126,65 @@ class ConvDecoder(nn.Module):
         return self.body(self.head(z).view(-1, *self.start))
 
 
+class ResidualBlock(nn.Module):
+    """x + f(x) with f two 3x3 convolutions (GroupNorm, SiLU); `stride: 2` halves H and W, with a strided 1x1
+    convolution on the shortcut (also where the channels change)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(min(8, c_in), c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+            nn.GroupNorm(min(8, c_out), c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Identity() if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+class ResNetEncoder(nn.Module):
+    """(n, C, H, W) -> (n, out): a 3x3 stem, one stride-2 residual block per entry of `channels` (each
+    halves H and W), then a linear layer."""
+
+    def __init__(self, shape: tuple[int, ...], channels: list[int], out: int):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(shape[0], channels[0], 3, padding=1)]
+        c_in = channels[0]
+        for c in channels:
+            blocks.append(ResidualBlock(c_in, c, stride=2))
+            c_in = c
+        self.body = nn.Sequential(*blocks, nn.SiLU(), nn.Flatten())
+        scale = 2 ** len(channels)
+        self.head = nn.Linear(c_in * (shape[1] // scale) * (shape[2] // scale), out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class CheapDecoder(nn.Module):
+    """(n, in) -> (n, C, H, W) for the ResNet VAE: a linear layer, then per level a nearest-neighbour 2x
+    upsampling and one 3x3 convolution with SiLU (a cheap head: the encoder carries the capacity), then a
+    3x3 convolution to the output channels."""
+
+    def __init__(self, n_in: int, shape: tuple[int, ...], channels: list[int]):
+        super().__init__()
+        scale = 2 ** len(channels)
+        self.start = (channels[-1], shape[1] // scale, shape[2] // scale)
+        self.head = nn.Sequential(nn.Linear(n_in, int(np.prod(self.start))), nn.SiLU())
+        layers: list[nn.Module] = []
+        reversed_channels = list(reversed(channels))
+        for c_in, c_out in zip(reversed_channels, [*reversed_channels[1:], reversed_channels[-1]], strict=True):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(reversed_channels[-1], shape[0], 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.head(z).view(-1, *self.start))
+
+
 def check_architecture(hp: GenerativeHParams, data: datasets.Dataset) -> None:
-    if hp.architecture == "conv":
+    if hp.architecture in ("conv", "resnet"):
         if not data.is_image:
-            raise ValueError(f"architecture conv needs an image dataset; {data.name} is points (use mlp)")
+            raise ValueError(f"architecture {hp.architecture} needs an image dataset; {data.name} is points (use mlp)")
         scale = 2 ** len(hp.channels)
         if data.shape[1] % scale or data.shape[2] % scale:
             raise ValueError(f"{len(hp.channels)} conv layers halve {data.shape[1]}x{data.shape[2]} images "

@@ -44,10 +44,12 @@ from torch import nn
 from labfleet import metrics as M
 from labfleet.algorithms.generative import metrics as GM
 from labfleet.algorithms.generative.base import (
+    CheapDecoder,
     ConvDecoder,
     ConvEncoder,
     GenerativeHParams,
     GenerativeTrainer,
+    ResNetEncoder,
     mlp,
 )
 from labfleet.algorithms.generative.plots import image_grid_png, points_png
@@ -62,6 +64,9 @@ QUALITY_SAMPLES = 2500  # decoded samples for the image metrics
 
 
 class VAEHParams(GenerativeHParams):
+    architecture: Literal["mlp", "conv", "resnet"] = Field(  # type: ignore[assignment]  # (the VAE adds resnet)
+        "mlp", description="mlp; conv for image datasets; or resnet: residual blocks in the encoder and a cheap "
+        "upsampling decoder.")
     learning_rate: float | str = 1e-3
     latent_dim: PositiveInt = Field(16, description="Size of z (of z1 when hierarchical).")
     beta: float = Field(1.0, gt=0, description="Weight of the KL term in training (beta-VAE); 1: the ELBO.")
@@ -88,6 +93,9 @@ class VAEModel(nn.Module):
         if hp.architecture == "conv":
             self.encoder: nn.Module = ConvEncoder(shape, hp.channels, 2 * z, hp.dropout)
             self.decoder: nn.Module = ConvDecoder(z, self.shape, hp.channels)
+        elif hp.architecture == "resnet":
+            self.encoder = ResNetEncoder(shape, hp.channels, 2 * z)
+            self.decoder = CheapDecoder(z, self.shape, hp.channels)
         else:
             self.encoder = nn.Sequential(nn.Flatten(), mlp([dim, *hp.hidden, 2 * z], dropout=hp.dropout))
             self.decoder = mlp([z, *reversed(hp.hidden), dim * outputs], dropout=hp.dropout)

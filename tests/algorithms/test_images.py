@@ -354,3 +354,26 @@ def test_the_resnet_vae_trains_and_resumes_exactly() -> None:
     result = CliRunner().invoke(app, ["validate", str(EXPERIMENTS / "digits_vae.yaml"), "--set",
                                       "hparams.architecture=resnet", "--set", "hparams.channels=[16, 16, 16, 16]"])
     assert result.exit_code == 2 and "multiple of 16" in result.output, result.output
+
+
+def test_a_hugging_face_dataset_saved_to_disk_is_read_without_the_hub(tmp_path: Path) -> None:
+    import datasets as hf
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (6, 5), dtype=np.uint8) for _ in range(7)]
+    features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(names=["shirt", "shoe"])})
+    hf.DatasetDict({
+        "train": hf.Dataset.from_dict({"image": [Image.fromarray(p) for p in pictures[:5]],
+                                       "label": [0, 1, 1, 0, 1]}, features=features),
+        "test": hf.Dataset.from_dict({"image": [Image.fromarray(p) for p in pictures[5:]], "label": [1, 0]},
+                                     features=features),
+    }).save_to_disk(str(tmp_path / "hf"))
+    info = images.describe("images", str(tmp_path / "hf"))
+    assert (info.shape, info.n_train, info.n_test, info.labels) == ((1, 6, 5), 5, 2, True)
+    arrays = images.read("images", str(tmp_path / "hf"))
+    assert all(np.array_equal(arrays["x_train"][i, 0], pictures[i]) for i in range(5))
+    assert arrays["y_train"].tolist() == [0, 1, 1, 0, 1] and arrays["y_test"].tolist() == [1, 0]
+    (tmp_path / "hf" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(images.ImageDataError, match="train and test are needed"):
+        images.describe("images", str(tmp_path / "hf"))

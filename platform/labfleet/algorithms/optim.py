@@ -194,6 +194,11 @@ class ScheduledOptimizer:
 
     def step(self, loss: torch.Tensor, progress: float) -> float:
         """Backpropagate `loss`, clip, update; returns the gradient norm before clipping."""
+        return float(self.step_tensor(loss, progress))
+
+    def step_tensor(self, loss: torch.Tensor, progress: float) -> torch.Tensor:
+        """`step`, with the gradient norm as a 0-d tensor on the parameters' device: reading it is left to
+        the caller, who reads a step's numbers together (one host sync on a GPU instead of one per value)."""
         lr = scheduled_learning_rate(self.hp.schedule, self.lr0, self.updates, progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -209,7 +214,7 @@ class ScheduledOptimizer:
             )
         self.optimizer.step()
         self.updates += 1
-        return float(norm)
+        return norm.detach()
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "updates": self.updates}

@@ -9,9 +9,9 @@
 - `fashion_mnist`, `mnist`, `images`: uint8 images read from local files (`labfleet.data.images`), never
   downloaded. `fashion_mnist` is found where Debian's `dataset-fashion-mnist` package puts it (or under
   `$LABFLEET_DATA/fashion-mnist`); `dataset_kwargs.path` names any `.npz` file (`x_train`, `x_test`,
-  optional `y_train`, `y_test`; (n, H, W) or (n, H, W, C)), a directory of IDX files, or a folder of PNG /
+  optional `y_train`, `y_test`; (n, H, W) or (n, H, W, C)), a directory of IDX files, a folder of PNG /
   JPEG files in `train/` and `test/` (class subfolders as labels; `size: [H, W]` scales and centre-crops
-  them). The validation split
+  them), or a Hugging Face `save_to_disk` directory. The validation split
   is `n_valid` training images (default: a tenth, at most 5000) chosen by a fixed permutation; `limit: N`
   trains on the first N of the rest, `eval_limit: M` keeps the first M of the validation and test splits
   (both fixed, whatever the seed).

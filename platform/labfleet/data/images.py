@@ -1,6 +1,6 @@
 """8-bit image datasets from local files; nothing is ever downloaded.
 
-Three formats:
+Four formats:
 - a `.npz` file with `x_train` and `x_test` (uint8, (n, H, W) or (n, H, W, C)) and, optionally, `y_train` and
   `y_test` (integer class labels), as `numpy.savez` writes them (torchvision's and Keras's MNIST arrays saved
   that way, or anything of one's own);
@@ -10,7 +10,10 @@ Three formats:
 - a folder with `train/` and `test/` subfolders of PNG or JPEG files (read with Pillow), in one subfolder per
   class (the labels, in sorted order of the class names) or directly (no labels). All images of a folder
   must have one size, unless `size: [H, W]` is given: then each is scaled so that it covers H x W and
-  centre-cropped to it. Grey images stay one channel; any other mode becomes RGB.
+  centre-cropped to it. Grey images stay one channel; any other mode becomes RGB;
+- a Hugging Face `datasets` directory as `DatasetDict.save_to_disk` writes it (`dataset_dict.json`, and
+  `train/` and `test/` with Arrow files), read with pyarrow alone: its `Image` column, and its `ClassLabel`
+  (or integer `label`) column as labels. Never the hub: only what is on disk.
 
 Images come back as uint8 arrays of shape (n, C, H, W). `fashion_mnist` without a path is looked for under
 `$LABFLEET_DATA/fashion-mnist`, then where Debian's `dataset-fashion-mnist` package installs it
@@ -21,11 +24,12 @@ knows the image shape without loading the data.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -77,6 +81,8 @@ def locate(name: str, path: str | None) -> Path:
 def describe(name: str, path: str | None, size: tuple[int, int] | None = None) -> ImageFiles:
     """The shape, sizes and labels of a dataset's files, read from their headers only."""
     source = locate(name, path)
+    if (source / "dataset_dict.json").is_file():
+        return _describe_folder(source, size, _hugging_face_files(source))
     if source.is_dir() and _idx_file(source, "x_train") is None:
         return _describe_folder(source, size)
     if size is not None:
@@ -103,6 +109,8 @@ def read(name: str, path: str | None, size: tuple[int, int] | None = None) -> di
     info = describe(name, path, size)
     source = info.source
     arrays: dict[str, np.ndarray] = {}
+    if (source / "dataset_dict.json").is_file():
+        return _read_folder(source, info, _hugging_face_files(source))
     if source.is_dir() and _idx_file(source, "x_train") is None:
         return _read_folder(source, info)
     if source.is_dir():
@@ -249,38 +257,49 @@ def _folder_files(source: Path) -> dict[str, list[tuple[Path, int]]]:
     return files
 
 
-def _describe_folder(source: Path, size: tuple[int, int] | None) -> ImageFiles:
-    from PIL import Image, UnidentifiedImageError
+Pictures = dict[str, list[tuple[Any, int]]]  # split -> [(a file or the image's bytes, label or -1)]
 
-    files = _folder_files(source)
-    sizes: dict[tuple[int, int], Path] = {}
+
+def _open_picture(item: Any) -> Any:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
+
+
+def _describe_folder(source: Path, size: tuple[int, int] | None, files: Pictures | None = None) -> ImageFiles:
+    from PIL import UnidentifiedImageError
+
+    files = _folder_files(source) if files is None else files
+    sizes: dict[tuple[int, int], str] = {}
     grey = True
     for pairs in files.values():
-        for file, _ in pairs:
+        for item, _ in pairs:
+            where = item.name if isinstance(item, Path) else "an image"
             try:
-                with Image.open(file) as image:  # reads the header only
-                    sizes.setdefault((image.height, image.width), file)
+                with _open_picture(item) as image:  # reads the header only
+                    sizes.setdefault((image.height, image.width), where)
                     grey = grey and image.mode in ("L", "1", "I;16", "I")
             except (UnidentifiedImageError, OSError) as exc:
-                raise ImageDataError(f"{file}: not an image Pillow can read ({exc})") from None
+                raise ImageDataError(f"{item if isinstance(item, Path) else source}: not an image Pillow can read "
+                                     f"({exc})") from None
     if size is None and len(sizes) > 1:
         (a, fa), (b, fb) = list(sizes.items())[:2]
-        raise ImageDataError(f"{source}: images of several sizes ({fa.name} is {a[0]}x{a[1]}, {fb.name} is "
+        raise ImageDataError(f"{source}: images of several sizes ({fa} is {a[0]}x{a[1]}, {fb} is "
                              f"{b[0]}x{b[1]}); give dataset_kwargs.size: [H, W] to scale and crop them to one")
     height, width = size if size is not None else next(iter(sizes))
     return ImageFiles(source, (1 if grey else 3, height, width), len(files["train"]), len(files["test"]),
                       files["train"][0][1] >= 0)
 
 
-def _read_folder(source: Path, info: ImageFiles) -> dict[str, np.ndarray]:
+def _read_folder(source: Path, info: ImageFiles, files: Pictures | None = None) -> dict[str, np.ndarray]:
     from PIL import Image
 
     channels, height, width = info.shape
     out: dict[str, np.ndarray] = {}
-    for split, pairs in _folder_files(source).items():
+    for split, pairs in (_folder_files(source) if files is None else files).items():
         images = np.empty((len(pairs), channels, height, width), dtype=np.uint8)
-        for i, (file, _) in enumerate(pairs):
-            with Image.open(file) as image:
+        for i, (item, _) in enumerate(pairs):
+            with _open_picture(item) as image:
                 picture = image.convert("L" if channels == 1 else "RGB")
             if picture.size != (width, height):
                 scale = max(width / picture.width, height / picture.height)
@@ -293,4 +312,50 @@ def _read_folder(source: Path, info: ImageFiles) -> dict[str, np.ndarray]:
         out[f"x_{split}"] = images
         if info.labels:
             out[f"y_{split}"] = np.array([label for _, label in pairs], dtype=np.int64)
+    return out
+
+
+# --- Hugging Face `datasets` directories (save_to_disk) ----------------------------------------------------
+def _hugging_face_files(source: Path) -> Pictures:
+    """split -> [(image bytes or file, label)] from a DatasetDict on disk: its Image and ClassLabel columns."""
+    import json
+
+    import pyarrow as pa
+
+    try:
+        splits = json.loads((source / "dataset_dict.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImageDataError(f"{source}/dataset_dict.json: not a Hugging Face DatasetDict ({exc})") from None
+    missing = [s for s in ("train", "test") if s not in splits]
+    if missing:
+        raise ImageDataError(f"{source}: the DatasetDict has splits {', '.join(splits)}; train and test are needed")
+    out: Pictures = {}
+    for split in ("train", "test"):
+        folder = source / split
+        try:
+            features = json.loads((folder / "dataset_info.json").read_text())["features"]
+            shards = [f["filename"] for f in json.loads((folder / "state.json").read_text())["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ImageDataError(f"{folder}: not a saved Hugging Face dataset split ({exc})") from None
+        image = next((k for k, v in features.items() if isinstance(v, dict) and v.get("_type") == "Image"), None)
+        if image is None:
+            raise ImageDataError(f"{folder}: no column of type Image (columns: {', '.join(features)})")
+        label = next((k for k, v in features.items() if isinstance(v, dict) and v.get("_type") == "ClassLabel"),
+                     "label" if "label" in features else None)
+        pairs: list[tuple[Any, int]] = []
+        for shard in shards:
+            try:
+                table = pa.ipc.open_stream(pa.memory_map(str(folder / shard))).read_all()
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise ImageDataError(f"{folder / shard}: cannot be read as Arrow ({exc})") from None
+            labels = table.column(label).to_pylist() if label else [-1] * table.num_rows
+            for cell, y in zip(table.column(image).to_pylist(), labels, strict=True):
+                if cell is None:
+                    raise ImageDataError(f"{folder / shard}: an empty image cell")
+                data = cell.get("bytes") if isinstance(cell, dict) else None
+                item = data if data is not None else folder / str((cell or {}).get("path"))
+                pairs.append((item, int(y) if y is not None else -1))
+        if not pairs:
+            raise ImageDataError(f"{folder}: no rows")
+        out[split] = pairs
     return out

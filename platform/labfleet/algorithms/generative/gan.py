@@ -277,7 +277,7 @@ class GANTrainer(GenerativeTrainer):
             if self.hp.gp_weight:
                 grad, = torch.autograd.grad(real_logits.sum(), real_in, create_graph=True)
                 d_loss = d_loss + 0.5 * self.hp.gp_weight * grad.pow(2).flatten(1).sum(1).mean()
-            self.optimizers["discriminator"].step(d_loss, self.budget_fraction())
+            self.optimizers["discriminator"].step_tensor(d_loss, self.budget_fraction())
         fake_logits = self.judge(self.generate_scaled(len(real), self.torch_gen))
         # non-saturating: -log D(G(z)); saturating (minimax): log(1 - D(G(z))); hinge: -D(G(z))
         if self.hp.loss == "hinge":
@@ -289,20 +289,21 @@ class GANTrainer(GenerativeTrainer):
         for p in self.discriminator.parameters():
             p.requires_grad_(False)  # the generator's step leaves the discriminator's gradients alone
         try:
-            g_norm = self.optimizers["generator"].step(g_loss, self.budget_fraction())
+            g_norm = self.optimizers["generator"].step_tensor(g_loss, self.budget_fraction())
         finally:
             for p in self.discriminator.parameters():
                 p.requires_grad_(True)
         if self.average is not None:
             self._update_average()
-        logged = {"loss/generator": float(g_loss.detach()), "loss/discriminator": float(d_loss.detach()),
-                  "train/grad_norm": g_norm,
-                  "train/learning_rate": self.optimizers["generator"].learning_rate}
+        names, values = ["loss/generator", "loss/discriminator", "train/grad_norm"], [g_loss, d_loss, g_norm]
         if self.critic is not None:  # the rejection critic: the same real points against the last fakes
             c_loss = softplus(-self.critic(real.detach())).mean() + softplus(self.critic(fake)).mean()
-            self.optimizers["critic"].step(c_loss, self.budget_fraction())
-            logged[M.LOSS_CRITIC] = float(c_loss.detach())
-        return logged
+            self.optimizers["critic"].step_tensor(c_loss, self.budget_fraction())
+            names.append(M.LOSS_CRITIC)
+            values.append(c_loss)
+        read = torch.stack([v.detach().float() for v in values]).tolist()  # one host sync a step
+        rate = self.optimizers["generator"].learning_rate
+        return {**dict(zip(names, read, strict=True)), "train/learning_rate": rate}
 
     @torch.no_grad()
     def _update_average(self) -> None:

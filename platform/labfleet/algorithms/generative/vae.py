@@ -191,10 +191,10 @@ class VAETrainer(GenerativeTrainer):
             batch = self.binarise(batch, self.torch_gen)
         recon, kl, _ = self.terms(batch, self.torch_gen)
         loss = -(recon - self.hp.beta * kl).mean()
-        norm = self.optimizers["vae"].step(loss, self.budget_fraction())
-        return {"loss/vae": float(loss.detach()), "train/neg_elbo": float(-(recon - kl).mean().detach()),
-                "train/kl": float(kl.mean().detach()), "train/grad_norm": norm,
-                "train/learning_rate": self.optimizers["vae"].learning_rate}
+        norm = self.optimizers["vae"].step_tensor(loss, self.budget_fraction())
+        values = torch.stack([loss.detach(), -(recon - kl).mean().detach(), kl.mean().detach(), norm]).tolist()
+        return {**dict(zip(("loss/vae", "train/neg_elbo", "train/kl", "train/grad_norm"), values, strict=True)),
+                "train/learning_rate": self.optimizers["vae"].learning_rate}  # one host sync a step
 
     # --- evaluation ----------------------------------------------------------------------------------
     def _estimates(self, x: torch.Tensor, samples: int, seed: int) -> tuple[float, float, float]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
@@ -192,7 +191,7 @@ class PPOTrainer(ActorCriticTrainer):
                 loss_v = clipped_value_loss(self.ac.value(b_obs[mb]), b_values[mb], b_returns[mb], hp.clip_range_vf)
                 entropy = entropies.mean()
                 loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy
-                stats["norm"].append(self.optimizer.step(loss, progress))
+                stats["norm"].append(self.optimizer.step_tensor(loss, progress))
                 with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
                     stats["kl"].append(((ratio - 1) - logratio).mean())
                     stats["clip"].append(((ratio - 1).abs() > clip_range).float().mean())
@@ -210,11 +209,13 @@ class PPOTrainer(ActorCriticTrainer):
             self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_after, hp.kl_target)
 
         # 5. log
-        means = {k: float(torch.stack(v).mean()) for k, v in stats.items() if k != "norm"}
+        # every statistic read back at once: one host sync an iteration, not one per minibatch
+        means = dict(zip(stats, torch.stack([torch.stack(v).float().mean() for v in stats.values()]).tolist(),
+                         strict=True))
         logged.update({
             M.LOSS_POLICY: means["pi"], M.LOSS_VALUE: means["v"], M.LOSS_ENTROPY: means["ent"],
             M.PPO_APPROX_KL: means["kl"], M.PPO_CLIP_FRACTION: means["clip"],
-            M.GRAD_NORM: float(np.mean(stats["norm"])),
+            M.GRAD_NORM: means["norm"],
             M.PPO_EXPLAINED_VARIANCE: explained_variance(b_values, b_returns),
             M.LEARNING_RATE: self.optimizer.learning_rate,
         })

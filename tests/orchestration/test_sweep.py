@@ -139,7 +139,9 @@ def test_nan_trial_fails_cleanly_and_the_sweep_completes(tmp_path: Path):
 @pytest.mark.parametrize("share", [False, True], ids=["own-actors", "shared-actors"])
 def test_killed_driver_resumes_its_sweep(tmp_path: Path, share: bool):
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
-    data.update({"seeds": [0], "budget": {"env_steps": 60_000}, "eval": {"episodes": 3, "every_steps": 8192},
+    # 150k steps: a trial runs about 10 s here (60k took 4.5 s, and one CI run's polls missed the few seconds
+    # in which a second-wave trial was running past its first checkpoint, so the sweep ended unkilled)
+    data.update({"seeds": [0], "budget": {"env_steps": 150_000}, "eval": {"episodes": 3, "every_steps": 8192},
                  "sweep": {"n_trials": 4, "max_parallel": 2, "sampler": {"type": "random", "seed": 1},
                            "pruner": {"type": "nop"},
                            "space": {"hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3,

@@ -1,4 +1,4 @@
-"""Chaos soak (issue 14 section 5): a suite runs on a two-node local Ray cluster while a seeded killer SIGKILLs
+"""Chaos soak: a suite runs on a two-node local Ray cluster while a seeded killer SIGKILLs
 a random trial actor, rollout worker or data-parallel rank every 10 to 30 s, and once a whole worker node
 (which comes back a little later). The same suite first runs undisturbed on the same cluster as the
 reference. Then, read back from both MLflow stores with MlflowClient:

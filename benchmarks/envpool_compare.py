@@ -1,4 +1,4 @@
-"""`env_backend: envpool` against gymnasium's vector envs on this machine (issue 15 §2).
+"""`env_backend: envpool` against gymnasium's vector envs on this machine.
 
     python benchmarks/envpool_compare.py --env-limit [--seconds 5]
     python benchmarks/envpool_compare.py --train [--only ppo-cartpole,ppo-hopper,...] [--seeds 0]

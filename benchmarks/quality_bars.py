@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 
-# spec name -> (metric, how the bar is judged, threshold, ...), the bars of issue 16:
+# spec name -> (metric, how the bar is judged, threshold, ...), the shipped specs' bars:
 #   "each": every seed reaches the threshold; "mean": the mean does; "mean each": (mean, each) thresholds;
 #   "each ratio <=": metric / reference metric per seed; a trailing (metric, threshold) pair is a second
 #   metric whose mean must reach its own threshold.

@@ -1,4 +1,4 @@
-"""What stacking seeds buys (issue 15 §1): one optimiser update (forward, backward, per-seed gradient
+"""What stacking seeds buys: one optimiser update (forward, backward, per-seed gradient
 clipping, Adam) of N seeds' 64x64 MLPs (PPO's CartPole actor size) on minibatches of 256, as N separate
 networks with torch.optim.Adam against one `SeedStack` with `SeedAdam`. One torch thread, as a trial actor
 with one CPU has.

@@ -5,7 +5,7 @@
 Runs the whole `labfleet sweep experiments/sweeps/cartpole_ppo_sweep.yaml` command (random sampler, no
 pruner, so both sides train the same configurations in full; 2 trials at a time on this machine's 2 cores)
 once per `--per-actor` value, each into its own temporary SQLite store, and prints the wall time of each
-and the best trial's mean return. Issue 15's row: 16 configurations x 3 seeds. `--share N` adds a run with
+and the best trial's mean return. The default: 16 configurations x 3 seeds. `--share N` adds a run with
 `sweep.share_actors` (every trial asked at once, `max_parallel` = trials, their seeds packed into actors of up
 to N seeds: 24 puts 16 x 3 seeds in two actors, one a core).
 """

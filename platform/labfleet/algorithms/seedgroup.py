@@ -1,4 +1,4 @@
-"""Seeds of one trial trained together in one process (`resources.seeds_per_actor`, issue 15).
+"""Seeds of one trial trained together in one process (`resources.seeds_per_actor`).
 
 A group holds one ordinary trainer per seed (its member), so that everything per seed stays per seed: its
 RNG streams, environments, normalisers, schedules, evaluations and its checkpoint, which is the member's

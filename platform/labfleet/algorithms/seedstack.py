@@ -1,4 +1,4 @@
-"""Seeds trained together in one process (issue 15 §1, the first part): N copies of one network, one per
+"""Seeds trained together in one process: N copies of one network, one per
 seed, held as stacked parameters and called as one batched network with `torch.func`.
 
 A 64x64 MLP's forward pass costs about the same for 8 rows as for 512: on these tasks a core mostly waits

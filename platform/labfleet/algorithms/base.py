@@ -125,14 +125,20 @@ def held_gpus() -> list[str] | None:
     return [str(i) for i in ray.get_gpu_ids()]
 
 
+def hide_gpus_unless_held(held: list[str] | None) -> None:
+    """In a Ray worker that holds no GPU (`held == []`), empty `CUDA_VISIBLE_DEVICES` before anything touches
+    CUDA: Ray 2.60 leaves the node's value to workers that reserve none."""
+    if held is not None and not held:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def resolve_device(requested: str, held: list[str] | None = None) -> str:
     """The torch device a trainer uses. `held` are the GPUs Ray gave this actor (None: not in an actor, where
     torch's view decides). `auto` is CUDA only where the actor holds a GPU and torch sees one, else the CPU.
-    An actor that holds no GPU never sees one: Ray (2.60) leaves `CUDA_VISIBLE_DEVICES` alone for actors that
-    reserve none, so it is emptied here, before anything touches CUDA; a trial then never computes on a GPU
+    An actor that holds no GPU never sees one (`hide_gpus_unless_held`), so a trial never computes on a GPU
     that Ray gave to another."""
+    hide_gpus_unless_held(held)
     if held is not None and not held:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
         if requested.startswith("cuda"):
             raise RuntimeError(f"device {requested!r} was requested but this trial holds no GPU "
                                "(set resources.gpus_per_trial)")

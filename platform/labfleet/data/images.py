@@ -81,10 +81,8 @@ def locate(name: str, path: str | None) -> Path:
 def describe(name: str, path: str | None, size: tuple[int, int] | None = None) -> ImageFiles:
     """The shape, sizes and labels of a dataset's files, read from their headers only."""
     source = locate(name, path)
-    if (source / "dataset_dict.json").is_file():
-        return _describe_folder(source, size, _hugging_face_files(source))
-    if source.is_dir() and _idx_file(source, "x_train") is None:
-        return _describe_folder(source, size)
+    if (pictures := _pictures(source)) is not None:
+        return _describe_folder(source, size, pictures)
     if size is not None:
         raise ImageDataError(f"{source}: dataset_kwargs.size resizes a folder of PNG/JPEG images; these are "
                              "arrays of one size already")
@@ -106,13 +104,11 @@ def describe(name: str, path: str | None, size: tuple[int, int] | None = None) -
 
 def read(name: str, path: str | None, size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """x_train, x_test as uint8 (n, C, H, W); y_train, y_test as int64 where the files have them."""
-    info = describe(name, path, size)
-    source = info.source
+    source = locate(name, path)
+    if (pictures := _pictures(source)) is not None:  # listed (and, from Arrow, read) once
+        return _read_folder(source, _describe_folder(source, size, pictures), pictures)
+    describe(name, path, size)  # the checks: shapes, dtypes, label counts
     arrays: dict[str, np.ndarray] = {}
-    if (source / "dataset_dict.json").is_file():
-        return _read_folder(source, info, _hugging_face_files(source))
-    if source.is_dir() and _idx_file(source, "x_train") is None:
-        return _read_folder(source, info)
     if source.is_dir():
         for key in IDX_FILES:
             if (file := _idx_file(source, key)) is not None:
@@ -260,16 +256,24 @@ def _folder_files(source: Path) -> dict[str, list[tuple[Path, int]]]:
 Pictures = dict[str, list[tuple[Any, int]]]  # split -> [(a file or the image's bytes, label or -1)]
 
 
+def _pictures(source: Path) -> Pictures | None:
+    """The images of a folder or a Hugging Face directory, by split; None for arrays (.npz, IDX)."""
+    if (source / "dataset_dict.json").is_file():
+        return _hugging_face_files(source)
+    if source.is_dir() and _idx_file(source, "x_train") is None:
+        return _folder_files(source)
+    return None
+
+
 def _open_picture(item: Any) -> Any:
     from PIL import Image
 
     return Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
 
 
-def _describe_folder(source: Path, size: tuple[int, int] | None, files: Pictures | None = None) -> ImageFiles:
+def _describe_folder(source: Path, size: tuple[int, int] | None, files: Pictures) -> ImageFiles:
     from PIL import UnidentifiedImageError
 
-    files = _folder_files(source) if files is None else files
     sizes: dict[tuple[int, int], str] = {}
     grey = True
     for pairs in files.values():
@@ -291,12 +295,12 @@ def _describe_folder(source: Path, size: tuple[int, int] | None, files: Pictures
                       files["train"][0][1] >= 0)
 
 
-def _read_folder(source: Path, info: ImageFiles, files: Pictures | None = None) -> dict[str, np.ndarray]:
+def _read_folder(source: Path, info: ImageFiles, files: Pictures) -> dict[str, np.ndarray]:
     from PIL import Image
 
     channels, height, width = info.shape
     out: dict[str, np.ndarray] = {}
-    for split, pairs in (_folder_files(source) if files is None else files).items():
+    for split, pairs in files.items():
         images = np.empty((len(pairs), channels, height, width), dtype=np.uint8)
         for i, (item, _) in enumerate(pairs):
             with _open_picture(item) as image:

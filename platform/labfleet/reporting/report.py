@@ -563,14 +563,18 @@ def sample_grids(client: MlflowClient, configs: list[Configuration]) -> dict[str
     from labfleet.algorithms import registry
 
     out: dict[str, bytes] = {}
+    shown = 0
     with tempfile.TemporaryDirectory(prefix="labfleet-report-") as tmp:
         for config in configs:
             try:
                 generative = registry.get(config.algorithm).kind == "generative"
             except (KeyError, ImportError, TypeError):
                 generative = False
-            if not generative or not config.seeds or len(out) >= 2 * MAX_SAMPLE_GRIDS:
+            if not generative or not config.seeds:
                 continue
+            if shown == MAX_SAMPLE_GRIDS:
+                break
+            shown += 1
             seed = min(config.seeds, key=lambda r: r.data.tags.get("mlflow.runName", ""))
             for kind in SAMPLE_KINDS:
                 pngs = [a.path for a in client.list_artifacts(seed.info.run_id, kind) if a.path.endswith(".png")]

@@ -47,9 +47,9 @@ class RolloutWorker:
                  policy_blob: bytes, state: dict[str, Any] | None = None):
         import torch
 
-        from labfleet.algorithms.base import held_gpus, resolve_device
+        from labfleet.algorithms.base import held_gpus, hide_gpus_unless_held
 
-        resolve_device("cpu", held_gpus())  # it holds no GPU: it sees none (Ray 2.60 would show it the node's)
+        hide_gpus_unless_held(held_gpus())  # it steps environments on the CPU and opens no CUDA context
         torch.set_num_threads(1)
         self.sampler = VectorSampler(maker, n_envs, seed, first_env=first_env, generation=generation, state=state)
         self.policy = pickle.loads(policy_blob)

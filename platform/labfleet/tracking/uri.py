@@ -269,8 +269,8 @@ def unless_being_made(path: Path, probe: Callable[[], str | None], quiet_s: floa
         problem = probe()
         if problem is None:
             return None
-        if (problem, _file_stamp(path)) != seen:
-            seen, since = (problem, _file_stamp(path)), time.monotonic()
+        if (now := (problem, _file_stamp(path))) != seen:
+            seen, since = now, time.monotonic()
     return problem
 
 

@@ -191,6 +191,12 @@ def check_architecture(hp: GenerativeHParams, data: datasets.Dataset) -> None:
                              f"{len(hp.channels)} times: the size must be a multiple of {scale}")
 
 
+def latent_path(starts: torch.Tensor, ends: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """(n * steps, d): for each row pair, `steps` evenly spaced points from start to end (interpolation grids)."""
+    weights = torch.linspace(0, 1, steps, device=starts.device)[None, :, None]
+    return (starts[:, None] * (1 - weights) + ends[:, None] * weights).reshape(-1, starts.shape[-1])
+
+
 def _ray() -> Any:
     """Ray, imported where data parallelism needs it: a trainer on one device runs without it."""
     import ray
@@ -435,9 +441,7 @@ class GenerativeTrainer(Trainer):
         return {
             "models": self._model_state(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "steps": self.steps, "evaluations": self.evaluations, "rng": rng_state(self.rng),
-            "order": torch.as_tensor(self._order), "cursor": self._cursor,
-            "torch_gen": self.torch_gen.get_state(), "dropout_rng": self.dropout_rng,
+            "steps": self.steps, "evaluations": self.evaluations, **self.sampling_state(),
             "early": {"best_value": self.best_value, "best_step": self.best_step, "bad": self.bad_evaluations,
                       "stopped": self.stopped, "best_state": self.best_state},
             # data parallelism: the other ranks' minibatch streams, so that a restore goes on exactly
@@ -453,9 +457,6 @@ class GenerativeTrainer(Trainer):
         set_rng_state(self.rng, state["rng"])
         self._order, self._cursor = state["order"].numpy(), int(state["cursor"])
         self.torch_gen.set_state(state["torch_gen"])
-        self._load_dropout_rng(state)
-
-    def _load_dropout_rng(self, state: dict[str, Any]) -> None:
         saved = state.get("dropout_rng")
         if self.dropout_rng is not None and saved is not None and len(saved) == len(self.dropout_rng):
             self.dropout_rng = list(saved)
@@ -472,10 +473,7 @@ class GenerativeTrainer(Trainer):
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         self.steps, self.evaluations = int(state["steps"]), int(state["evaluations"])
-        set_rng_state(self.rng, state["rng"])
-        self._order, self._cursor = state["order"].numpy(), int(state["cursor"])
-        self.torch_gen.set_state(state["torch_gen"])
-        self._load_dropout_rng(state)
+        self.load_sampling_state(state)
         early = state["early"]
         self.best_value, self.best_step = float(early["best_value"]), int(early["best_step"])
         self.bad_evaluations, self.stopped = int(early["bad"]), bool(early["stopped"])

@@ -46,6 +46,7 @@ from labfleet.algorithms.generative.base import (
     ConvEncoder,
     GenerativeHParams,
     GenerativeTrainer,
+    latent_path,
     mlp,
 )
 from labfleet.algorithms.generative.plots import image_grid_png, points_png
@@ -209,11 +210,15 @@ class GANTrainer(GenerativeTrainer):
             self.optimizers["critic"] = ScheduledOptimizer(self.critic.parameters(), c_hp)
 
     # --- the networks ----------------------------------------------------------------------------------
+    def sampling_network(self) -> nn.Module:
+        """The generator samples are drawn from: its moving average where there is one (`ema`)."""
+        return self.average if self.average is not None else self.generator
+
     def generate_scaled(self, n: int, generator: torch.Generator | None, averaged: bool = False) -> torch.Tensor:
         """G(z) in the discriminator's input scale: [0, 1] images, or points; from the averaged generator
         when asked and there is one."""
         z = torch.randn(n, self.hp.latent_dim, generator=generator, device=self.device)
-        network = self.average if averaged and self.average is not None else self.generator
+        network = self.sampling_network() if averaged else self.generator
         out = network(z).reshape(n, *self.data.shape)
         return torch.sigmoid(out) if self.data.levels else out
 
@@ -342,10 +347,8 @@ class GANTrainer(GenerativeTrainer):
         """Each row: the (averaged) generator along the straight path between two fixed latents, 8 steps."""
         gen = torch.Generator(device=self.device).manual_seed(6)
         ends = torch.randn(16, self.hp.latent_dim, generator=gen, device=self.device)
-        weights = torch.linspace(0, 1, 8, device=self.device)[None, :, None]
-        path = (ends[:8, None] * (1 - weights) + ends[8:, None] * weights).reshape(-1, self.hp.latent_dim)
-        network = self.average if self.average is not None else self.generator
-        return torch.sigmoid(network(path).reshape(len(path), *self.data.shape))
+        path = latent_path(ends[:8], ends[8:])
+        return torch.sigmoid(self.sampling_network()(path).reshape(len(path), *self.data.shape))
 
     def sample_images(self) -> dict[str, bytes]:
         samples = self.generate(64 if self.data.is_image else 1000, torch.Generator(device=self.device).manual_seed(5))

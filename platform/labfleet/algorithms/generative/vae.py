@@ -50,6 +50,7 @@ from labfleet.algorithms.generative.base import (
     GenerativeHParams,
     GenerativeTrainer,
     ResNetEncoder,
+    latent_path,
     mlp,
 )
 from labfleet.algorithms.generative.plots import image_grid_png, points_png
@@ -247,15 +248,13 @@ class VAETrainer(GenerativeTrainer):
             mean, var = train.mean(0), train.var(0, unbiased=False).clamp_min(1e-12)
             return float(-GM.gaussian_log_prob(test, mean, var.log()).mean())
         assert self.data.levels is not None
-        if self.likelihood == "bernoulli":  # independent Bernoulli pixels, p_j = mean intensity / levels
-            p = (train.mean(0) / self.data.levels).clamp(1e-6, 1 - 1e-6)
-            logits = (p.log() - (-p).log1p()).expand_as(test)
-            return float(-GM.binomial_log_prob(test / self.data.levels, logits, 1).mean())
         if self.likelihood == "logistic":  # the best independent-pixel model of 8-bit counts: a histogram each
             return GM.pixel_histogram_nll(self.data.train, self.data.test, self.data.levels)
+        # Binomial(n, p_j) pixels with p_j = mean intensity / levels; n = 1 on binarised images
         p = (train.mean(0) / self.data.levels).clamp(1e-6, 1 - 1e-6)
         logits = (p.log() - (-p).log1p()).expand_as(test)
-        return float(-GM.binomial_log_prob(test, logits, self.data.levels).mean())
+        n, x = (1, test / self.data.levels) if self.likelihood == "bernoulli" else (self.data.levels, test)
+        return float(-GM.binomial_log_prob(x, logits, n).mean())
 
     # --- samples -------------------------------------------------------------------------------------
     def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -283,9 +282,7 @@ class VAETrainer(GenerativeTrainer):
         levels = float(self.data.levels)
         # each row: the decoded path between the latent means of two test images, in 8 equal steps
         ends, _ = self.model.encode(self.scaled(self.test_target[:16]))
-        weights = torch.linspace(0, 1, 8, device=self.device)[None, :, None]
-        path = ends[:8, None] * (1 - weights) + ends[8:16, None] * weights
-        between = self.decoded_mean(self.model.decode(path.reshape(-1, path.shape[-1])))
+        between = self.decoded_mean(self.model.decode(latent_path(ends[:8], ends[8:16])))
         return {"samples": image_grid_png(samples.cpu().numpy() / levels, f"VAE samples, step {self.steps}"),
                 "reconstructions": image_grid_png(pairs.cpu().numpy() / levels,
                                                   f"test images and reconstructions, step {self.steps}"),

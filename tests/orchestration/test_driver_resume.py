@@ -19,9 +19,12 @@ from tests.conftest import EXPERIMENTS, run_cli
 from tests.orchestration.test_faults import _assert_same_model_as_a_fault_free_run
 
 SPEC = EXPERIMENTS / "cartpole_reinforce.yaml"
-ARGS = ["--set", "seeds=[0,1]", "--set", "budget.env_steps=40960", "--set", "eval={episodes: 2, every_steps: 4096}",
+# 81920 steps: checkpoints come every 4096, so the test's polls have most of a seed's run to see both seeds
+# checkpointed and kill the driver (at 40960 a CI run saw a seed FINISHED before the kill)
+STEPS = 81920
+ARGS = ["--set", "seeds=[0,1]", "--set", f"budget.env_steps={STEPS}", "--set", "eval={episodes: 2, every_steps: 4096}",
         "--set", "hparams.n_envs=4", "--set", "hparams.n_steps=64"]
-SPEC_RESOLVED = load_spec(SPEC, {"budget.env_steps": 40960, "hparams.n_envs": 4, "hparams.n_steps": 64})
+SPEC_RESOLVED = load_spec(SPEC, {"budget.env_steps": STEPS, "hparams.n_envs": 4, "hparams.n_steps": 64})
 
 
 def _runs(client: MlflowClient) -> list:
@@ -58,7 +61,7 @@ def test_killed_driver_continues_from_durable_checkpoints(tmp_path: Path, tracki
     assert {r.info.status for r in before.values()} == {"RUNNING"} and len(before) == 3
     logged_before = {rid: max(m.step for m in client.get_metric_history(rid, "time/env_steps"))
                      for rid, r in before.items() if r.data.tags["labfleet.role"] == "seed"}
-    assert all(step < 40960 for step in logged_before.values())
+    assert all(step < STEPS for step in logged_before.values())
 
     again = run_cli(*command[3:], cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -74,7 +77,7 @@ def test_killed_driver_continues_from_durable_checkpoints(tmp_path: Path, tracki
             steps = [m.step for m in client.get_metric_history(run_id, name)]
             assert len(steps) == len(set(steps)), f"{name} repeats a step: {sorted(steps)}"
         steps = sorted(m.step for m in client.get_metric_history(run_id, "time/env_steps"))
-        assert steps[-1] >= 40960 and logged_before[run_id] in steps  # the old curve is kept and continued
+        assert steps[-1] >= STEPS and logged_before[run_id] in steps  # the old curve is kept and continued
         assert any(a.path == "checkpoints/final.pt" for a in client.list_artifacts(run_id, "checkpoints"))
         # Exact resume: the seed ends with the network a fault-free run of it ends with, bit for bit.
         assert run.data.tags["labfleet.resume"] == "exact"

@@ -130,7 +130,8 @@ def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
     assert found is not None
     run, records = found
     assert run.info.run_id == first.trial_run_id(trial)
-    assert records[0] == SeedRecord(Status.RUNNING, checkpoint, {"eval/return_mean": 10})
+    assert records[0] == SeedRecord(Status.RUNNING, checkpoint, {"eval/return_mean": 10},
+                                    evals={10: {"eval/return_mean": 0.25}})
     assert records[1].status == Status.FINISHED and records[1].final == {"eval/return_mean": 0.75}
     second.handle(TrialStarted(again, resumed=True))
     second.handle(SeedStarted(again, 0, 40, records[0]))
@@ -149,6 +150,81 @@ def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
     assert resumed.data.tags["labfleet.resume"] == "approximate"  # how the restart from the checkpoint went
     # after success a rerun starts new runs
     assert MlflowRecorder(Tracker(uri)).unfinished(TrialRunner(_spec(), [])) is None
+
+
+def _evaluated(recorder: MlflowRecorder, trial: TrialRunner, seed: int, step: int, value: float) -> None:
+    """A chunk with one evaluation, as the runner delivers it: the chunk's record, then its Evaluation."""
+    recorder.handle(ChunkResult(trial, seed, [(step, {"eval/return_mean": value})], {}, step, None, False, {}))
+    recorder.handle(Evaluation(trial, seed, step, {"eval/return_mean": value}))
+
+
+def _history(client: MlflowClient, run_id: str, name: str = "eval/return_mean") -> list[tuple[int, float]]:
+    return [(m.step, pytest.approx(m.value)) for m in client.get_metric_history(run_id, name)]
+
+
+def test_trial_run_carries_the_mean_over_seeds_history(tmp_path: Path):
+    """Each step every seed still in the trial has evaluated is logged once on the trial run, as soon as the
+    last seed reaches it; a failed seed leaves the mean; the finals follow at the trial's last step."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, background=True)
+    recorder = MlflowRecorder(tracker)
+    trial = TrialRunner(_spec(seeds=[0, 1, 2]), [recorder])
+    recorder.handle(TrialStarted(trial))
+    for seed in (0, 1, 2):
+        recorder.handle(SeedStarted(trial, seed, 40))
+    run_id = recorder.trial_run_id(trial)
+    client = MlflowClient(uri)
+    for seed, value in ((0, 0.1), (1, 0.2)):
+        _evaluated(recorder, trial, seed, 10, value)
+    tracker.commit()
+    tracker.drain()
+    assert _history(client, run_id) == []  # seed 2 has not reached step 10
+    _evaluated(recorder, trial, 2, 10, 0.6)
+    _evaluated(recorder, trial, 0, 20, 0.5)
+    _evaluated(recorder, trial, 1, 20, 0.7)
+    tracker.commit()
+    tracker.drain()
+    assert _history(client, run_id) == [(10, 0.3)]
+    recorder.handle(SeedEnded(trial, 2, Status.FAILED, error="boom"))  # step 20 is complete without it
+    _evaluated(recorder, trial, 0, 30, 0.8)
+    _evaluated(recorder, trial, 1, 30, 1.0)
+    for seed, final in ((0, 0.8), (1, 1.0)):
+        recorder.handle(SeedEnded(trial, seed, Status.FINISHED, {"eval/return_mean": final}, b"final"))
+    recorder.handle(TrialEnded(trial, Status.FAILED, {"eval/return_mean": 0.9, "eval/return_mean_std": 0.1}, 30))
+    tracker.close()
+    assert _history(client, run_id) == [(10, 0.3), (20, 0.6), (30, 0.9)]  # the final mean is the last point
+    assert _history(client, run_id, "eval/return_mean_std") == [(30, 0.1)]
+
+
+def test_trial_history_continues_across_a_dead_driver(tmp_path: Path):
+    """A second driver gets each seed's earlier evaluations with its record: the step that a seed reached
+    before the first driver died and the other after it is logged once, with both values."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, background=True)
+    first = MlflowRecorder(tracker)
+    trial = TrialRunner(_spec(), [first])
+    first.handle(TrialStarted(trial))
+    for seed in (0, 1):
+        first.handle(SeedStarted(trial, seed, 40))
+    for seed, step, value in ((0, 10, 0.2), (1, 10, 0.4), (0, 20, 0.6)):
+        _evaluated(first, trial, seed, step, value)
+    tracker.close()  # the driver dies: the runs stay RUNNING
+
+    tracker = Tracker(uri, background=True)
+    second = MlflowRecorder(tracker)
+    again = TrialRunner(_spec(), [second])
+    found = second.unfinished(again)
+    assert found is not None
+    _, records = found
+    second.handle(TrialStarted(again, resumed=True))
+    for seed in (0, 1):
+        second.handle(SeedStarted(again, seed, 40, records[seed]))
+    _evaluated(second, again, 1, 20, 0.8)
+    for seed, final in ((0, 0.6), (1, 0.8)):
+        second.handle(SeedEnded(again, seed, Status.FINISHED, {"eval/return_mean": final}, b"final"))
+    second.handle(TrialEnded(again, Status.FINISHED, {"eval/return_mean": 0.7, "eval/return_mean_std": 0.1}, 20))
+    tracker.close()
+    assert _history(MlflowClient(uri), first.trial_run_id(trial)) == [(10, 0.3), (20, 0.7)]
 
 
 def test_progress_listener_draws_bars_from_events():

@@ -96,8 +96,14 @@ def test_grid_sweep_prunes_nests_and_stops_when_exhausted(tmp_path: Path):
     assert sweep_run.data.tags["optuna.storage"] == storage
     assert sweep_run.data.metrics["best_value"] == states[0.99].value
     assert sweep_run.data.tags["best.hparams.gamma"] == "0.99"
+    client = MlflowClient(mlflow_uri)  # the objective's curve over the complete trials, by trial number
+    objective = client.get_metric_history(sweep_run.info.run_id, "objective/eval/return_mean")
+    assert [(m.step, m.value) for m in objective] == [(states[0.99].number, states[0.99].value)]
     trials = {r.data.tags["optuna.trial_number"]: r for r in roles["trial"]}
     assert len(trials) == 2
+    # each trial run carries its mean-over-seeds evaluation history (one seed here: its own curve)
+    complete = trials[str(states[0.99].number)].info.run_id
+    assert [m.step for m in client.get_metric_history(complete, "eval/return_mean")] == [10, 20, 30, 40]
     for t in study.trials:
         run = trials[str(t.number)]
         assert run.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id

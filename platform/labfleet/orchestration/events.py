@@ -62,6 +62,7 @@ class SeedRecord:
     logged: dict[str, int] = field(default_factory=dict)  # metric -> the last step in its history
     final: dict[str, float] = field(default_factory=dict)  # the latest eval/* values
     retries: int = 0
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # metric step -> the eval/* values logged
 
 
 # --- events ------------------------------------------------------------------------------------------------

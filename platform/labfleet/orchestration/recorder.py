@@ -26,6 +26,7 @@ from labfleet import metrics as M
 from labfleet.errors import Problem, SpecError
 from labfleet.orchestration.events import (
     ChunkResult,
+    Evaluation,
     Event,
     SeedEnded,
     SeedPlaced,
@@ -67,6 +68,11 @@ class _Trial:
     run_name: str = ""
     seeds: dict[int, str] = field(default_factory=dict)  # seed -> run id
     resuming: dict[int, str] = field(default_factory=dict)  # seed -> the run id an earlier driver left
+    # The trial run's eval/* curves: each seed's evaluations (seed -> step -> values), the seeds that left the
+    # mean (failed or killed), and the last step logged of each name
+    evals: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
+    left: set[int] = field(default_factory=set)
+    history: dict[str, int] = field(default_factory=dict)
 
 
 class MlflowRecorder:
@@ -119,9 +125,10 @@ class MlflowRecorder:
                     self._start_trial(trial)
             case SeedStarted():
                 self._start_seed(event)
-            case SeedRestored(trial=trial, seed=seed):
+            case SeedRestored(trial=trial, seed=seed, record=record):
                 entry = self.trials[trial]
                 entry.seeds[seed] = entry.resuming[seed]
+                entry.evals[seed] = {step: dict(values) for step, values in record.evals.items()}
             case SeedPlaced(trial=trial, seed=seed, where=where):
                 tags = {"labfleet.node": where["node_id"], "labfleet.host": where["host"],
                         "labfleet.device": where["device"]}
@@ -132,6 +139,8 @@ class MlflowRecorder:
                 tracker.queue_tags(self.seed_run_id(trial, seed), {"labfleet.retries": str(retries)})
             case ChunkResult():
                 self._chunk(event)
+            case Evaluation():
+                self._evaluation(event)
             case SeedEnded():
                 self._end_seed(event)
             case TrialEnded():
@@ -142,9 +151,28 @@ class MlflowRecorder:
         if not self.has_run(event.trial):  # its run was never created (Ctrl-C inside `create_run`)
             return
         run_id = self.trial_run_id(event.trial)
-        if event.metrics:
-            self.tracker.log_metrics(run_id, event.metrics, event.step)
+        history = self.trials[event.trial].history
+        # The finals at the trial's last step; a mean whose history already holds that step has it (the same
+        # value: the mean over seeds of their last evaluations), and no step is logged twice.
+        step = max([event.step, *history.values()])
+        finals = {k: v for k, v in event.metrics.items() if history.get(k) != step}
+        if finals:
+            self.tracker.log_metrics(run_id, finals, step)
         self.tracker.end_run(run_id, event.status, event.error)
+
+    def _history(self, trial: TrialRunner) -> None:
+        """The trial run's curve of each eval/* metric: its mean over the seeds that have not failed at every
+        step all of them have evaluated, logged once, in step order, as soon as the last seed reaches it."""
+        entry = self.trials[trial]
+        seeds = [evals for seed, evals in entry.evals.items() if seed not in entry.left]
+        for name in sorted({k for evals in seeds for values in evals.values() for k in values}):
+            after = entry.history.get(name, -1)
+            steps = set.intersection(*({step for step, values in evals.items() if step > after and name in values}
+                                       for evals in seeds))
+            for step in sorted(steps):
+                mean = sum(evals[step][name] for evals in seeds) / len(seeds)
+                self.tracker.log_metrics(entry.run_id, {name: mean}, step)
+                entry.history[name] = step
 
     def _end_seed(self, event: SeedEnded) -> None:
         entry = self.trials.get(event.trial)
@@ -154,9 +182,18 @@ class MlflowRecorder:
         if event.status == Status.FINISHED and event.checkpoint is not None and event.final is not None:
             self.tracker.log_bytes(run_id, FINAL_CHECKPOINT, event.checkpoint)
         self.tracker.end_run(run_id, event.status, event.error)
+        if event.status != Status.FINISHED and entry is not None:
+            entry.left.add(event.seed)  # the others' steps it had not reached are complete now
+            self._history(event.trial)
+
+    def _evaluation(self, event: Evaluation) -> None:
+        if event.trial in self.trials:
+            self.trials[event.trial].evals.setdefault(event.seed, {}).setdefault(event.step, {}).update(event.values)
+            self._history(event.trial)
 
     def _start_seed(self, event: SeedStarted) -> None:
         entry, record = self.trials[event.trial], event.record
+        entry.evals[event.seed] = {step: dict(values) for step, values in (record.evals if record else {}).items()}
         if record is None or event.seed not in entry.resuming:
             entry.seeds[event.seed] = self._new_seed_run(event.trial, event.seed)
             return
@@ -236,6 +273,8 @@ class MlflowRecorder:
                                 run, owner)
             self.claim([run], trial.meta.tags.get("labfleet.spec_file", trial.label), f"trial {trial.label}")
             entry = self.trials[trial] = _Trial(run.info.run_id, run.data.tags.get("mlflow.runName", trial.label))
+            entry.history = {key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
+                             for key in run.data.metrics if key.startswith(M.EVAL_PREFIX)}
             records = {}
             for seed, (run_id, record) in self._seed_records(experiment_id, run.info.run_id).items():
                 entry.resuming[seed] = run_id
@@ -251,17 +290,24 @@ class MlflowRecorder:
                 continue
             run_id, status = run.info.run_id, run.info.status
             retries = int(run.data.tags.get("labfleet.retries", 0))
+            # every metric's history for an unfinished seed (what it logged), the evaluations' for a finished one
+            histories = {key: client.get_metric_history(run_id, key) for key in run.data.metrics
+                         if status != "FINISHED" or key.startswith(M.EVAL_PREFIX)}
+            evals: dict[int, dict[str, float]] = {}
+            for key, history in histories.items():
+                for metric in history if key.startswith(M.EVAL_PREFIX) else ():
+                    evals.setdefault(metric.step, {})[key] = metric.value
             if status == "FINISHED":
                 final = {k: v for k, v in run.data.metrics.items() if k.startswith(M.EVAL_PREFIX)}
-                record = SeedRecord(Status.FINISHED, final=final, retries=retries)
+                record = SeedRecord(Status.FINISHED, final=final, retries=retries, evals=evals)
             else:
-                logged = {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+                logged = {key: max(m.step for m in history) for key, history in histories.items()}
                 checkpoint = _download(client, run_id, LATEST_CHECKPOINT)
                 if checkpoint is not None and (damage := checkpoint_damage(checkpoint)) is not None:
                     self.notes.append(f"seed run {run_id}: its {LATEST_CHECKPOINT} is damaged ({damage}); the seed "
                                       "starts again from scratch in the same run (--fresh starts new runs)")
                     checkpoint = None
-                record = SeedRecord(Status(status), checkpoint, logged, retries=retries)
+                record = SeedRecord(Status(status), checkpoint, logged, retries=retries, evals=evals)
             records[int(run.data.tags["labfleet.seed"])] = (run_id, record)
         return records
 

@@ -315,12 +315,13 @@ class TrialRunner:
             record = records.get(seed)
             if record is not None and record.status == Status.FINISHED:
                 state = self.seeds[seed] = SeedState(seed, Status.FINISHED, progress=self.spec.budget.total,
-                                                     final=dict(record.final))
+                                                     final=dict(record.final), evals=_copy_evals(record.evals))
                 self.emit(SeedRestored(self, seed, record))
                 continue
             state = self._add_seed(seed, record)
             if record is not None:
                 state.checkpoint, state.logged, state.retries = record.checkpoint, dict(record.logged), record.retries
+                state.evals = _copy_evals(record.evals)
             pending.append(state)
         self._launch_all(pending)
         self._maybe_finish_trial()
@@ -743,6 +744,10 @@ def start_shared(runners: list[TrialRunner], capacity: int) -> None:
     finally:  # also after a Ctrl-C during a launch: its end states need the runs to exist
         for runner in runners:
             runner.announce_start()
+
+
+def _copy_evals(evals: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+    return {step: dict(values) for step, values in evals.items()}
 
 
 def aggregate_finals(finals: list[dict[str, float]]) -> dict[str, float]:

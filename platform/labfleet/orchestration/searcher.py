@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from labfleet.orchestration.session import DriverSession
 
 TrialState = optuna.trial.TrialState
+OBJECTIVE_PREFIX = "objective/"  # the sweep run's metric per objective, at each complete trial's number
 PRUNED = "pruned"  # the reason a pruned trial's TrialEnded carries
 DRIVER_ATTR = "labfleet.driver"  # an Optuna trial's user attribute: the driver that asked it (heartbeat.py)
 
@@ -346,6 +347,11 @@ class OptunaSearcher:
         with self._untold_lock:
             self.untold += 1
         if state == TrialState.COMPLETE:
+            # the sweep run's curve of the objective over trials (its chart in MLflow), one step per trial number
+            values = value if isinstance(value, list) else [value]
+            self.tracker.log_metrics(self.sweep_run, {f"{OBJECTIVE_PREFIX}{metric}": float(v) for (metric, _), v
+                                                      in zip(self.sweep.objectives, values, strict=True)},
+                                     active.trial.number)
             self.tracker.after_writes(self._told, active.trial, value)
         else:
             self.tracker.after_writes(self._told, active.trial, state=state)

@@ -610,12 +610,17 @@ def ui(
     storage: str = typer.Option(None, "--storage", help="An Optuna storage to open in optuna-dashboard too "
                                 "(default: sqlite:///optuna.db when it exists)."),
     dashboard_port: int = typer.Option(8080, "--dashboard-port", help="Port of optuna-dashboard."),
+    experiment: str = typer.Option(None, "--experiment", help="The experiment whose runs page to print "
+                                   "(default: that of the latest run)."),
+    browser: bool = typer.Option(True, "--browser/--no-browser", help="Open the runs page in a browser "
+                                 "(where there is a display)."),
 ) -> None:
-    """Serve the MLflow UI on 127.0.0.1 over the store the runs used (and optuna-dashboard when installed)."""
+    """Serve the MLflow UI on 127.0.0.1 over the store the runs used (and optuna-dashboard when installed);
+    print (and open) the runs page of the latest experiment."""
     from labfleet.reporting.ui import serve
 
     with bad_input_exits_2():
-        code = serve(tracking_uri, port, storage, dashboard_port, Console())
+        code = serve(tracking_uri, port, storage, dashboard_port, Console(), experiment, browser)
     raise typer.Exit(code)
 
 

@@ -142,6 +142,9 @@ def test_report_bad_target_and_missing_store(tmp_path: Path, suite_store):
     result = run_cli("report", "x", "--tracking-uri", f"sqlite:///{missing}", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow store" in result.stderr
     assert not missing.exists() and not (tmp_path / "o").exists()
+    result = run_cli("ui", "--tracking-uri", uri, "--experiment", "no-such-experiment", cwd=tmp_path)
+    assert result.returncode == 2 and "no experiment 'no-such-experiment'" in result.stderr, result.stderr
+    assert "'two-gammas'" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
@@ -179,6 +182,9 @@ def test_ui_serves_the_store_on_loopback_and_stops(suite_store):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output
     assert re.search(rf"MLflow UI: http://127\.0\.0\.1:{port}", output)
+    # the runs page of the experiment the suite wrote (MLflow 3's experiment page opens on GenAI traces)
+    experiment_id = MlflowClient(uri).get_experiment_by_name("two-gammas").experiment_id
+    assert f"Runs of two-gammas: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs" in output, output
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
 

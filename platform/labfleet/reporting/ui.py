@@ -89,8 +89,50 @@ def _start_dashboard(storage: str, port: int, console: Console) -> list[subproce
     return [process]
 
 
-def serve(tracking_uri: str | None, port: int, storage: str | None, dashboard_port: int, console: Console) -> int:
+def runs_page(client: MlflowClient, experiment: str | None = None) -> tuple[str, str] | None:
+    """(the path of the runs page, the experiment's name) of `experiment`, or of the experiment of the store's
+    latest run; None when there is no such experiment (or no run). The runs page (`#/experiments/<id>/runs`),
+    not the experiment's own page: MLflow 3 opens that on GenAI traces even for a model-training experiment."""
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        return None if found is None else (f"/#/experiments/{found.experiment_id}/runs", found.name)
+    ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    latest = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    if not latest:
+        return None
+    found = client.get_experiment(latest[0].info.experiment_id)
+    return f"/#/experiments/{found.experiment_id}/runs", found.name
+
+
+def _page(client: MlflowClient, uri: str, experiment: str | None) -> tuple[str, str] | None:
+    page = runs_page(client, experiment)
+    if experiment is not None and page is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=1000))
+        raise SpecError([Problem("labfleet ui", "--experiment", f"no experiment {experiment!r} in "
+                                 f"{redact_uri(uri)}; it has {', '.join(map(repr, names)) or 'none'}")])
+    return page
+
+
+def _show_page(console: Console, url: str, page: tuple[str, str] | None, browser: bool) -> None:
+    if page is None:
+        return
+    console.print(f"Runs of {shown(page[1])}: {url}{page[0]}", highlight=False, soft_wrap=True)
+    if browser and _has_display():
+        import webbrowser
+
+        webbrowser.open(url + page[0])
+
+
+def _has_display() -> bool:
+    """Whether a browser would open in a window (not a text browser in this terminal)."""
+    return sys.platform == "darwin" or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def serve(tracking_uri: str | None, port: int, storage: str | None, dashboard_port: int, console: Console,
+          experiment: str | None = None, browser: bool = True) -> int:
     uri = _checked_uri(tracking_uri)
+    client = MlflowClient(uri)
+    page = _page(client, uri, experiment)
     if storage is None and Path("optuna.db").exists():
         storage = "sqlite:///optuna.db"
     children: list[subprocess.Popen[Any]] = []
@@ -104,7 +146,8 @@ def serve(tracking_uri: str | None, port: int, storage: str | None, dashboard_po
             console.print(f"[red]the MLflow UI did not start on {url}[/red]")
             return 1
         console.print(f"MLflow UI: {url}  (store: {redact_uri(uri)})", highlight=False)
-        note = stale_note(MlflowClient(uri))
+        _show_page(console, url, page, browser)
+        note = stale_note(client)
         if note:
             console.print(f"[yellow]{shown(note)}[/yellow]", highlight=False)
         if storage:

@@ -139,6 +139,31 @@ def static_checks(suite_uri: str | None, source: str, specs: list) -> None:
         raise SpecError(problems)
 
 
+def trainer_round_trips(specs: list) -> None:
+    """Each Trainer subclass of the user's that the specs name makes one round trip through the contract
+    (`labfleet.algorithms.roundtrip`: its own process, bounded in time); a class that fails it is refused."""
+    from labfleet.algorithms import registry
+    from labfleet.algorithms.custom import FunctionTrainer, is_import_path
+    from labfleet.algorithms.roundtrip import round_trip_problem
+
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for _, spec, src in specs:
+        if not is_import_path(spec.algorithm) or spec.algorithm in seen:
+            continue
+        seen.add(spec.algorithm)
+        spec_dir = str(Path(src).parent)
+        if registry.get(spec.algorithm, spec_dir).trainer is FunctionTrainer:
+            continue
+        problem, note = round_trip_problem(spec, spec_dir)
+        if problem:
+            problems.append(Problem(src, "algorithm", f"{spec.algorithm}: {problem}"))
+        if note:
+            err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    if problems:
+        raise SpecError(problems)
+
+
 @app.command()
 def validate(
     files: list[Path] = typer.Argument(..., help="Spec or suite files."),
@@ -155,12 +180,15 @@ def validate(
             doc = read_yaml(path)
             if is_suite(doc.data):
                 suite, entries = load_suite(path, overrides)
-                static_checks(suite.tracking.uri, doc.source, [(e.data, e.spec, str(e.spec_path)) for e in entries])
+                checked = [(e.data, e.spec, str(e.spec_path)) for e in entries]
+                static_checks(suite.tracking.uri, doc.source, checked)
+                trainer_round_trips(checked)
                 typer.echo(f"ok: {path} (suite {suite.name}: {len(entries)} experiments)")
             else:
                 data = apply_overrides(doc.data, overrides)
                 spec = resolve_spec_data(data, doc.source, from_set(doc, overrides))
                 static_checks(None, doc.source, [(data, spec, doc.source)])
+                trainer_round_trips([(data, spec, doc.source)])
                 target = spec.env or spec.dataset or "its own data"
                 seeds = f"{len(spec.seeds)} seed" + ("s" if len(spec.seeds) != 1 else "")
                 typer.echo(f"ok: {path} ({spec.algorithm} on {target}, {seeds})")
@@ -412,7 +440,7 @@ def show(
     with bad_input_exits_2():
         try:
             info = registry.get(algorithm)
-        except KeyError as exc:
+        except (KeyError, ImportError, TypeError) as exc:
             raise SpecError([Problem("labfleet show", "algorithm", str(exc.args[0]))]) from None
     if as_yaml:
         typer.echo(spec_skeleton(algorithm), nl=False)
@@ -536,7 +564,13 @@ def enjoy(
         from labfleet.playback import load_run, play, sample_grid
 
         loaded = load_run(target, uri)
-    trainer, run = loaded.trainer, loaded.run
+        trainer, run = loaded.trainer, loaded.run
+        needed = "greedy_actions" if trainer.spec.env is not None else "sample_images"
+        if not callable(getattr(trainer, needed, None)):
+            what = "plays the greedy policy through greedy_actions(obs) -> actions" if trainer.spec.env else \
+                "draws samples through sample_images() -> {name: PNG bytes}"
+            raise SpecError([Problem("labfleet enjoy", "RUN_OR_EXPERIMENT", f"{trainer.spec.algorithm} has no "
+                                     f"{needed}(); enjoy {what} (docs/your-own-code.md)")])
     name = run.data.tags.get("mlflow.runName", run.info.run_id)
     if trainer.spec.env is None:  # a generative model: a grid of samples
         out.mkdir(parents=True, exist_ok=True)

@@ -163,7 +163,7 @@ def sample_grid(trainer: Any) -> dict[str, bytes]:
     """A generative model's sample images (PNG bytes by name), drawn from fixed noise in eval mode."""
     import torch
 
-    for model in trainer.models.values():
+    for model in getattr(trainer, "models", {}).values():  # (a trainer of one's own may keep none there)
         model.eval()
     with torch.no_grad():
         return trainer.sample_images()

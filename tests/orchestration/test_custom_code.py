@@ -248,3 +248,198 @@ def test_a_hanging_function_is_reported_and_what_it_reported_is_logged(tmp_path:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, "".join(lines)
     assert "its code or environment may hang" in "".join(lines)
+
+
+TRAINERS = '''
+import numpy as np
+from pydantic import BaseModel
+
+from labfleet import Trainer
+
+
+class HParams(BaseModel):
+    pass
+
+
+class Counter(Trainer):
+    hparams_model = HParams
+
+    def __init__(self, spec, seed, device="cpu"):
+        super().__init__(spec, seed, device)
+        self.n = 0
+
+    def train_iteration(self):
+        self.n += 1
+        return {"train/n": float(self.n)}
+
+    def evaluate(self):
+        return {"eval/n": float(self.n)}
+
+    @property
+    def progress(self):
+        return self.n
+
+    def probe(self):
+        return np.array([self.n])
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = int(state["n"])
+
+
+class Incomplete(Trainer):
+    hparams_model = HParams
+
+    def train_iteration(self):
+        return {}
+
+    def evaluate(self):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class EvaluateFails(Counter):
+    def evaluate(self):
+        return {"eval/n": self.table["n"]}
+
+
+class StateNotWeightsOnly(Counter):
+    def state_dict(self):
+        return {"n": self.n, "rng": np.random.default_rng(0)}
+
+
+class Forgets(Counter):
+    def load_state_dict(self, state):
+        pass
+
+
+class TrainsOnTheSide(Counter):
+    def train_iteration(self):
+        return {"eval/n": float(self.n)}, "two values"
+'''
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("Incomplete", ["does not define probe, progress", "docs/your-own-code.md"]),
+    ("EvaluateFails", ["evaluate() raised AttributeError", "'EvaluateFails' object has no attribute 'table'",
+                       "trainers.py:"]),
+    ("StateNotWeightsOnly", ["torch.load(state_dict(), weights_only=True) raised UnpicklingError"]),
+    ("Forgets", ["progress is 0 after load_state_dict(), 1 before it"]),
+    ("TrainsOnTheSide", ["train_iteration() must return a dict of metric name -> number, got tuple"]),
+])
+def test_validate_makes_one_round_trip_through_a_trainer_class(tmp_path: Path, name: str, words: list[str]):
+    """`labfleet validate` builds the class on a throwaway seed and calls each method the driver calls once:
+    the first that is missing or fails is named in one line (exit 2), before anything runs."""
+    (tmp_path / "trainers.py").write_text(TRAINERS)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "x", "algorithm": f"trainers:{name}", "budget": {"iterations": 3}}))
+    result = run_cli("validate", str(spec), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{spec}: algorithm: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    spec.write_text(yaml.safe_dump({"name": "x", "algorithm": "trainers:Counter", "budget": {"iterations": 3}}))
+    result = run_cli("validate", str(spec), cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("ok: "), result.stdout + result.stderr
+    assert not list(tmp_path.glob("*.db")) and not (tmp_path / "mlruns").exists()
+
+
+def test_run_refuses_a_trainer_class_without_a_required_method(tmp_path: Path):
+    (tmp_path / "trainers.py").write_text(TRAINERS)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "x", "algorithm": "trainers:Incomplete",
+                                                         "budget": {"iterations": 3}}))
+    result = run_cli("run", "spec.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "does not define probe, progress" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "mlflow.db").exists()
+
+
+STEPPER = '''
+import numpy as np
+from pydantic import BaseModel
+
+from labfleet import Trainer
+
+
+class HParams(BaseModel):
+    n_envs: int = 3
+
+
+class RandomWalker(Trainer):
+    """Random actions on the spec's environments, made with Trainer.make_envs."""
+
+    hparams_model = HParams
+
+    def __init__(self, spec, seed, device="cpu"):
+        super().__init__(spec, seed, device)
+        self.envs, self.obs = self.make_envs(self.hp.n_envs)
+        self.first_obs = self.obs.copy()
+        self.steps, self.lengths, self.running = 0, [], np.zeros(self.hp.n_envs, dtype=int)
+
+    def train_iteration(self):
+        self.obs, _, terminated, truncated, _ = self.envs.step(self.envs.action_space.sample())
+        self.steps += self.hp.n_envs
+        self.running += 1
+        for i in np.flatnonzero(terminated | truncated):
+            self.lengths.append(int(self.running[i]))
+            self.running[i] = 0
+        return {"train/steps": float(self.steps)}
+
+    def evaluate(self):
+        return {"eval/episodes": float(len(self.lengths))}
+
+    @property
+    def progress(self):
+        return self.steps
+
+    def probe(self):
+        return np.asarray(self.obs)
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+'''
+
+
+def test_make_envs_builds_the_spec_environments_as_labfleet_does(tmp_path: Path, monkeypatch):
+    """`Trainer.make_envs`: the spec's env with its wrappers, one seed per env index from the trainer's seed."""
+    from labfleet.algorithms import registry
+    from labfleet.algorithms.roundtrip import check_round_trip
+    from labfleet.spec.loading import resolve_spec_data
+
+    (tmp_path / "stepper.py").write_text(STEPPER)
+    monkeypatch.chdir(tmp_path)
+    data = {"name": "walk", "algorithm": "stepper:RandomWalker", "env": "CartPole-v1", "seeds": [0],
+            "budget": {"env_steps": 300}, "env_wrappers": [{"type": "TimeLimit", "kwargs": {"max_episode_steps": 4}}]}
+    spec = resolve_spec_data(data, str(tmp_path / "spec.yaml"))
+    cls = registry.get(spec.algorithm, str(tmp_path)).trainer
+    check_round_trip(cls, spec)
+    walker = cls(spec, 0, "cpu")
+    for _ in range(20):
+        walker.train_iteration()
+    assert walker.lengths and max(walker.lengths) <= 4  # the spec's TimeLimit wraps every env
+    assert len({tuple(row) for row in walker.first_obs}) == 3  # each env index has its own seed
+    first = cls(spec, 0, "cpu").first_obs
+    assert (first == walker.first_obs).all() and not (cls(spec, 1, "cpu").first_obs == first).all()
+
+
+@pytest.mark.slow
+def test_enjoy_names_what_a_trainer_of_ones_own_lacks(tmp_path: Path, tracking_uri: str):
+    (tmp_path / "trainers.py").write_text(TRAINERS)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "counter", "algorithm": "trainers:Counter",
+                                                         "seeds": [0], "budget": {"iterations": 3},
+                                                         "tracking": {"experiment": "counter"}}))
+    result = run_cli("run", "spec.yaml", "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_cli("enjoy", "counter", "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert result.returncode == 2 and "trainers:Counter has no sample_images()" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -86,6 +86,22 @@ class Trainer(ABC):
         """Free what the trainer started outside its own memory (rollout actors, process groups). A trial
         actor reused for the next trial calls it before building the next trainer."""
 
+    # --- for trainers of your own that step the spec's environments --------------------------------
+    def make_envs(self, n_envs: int = 1, evaluation: bool = False, stream: int = 0) -> tuple[Any, np.ndarray]:
+        """The spec's environments as labfleet's own trainers make them: `env` and `env_kwargs`, every
+        `env_wrappers` entry (the `train_only` ones left out when `evaluation`), on the spec's `env_backend`,
+        as one vector env of `n_envs` that autoresets in the step an episode ends. Each env index is reset
+        with a seed of its own derived from the trainer's seed, `evaluation` and `stream` (use another
+        `stream` for each new set of evaluation episodes). Returns the vector env and its first observations."""
+        from labfleet.rollout.envs import EnvMaker, derive_seed
+
+        if self.spec.env is None:
+            raise ValueError("make_envs needs a spec with `env:`")
+        envs = EnvMaker.from_spec(self.spec).make_vector(n_envs, evaluation=evaluation)
+        purpose = "eval" if evaluation else "env"
+        obs, _ = envs.reset(seed=[derive_seed(self.seed, purpose, stream, i) for i in range(n_envs)])
+        return envs, obs
+
     # --- checkpoints as bytes (they travel through Ray, not a shared filesystem) ------------------
     def checkpoint_bytes(self) -> bytes:
         buffer = io.BytesIO()

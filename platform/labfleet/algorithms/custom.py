@@ -13,7 +13,8 @@ travels to the driver (durable, restored after a restart as `ctx.restored`), pru
 its actor, and an exception fails its seed run with the error.
 
 Validation imports the module (from the spec's directory or the working directory, as `env:` paths
-are) and looks at what `Name` is; it never calls it.
+are) and looks at what `Name` is. It never calls a function; `labfleet validate` makes one round trip
+through a Trainer subclass in a separate process (`labfleet.algorithms.roundtrip`).
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ def custom_info(path: str, spec_dir: str | None = None) -> AlgorithmInfo:
         model = getattr(obj, "hparams_model", None)
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise TypeError(f"{path} is a labfleet.Trainer subclass without a pydantic `hparams_model`")
+        missing = sorted(getattr(obj, "__abstractmethods__", ()))
+        if missing:
+            raise TypeError(f"{path} does not define {', '.join(missing)}, which every labfleet.Trainer must "
+                            "(the contract: docs/your-own-code.md)")
         return AlgorithmInfo(name=path, kind="custom", hparams=model, trainer=obj,
-                             summary=(inspect.getdoc(obj) or "your own Trainer subclass").splitlines()[0],
+                             summary=_own_doc(obj, "your own Trainer subclass"),
                              budget_units=("env_steps", "epochs", "iterations"), rollout_workers=False,
                              eval_metrics=(), primary_metric="")
     if isinstance(obj, type) or not callable(obj):
@@ -69,9 +74,14 @@ def custom_info(path: str, spec_dir: str | None = None) -> AlgorithmInfo:
     except ValueError:  # a builtin without a signature: not a training function
         raise TypeError(f"{path} is not a Python function main(config, ctx)") from None
     return AlgorithmInfo(name=path, kind="custom", hparams=FreeFormHParams, trainer=FunctionTrainer,
-                         summary=(inspect.getdoc(obj) or "your own training function").splitlines()[0],
+                         summary=_own_doc(obj, "your own training function"),
                          budget_units=("env_steps", "epochs", "iterations"), rollout_workers=False,
                          eval_metrics=(), primary_metric="")
+
+
+def _own_doc(obj: Any, default: str) -> str:
+    """The first line of the object's own docstring (not one inherited from labfleet.Trainer or abc.ABC)."""
+    return (inspect.cleandoc(obj.__doc__).splitlines() or [default])[0] if obj.__doc__ else default
 
 
 class Stop(BaseException):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import types
 import typing
@@ -44,21 +46,24 @@ def spec_skeleton(algorithm: str) -> str:
 
     info = registry.get(algorithm)
     defaults = info.hparams().model_dump(mode="json")
+    unit = info.budget_units[0]
     if info.kind == "rl":  # an env the algorithm can run on, to replace with one's own
         env = "FrozenLake-v1" if "vector" not in info.observation_spaces else \
             "Pendulum-v1" if "discrete" not in info.action_spaces else "CartPole-v1"
         target = f"env: {env}            # a gymnasium id (labfleet list envs), or package.module:Class"
+    elif info.kind == "custom":  # the user's own code: its data is its own; an env only where it steps one
+        target, unit = "# env: CartPole-v1          # only if your trainer steps a gymnasium env", "iterations"
     else:
         target = "dataset: digits             # labfleet list datasets"
-    unit = info.budget_units[0]
-    lines = [f"# {algorithm}: {info.summary}", f"name: my-{algorithm.replace('_', '-')}", f"algorithm: {algorithm}",
+    name = "my-" + (re.sub(r"[^a-z0-9]+", "-", algorithm.rpartition(":")[2].lower()).strip("-") or "trainer")
+    lines = [f"# {algorithm}: {info.summary}", f"name: {name}", f"algorithm: {algorithm}",
              target, "seeds: [0, 1, 2]", f"budget: {{{unit}: {100_000 if unit == 'env_steps' else 1000}}}", "hparams:"]
     docs = {name: description for name, _, _, description in hparam_rows(info.hparams)}
     for name, value in defaults.items():
         text = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()[1:-1]  # the outer {}
         comment = f"  # {docs[name]}" if docs.get(name) else ""
         lines.append(f"  {text}{comment}")
-    lines += ["eval: {episodes: 10}", f"tracking: {{experiment: {algorithm}}}"]
+    lines += ["eval: {episodes: 10}", f"tracking: {{experiment: {name if info.kind == 'custom' else algorithm}}}"]
     return "\n".join(lines) + "\n"
 
 

@@ -99,7 +99,7 @@ class Trainer(ABC):
             raise ValueError("make_envs needs a spec with `env:`")
         envs = EnvMaker.from_spec(self.spec).make_vector(n_envs, evaluation=evaluation)
         purpose = "eval" if evaluation else "env"
-        obs, _ = envs.reset(seed=[derive_seed(self.seed, purpose, stream, i) for i in range(n_envs)])
+        obs, _ = envs.reset(seed=[derive_seed(self.seed, purpose, stream, i) for i in range(n_envs)])  # type: ignore[arg-type]
         return envs, obs
 
     # --- checkpoints as bytes (they travel through Ray, not a shared filesystem) ------------------

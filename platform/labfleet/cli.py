@@ -68,6 +68,9 @@ StoreOption = Annotated[Optional[str], typer.Option(  # noqa: UP045 (typer)
     "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")]
 AddressOption = Annotated[Optional[str], typer.Option("--address", help=ADDRESS_HELP)]  # noqa: UP045
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+TensorBoardOption = Annotated[Optional[Path], typer.Option(  # noqa: UP045 (typer)
+    "--tensorboard", metavar="DIR", help="Also write every seed run's metrics as TensorBoard event files, one "
+    "directory per seed run under DIR (needs the tensorboard package).")]
 FreshOption = Annotated[bool, typer.Option("--fresh", help="Start new runs even where a dead or interrupted "
                                            "invocation of the same spec left runs to continue.")]
 
@@ -207,6 +210,7 @@ def run(
     address: AddressOption = None,
     quiet: QuietOption = False,
     fresh: FreshOption = False,
+    tensorboard: TensorBoardOption = None,
 ) -> None:
     """Train every seed of a spec as a trial on Ray, tracked in MLflow.
 
@@ -219,7 +223,7 @@ def run(
     with bad_input_exits_2(), store_failures_exit_1():
         resolved = load_spec(spec, _overrides(set_))
         code = execute([Planned(resolved, spec)], source=str(spec), cli_tracking_uri=tracking_uri,
-                       address=address, console=Console(), quiet=quiet, fresh=fresh)
+                       address=address, console=Console(), quiet=quiet, fresh=fresh, tensorboard=tensorboard)
     raise typer.Exit(code)
 
 
@@ -233,6 +237,7 @@ def sweep(
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
     quiet: QuietOption = False,
+    tensorboard: TensorBoardOption = None,
 ) -> None:
     """Search a spec's hyperparameters with Optuna; the same command again resumes the study."""
     local_ray_on_loopback(address)
@@ -245,7 +250,7 @@ def sweep(
         data = apply_overrides(doc.data, overrides)
         resolved = resolve_spec_data(data, doc.source, doc)
         code = execute_sweep(data, resolved, spec, storage=storage, n_trials=n_trials, cli_tracking_uri=tracking_uri,
-                             address=address, console=Console(), quiet=quiet)
+                             address=address, console=Console(), quiet=quiet, tensorboard=tensorboard)
     raise typer.Exit(code)
 
 
@@ -257,6 +262,7 @@ def suite(
     address: AddressOption = None,
     quiet: QuietOption = False,
     fresh: FreshOption = False,
+    tensorboard: TensorBoardOption = None,
 ) -> None:
     """Run every experiment of a suite under one `suite` run, sharing the cluster.
 
@@ -270,7 +276,7 @@ def suite(
         suite_spec, entries = load_suite(suite_file, _overrides(set_))
         planned = [Planned(e.spec, e.spec_path, e.data if e.entry.sweep else None) for e in entries]
         code = execute(planned, source=str(suite_file), cli_tracking_uri=tracking_uri, address=address,
-                       console=Console(), quiet=quiet, suite=suite_spec, fresh=fresh)
+                       console=Console(), quiet=quiet, suite=suite_spec, fresh=fresh, tensorboard=tensorboard)
     raise typer.Exit(code)
 
 

@@ -30,7 +30,8 @@ def _runs(client: MlflowClient, experiment: str):
 def test_run_two_seeds_tracked_in_mlflow(tmp_path: Path, tracking_uri: str):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    result = run_cli("run", str(SPEC), *SMALL, "--tracking-uri", tracking_uri, cwd=cwd)
+    result = run_cli("run", str(SPEC), *SMALL, "--tracking-uri", tracking_uri, "--tensorboard",
+                     str(tmp_path / "tb"), cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     assert list(cwd.iterdir()) == [], "run wrote outside the tracking location"
     tracking_dir = Path(tracking_uri.removeprefix("sqlite:///")).parent
@@ -44,6 +45,22 @@ def test_run_two_seeds_tracked_in_mlflow(tmp_path: Path, tracking_uri: str):
     trial = trials[0]
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert "mlflow.parentRunId" not in trial.data.tags
+
+    # the trial run carries the mean over its seeds of each evaluation step
+    curves = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, "eval/return_mean")} for r in seeds]
+    means = {m.step: m.value for m in client.get_metric_history(trial.info.run_id, "eval/return_mean")}
+    assert sorted(means) == sorted(set(curves[0]) & set(curves[1]))
+    assert all(means[step] == pytest.approx((curves[0][step] + curves[1][step]) / 2) for step in means)
+    # --tensorboard: one directory per seed run with every metric step the seed run logged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in seeds:
+        tb = EventAccumulator(str(tmp_path / "tb" / "cartpole-reinforce" / f"seed={run.data.tags['labfleet.seed']}"))
+        tb.Reload()
+        assert set(tb.Tags()["scalars"]) == set(run.data.metrics)
+        for name in run.data.metrics:
+            logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+            assert [(e.step, pytest.approx(e.value)) for e in tb.Scalars(name)] == sorted(logged)
 
     for run in seeds:
         tags, params = run.data.tags, run.data.params
@@ -242,3 +259,11 @@ def test_seeds_sharing_actors_keep_their_own_runs(tmp_path: Path, tracking_uri: 
         assert state["rl"]["env_steps"] == 4096 and state["optimizer"]["updates"] > 0, seed
     finals = [run.data.metrics["eval/return_mean"] for run in seeds.values()]
     assert len(set(finals)) > 1, "three seeds, three different policies"
+
+
+def test_tensorboard_into_a_file_is_refused_before_anything_starts(tmp_path: Path, tracking_uri: str):
+    (tmp_path / "tb").write_text("not a directory")
+    result = run_cli("run", str(SPEC), *SMALL, "--tracking-uri", tracking_uri, "--tensorboard", str(tmp_path / "tb"),
+                     cwd=tmp_path)
+    assert result.returncode == 2 and "--tensorboard" in result.stderr and "is a file" in result.stderr
+    assert MlflowClient(tracking_uri).get_experiment_by_name("cartpole") is None  # nothing was written

@@ -39,17 +39,19 @@ from labfleet.tracking.uri import DEFAULT_TRACKING_URI, redact_uri, resolve_trac
 
 
 def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None, address: str | None,
-            console: Console, quiet: bool = False, suite: SuiteSpec | None = None, fresh: bool = False) -> int:
+            console: Console, quiet: bool = False, suite: SuiteSpec | None = None, fresh: bool = False,
+            tensorboard: Path | None = None) -> int:
     """Train every planned spec (under one `suite` run when `suite` is given); returns the exit code."""
     spec_uri = suite.tracking.uri if suite else planned[0].spec.tracking.uri
     problems = [Problem(str(plan.spec_path), "sweep.storage", problem) for plan in planned
                 if plan.sweep_data is not None and plan.spec.sweep is not None
                 and (problem := storage_open_problem(plan.spec.sweep.storage or DEFAULT_STORAGE)) is not None]
+    problems += _tensorboard_problems(tensorboard)
     if problems:
         raise SpecError(problems)
     uri, tracker = prepare(planned, source=source, tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
                            address=address)
-    session = DriverSession(tracker, console, quiet)
+    session = DriverSession(tracker, console, quiet, tensorboard=tensorboard)
     experiment = (suite.tracking.experiment or suite.name) if suite else None
     suite_run_id: str | None = None
     runners: list[TrialRunner] = []
@@ -82,6 +84,13 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     target = suite.name if suite else (runners[0].experiment if runners else "")
     _print_summary(console, session, runners, uri, quiet, target)
     return EXIT_TRIAL_FAILED if failed or failed_sweeps else EXIT_OK
+
+
+def _tensorboard_problems(directory: Path | None) -> list[Problem]:
+    from labfleet.orchestration.tensorboard import tensorboard_problem
+
+    problem = tensorboard_problem(directory) if directory is not None else None
+    return [Problem("--tensorboard", "", problem)] if problem else []
 
 
 def _trials(session: DriverSession, planned: list[Planned], suite_run_id: str | None, experiment: str | None,
@@ -146,15 +155,17 @@ def _print_summary(console: Console, session: DriverSession, runners: list[Trial
 
 def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *, storage: str | None,
                   n_trials: int | None, cli_tracking_uri: str | None, address: str | None, console: Console,
-                  quiet: bool = False) -> int:
+                  quiet: bool = False, tensorboard: Path | None = None) -> int:
     """`labfleet sweep`: the study of the spec's `sweep:` section, on its own session."""
     sweep = check_sweep(data, spec, str(spec_path), storage)
     url = storage or sweep.storage or DEFAULT_STORAGE
     if (problem := storage_open_problem(url)) is not None:
         raise SpecError([Problem(str(spec_path), "--storage" if storage else "sweep.storage", problem)])
+    if problems := _tensorboard_problems(tensorboard):
+        raise SpecError(problems)
     uri, tracker = prepare([Planned(spec, spec_path)], source=str(spec_path), address=address,
                            tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec.tracking.uri))
-    session = DriverSession(tracker, console, quiet, hide_finished=True)
+    session = DriverSession(tracker, console, quiet, hide_finished=True, tensorboard=tensorboard)
     code = EXIT_OK
     with session:
         code = run_sweep(session, data, spec, spec_path, storage=storage, n_trials=n_trials, parent=None,

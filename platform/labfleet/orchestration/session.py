@@ -44,6 +44,7 @@ from labfleet.orchestration.runner import (
     unschedulable_reason,
 )
 from labfleet.orchestration.signals import TERMINATED, raise_interrupt
+from labfleet.orchestration.tensorboard import TensorBoardListener
 from labfleet.spec.models import ExperimentSpec
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
 from labfleet.tracking.uri import check_tracking_uri, redact_uri
@@ -213,10 +214,13 @@ class FixedFeed:
 
 
 class DriverSession:
-    def __init__(self, tracker: Tracker, console: Console, quiet: bool = False, hide_finished: bool = False):
+    def __init__(self, tracker: Tracker, console: Console, quiet: bool = False, hide_finished: bool = False,
+                 tensorboard: Path | None = None):
         self.tracker = tracker
         self.console = console
         self.recorder = MlflowRecorder(tracker)
+        # `--tensorboard DIR`: the seeds' metrics as event files too, after the recorder named their runs
+        self.tensorboard = TensorBoardListener(tensorboard, self.recorder.run_name) if tensorboard else None
         self.board = ProgressBoard(console, quiet, hide_finished=hide_finished)
         self.pool = ActorPool()  # trial actors are reused across trials of the same shape
         self.runners: list[TrialRunner] = []  # the trials this session started that have not ended
@@ -226,8 +230,10 @@ class DriverSession:
 
     def listeners(self, *extra: Listener) -> list[Listener]:
         """What every trial of this session tells: the record first (a scheduler's decision, or the
-        study's `tell`, comes after the run it concerns is written), then the bars, then `extra`."""
-        return [self.recorder, ProgressListener(self.board), *extra]
+        study's `tell`, comes after the run it concerns is written), the TensorBoard files, then the bars,
+        then `extra`."""
+        mirrors: list[Listener] = [self.tensorboard] if self.tensorboard else []
+        return [self.recorder, *mirrors, ProgressListener(self.board), *extra]
 
     def runner(self, spec: ExperimentSpec, *extra: Listener, **kwargs: Any) -> TrialRunner:
         return TrialRunner(spec, self.listeners(*extra), **kwargs)
@@ -290,6 +296,8 @@ class DriverSession:
                 self.tracker.close_open_runs("FAILED", f"driver error: {type(exc).__name__}: {exc}")
             return False
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             signal.signal(signal.SIGTERM, self._previous_term)
             if not TERMINATED.is_set():  # after a SIGTERM the idle actors die with this driver
                 self.pool.shutdown()

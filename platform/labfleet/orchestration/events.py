@@ -3,6 +3,7 @@
 `TrialRunner` (runner.py) keeps only the Ray side of a trial: placement groups, actors, retries, the actor
 pool. Everything else listens to the events it emits, in the order the listeners were given:
 - `MlflowRecorder` (recorder.py) writes the run hierarchy;
+- `TensorBoardListener` (tensorboard.py), with `--tensorboard DIR`, writes the same records as event files;
 - `ProgressListener` (progress.py) draws the bars;
 - `OptunaSearcher` (searcher.py) reports to the pruner and tells the study;
 - schedulers (pbt.py) decide whether a trial goes on, waits, or takes another trial's checkpoint.

@@ -49,7 +49,7 @@ def one(trials: int, rate: float, seconds: float, tracking: str, tmp: Path) -> d
         start = time.perf_counter()
         with open(os.devnull, "w") as devnull:
             code = execute([Planned(spec, spec_path)], source=str(spec_path), cli_tracking_uri=tracking,
-                           address=None, console=Console(file=devnull), quiet=True)
+                           address=None, console=Console(file=devnull), quiet=True).code
         wall = time.perf_counter() - start
     finally:
         spec_path.unlink()

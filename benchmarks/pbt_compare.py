@@ -44,7 +44,7 @@ def labfleet_pbt(tmp: Path, population: int, parallel: int) -> dict[str, float]:
     start = time.time()
     with open(os.devnull, "w") as devnull:
         code = execute_sweep(data, spec, SPEC, storage=f"sqlite:///{tmp / 'optuna.db'}", n_trials=None,
-                             cli_tracking_uri=tracking, address=None, console=Console(file=devnull), quiet=True)
+                             cli_tracking_uri=tracking, address=None, console=Console(file=devnull), quiet=True).code
     wall = time.time() - start
     assert code == 0, code
     client = MlflowClient(tracking)

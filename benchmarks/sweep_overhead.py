@@ -76,7 +76,7 @@ def labfleet_sweep(trials: int, parallel: int, tmp: Path) -> tuple[float, list[f
     with open(os.devnull, "w") as devnull:
         start = time.perf_counter()
         code = execute_sweep(data, spec, tmp / "overhead.yaml", storage=storage, n_trials=None,
-                             cli_tracking_uri=tracking, address=None, console=Console(file=devnull), quiet=True)
+                             cli_tracking_uri=tracking, address=None, console=Console(file=devnull), quiet=True).code
         wall = time.perf_counter() - start
     assert code == 0, code
     study = optuna.load_study(study_name="overhead", storage=storage)

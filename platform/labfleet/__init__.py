@@ -8,18 +8,26 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Trainer", "__version__", "load"]
+__all__ = ["Result", "SpecError", "Trainer", "__version__", "load", "results", "run", "suite", "sweep"]
+
+# Imported on first use: they need torch, Ray or MLflow, which `labfleet --version` should not wait for.
+_LAZY = {
+    "Trainer": "labfleet.algorithms.base",  # the base class of your own trainers
+    "load": "labfleet.playback",  # a trained seed back from MLflow
+    "run": "labfleet.api", "suite": "labfleet.api", "sweep": "labfleet.api",  # the commands, from Python
+    "results": "labfleet.api", "Result": "labfleet.api",
+    "SpecError": "labfleet.errors",  # what bad input raises
+}
 
 
 def __getattr__(name: str) -> Any:
-    """`labfleet.Trainer` (the base class of your own trainers) and `labfleet.load` (a trained seed back from
-    MLflow), imported on first use: they need torch, which `labfleet --version` should not wait for."""
-    if name == "Trainer":
-        from labfleet.algorithms.base import Trainer
+    if name in _LAZY:
+        import importlib
 
-        return Trainer
-    if name == "load":
-        from labfleet.playback import load
-
-        return load
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'labfleet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names (what tab completion in a notebook offers)."""
+    return sorted(__all__)

@@ -223,7 +223,7 @@ def run(
     with bad_input_exits_2(), store_failures_exit_1():
         resolved = load_spec(spec, _overrides(set_))
         code = execute([Planned(resolved, spec)], source=str(spec), cli_tracking_uri=tracking_uri,
-                       address=address, console=Console(), quiet=quiet, fresh=fresh, tensorboard=tensorboard)
+                       address=address, console=Console(), quiet=quiet, fresh=fresh, tensorboard=tensorboard).code
     raise typer.Exit(code)
 
 
@@ -250,7 +250,7 @@ def sweep(
         data = apply_overrides(doc.data, overrides)
         resolved = resolve_spec_data(data, doc.source, doc)
         code = execute_sweep(data, resolved, spec, storage=storage, n_trials=n_trials, cli_tracking_uri=tracking_uri,
-                             address=address, console=Console(), quiet=quiet, tensorboard=tensorboard)
+                             address=address, console=Console(), quiet=quiet, tensorboard=tensorboard).code
     raise typer.Exit(code)
 
 
@@ -276,7 +276,7 @@ def suite(
         suite_spec, entries = load_suite(suite_file, _overrides(set_))
         planned = [Planned(e.spec, e.spec_path, e.data if e.entry.sweep else None) for e in entries]
         code = execute(planned, source=str(suite_file), cli_tracking_uri=tracking_uri, address=address,
-                       console=Console(), quiet=quiet, suite=suite_spec, fresh=fresh, tensorboard=tensorboard)
+                       console=Console(), quiet=quiet, suite=suite_spec, fresh=fresh, tensorboard=tensorboard).code
     raise typer.Exit(code)
 
 

@@ -8,6 +8,7 @@ second, loaded with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ def load(run_id: str, tracking_uri: str | None = None, device: str = "cpu") -> A
         trainer = labfleet.load("3f2a...", tracking_uri="sqlite:///mlflow.db")
         trainer.greedy_actions(obs_batch)
     """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per downloaded file
     return load_run(run_id, tracking_uri, device).trainer
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,20 @@ from labfleet.tracking.studies import DEFAULT_STORAGE, storage_open_problem
 from labfleet.tracking.uri import DEFAULT_TRACKING_URI, redact_uri, resolve_tracking_uri
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a command did: its exit code, the store, and the runs it wrote (the trial runs of `run` and
+    `suite`, with the suite run first; the sweep run of `sweep`)."""
+
+    code: int
+    tracking_uri: str
+    run_ids: tuple[str, ...] = ()
+
+
 def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None, address: str | None,
             console: Console, quiet: bool = False, suite: SuiteSpec | None = None, fresh: bool = False,
-            tensorboard: Path | None = None) -> int:
-    """Train every planned spec (under one `suite` run when `suite` is given); returns the exit code."""
+            tensorboard: Path | None = None) -> Outcome:
+    """Train every planned spec (under one `suite` run when `suite` is given)."""
     spec_uri = suite.tracking.uri if suite else planned[0].spec.tracking.uri
     problems = [Problem(str(plan.spec_path), "sweep.storage", problem) for plan in planned
                 if plan.sweep_data is not None and plan.spec.sweep is not None
@@ -70,10 +81,12 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
                                              n_trials=None, parent=suite_run_id,
                                              experiment=experiment or plan.spec.tracking.experiment or plan.spec.name,
                                              quiet=quiet))
+    run_ids = tuple([suite_run_id] * (suite_run_id is not None) + [session.recorder.trial_run_id(r) for r in runners
+                                                                    if session.recorder.has_run(r)])
     if session.interrupted:
         if not sweep_codes and all(p.sweep_data is None for p in planned):
             console.print("[yellow]interrupted: every open run was marked KILLED[/yellow]")
-        return EXIT_INTERRUPTED
+        return Outcome(EXIT_INTERRUPTED, uri, run_ids)
     failed = [r for r in runners if r.status != Status.FINISHED]
     failed_sweeps = sum(code != EXIT_OK for code in sweep_codes)
     if suite_run_id is not None:
@@ -83,7 +96,7 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     tracker.close()  # every queued write is in the store before the summary says where the runs are
     target = suite.name if suite else (runners[0].experiment if runners else "")
     _print_summary(console, session, runners, uri, quiet, target)
-    return EXIT_TRIAL_FAILED if failed or failed_sweeps else EXIT_OK
+    return Outcome(EXIT_TRIAL_FAILED if failed or failed_sweeps else EXIT_OK, uri, run_ids)
 
 
 def _tensorboard_problems(directory: Path | None) -> list[Problem]:
@@ -155,7 +168,7 @@ def _print_summary(console: Console, session: DriverSession, runners: list[Trial
 
 def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *, storage: str | None,
                   n_trials: int | None, cli_tracking_uri: str | None, address: str | None, console: Console,
-                  quiet: bool = False, tensorboard: Path | None = None) -> int:
+                  quiet: bool = False, tensorboard: Path | None = None) -> Outcome:
     """`labfleet sweep`: the study of the spec's `sweep:` section, on its own session."""
     sweep = check_sweep(data, spec, str(spec_path), storage)
     url = storage or sweep.storage or DEFAULT_STORAGE
@@ -166,19 +179,21 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
     uri, tracker = prepare([Planned(spec, spec_path)], source=str(spec_path), address=address,
                            tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec.tracking.uri))
     session = DriverSession(tracker, console, quiet, hide_finished=True, tensorboard=tensorboard)
-    code = EXIT_OK
+    code, sweep_runs = EXIT_OK, []
     with session:
         code = run_sweep(session, data, spec, spec_path, storage=storage, n_trials=n_trials, parent=None,
-                         experiment=spec.tracking.experiment or spec.name, quiet=quiet)
+                         experiment=spec.tracking.experiment or spec.name, quiet=quiet, sweep_runs=sweep_runs)
     if session.interrupted:
-        return EXIT_INTERRUPTED
+        return Outcome(EXIT_INTERRUPTED, uri, tuple(sweep_runs))
     tracker.close()
-    return code
+    return Outcome(code, uri, tuple(sweep_runs))
 
 
 def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *,
-              storage: str | None, n_trials: int | None, parent: str | None, experiment: str, quiet: bool) -> int:
-    """One study driven inside `session` (alone, or as a suite's entry under the suite run `parent`)."""
+              storage: str | None, n_trials: int | None, parent: str | None, experiment: str, quiet: bool,
+              sweep_runs: list[str] | None = None) -> int:
+    """One study driven inside `session` (alone, or as a suite's entry under the suite run `parent`); its
+    sweep run's id is appended to `sweep_runs` as soon as it exists."""
     source = str(spec_path)
     sweep = check_sweep(data, spec, source, storage)
     storage_url = storage or sweep.storage or DEFAULT_STORAGE
@@ -195,6 +210,8 @@ def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec
     sweep_run = session.recorder.sweep_run(experiment, study_name, redact_uri(storage_url), {
         "sweep.space": space[:6000], "sweep.metric": ",".join(m for m, _ in sweep.objectives),
         "sweep.direction": ",".join(d for _, d in sweep.objectives)}, parent)
+    if sweep_runs is not None:
+        sweep_runs.append(sweep_run)
     session.board.hide_finished = True  # a sweep's many trials: finished bars give way to the table
     searcher = OptunaSearcher(session, study, data, spec, source, sweep, n_trials or sweep.n_trials, sweep_run,
                               TrialBoard(study, sweep, session.board))

@@ -112,7 +112,8 @@ def main() -> None:
         start = time.time()
         with open(os.devnull, "w") as devnull:
             code = execute_sweep(data, spec, tmp / "growth.yaml", storage=storage, n_trials=None,
-                                 cli_tracking_uri=tracking, address=None, console=Console(file=devnull), quiet=True).code
+                                 cli_tracking_uri=tracking, address=None, console=Console(file=devnull),
+                                 quiet=True).code
         wall = time.time() - start
         memory.stop.set()
         memory.join()

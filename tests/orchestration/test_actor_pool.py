@@ -37,7 +37,8 @@ def test_short_trials_start_no_actor_after_the_first_two(ray_local, tracking_uri
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     with open(os.devnull, "w") as devnull:
         code = execute_sweep(SWEEP, spec, tmp_path / "pool.yaml", storage=storage, n_trials=None,
-                             cli_tracking_uri=tracking_uri, address=None, console=Console(file=devnull), quiet=True).code
+                             cli_tracking_uri=tracking_uri, address=None, console=Console(file=devnull),
+                             quiet=True).code
     assert code == 0
     study = optuna.load_study(study_name="pool", storage=storage)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 40

@@ -105,7 +105,7 @@ def suite(path: str | os.PathLike[str], *, set: Mapping[str, Any] | None = None,
     from labfleet.orchestration.session import Planned
     from labfleet.spec.loading import load_suite
 
-    suite_spec, entries = load_suite(path, dict(set or {}))
+    suite_spec, entries = load_suite(Path(path), dict(set or {}))
     planned = [Planned(e.spec, e.spec_path, e.data if e.entry.sweep else None) for e in entries]
     outcome = execute(planned, source=str(path), cli_tracking_uri=tracking_uri, address=address,
                       console=_console(quiet), quiet=quiet, suite=suite_spec, fresh=fresh,

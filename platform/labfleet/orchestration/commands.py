@@ -81,8 +81,8 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
                                              n_trials=None, parent=suite_run_id,
                                              experiment=experiment or plan.spec.tracking.experiment or plan.spec.name,
                                              quiet=quiet))
-    run_ids = tuple([suite_run_id] * (suite_run_id is not None) + [session.recorder.trial_run_id(r) for r in runners
-                                                                    if session.recorder.has_run(r)])
+    run_ids = tuple(([suite_run_id] if suite_run_id is not None else [])
+                    + [session.recorder.trial_run_id(r) for r in runners if session.recorder.has_run(r)])
     if session.interrupted:
         if not sweep_codes and all(p.sweep_data is None for p in planned):
             console.print("[yellow]interrupted: every open run was marked KILLED[/yellow]")
@@ -179,7 +179,7 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
     uri, tracker = prepare([Planned(spec, spec_path)], source=str(spec_path), address=address,
                            tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec.tracking.uri))
     session = DriverSession(tracker, console, quiet, hide_finished=True, tensorboard=tensorboard)
-    code, sweep_runs = EXIT_OK, []
+    code, sweep_runs = EXIT_OK, list[str]()
     with session:
         code = run_sweep(session, data, spec, spec_path, storage=storage, n_trials=n_trials, parent=None,
                          experiment=spec.tracking.experiment or spec.name, quiet=quiet, sweep_runs=sweep_runs)

@@ -607,6 +607,24 @@ def enjoy(
         typer.echo(f"videos: {video_dir}/ (and artifacts videos/ of run {run.info.run_id})")
 
 
+@contextmanager
+def environment_warnings_hidden():
+    """Python warnings and what C libraries (MuJoCo's model compiler) print to the stderr file descriptor,
+    hidden while an environment is made only to be checked."""
+    import warnings
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @app.command("zoo-import")
 def zoo_import(
     file: Path = typer.Argument(..., help="An rl-baselines3-zoo hyperparameter file (hyperparams/ALGO.yml)."),
@@ -628,14 +646,17 @@ def zoo_import(
             raise SpecError([Problem(str(file), "", f"cannot read: {exc}")]) from None
         except (KeyError, ValueError, TypeError) as exc:
             raise SpecError([Problem(str(file), env_id, str(exc.args[0] if exc.args else exc))]) from None
-        try:
-            resolve_spec_data(imported.spec, str(file))
-        except SpecError as exc:  # leave out the hyperparameters labfleet refuses, then it must validate
-            drop_rejected(imported, [(p.path, p.message) for p in exc.problems])
-            resolve_spec_data(imported.spec, str(file))
+        with environment_warnings_hidden():  # making the env to check it: gymnasium's and MuJoCo's notices
+            try:
+                resolve_spec_data(imported.spec, str(file))
+            except SpecError as exc:  # leave out the hyperparameters labfleet refuses, then it must validate
+                drop_rejected(imported, [(p.path, p.message) for p in exc.problems])
+                resolve_spec_data(imported.spec, str(file))
     text = render(imported, f"{file} ({env_id})")
+    for change in imported.changes:
+        err_console.print(f"note: {change}", highlight=False, markup=False, soft_wrap=True)
     for note in imported.notes:
-        err_console.print(f"left out: {note}", highlight=False, markup=False)
+        err_console.print(f"left out: {note}", highlight=False, markup=False, soft_wrap=True)
     if out is None:
         typer.echo(text, nl=False)
     else:

@@ -113,3 +113,79 @@ def test_policy_kwargs_is_parsed_not_evaluated(tmp_path: Path):
         "net_arch": [64, 64], "activation_fn": "Tanh"}
     missing = CliRunner().invoke(app, ["zoo-import", str(zoo), "LunarLander-v3", "ppo"])
     assert missing.exit_code == 2 and "CartPole-v1" in missing.output
+
+
+# Two entries as rl-zoo's hyperparams/ppo.yml has them (the MuJoCo defaults name no n_envs: the zoo's is 1).
+ZOO_REAL = """\
+atari:
+  env_wrapper:
+    - stable_baselines3.common.atari_wrappers.AtariWrapper
+  frame_stack: 4
+  policy: 'CnnPolicy'
+  n_envs: 8
+  n_steps: 128
+  n_epochs: 4
+  batch_size: 256
+  n_timesteps: !!float 1e7
+  learning_rate: lin_2.5e-4
+  clip_range: lin_0.1
+  vf_coef: 0.5
+  ent_coef: 0.01
+MountainCarContinuous-v0:
+  normalize: true
+  n_envs: 1
+  policy: 'MlpPolicy'
+  batch_size: 256
+  n_steps: 8
+  gamma: 0.9999
+  learning_rate: !!float 7.77e-05
+  ent_coef: 0.00429
+  clip_range: 0.1
+  n_epochs: 10
+  gae_lambda: 0.9
+  max_grad_norm: 5
+  vf_coef: 0.19
+  use_sde: True
+  policy_kwargs: "dict(log_std_init=-3.29, ortho_init=False)"
+HalfCheetah-v4: &mujoco-defaults
+  normalize: true
+  n_timesteps: !!float 1e6
+  policy: 'MlpPolicy'
+"""
+
+
+def _import(tmp_path: Path, env_id: str) -> tuple[int, str, dict | None]:
+    import subprocess
+    import sys
+
+    zoo = tmp_path / "ppo.yml"
+    zoo.write_text(ZOO_REAL)
+    out = tmp_path / f"{env_id.replace('/', '_')}.yaml"
+    done = subprocess.run([sys.executable, "-m", "labfleet", "zoo-import", str(zoo), env_id, "ppo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr, yaml.safe_load(out.read_text()) if out.exists() else None
+
+
+def test_zoo_defaults_are_written_as_sb3_runs_them(tmp_path: Path):
+    """SB3's defaults where an entry names none (labfleet's n_envs of 8 would make 8x longer rollouts), and a
+    minibatch larger than the rollout taken as the whole rollout (SB3's behaviour), each said on stderr;
+    gymnasium's and MuJoCo's notices while the env is checked are not shown."""
+    code, stderr, spec = _import(tmp_path, "HalfCheetah-v4")
+    assert code == 0 and spec is not None, stderr
+    assert (spec["hparams"]["n_envs"], spec["hparams"]["n_steps"], spec["hparams"]["batch_size"]) == (1, 2048, 64)
+    assert "SB3's defaults, which the entry leaves to it: n_envs=1, n_steps=2048, batch_size=64" in stderr
+    assert "WARN" not in stderr and "deprecated" not in stderr, stderr
+    code, stderr, spec = _import(tmp_path, "MountainCarContinuous-v0")
+    assert code == 0 and spec is not None, stderr
+    assert spec["hparams"]["batch_size"] == 8 and spec["hparams"]["n_steps"] == 8
+    assert "SB3 takes the whole rollout as one minibatch" in stderr
+    assert CliRunner().invoke(app, ["validate", str(tmp_path / "MountainCarContinuous-v0.yaml")]).exit_code == 0
+
+
+def test_the_atari_entry_serves_every_atari_game(tmp_path: Path):
+    code, stderr, spec = _import(tmp_path, "BreakoutNoFrameskip-v4")
+    assert code == 0 and spec is not None, stderr
+    assert spec["env"] == "BreakoutNoFrameskip-v4" and spec["hparams"]["encoder"] == "nature_cnn"
+    assert spec["env_wrappers"][0]["type"] == "AtariPreprocessing" and spec["hparams"]["n_envs"] == 8
+    code, stderr, spec = _import(tmp_path, "atari")
+    assert code == 2 and spec is None and "name the game" in stderr

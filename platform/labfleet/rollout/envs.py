@@ -54,14 +54,15 @@ def gymnasium_wrappers() -> list[str]:
 
 
 def register_atari(env: str) -> bool:
-    """Registers ale-py's "ALE/..." ids when `env` is one (gymnasium >= 1.0 loads no plugins itself);
-    False when it is one and ale-py is not installed."""
-    if not env.startswith("ALE/") or env in gym.registry:
+    """Registers ale-py's ids ("ALE/Pong-v5", and the older "PongNoFrameskip-v4" that rl-zoo names) when `env`
+    is not a registered id (gymnasium >= 1.0 loads no plugins itself); False when it is an Atari id and ale-py
+    is not installed."""
+    if env in gym.registry or ":" in env:
         return True
     try:
         import ale_py
     except ImportError:
-        return False
+        return not (env.startswith("ALE/") or "NoFrameskip" in env)
     gym.register_envs(ale_py)
     return True
 

@@ -4,8 +4,11 @@ A zoo entry is a mapping of SB3 argument names, which labfleet's hyperparameters
 the zoo's own: `n_timesteps` (the budget), `policy` (CnnPolicy: the Nature CNN), `policy_kwargs` (a Python
 expression such as "dict(net_arch=[64, 64], activation_fn=nn.ReLU)", read here by parsing it, never by
 evaluating it), `normalize` (hparams.normalize), `frame_stack` and `env_wrapper` (env_wrappers; SB3's
-AtariWrapper as gymnasium's AtariPreprocessing). What labfleet cannot take is left out of the spec and named,
-each with why, in comments at the top of the spec and on stderr.
+AtariWrapper as gymnasium's AtariPreprocessing). The zoo's `atari` entry serves every Atari game id. Where an
+entry leaves a value to SB3 and labfleet's default differs (n_envs, PPO's n_steps and batch_size, DQN's
+buffer), SB3's is written; a PPO minibatch larger than the rollout becomes the rollout, as SB3 runs it. What
+labfleet cannot take is left out of the spec and named, each with why, in comments at the top of the spec and
+on stderr, beside what was written differently.
 """
 
 from __future__ import annotations
@@ -23,6 +26,63 @@ ACTIVATIONS = {"ReLU": "relu", "Tanh": "tanh"}
 class Imported:
     spec: dict[str, Any]
     notes: list[str] = field(default_factory=list)  # what was left out, and why
+    changes: list[str] = field(default_factory=list)  # what was written differently from the entry, and why
+
+
+# What rl-zoo runs where an entry names a value: SB3's defaults (rl-zoo's n_envs is 1), written into the spec
+# where labfleet's own defaults differ, so that the spec trains as the zoo would.
+SB3_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ppo": {"n_envs": 1, "n_steps": 2048, "batch_size": 64},
+    "a2c": {"n_envs": 1},
+    "dqn": {"n_envs": 1, "buffer_size": 1_000_000},
+    "ddpg": {"n_envs": 1},
+}
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether `env_id` is one of ale-py's Atari games (the zoo's `atari` entry covers them all)."""
+    if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
+        return True
+    import gymnasium as gym
+
+    try:
+        import ale_py
+
+        gym.register_envs(ale_py)
+    except ImportError:
+        return False
+    entry = gym.registry.get(env_id)
+    return entry is not None and "ale_py" in str(entry.entry_point)
+
+
+def _entry_key(document: dict[str, Any], env_id: str) -> str:
+    """The entry of `env_id`: its own, else the zoo's `atari` entry for an Atari game."""
+    if env_id == "atari":
+        raise ValueError("the zoo's `atari` entry serves every Atari game: name the game, e.g. "
+                         "BreakoutNoFrameskip-v4 or ALE/Pong-v5")
+    if env_id in document:
+        return env_id
+    if "atari" in document and is_atari(env_id):
+        return "atari"
+    known = ", ".join(k for k in document if k != "default")
+    raise KeyError(f"no entry for {env_id!r} (the file has: {known})")
+
+
+def _sb3_semantics(algorithm: str, hparams: dict[str, Any], changes: list[str]) -> None:
+    """Write what SB3 would do where labfleet's defaults or checks differ: SB3's defaults where the entry names
+    no value (`SB3_DEFAULTS`), and a PPO minibatch larger than the rollout (SB3 then takes the whole rollout
+    as one minibatch; labfleet refuses batch_size > n_envs * n_steps)."""
+    defaults = {k: v for k, v in SB3_DEFAULTS.get(algorithm, {}).items() if k not in hparams}
+    if defaults:
+        hparams.update(defaults)
+        changes.append("SB3's defaults, which the entry leaves to it: " + ", ".join(f"{k}={v}" for k, v in
+                                                                                     defaults.items()))
+    if algorithm == "ppo":
+        rollout = int(hparams["n_envs"]) * int(hparams["n_steps"])
+        if int(hparams["batch_size"]) > rollout:
+            changes.append(f"batch_size={rollout}, not {hparams['batch_size']}: it exceeds n_envs * n_steps "
+                           f"({rollout}), where SB3 takes the whole rollout as one minibatch")
+            hparams["batch_size"] = rollout
 
 
 def _literal(node: ast.AST, where: str) -> Any:
@@ -142,12 +202,10 @@ def _env_wrappers(value: Any, notes: list[str]) -> list[dict[str, Any]]:
 
 
 def zoo_entry(document: dict[str, Any], env_id: str, algorithm: str) -> Imported:
-    """The spec for `env_id` of a zoo file (already parsed), with notes on what was left out."""
-    if env_id not in document:
-        known = ", ".join(k for k in document if k != "default")
-        raise KeyError(f"no entry for {env_id!r} (the file has: {known})")
-    entry = dict(document[env_id])
+    """The spec for `env_id` of a zoo file (already parsed), with notes on what was left out or changed."""
+    entry = dict(document[_entry_key(document, env_id)])
     notes: list[str] = []
+    changes: list[str] = []
     hparams: dict[str, Any] = {}
     steps = entry.pop("n_timesteps", None)
     policy = entry.pop("policy", "MlpPolicy")
@@ -166,6 +224,7 @@ def zoo_entry(document: dict[str, Any], env_id: str, algorithm: str) -> Imported
         if key in entry:
             notes.append(f"{key}={entry.pop(key)!r}: not supported by labfleet yet")
     hparams.update(entry)
+    _sb3_semantics(algorithm, hparams, changes)
     spec: dict[str, Any] = {"name": f"{env_id.lower().replace('/', '-')}-{algorithm}", "algorithm": algorithm,
                             "env": env_id, "seeds": [0, 1, 2],
                             "budget": {"env_steps": int(float(steps)) if steps is not None else 100_000},
@@ -176,7 +235,7 @@ def zoo_entry(document: dict[str, Any], env_id: str, algorithm: str) -> Imported
             spec["env_kwargs"] = {"frameskip": 1}
     if steps is None:
         notes.append("no n_timesteps: budget.env_steps is 100000; set your own")
-    return Imported(spec, notes)
+    return Imported(spec, notes, changes)
 
 
 def drop_rejected(imported: Imported, problems: list[tuple[str, str]]) -> None:
@@ -190,6 +249,9 @@ def drop_rejected(imported: Imported, problems: list[tuple[str, str]]) -> None:
 
 def render(imported: Imported, source: str) -> str:
     head = [f"# Imported by labfleet zoo-import from {source}."]
+    if imported.changes:
+        head.append("# Written as SB3 would run the entry:")
+        head += [f"#   - {change}" for change in imported.changes]
     if imported.notes:
         head.append("# Left out (labfleet cannot take them):")
         head += [f"#   - {note}" for note in imported.notes]

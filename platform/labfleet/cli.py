@@ -483,14 +483,14 @@ def report(
         _existing_store(uri, "report")
         from mlflow.tracking import MlflowClient
 
-        from labfleet.reporting.report import build_report, markdown_table
+        from labfleet.reporting.report import build_report, terminal_table
 
         client = MlflowClient(uri)
         result = build_report(client, target, out, metric, storage, log=log)
     console = Console()
     warn_stale(client, console)
     console.print(f"[bold]{shown(result.title)}[/bold]")
-    console.print(markdown_table(result.names, result.rows), highlight=False, markup=False)
+    console.print(terminal_table(result.names, result.rows), highlight=False)
     console.print(f"Wrote {', '.join(p.name for p in result.files)} to {result.out}/", highlight=False)
     if result.logged_to:
         console.print(f"Logged as artifacts report/ of run {result.logged_to} in {redact_uri(uri)}", highlight=False)

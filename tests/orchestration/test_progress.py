@@ -60,3 +60,37 @@ def test_a_waiting_seed_shows_pending_and_a_finished_sweep_bar_goes():
         assert [task.description for task in board._progress.tasks] == ["trial 1 seed=0"]
         board.update("a", 100, "late")  # a result after the end changes nothing
         board.finish("a", "FINISHED")
+
+
+def test_at_80_columns_no_number_is_cut():
+    """A narrow terminal loses the bar, then the ETA, then the elapsed time, never a number; the sweep's
+    table keeps each value and state whole (a long head folds instead)."""
+    import io
+
+    from rich.console import Console
+
+    from labfleet.orchestration.progress import ProgressBoard
+    from labfleet.orchestration.sweep_view import fitted_table, short_state
+
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    board = ProgressBoard(console)
+    with board:
+        board.add(("a", 0), "quickstart-cartpole-reinforce seed=0", 100000)
+        board.update(("a", 0), 40960, "eval/return_mean=409.3 1234 sps")
+        board.add(("b", 1), "quickstart-pendulum-ddpg seed=1", 20000)
+    last = out.getvalue().rsplit("\x1b[2K", 1)[-1]
+    assert "…" not in last and "40960/100000" in last and "eval/return_mean=409.3 1234 sps" in last, last
+    assert "0/20000" in last and all(len(line) <= 80 for line in last.splitlines())
+
+    rows = [([str(n), short_state(state), "0.000646612", "256", "0.0931"], "") for n, state in
+            ((12, "COMPLETE"), (13, "PRUNED"), (14, "RUNNING"))]
+    table = fitted_table("cartpole-ppo-sweep: eval/return_mean (maximize)",
+                         ["trial", "state", "learning_rate", "batch_size", "ent_coef_with_a_long_name", "latest"],
+                         [([*cells, "487.5"], style) for cells, style in rows])
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(table)
+    text = out.getvalue()
+    for token in ("done", "pruned", "run", "0.000646612", "487.5", "0.0931"):
+        assert token in text, (token, text)
+    assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())

@@ -116,6 +116,11 @@ def test_grid_sweep_prunes_nests_and_stops_when_exhausted(tmp_path: Path):
     assert trials[str(states[0.5].number)].info.status in ("KILLED", "FINISHED")
     assert trials[str(states[0.99].number)].info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in roles["seed"]} == {r.info.run_id for r in roles["trial"]}
+    # the same command again: the study has its trials, which is said at once (no Ray, no store opened)
+    again = run_cli("sweep", str(spec), "--tracking-uri", mlflow_uri, "--storage", storage, cwd=tmp_path)
+    assert again.returncode == 0 and "already has 2 finished trials (wanted 2): nothing to run" in again.stdout
+    assert "starting Ray" not in again.stdout and "best: trial" in again.stdout, again.stdout
+    assert len(optuna.load_study(study_name="vi-sweep", storage=storage).trials) == 2
 
 
 @pytest.mark.slow

@@ -51,9 +51,17 @@ def _chromium() -> str:
 def test_report_on_a_suite(suite_store):
     tmp, uri = suite_store
     out = tmp / "out"
-    result = run_cli("report", "two-gammas", "--tracking-uri", uri, "--out", str(out), "--log", cwd=tmp)
+    result = run_cli("report", "two-gammas", "--tracking-uri", uri, "--out", str(out), "--log", cwd=tmp,
+                     env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the terminal's table: configuration, n, state and the primary metric, within 80 columns, nothing cut
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in result.stdout, result.stdout
+    heads = next(line for line in lines if "configuration" in line)
+    assert [h.strip() for h in heads.replace("┃", "|").replace("│", "|").split("|") if h.strip()] == [
+        "configuration", "n", "state", "eval/return_mean"], heads
+    assert any("vi-high" in line and "finished" in line for line in lines), result.stdout
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("two-gammas")

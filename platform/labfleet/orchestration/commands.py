@@ -33,7 +33,7 @@ from labfleet.orchestration.session import (
 from labfleet.orchestration.study import check_sweep, create_study
 from labfleet.orchestration.sweep_view import TrialBoard, best_line, leaderboard, log_pareto_front
 from labfleet.spec.loading import apply_overrides
-from labfleet.spec.models import ExperimentSpec, SuiteSpec
+from labfleet.spec.models import ExperimentSpec, SuiteSpec, SweepConfig
 from labfleet.tracking.heartbeat import live_owner
 from labfleet.tracking.studies import DEFAULT_STORAGE, storage_open_problem
 from labfleet.tracking.uri import DEFAULT_TRACKING_URI, redact_uri, resolve_tracking_uri
@@ -61,7 +61,7 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     if problems:
         raise SpecError(problems)
     uri, tracker = prepare(planned, source=source, tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
-                           address=address)
+                           address=address, console=None if quiet else console)
     session = DriverSession(tracker, console, quiet, tensorboard=tensorboard)
     experiment = (suite.tracking.experiment or suite.name) if suite else None
     suite_run_id: str | None = None
@@ -148,7 +148,7 @@ def _print_summary(console: Console, session: DriverSession, runners: list[Trial
             rows.append({"trial": session.recorder.run_name(runner), "seed": str(state.seed),
                          "status": str(state.status),
                          "steps": str(state.progress), "metric": metric,
-                         "value": "" if value is None else f"{value:.4g}", "time": f"{state.elapsed:.0f}s"})
+                         "value": "" if value is None else f"{value:.4g}", "time": f"{state.busy:.0f}s"})
     if not quiet:
         console.print(summary_table("labfleet results", rows))
     for runner in runners:
@@ -176,8 +176,12 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
         raise SpecError([Problem(str(spec_path), "--storage" if storage else "sweep.storage", problem)])
     if problems := _tensorboard_problems(tensorboard):
         raise SpecError(problems)
+    tracking_uri = resolve_tracking_uri(cli_tracking_uri, spec.tracking.uri)
+    if _already_done(sweep, sweep.study_name or spec.name, url, n_trials or sweep.n_trials, console, quiet,
+                     tracking_uri):
+        return Outcome(EXIT_OK, tracking_uri)
     uri, tracker = prepare([Planned(spec, spec_path)], source=str(spec_path), address=address,
-                           tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec.tracking.uri))
+                           tracking_uri=tracking_uri, console=None if quiet else console)
     session = DriverSession(tracker, console, quiet, hide_finished=True, tensorboard=tensorboard)
     code, sweep_runs = EXIT_OK, list[str]()
     with session:
@@ -187,6 +191,38 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
         return Outcome(EXIT_INTERRUPTED, uri, tuple(sweep_runs))
     tracker.close()
     return Outcome(code, uri, tuple(sweep_runs))
+
+
+def _already_done(sweep: SweepConfig, study_name: str, storage_url: str, wanted: int, console: Console, quiet: bool,
+                  tracking_uri: str) -> bool:
+    """A study that already has the finished trials wanted and none running: said at once, without starting
+    Ray or opening the tracking store (a rerun of a finished sweep has nothing to do)."""
+    import optuna
+
+    from labfleet.orchestration.study import grid_size
+    from labfleet.tracking.studies import build_storage
+    from labfleet.tracking.uri import sqlite_path
+
+    path = sqlite_path(storage_url)
+    if path is not None and not path.exists():
+        return False
+    try:
+        study = optuna.load_study(study_name=study_name, storage=build_storage(storage_url))
+    except KeyError:  # no such study yet
+        return False
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    if sweep.sampler.type == "grid":  # a grid has no more points than its size
+        wanted = min(wanted, grid_size(sweep))
+    if finished < wanted or any(t.state == TrialState.RUNNING for t in trials):
+        return False
+    if not quiet:
+        console.print(leaderboard(study, sweep))
+    if (line := best_line(study, sweep)) is not None:
+        console.print(line, highlight=False, markup=False)
+    console.print(f"Study {shown(study_name)} already has {finished} finished trials (wanted {wanted}): nothing to "
+                  f"run. --n-trials N asks for more. Runs are in {redact_uri(tracking_uri)}", highlight=False)
+    return True
 
 
 def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *,
@@ -220,6 +256,8 @@ def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec
         lineage = session.recorder.read_json(sweep_run, LINEAGE) or []
         searcher.scheduler = PopulationBasedTraining(sweep.scheduler, sweep, searcher.total - searcher.finished,
                                                      searcher.build_spec, session.recorder, sweep_run, lineage)
+        if searcher.view is not None:
+            searcher.scheduler.on_exploit = searcher.view.exploited
     session.drive(searcher)
     return _finish_sweep(searcher, session, quiet)
 

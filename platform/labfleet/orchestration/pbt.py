@@ -115,6 +115,7 @@ class PopulationBasedTraining:
         self.members: dict[TrialRunner, Member] = {}
         self.waiting: list[Member] = []  # suspended at a perturbation point, waiting for their turn
         self.lineage: list[dict[str, Any]] = list(lineage or [])
+        self.on_exploit: Callable[[dict[str, Any]], None] | None = None  # told each lineage entry (the display)
 
     # --- the population -------------------------------------------------------------------------
     def initial(self, values: dict[str, Any]) -> dict[str, Any]:
@@ -206,6 +207,8 @@ class PopulationBasedTraining:
         self.lineage.append({"step": step, "from_trial": donor.number, "to_trial": member.number,
                              "from_score": donor.score, "to_score": member.score, "old": old, "new": new})
         self.tracker.log_bytes(self.sweep_run, LINEAGE, json.dumps(self.lineage, indent=2).encode())
+        if self.on_exploit is not None:
+            self.on_exploit(self.lineage[-1])
         if member.trial is not None:
             member.trial.set_user_attr("pbt.config", new)
         self._log_schedule(member, step)

@@ -9,18 +9,44 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from labfleet import metrics as M
 from labfleet.orchestration.events import ChunkResult, Event, SeedEnded, SeedRestored, SeedStarted
 
 
 class _BoardProgress(Progress):
-    """Rich progress bars with one more renderable below them (a sweep's live table of trials)."""
+    """Rich progress bars with one more renderable below them (a sweep's live table of trials). In a narrow
+    terminal the bar goes first, then the ETA, then the elapsed time: never a number (rich would cut the
+    columns' text with an ellipsis); a label that still does not fit folds onto a second line."""
 
-    def __init__(self, *columns: Any, board: ProgressBoard, **kwargs: Any):
+    def __init__(self, *columns: Any, board: ProgressBoard, optional: tuple[Any, ...] = (), **kwargs: Any):
         self._board = board
+        self._optional = optional  # groups of columns, the first to go first
         super().__init__(*columns, **kwargs)
+
+    def _fitting(self, tasks: list[Any]) -> tuple[Any, ...]:
+        from rich.measure import Measurement
+
+        options = self.console.options
+        widths = {id(column): max((Measurement.get(self.console, options, column(task)).maximum for task in tasks),
+                                  default=0) for column in self.columns if not isinstance(column, str)}
+        columns = list(self.columns)
+        for group in self._optional:
+            if sum(widths.get(id(c), 0) for c in columns) + len(columns) - 1 <= options.max_width:
+                break
+            columns = [c for c in columns if c not in group]
+        return tuple(columns)
+
+    def make_tasks_table(self, tasks):  # type: ignore[no-untyped-def]
+        every = self.columns
+        if not hasattr(self, "live"):  # rich renders once while it is still being built
+            return super().make_tasks_table(tasks)
+        self.columns = self._fitting([t for t in tasks if t.visible])
+        try:
+            return super().make_tasks_table(tasks)
+        finally:
+            self.columns = every
 
     def get_renderables(self):  # type: ignore[no-untyped-def]
         yield self.make_tasks_table(self.tasks)
@@ -45,16 +71,20 @@ class ProgressBoard:
 
     def __enter__(self) -> ProgressBoard:
         if self.live:
+            bar, elapsed, eta = BarColumn(), TimeElapsedColumn(), (TextColumn("eta"), TimeRemainingColumn())
             self._progress = _BoardProgress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[latest]}"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), console=self.console, refresh_per_second=4, board=self,
+                TextColumn("{task.description}", table_column=Column(overflow="fold")), bar, MofNCompleteColumn(),
+                TextColumn("{task.fields[latest]}", table_column=Column(no_wrap=True)), elapsed, *eta,
+                console=self.console, refresh_per_second=4, board=self, optional=((bar,), eta, (elapsed,)),
             )
             self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
+            if self.hide_finished:  # a sweep: its summary follows; the last screen keeps no stale table
+                self.below = None
+                self._progress.refresh()
             self._progress.__exit__(None, None, None)
             self._progress = None
 

@@ -230,8 +230,7 @@ class SeedState:
     paused: bool = False  # held by a scheduler: no chunk in flight until `resume_seed`
     reload: bool = False  # on resume, load `checkpoint` with the trial's (new) spec first
     error: str | None = None
-    started: float = field(default_factory=time.perf_counter)
-    elapsed: float = 0.0
+    busy: float = 0.0  # seconds its actor spent training it (not waiting for resources, nor starting)
     moved: float = field(default_factory=time.perf_counter)  # when it last made progress, or was (re)launched
     stall_warned: bool = False  # the driver said it makes no progress (`resources.stall_warning_s`)
     shared: SharedUnit | None = None  # with seeds_per_actor > 1: the unit whose actor it shares with other seeds
@@ -395,6 +394,7 @@ class TrialRunner:
         if records or result["progress"] != state.progress:
             state.moved, state.stall_warned = time.perf_counter(), False
         state.progress = result["progress"]
+        state.busy += result.get("busy_s", 0.0)
         durable = None
         if result["checkpoint"] is not None:
             state.checkpoint = result["checkpoint"]
@@ -519,7 +519,6 @@ class TrialRunner:
         if state.shared is not None:  # the unit frees its actor once its last seed lets go
             unit, state.shared = state.shared, None
             state.actor = state.group = state.future = None
-            state.elapsed = time.perf_counter() - state.started
             unit.let_go(state)
             return
         if reusable and self.pool is not None and state.future is None and state.actor is not None \
@@ -528,7 +527,6 @@ class TrialRunner:
         else:
             _kill(state.actor, state.group)
         state.actor = state.group = None
-        state.elapsed = time.perf_counter() - state.started
 
     def _finish_seed(self, state: SeedState, reason: str = "") -> None:
         self._release(state, reusable=True)
@@ -574,7 +572,6 @@ class TrialRunner:
         status = Status(status)
         for state in [s for s in self.seeds.values() if not s.status.ended]:
             state.status = status
-            state.elapsed = time.perf_counter() - state.started
             self.emit(SeedEnded(self, state.seed, status, state.final, state.checkpoint))
         if not self.done and self.status != Status.PENDING:
             self.status, self.stop_reason = status, reason

@@ -250,7 +250,22 @@ class OptunaSearcher:
 
     def refresh(self, running: list[TrialRunner]) -> None:
         if self.view is not None:
-            self.view.refresh([(a.trial.number, a.trial.params, a.latest) for a in self.active.values()])
+            self.view.refresh([(a.trial.number, "WAITING" if a.runner.suspended else "RUNNING", self._current(a),
+                                a.latest) for a in self.active.values()])
+
+    def _current(self, active: ActiveTrial) -> dict[str, Any]:
+        """The trial's parameters as it runs now: its sampled ones, or under population-based training the
+        values its last exploit gave it."""
+        if self.scheduler is None:
+            return active.trial.params
+        values = active.runner.spec.model_dump(mode="json")
+        current = {}
+        for path in self.sweep.space:
+            node: Any = values
+            for part in path.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            current[path] = node
+        return current
 
     def interrupted(self) -> None:
         """After Ctrl-C (the session ended the runs KILLED): every trial this invocation asked and did not

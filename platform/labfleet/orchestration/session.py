@@ -117,14 +117,20 @@ def connect_ray(address: str | None, code_dirs: list[str] | None = None) -> None
         signal.signal(signal.SIGTERM, raise_interrupt)
 
 
-def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None) -> tuple[str, Tracker]:
-    """Every check that can reject the input, then the tracker. Nothing is written before the last step."""
+def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None,
+            console: Console | None = None) -> tuple[str, Tracker]:
+    """Every check that can reject the input, then the tracker. Nothing is written before the last step.
+    With a `console`, what is starting is said as it starts (Ray takes seconds)."""
     problem = check_tracking_uri(tracking_uri)
     if problem:
         raise SpecError([Problem(source, "tracking.uri", problem)])
     dirs, clashes = code_dirs((p.spec, p.spec_path.parent) for p in planned)
     if clashes:
         raise SpecError([Problem(source, "", clash) for clash in clashes])
+    if console is not None and not ray.is_initialized():
+        target = address or os.environ.get("RAY_ADDRESS")
+        console.print(f"[dim]starting Ray: {f'joining {target}' if target else 'a local instance on 127.0.0.1'}"
+                      f"; runs go to {shown(redact_uri(tracking_uri))}[/dim]", highlight=False)
     connect_ray(address, dirs)
     cluster = ray.cluster_resources()
     problems = [Problem(str(p.spec_path), "resources", reason) for p in planned

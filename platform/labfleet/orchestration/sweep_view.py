@@ -28,30 +28,40 @@ class TrialBoard:
         # (number, state, value, params) of the last few finished trials: all a long sweep's table shows
         self.finished: deque[tuple[int, str, Any, dict[str, Any]]] = deque(maxlen=self.SHOWN_FINISHED)
         self.best: tuple[int, float] | None = None
+        self.events: list[str] = []  # what a scheduler did lately (PBT's exploits), shown under the table
         if not sweep.multi_objective and study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             best = study.best_trial
             self.best = (best.number, float(best.value or 0.0))
 
-    def refresh(self, active: list[tuple[int, dict[str, Any], float | None]]) -> None:
-        """`active`: (number, params, latest intermediate value) of each running trial."""
+    def refresh(self, active: list[tuple[int, str, dict[str, Any], float | None]]) -> None:
+        """`active`: (number, state, current params, latest intermediate value) of each trial this driver runs
+        (state RUNNING, or WAITING for its turn under population-based training)."""
         if not self.board.live:
             return
         names = [name for name, _ in self.sweep.objectives]
-        table = Table(title=f"{self.study_name}: " + ", ".join(f"{m} ({d})" for m, d in self.sweep.objectives),
-                      title_justify="left")
         last = "latest" if len(names) == 1 else "values"
-        for column in ("trial", "state", *map(param_column, self.sweep.space), last):
-            table.add_column(column, overflow="fold")
-        for number, params, latest in sorted(active, key=lambda row: row[0]):
-            table.add_row(str(number), "RUNNING", *(_short(params.get(p, "")) for p in self.sweep.space),
-                          "" if latest is None else _short(latest))
+        rows: list[tuple[list[str], str]] = []
+        for number, state, params, latest in sorted(active, key=lambda row: row[0]):
+            rows.append(([str(number), short_state(state), *(_short(params.get(p, "")) for p in self.sweep.space),
+                          "" if latest is None else _short(latest)], ""))
         for number, state, value, params in reversed(self.finished):
             style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "")
-            table.add_row(str(number), state, *(_short(params.get(p, "")) for p in self.sweep.space),
-                          _short(value), style=style)
-        if self.best is not None:
-            table.caption = f"best so far: {_short(self.best[1])} (trial {self.best[0]})"
+            rows.append(([str(number), short_state(state), *(_short(params.get(p, "")) for p in self.sweep.space),
+                          _short(value)], style))
+        table = fitted_table(f"{self.study_name}: " + ", ".join(f"{m} ({d})" for m, d in self.sweep.objectives),
+                             ["trial", "state", *map(param_column, self.sweep.space), last], rows)
+        notes = ([f"best so far: {_short(self.best[1])} (trial {self.best[0]})"] if self.best is not None else []) \
+            + self.events[-2:]
+        table.caption = "; ".join(notes) or None
         self.board.below = table
+
+    def exploited(self, entry: dict[str, Any]) -> None:
+        """A PBT exploit (a lineage entry): under the live table, or one line in plain output."""
+        changes = ", ".join(f"{param_column(p)} {_short(entry['old'].get(p))}->{_short(v)}"
+                            for p, v in entry["new"].items())
+        line = f"step {entry['step']}: trial {entry['to_trial']} took trial {entry['from_trial']}'s weights; {changes}"
+        self.events = [*self.events[-1:], line]
+        self.board.note(line)
 
     def told(self, number: int, params: dict[str, Any], state: TrialState, value: Any, error: str | None) -> None:
         self.finished.append((number, state.name, value, dict(params)))
@@ -110,9 +120,7 @@ def _pareto_png(study: optuna.Study, names: list[str], front: set[int]) -> bytes
 
 def leaderboard(study: optuna.Study, sweep: SweepConfig, rows: int = 20) -> Table:
     names = [m for m, _ in sweep.objectives]
-    table = Table(title=f"{study.study_name}: " + ", ".join(f"{m} ({d})" for m, d in sweep.objectives))
-    for column in ("trial", "state", *names, *map(param_column, sweep.space)):
-        table.add_column(column, overflow="fold")  # folded onto more lines, never cut
+    lines: list[tuple[list[str], str]] = []
     rank = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}  # a pruned trial's value is its last report
     if sweep.multi_objective:  # the Pareto front first, then by the first objective
         front = {t.number for t in study.best_trials} if any(
@@ -126,12 +134,34 @@ def leaderboard(study: optuna.Study, sweep: SweepConfig, rows: int = 20) -> Tabl
                         key=lambda t: (rank.get(t.state, 2), t.value is None, sign * (t.value or 0.0)))
     for t in trials[:rows]:
         values = list(t.values) if t.values is not None else []
-        shown = [f"{v:.4g}" for v in values] + [""] * (len(names) - len(values))
-        state = t.state.name + (" *" if sweep.multi_objective and t.state == TrialState.COMPLETE
-                                and t.number in front else "")
-        table.add_row(str(t.number), state, *shown, *(_short(t.params.get(p, "")) for p in sweep.space))
+        shown = [_short(v) for v in values] + [""] * (len(names) - len(values))
+        state = short_state(t.state.name) + (" *" if sweep.multi_objective and t.state == TrialState.COMPLETE
+                                             and t.number in front else "")
+        lines.append(([str(t.number), state, *shown, *(_short(t.params.get(p, "")) for p in sweep.space)], ""))
+    table = fitted_table(f"{study.study_name}: " + ", ".join(f"{m} ({d})" for m, d in sweep.objectives),
+                         ["trial", "state", *names, *map(param_column, sweep.space)], lines)
     if sweep.multi_objective:
         table.caption = "* on the Pareto front"
+    return table
+
+
+# States in 6 characters or fewer: a table in 80 columns has no room for COMPLETE beside a few parameters
+SHORT_STATES = {"COMPLETE": "done", "RUNNING": "run", "WAITING": "wait", "PRUNED": "pruned", "FAIL": "failed"}
+
+
+def short_state(state: str) -> str:
+    return SHORT_STATES.get(state, state.lower())
+
+
+def fitted_table(title: str, heads: list[str], rows: list[tuple[list[str], str]]) -> Table:
+    """A table whose cells are never wrapped or cut: each column is at least as wide as its widest cell (a
+    number or state stays one token), and only a head wider than that folds onto more lines."""
+    table = Table(title=title, title_justify="left")
+    for i, head in enumerate(heads):
+        widest = max((len(cells[i]) for cells, _ in rows), default=0)
+        table.add_column(head, overflow="fold", min_width=max(widest, 1), justify="left")
+    for cells, style in rows:
+        table.add_row(*cells, style=style)
     return table
 
 
@@ -150,8 +180,9 @@ def best_line(study: optuna.Study, sweep: SweepConfig) -> str | None:
 
 
 def _short(value: Any) -> str:
+    """A value in a table: floats to 3 significant figures (the best line at the end gives them in full)."""
     if isinstance(value, list | tuple):
-        return ", ".join(_short(v) for v in value)
+        return ",".join(_short(v) for v in value)
     if value is None:
         return ""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -175,7 +175,8 @@ class TrialWorker:
             # this result logs (later chunks' steps it may redo are dropped by the driver: exactly once).
             checkpoint = trainer.checkpoint_bytes()
         return {"records": records, "progress": trainer.progress, "done": trainer.done,
-                "checkpoint": checkpoint, "final": final, "artifacts": artifacts, "resumed": self.slot.take_resumed()}
+                "checkpoint": checkpoint, "final": final, "artifacts": artifacts, "resumed": self.slot.take_resumed(),
+                "busy_s": time.perf_counter() - started}
 
     def _final_video(self) -> dict[str, bytes]:
         return final_video(self.spec, self.trainer)
@@ -306,7 +307,7 @@ class TrialWorkerGroup:
             checkpoint = trainer.checkpoint_bytes() if seed in evaluated or trainer.done else None
             out[seed] = {"records": records[seed], "progress": trainer.progress, "done": trainer.done,
                          "checkpoint": checkpoint, "final": final, "artifacts": artifacts[seed],
-                         "resumed": slot.take_resumed()}
+                         "resumed": slot.take_resumed(), "busy_s": time.perf_counter() - started}
         return {"seeds": out}
 
     def _iterate(self, out: dict[int, dict[str, Any]], records: dict[int, list[tuple[int, dict[str, float]]]]

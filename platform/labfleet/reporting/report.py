@@ -269,6 +269,32 @@ def markdown_table(names: list[str], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def terminal_table(names: list[str], rows: list[dict[str, Any]]) -> Any:
+    """The report's table for a terminal: configuration, task (when several), n, state and the first metric
+    (the primary one) as mean ± std, each cell one token that is never cut (results.md has every metric)."""
+    from rich.table import Table
+
+    tasks = len({row.get("task") for row in rows}) > 1
+    metric = names[0] if names else ""
+    heads = ["configuration", *(["task"] if tasks else []), "n", "state", *([metric] if metric else [])]
+    table = Table(*heads, title_justify="left", caption="every metric: results.md and results.csv" if len(names) > 1
+                  else None)
+    cells = [[row["configuration"], *([row["task"]] if tasks else []), str(row["seeds"]), row["status"].lower(),
+              *([f"{_short(row[metric][0])}±{_short(row[metric][1])}" if metric in row else ""] if metric else [])]
+             for row in rows]
+    for i, column in enumerate(table.columns):
+        column.overflow = "fold"
+        if heads[i] != "configuration":  # numbers and states stay whole; a long name folds
+            column.min_width = max([len(c[i]) for c in cells] + [1])
+    for row_cells in cells:
+        table.add_row(*row_cells)
+    return table
+
+
+def _short(value: float) -> str:
+    return f"{value:.3g}"
+
+
 # --- figures --------------------------------------------------------------------------------------------
 
 def _pyplot():  # type: ignore[no-untyped-def]

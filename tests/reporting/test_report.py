@@ -239,7 +239,8 @@ def test_bands_stay_in_the_observed_range_and_one_seed_ranks_last(suite_store, t
     tmp, uri = suite_store
     client = MlflowClient(uri)
     for config in resolve_target(client, "two-gammas").configurations:
-        steps, mean, low, high, n = curve(client, config, "eval/return_mean")
+        steps, mean, low, high, n, interpolated = curve(client, config, "eval/return_mean")
+        assert not interpolated  # every seed evaluated at the same steps
         assert n == 3 and len(steps) >= 2
         observed = [[m.value for m in client.get_metric_history(s.info.run_id, "eval/return_mean")
                      if m.step in set(steps)] for s in config.seeds]
@@ -261,6 +262,44 @@ def test_bands_stay_in_the_observed_range_and_one_seed_ranks_last(suite_store, t
     ranked = MlflowClient(store)
     _, rows = final_rows(resolve_target(ranked, "ranks").configurations, "eval/return_mean")
     assert [(r["configuration"], r["seeds"]) for r in rows] == [("three-seeds", 3), ("one-seed", 1)]
+
+
+def test_reruns_of_a_configuration_pool_and_seeds_share_a_grid(tmp_path: Path):
+    """Trial runs of one config hash are one configuration (a 1-seed and a 3-seed run of a spec: 3 seeds, seed 0
+    counted once); seeds that evaluated at different steps are drawn on a common grid; one colour each."""
+    from labfleet.reporting.report import build_report, curve, final_rows, resolve_target
+    from labfleet.tracking.runs import Tracker
+
+    store = f"sqlite:///{tmp_path / 'pool.db'}"
+    tracker = Tracker(store)
+    runs = (("spec", "h1", {0: {10: 1.0, 20: 2.0}}),
+            ("spec #2", "h1", {0: {10: 1.0, 20: 2.0}, 1: {15: 3.0, 25: 5.0}, 2: {10: 2.0, 20: 4.0, 30: 6.0}}),
+            ("other", "h2", {0: {10: 0.5}}))
+    for label, config_hash, seeds in runs:
+        tags = {"labfleet.algorithm": "ppo", "labfleet.env": "CartPole-v1", "labfleet.config_hash": config_hash}
+        trial = tracker.start_run("pool", "trial", label, tags=tags)
+        for seed, history in seeds.items():
+            run = tracker.start_run("pool", "seed", f"{label}/seed={seed}", trial, tags={**tags, "labfleet.seed":
+                                                                                         str(seed)})
+            for step, value in history.items():
+                tracker.log_metrics(run, {"eval/return_mean": value}, step)
+            tracker.end_run(run, "FINISHED")
+        tracker.end_run(trial, "FINISHED")
+    tracker.close()
+    client = MlflowClient(store)
+    configs = resolve_target(client, "pool").configurations
+    assert [(c.label, len(c.seeds), c.color) for c in configs] == [("spec", 3, 0), ("other", 1, 1)]
+    _, rows = final_rows(configs, "eval/return_mean")
+    pooled = next(r for r in rows if r["configuration"] == "spec")
+    assert pooled["seeds"] == 3 and pooled["eval/return_mean"][0] == pytest.approx((2.0 + 5.0 + 6.0) / 3)
+    steps, mean, _, _, n, interpolated = curve(client, configs[0], "eval/return_mean")
+    assert interpolated and n == 3 and list(steps) == [15, 20]  # the steps within the range every seed covers
+    assert mean[0] == pytest.approx((1.5 + 3.0 + 3.0) / 3)
+    one = curve(client, configs[1], "eval/return_mean")
+    assert list(one[0]) == [10] and one[4] == 1  # a one-point curve is still drawn (with a marker)
+    report = build_report(client, "pool", tmp_path / "out")
+    lines = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("spec,3,FINISHED") and report.files
 
 
 def test_a_report_over_several_tasks_draws_a_panel_each(tmp_path: Path):
@@ -351,3 +390,29 @@ def test_a_report_on_generative_runs_shows_their_latest_sample_grids(tmp_path: P
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("<figure>") >= 2 and "samples fm-vae" in page
     assert report.files
+
+
+def test_cross_task_aggregates_compare_methods_on_the_tasks_they_share(tmp_path: Path):
+    from labfleet.reporting.report import aggregate_section, resolve_target
+    from labfleet.tracking.runs import Tracker
+
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    tracker = Tracker(store)
+    for experiment, cells in (("some", (("ppo", "CartPole-v1"), ("ppo", "Acrobot-v1"), ("dqn", "CartPole-v1"))),
+                              ("none", (("ppo", "CartPole-v1"), ("ddpg", "Pendulum-v1")))):
+        for algorithm, env in cells:
+            tags = {"labfleet.algorithm": algorithm, "labfleet.env": env, "labfleet.config_hash": algorithm + env}
+            trial = tracker.start_run(experiment, "trial", f"{algorithm}-{env}", tags=tags)
+            for seed in range(3):
+                run = tracker.start_run(experiment, "seed", f"s{seed}", trial,
+                                        tags={**tags, "labfleet.seed": str(seed)})
+                tracker.log_metrics(run, {"eval/return_mean": 10.0 * seed + len(env)}, 100)
+                tracker.end_run(run, "FINISHED")
+            tracker.end_run(trial, "FINISHED")
+    tracker.close()
+    client = MlflowClient(store)
+    text, figure = aggregate_section(resolve_target(client, "some").configurations, "eval/return_mean")
+    assert "Aggregated over the tasks every method ran (CartPole-v1); left out: Acrobot-v1." in text
+    assert "| dqn |" in text and "| ppo |" in text and figure is not None
+    text, figure = aggregate_section(resolve_target(client, "none").configurations, "eval/return_mean")
+    assert text.startswith("No task was run by every method") and figure is None and "nan" not in text

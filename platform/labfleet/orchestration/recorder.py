@@ -218,8 +218,7 @@ class MlflowRecorder:
 
     def _start_trial(self, trial: TrialRunner) -> None:
         spec, meta = trial.spec, trial.meta
-        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.config_hash": config_hash(spec),
-                "labfleet.env" if spec.env else "labfleet.dataset": str(spec.env or spec.dataset),
+        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.config_hash": config_hash(spec), **_task_tag(spec),
                 **meta.tags, LABEL_TAG: trial.label}
         # A sweep names its trial's params itself (the sampled values); otherwise the whole configuration.
         params = meta.params or flatten(spec.model_dump(mode="json", exclude={"seeds"}))
@@ -233,8 +232,7 @@ class MlflowRecorder:
         spec = trial.spec
         seed_spec = {**spec.model_dump(mode="json"), "seeds": [seed]}
         tags = {"labfleet.algorithm": spec.algorithm, "labfleet.seed": str(seed),
-                "labfleet.config_hash": config_hash(spec)}
-        tags["labfleet.env" if spec.env else "labfleet.dataset"] = str(spec.env or spec.dataset)
+                "labfleet.config_hash": config_hash(spec), **_task_tag(spec)}
         commit, dirty = git_commit(trial.meta.spec_dir)
         if commit:
             tags["labfleet.git_commit"] = commit
@@ -405,6 +403,13 @@ class MlflowRecorder:
             for run in [*seeds, trial_run]:
                 tracker.queue_tags(run.info.run_id, {"optuna.state": state})
                 tracker.end_run(run.info.run_id, status)
+
+
+def _task_tag(spec: Any) -> dict[str, str]:
+    """`labfleet.env` or `labfleet.dataset`; none for your own code that names neither."""
+    if spec.env:
+        return {"labfleet.env": str(spec.env)}
+    return {"labfleet.dataset": str(spec.dataset)} if spec.dataset else {}
 
 
 def checkpoint_damage(data: bytes) -> str | None:

@@ -1,12 +1,17 @@
 """`labfleet report`: the figures and tables a paper needs, from what MLflow (and Optuna) recorded.
 
 A target is a run id (a suite, sweep or trial run), the name of a suite or sweep run (the latest one), or
-an experiment name (all its trial runs). Each `trial` run under the target is one configuration; its
-`seed` runs are the samples. The report holds:
+an experiment name (all its trial runs). The `trial` runs under the target of one `labfleet.config_hash` are
+one configuration (a rerun of a spec adds its seeds, each seed counted once); its `seed` runs are the
+samples, and the finished ones are what the table counts and the curves draw. Each configuration keeps one
+colour in every figure. The report holds:
 
 - learning curves of each configuration: the mean over seeds of the metric (default: the algorithm's
-  primary metric) at each evaluation step, with a 95 % confidence band (Student t over seeds);
-- a comparison table of final metrics (mean +- std over seeds, the number of seeds), best first;
+  primary metric) at each evaluation step, with a 95 % bootstrap band; seeds that evaluated at different
+  steps are interpolated onto a common grid (the figure says so);
+- a comparison table of final metrics (mean +- std over the finished seeds, their number), best first;
+- aggregate statistics (IQM, performance profiles, probability of improvement), across tasks only over the
+  tasks every method ran;
 - for a sweep: Optuna's optimisation history, parameter importances and parallel coordinates (or the
   Pareto front of a multi-objective study);
 - written to `--out` as PNGs, `results.md` and one self-contained `report.html` (images embedded), and
@@ -51,13 +56,37 @@ def lower_is_better(metric: str) -> bool:
 
 @dataclass
 class Configuration:
+    """One configuration: its trial runs of one `labfleet.config_hash` pooled (a rerun of a spec adds seeds,
+    not a method), with one run per seed (a FINISHED one where there is one, else the latest)."""
+
     label: str
-    trial: Run
+    trial: Run  # the latest trial run (tags, params)
     seeds: list[Run] = field(default_factory=list)
+    color: int = 0  # its colour in every figure (matplotlib's C0-C9, by the configuration's first run)
+    trials: list[Run] = field(default_factory=list)  # every trial run pooled here, oldest first
 
     @property
     def algorithm(self) -> str:
         return self.trial.data.tags.get("labfleet.algorithm", "")
+
+    @property
+    def finished(self) -> list[Run]:
+        return [s for s in self.seeds if s.info.status == "FINISHED"]
+
+    @property
+    def status(self) -> str:
+        """FINISHED when every seed did, else the latest trial run's state."""
+        if self.seeds and len(self.finished) == len(self.seeds):
+            return "FINISHED"
+        return self.trial.info.status
+
+    def finals(self) -> dict[str, tuple[float, float]]:
+        """{eval/* name: (mean, std)} over the finished seeds' final values (what a trial run logs)."""
+        out: dict[str, tuple[float, float]] = {}
+        for name in sorted({k for s in self.finished for k in s.data.metrics if k.startswith("eval/")}):
+            values = np.array([s.data.metrics[name] for s in self.finished if name in s.data.metrics])
+            out[name] = (float(np.mean(values)), float(np.std(values)))
+        return out
 
 
 @dataclass
@@ -98,13 +127,28 @@ def _configurations(client: MlflowClient, experiment_id: str, trials: list[Run],
     else:
         by_trial = {t.info.run_id: [r for r in _children(client, experiment_id, t.info.run_id)
                                     if r.data.tags.get(Q.ROLE_TAG) == "seed"] for t in trials}
-    configs = []
+    pooled: dict[str, Configuration] = {}
     for trial in sorted(trials, key=lambda r: r.info.start_time):
-        seeds = by_trial.get(trial.info.run_id, [])
-        label = trial.data.tags.get("mlflow.runName", trial.info.run_id[:8])
-        configs.append(Configuration(label, trial, sorted(seeds, key=lambda r: int(r.data.tags.get(
-            "labfleet.seed", 0)))))
-    return configs
+        key = trial.data.tags.get("labfleet.config_hash") or trial.info.run_id
+        if key not in pooled:
+            label = trial.data.tags.get("mlflow.runName", trial.info.run_id[:8])
+            pooled[key] = Configuration(label, trial, color=len(pooled))
+        config = pooled[key]
+        config.trial = trial
+        config.trials.append(trial)
+        config.seeds.extend(by_trial.get(trial.info.run_id, []))
+    for config in pooled.values():
+        config.seeds = _one_run_per_seed(config.seeds)
+    return list(pooled.values())
+
+
+def _one_run_per_seed(runs: list[Run]) -> list[Run]:
+    """Reruns of a configuration ran some seeds twice: each seed counts once, by its FINISHED run (the latest
+    such), else its latest run."""
+    chosen: dict[str, Run] = {}
+    for run in sorted(runs, key=lambda r: (r.info.status == "FINISHED", r.info.start_time)):
+        chosen[run.data.tags.get("labfleet.seed", run.info.run_id)] = run
+    return sorted(chosen.values(), key=lambda r: int(r.data.tags.get("labfleet.seed", 0)))
 
 
 def resolve_target(client: MlflowClient, target: str, source: str = "labfleet report") -> Target:
@@ -168,38 +212,59 @@ def primary_metric(configs: list[Configuration]) -> str:
 
 # --- numbers --------------------------------------------------------------------------------------------
 
-def histories(client: MlflowClient, config: Configuration, metric: str) -> dict[str, dict[int, float]]:
-    """{seed run id: {step: value}} of every seed that logged `metric`."""
+def curve_seeds(config: Configuration) -> list[Run]:
+    """The seeds a curve is drawn from: the finished ones (those the table counts), else, for a configuration
+    none of whose seeds finished, the unfinished ones (its legend says so)."""
+    return config.finished or config.seeds
+
+
+def histories(client: MlflowClient, config: Configuration, metric: str,
+              seeds: list[Run] | None = None) -> dict[str, dict[int, float]]:
+    """{seed run id: {step: value}} of every seed (of `seeds`, default all) that logged `metric`."""
     out = {}
-    for seed in config.seeds:
+    for seed in config.seeds if seeds is None else seeds:
         points = {m.step: m.value for m in client.get_metric_history(seed.info.run_id, metric)}
         if points:
             out[seed.info.run_id] = points
     return out
 
 
+def common_grid(found: list[dict[int, float]]) -> tuple[list[int], np.ndarray, bool]:
+    """(steps, values (seeds, steps), interpolated): the steps every seed evaluated; where seeds evaluated
+    at different steps, every step any of them evaluated within the range all of them cover, each seed's
+    curve linearly interpolated there."""
+    shared = sorted(set.intersection(*(set(h) for h in found)))
+    union = sorted(set.union(*(set(h) for h in found)))
+    if shared == union:
+        return shared, np.array([[h[s] for s in shared] for h in found]), False
+    low, high = max(min(h) for h in found), min(max(h) for h in found)
+    steps = [s for s in union if low <= s <= high]
+    values = np.array([np.interp(steps, sorted(h), [h[s] for s in sorted(h)]) for h in found])
+    return steps, values.reshape(len(found), len(steps)), True
+
+
 def curve(client: MlflowClient, config: Configuration, metric: str,
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """(steps, mean, band low, band high, seeds) over the steps every seed evaluated. The band is the 95 %
-    percentile bootstrap of the mean over seeds (SciPy), clipped to the range the seeds observed: a
-    t-interval over three seeds of capped returns runs far outside anything possible."""
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool]:
+    """(steps, mean, band low, band high, seeds, interpolated) over the steps every seed evaluated (or on a
+    common grid, `common_grid`). The band is the 95 % percentile bootstrap of the mean over seeds (SciPy),
+    clipped to the range the seeds observed: a t-interval over three seeds of capped returns runs far outside
+    anything possible."""
     from scipy import stats
 
-    found = list(histories(client, config, metric).values())
+    found = list(histories(client, config, metric, curve_seeds(config)).values())
     if not found:
-        return np.array([]), np.array([]), np.array([]), np.array([]), 0
-    steps = sorted(set.intersection(*(set(h) for h in found)))
-    values = np.array([[h[s] for s in steps] for h in found])  # (seeds, steps)
+        return np.array([]), np.array([]), np.array([]), np.array([]), 0, False
+    steps, values, interpolated = common_grid(found)  # values: (seeds, steps)
     n = len(found)
     mean = values.mean(0)
     if n < 2 or not len(steps) or np.all(values == values[0]):
-        return np.array(steps), mean, mean, mean, n
+        return np.array(steps), mean, mean, mean, n, interpolated
     ci = stats.bootstrap((values,), np.mean, axis=0, vectorized=True, n_resamples=2000, confidence_level=0.95,
                          method="percentile", random_state=0).confidence_interval
     # a step where every seed agrees has no spread: SciPy gives NaN there, the band is the mean itself
     low = np.clip(np.where(np.isnan(ci.low), mean, ci.low), values.min(0), values.max(0))
     high = np.clip(np.where(np.isnan(ci.high), mean, ci.high), values.min(0), values.max(0))
-    return np.array(steps), mean, np.minimum(low, mean), np.maximum(high, mean), n
+    return np.array(steps), mean, np.minimum(low, mean), np.maximum(high, mean), n, interpolated
 
 
 def curves_csv(client: MlflowClient, configs: list[Configuration], metric: str) -> str:
@@ -230,19 +295,16 @@ def results_csv(names: list[str], rows: list[dict[str, Any]]) -> str:
 def final_rows(configs: list[Configuration], metric: str) -> tuple[list[str], list[dict[str, Any]]]:
     """Columns (the eval metrics of any configuration; blank where one lacks it, e.g. a pruned trial) and
     one row per configuration, best first."""
-    names = sorted({k for c in configs for k in c.trial.data.metrics if k.startswith("eval/")
-                    and not k.endswith("_std")})
+    finals = {id(c): c.finals() for c in configs}
+    names = sorted({k for f in finals.values() for k in f if not k.endswith("_std")})
     if metric in names:
         names.remove(metric)
         names.insert(0, metric)
     rows = []
     for c in configs:
-        finished = [s for s in c.seeds if s.info.status == "FINISHED"]
-        row: dict[str, Any] = {"configuration": c.label, "seeds": len(finished), "status": c.trial.info.status,
+        row: dict[str, Any] = {"configuration": c.label, "seeds": len(c.finished), "status": c.status,
                                "task": task_of(c)}
-        for name in names:
-            if name in c.trial.data.metrics:
-                row[name] = (c.trial.data.metrics[name], c.trial.data.metrics.get(name + "_std", 0.0))
+        row.update({name: finals[id(c)][name] for name in names if name in finals[id(c)]})
         rows.append(row)
     sign = 1.0 if lower_is_better(metric) else -1.0
     # A single seed has no spread to compare: it ranks after every configuration with several (the table
@@ -316,7 +378,8 @@ def _png(fig: Any) -> bytes:
 
 def task_of(config: Configuration) -> str:
     tags = config.trial.data.tags
-    return tags.get("labfleet.env") or tags.get("labfleet.dataset") or "its own data"
+    task = tags.get("labfleet.env") or tags.get("labfleet.dataset")
+    return task if task and task != "None" else "its own data"  # ("None": what older runs of functions hold)
 
 
 def panels(configs: list[Configuration], metric: str | None) -> list[tuple[str, str, list[Configuration]]]:
@@ -334,8 +397,9 @@ def best_configurations(configs: list[Configuration], metric: str, limit: int) -
     if len(configs) <= limit:
         return configs
     sign = 1.0 if lower_is_better(metric) else -1.0
-    ranked = sorted(range(len(configs)), key=lambda i: (metric not in configs[i].trial.data.metrics,
-                                                         sign * configs[i].trial.data.metrics.get(metric, 0.0)))
+    finals = [c.finals() for c in configs]
+    ranked = sorted(range(len(configs)), key=lambda i: (metric not in finals[i],
+                                                         sign * finals[i].get(metric, (0.0, 0.0))[0]))
     return [configs[i] for i in sorted(ranked[:limit])]
 
 
@@ -345,17 +409,20 @@ def curves_png(client: MlflowClient, configs: list[Configuration], metric: str |
     cols = min(2, len(groups))
     rows = math.ceil(len(groups) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.2 * rows), squeeze=False)
-    drawn = 0
+    drawn, interpolated = 0, False
     for ax, (task, name, group) in zip(axes.flat, groups, strict=False):
         shown = best_configurations(group, name, MAX_CURVES)
-        for i, config in enumerate(shown):
-            steps, mean, low, high, n = curve(client, config, name)
+        for config in shown:
+            steps, mean, low, high, n, moved = curve(client, config, name)
             if not len(steps):
                 continue
-            color = f"C{i % 10}"
-            ax.plot(steps, mean, color=color, label=f"{config.label} (n={n})")
+            color = f"C{config.color % 10}"
+            unfinished = "" if config.finished else " unfinished"
+            ax.plot(steps, mean, color=color, marker="o" if len(steps) == 1 else None,
+                    label=f"{config.label} (n={n}{unfinished}{', interpolated' if moved else ''})")
             ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
             drawn += 1
+            interpolated = interpolated or moved
         generative = bool(group[0].trial.data.tags.get("labfleet.dataset"))
         ax.set_xlabel("optimiser steps" if generative else "env steps")
         ax.set_ylabel(name)
@@ -368,7 +435,9 @@ def curves_png(client: MlflowClient, configs: list[Configuration], metric: str |
     if not drawn:
         plt.close(fig)
         return None
-    fig.suptitle("mean over seeds, 95 % bootstrap band (clipped to the observed range)", fontsize=10)
+    grid = "; seeds that evaluated at different steps interpolated onto the steps any of them evaluated" \
+        if interpolated else ""
+    fig.suptitle(f"mean over seeds, 95 % bootstrap band (clipped to the observed range){grid}", fontsize=10)
     return _png(fig)
 
 
@@ -392,8 +461,8 @@ def pbt_png(client: MlflowClient, sweep_run: Run, configs: list[Configuration], 
             if history:
                 last = max((s.data.metrics.get("time/env_steps", 0) for s in config.seeds), default=history[-1][0])
                 steps, values = zip(*history, strict=True)
-                ax.step([*steps, max(last, steps[-1])], [*values, values[-1]], where="post", color=f"C{number % 10}",
-                        label=f"trial {number}")
+                ax.step([*steps, max(last, steps[-1])], [*values, values[-1]], where="post",
+                        color=f"C{config.color % 10}", label=f"trial {number}")
         ax.set_ylabel(key.removeprefix("pbt/"), fontsize=8)
         ax.grid(alpha=0.3)
         if key.endswith("learning_rate"):
@@ -402,9 +471,18 @@ def pbt_png(client: MlflowClient, sweep_run: Run, configs: list[Configuration], 
     ax = axes.flat[-1]
     for number in numbers:
         ax.axhline(number, color="0.85", linewidth=0.8, zorder=0)
+    # Exploits at one step (a perturbation point) side by side, not drawn over each other
+    at_step: dict[int, list[dict[str, Any]]] = {}
     for entry in lineage:
-        ax.annotate("", xy=(entry["step"], entry["to_trial"]), xytext=(entry["step"], entry["from_trial"]),
-                    arrowprops={"arrowstyle": "->", "color": f"C{entry['from_trial'] % 10}"})
+        at_step.setdefault(int(entry["step"]), []).append(entry)
+    dx = 0.008 * max((int(e["step"]) for e in lineage), default=1)
+    for step, entries in at_step.items():
+        for k, entry in enumerate(entries):
+            x = step + (k - (len(entries) - 1) / 2) * dx
+            donor = numbers.get(int(entry["from_trial"]))
+            color = f"C{(donor.color if donor else int(entry['from_trial'])) % 10}"
+            ax.annotate("", xy=(x, entry["to_trial"]), xytext=(x, entry["from_trial"]),
+                        arrowprops={"arrowstyle": "->", "color": color})
     ax.set_yticks(sorted(numbers))
     ax.set_ylabel("trial (exploits: donor -> receiver)", fontsize=8)
     ax.set_xlabel("env steps")
@@ -471,14 +549,16 @@ def method_scores(configs: list[Configuration], metric: str) -> tuple[aggregate.
     return {m: {t: np.asarray(v) for t, v in per_task.items()} for m, per_task in scores.items()}, multi_task
 
 
-def profiles_png(normalised: aggregate.Scores, title: str) -> bytes:
-    """Performance profiles (Agarwal et al. 2021, figure 5 style): the fraction of runs above each score."""
+def profiles_png(normalised: aggregate.Scores, title: str, colors: dict[str, int] | None = None) -> bytes:
+    """Performance profiles (Agarwal et al. 2021, figure 5 style): the fraction of runs above each score.
+    `colors`: a method's colour where it is a configuration (the same as in the curves)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     taus = np.linspace(0.0, 1.0, 201)
     for i, (method, per_task) in enumerate(sorted(normalised.items())):
         n = sum(len(v) for v in per_task.values())
-        ax.step(taus, aggregate.performance_profile(per_task, taus), where="post", color=f"C{i % 10}",
+        color = f"C{(colors or {}).get(method, i) % 10}"
+        ax.step(taus, aggregate.performance_profile(per_task, taus), where="post", color=color,
                 label=f"{method} (runs={n})")
     ax.set_xlabel("normalised score tau (0: the task's worst run, 1: its best)")
     ax.set_ylabel("fraction of runs with score > tau")
@@ -494,6 +574,17 @@ def aggregate_section(configs: list[Configuration], metric: str) -> tuple[str, b
     scores, multi_task = method_scores(configs, metric)
     if not scores:
         return "", None
+    note = ""
+    if multi_task:  # methods are compared only on the tasks every one of them ran
+        shared = set.intersection(*(set(per_task) for per_task in scores.values()))
+        left = sorted(set.union(*(set(per_task) for per_task in scores.values())) - shared)
+        if not shared:
+            return (f"No task was run by every method, so no aggregate compares them (tasks: {', '.join(left)}).\n",
+                    None)
+        if left:
+            note = (f"\nAggregated over the tasks every method ran ({', '.join(sorted(shared))}); left out: "
+                    f"{', '.join(left)}.\n")
+            scores = {m: {t: v for t, v in per_task.items() if t in shared} for m, per_task in scores.items()}
     lower = lower_is_better(metric)
     ranges = aggregate.task_ranges(scores)
     normalised = aggregate.normalise(scores, ranges, lower)
@@ -501,12 +592,13 @@ def aggregate_section(configs: list[Configuration], metric: str) -> tuple[str, b
     shown = normalised if multi_task else scores
     better = normalised if multi_task else ({m: {t: -v for t, v in pt.items()} for m, pt in scores.items()}
                                             if lower else scores)
-    text = aggregate.aggregate_markdown(shown, multi_task, ranges if multi_task else None, metric, better)
+    text = aggregate.aggregate_markdown(shown, multi_task, ranges if multi_task else None, metric, better) + note
     title = f"performance profiles of {metric}"
     best = aggregate.ranked(better)
     if len(best) > MAX_CURVES:  # a large sweep: the best ones, not a legend of thousands
         title += f" (the {MAX_CURVES} best of {len(best)} by IQM)"
-    return text, profiles_png({m: normalised[m] for m in best[:MAX_CURVES]}, title)
+    colors = None if multi_task else {c.label: c.color for c in configs}
+    return text, profiles_png({m: normalised[m] for m in best[:MAX_CURVES]}, title, colors)
 
 
 # --- the report -------------------------------------------------------------------------------------------

@@ -443,3 +443,45 @@ def test_enjoy_names_what_a_trainer_of_ones_own_lacks(tmp_path: Path, tracking_u
     result = run_cli("enjoy", "counter", "--tracking-uri", tracking_uri, cwd=tmp_path)
     assert result.returncode == 2 and "trainers:Counter has no sample_images()" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_function_never_reports_its_objective_stops_at_the_first_report(tmp_path: Path):
+    """The objective is checked at the trial's first evaluation: one trial fails with a did-you-mean, no
+    other is asked, and the sweep run ends FAILED as the command exits 1."""
+    (tmp_path / "typo.py").write_text(
+        "import time\n\n\ndef main(config, ctx):\n    for step in range(1, 100):\n"
+        "        ctx.report(step, {'eval/scor': float(step)})\n        time.sleep(0.05)\n")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "typo", "algorithm": "typo:main", "seeds": [0], "budget": {"iterations": 100},
+        "hparams": {"x": 1.0}, "tracking": {"experiment": "typo"},
+        "sweep": {"metric": "eval/score", "direction": "maximize", "n_trials": 6, "max_parallel": 1,
+                  "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "nop"},
+                  "space": {"hparams.x": {"type": "float", "low": 0.0, "high": 1.0}}}}))
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run_cli("sweep", "sweep.yaml", "--tracking-uri", uri, "--storage", storage, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "did you mean 'eval/scor'?" in result.stdout and "no further trial was asked" in result.stdout
+    study = optuna.load_study(study_name="typo", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+    (sweep_run,) = [r for r in _runs(MlflowClient(uri), "typo") if r.data.tags["labfleet.role"] == "sweep"]
+    assert sweep_run.info.status == "FAILED" and "eval/score" in sweep_run.data.tags["labfleet.error"]
+
+
+@pytest.mark.slow
+def test_a_function_logs_artifacts_and_images_on_its_seed_run(tmp_path: Path, tracking_uri: str):
+    (tmp_path / "media.py").write_text(
+        "import numpy as np\n\n\ndef main(config, ctx):\n"
+        "    ctx.log_image('ramp', np.linspace(0, 1, 64).reshape(8, 8))\n"
+        "    ctx.log_artifact('notes/summary.txt', f'seed {ctx.seed}')\n"
+        "    ctx.report(1, {'eval/score': 1.0})\n")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "media", "algorithm": "media:main", "seeds": [3],
+                                                         "budget": {"iterations": 1},
+                                                         "tracking": {"experiment": "media"}}))
+    result = run_cli("run", "spec.yaml", "--tracking-uri", tracking_uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(tracking_uri)
+    (seed,) = [r for r in _runs(client, "media") if r.data.tags["labfleet.role"] == "seed"]
+    notes = Path(client.download_artifacts(seed.info.run_id, "notes/summary.txt", str(tmp_path)))
+    image = Path(client.download_artifacts(seed.info.run_id, "images/ramp.png", str(tmp_path)))
+    assert notes.read_text() == "seed 3" and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -104,6 +104,31 @@ class Context:
         values = {str(k): float(v) for k, v in metrics.items()}
         self._put(("report", int(step), values))
 
+    def log_artifact(self, name: str, data: bytes | str) -> None:
+        """A file of the seed run (`name`: its path under the run's artifacts, e.g. "plots/loss.png")."""
+        path = str(name).strip().lstrip("/")
+        if not path or ".." in path.split("/"):
+            raise ValueError(f"artifact name {name!r}: a relative path without '..' is expected")
+        self._put(("artifact", path, data.encode() if isinstance(data, str) else bytes(data)))
+
+    def log_image(self, name: str, image: Any) -> None:
+        """An image of the seed run as `images/<name>.png`: a (H, W), (H, W, 3) or (H, W, 4) array (uint8, or
+        floats in [0, 1]), or PNG bytes."""
+        if isinstance(image, bytes | bytearray):
+            data = bytes(image)
+        else:
+            from matplotlib import image as mpimg
+
+            array = np.asarray(image)
+            if array.dtype != np.uint8:
+                array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+            if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+                raise ValueError(f"image {name!r}: expected (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+            buffer = io.BytesIO()
+            mpimg.imsave(buffer, array, format="png", cmap="gray", vmin=0, vmax=255)
+            data = buffer.getvalue()
+        self.log_artifact(f"images/{name}.png", data)
+
     def checkpoint(self, state: dict[str, Any]) -> None:
         """The latest checkpoint: anything `torch.load(weights_only=True)` reads back (tensors, numbers,
         strings, lists, dicts). It is copied now, so the function may go on changing its objects."""
@@ -140,6 +165,7 @@ class FunctionTrainer(Trainer):
         self.finished = False
         self.latest_evals: dict[str, float] = {}
         self._checkpoint: bytes | None = None
+        self.artifacts: dict[str, bytes] = {}  # logged by the function since the driver last took them
         self.new_checkpoint = False  # the function checkpointed since the driver last took one
         self._thread: threading.Thread | None = None
 
@@ -177,6 +203,8 @@ class FunctionTrainer(Trainer):
             if event[0] == "checkpoint":
                 self._checkpoint = event[1]
                 self.new_checkpoint = True
+            elif event[0] == "artifact":
+                self.artifacts[event[1]] = event[2]
             elif event[0] == "report":
                 _, step, values = event
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
@@ -219,6 +247,10 @@ class FunctionTrainer(Trainer):
         self.ctx.restored = state["function"]
         self.step = int(state["step"])
         self.latest_evals = dict(state["evals"])
+
+    def take_artifacts(self) -> dict[str, bytes]:
+        artifacts, self.artifacts = self.artifacts, {}
+        return artifacts
 
     def close(self) -> None:
         self.ctx._closing.set()

@@ -278,8 +278,12 @@ def _finish_sweep(searcher: OptunaSearcher, session: DriverSession, quiet: bool)
         tracker.set_tags(sweep_run, {"best.trial_number": str(best.number),
                                      **{f"best.{k}": str(v) for k, v in best.params.items()}})
     failed_now = [t for t in trials if t.state == TrialState.FAIL and t.number in searcher.asked]
+    streak = searcher.streak
     if live_owner(tracker.client.get_run(sweep_run)) is None:  # else another driver of the study ends it
-        tracker.end_run(sweep_run, "FINISHED")
+        # FAILED when the sweep stopped because its trials fail; FINISHED when it ran to its end (some trials
+        # may have failed among the others: the command's exit code says so)
+        tracker.end_run(sweep_run, "FAILED" if streak.stopped else "FINISHED",
+                        f"stopped: {streak.last.strip()[-500:]}" if streak.stopped else None)
     tracker.drain()  # every queued write is in the store before the summary says where the runs are
     if not quiet:
         console.print(leaderboard(study, sweep))
@@ -293,8 +297,10 @@ def _finish_sweep(searcher: OptunaSearcher, session: DriverSession, quiet: bool)
     for t in failed_now:
         console.print(f"[red]trial {t.number} failed:[/red] {shown(str(t.user_attrs.get('error', ''))[-300:])}",
                       highlight=False)
-    streak = searcher.streak
-    if streak.stopped:
+    if streak.reason:
+        console.print(f"[red]stopped: {shown(streak.reason)}; no further trial was asked[/red]", highlight=False,
+                      soft_wrap=True)
+    elif streak.stopped:
         console.print(f"[red]stopped: {streak.count} trials in a row failed (sweep.max_consecutive_failures); "
                       f"the last: {shown(streak.last.strip()[-300:])}[/red]", highlight=False)
     return EXIT_TRIAL_FAILED if failed_now else EXIT_OK

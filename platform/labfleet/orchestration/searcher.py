@@ -75,14 +75,18 @@ class FailureStreak:
     limit: int
     count: int = 0
     last: str = ""
+    reason: str = ""  # why the sweep stopped at once (a failure every trial would repeat), if it did
 
     def record(self, state: TrialState, error: str | None) -> None:
         self.count = self.count + 1 if state == TrialState.FAIL else 0
         self.last = error or self.last
 
+    def stop(self, reason: str) -> None:
+        self.reason = self.last = reason
+
     @property
     def stopped(self) -> bool:
-        return self.count >= self.limit
+        return bool(self.reason) or self.count >= self.limit
 
 
 class OptunaSearcher:
@@ -286,11 +290,33 @@ class OptunaSearcher:
                 # in the writer thread, off the driver's path (`recover` reads it only after a dead driver)
                 self.tracker.after_writes(self.active[runner].trial.set_user_attr, "mlflow_run_id",
                                           self.recorder.trial_run_id(runner))
-            case Evaluation(trial=runner) if runner in self.active:
-                return self._report(self.active[runner])
+            case Evaluation(trial=runner, values=values) if runner in self.active:
+                active = self.active[runner]
+                if active.reported < 0 and (problem := self._objective_problem(values)) is not None:
+                    return self._stop_sweep(active, problem)
+                return self._report(active)
             case TrialEnded(trial=runner) if runner in self.active:
                 self._ended(self.active.pop(runner), event)
         return None
+
+    def _objective_problem(self, values: dict[str, float]) -> str | None:
+        """Why a trial's first evaluation cannot feed the study: it lacks an objective (your own code names
+        its metrics only when it reports them, so this is known no earlier)."""
+        missing = [metric for metric, _ in self.sweep.objectives if metric not in values]
+        if not missing:
+            return None
+        import difflib
+
+        close = difflib.get_close_matches(missing[0], list(values), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"its first evaluation reports {', '.join(sorted(values))} but not {', '.join(map(repr, missing))}, "
+                f"the sweep's objective (sweep.metric){hint}")
+
+    def _stop_sweep(self, active: ActiveTrial, problem: str) -> Decision:
+        """Fail the trial now and ask no more: every trial of this sweep would fail the same way."""
+        active.error = problem
+        self.streak.stop(problem)
+        return Decision(Action.STOP, Status.FAILED, problem)
 
     def _report(self, active: ActiveTrial) -> Decision | None:
         """Report every new evaluation step, in order (the pruner sees the same sequence whether results
@@ -341,8 +367,8 @@ class OptunaSearcher:
                 self.tracker.end_run(self.recorder.trial_run_id(runner), "FAILED", active.error)
         else:
             state = TrialState.FAIL
-            active.error = "; ".join(f"seed {s.seed}: {s.error}" for s in runner.seeds.values()
-                                     if s.error)[-4000:] or str(event.status)
+            active.error = active.error or "; ".join(f"seed {s.seed}: {s.error}" for s in runner.seeds.values()
+                                                     if s.error)[-4000:] or event.reason or str(event.status)
         if state == TrialState.FAIL:
             trial.set_user_attr("error", active.error)
         self.tell(active, state, value)

@@ -130,7 +130,7 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
     if console is not None and not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS")
         console.print(f"[dim]starting Ray: {f'joining {target}' if target else 'a local instance on 127.0.0.1'}"
-                      f"; runs go to {shown(redact_uri(tracking_uri))}[/dim]", highlight=False)
+                      f"; runs go to {shown(redact_uri(tracking_uri))}[/dim]", highlight=False, soft_wrap=True)
     connect_ray(address, dirs)
     cluster = ray.cluster_resources()
     problems = [Problem(str(p.spec_path), "resources", reason) for p in planned

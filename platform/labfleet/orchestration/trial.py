@@ -152,6 +152,7 @@ class TrialWorker:
             if own_reports:
                 if logged:
                     records.append((trainer.metric_step, logged))
+                artifacts.update(trainer.take_artifacts())  # what the function logged with ctx.log_artifact
                 evaluated = evaluated or trainer.new_checkpoint  # its new checkpoint goes with this chunk
                 continue
             closed = self.slot.window.add(trainer.progress, trainer.metric_step, logged)

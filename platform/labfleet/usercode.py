@@ -26,8 +26,9 @@ class ModuleClash(ImportError):
 
 
 def import_paths(spec: Any) -> list[str]:
-    """The import paths ("package.module:Name") a spec names."""
-    names = [spec.algorithm, spec.env or "", *(w.type for w in spec.env_wrappers)]
+    """The import paths ("package.module:Name") a spec names (`hparams.encoder` included)."""
+    encoder = spec.hparams.get("encoder") if isinstance(spec.hparams, dict) else None
+    names = [spec.algorithm, spec.env or "", *(w.type for w in spec.env_wrappers), str(encoder or "")]
     return [name for name in names if ":" in name]
 
 

@@ -35,6 +35,20 @@ def check_env_id(env: str, spec_dir: Path | None = None) -> str | None:
     return None
 
 
+def _encoder_problems(spec: ExperimentSpec, spec_dir: Path | None) -> list[tuple[str, str]]:
+    """`hparams.encoder: package.module:Class` must name a torch.nn.Module subclass: imported, never called."""
+    encoder = spec.hparams.get("encoder")
+    if not isinstance(encoder, str) or ":" not in encoder:
+        return []
+    from labfleet.algorithms.rl.networks import custom_encoder
+
+    try:
+        custom_encoder(encoder, str(spec_dir) if spec_dir is not None else None)
+    except (ImportError, TypeError) as exc:
+        return [("hparams.encoder", str(exc))]
+    return []
+
+
 def check_wrappers(spec: ExperimentSpec, spec_dir: Path | None = None) -> list[tuple[str, str]]:
     """Each `env_wrappers` entry must name a `gymnasium.Wrapper` subclass: imported, never called here."""
     problems = []
@@ -83,6 +97,7 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
     if spec.env is None:
         return [*problems, ("env", f"{info.name} needs an env (a gymnasium id or \"package.module:Class\")")]
     problems += _rollout_worker_problems(spec, info)
+    problems += _encoder_problems(spec, spec_dir)
     if spec.env_backend == "envpool":
         return problems + _envpool_problems(spec, info, check_env)
     problems += _video_problems(spec)

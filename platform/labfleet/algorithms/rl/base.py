@@ -116,7 +116,8 @@ class RLTrainer(Trainer):
 
     def encoder(self) -> ObservationEncoder:
         """A new observation encoder on the trainer's shared normaliser, as `hparams.encoder` asks."""
-        return ObservationEncoder(self.observation_space, self.obs_normalizer, getattr(self.hp, "encoder", "auto"))
+        return ObservationEncoder(self.observation_space, self.obs_normalizer, getattr(self.hp, "encoder", "auto"),
+                                  getattr(self.hp, "encoder_kwargs", None))
 
     def target_copy(self, net: torch.nn.Module) -> torch.nn.Module:
         """A target network: a deep copy that shares the trainer's observation normaliser (its statistics are

@@ -305,7 +305,7 @@ class BatchedActorCritic(BatchedGroup):
     def _covers(cls, member: Any) -> bool:
         encoder = member.ac.policy.encoder
         policy_net = member.ac.policy.mean if isinstance(member.ac.policy, GaussianPolicy) else member.ac.policy.logits
-        return (encoder.cnn is None and encoder.n == 0 and _mlp_layers(policy_net) is not None
+        return (encoder.plain and _mlp_layers(policy_net) is not None
                 and _mlp_layers(member.ac.value_net) is not None)
 
     def __init__(self, members: dict[int, Any]):
@@ -620,7 +620,7 @@ class BatchedDQN(BatchedGroup):
     @classmethod
     def _covers(cls, member: Any) -> bool:
         encoder = member.q_net.encoder
-        return encoder.cnn is None and encoder.n == 0 and _mlp_layers(member.q_net.q) is not None
+        return encoder.plain and _mlp_layers(member.q_net.q) is not None
 
     def __init__(self, members: dict[int, Any]):
         super().__init__(members)
@@ -714,7 +714,7 @@ class BatchedDDPG(BatchedGroup):
     @classmethod
     def _covers(cls, member: Any) -> bool:
         encoders = (member.actor.encoder, member.critic.encoder)
-        return (all(e.cnn is None and e.n == 0 for e in encoders) and _mlp_layers(member.actor.mu) is not None
+        return (all(e.plain for e in encoders) and _mlp_layers(member.actor.mu) is not None
                 and _mlp_layers(member.critic.q) is not None)
 
     def __init__(self, members: dict[int, Any]):

@@ -8,6 +8,7 @@ Plumbing only: no loss is computed here. Policies sample from noise the caller s
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -68,11 +69,22 @@ class ObservationEncoder(nn.Module):
     scaled to [0, 1]. An `ObservationNormalizer`, when given, is applied to Box observations first (and
     replaces the scaling)."""
 
-    def __init__(self, space: gym.Space, normalizer: nn.Module | None = None, kind: str = "auto"):
+    def __init__(self, space: gym.Space, normalizer: nn.Module | None = None, kind: str = "auto",
+                 kwargs: dict[str, Any] | None = None):
         super().__init__()
         self.normalizer = normalizer
         self.n = 0
         self.cnn: NatureCNN | None = None
+        self.custom: nn.Module | None = None  # `encoder: package.module:Class`, the user's own module
+        if ":" in kind:
+            self.shape = tuple(space.shape or ())
+            self.custom = custom_encoder(kind)(space, **(kwargs or {}))
+            dim = getattr(self.custom, "features_dim", None)
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise TypeError(f"{kind} must set `features_dim` (a positive int: how many features it returns), "
+                                f"got {dim!r}")
+            self.dim = dim
+            return
         if isinstance(space, gym.spaces.Discrete):
             self.n = int(space.n)
             self.dim = self.n
@@ -91,6 +103,11 @@ class ObservationEncoder(nn.Module):
         else:
             self.dim = int(np.prod(self.shape))
 
+    @property
+    def plain(self) -> bool:
+        """Flat vectors in, the same vectors out: what the batched seed kernels cover."""
+        return self.cnn is None and self.n == 0 and self.custom is None
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if self.n:
             return nn.functional.one_hot(obs.long(), self.n).float()
@@ -99,6 +116,8 @@ class ObservationEncoder(nn.Module):
             x = self.normalizer(x)
         rank = len(self.shape)
         lead = x.shape[:x.dim() - rank]
+        if self.custom is not None:  # the user's module sees a batch of observations, one leading axis
+            return self.custom(x.reshape(-1, *self.shape)).reshape(*lead, self.dim)
         if self.cnn is None:
             return x if rank == 1 else x.reshape(*lead, self.dim)
         images = x.reshape(-1, *self.shape) * self.scale
@@ -107,6 +126,18 @@ class ObservationEncoder(nn.Module):
         elif rank == 2:
             images = images.unsqueeze(1)
         return self.cnn(images).reshape(*lead, self.dim)
+
+
+def custom_encoder(path: str, spec_dir: str | None = None) -> type[nn.Module]:
+    """The user's encoder class named "package.module:Class" (imported, never called here); ImportError or
+    TypeError saying what is wrong."""
+    from labfleet.usercode import import_path
+
+    cls = import_path(path, spec_dir)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"{path} must name a torch.nn.Module subclass (built as Class(observation_space, "
+                        f"**encoder_kwargs)), not {cls!r}")
+    return cls
 
 
 class CategoricalPolicy(nn.Module):

@@ -40,9 +40,13 @@ class ObservationHParams(BaseModel):
 
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig, description="Running normalisation: "
                                        "{obs, reward, clip_obs, clip_reward, epsilon}; `true` turns on both.")
-    encoder: str = Field("auto", pattern="^(auto|flatten|nature_cnn)$", description="Observation encoder: "
-                         "nature_cnn (Mnih et al. 2015) for images, flatten for vectors; auto picks nature_cnn "
-                         "for uint8 image observations.")
+    encoder: str = Field("auto", pattern=r"^(auto|flatten|nature_cnn|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+                         description="Observation encoder: nature_cnn (Mnih et al. 2015) for images, flatten for "
+                         "vectors; auto picks nature_cnn for uint8 image observations; or package.module:Class, "
+                         "your own torch.nn.Module built as Class(observation_space, **encoder_kwargs) with a "
+                         "`features_dim` attribute (the heads labfleet puts on it take that many features).")
+    encoder_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of your own "
+                                           "encoder class (with `encoder: package.module:Class`).")
 
     @field_validator("normalize", mode="before")
     @classmethod

@@ -22,6 +22,8 @@ def test_list_envs_lists_what_can_be_made_and_marks_the_rest():
     result = CliRunner().invoke(app, ["list", "envs"])
     assert result.exit_code == 0
     available, _, rest = result.output.partition("Registered, but not available here:")
+    rest, _, pooled = rest.partition("With env_backend: envpool (EnvPool's own ids):")
+    assert {"CartPole-v1", "Pong-v5"} <= set(pooled.split())  # EnvPool's ids, listed apart
     ready = set(available.split())
     missing = {line.strip().split(":")[0] for line in rest.splitlines() if line.strip()}
     assert ready | missing == set(gym.registry) and not ready & missing
@@ -34,6 +36,28 @@ def test_list_envs_lists_what_can_be_made_and_marks_the_rest():
         if env_id.startswith(("gymnasium.envs.mujoco", "Humanoid")):
             continue
         gym.make(env_id).close()
+
+def test_list_envs_in_a_fresh_process_includes_atari():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "labfleet", "list", "envs"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "ALE/Pong-v5" in done.stdout.split("Registered, but not")[0]
+
+
+def test_help_names_values_as_the_readme_does():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "labfleet", "sweep", "-h"], capture_output=True, text=True,
+                          timeout=60, env={**__import__("os").environ, "COLUMNS": "80"})
+    assert done.returncode == 0
+    assert "KEY=VALUE" in done.stdout and "<list[str]>" not in done.stdout and "SET_" not in done.stdout
+    assert all(len(line) <= 80 for line in done.stdout.splitlines())
+    quiet = next(line for line in done.stdout.splitlines() if "--quiet" in line)
+    assert "<bool>" not in quiet and "QUIET" not in quiet
+
 
 def test_list_rejects_other_words():
     result = CliRunner().invoke(app, ["list", "planets"])

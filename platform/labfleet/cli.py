@@ -378,6 +378,13 @@ def list_(what: str = typer.Argument(..., metavar="algorithms|envs|datasets", he
             typer.echo("\nRegistered, but not available here:")
             for env_id, need in missing:
                 typer.echo(f"  {env_id}: {need}")
+        from labfleet.spec.envcheck import envpool_ids
+
+        pooled = envpool_ids()
+        if pooled:
+            typer.echo("\nWith env_backend: envpool (EnvPool's own ids):")
+            for env_id in pooled:
+                typer.echo(f"  {env_id}")
     else:
         with bad_input_exits_2():
             raise SpecError([Problem("labfleet list", what, "expected algorithms, envs or datasets")])
@@ -733,9 +740,30 @@ def _can_leave_early() -> bool:
     return not others and sys.getprofile() is None and sys.gettrace() is None
 
 
+# What an option's value looks like in `-h`, in place of typer's type names (<str>, <list[str]>, <bool>)
+METAVARS = {"set_": "KEY=VALUE", "tracking_uri": "URI", "storage": "URL", "address": "ADDRESS", "n_trials": "N",
+            "out": "PATH", "metric": "NAME", "port": "PORT", "dashboard_port": "PORT", "episodes": "N",
+            "stale_after": "SECONDS", "python": "PYTHON", "size": "H W", "experiment": "NAME"}
+
+
+def tidy_metavars(command: Any) -> Any:
+    """Every command's options and arguments named as the README writes them: no metavar on a flag, KEY=VALUE
+    for --set, SPEC for an argument (typer 0.29 would show <bool>, <list[str]>, {spec})."""
+    for sub in getattr(command, "commands", {}).values():
+        tidy_metavars(sub)
+    for param in getattr(command, "params", []):
+        if param.metavar not in (None, (param.name or "").upper()):  # one of ours (typer's default: NAME)
+            continue
+        if param.param_type_name == "option":  # (typer 0.29 carries its own copy of click)
+            param.metavar = "" if param.is_flag else METAVARS.get(param.name or "", (param.name or "").upper())
+        else:
+            param.metavar = (param.name or "").upper() + ("..." if param.nargs == -1 else "")
+    return command
+
+
 def main() -> None:
     try:
-        app(prog_name="labfleet")
+        tidy_metavars(typer.main.get_command(app))(prog_name="labfleet")
     except SystemExit as exc:
         signals = sys.modules.get("labfleet.orchestration.signals")
         if signals is not None and signals.TERMINATED.is_set():

@@ -352,11 +352,25 @@ def _mujoco_major() -> int:
         return 0
 
 
+def envpool_ids() -> list[str]:
+    """The ids EnvPool can step (`env_backend: envpool`), or [] where it is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("envpool") is None:
+        return []
+    try:
+        import envpool
+    except Exception:  # noqa: BLE001 - a broken install lists nothing rather than failing `list envs`
+        return []
+    return sorted(envpool.list_all_envs())
+
+
 def env_availability() -> list[tuple[str, str | None]]:
     """(env id, None when it can be made here, else what it needs) for every registered id, without making
     any: an id whose entry point is a function (gymnasium's stand-ins for removed envs) is unavailable."""
     import importlib.util
 
+    register_atari("ALE/Pong-v5")  # ale-py's ids, where it is installed (gymnasium registers no plugins itself)
     out: list[tuple[str, str | None]] = []
     for env_id, spec in sorted(gym.registry.items()):
         entry = spec.entry_point

@@ -99,3 +99,21 @@ def test_show_yaml_is_a_spec_that_validates(tmp_path):
 def test_show_unknown_algorithm():
     result = CliRunner().invoke(app, ["show", "ppo2"])
     assert result.exit_code == 2 and "unknown algorithm 'ppo2'" in result.output
+
+
+def test_shell_completion_offers_spec_files_algorithms_and_set_keys():
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import EXPERIMENTS
+
+    def complete(words: str, index: int) -> list[str]:
+        env = {**os.environ, "_LABFLEET_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(index)}
+        done = subprocess.run([sys.executable, "-c", "from labfleet.cli import main; main()"], env=env,
+                              cwd=EXPERIMENTS, capture_output=True, text=True, timeout=60)
+        return done.stdout.split()
+
+    assert "cartpole_ppo.yaml" in complete("labfleet run cartpole_p", 2)
+    assert complete("labfleet show pp", 2) == ["ppo"]
+    assert "hparams.clip_range=" in complete("labfleet run cartpole_ppo.yaml --set hparams.cl", 4)

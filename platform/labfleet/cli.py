@@ -56,12 +56,53 @@ def _root(
     """Train RL agents and generative models from YAML specs on Ray, tracked in MLflow."""
     quiet_libraries(verbose)
 
+def complete_spec_files(incomplete: str) -> list[str]:
+    """Shell completion: YAML files (and directories to walk into) under what is typed so far."""
+    base = Path(incomplete).parent if incomplete and not incomplete.endswith("/") else Path(incomplete or ".")
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return []
+    shown_base = "" if str(base) == "." and not incomplete.startswith("./") else f"{base}/".replace("//", "/")
+    out = [f"{shown_base}{p.name}" + ("/" if p.is_dir() else "") for p in entries
+           if (p.is_dir() and not p.name.startswith(".")) or p.suffix in (".yaml", ".yml")]
+    return [item for item in out if item.startswith(incomplete)]
+
+
+def complete_algorithms(incomplete: str) -> list[str]:
+    from labfleet.algorithms import registry
+
+    return [name for name in registry.names() if name.startswith(incomplete)]
+
+
+def complete_set_keys(ctx: typer.Context, incomplete: str) -> list[str]:
+    """`--set` completion: the spec's fields as dotted KEY=, with the hyperparameters of the spec's algorithm."""
+    from labfleet.spec.models import ExperimentSpec
+
+    keys = [f"{name}=" for name in ExperimentSpec.model_fields if name != "hparams"]
+    # (click does not fill ctx.params while it completes an option's value: the spec is read from the words)
+    words = os.environ.get("COMP_WORDS", "").split()
+    spec = ctx.params.get("spec") or next((w for w in words if w.endswith((".yaml", ".yml"))), None)
+    if spec:
+        try:
+            import yaml
+
+            algorithm = (yaml.safe_load(Path(spec).read_text(encoding="utf-8")) or {}).get("algorithm")
+            from labfleet.algorithms import registry
+
+            keys += [f"hparams.{name}=" for name in registry.get(str(algorithm)).hparams.model_fields]
+        except Exception:  # noqa: BLE001 - completion offers what it can and never fails the shell
+            pass
+    return [key for key in keys if key.startswith(incomplete)]
+
+
 SET_HELP = "Override a spec field: dotted KEY, YAML VALUE (hparams.gamma=0.98, seeds=[3,4]). Repeatable."
 TRACKING_HELP = "MLflow tracking URI (default: the spec's, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
 ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a local instance on 127.0.0.1)."
 
 # The options every training command takes, declared once.
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)]  # noqa: UP045 (typer)
+SetOption = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045 (typer)
+    "--set", help=SET_HELP, autocompletion=complete_set_keys)]
 TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", help=TRACKING_HELP)]  # noqa: UP045
 # The commands that read a store take no spec: their default has no "spec's" step.
 StoreOption = Annotated[Optional[str], typer.Option(  # noqa: UP045 (typer)
@@ -169,7 +210,7 @@ def trainer_round_trips(specs: list) -> None:
 
 @app.command()
 def validate(
-    files: list[Path] = typer.Argument(..., help="Spec or suite files."),
+    files: list[Path] = typer.Argument(..., help="Spec or suite files.", autocompletion=complete_spec_files),
     set_: SetOption = None,
 ) -> None:
     """Check specs and suites; print one line per problem (FILE: field.path: what is wrong) and exit 2."""
@@ -204,7 +245,7 @@ def validate(
 
 @app.command()
 def run(
-    spec: Path = typer.Argument(..., help="Experiment spec (YAML)."),
+    spec: Path = typer.Argument(..., help="Experiment spec (YAML).", autocompletion=complete_spec_files),
     set_: SetOption = None,
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
@@ -229,7 +270,8 @@ def run(
 
 @app.command()
 def sweep(
-    spec: Path = typer.Argument(..., help="Experiment spec with a `sweep:` section."),
+    spec: Path = typer.Argument(..., help="Experiment spec with a `sweep:` section.",
+                                autocompletion=complete_spec_files),
     set_: SetOption = None,
     n_trials: int = typer.Option(None, "--n-trials", min=1, help="Finished trials wanted (default: sweep.n_trials)."),
     storage: str = typer.Option(None, "--storage", help="Optuna storage URL (default: sweep.storage, else "
@@ -256,7 +298,8 @@ def sweep(
 
 @app.command()
 def suite(
-    suite_file: Path = typer.Argument(..., metavar="SUITE", help="Suite file (YAML)."),
+    suite_file: Path = typer.Argument(..., metavar="SUITE", help="Suite file (YAML).",
+                                      autocompletion=complete_spec_files),
     set_: SetOption = None,  # applied to every entry
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
@@ -442,7 +485,7 @@ def data_import(
 
 @app.command()
 def show(
-    algorithm: str = typer.Argument(..., help="A registered algorithm."),
+    algorithm: str = typer.Argument(..., help="A registered algorithm.", autocompletion=complete_algorithms),
     as_yaml: bool = typer.Option(False, "--yaml", help="Print a spec skeleton with every hyperparameter's "
                                  "default instead."),
 ) -> None:

@@ -195,6 +195,9 @@ def test_pbt_sweep_with_fewer_slots_than_members_finishes(tmp_path: Path):
     report = run_cli("report", "pbt", "--tracking-uri", mlflow_uri, "--out", str(tmp_path / "report"), cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
     assert (tmp_path / "report" / "pbt.png").exists() == bool(lineage)
+    if lineage:  # Optuna's importance and parallel coordinates would show only the initial values
+        assert not (tmp_path / "report" / "param_importances.png").exists()
+        assert "population-based training changed them" in (tmp_path / "report" / "report.html").read_text()
 
 
 def _lineage(client: MlflowClient, experiment: str, tmp: Path) -> list:

@@ -492,10 +492,11 @@ def pbt_png(client: MlflowClient, sweep_run: Run, configs: list[Configuration], 
 
 def sweep_trials_table(configs: list[Configuration]) -> str:
     """A sweep's trials: number, Optuna state and each sampled parameter, in trial order."""
-    params = sorted({k for c in configs for k in c.trial.data.params if k != "seeds"})
+    params = sorted({k for c in configs for t in c.trials or [c.trial] for k in t.data.params if k != "seeds"})
     lines = ["| trial | state | " + " | ".join(params) + " |", "|" + "---|" * (2 + len(params))]
-    for config in sorted(configs, key=lambda c: int(c.trial.data.tags.get("optuna.trial_number", -1))):
-        tags, values = config.trial.data.tags, config.trial.data.params
+    trials = [trial for config in configs for trial in config.trials or [config.trial]]  # a retried trial too
+    for trial in sorted(trials, key=lambda t: int(t.data.tags.get("optuna.trial_number", -1))):
+        tags, values = trial.data.tags, trial.data.params
         lines.append(f"| {tags.get('optuna.trial_number', '')} | {tags.get('optuna.state', '')} | "
                      + " | ".join(values.get(p, "") for p in params) + " |")
     return "\n".join(lines) + "\n"
@@ -731,10 +732,7 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
         table += "\n## Aggregate statistics\n\n" + aggregate_md
     images.update(sample_grids(client, target.configurations))
     if target.parent is not None and target.parent.data.tags.get("labfleet.role") == "sweep":
-        images.update(_sweep_images(target.parent, storage, notes))
-        with tempfile.TemporaryDirectory(prefix="labfleet-report-") as tmp:
-            if (lineage := pbt_png(client, target.parent, target.configurations, Path(tmp))) is not None:
-                images["pbt"] = lineage
+        images.update(_sweep_figures(client, target, storage, notes))
         table += "\n## Trials\n\n" + sweep_trials_table(target.configurations)
     contents = {f"{name}.png": data for name, data in images.items()}
     contents["results.csv"] = results_csv(names, rows).encode()
@@ -756,6 +754,23 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
             client.log_artifact(target.parent.info.run_id, str(path), "report")
         logged_to = target.parent.info.run_id
     return Report(target.title, out, files, names, rows, logged_to)
+
+
+def _sweep_figures(client: MlflowClient, target: Target, storage: str | None, notes: list[str]) -> dict[str, bytes]:
+    """Optuna's figures of the study, and a PBT sweep's schedules and lineage instead of the importance and
+    parallel-coordinate plots (PBT changes a trial's hyperparameters as it trains; Optuna sees only the
+    initial values)."""
+    assert target.parent is not None
+    images = _sweep_images(target.parent, storage, notes)
+    with tempfile.TemporaryDirectory(prefix="labfleet-report-") as tmp:
+        lineage = pbt_png(client, target.parent, target.configurations, Path(tmp))
+    if lineage is not None:
+        images["pbt"] = lineage
+        for name in ("param_importances", "parallel_coordinate"):
+            if images.pop(name, None) is not None:
+                notes.append(f"{name.replace('_', ' ')}: left out, as Optuna sees only each member's initial "
+                             "values and population-based training changed them (see pbt.png)")
+    return images
 
 
 def _sweep_images(sweep_run: Run, storage: str | None, notes: list[str]) -> dict[str, bytes]:

@@ -94,3 +94,27 @@ def test_at_80_columns_no_number_is_cut():
     for token in ("done", "pruned", "run", "0.000646612", "487.5", "0.0931"):
         assert token in text, (token, text)
     assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
+
+
+def test_the_pbt_table_shows_current_values_waiting_members_and_exploits():
+    import optuna
+
+    from labfleet.orchestration.sweep_view import TrialBoard
+    from labfleet.spec.loading import resolve_spec_data
+
+    spec = resolve_spec_data({
+        "name": "pbt", "algorithm": "value_iteration", "env": "FrozenLake-v1", "budget": {"iterations": 40},
+        "sweep": {"metric": "eval/return_mean", "direction": "maximize", "n_trials": 4, "max_parallel": 2,
+                  "space": {"hparams.gamma": {"type": "float", "low": 0.5, "high": 0.999}}}}, "pbt.yaml",
+        check_env=False)
+    study = optuna.create_study(study_name="pbt", direction="maximize")
+    console, out = _console()
+    board = ProgressBoard(console, hide_finished=True)
+    view = TrialBoard(study, spec.sweep, board)
+    view.exploited({"step": 2000, "from_trial": 0, "to_trial": 3, "old": {"hparams.gamma": 0.5},
+                    "new": {"hparams.gamma": 0.9876543}})
+    view.refresh([(0, "RUNNING", {"hparams.gamma": 0.99}, 0.71), (3, "WAITING", {"hparams.gamma": 0.9876543}, None)])
+    console.print(board.below)
+    text = out.getvalue()
+    assert "wait" in text and "run" in text and "0.988" in text  # the value it trains with now, 3 figures
+    assert "step 2000: trial 3 took trial 0's weights; gamma 0.5->0.988" in " ".join(text.split())

@@ -162,7 +162,8 @@ def results(target: str | list[str] | Result, *, tracking_uri: str | None = None
                     "config_hash": tags.get("labfleet.config_hash", ""), "algorithm": config.algorithm,
                     "task": tags.get("labfleet.env") or tags.get("labfleet.dataset", ""),
                     "seed": int(run.data.tags.get("labfleet.seed", -1)), "state": run.info.status,
-                    "trial_run_id": config.trial.info.run_id, "run_id": run.info.run_id,
+                    "trial_run_id": run.data.tags.get("mlflow.parentRunId", config.trial.info.run_id),
+                    "run_id": run.info.run_id,
                     **{k: v for k, v in sorted(run.data.metrics.items()) if k.startswith("eval/")}})
     columns = ["experiment", "configuration", "config_hash", "algorithm", "task", "seed", "state", "trial_run_id",
                "run_id"]

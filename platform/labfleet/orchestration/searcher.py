@@ -292,7 +292,10 @@ class OptunaSearcher:
                                           self.recorder.trial_run_id(runner))
             case Evaluation(trial=runner, values=values) if runner in self.active:
                 active = self.active[runner]
-                if active.reported < 0 and (problem := self._objective_problem(values)) is not None:
+                # your own code names its metrics only as it reports them (a built-in's are checked at
+                # validation, and some evaluate an objective only at the end)
+                if active.reported < 0 and runner.info.kind == "custom" \
+                        and (problem := self._objective_problem(values)) is not None:
                     return self._stop_sweep(active, problem)
                 return self._report(active)
             case TrialEnded(trial=runner) if runner in self.active:
@@ -300,8 +303,7 @@ class OptunaSearcher:
         return None
 
     def _objective_problem(self, values: dict[str, float]) -> str | None:
-        """Why a trial's first evaluation cannot feed the study: it lacks an objective (your own code names
-        its metrics only when it reports them, so this is known no earlier)."""
+        """Why a trial's first evaluation cannot feed the study: it lacks an objective."""
         missing = [metric for metric, _ in self.sweep.objectives if metric not in values]
         if not missing:
             return None

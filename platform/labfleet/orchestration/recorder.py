@@ -165,7 +165,8 @@ class MlflowRecorder:
         step all of them have evaluated, logged once, in step order, as soon as the last seed reaches it."""
         entry = self.trials[trial]
         seeds = [evals for seed, evals in entry.evals.items() if seed not in entry.left]
-        for name in sorted({k for evals in seeds for values in evals.values() for k in values}):
+        names = sorted({k for evals in seeds for values in evals.values() for k in values})
+        for name in names:
             after = entry.history.get(name, -1)
             steps = set.intersection(*({step for step, values in evals.items() if step > after and name in values}
                                        for evals in seeds))
@@ -173,6 +174,11 @@ class MlflowRecorder:
                 mean = sum(evals[step][name] for evals in seeds) / len(seeds)
                 self.tracker.log_metrics(entry.run_id, {name: mean}, step)
                 entry.history[name] = step
+        # what every name's curve has passed is not needed again (a long run's driver keeps a few steps per seed)
+        done = min((entry.history.get(name, -1) for name in names), default=-1)
+        for evals in entry.evals.values():
+            for step in [s for s in evals if s <= done]:
+                del evals[step]
 
     def _end_seed(self, event: SeedEnded) -> None:
         entry = self.trials.get(event.trial)

@@ -185,6 +185,11 @@ def test_raising_function_fails_its_run_cleanly(tmp_path: Path, tracking_uri: st
     assert {r.info.status for r in runs} == {"FAILED"}
     seed = next(r for r in runs if r.data.tags["labfleet.role"] == "seed")
     assert "ValueError: the data file is corrupt" in seed.data.tags["labfleet.error"]
+    # the whole traceback is an artifact of the seed run; the terminal had one line per failed seed
+    log = Path(MlflowClient(tracking_uri).download_artifacts(seed.info.run_id, "error.txt", str(tmp_path)))
+    text = log.read_text()
+    assert 'failing.py", line 4, in main' in text and "\x1b[" not in text
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(("algorithm", "word"), [

@@ -47,6 +47,7 @@ from labfleet.tracking.uri import retry_if_locked
 
 LATEST_CHECKPOINT = "checkpoints/latest.pt"
 FINAL_CHECKPOINT = "checkpoints/final.pt"
+ERROR_LOG = "error.txt"  # a failed seed run's whole error, its traceback included
 RESUME_TAG = "labfleet.resume"  # on a seed run restarted from a checkpoint: "exact" or "approximate"
 UNFINISHED = ("RUNNING", "KILLED")  # a driver that died, or was interrupted; FAILED trials start anew
 # How long a driver waits between writing its claim on runs a gone driver left and reading it back (`claim`)
@@ -187,6 +188,8 @@ class MlflowRecorder:
             return          # error is raised, or Ctrl-C came while the run was being created
         if event.status == Status.FINISHED and event.checkpoint is not None and event.final is not None:
             self.tracker.log_bytes(run_id, FINAL_CHECKPOINT, event.checkpoint)
+        if event.error:  # the whole traceback (the tag `labfleet.error` keeps its last 5000 characters)
+            self.tracker.log_bytes(run_id, ERROR_LOG, event.error.encode())
         self.tracker.end_run(run_id, event.status, event.error)
         if event.status != Status.FINISHED and entry is not None:
             entry.left.add(event.seed)  # the others' steps it had not reached are complete now

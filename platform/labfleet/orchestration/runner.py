@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -768,12 +769,15 @@ def _lost(exc: RayError) -> bool:
     return isinstance(cause, (ObjectLostError, WorkerCrashedError, NodeDiedError, LocalRayletDiedError))
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours the actor's name in its error text
+
+
 def _error_text(exc: BaseException) -> str:
     cause = exc.cause if isinstance(exc, RayTaskError) else None
     text = str(exc)
     if cause is not None:
         text = f"{type(cause).__name__}: {cause}\n{text}"
-    return text
+    return ANSI_ESCAPE.sub("", text)
 
 
 def drive_once(runners: list[TrialRunner], poll_seconds: float = 0.5) -> bool:

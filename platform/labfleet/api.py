@@ -16,7 +16,6 @@ starts stays up for the next ones in the same process (`ray.shutdown()` stops it
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,19 +44,12 @@ class Result:
 
 
 def _prepare_process(address: str | None) -> None:
-    """What the CLI does before Ray is imported: a local instance on 127.0.0.1, token auth, quiet libraries,
-    and no MLflow download bars; a SIGTERM stops the call as Ctrl-C does (in the main thread only)."""
-    import signal
+    """What the CLI does before Ray is imported: a local instance on 127.0.0.1, token auth, a SIGTERM that
+    stops the call as Ctrl-C does, quiet libraries and no MLflow download bars."""
+    from labfleet.cli import local_ray_on_loopback, quiet_libraries
 
-    from labfleet.cli import quiet_libraries
-    from labfleet.orchestration.signals import raise_interrupt
-
-    if not address and not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    local_ray_on_loopback(address)
     quiet_libraries(bool(os.environ.get("LABFLEET_VERBOSE")))
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 def _document(spec: SpecSource, overrides: Mapping[str, Any] | None) -> tuple[dict[str, Any], Path, Any]:

@@ -150,10 +150,12 @@ def local_ray_on_loopback(address: str | None) -> None:
     # A SIGTERM from here on stops the command as Ctrl-C does, also while Ray starts (Python's default
     # would end this process at once and leave the local Ray processes it had started behind).
     import signal
+    import threading
 
     from labfleet.orchestration.signals import raise_interrupt
 
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    if threading.current_thread() is threading.main_thread():  # (a notebook's call from another thread)
+        signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 def _overrides(items: list[str] | None) -> dict:

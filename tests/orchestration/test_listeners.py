@@ -107,16 +107,22 @@ def test_recorder_ends_a_trial_interrupted_before_its_run_existed(tmp_path: Path
     assert MlflowClient(uri).get_experiment_by_name("exp") is None  # nothing was written
 
 
+def _started_trial(uri: str) -> tuple[Tracker, MlflowRecorder, TrialRunner]:
+    """A recorder that has started a trial of two seeds (its runs RUNNING)."""
+    tracker = Tracker(uri, background=True)
+    recorder = MlflowRecorder(tracker)
+    trial = TrialRunner(_spec(), [recorder])
+    recorder.handle(TrialStarted(trial))
+    for seed in (0, 1):
+        recorder.handle(SeedStarted(trial, seed, 40))
+    return tracker, recorder, trial
+
+
 def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
     """The first recorder 'dies' (its runs stay RUNNING); a second one finds the unfinished trial with
     each seed's record, and the resumed events reopen the same runs."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker(uri, background=True)
-    first = MlflowRecorder(tracker)
-    trial = TrialRunner(_spec(), [first])
-    first.handle(TrialStarted(trial))
-    for seed in (0, 1):
-        first.handle(SeedStarted(trial, seed, 40))
+    tracker, first, trial = _started_trial(uri)
     checkpoint = _checkpoint_bytes({"step": 10})  # a checkpoint is torch.save's archive (damage is checked)
     first.handle(ChunkResult(trial, 0, [(10, {"eval/return_mean": 0.25})], {}, 10, checkpoint, False, {}))
     first.handle(ChunkResult(trial, 1, [(40, {"eval/return_mean": 0.75})], {}, 40, None, True, {}))
@@ -200,12 +206,7 @@ def test_trial_history_continues_across_a_dead_driver(tmp_path: Path):
     """A second driver gets each seed's earlier evaluations with its record: the step that a seed reached
     before the first driver died and the other after it is logged once, with both values."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker(uri, background=True)
-    first = MlflowRecorder(tracker)
-    trial = TrialRunner(_spec(), [first])
-    first.handle(TrialStarted(trial))
-    for seed in (0, 1):
-        first.handle(SeedStarted(trial, seed, 40))
+    tracker, first, trial = _started_trial(uri)
     for seed, step, value in ((0, 10, 0.2), (1, 10, 0.4), (0, 20, 0.6)):
         _evaluated(first, trial, seed, step, value)
     tracker.close()  # the driver dies: the runs stay RUNNING

@@ -38,7 +38,7 @@ from labfleet.orchestration.events import (
     TrialEnded,
     TrialStarted,
 )
-from labfleet.orchestration.runner import TrialRunner, config_hash
+from labfleet.orchestration.runner import TrialRunner, config_hash, shared_step_means
 from labfleet.tracking import queries as Q
 from labfleet.tracking.heartbeat import DRIVER_TAG, HEARTBEAT_TAG, live_owner
 from labfleet.tracking.queries import LABEL_TAG
@@ -168,11 +168,7 @@ class MlflowRecorder:
         seeds = [evals for seed, evals in entry.evals.items() if seed not in entry.left]
         names = sorted({k for evals in seeds for values in evals.values() for k in values})
         for name in names:
-            after = entry.history.get(name, -1)
-            steps = set.intersection(*({step for step, values in evals.items() if step > after and name in values}
-                                       for evals in seeds))
-            for step in sorted(steps):
-                mean = sum(evals[step][name] for evals in seeds) / len(seeds)
+            for step, mean in shared_step_means(seeds, name, entry.history.get(name, -1)).items():
                 self.tracker.log_metrics(entry.run_id, {name: mean}, step)
                 entry.history[name] = step
         # what every name's curve has passed is not needed again (a long run's driver keeps a few steps per seed)

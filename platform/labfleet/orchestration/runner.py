@@ -559,11 +559,8 @@ class TrialRunner:
     def eval_means(self, metric: str) -> dict[int, float]:
         """{metric step: mean over the running or finished seeds} for the steps every such seed has
         evaluated (the intermediate values a sweep reports to its pruner)."""
-        seeds = [s for s in self.seeds.values() if s.status in (Status.RUNNING, Status.FINISHED)]
-        if not seeds:
-            return {}
-        steps = set.intersection(*({k for k, v in s.evals.items() if metric in v} for s in seeds))
-        return {step: float(np.mean([s.evals[step][metric] for s in seeds])) for step in sorted(steps)}
+        return shared_step_means([s.evals for s in self.seeds.values()
+                                  if s.status in (Status.RUNNING, Status.FINISHED)], metric)
 
     def stop(self, status: Status | str = Status.KILLED, reason: str = "", release: bool = True) -> None:
         """End every unfinished seed and the trial as `status` (a scheduler's stop, Ctrl-C, a driver
@@ -742,6 +739,16 @@ def start_shared(runners: list[TrialRunner], capacity: int) -> None:
     finally:  # also after a Ctrl-C during a launch: its end states need the runs to exist
         for runner in runners:
             runner.announce_start()
+
+
+def shared_step_means(evals: list[dict[int, dict[str, float]]], metric: str, after: int = -1) -> dict[int, float]:
+    """{step: mean over the seeds} of `metric` at each step after `after` that every seed's evaluations (one
+    {step: values} per seed) hold, in step order."""
+    if not evals:
+        return {}
+    steps = set.intersection(*({step for step, values in e.items() if step > after and metric in values}
+                               for e in evals))
+    return {step: float(np.mean([e[step][metric] for e in evals])) for step in sorted(steps)}
 
 
 def _copy_evals(evals: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:

@@ -343,27 +343,59 @@ def submit(
     wait: bool = typer.Option(False, "--wait", help="Follow the job's logs and exit with its result."),
     sweep: bool = typer.Option(False, "--sweep", help="Run the spec as `labfleet sweep` (default: `run`)."),
     n_trials: int = typer.Option(None, "--n-trials", min=1, help="With --sweep: finished trials wanted."),
-    python: str = typer.Option("python", "--python", help="The interpreter with labfleet on the head node."),
+    python: str = typer.Option("python", "--python", help="The interpreter with labfleet on the head node "
+                               "(with --slurm: default this one, as nodes share the filesystem)."),
     ship_package: bool = typer.Option(False, "--ship-package", help="Send this labfleet package with the job "
                                       "(for a cluster that lacks it or has another version)."),
+    slurm: bool = typer.Option(False, "--slurm", help="Submit to SLURM (the cluster $SLURM_CONF names) as a "
+                               "requeueable batch job that starts its own Ray cluster; prints slurm:<jobid>."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="With --slurm: nodes, one Ray node each."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="With --slurm: the partition."),  # noqa: UP045
+    time_limit: Optional[str] = typer.Option(None, "--time", help="With --slurm: the time limit (SLURM's form)."),  # noqa: UP045
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=0,  # noqa: UP045
+                                                help="With --slurm: GPUs a node."),
+    cpus_per_node: Optional[int] = typer.Option(None, "--cpus-per-node", min=1,  # noqa: UP045
+                                                help="With --slurm: CPUs a node (default: whole nodes)."),
+    account: Optional[str] = typer.Option(None, "--account", help="With --slurm: the account."),  # noqa: UP045
+    qos: Optional[str] = typer.Option(None, "--qos", help="With --slurm: the QOS."),  # noqa: UP045
+    sbatch_arg: Optional[list[str]] = typer.Option(None, "--sbatch-arg", metavar="ARG",  # noqa: UP045
+                                                   help="With --slurm: one more sbatch option (--constraint=v100)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --slurm: print the batch script, submit nothing."),
 ) -> None:
-    """Submit a spec or suite as a Ray Job; its driver runs on the cluster."""
+    """Submit a spec or suite as a Ray Job, or with --slurm as a SLURM batch job; its driver runs on the cluster."""
     _token_auth()
-    from labfleet.orchestration.jobs import submit as submit_job
-
     with bad_input_exits_2():
-        code = submit_job(file, address=address, overrides=set_ or [], tracking_uri=tracking_uri, sweep=sweep,
-                          python=python, ship_package=ship_package, wait=wait, console=Console(), n_trials=n_trials)
+        if slurm:
+            from labfleet.orchestration.slurm import SlurmOptions
+            from labfleet.orchestration.slurm import submit as submit_slurm
+
+            options = SlurmOptions(nodes=nodes, partition=partition, time=time_limit, gpus_per_node=gpus_per_node,
+                                   cpus_per_node=cpus_per_node, account=account, qos=qos,
+                                   sbatch_args=sbatch_arg or [])
+            code = submit_slurm(file, overrides=set_ or [], tracking_uri=tracking_uri, sweep=sweep,
+                                python=None if python == "python" else python, options=options, dry_run=dry_run,
+                                wait=wait, console=Console(), n_trials=n_trials)
+        else:
+            from labfleet.orchestration.jobs import submit as submit_job
+
+            code = submit_job(file, address=address, overrides=set_ or [], tracking_uri=tracking_uri, sweep=sweep,
+                              python=python, ship_package=ship_package, wait=wait, console=Console(),
+                              n_trials=n_trials)
     raise typer.Exit(code)
 
 
 @app.command()
-def status(job: str = typer.Argument(..., metavar="JOB"), address: JobsAddress = None) -> None:
+def status(job: str = typer.Argument(..., metavar="JOB", help="A Ray job id, or slurm:<jobid>."),
+           address: JobsAddress = None) -> None:
     """A submitted job's state."""
     _token_auth()
-    from labfleet.orchestration.jobs import status as job_status
-
     with bad_input_exits_2():
+        if job.startswith("slurm:"):
+            from labfleet.orchestration import slurm as slurm_jobs
+
+            raise typer.Exit(slurm_jobs.status(job, Console()))
+        from labfleet.orchestration.jobs import status as job_status
+
         raise typer.Exit(job_status(job, address, Console()))
 
 
@@ -372,9 +404,13 @@ def logs(job: str = typer.Argument(..., metavar="JOB"), address: JobsAddress = N
          follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
     """A submitted job's output (its driver's)."""
     _token_auth()
-    from labfleet.orchestration.jobs import logs as job_logs
-
     with bad_input_exits_2():
+        if job.startswith("slurm:"):
+            from labfleet.orchestration import slurm as slurm_jobs
+
+            raise typer.Exit(slurm_jobs.logs(job, follow, Console()))
+        from labfleet.orchestration.jobs import logs as job_logs
+
         raise typer.Exit(job_logs(job, address, follow, Console()))
 
 
@@ -382,9 +418,13 @@ def logs(job: str = typer.Argument(..., metavar="JOB"), address: JobsAddress = N
 def stop(job: str = typer.Argument(..., metavar="JOB"), address: JobsAddress = None) -> None:
     """Cancel a submitted job: its driver stops like Ctrl-C, and its open runs end KILLED."""
     _token_auth()
-    from labfleet.orchestration.jobs import stop as job_stop
-
     with bad_input_exits_2():
+        if job.startswith("slurm:"):
+            from labfleet.orchestration import slurm as slurm_jobs
+
+            raise typer.Exit(slurm_jobs.stop(job, Console()))
+        from labfleet.orchestration.jobs import stop as job_stop
+
         raise typer.Exit(job_stop(job, address, Console()))
 
 

@@ -5,6 +5,8 @@ cannot tell them from live ones (MLflow #3932). So every run a driver opens carr
 - `labfleet.driver`: who drives it, `host:pid:boot:start` (the process's start time since this boot, so
   that a reused pid is not mistaken for the driver);
 - `labfleet.heartbeat`: seconds since the epoch, renewed every `HEARTBEAT_SECONDS` while the run is open.
+A driver inside a SLURM job adds the job and its start to its host (`host/slurm-JOB.START`): once SLURM has
+requeued the job, the driver of its next start knows every earlier start's driver is gone, on any node.
 `reconcile` ends RUNNING runs KILLED when their driver is provably dead (same host, and no process with
 that pid and start time), or, for a driver on another host, when its heartbeat is older than
 `stale_after` seconds. A run of a live driver is never touched.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -45,18 +48,50 @@ def _start_ticks(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces and ")"
 
 
+SLURM_JOB_TAG = "labfleet.slurm_job"
+
+
+def slurm_start() -> tuple[str, int] | None:
+    """(job id, how many times SLURM has requeued it) when this process runs inside a SLURM job."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return job, int(restarts) if restarts.isdigit() else 0
+
+
+def launcher_tags() -> dict[str, str]:
+    """Tags naming the batch job a driver runs in (`labfleet status slurm:<jobid>` finds its runs by them)."""
+    start = slurm_start()
+    return {SLURM_JOB_TAG: start[0]} if start else {}
+
+
 def driver_identity(pid: int | None = None) -> str:
+    host = socket.gethostname()
+    start = slurm_start() if pid is None else None
+    if start:
+        host += f"/slurm-{start[0]}.{start[1]}"
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_boot_id()}:{_start_ticks(pid) or '-'}"
+    return f"{host}:{pid}:{_boot_id()}:{_start_ticks(pid) or '-'}"
+
+
+def requeued(identity: str) -> bool:
+    """Whether `identity` is the driver of an earlier start of the SLURM job this process runs in."""
+    found = re.search(r"/slurm-([0-9_]+)\.(\d+):", identity)
+    start = slurm_start()
+    return bool(found and start and found.group(1) == start[0] and int(found.group(2)) < start[1])
 
 
 def driver_alive(identity: str) -> bool | None:
-    """True or False when this machine can tell (the driver ran here, since this boot), else None."""
+    """True or False when this machine can tell (the driver ran here, since this boot, or in an earlier start
+    of this SLURM job), else None."""
+    if requeued(identity):
+        return False
     try:
         host, pid, boot, start = identity.rsplit(":", 3)
     except ValueError:
         return None
-    if host != socket.gethostname() or boot != _boot_id() or start == "-":
+    if host.split("/slurm-")[0] != socket.gethostname() or boot != _boot_id() or start == "-":
         return None
     return _start_ticks(int(pid)) == start
 

@@ -41,7 +41,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 import labfleet
-from labfleet.tracking.heartbeat import DRIVER_TAG, HEARTBEAT_TAG, Heartbeat, driver_identity
+from labfleet.tracking.heartbeat import DRIVER_TAG, HEARTBEAT_TAG, Heartbeat, driver_identity, launcher_tags
 from labfleet.tracking.uri import artifact_root_for, redact_credentials, redact_uri, retry_if_locked, sqlite_wal
 
 ROLE = "labfleet.role"
@@ -279,7 +279,7 @@ class Tracker:
         `log_batch` as its first metrics (a seed run's first results come within seconds: one store call
         fewer per seed)."""
         all_tags = {ROLE: role, RUN_NAME: name, "labfleet.version": labfleet.__version__, DRIVER_TAG: self.driver,
-                    HEARTBEAT_TAG: str(int(time.time())), **(tags or {})}
+                    HEARTBEAT_TAG: str(int(time.time())), **launcher_tags(), **(tags or {})}
         if parent:
             all_tags[PARENT] = parent
         run = retry_if_locked(self.client.create_run, self.experiment_id(experiment), tags=all_tags, run_name=name)
@@ -298,7 +298,8 @@ class Tracker:
         self._ending.pop(run_id, None)
         self._call(self.client.update_run, run_id, "RUNNING")
         self._call(self.client.log_batch, run_id, [], [], [RunTag(DRIVER_TAG, self.driver),
-                                                           RunTag(HEARTBEAT_TAG, str(int(time.time())))])
+                                                           RunTag(HEARTBEAT_TAG, str(int(time.time()))),
+                                                           *(RunTag(k, v) for k, v in launcher_tags().items())])
         self.open_runs[run_id] = role
         self.touched.add(run_id)
 

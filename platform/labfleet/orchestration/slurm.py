@@ -99,17 +99,41 @@ def store_path(uri: str, workdir: Path) -> Path | None:
     return None
 
 
-def tracking_problem(uri: str, workdir: Path) -> str | None:
-    """Why the nodes of a SLURM job could not share `uri`, or None."""
+def store_problem(uri: str, workdir: Path) -> str | None:
+    """Why the nodes of a SLURM job could not share the store `uri` (tracking or Optuna), or None."""
     path = store_path(uri, workdir)
     if path is None:
         return None
     point, kind = _mount_of(path.resolve() if path.exists() else path.parent.resolve())
     if kind in SHARED_FILESYSTEMS:
         return None
-    return (f"{uri} is a store on {point} ({kind}), which only one node sees, and a requeued job may start on "
-            "another: use a tracking server (--tracking-uri http://HOST:PORT; deploy/local/mlflow-server.sh "
-            "starts one) or a database server, or a store on a shared filesystem")
+    return (f"{uri} is {path}, on {point} ({kind}), which only one node sees, and a requeued job may start on "
+            "another: use a server (a tracking server, --tracking-uri http://HOST:PORT, which "
+            "deploy/local/mlflow-server.sh starts; a database for a sweep's storage) or a shared filesystem")
+
+
+def _stores(path: Path, overrides: list[str], kind: str, tracking_uri: str | None) -> list[tuple[str, str]]:
+    """(where it is named, URI) of every store the job writes: the tracking store first, then each sweep's
+    Optuna storage."""
+    from labfleet.spec.loading import load_spec, load_suite, parse_set_options
+    from labfleet.tracking.studies import DEFAULT_STORAGE
+    from labfleet.tracking.uri import resolve_tracking_uri
+
+    parsed = parse_set_options(overrides)
+    if kind == "suite":
+        suite, entries = load_suite(path, parsed)
+        specs = [(e.spec, bool(e.entry.sweep)) for e in entries]
+        spec_uri = suite.tracking.uri
+    else:
+        spec = load_spec(path, parsed)
+        specs, spec_uri = [(spec, kind == "sweep")], spec.tracking.uri
+    stores = [("--tracking-uri" if tracking_uri else "tracking.uri", resolve_tracking_uri(tracking_uri, spec_uri))]
+    if not tracking_uri and kind == "suite":
+        stores += [("tracking.uri", spec.tracking.uri) for spec, _ in specs if spec.tracking.uri]
+    for spec, is_sweep in specs:
+        if is_sweep and spec.sweep is not None:
+            stores.append(("sweep.storage", spec.sweep.storage or DEFAULT_STORAGE))
+    return stores
 
 
 def batch_script(*, name: str, kind: str, file: str, command: str, workdir: Path, python: str, tracking_uri: str,
@@ -140,15 +164,11 @@ def batch_script(*, name: str, kind: str, file: str, command: str, workdir: Path
         f"RAY_AUTH_TOKEN=\"$({py} -c 'import secrets; print(secrets.token_hex(32))')\"",
         "export RAY_AUTH_TOKEN  # this job's cluster only: every node reads it from the environment",
         f'address="$({node} address)" || exit 1',
-        f"srun --overlap --job-name=labfleet-ray --nodes={n} --ntasks={n} --ntasks-per-node=1 --kill-on-bad-exit=0 "
+        f"srun --overlap --job-name=labfleet-ray --nodes={n} --ntasks={n} --ntasks-per-node=1 --kill-on-bad-exit=1 "
         f"{node} node &",
         "nodes=$!",
-        "stop_nodes() {  # SIGTERM to the Ray step's tasks (srun itself would SIGKILL them): each stops its own Ray",
-        "    step=$(squeue -h -s -j \"$SLURM_JOB_ID\" -o '%i %j' | awk '$2 == \"labfleet-ray\" {print $1; exit}')",
-        '    if [ -n "$step" ]; then scancel --signal=TERM "$step" 2>/dev/null',
-        '    else kill -TERM "$nodes" 2>/dev/null; fi',
-        '    wait "$nodes" 2>/dev/null',
-        "}",
+        "# SIGUSR1, which srun passes on to every node's task: each stops its own Ray at once",
+        'stop_nodes() { kill -USR1 "$nodes" 2>/dev/null; wait "$nodes" 2>/dev/null; }',
         f'if ! {node} wait --nodes {n} --watch "$nodes"; then stop_nodes; exit 1; fi',
         f'{command} --address "$address" &',
         "driver=$!",
@@ -171,18 +191,15 @@ def _sbatch_error(text: str) -> str:
 def submit(path: Path, *, overrides: list[str], tracking_uri: str | None, sweep: bool, python: str | None,
            options: SlurmOptions, dry_run: bool, wait: bool, console: Console, n_trials: int | None = None) -> int:
     from labfleet.orchestration.jobs import plan_submission
-    from labfleet.spec.loading import read_yaml
-    from labfleet.tracking.uri import resolve_tracking_uri
 
     interpreter = python or sys.executable
     kind, command, workdir = plan_submission(path, overrides, tracking_uri, sweep, interpreter, n_trials)
-    spec_uri = None
-    if not tracking_uri and kind != "suite":
-        spec_uri = (read_yaml(path).data.get("tracking") or {}).get("uri")
-    uri = resolve_tracking_uri(tracking_uri, spec_uri)
-    problem = tracking_problem(uri, workdir)
-    if problem:
-        raise SpecError([Problem("labfleet submit", "--tracking-uri", problem)])
+    stores = _stores(path, overrides, kind, tracking_uri)
+    problems = [Problem(str(path), where, problem) for where, uri in stores
+                if (problem := store_problem(uri, workdir))]
+    if problems:
+        raise SpecError(problems)
+    uri = stores[0][1]
     if not tracking_uri:
         command += " --tracking-uri " + shlex.quote(uri)  # the store checked here, whatever the nodes' environment
     stem = re.sub(r"[^A-Za-z0-9_-]", "-", path.stem)[:40]
@@ -237,6 +254,12 @@ def tracking_of(fields: dict[str, str]) -> str | None:
     return comment[len("labfleet:"):] if comment.startswith("labfleet:") else None
 
 
+def cluster_name() -> str | None:
+    done = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    found = re.search(r"^ClusterName\s*=\s*(\S+)", done.stdout, re.MULTILINE)
+    return found.group(1) if found else None
+
+
 def job_runs(jid: str, tracking_uri: str) -> list[Any]:
     """The MLflow runs the job's drivers opened (tag `labfleet.slurm_job`), parents first."""
     from mlflow.tracking import MlflowClient
@@ -245,8 +268,11 @@ def job_runs(jid: str, tracking_uri: str) -> list[Any]:
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return []
-    runs = client.search_runs(experiments, f"tags.`labfleet.slurm_job` = '{jid}'", max_results=5000,
-                              order_by=["attributes.start_time ASC"])
+    query = f"tags.`labfleet.slurm_job` = '{jid}'"
+    cluster = cluster_name()
+    if cluster:  # job ids are a cluster's own: another cluster's job 7 may write to the same store
+        query += f" and tags.`labfleet.slurm_cluster` = '{cluster}'"
+    runs = client.search_runs(experiments, query, max_results=5000, order_by=["attributes.start_time ASC"])
     order = {"suite": 0, "sweep": 1, "trial": 2, "seed": 3}
     return sorted(runs, key=lambda r: order.get(r.data.tags.get("labfleet.role", ""), 9))
 

@@ -6,9 +6,11 @@
 
 Every port a node uses is explicit and derived from the job id and the node's index in the job, so that two
 jobs sharing a machine (or logical nodes of one host) never collide, and the head is found by its index, not by
-its IP. Each node's Ray runs in the foreground (`ray start --block`) under this process, in a session directory
-of its own (`/tmp/lf-JOBID-NODE`); on SIGTERM it stops that Ray and every process under it, and nothing else (a
-bare `ray stop` would kill every Ray process on the machine). The token comes from the job's environment
+its IP. Each node's Ray runs in the foreground (`ray start --block`) under this process (the head's session
+directory is `/tmp/lf-JOBID`). Ray's processes hold SIGTERM blocked, so that when SLURM signals the whole job
+the driver can still end its runs through Ray; this process stops its Ray, every process under it and nothing
+else (a bare `ray stop` would kill every Ray process on the machine) on SIGUSR1 from the job script, or a grace
+period after SIGTERM. The token comes from the job's environment
 ($RAY_AUTH_TOKEN, made fresh by the job script), never from the command line.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -29,6 +32,7 @@ PORTS_PER_NODE = 40
 FIRST_PORT = 10000
 NODE_SLOTS = 550  # 10000 + 550 * 40 = 32000: below the kernel's ephemeral range (32768 and up on Linux)
 MAX_NODES_PER_HOST = 8
+DRIVER_GRACE = 20.0  # seconds Ray outlives a SIGTERM while the driver ends its runs
 
 
 def node_base_port(job_id: int, node_index: int) -> int:
@@ -81,15 +85,13 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _stop(process: subprocess.Popen, grace: float = 20.0) -> None:
-    """Stop `process` and everything under it: SIGTERM, then SIGKILL to whatever is left after `grace`."""
-    tree = [process.pid, *_descendants(process.pid)]
-    for pid in tree:
+def _kill_tree(process: subprocess.Popen) -> None:
+    """`process` and everything under it, with SIGKILL (they hold SIGTERM blocked)."""
+    for pid in [process.pid, *_descendants(process.pid)]:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(grace)
-    for pid in [process.pid, *_descendants(process.pid), *tree]:
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    for pid in _descendants(process.pid):  # a process forked while the others were being killed
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -136,26 +138,30 @@ def run_node() -> int:
     print(f"labfleet: node {name}: Ray {'head' if index == 0 else 'worker'} "
           f"({'GCS ' + head if index == 0 else 'joining ' + head})", flush=True)
     log = Path(f"/tmp/lf-{job_id}-node{index}.log")  # Ray's start-up banner; shown only when Ray fails
+    # SLURM signals every process of the job at once (requeue, preemption, scancel). Ray's processes inherit
+    # SIGTERM and SIGINT blocked, so Ray keeps serving the driver while it ends its runs; this process takes
+    # the signals itself and stops Ray when the job script says the driver is done (SIGUSR1), or
+    # `DRIVER_GRACE` seconds after SIGTERM, before SLURM's KillWait ends everything with SIGKILL.
+    held = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    stopping = []
-
-    def on_term(signum: int, _frame: object) -> None:
-        stopping.append(signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    while process.poll() is None and not stopping:
-        time.sleep(0.2)
+    stopping, until = False, math.inf
+    while process.poll() is None and time.monotonic() < until:
+        got = signal.sigtimedwait(held, 0.2)
+        if got is None:
+            continue
+        stopping = True
+        until = time.monotonic() if got.si_signo == signal.SIGUSR1 else min(until, time.monotonic() + DRIVER_GRACE)
     code = process.poll()
-    _stop(process)
+    _kill_tree(process)
     text = log.read_text(errors="replace")
     log.unlink(missing_ok=True)
     if index == 0:
         shutil.rmtree(f"/tmp/lf-{job_id}", ignore_errors=True)
     if stopping or code == 0:
         return 0
-    tail = "\n".join(text.strip().splitlines()[-30:])
+    tail = "\n".join(text.strip().splitlines()[-12:])
     print(f"labfleet: node {name}: Ray exited with code {code}:\n{tail}", flush=True)
     return 1
 
@@ -172,7 +178,23 @@ def _gone(pid: int | None) -> bool:
 
 def wait_for_nodes(nodes: int, timeout: float, watch: int | None = None) -> int:
     """Until the job's Ray cluster has `nodes` live nodes; exit 1 with why after `timeout` seconds, or as soon
-    as the process `watch` (the nodes' srun) has ended."""
+    as the process `watch` (the nodes' srun) has ended. Ray is asked from a child process (`probe`), which this
+    one ends when the nodes are gone: a client of a GCS that never answers would wait for minutes."""
+    probe = subprocess.Popen([sys.executable, "-m", "labfleet.orchestration.slurm_node", "probe", "--nodes",
+                              str(nodes), "--timeout", str(timeout)])
+    deadline = time.monotonic() + timeout + 30
+    while probe.poll() is None:
+        if _gone(watch) or time.monotonic() > deadline:
+            probe.kill()
+            probe.wait()
+            why = "the Ray nodes' step ended" if _gone(watch) else f"no answer within {timeout:.0f} s"
+            print(f"labfleet: the job's Ray cluster did not start: {why} (each node's output is above)", flush=True)
+            return 1
+        time.sleep(0.5)
+    return probe.returncode
+
+
+def probe_nodes(nodes: int, timeout: float) -> int:
     os.environ["RAY_AUTH_MODE"] = "token"
     address = head_address()
     host, port = address.rsplit(":", 1)
@@ -182,13 +204,8 @@ def wait_for_nodes(nodes: int, timeout: float, watch: int | None = None) -> int:
             socket.create_connection((host, int(port)), timeout=2).close()
             break
         except OSError:
-            if _gone(watch):
-                print("labfleet: the Ray nodes' step ended before the cluster started (its output is above)",
-                      flush=True)
-                return 1
             if time.monotonic() > deadline:
-                print(f"labfleet: the Ray head at {address} did not start within {timeout:.0f} s (each node's "
-                      "output is above)", flush=True)
+                print(f"labfleet: the Ray head at {address} did not start within {timeout:.0f} s", flush=True)
                 return 1
             time.sleep(0.5)
     import logging
@@ -213,7 +230,7 @@ def wait_for_nodes(nodes: int, timeout: float, watch: int | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labfleet.orchestration.slurm_node")
-    parser.add_argument("what", choices=["address", "node", "wait"])
+    parser.add_argument("what", choices=["address", "node", "wait", "probe"])
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--watch", type=int, default=None)
@@ -223,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.what == "node":
         return run_node()
+    if args.what == "probe":
+        return probe_nodes(args.nodes, args.timeout)
     return wait_for_nodes(args.nodes, args.timeout, args.watch)
 
 

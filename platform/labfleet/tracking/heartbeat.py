@@ -49,6 +49,7 @@ def _start_ticks(pid: int) -> str | None:
 
 
 SLURM_JOB_TAG = "labfleet.slurm_job"
+SLURM_CLUSTER_TAG = "labfleet.slurm_cluster"
 
 
 def slurm_start() -> tuple[str, int] | None:
@@ -63,7 +64,9 @@ def slurm_start() -> tuple[str, int] | None:
 def launcher_tags() -> dict[str, str]:
     """Tags naming the batch job a driver runs in (`labfleet status slurm:<jobid>` finds its runs by them)."""
     start = slurm_start()
-    return {SLURM_JOB_TAG: start[0]} if start else {}
+    if not start:
+        return {}
+    return {SLURM_JOB_TAG: start[0], SLURM_CLUSTER_TAG: os.environ.get("SLURM_CLUSTER_NAME", "")}
 
 
 def driver_identity(pid: int | None = None) -> str:

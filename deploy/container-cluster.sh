@@ -5,7 +5,8 @@
 #   deploy/container-cluster.sh [--engine podman|docker] [--base IMAGE] [--wheels DIR] [--keep]
 # --base: the image to build FROM (default: labfleet-base:bookworm, made here with debootstrap and `import` when
 #   missing, so that no registry is needed; rayproject/ray:2.60.0-py311 where a registry is reachable).
-# --wheels DIR: wheels to install first (a local torch wheel where download.pytorch.org is not reachable).
+# --wheels DIR: wheels to install first, and no index but the default one (a local torch wheel where
+#   download.pytorch.org is not reachable).
 # --keep: leave the containers and the server running (stop them with `$0 stop`).
 # Too heavy for CI (a 2.5 GB image, minutes of pip); docs/cluster.md has a timed run.
 set -euo pipefail
@@ -32,7 +33,7 @@ e() { "$engine" "${engine_args[@]}" "$@"; }
 stamp() { date +%s.%N; }
 
 stop_all() {
-    e rm -f lf-ray-head lf-ray-worker >/dev/null 2>&1 || true
+    for name in lf-ray-head lf-ray-worker; do e rm -f "$name" >/dev/null 2>&1 || true; done
     bash deploy/local/mlflow-server.sh stop --dir "$dir/mlflow" >/dev/null 2>&1 || true
 }
 if [ "$command" = stop ]; then stop_all; echo "stopped"; exit 0; fi
@@ -55,11 +56,14 @@ t_base=$(stamp)
 rm -f deploy/wheels/*.whl
 [ -n "$wheels" ] && cp "$wheels"/*.whl deploy/wheels/
 echo "building $image from $base"
-e build "${build_mounts[@]}" --network host --build-arg "RAY_IMAGE=$base" -f deploy/Dockerfile -t "$image" . \
+index_args=(); [ -n "$wheels" ] && index_args=(--build-arg TORCH_INDEX=)
+e build "${build_mounts[@]}" --network host --build-arg "RAY_IMAGE=$base" "${index_args[@]}" -f deploy/Dockerfile \
+    -t "$image" . \
     >"$dir/build.log" 2>&1 || { tail -30 "$dir/build.log"; exit 1; }
 rm -f deploy/wheels/*.whl
 t_built=$(stamp)
 
+stop_all  # what an earlier run left
 trap '[ "$keep" = 1 ] || stop_all' EXIT
 mkdir -p "$dir"
 export RAY_AUTH_MODE=token
@@ -72,7 +76,10 @@ node_ports() {  # every port of node K explicit: both containers share the host'
          "--dashboard-agent-grpc-port $((b + 33)) --dashboard-agent-listen-port $((b + 34))" \
          "--metrics-export-port $((b + 35))"
 }
-run_args=(-d --network host --env RAY_AUTH_TOKEN --env RAY_AUTH_MODE=token --shm-size 1g --ulimit host)
+# Limits the container may set: an engine's defaults (or the host's own hard limits) can be refused inside
+# another container or a restricted host ("error setting rlimits ... operation not permitted").
+run_args=(-d --network host --env RAY_AUTH_TOKEN --env RAY_AUTH_MODE=token --shm-size 1g
+          --ulimit nofile=16384:16384 --ulimit nproc=16384:16384)
 # shellcheck disable=SC2046
 e run "${run_args[@]}" --name lf-ray-head "$image" ray start --head --block --node-ip-address 127.0.0.1 \
     --port "$port" --dashboard-host 127.0.0.1 --dashboard-port "$dashboard" --ray-client-server-port $((port + 1)) \

@@ -18,6 +18,7 @@ from labfleet.tracking.heartbeat import (
     RECONCILED_TAG,
     driver_alive,
     driver_identity,
+    launcher_tags,
     stale_runs,
 )
 from labfleet.tracking.runs import Tracker
@@ -32,6 +33,21 @@ def test_driver_identity_tells_live_dead_and_unknown_drivers():
     assert driver_alive(identity) is False  # the same pid with another start time would be False too
     assert driver_alive("elsewhere.example:123:abcd1234:99") is None  # another machine: cannot tell
     assert driver_alive("garbage") is None
+
+
+def test_a_requeued_slurm_job_knows_its_earlier_starts_drivers_are_gone(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    monkeypatch.setenv("SLURM_CLUSTER_NAME", "lab")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    me = driver_identity()
+    assert "/slurm-4711.2:" in me and driver_alive(me) is True
+    assert launcher_tags() == {"labfleet.slurm_job": "4711", "labfleet.slurm_cluster": "lab"}
+    # the driver of the job's first start, on another node: gone, though this machine cannot see that node
+    assert driver_alive("node17/slurm-4711.0:123:abcd1234:99") is False
+    assert driver_alive("node17/slurm-4711.2:123:abcd1234:99") is None  # this start's: cannot tell
+    assert driver_alive("node17/slurm-99.0:123:abcd1234:99") is None  # another job's
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert "/slurm-" not in driver_identity() and launcher_tags() == {}
 
 
 def test_stale_runs_by_heartbeat_age(tracking_uri: str):

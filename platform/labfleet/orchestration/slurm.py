@@ -163,7 +163,8 @@ def batch_script(*, name: str, kind: str, file: str, command: str, workdir: Path
         "export RAY_AUTH_MODE=token PYTHONUNBUFFERED=1",
         f"RAY_AUTH_TOKEN=\"$({py} -c 'import secrets; print(secrets.token_hex(32))')\"",
         "export RAY_AUTH_TOKEN  # this job's cluster only: every node reads it from the environment",
-        f'address="$({node} address)" || exit 1',
+        f'address="$({node} address)" || {{ echo "labfleet: {py} cannot run labfleet on this node: install it for '
+        'that interpreter, or name another with --python"; exit 1; }',
         f"srun --overlap --job-name=labfleet-ray --nodes={n} --ntasks={n} --ntasks-per-node=1 --kill-on-bad-exit=1 "
         f"{node} node &",
         "nodes=$!",

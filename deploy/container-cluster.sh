@@ -87,6 +87,7 @@ e run "${run_args[@]}" --name lf-ray-head "$image" ray start --head --block --no
 # shellcheck disable=SC2046
 e run "${run_args[@]}" --name lf-ray-worker "$image" ray start --block --address "127.0.0.1:$port" \
     --node-ip-address 127.0.0.1 --num-cpus 1 $(node_ports 1) --disable-usage-stats >/dev/null
+rm -rf "$dir/mlflow"  # a fresh store each time
 bash deploy/local/mlflow-server.sh start --dir "$dir/mlflow" --port "$mlflow_port" >/dev/null
 for _ in $(seq 120); do  # until the Jobs API answers (401 without the token counts as an answer)
     code=$(python3 -c "import sys, urllib.request, urllib.error

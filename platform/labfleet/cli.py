@@ -334,6 +334,16 @@ JobsAddress = Annotated[Optional[str], typer.Option(  # noqa: UP045 (typer)
     "--address", help="Ray Jobs API of the cluster (default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265).")]
 
 
+def _submit_options_agree(slurm: bool, slurm_only: dict[str, Any], ray_only: dict[str, Any]) -> None:
+    """Options of one backend given to the other are refused, not ignored."""
+    from labfleet.errors import Problem, SpecError
+
+    wrong = [name for name, given in (ray_only if slurm else slurm_only).items() if given]
+    if wrong:
+        where = "a SLURM submission (--slurm)" if slurm else "a Ray Jobs submission (without --slurm)"
+        raise SpecError([Problem("labfleet submit", wrong[0], f"{', '.join(wrong)} cannot be used with {where}")])
+
+
 @app.command()
 def submit(
     file: Path = typer.Argument(..., metavar="SPEC_OR_SUITE", help="A spec or a suite file."),
@@ -365,6 +375,10 @@ def submit(
     """Submit a spec or suite as a Ray Job, or with --slurm as a SLURM batch job; its driver runs on the cluster."""
     _token_auth()
     with bad_input_exits_2():
+        _submit_options_agree(slurm, {"--nodes": nodes != 1, "--partition": partition, "--time": time_limit,
+                                      "--gpus-per-node": gpus_per_node is not None, "--cpus-per-node": cpus_per_node,
+                                      "--account": account, "--qos": qos, "--sbatch-arg": sbatch_arg,
+                                      "--dry-run": dry_run}, {"--address": address, "--ship-package": ship_package})
         if slurm:
             from labfleet.orchestration.slurm import SlurmOptions
             from labfleet.orchestration.slurm import submit as submit_slurm

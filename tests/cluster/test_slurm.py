@@ -179,15 +179,38 @@ def test_dry_run_shows_the_script_and_bad_submissions_are_refused(slurm, tmp_pat
                           "--tracking-uri", slurm["tracking"], cwd=tmp_path)
     assert partition.returncode == 2 and "sbatch refused the job" in partition.stderr, partition.stderr
     assert "partition" in partition.stderr.lower() and not _slurm(slurm, "squeue", "-h")
+    # one backend's options given to the other are refused, not ignored
+    mixed = _labfleet(slurm, "submit", "cartpole_reinforce.yaml", "--nodes", "2", cwd=tmp_path)
+    assert mixed.returncode == 2 and "--nodes cannot be used with a Ray Jobs submission" in mixed.stderr
+    mixed = _labfleet(slurm, "submit", "cartpole_reinforce.yaml", "--slurm", "--address", "http://127.0.0.1:1",
+                      cwd=tmp_path)
+    assert mixed.returncode == 2 and "--address cannot be used with a SLURM submission" in mixed.stderr
     for bad in ("slurm:x", "slurm:999999"):
         status = _labfleet(slurm, "status", bad, cwd=tmp_path)
         assert status.returncode == 2 and "Traceback" not in status.stderr, status.stderr
 
 
+def _requeue(slurm: dict, client: MlflowClient, job: str) -> None:
+    """`scontrol requeue`, as a preemption does; then the job PENDING, its runs ended by its driver, its Ray gone,
+    and the job released (SLURM holds a requeued job for 2 minutes before it may start)."""
+    _slurm(slurm, "scontrol", "requeue", job)
+    deadline = time.monotonic() + 180
+    while _state(slurm, job) != "PENDING":  # RUNNING, then COMPLETING while its processes end
+        assert time.monotonic() < deadline, f"job {job} is still {_state(slurm, job)} 180 s after its requeue"
+        time.sleep(0.5)
+    statuses = {r.info.status for r in _job_runs(client, job)}
+    assert statuses <= {"KILLED", "FINISHED"}, statuses  # the driver ended its runs before the job left its nodes
+    assert not _ray_processes(job), "Ray processes of the job's earlier start outlived it"
+    _slurm(slurm, "scontrol", "update", f"jobid={job}", "StartTime=now")
+
+
 @pytest.mark.slow
 def test_requeued_suite_continues_its_runs_and_its_sweep(slurm, tmp_path: Path):
-    """A suite of a run (2 seeds) and a sweep, requeued once both seeds have a checkpoint: SIGTERM reaches the
-    driver, which ends every run KILLED; the requeued job continues the same runs and the same study."""
+    """A suite of a run (2 seeds) and a sweep, requeued once while the run trains and once while the sweep does:
+    each time SIGTERM reaches the driver, which ends every run KILLED (a sweep's running trials stay RUNNING in
+    the study), and the requeued job continues the same runs from their checkpoints and the same study."""
+    import optuna
+
     database = _postgres_database()
     storage = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
     shutil.copy(EXPERIMENTS / "cartpole_reinforce.yaml", tmp_path)
@@ -196,43 +219,45 @@ def test_requeued_suite_continues_its_runs_and_its_sweep(slurm, tmp_path: Path):
     suite = {"name": "slurm-requeue", "experiments": [
         {"spec": "cartpole_reinforce.yaml", "set": {"name": "rq-reinforce", **RUN_SET}},
         {"spec": "sweeps/cartpole_ppo_sweep.yaml", "sweep": True, "set": {
-            "name": "rq-sweep", "budget": {"env_steps": 8192}, "eval": {"episodes": 2, "every_steps": 4096},
+            "name": "rq-sweep", "budget": {"env_steps": 16384}, "eval": {"episodes": 2, "every_steps": 4096},
             "sweep.n_trials": 3, "sweep.pruner": {"type": "nop"}, "sweep.storage": storage}}]}
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
     client = MlflowClient(slurm["tracking"])
     job = _submit(slurm, tmp_path, "suite.yaml")
 
-    def of_the_run() -> list:
-        return [r for r in _job_runs(client, job) if r.info.run_name.startswith("rq-reinforce")]
+    def of(prefix: str) -> list:
+        return [r for r in _job_runs(client, job) if r.info.run_name.startswith(prefix)]
 
     def seeds_checkpointed() -> bool:
-        seeds = [r for r in of_the_run() if r.data.tags["labfleet.role"] == "seed"]
+        seeds = [r for r in of("rq-reinforce") if r.data.tags["labfleet.role"] == "seed"]
         return len(seeds) == 2 and all(_has_checkpoint(client, r) for r in seeds)
 
     _wait_until(seeds_checkpointed, "checkpoint of both seeds", job, slurm)
-    before = {r.info.run_id: r for r in of_the_run()}
+    before = {r.info.run_id: r for r in of("rq-reinforce")}
     logged_before = {rid: max(m.step for m in client.get_metric_history(rid, "time/env_steps"))
                      for rid, r in before.items() if r.data.tags["labfleet.role"] == "seed"}
     assert all(step < STEPS for step in logged_before.values())
-    _slurm(slurm, "scontrol", "requeue", job)
-    deadline = time.monotonic() + 180
-    while _state(slurm, job) != "PENDING":  # RUNNING, then COMPLETING while its processes end
-        assert time.monotonic() < deadline, f"job {job} is still {_state(slurm, job)} 180 s after its requeue"
-        time.sleep(0.5)
-    # the driver ended its runs before the job left its nodes
-    statuses = {r.info.status for r in _job_runs(client, job)}
-    assert statuses <= {"KILLED", "FINISHED"}, statuses
-    assert not _ray_processes(job), "Ray processes of the first start outlived it"
-    _slurm(slurm, "scontrol", "update", f"jobid={job}", "StartTime=now")  # SLURM holds a requeued job 2 minutes
+    _requeue(slurm, client, job)
+
+    def sweep_checkpointed() -> bool:
+        training = [r for r in of("rq-sweep") if r.data.tags["labfleet.role"] == "seed" and
+                    r.info.status == "RUNNING"]
+        return bool(training) and all(_has_checkpoint(client, r) for r in training)
+
+    _wait_until(sweep_checkpointed, "a checkpoint of a sweep trial", job, slurm)
+    _requeue(slurm, client, job)
+    left = [t for t in optuna.load_study(study_name="rq-sweep", storage=storage).trials if t.state.name == "RUNNING"]
+    assert left, "a sweep stopped by SLURM leaves its running trials RUNNING for the next start"
 
     follow = _labfleet(slurm, "logs", f"slurm:{job}", "--follow", cwd=tmp_path, timeout=600)
     assert follow.returncode == 0, follow.stdout[-4000:] + follow.stderr
-    assert "start 2 on" in follow.stdout and "continuing trial run" in follow.stdout
+    assert "start 3 on" in follow.stdout and "continuing trial run" in follow.stdout
+    assert "continuing from checkpoints" in follow.stdout  # a sweep trial, adopted by the third start
     status = _labfleet(slurm, "status", f"slurm:{job}", cwd=tmp_path)
-    assert status.returncode == 0 and "COMPLETED" in status.stdout and "requeued 1 time(s)" in status.stdout
+    assert status.returncode == 0 and "COMPLETED" in status.stdout and "requeued 2 time(s)" in status.stdout
     assert "rq-reinforce/seed=0" in status.stdout and "RUNNING" not in status.stdout, status.stdout
 
-    after = {r.info.run_id: r for r in of_the_run()}
+    after = {r.info.run_id: r for r in of("rq-reinforce")}
     assert set(after) == set(before), "the requeued job made new runs instead of continuing the old ones"
     assert {r.info.status for r in after.values()} == {"FINISHED"}
     nodes = set()
@@ -248,17 +273,25 @@ def test_requeued_suite_continues_its_runs_and_its_sweep(slurm, tmp_path: Path):
         _assert_same_model_as_a_fault_free_run(SPEC_RESOLVED, int(run.data.tags["labfleet.seed"]), final)
     assert len(nodes) == 2, "the seeds did not use both nodes"
 
-    import optuna
-
     study = optuna.load_study(study_name="rq-sweep", storage=storage)
-    assert [t.state.name for t in study.trials].count("COMPLETE") == 3
-    everything = _job_runs(client, job)
-    assert {r.info.status for r in everything} == {"FINISHED"}
-    roles = [r.data.tags["labfleet.role"] for r in everything]
-    # a suite, the run's trial and 2 seeds, a sweep with 3 trials of one seed: nothing made twice
-    assert sorted(roles) == sorted(["suite", "trial", "seed", "seed", "sweep"] + ["trial", "seed"] * 3), roles
-    for run in everything:
-        _no_repeated_steps(client, run)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 3 and not [t for t in study.trials if t.state.name == "RUNNING"]
+    adopted = [t for t in complete if t.number in {x.number for x in left}]
+    assert adopted, "no trial running at the requeue went on in the same Optuna trial"
+    runs = {r.info.run_id: r for r in _job_runs(client, job)}
+    for trial in complete:  # each finished trial in one FINISHED run, its seed's steps logged once
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        seeds = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert len(seeds) == 1 and seeds[0].info.status == "FINISHED"
+        _no_repeated_steps(client, seeds[0])
+    # nothing else unfinished: a run left KILLED belongs to a trial that had no checkpoint (told FAIL, re-asked)
+    failed = {t.user_attrs.get("mlflow_run_id") for t in study.trials if t.state.name == "FAIL"}
+    for run in runs.values():
+        assert run.info.status == "FINISHED" or run.info.run_id in failed or \
+            runs.get(run.data.tags.get("mlflow.parentRunId", ""), run).info.run_id in failed, run.info.run_name
+    roles = [r.data.tags["labfleet.role"] for r in runs.values()]
+    assert roles.count("suite") == 1 and roles.count("sweep") == 1
 
 
 @pytest.mark.slow

@@ -42,11 +42,12 @@ from labfleet.orchestration.events import (
 )
 from labfleet.orchestration.recorder import MlflowRecorder, RunsOwned
 from labfleet.orchestration.runner import TrialMeta, TrialRunner
+from labfleet.orchestration.signals import TERMINATED
 from labfleet.orchestration.study import grid_size, suggest
 from labfleet.orchestration.sweep_view import TrialBoard
 from labfleet.spec.loading import apply_overrides, resolve_spec_data
 from labfleet.spec.models import ExperimentSpec, SweepConfig
-from labfleet.tracking.heartbeat import DRIVER_TAG, driver_gone, last_beat
+from labfleet.tracking.heartbeat import DRIVER_TAG, driver_gone, last_beat, slurm_start
 
 if TYPE_CHECKING:
     from labfleet.orchestration.pbt import PopulationBasedTraining
@@ -277,6 +278,12 @@ class OptunaSearcher:
         parameters queued again."""
         with contextlib.suppress(Exception):  # the tells already queued behind their records land first
             self.tracker.drain()
+        if TERMINATED.is_set() and slurm_start() is not None:
+            # SLURM ends the job (requeue, preemption, scancel): the running trials stay RUNNING, as a killed
+            # driver's do, and the next start adopts each one that has a checkpoint (`adopt_running`)
+            self.session.console.print("[yellow]stopped by SLURM: running trials stay RUNNING; the requeued job "
+                                       "(or the same command) continues them from their checkpoints[/yellow]")
+            return
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if frozen.number in self.asked:
                 fail_and_requeue(self.study, frozen)

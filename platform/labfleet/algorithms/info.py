@@ -35,6 +35,14 @@ class AlgorithmInfo:
     # Hyperparameters a trainer rebuilt from a checkpoint with new values honours mid-training (read at
     # each use, not fixed at construction): what population-based training may mutate.
     mutable_hparams: tuple[str, ...] = ()
+    # Seeds trained together (`resources.seeds_per_actor`, `sweep.share_actors`): "package.module:Class" of the
+    # group that trains the seeds' networks stacked ("": none, the seeds train in turn); the hyperparameters it
+    # takes from each member (`per_seed_hparams`: members may differ in these) and those it honours when every
+    # member has the same value (`group_hparams`). A member whose value of any other hyperparameter is not its
+    # default trains in turn: a new option is never ignored by the stacked path.
+    seed_group: str = ""
+    per_seed_hparams: tuple[str, ...] = ()
+    group_hparams: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
 
     def primary_metric_for(self, dataset: str | None) -> str:

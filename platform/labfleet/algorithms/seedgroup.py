@@ -7,10 +7,10 @@ iterations run:
 
 - `SequentialGroup` (any trainer): the members train in turn, one iteration each. The seeds share a
   process (no actor start-up, no imports, no Ray round trip per seed), not their arithmetic.
-- a batched group (`BATCHED`: PPO, A2C, REINFORCE, DQN, DDPG, in `labfleet.algorithms.rl.batched`): the members'
-  networks are stacked and each iteration runs once for all of them (one policy call per environment step for all
-  seeds, one optimiser step per minibatch for all seeds), with per-seed masks where the unbatched
-  algorithm would branch.
+- a batched group (the class `AlgorithmInfo.seed_group` names; PPO's, A2C's, REINFORCE's, DQN's and DDPG's are in
+  `labfleet.algorithms.rl.batched`): the members' networks are stacked and each iteration runs once for all of
+  them (one policy call per environment step for all seeds, one optimiser step per minibatch for all seeds), on
+  the algorithm's own loss, with per-seed masks where the unbatched algorithm would branch.
 
 `train_iteration()` returns each live member's metrics, or the exception it raised: one seed's failure
 (a trainer error, a non-finite loss) takes that seed out of the group and leaves the others training.
@@ -18,7 +18,7 @@ iterations run:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from typing import Any
 
 from labfleet.algorithms.base import Trainer
@@ -59,35 +59,29 @@ class SequentialGroup:
         self.members.clear()
 
 
-def _batched(name: str) -> Callable[[dict[int, Trainer]], Any]:
-    def build(members: dict[int, Trainer]) -> Any:
-        from labfleet.algorithms.rl import batched
+def group_class(algorithm: str) -> Any:
+    """The batched group class its `AlgorithmInfo.seed_group` names, or None."""
+    from labfleet.algorithms import registry
 
-        return getattr(batched, name).build(members)
-
-    return build
-
-
-# algorithm name -> its batched group's class in `labfleet.algorithms.rl.batched`
-BATCHED_CLASSES = {"ppo": "BatchedPPO", "a2c": "BatchedA2C", "reinforce": "BatchedReinforce", "dqn": "BatchedDQN",
-                   "ddpg": "BatchedDDPG"}
-# algorithm name -> a builder that returns a batched group of these members, or None where their spec is
-# one the batched implementation does not cover (then the seeds train in turn).
-BATCHED: dict[str, Callable[[dict[int, Trainer]], Any]] = {name: _batched(cls) for name, cls in BATCHED_CLASSES.items()}
+    path = registry.get(algorithm).seed_group if ":" not in algorithm else ""
+    if not path:
+        return None
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def per_seed_hparams(algorithm: str) -> frozenset[str]:
     """The hyperparameters each member of the algorithm's batched group may hold its own value of (none
     without a batched group): trials that differ only in these can share an actor (`sweep.share_actors`)."""
-    if algorithm not in BATCHED_CLASSES:
-        return frozenset()
-    from labfleet.algorithms.rl import batched
+    from labfleet.algorithms import registry
 
-    return frozenset(getattr(batched, BATCHED_CLASSES[algorithm]).PER_SEED)
+    if ":" in algorithm or not registry.get(algorithm).seed_group:
+        return frozenset()
+    return frozenset(registry.get(algorithm).per_seed_hparams)
 
 
 def build_group(algorithm: str, members: dict[int, Trainer]) -> Any:
     """The fastest group for these members: batched where the algorithm has one that covers their spec."""
-    builder = BATCHED.get(algorithm)
-    group = builder(members) if builder is not None and len(members) > 1 else None
+    cls = group_class(algorithm) if len(members) > 1 else None
+    group = cls.build(members) if cls is not None else None
     return group if group is not None else SequentialGroup(members)

@@ -62,20 +62,24 @@ class SeedStack:
             return self(x)
         return self._run(self._layers, "", x)
 
-    def mlp(self, prefix: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, prefix: str, module: nn.Module, x: torch.Tensor,
+            params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The stacked copy of the sub-network `module` (an `nn.Sequential` MLP whose parameters are named
-        `prefix` + its own names in the stacked network) on x (N, B, features), by `baddbmm`."""
+        `prefix` + its own names in the stacked network) on x (N, B, features), by `baddbmm`; with `params`
+        in place of the stack's own (stacked the same way: a target network's, an earlier policy's)."""
         layers = _mlp_layers(module)
         if layers is None:
             raise TypeError(f"{prefix or 'the network'} is not an nn.Sequential of Linear layers and activations")
-        return self._run(layers, prefix, x)
+        return self._run(layers, prefix, x, params)
 
-    def _run(self, layers: list[tuple[str | None, nn.Module]], prefix: str, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, layers: list[tuple[str | None, nn.Module]], prefix: str, x: torch.Tensor,
+             params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        params = self.params if params is None else params
         for index, layer in layers:
             if index is None:
                 x = layer(x)
             else:
-                w, b = self.params[f"{prefix}{index}.weight"], self.params.get(f"{prefix}{index}.bias")
+                w, b = params[f"{prefix}{index}.weight"], params.get(f"{prefix}{index}.bias")
                 wt = w.transpose(1, 2)
                 x = torch.bmm(x, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x, wt)
         return x

@@ -22,9 +22,10 @@ from pydantic import Field
 from labfleet import metrics as M
 from labfleet.algorithms.optim import OptimHParams, OptimizerConfig
 from labfleet.algorithms.registry import AlgorithmInfo, register
-from labfleet.algorithms.rl.base import ActorCriticTrainer
+from labfleet.algorithms.rl.base import ActorCriticTrainer, flatten
 from labfleet.algorithms.rl.estimators import gae_advantages
 from labfleet.algorithms.rl.normalize import ObservationHParams
+from labfleet.algorithms.rl.reinforce import PolicyGradientBatch, policy_gradient_loss
 from labfleet.algorithms.sizes import EnvCount, StepCount, Width
 
 
@@ -43,10 +44,6 @@ class A2CHParams(OptimHParams, ObservationHParams):
     activation: Literal["tanh", "relu"] = "tanh"
 
 
-def actor_critic_policy_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    return -(logp * advantages.detach()).mean()
-
-
 class A2CTrainer(ActorCriticTrainer):
     hparams_model = A2CHParams
     hp: A2CHParams
@@ -59,29 +56,24 @@ class A2CTrainer(ActorCriticTrainer):
         obs = self.as_tensor(rollout.obs)  # (T, N, *obs_shape)
 
         # 2. estimate
-        values = self.ac.value(obs)  # (T, N), with gradient for the value loss
         with torch.no_grad():
+            values = self.ac.value(obs)  # (T, N)
             next_values = self.ac.value(self.as_tensor(rollout.next_obs))
             rewards = self.scale_rewards(self.as_tensor(rollout.rewards))  # with normalize.reward, scaled
-            adv = gae_advantages(rewards, values.detach(), self.as_tensor(rollout.terminated),
+            adv = gae_advantages(rewards, values, self.as_tensor(rollout.terminated),
                                  self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
-            returns = adv + values.detach()
-            if hp.normalize_advantage and adv.numel() > 1:  # the std of one value is undefined
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
 
         # 3. loss
-        logp, entropies = self.ac.policy.log_prob_entropy(obs, self.as_tensor(rollout.actions))  # (T, N) each
-        loss_pi = actor_critic_policy_loss(logp, adv)
-        loss_v = ((values - returns) ** 2).mean()
-        entropy = entropies.mean()
-        loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy
+        batch = PolicyGradientBatch(*(flatten(t) for t in (obs, self.as_tensor(rollout.actions), adv, adv + values)))
+        loss, terms = policy_gradient_loss(self.ac, batch, hp.vf_coef, hp.ent_coef, hp.normalize_advantage)
 
         # 4. step
         grad_norm = self.optimizer.step(loss, self.env_steps / self.spec.budget.total)
         self.iterations += 1
 
         # 5. log
-        logged.update({M.LOSS_POLICY: loss_pi.item(), M.LOSS_VALUE: loss_v.item(), M.LOSS_ENTROPY: entropy.item(),
+        logged.update({M.LOSS_POLICY: terms["pi"].item(), M.LOSS_VALUE: terms["v"].item(),
+                       M.LOSS_ENTROPY: terms["ent"].item(),
                        M.GRAD_NORM: grad_norm, M.LEARNING_RATE: self.optimizer.learning_rate})
         return logged
 
@@ -91,4 +83,10 @@ register(AlgorithmInfo(
     summary="Synchronous advantage actor-critic with n-step (or GAE) advantages",
     mutable_hparams=("learning_rate", "ent_coef", "vf_coef", "gae_lambda", "max_grad_norm"),
     observation_spaces=("vector", "discrete", "image"),
+    seed_group="labfleet.algorithms.rl.batched:BatchedA2C",
+    per_seed_hparams=(
+        "learning_rate", "lr_schedule", "max_grad_norm", "gamma", "gae_lambda", "ent_coef", "vf_coef"),
+    group_hparams=(
+        "optimizer", "normalize", "encoder", "encoder_kwargs", "net_arch", "activation", "n_envs", "n_steps",
+        "normalize_advantage"),
 ))

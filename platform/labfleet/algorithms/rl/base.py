@@ -256,6 +256,11 @@ class RLTrainer(Trainer):
         self._steps_at_start = self.env_steps
 
 
+def flatten(t: torch.Tensor) -> torch.Tensor:
+    """A rollout's (T, N, ...) as one batch (T * N, ...), time-major."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
 class ActorCriticTrainer(RLTrainer):
     """RL trainers whose model is one `ActorCritic` (separate policy and value MLPs) trained by one
     `ScheduledOptimizer`: REINFORCE, A2C, PPO. Their hparams have `net_arch` and `activation`."""

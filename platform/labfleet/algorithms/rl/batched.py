@@ -10,8 +10,10 @@ batched group trains the members' networks stacked (`SeedStack`) and steps them 
              stacked policy call on each seed's own (normalised) observations and noise;
   estimate   values, log-probabilities and advantages (GAE, or REINFORCE's reward-to-go) for all seeds at
              once (N, T, E);
-  update     each seed's loss is its unbatched loss (means over its own batch or minibatch), so each seed's
-             gradient is its unbatched gradient; gradient norms are clipped per seed, and `SeedAdam` or
+  update     the algorithm's own loss function (`ppo_minibatch_loss`, `policy_gradient_loss`,
+             `dqn_minibatch_loss`, `ddpg_critic_loss`/`ddpg_actor_loss`), called with the stacked networks on
+             every seed's batch (N, B, ...): it reduces over the sample axis only, so each seed's loss and
+             gradient are its unbatched ones; gradient norms are clipped per seed, and `SeedAdam` or
              `SeedRMSprop` steps every seed with its own state, step count and learning rate.
   PPO        each seed draws its own minibatch order from its own generator; a seed that hits its
              `target_kl` early stop is masked out of the remaining epochs (it draws no more orders, as its
@@ -22,7 +24,8 @@ batched group trains the members' networks stacked (`SeedStack`) and steps them 
              seed's exploration noise (its Ornstein-Uhlenbeck state) stays its own.
 
 What it covers: vector (rank-1 Box) observations, MLP networks, Adam or RMSprop without weight
-decay or momentum, no rollout workers (`build` returns None otherwise, and the seeds train in turn). The
+decay or momentum, no rollout workers, and the hyperparameters the algorithm's `AlgorithmInfo` lists
+(`build` returns None otherwise, and the seeds train in turn). The
 numbers agree with each seed trained alone up to float32 rounding of batched matmuls
 (tests/algorithms/test_seed_groups.py measures it), not bit for bit.
 """
@@ -30,24 +33,33 @@ numbers agree with each seed trained alone up to float32 rounding of batched mat
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from labfleet import metrics as M
+from labfleet.algorithms import registry
 from labfleet.algorithms.base import Trainer
 from labfleet.algorithms.optim import scheduled_learning_rate
 from labfleet.algorithms.rl.a2c import A2CTrainer
 from labfleet.algorithms.rl.base import ActorCriticTrainer, RLTrainer
-from labfleet.algorithms.rl.ddpg import DDPGTrainer
-from labfleet.algorithms.rl.dqn import DQNTrainer, munchausen_targets
-from labfleet.algorithms.rl.estimators import discounted_returns, gae_advantages, td_target
-from labfleet.algorithms.rl.networks import GaussianPolicy
-from labfleet.algorithms.rl.ppo import PPOTrainer, adaptive_kl_coef, explained_variance
-from labfleet.algorithms.rl.reinforce import ReinforceTrainer
+from labfleet.algorithms.rl.ddpg import DDPGTrainer, ddpg_actor_loss, ddpg_critic_loss
+from labfleet.algorithms.rl.dqn import DQNTrainer, dqn_minibatch_loss
+from labfleet.algorithms.rl.estimators import discounted_returns, gae_advantages
+from labfleet.algorithms.rl.networks import GaussianPolicy, PolicyValue, categorical_terms, gaussian_terms, policy_kl
+from labfleet.algorithms.rl.ppo import (
+    PPOCoefficients,
+    PPOMinibatch,
+    PPOTrainer,
+    adaptive_kl_coef,
+    explained_variance,
+    ppo_minibatch_loss,
+)
+from labfleet.algorithms.rl.reinforce import PolicyGradientBatch, ReinforceTrainer, policy_gradient_loss
 from labfleet.algorithms.seedstack import SeedAdam, SeedRMSprop, SeedStack, _mlp_layers
 from labfleet.rollout.sampler import VectorSampler
 
@@ -111,9 +123,7 @@ class BatchedGroup:
     batched = True
     trainer_class: type[RLTrainer]
     PARTS: tuple[tuple[str, str], ...] = ()
-    # The hyperparameters a member may hold its own value of (trials of a sweep that differ only in these
-    # train batched in one actor, `sweep.share_actors`); members that differ in any other train in turn.
-    PER_SEED: frozenset[str] = frozenset({"learning_rate", "lr_schedule", "max_grad_norm"})
+    algorithm: str  # its `AlgorithmInfo` declares the hyperparameters it takes per member and those it honours
 
     @classmethod
     def build(cls, members: dict[int, Trainer]) -> BatchedGroup | None:
@@ -121,6 +131,8 @@ class BatchedGroup:
         if not all(type(m) is cls.trainer_class for m in members.values()):
             return None
         first: Any = next(iter(members.values()))
+        if not cls._honours(first.hp):
+            return None
         space = first.observation_space
         if not (isinstance(space, gym.spaces.Box) and len(space.shape or ()) == 1):
             return None
@@ -134,10 +146,23 @@ class BatchedGroup:
         return cls(members)
 
     @classmethod
+    def per_seed(cls) -> frozenset[str]:
+        """The hyperparameters a member may hold its own value of (`AlgorithmInfo.per_seed_hparams`)."""
+        return frozenset(registry.get(cls.algorithm).per_seed_hparams)
+
+    @classmethod
+    def _honours(cls, hp: Any) -> bool:
+        """Whether every hyperparameter the group neither takes per member nor honours shared
+        (`AlgorithmInfo.group_hparams`) has its default value: a new option is never ignored here."""
+        known = cls.per_seed() | set(registry.get(cls.algorithm).group_hparams)
+        return all(getattr(hp, name) == field.get_default(call_default_factory=True)
+                   for name, field in type(hp).model_fields.items() if name not in known)
+
+    @classmethod
     def _shared(cls, member: Any) -> tuple[Any, ...]:
         """What every member of a batched group has in common: its spec but its seed and the hyperparameters
-        in `PER_SEED`."""
-        return (member.hp.model_dump(mode="json", exclude=set(cls.PER_SEED)),
+        it may hold its own value of."""
+        return (member.hp.model_dump(mode="json", exclude=set(cls.per_seed())),
                 member.spec.model_dump(mode="json", exclude={"hparams", "seeds"}))
 
     @classmethod
@@ -154,7 +179,7 @@ class BatchedGroup:
         self.seeds = list(members)  # stack index -> seed (a dropped seed keeps its index, masked)
         self.index = {seed: i for i, seed in enumerate(self.seeds)}
         first = members[self.seeds[0]]
-        self.hp, self.spec, self.device = first.hp, first.spec, first.device  # shared but for `PER_SEED`
+        self.hp, self.spec, self.device = first.hp, first.spec, first.device  # shared but for `per_seed()`
         self.hps = {seed: member.hp for seed, member in members.items()}  # each seed's own (also once it left)
         self.parts = [StackedPart([getattr(members[seed], net) for seed in self.seeds],
                                   [getattr(members[seed], opt) for seed in self.seeds], self.hp)
@@ -193,7 +218,7 @@ class BatchedGroup:
         raise NotImplementedError
 
     def _column(self, name: str, dims: int = 0) -> float | torch.Tensor:
-        """Each seed's `hparams.<name>` (`PER_SEED`; inf where it is null): the one number when every seed
+        """Each seed's `hparams.<name>` (one of `per_seed()`; inf where it is null): the one number when every seed
         has the same (the arithmetic is then each seed's alone, exactly), else a tensor (N,) with `dims`
         trailing axes of size 1, to broadcast against (N, ...)."""
         values = [math.inf if v is None else float(v) for v in (getattr(self.hps[seed], name) for seed in self.seeds)]
@@ -257,15 +282,6 @@ class BatchedGroup:
             return x
         return torch.stack([norm(x[i]) if norm is not None else x[i] for i, norm in enumerate(norms)])
 
-    def _with(self, params: dict[str, torch.Tensor], fn: Any, x: torch.Tensor, part: int = 0) -> torch.Tensor:
-        """fn(x) with a stack's parameters swapped for `params` (a target network, pi_old)."""
-        stack = self.parts[part].stack
-        saved = stack.params
-        stack.params = params
-        try:
-            return fn(x)
-        finally:
-            stack.params = saved
 
     def _targets(self, part: int, target: str) -> dict[str, torch.Tensor]:
         """The members' target copies of network `part` (attribute `target`), stacked (no gradient)."""
@@ -355,39 +371,26 @@ class BatchedActorCritic(BatchedGroup):
 
     # --- the networks, stacked ---------------------------------------------------------------------
     def _policy_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The policy's logits or means for x (N, E, d) encoded: the rollout's per-step call."""
         return self.stack.mlp(self.policy_prefix, self.policy_net, x)
-
-    def _value(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stack.mlp("value_net.", self.value_net, x).squeeze(-1)
 
     def _log_std(self) -> torch.Tensor:
         return self.stack.params["policy.log_std"].unsqueeze(1)  # (N, 1, A)
 
-    def _log_prob_entropy(self, x: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As each member's policy.log_prob_entropy, for all seeds: x (N, B, d) encoded."""
-        out = self._policy_out(x)
-        if not self.gaussian:
-            logp_all = torch.log_softmax(out, dim=-1)
-            logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-            return logp, -(logp_all.exp() * logp_all).sum(-1)
-        log_std = self._log_std().expand_as(out)
-        z = (actions - out) / log_std.exp()
-        logp = (-0.5 * z.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
-        return logp, (0.5 + 0.5 * np.log(2 * np.pi) + log_std).sum(-1)
-
-    def _distribution(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
-                      ) -> torch.distributions.Distribution:
-        out = self._policy_out(x) if params is None else self._with(params, self._policy_out, x)
-        if not self.gaussian:
-            return torch.distributions.Categorical(logits=out)
-        log_std = (self.stack.params if params is None else params)["policy.log_std"].unsqueeze(1)
-        return torch.distributions.Independent(torch.distributions.Normal(out, log_std.exp().expand_as(out)), 1)
+    def _evaluate(self, x: torch.Tensor, actions: torch.Tensor,
+                  params: dict[str, torch.Tensor] | None = None) -> PolicyValue:
+        """Every seed's `ActorCritic` call at once, on x (N, B, d) encoded (each seed's own normaliser applied)
+        and actions (N, B, ...): the stacked networks (or `params`, pi_old's) and the policy's own terms."""
+        p = self.stack.params if params is None else params
+        out = self.stack.mlp(self.policy_prefix, self.policy_net, x, p)
+        logp, entropy, dist = (gaussian_terms(out, p["policy.log_std"].unsqueeze(1), actions) if self.gaussian
+                               else categorical_terms(out, actions))
+        return PolicyValue(logp, entropy, self.stack.mlp("value_net.", self.value_net, x, p).squeeze(-1), dist)
 
 
 class BatchedPPO(BatchedActorCritic):
     trainer_class = PPOTrainer
-    PER_SEED = BatchedGroup.PER_SEED | {"clip_range", "gamma", "gae_lambda", "ent_coef", "vf_coef", "n_epochs",
-                                        "target_kl", "kl_target", "kl_coef"}
+    algorithm = "ppo"
 
     def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         hp, members, device = self.hp, self.members, self.device
@@ -398,9 +401,9 @@ class BatchedPPO(BatchedActorCritic):
         x, b_actions = self._encode(self._flat(r["obs"])), self._flat(r["actions"])
         T, E = r["rewards"].shape[1:]
         with torch.no_grad():
-            b_values = self._value(x)  # (N, B)
-            next_values = self._value(self._encode(self._flat(r["next_obs"])))
-            b_logp_old, _ = self._log_prob_entropy(x, b_actions)
+            pi_old = self._evaluate(x, b_actions)
+            b_values, b_logp_old = pi_old.value, pi_old.logp  # (N, B) each
+            next_values = self._evaluate(self._encode(self._flat(r["next_obs"])), b_actions).value
             tf = self._time_first
             adv = gae_advantages(tf(r["rewards"]), tf(b_values.reshape(n, T, E)), tf(r["terminated"]),
                                  tf(r["truncated"]), tf(next_values.reshape(n, T, E)), self._column("gamma", 1),
@@ -429,37 +432,34 @@ class BatchedPPO(BatchedActorCritic):
                                 old_params, active, progress, stats)
             active &= ~(stats["kl"][-1].cpu() > 1.5 * (target_kl.cpu() if isinstance(target_kl, torch.Tensor)
                                                        else target_kl))  # (no target_kl: inf)
-        return self._log(live, collected, stats, b_values, b_returns, x, old_params)
+        return self._log(live, collected, stats, b_values, b_returns, x, b_actions, old_params)
 
     def _minibatch(self, mb: torch.Tensor, x: torch.Tensor, b_actions: torch.Tensor, b_logp_old: torch.Tensor,
                    b_adv: torch.Tensor, b_returns: torch.Tensor, b_values: torch.Tensor, clip: torch.Tensor,
                    beta: torch.Tensor, old_params: dict[str, torch.Tensor] | None, active: torch.Tensor,
                    progress: dict[int, float], stats: dict[str, list[torch.Tensor]]) -> None:
-        """One minibatch step of every active seed. When only some seeds are active (the others stopped early,
-        ran their own fewer epochs, or left the group), only those compute: their rows of the data and of the
-        stacked parameters are taken (the gradient flows back into the stack through the indexing)."""
+        """One minibatch step of every active seed, each on PPO's own `ppo_minibatch_loss`. When only some
+        seeds are active (the others stopped early, ran their own fewer epochs, or left the group), only
+        those compute: their rows of the data and of the stacked parameters are taken (the gradient flows
+        back into the stack through the indexing)."""
         n = len(self.seeds)
-        vf_coef, ent_coef = self._column("vf_coef"), self._column("ent_coef")
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            index = mb.view(*mb.shape, *([1] * (t.dim() - 2))).expand(*mb.shape, *t.shape[2:])
+            return torch.gather(t, 1, index)
+
+        batch = PPOMinibatch(*(take(t) for t in (x, b_actions, b_logp_old, b_adv, b_returns, b_values)))
+        coef = PPOCoefficients(clip, beta, self._column("vf_coef"), self._column("ent_coef"))
+        params, old = self.stack.params, old_params
         rows = None if bool(active.all()) else active.nonzero().squeeze(1).to(x.device)
-        if rows is None:
-            out = self._minibatch_loss(mb, x, b_actions, b_logp_old, b_adv, b_returns, b_values, clip, beta,
-                                       old_params, vf_coef, ent_coef)
-        else:
+        if rows is not None:
             def pick(t: Any) -> Any:
                 return t.index_select(0, rows) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
 
-            stack = self.stack
-            saved = stack.params
-            stack.params = {name: pick(value) for name, value in saved.items()}
-            try:
-                out = self._minibatch_loss(
-                    pick(mb), pick(x), pick(b_actions), pick(b_logp_old), pick(b_adv), pick(b_returns),
-                    pick(b_values), pick(clip), pick(beta),
-                    None if old_params is None else {k: pick(v) for k, v in old_params.items()},
-                    pick(vf_coef), pick(ent_coef))
-            finally:
-                stack.params = saved
-        loss = out.pop("loss")
+            batch, coef, params, old = tree_map(pick, (batch, coef, params, old))
+        net = partial(self._evaluate, params=params)
+        old_net = partial(self._evaluate, params=old) if old is not None else None
+        loss, out = ppo_minibatch_loss(net, old_net, batch, coef, self.hp)
         if rows is not None:  # each seed's row again (zeros for the seeds that did not compute)
             loss = loss.new_zeros(n).index_copy(0, rows, loss)
             out = {k: v.new_zeros(n).index_copy(0, rows, v) for k, v in out.items()}
@@ -469,58 +469,18 @@ class BatchedPPO(BatchedActorCritic):
         stats["norm"].append(norms)
         stats["on"].append(active.to(loss.device).float())
 
-    def _minibatch_loss(self, mb: torch.Tensor, x: torch.Tensor, b_actions: torch.Tensor, b_logp_old: torch.Tensor,
-                        b_adv: torch.Tensor, b_returns: torch.Tensor, b_values: torch.Tensor, clip: torch.Tensor,
-                        beta: torch.Tensor, old_params: dict[str, torch.Tensor] | None, vf_coef: float | torch.Tensor,
-                        ent_coef: float | torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each row's unbatched loss (with its gradient) and statistics, all (rows,)."""
-        hp = self.hp
-
-        def take(t: torch.Tensor) -> torch.Tensor:
-            index = mb.view(*mb.shape, *([1] * (t.dim() - 2))).expand(*mb.shape, *t.shape[2:])
-            return torch.gather(t, 1, index)
-
-        x_mb, actions_mb = take(x), take(b_actions)
-        logp, entropies = self._log_prob_entropy(x_mb, actions_mb)
-        logratio = logp - take(b_logp_old)
-        ratio = logratio.exp()
-        a = take(b_adv)
-        if hp.normalize_advantage and mb.shape[1] > 1:
-            a = (a - a.mean(1, keepdim=True)) / (a.std(1, keepdim=True) + 1e-8)
-        if old_params is not None:
-            with torch.no_grad():
-                old = self._distribution(x_mb, old_params)
-            kl = torch.distributions.kl_divergence(old, self._distribution(x_mb))
-            loss_pi = -(ratio * a).mean(1) + beta * kl.mean(1)
-        else:
-            c = clip.unsqueeze(1)
-            loss_pi = -torch.min(ratio * a, torch.clamp(ratio, 1 - c, 1 + c) * a).mean(1)
-        values = self._value(x_mb)
-        returns, values_old = take(b_returns), take(b_values)
-        if hp.clip_range_vf is None:
-            loss_v = ((values - returns) ** 2).mean(1)
-        else:
-            clipped = values_old + torch.clamp(values - values_old, -hp.clip_range_vf, hp.clip_range_vf)
-            loss_v = torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean(1)
-        entropy = entropies.mean(1)
-        with torch.no_grad():
-            approx_kl = ((ratio - 1) - logratio).mean(1)
-            clipped_share = ((ratio - 1).abs() > clip.unsqueeze(1)).float().mean(1)
-        return {"loss": loss_pi + vf_coef * loss_v - ent_coef * entropy,  # each seed's unbatched loss
-                "kl": approx_kl, "clip": clipped_share, "pi": loss_pi.detach(), "v": loss_v.detach(),
-                "ent": entropy.detach()}
-
     def _log(self, live: list[int], collected: dict[int, tuple[Any, dict[str, float]]],
              stats: dict[str, list[torch.Tensor]], b_values: torch.Tensor, b_returns: torch.Tensor,
-             x: torch.Tensor, old_params: dict[str, torch.Tensor] | None) -> dict[int, dict[str, float]]:
+             x: torch.Tensor, actions: torch.Tensor, old_params: dict[str, torch.Tensor] | None
+             ) -> dict[int, dict[str, float]]:
         on = torch.stack(stats["on"])  # (M, N): which minibatches each seed took part in
         count = on.sum(0).clamp(min=1)
         means = {k: ((torch.stack(v) * on).sum(0) / count).tolist() for k, v in stats.items() if k != "on"}
         kl_after = None
         if old_params is not None:
             with torch.no_grad():
-                kl_after = torch.distributions.kl_divergence(self._distribution(x, old_params),
-                                                             self._distribution(x)).mean(1).tolist()
+                kl_after = policy_kl(self._evaluate(x, actions, old_params).dist,
+                                     self._evaluate(x, actions).dist).mean(-1).tolist()
         out = {}
         for seed in live:
             i, member = self.index[seed], self.members[seed]
@@ -557,22 +517,16 @@ class BatchedPolicyGradient(BatchedActorCritic):
         # (after the rollout, as A2C and REINFORCE alone step their schedules)
         progress = {seed: members[seed].env_steps / members[seed].spec.budget.total for seed in live}
         T, E = r["rewards"].shape[1:]
-        x = self._encode(self._flat(r["obs"]))
-        values = self._value(x)  # (N, B), with gradient for the value loss
+        x, actions = self._encode(self._flat(r["obs"])), self._flat(r["actions"])
         with torch.no_grad():
-            next_values = self._value(self._encode(self._flat(r["next_obs"]))).reshape(n, T, E)
-            adv, returns = self._advantages(r, values.detach().reshape(n, T, E), next_values)
-            adv, returns = adv.reshape(n, T * E), returns.reshape(n, T * E)
-            if hp.normalize_advantage and adv.shape[1] > 1:  # the std of one value is undefined
-                adv = (adv - adv.mean(1, keepdim=True)) / (adv.std(1, keepdim=True) + 1e-8)
-        logp, entropies = self._log_prob_entropy(x, self._flat(r["actions"]))
-        loss_pi = -(logp * adv).mean(1)
-        loss_v = ((values - returns) ** 2).mean(1)
-        entropy = entropies.mean(1)
-        norms = self._step(loss_pi + self._column("vf_coef") * loss_v - self._column("ent_coef") * entropy, mask,
-                           progress)
-        rows = {k: v.detach().tolist() for k, v in (("pi", loss_pi), ("v", loss_v), ("ent", entropy),
-                                                    ("norm", norms))}
+            values = self._evaluate(x, actions).value.reshape(n, T, E)
+            next_values = self._evaluate(self._encode(self._flat(r["next_obs"])), actions).value.reshape(n, T, E)
+            adv, returns = self._advantages(r, values, next_values)
+        batch = PolicyGradientBatch(x, actions, adv.reshape(n, T * E), returns.reshape(n, T * E))
+        loss, terms = policy_gradient_loss(self._evaluate, batch, self._column("vf_coef"), self._column("ent_coef"),
+                                           hp.normalize_advantage)
+        norms = self._step(loss, mask, progress)
+        rows = {k: v.tolist() for k, v in (*terms.items(), ("norm", norms))}
         out = {}
         for seed in live:
             i, logged = self.index[seed], collected[seed][1]
@@ -585,7 +539,7 @@ class BatchedPolicyGradient(BatchedActorCritic):
 
 class BatchedA2C(BatchedPolicyGradient):
     trainer_class = A2CTrainer
-    PER_SEED = BatchedGroup.PER_SEED | {"gamma", "gae_lambda", "ent_coef", "vf_coef"}
+    algorithm = "a2c"
 
     def _advantages(self, r: dict[str, torch.Tensor], values: torch.Tensor, next_values: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -597,7 +551,7 @@ class BatchedA2C(BatchedPolicyGradient):
 
 class BatchedReinforce(BatchedPolicyGradient):
     trainer_class = ReinforceTrainer
-    PER_SEED = BatchedGroup.PER_SEED | {"gamma", "ent_coef", "vf_coef"}
+    algorithm = "reinforce"
 
     def _advantages(self, r: dict[str, torch.Tensor], values: torch.Tensor, next_values: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -613,9 +567,8 @@ class BatchedDQN(BatchedGroup):
     steps run once for all seeds on each seed's own minibatch."""
 
     trainer_class = DQNTrainer
+    algorithm = "dqn"
     PARTS = (("q_net", "optimizer"),)
-    PER_SEED = BatchedGroup.PER_SEED | {"gamma", "tau", "target_update_interval", "exploration_initial_eps",
-                                        "exploration_final_eps", "exploration_fraction"}
 
     @classmethod
     def _covers(cls, member: Any) -> bool:
@@ -631,10 +584,9 @@ class BatchedDQN(BatchedGroup):
         super().sync()
         self._sync_targets(0, "q_target", self.target)
 
-    def _q(self, x: torch.Tensor, target: bool = False) -> torch.Tensor:
-        if target:
-            return self._with(self.target, lambda h: self.stack.mlp("q.", self.q_module, h), x)
-        return self.stack.mlp("q.", self.q_module, x)
+    def _q(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Every seed's Q values for x (N, B, d) encoded (with `params`: the target networks')."""
+        return self.stack.mlp("q.", self.q_module, x, params)
 
     def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         hp, members = self.hp, self.members
@@ -677,26 +629,14 @@ class BatchedDQN(BatchedGroup):
         hp = self.hp
         active = torch.tensor([seed in learners for seed in self.seeds])
         losses, q_means = [], []
-        gamma = self._column("gamma", 1)  # (N, 1)
         for _ in range(hp.gradient_steps):
-            stacked = self._replay_batch(learners)
-            with torch.no_grad():
-                x_next = self._encode(stacked["next_obs"])
-                next_q_all = self._q(x_next, target=True)  # (N, B, A)
-                if hp.munchausen:
-                    y = munchausen_targets(self._q(self._encode(stacked["obs"]), target=True), next_q_all,
-                                           stacked["actions"], stacked["rewards"], stacked["terminated"], gamma,
-                                           hp.munchausen, hp.entropy_tau, hp.log_policy_clip)
-                else:
-                    chooser = self._q(x_next) if hp.double_q else next_q_all
-                    next_q = next_q_all.gather(-1, chooser.argmax(dim=-1, keepdim=True)).squeeze(-1)
-                    y = td_target(stacked["rewards"], next_q, stacked["terminated"], stacked.get("discounts", gamma))
-            q = self._q(self._encode(stacked["obs"])).gather(-1, stacked["actions"].long().unsqueeze(-1)).squeeze(-1)
-            loss = (F.smooth_l1_loss(q, y, reduction="none") if hp.loss == "huber"
-                    else F.mse_loss(q, y, reduction="none")).mean(1)
+            batch = self._replay_batch(learners)
+            batch["obs"], batch["next_obs"] = self._encode(batch["obs"]), self._encode(batch["next_obs"])
+            loss, q_avg = dqn_minibatch_loss(self._q, partial(self._q, params=self.target), batch,
+                                             self._column("gamma", 1), hp)
             self._step(loss, active, progress)
             losses.append(loss.detach())
-            q_means.append(q.detach().mean(1))
+            q_means.append(q_avg)
         loss_mean, q_mean = torch.stack(losses).mean(0).tolist(), torch.stack(q_means).mean(0).tolist()
         for seed in learners:
             i = self.index[seed]
@@ -708,8 +648,8 @@ class BatchedDDPG(BatchedGroup):
     seed keeps its replay buffer, its exploration noise (its Ornstein-Uhlenbeck state) and its clock."""
 
     trainer_class = DDPGTrainer
+    algorithm = "ddpg"
     PARTS = (("actor", "actor_optimizer"), ("critic", "critic_optimizer"))
-    PER_SEED = BatchedGroup.PER_SEED | {"gamma", "tau", "noise_std"}
 
     @classmethod
     def _covers(cls, member: Any) -> bool:
@@ -731,19 +671,15 @@ class BatchedDDPG(BatchedGroup):
         self._sync_targets(0, "actor_target", self.actor_target)
         self._sync_targets(1, "critic_target", self.critic_target)
 
-    def _actor(self, x: torch.Tensor, target: bool = False) -> torch.Tensor:
-        def mu(h: torch.Tensor) -> torch.Tensor:
-            squashed = torch.tanh(self.parts[0].stack.mlp("mu.", self.mu_module, h))
-            return self.low + (squashed + 1.0) * 0.5 * (self.high - self.low)
+    def _actor(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Every seed's mu(s) for x (N, B, d) encoded (with `params`: the target actors')."""
+        squashed = torch.tanh(self.parts[0].stack.mlp("mu.", self.mu_module, x, params))
+        return self.low + (squashed + 1.0) * 0.5 * (self.high - self.low)
 
-        return self._with(self.actor_target, mu, x, part=0) if target else mu(x)
-
-    def _critic(self, x: torch.Tensor, actions: torch.Tensor, target: bool = False) -> torch.Tensor:
-        def q(h: torch.Tensor) -> torch.Tensor:
-            return self.parts[1].stack.mlp("q.", self.q_module, h).squeeze(-1)
-
-        joined = torch.cat([x, actions], dim=-1)
-        return self._with(self.critic_target, q, joined, part=1) if target else q(joined)
+    def _critic(self, x: torch.Tensor, actions: torch.Tensor,
+                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Every seed's Q(s, a) for x (N, B, d) encoded (with `params`: the target critics')."""
+        return self.parts[1].stack.mlp("q.", self.q_module, torch.cat([x, actions], dim=-1), params).squeeze(-1)
 
     def _iteration(self, live: list[int], mask: torch.Tensor) -> dict[int, dict[str, float]]:
         hp, members = self.hp, self.members
@@ -787,20 +723,17 @@ class BatchedDDPG(BatchedGroup):
         gamma = self._column("gamma", 1)  # (N, 1)
         for _ in range(hp.gradient_steps):
             b = self._replay_batch(learners)
-            x, x_next = self._encode(b["obs"]), self._encode(b["next_obs"])
-            with torch.no_grad():
-                next_q = self._critic(x_next, self._actor(x_next, target=True), target=True)
-                y = td_target(b["rewards"], next_q, b["terminated"], gamma)
-            q = self._critic(x, b["actions"])
-            critic_loss = ((q - y) ** 2).mean(1)
+            b["obs"], b["next_obs"] = self._encode(b["obs"]), self._encode(b["next_obs"])
+            critic_loss, q_mean = ddpg_critic_loss(self._critic, partial(self._actor, params=self.actor_target),
+                                                   partial(self._critic, params=self.critic_target), b, gamma)
             self._step(critic_loss, active, progress, part=1)
-            actor_loss = -self._critic(x, self._actor(x)).mean(1)
+            actor_loss = ddpg_actor_loss(self._actor, self._critic, b)
             self._step(actor_loss, active, progress, part=0)
             self._polyak(0, self.actor_target, learners)
             self._polyak(1, self.critic_target, learners)
             critic_losses.append(critic_loss.detach())
             actor_losses.append(actor_loss.detach())
-            q_means.append(q.detach().mean(1))
+            q_means.append(q_mean)
         means = [torch.stack(v).mean(0).tolist() for v in (critic_losses, actor_losses, q_means)]
         for seed in learners:
             i = self.index[seed]

@@ -13,6 +13,7 @@ One iteration:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import gymnasium as gym
@@ -137,6 +138,27 @@ class NoisyActor:
         self.actor.to(self.device)
 
 
+ActorFn = Callable[[torch.Tensor], torch.Tensor]
+CriticFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ddpg_critic_loss(critic: CriticFn, actor_target: ActorFn, critic_target: CriticFn, batch: dict[str, torch.Tensor],
+                     gamma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critic's loss on one minibatch, mean((Q(s, a) - y)^2) with y = r + gamma Q'(s', mu'(s')) (not past a
+    terminal state), and the mean of Q(s, a) (without gradient). The one definition for one seed and for many:
+    samples (B, ...) and a number gamma for one seed, (N, B, ...) and gamma (N, 1) for N seeds stacked."""
+    with torch.no_grad():
+        next_q = critic_target(batch["next_obs"], actor_target(batch["next_obs"]))
+        y = td_target(batch["rewards"], next_q, batch["terminated"], gamma)
+    q = critic(batch["obs"], batch["actions"])
+    return ((q - y) ** 2).mean(-1), q.detach().mean(-1)
+
+
+def ddpg_actor_loss(actor: ActorFn, critic: CriticFn, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The actor's loss on one minibatch: -mean(Q(s, mu(s)))."""
+    return -critic(batch["obs"], actor(batch["obs"])).mean(-1)
+
+
 class DDPGTrainer(RLTrainer):
     hparams_model = DDPGHParams
     hp: DDPGHParams
@@ -176,19 +198,15 @@ class DDPGTrainer(RLTrainer):
         for _ in range(hp.gradient_steps):
             batch = self.buffer.sample(hp.batch_size, self.device)
             batch["rewards"] = self.scale_rewards(batch["rewards"])
-            with torch.no_grad():
-                next_q = self.critic_target(batch["next_obs"], self.actor_target(batch["next_obs"]))
-                y = td_target(batch["rewards"], next_q, batch["terminated"], hp.gamma)
-            q = self.critic(batch["obs"], batch["actions"])
-            critic_loss = ((q - y) ** 2).mean()
+            critic_loss, q_mean = ddpg_critic_loss(self.critic, self.actor_target, self.critic_target, batch, hp.gamma)
             self.critic_optimizer.step(critic_loss, progress)
-            actor_loss = -self.critic(batch["obs"], self.actor(batch["obs"])).mean()
+            actor_loss = ddpg_actor_loss(self.actor, self.critic, batch)
             self.actor_optimizer.step(actor_loss, progress)
             polyak_update(self.actor.parameters(), self.actor_target.parameters(), hp.tau)
             polyak_update(self.critic.parameters(), self.critic_target.parameters(), hp.tau)
             critic_losses.append(critic_loss.item())
             actor_losses.append(actor_loss.item())
-            q_means.append(q.detach().mean().item())
+            q_means.append(q_mean.item())
         self.iterations += 1
 
         # 3. log
@@ -218,4 +236,10 @@ register(AlgorithmInfo(
     name="ddpg", kind="rl", hparams=DDPGHParams, trainer=DDPGTrainer,
     summary="Deep Deterministic Policy Gradient with target networks, replay and action noise",
     action_spaces=("continuous",),
+    seed_group="labfleet.algorithms.rl.batched:BatchedDDPG",
+    per_seed_hparams=(
+        "learning_rate", "lr_schedule", "max_grad_norm", "gamma", "tau", "noise_std"),
+    group_hparams=(
+        "optimizer", "normalize", "encoder", "encoder_kwargs", "net_arch", "activation", "n_envs", "buffer_size",
+        "learning_starts", "batch_size", "train_freq", "gradient_steps", "noise_type", "ou_theta", "ou_dt"),
 ))

@@ -19,6 +19,7 @@ One iteration:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -84,15 +85,15 @@ class QNetwork(torch.nn.Module):
         return self.q(self.encoder(obs))
 
 
-def dqn_targets(q_target: torch.nn.Module, q_online: torch.nn.Module, batch: dict[str, torch.Tensor], gamma: float,
-                double_q: bool) -> torch.Tensor:
+def dqn_targets(q_target: Callable[[torch.Tensor], torch.Tensor], q_online: Callable[[torch.Tensor], torch.Tensor],
+                batch: dict[str, torch.Tensor], gamma: float | torch.Tensor, double_q: bool) -> torch.Tensor:
     with torch.no_grad():
         next_q_all = q_target(batch["next_obs"])  # (B, A)
         if double_q:
-            next_actions = q_online(batch["next_obs"]).argmax(dim=1, keepdim=True)
+            next_actions = q_online(batch["next_obs"]).argmax(dim=-1, keepdim=True)
         else:
-            next_actions = next_q_all.argmax(dim=1, keepdim=True)
-        next_q = next_q_all.gather(1, next_actions).squeeze(1)
+            next_actions = next_q_all.argmax(dim=-1, keepdim=True)
+        next_q = next_q_all.gather(-1, next_actions).squeeze(-1)
         return td_target(batch["rewards"], next_q, batch["terminated"], batch.get("discounts", gamma))
 
 
@@ -113,15 +114,28 @@ def munchausen_targets(q_target_obs: torch.Tensor, q_target_next: torch.Tensor, 
         return td_target(rewards + alpha * log_pi.clamp(clip, 0.0), soft_next, terminated, gamma)
 
 
-def targets(hp: DQNHParams, q_target: torch.nn.Module, q_online: torch.nn.Module,
-            batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def targets(hp: DQNHParams, q_target: Callable[[torch.Tensor], torch.Tensor],
+            q_online: Callable[[torch.Tensor], torch.Tensor], batch: dict[str, torch.Tensor],
+            gamma: float | torch.Tensor) -> torch.Tensor:
     """The TD targets of a minibatch for the target the hyperparameters choose."""
     if hp.munchausen:
         with torch.no_grad():  # the target network's values only
-            q_obs, q_next = q_target(torch.cat([batch["obs"], batch["next_obs"]])).chunk(2)
-        return munchausen_targets(q_obs, q_next, batch["actions"], batch["rewards"], batch["terminated"], hp.gamma,
+            q_obs, q_next = q_target(torch.cat([batch["obs"], batch["next_obs"]], dim=-2)).chunk(2, dim=-2)
+        return munchausen_targets(q_obs, q_next, batch["actions"], batch["rewards"], batch["terminated"], gamma,
                                   hp.munchausen, hp.entropy_tau, hp.log_policy_clip)
-    return dqn_targets(q_target, q_online, batch, hp.gamma, hp.double_q)
+    return dqn_targets(q_target, q_online, batch, gamma, hp.double_q)
+
+
+def dqn_minibatch_loss(q_net: Callable[[torch.Tensor], torch.Tensor], q_target: Callable[[torch.Tensor], torch.Tensor],
+                       batch: dict[str, torch.Tensor], gamma: float | torch.Tensor, hp: DQNHParams
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DQN's loss on one minibatch (Huber or squared TD error against `targets`) and the mean Q of the
+    actions taken (without gradient). The one definition for one seed and for many: samples (B, ...) and a
+    number gamma for one seed, (N, B, ...) and gamma (N, 1) for N seeds stacked."""
+    y = targets(hp, q_target, q_net, batch, gamma)
+    q = q_net(batch["obs"]).gather(-1, batch["actions"].long().unsqueeze(-1)).squeeze(-1)
+    loss = F.smooth_l1_loss(q, y, reduction="none") if hp.loss == "huber" else F.mse_loss(q, y, reduction="none")
+    return loss.mean(-1), q.detach().mean(-1)
 
 
 class DQNTrainer(RLTrainer):
@@ -160,12 +174,10 @@ class DQNTrainer(RLTrainer):
             for _ in range(hp.gradient_steps):
                 batch = self.buffer.sample(hp.batch_size, self.device)
                 batch["rewards"] = self.scale_rewards(batch["rewards"])
-                y = targets(hp, self.q_target, self.q_net, batch)
-                q = self.q_net(batch["obs"]).gather(1, batch["actions"].long().unsqueeze(1)).squeeze(1)
-                loss = F.smooth_l1_loss(q, y) if hp.loss == "huber" else F.mse_loss(q, y)
+                loss, q_mean = dqn_minibatch_loss(self.q_net, self.q_target, batch, hp.gamma, hp)
                 self.optimizer.step(loss, progress)
                 losses.append(loss.item())
-                q_values.append(q.detach().mean().item())
+                q_values.append(q_mean.item())
             logged.update({M.LOSS_VALUE: float(np.mean(losses)), M.Q_MEAN: float(np.mean(q_values)),
                            M.LEARNING_RATE: self.optimizer.learning_rate})
 
@@ -199,4 +211,12 @@ register(AlgorithmInfo(
     action_spaces=("discrete",),
     mutable_hparams=("learning_rate", "max_grad_norm", "gradient_steps"),
     observation_spaces=("vector", "discrete", "image"),
+    seed_group="labfleet.algorithms.rl.batched:BatchedDQN",
+    per_seed_hparams=(
+        "learning_rate", "lr_schedule", "max_grad_norm", "gamma", "tau", "target_update_interval",
+        "exploration_initial_eps", "exploration_final_eps", "exploration_fraction"),
+    group_hparams=(
+        "optimizer", "normalize", "encoder", "encoder_kwargs", "net_arch", "activation", "n_envs", "buffer_size",
+        "learning_starts", "batch_size", "train_freq", "gradient_steps", "double_q", "n_step", "loss", "munchausen",
+        "entropy_tau", "log_policy_clip"),
 ))

@@ -8,7 +8,7 @@ Plumbing only: no loss is computed here. Policies sample from noise the caller s
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -140,6 +140,26 @@ def custom_encoder(path: str, spec_dir: str | None = None) -> type[nn.Module]:
     return cls
 
 
+def categorical_terms(logits: torch.Tensor, actions: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A categorical policy's (log pi(a|s), H[pi(.|s)], its log-probabilities (..., A) for `policy_kl`) from
+    its logits (..., A): one seed's or N seeds' stacked."""
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1), (logp_all,)
+
+
+def gaussian_terms(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A diagonal Gaussian policy's (log pi(a|s), H[pi(.|s)], (mean, log_std) for `policy_kl`), in closed
+    form, from its means (..., A) and a log_std that broadcasts to them."""
+    log_std = log_std.expand_as(mean)
+    z = (actions - mean) / log_std.exp()
+    logp = (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
+    return logp, entropy, (mean, log_std)
+
+
 class CategoricalPolicy(nn.Module):
     """pi(a|s) = softmax(logits(s)); sampling by Gumbel-max on caller-supplied uniforms."""
 
@@ -155,9 +175,14 @@ class CategoricalPolicy(nn.Module):
 
     def log_prob_entropy(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi(a|s), H[pi(.|s)]) without building a Distribution (the hot path of every update)."""
-        logp_all = torch.log_softmax(self.logits(self.encoder(obs)), dim=-1)
-        logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
+        logp, entropy, _ = self.evaluate(self.encoder(obs), actions)
+        return logp, entropy
+
+    def evaluate(self, x: torch.Tensor, actions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """From encoded observations: (log pi(a|s), H[pi(.|s)], the distribution's parameters for
+        `policy_kl`: its log-probabilities (..., A))."""
+        return categorical_terms(self.logits(x), actions)
 
     @staticmethod
     def transform_noise(uniforms: np.ndarray) -> np.ndarray:
@@ -188,12 +213,14 @@ class GaussianPolicy(nn.Module):
 
     def log_prob_entropy(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi(a|s), H[pi(.|s)]) of the diagonal Gaussian, in closed form."""
-        mean = self.mean(self.encoder(obs))
-        log_std = self.log_std.expand_as(mean)
-        z = (actions - mean) / log_std.exp()
-        logp = (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
+        logp, entropy, _ = self.evaluate(self.encoder(obs), actions)
         return logp, entropy
+
+    def evaluate(self, x: torch.Tensor, actions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """From encoded observations: (log pi(a|s), H[pi(.|s)], the distribution's parameters for
+        `policy_kl`: (mean, log_std), each (..., A))."""
+        return gaussian_terms(self.mean(x), self.log_std, actions)
 
     @staticmethod
     def transform_noise(uniforms: np.ndarray) -> np.ndarray:
@@ -248,6 +275,40 @@ class NumpyPolicy:
         self.policy.to(self.device)
 
 
+def standardised(values: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / (std + 1e-8) along the last axis (each seed's own, when seeds are stacked before it);
+    unchanged where it holds one value, whose std is undefined."""
+    if values.shape[-1] < 2:
+        return values
+    return (values - values.mean(-1, keepdim=True)) / (values.std(-1, keepdim=True) + 1e-8)
+
+
+def per_sample(coefficient: float | torch.Tensor) -> float | torch.Tensor:
+    """A coefficient (a number, or one per seed (N,)) shaped to meet samples (N, B)."""
+    return coefficient.unsqueeze(-1) if isinstance(coefficient, torch.Tensor) else coefficient
+
+
+def policy_kl(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """KL[old || new] per state, in closed form, from the distribution parameters `evaluate` gives: of two
+    categoricals (their log-probabilities) or two diagonal Gaussians ((mean, log_std), summed over the
+    action's axes), as `torch.distributions.kl_divergence` computes them."""
+    if len(old) == 1:
+        return (old[0].exp() * (old[0] - new[0])).sum(-1)
+    (mean_old, log_std_old), (mean, log_std) = old, new
+    var_ratio = (2 * (log_std_old - log_std)).exp()
+    t1 = ((mean_old - mean) / log_std.exp()).pow(2)
+    return (0.5 * (var_ratio + t1 - 1 - var_ratio.log())).sum(-1)
+
+
+class PolicyValue(NamedTuple):
+    """What one call of an `ActorCritic` gives for (observations, actions taken)."""
+
+    logp: torch.Tensor  # log pi(a|s)
+    entropy: torch.Tensor  # H[pi(.|s)]
+    value: torch.Tensor  # V(s)
+    dist: tuple[torch.Tensor, ...]  # the distribution's parameters, for `policy_kl`
+
+
 class ActorCritic(nn.Module):
     """Separate policy and state-value MLPs (no shared trunk: one of PPO's implementation details) on the
     policy's observation encoder; for images that encoder is a CNN the two heads share (as in the Atari
@@ -258,6 +319,13 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy = make_policy(observation_space, action_space, net_arch, activation, encoder=encoder)
         self.value_net = mlp([self.policy.encoder.dim, *net_arch, 1], activation, out_gain=1.0)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> PolicyValue:
+        """The policy's and the value's outputs on one encoding of the observations: the losses' one call,
+        made directly for one seed and through `torch.func` on stacked parameters for many."""
+        x = self.policy.encoder(obs)
+        logp, entropy, dist = self.policy.evaluate(x, actions)
+        return PolicyValue(logp, entropy, self.value_net(x).squeeze(-1), dist)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.value_net(self.policy.encoder(obs)).squeeze(-1)

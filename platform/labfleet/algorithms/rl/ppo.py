@@ -30,7 +30,8 @@ The shipped specs use the clipped objective, which the paper found better on MuJ
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
@@ -40,6 +41,7 @@ from labfleet.algorithms.optim import LIN_PATTERN, OptimHParams, OptimizerConfig
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.algorithms.rl.networks import PolicyValue, per_sample, policy_kl, standardised
 from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import BatchSize, EnvCount, StepCount, Width
 from labfleet.rollout.envs import derive_seed
@@ -102,15 +104,17 @@ class PPOHParams(OptimHParams, ObservationHParams):
         return float(self.clip_range)
 
 
-def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
+def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor,
+                           clip_range: float | torch.Tensor) -> torch.Tensor:
     """-E[min(r A, clip(r, 1 - eps, 1 + eps) A)]."""
-    return -torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * advantages).mean()
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)  # type: ignore[arg-type]  # (a number or a tensor)
+    return -torch.min(ratio * advantages, clipped * advantages).mean(-1)
 
 
 def kl_penalty_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, kl: torch.Tensor,
-                              beta: float) -> torch.Tensor:
+                              beta: float | torch.Tensor) -> torch.Tensor:
     """-E[r A] + beta E[KL[pi_old(.|s), pi(.|s)]] (PPO paper, section 4); `kl` is per state."""
-    return -(ratio * advantages).mean() + beta * kl.mean()
+    return -(ratio * advantages).mean(-1) + beta * kl.mean(-1)
 
 
 def adaptive_kl_coef(beta: float, kl: float, kl_target: float) -> float:
@@ -126,9 +130,59 @@ def clipped_value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: 
                        clip_range_vf: float | None) -> torch.Tensor:
     """E[(V - R)^2], or with clipping E[max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)]."""
     if clip_range_vf is None:
-        return ((values - returns) ** 2).mean()
+        return ((values - returns) ** 2).mean(-1)
     clipped = values_old + torch.clamp(values - values_old, -clip_range_vf, clip_range_vf)
-    return torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean()
+    return torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean(-1)
+
+
+class PPOMinibatch(NamedTuple):
+    """One seed's minibatch (B, ...) of a rollout, with what pi_old gave on it."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    logp_old: torch.Tensor  # log pi_old(a|s)
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    values_old: torch.Tensor  # V_old(s)
+
+
+class PPOCoefficients(NamedTuple):
+    """The hyperparameters a seed may hold its own value of in its minibatch loss: numbers for one seed,
+    tensors (N,) for N seeds stacked."""
+
+    clip: float | torch.Tensor  # the surrogate's clipping epsilon now (clip_range, scheduled)
+    beta: float | torch.Tensor  # the KL penalty's coefficient now
+    vf_coef: float | torch.Tensor
+    ent_coef: float | torch.Tensor
+
+
+Net = Callable[[torch.Tensor, torch.Tensor], PolicyValue]
+
+
+def ppo_minibatch_loss(net: Net, old_net: Net | None, batch: PPOMinibatch, coef: PPOCoefficients,
+                       hp: PPOHParams) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's loss on one minibatch [7]-[10] and its statistics (approx_kl, clip fraction, the three terms;
+    without gradient) [12]: `net` is the actor-critic (`ActorCritic`'s call), `old_net` pi_old's for the KL
+    penalty (None for the clipped objective). The one definition for one seed and for many (`seed_axes`): with
+    samples (B, ...) and numbers for one seed, (N, B, ...) and tensors (N,) for N seeds stacked."""
+    out = net(batch.obs, batch.actions)
+    logratio = out.logp - batch.logp_old
+    ratio = logratio.exp()
+    a = standardised(batch.advantages) if hp.normalize_advantage else batch.advantages
+    clip = per_sample(coef.clip)
+    if hp.loss == "kl_penalty":
+        assert old_net is not None
+        with torch.no_grad():
+            old = old_net(batch.obs, batch.actions)
+        loss_pi = kl_penalty_surrogate_loss(ratio, a, policy_kl(old.dist, out.dist), coef.beta)
+    else:
+        loss_pi = clipped_surrogate_loss(ratio, a, clip)
+    loss_v = clipped_value_loss(out.value, batch.values_old, batch.returns, hp.clip_range_vf)
+    entropy = out.entropy.mean(-1)
+    with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
+        stats = {"kl": ((ratio - 1) - logratio).mean(-1), "clip": ((ratio - 1).abs() > clip).float().mean(-1),
+                 "pi": loss_pi.detach(), "v": loss_v.detach(), "ent": entropy.detach()}
+    return loss_pi + coef.vf_coef * loss_v - coef.ent_coef * entropy, stats
 
 
 def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
@@ -158,9 +212,9 @@ class PPOTrainer(ActorCriticTrainer):
 
         # 2. estimate
         with torch.no_grad():
-            values = self.ac.value(obs)  # (T, N)
+            pi_old = self.ac(obs, actions)
+            values, logp_old = pi_old.value, pi_old.logp  # (T, N) each
             next_values = self.ac.value(self.as_tensor(rollout.next_obs))  # (T, N)
-            logp_old, _ = self.ac.policy.log_prob_entropy(obs, actions)  # (T, N)
             rewards = self.scale_rewards(self.as_tensor(rollout.rewards))  # with normalize.reward, scaled
             adv = gae_advantages(rewards, values, self.as_tensor(rollout.terminated),
                                  self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
@@ -170,40 +224,24 @@ class PPOTrainer(ActorCriticTrainer):
         b_logp_old, b_adv, b_returns, b_values = (x.reshape(B) for x in (logp_old, adv, returns, values))
 
         # 3. epochs of shuffled minibatches
-        penalty = hp.loss == "kl_penalty"
-        old_policy = copy.deepcopy(self.ac.policy) if penalty else None  # pi_old, for the exact KL
+        old_net = copy.deepcopy(self.ac) if hp.loss == "kl_penalty" else None  # pi_old, for the exact KL
         stats: dict[str, list] = {"pi": [], "v": [], "ent": [], "kl": [], "clip": [], "norm": []}  # 0-d tensors
         for _ in range(hp.n_epochs):
             order = torch.randperm(B, generator=self.shuffle).to(self.device)
             for start in range(0, B, hp.batch_size):
                 mb = order[start:start + hp.batch_size]
-                logp, entropies = self.ac.policy.log_prob_entropy(b_obs[mb], b_actions[mb])
-                logratio = logp - b_logp_old[mb]
-                ratio = logratio.exp()
-                a = b_adv[mb]
-                if hp.normalize_advantage and len(mb) > 1:
-                    a = (a - a.mean()) / (a.std() + 1e-8)
-                if old_policy is not None:
-                    kl = self._kl(old_policy, b_obs[mb])
-                    loss_pi = kl_penalty_surrogate_loss(ratio, a, kl, self.kl_coef)
-                else:
-                    loss_pi = clipped_surrogate_loss(ratio, a, clip_range)
-                loss_v = clipped_value_loss(self.ac.value(b_obs[mb]), b_values[mb], b_returns[mb], hp.clip_range_vf)
-                entropy = entropies.mean()
-                loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy
+                batch = PPOMinibatch(b_obs[mb], b_actions[mb], b_logp_old[mb], b_adv[mb], b_returns[mb], b_values[mb])
+                coef = PPOCoefficients(clip_range, self.kl_coef, hp.vf_coef, hp.ent_coef)
+                loss, minibatch_stats = ppo_minibatch_loss(self.ac, old_net, batch, coef, hp)
                 stats["norm"].append(self.optimizer.step_tensor(loss, progress))
-                with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
-                    stats["kl"].append(((ratio - 1) - logratio).mean())
-                    stats["clip"].append(((ratio - 1).abs() > clip_range).float().mean())
-                stats["pi"].append(loss_pi.detach())
-                stats["v"].append(loss_v.detach())
-                stats["ent"].append(entropy.detach())
+                for key, value in minibatch_stats.items():
+                    stats[key].append(value)
             if hp.target_kl is not None and float(stats["kl"][-1]) > 1.5 * hp.target_kl:
                 break
         self.iterations += 1
-        if old_policy is not None:  # 4. adapt beta to the KL this update reached
+        if old_net is not None:  # 4. adapt beta to the KL this update reached
             with torch.no_grad():
-                kl_after = float(self._kl(old_policy, b_obs).mean())
+                kl_after = float(policy_kl(old_net(b_obs, b_actions).dist, self.ac(b_obs, b_actions).dist).mean())
             logged[M.PPO_KL] = kl_after
             logged[M.PPO_KL_COEF] = self.kl_coef
             self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_after, hp.kl_target)
@@ -221,12 +259,6 @@ class PPOTrainer(ActorCriticTrainer):
         })
         return logged
 
-    def _kl(self, old_policy: torch.nn.Module, obs: torch.Tensor) -> torch.Tensor:
-        """KL[pi_old(.|s), pi(.|s)] per state (B,), exact for the categorical and Gaussian policies."""
-        with torch.no_grad():
-            old = old_policy.distribution(obs)  # type: ignore[operator]
-        return torch.distributions.kl_divergence(old, self.ac.policy.distribution(obs))
-
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "shuffle": self.shuffle.get_state(), "kl_coef": self.kl_coef}
 
@@ -242,4 +274,11 @@ register(AlgorithmInfo(
     mutable_hparams=("learning_rate", "clip_range", "ent_coef", "vf_coef", "gae_lambda", "max_grad_norm", "n_epochs",
                      "target_kl"),
     observation_spaces=("vector", "discrete", "image"),
+    seed_group="labfleet.algorithms.rl.batched:BatchedPPO",
+    per_seed_hparams=(
+        "learning_rate", "lr_schedule", "max_grad_norm", "clip_range", "gamma", "gae_lambda", "ent_coef", "vf_coef",
+        "n_epochs", "target_kl", "kl_target", "kl_coef"),
+    group_hparams=(
+        "optimizer", "normalize", "encoder", "encoder_kwargs", "net_arch", "activation", "n_envs", "n_steps",
+        "batch_size", "clip_range_vf", "normalize_advantage", "loss"),
 ))

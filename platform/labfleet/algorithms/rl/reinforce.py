@@ -14,7 +14,8 @@ One iteration, in the order of the pseudocode:
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -22,8 +23,9 @@ from pydantic import Field
 from labfleet import metrics as M
 from labfleet.algorithms.optim import OptimHParams
 from labfleet.algorithms.registry import AlgorithmInfo, register
-from labfleet.algorithms.rl.base import ActorCriticTrainer
+from labfleet.algorithms.rl.base import ActorCriticTrainer, flatten
 from labfleet.algorithms.rl.estimators import discounted_returns
+from labfleet.algorithms.rl.networks import PolicyValue, standardised
 from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import EnvCount, StepCount, Width
 
@@ -42,11 +44,37 @@ class ReinforceHParams(OptimHParams, ObservationHParams):
 
 def reinforce_policy_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """-E[log pi(a|s) * A]: its gradient is the REINFORCE estimate of -grad J."""
-    return -(logp * advantages.detach()).mean()
+    return -(logp * advantages.detach()).mean(-1)
 
 
 def value_loss(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
-    return ((values - returns) ** 2).mean()
+    return ((values - returns) ** 2).mean(-1)
+
+
+class PolicyGradientBatch(NamedTuple):
+    """A rollout flattened (B, ...), with its advantages and returns (no gradient); (N, B, ...) for N seeds."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def policy_gradient_loss(net: Callable[[torch.Tensor, torch.Tensor], PolicyValue], batch: PolicyGradientBatch,
+                         vf_coef: float | torch.Tensor, ent_coef: float | torch.Tensor, normalize_advantage: bool
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of REINFORCE and A2C, which differ only in their advantages:
+    -mean(log pi(a|s) A) + vf_coef mean((V(s) - R)^2) - ent_coef mean(H[pi(.|s)]), with A standardised over
+    the batch if asked; and its three terms (without gradient). `net` is the actor-critic (`ActorCritic`'s
+    call). The one definition for one seed and for many: numbers and samples (B, ...) for one seed, tensors
+    (N,) and (N, B, ...) for N seeds stacked."""
+    out = net(batch.obs, batch.actions)
+    a = standardised(batch.advantages) if normalize_advantage else batch.advantages
+    loss_pi = reinforce_policy_loss(out.logp, a)
+    loss_v = value_loss(out.value, batch.returns)
+    entropy = out.entropy.mean(-1)
+    stats = {"pi": loss_pi.detach(), "v": loss_v.detach(), "ent": entropy.detach()}
+    return loss_pi + vf_coef * loss_v - ent_coef * entropy, stats
 
 
 class ReinforceTrainer(ActorCriticTrainer):
@@ -65,26 +93,21 @@ class ReinforceTrainer(ActorCriticTrainer):
         # 2. estimate: reward-to-go, bootstrapped only where an episode was cut, not where it ended
         with torch.no_grad():
             next_values = self.ac.value(self.as_tensor(rollout.next_obs))  # (T, N)
-        returns = discounted_returns(rewards, self.as_tensor(rollout.terminated), self.as_tensor(rollout.truncated),
-                                     next_values, hp.gamma)
+            returns = discounted_returns(rewards, self.as_tensor(rollout.terminated),
+                                         self.as_tensor(rollout.truncated), next_values, hp.gamma)
+            advantages = returns - self.ac.value(obs)
 
         # 3. loss
-        values = self.ac.value(obs)
-        advantages = returns - values.detach()
-        if hp.normalize_advantage and advantages.numel() > 1:  # the std of one value is undefined
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        logp, entropies = self.ac.policy.log_prob_entropy(obs, actions)  # (T, N) each
-        entropy = entropies.mean()
-        loss_pi = reinforce_policy_loss(logp, advantages)
-        loss_v = value_loss(values, returns)
-        loss = loss_pi + hp.vf_coef * loss_v - hp.ent_coef * entropy
+        batch = PolicyGradientBatch(*(flatten(t) for t in (obs, actions, advantages, returns)))
+        loss, terms = policy_gradient_loss(self.ac, batch, hp.vf_coef, hp.ent_coef, hp.normalize_advantage)
 
         # 4. step
         grad_norm = self.optimizer.step(loss, self.env_steps / self.spec.budget.total)
         self.iterations += 1
 
         # 5. log
-        logged.update({M.LOSS_POLICY: loss_pi.item(), M.LOSS_VALUE: loss_v.item(), M.LOSS_ENTROPY: entropy.item(),
+        logged.update({M.LOSS_POLICY: terms["pi"].item(), M.LOSS_VALUE: terms["v"].item(),
+                       M.LOSS_ENTROPY: terms["ent"].item(),
                        M.GRAD_NORM: grad_norm, M.LEARNING_RATE: self.optimizer.learning_rate})
         return logged
 
@@ -94,4 +117,10 @@ register(AlgorithmInfo(
     summary="REINFORCE (Monte Carlo policy gradient) with a learned state-value baseline",
     mutable_hparams=("learning_rate", "ent_coef", "vf_coef", "max_grad_norm"),
     observation_spaces=("vector", "discrete", "image"),
+    seed_group="labfleet.algorithms.rl.batched:BatchedReinforce",
+    per_seed_hparams=(
+        "learning_rate", "lr_schedule", "max_grad_norm", "gamma", "ent_coef", "vf_coef"),
+    group_hparams=(
+        "optimizer", "normalize", "encoder", "encoder_kwargs", "net_arch", "activation", "n_envs", "n_steps",
+        "normalize_advantage"),
 ))

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labfleet import metrics as M
+from labfleet.tracking import tags as tag
+
 SpecSource = str | os.PathLike[str] | Mapping[str, Any]
 
 
@@ -151,12 +154,12 @@ def results(target: str | list[str] | Result, *, tracking_uri: str | None = None
             for run in config.seeds:
                 rows.append({
                     "experiment": experiment, "configuration": config.label,
-                    "config_hash": tags.get("labfleet.config_hash", ""), "algorithm": config.algorithm,
-                    "task": tags.get("labfleet.env") or tags.get("labfleet.dataset", ""),
-                    "seed": int(run.data.tags.get("labfleet.seed", -1)), "state": run.info.status,
-                    "trial_run_id": run.data.tags.get("mlflow.parentRunId", config.trial.info.run_id),
+                    "config_hash": tags.get(tag.CONFIG_HASH, ""), "algorithm": config.algorithm,
+                    "task": tags.get(tag.ENV) or tags.get(tag.DATASET, ""),
+                    "seed": int(run.data.tags.get(tag.SEED, -1)), "state": run.info.status,
+                    "trial_run_id": run.data.tags.get(tag.PARENT, config.trial.info.run_id),
                     "run_id": run.info.run_id,
-                    **{k: v for k, v in sorted(run.data.metrics.items()) if k.startswith("eval/")}})
+                    **{k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(M.EVAL_PREFIX)}})
     columns = ["experiment", "configuration", "config_hash", "algorithm", "task", "seed", "state", "trial_run_id",
                "run_id"]
     frame = pd.DataFrame(rows, columns=columns + sorted({k for row in rows for k in row} - set(columns)))

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from labfleet.errors import Problem, SpecError, shown
+from labfleet.tracking import tags as tag
 
 app = typer.Typer(
     name="labfleet", no_args_is_help=True, add_completion=True, pretty_exceptions_show_locals=False,
@@ -650,7 +651,7 @@ def reconcile(
     changed = stale_runs(client, stale_after) if dry_run else end_stale(client, stale_after)
     for item in changed:
         tags = item.run.data.tags
-        typer.echo(f"{item.run.info.run_id} {tags.get('labfleet.role', '-')} {tags.get('mlflow.runName', '')}: "
+        typer.echo(f"{item.run.info.run_id} {tags.get(tag.ROLE, '-')} {tags.get(tag.RUN_NAME, '')}: "
                    f"RUNNING -> KILLED ({item.reason})" + (" [dry run]" if dry_run else ""))
     verb = "would end" if dry_run else "ended"
     typer.echo(f"{redact_uri(uri)}: {verb} {len(changed)} run(s) KILLED" if changed else
@@ -683,7 +684,7 @@ def enjoy(
                 "draws samples through sample_images() -> {name: PNG bytes}"
             raise SpecError([Problem("labfleet enjoy", "RUN_OR_EXPERIMENT", f"{trainer.spec.algorithm} has no "
                                      f"{needed}(); enjoy {what} (docs/your-own-code.md)")])
-    name = run.data.tags.get("mlflow.runName", run.info.run_id)
+    name = run.data.tags.get(tag.RUN_NAME, run.info.run_id)
     if trainer.spec.env is None:  # a generative model: a grid of samples
         out.mkdir(parents=True, exist_ok=True)
         for image, data in sample_grid(trainer).items():

@@ -18,8 +18,10 @@ import numpy as np
 import yaml
 from mlflow.tracking import MlflowClient
 
+from labfleet import metrics as M
 from labfleet.errors import Problem, SpecError
 from labfleet.tracking import queries as Q
+from labfleet.tracking import tags as tag
 from labfleet.tracking.uri import resolve_tracking_uri
 
 RUN_ID_LENGTH = 32
@@ -35,26 +37,25 @@ def _seed_run(client: MlflowClient, target: str) -> Any:
         experiment = client.get_experiment_by_name(target)
         if experiment is None:
             raise SpecError([Problem("labfleet enjoy", "RUN_OR_EXPERIMENT", f"no run id or experiment {target!r}")])
-        trials = client.search_runs([experiment.experiment_id], "tags.`labfleet.role` = 'trial' and "
-                                    "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                                    max_results=1)
+        trials = client.search_runs([experiment.experiment_id], f"{Q.role('trial')} and attributes.status = "
+                                    "'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
         if not trials:
             raise SpecError([Problem("labfleet enjoy", "RUN_OR_EXPERIMENT", f"experiment {target!r} has no "
                                      "finished trial")])
         run = trials[0]
-    if run.data.tags.get("labfleet.role") == "trial":
-        seeds = client.search_runs([run.info.experiment_id], f"{Q.children(run.info.run_id)} "
-                                   "and tags.`labfleet.role` = 'seed'", max_results=1000)
+    if run.data.tags.get(tag.ROLE) == "trial":
+        seeds = client.search_runs([run.info.experiment_id], f"{Q.children(run.info.run_id)} and {Q.role('seed')}",
+                                   max_results=1000)
         if not seeds:
             raise SpecError([Problem("labfleet enjoy", "RUN_OR_EXPERIMENT", f"trial run {run.info.run_id} has no "
                                      "seed runs")])
-        metric = _primary(seeds[0].data.tags.get("labfleet.algorithm", ""))
+        metric = _primary(seeds[0].data.tags.get(tag.ALGORITHM, ""))
         lower = "elbo" in metric or "nll" in metric
         run = sorted(seeds, key=lambda r: (metric not in r.data.metrics,
                                            (1 if lower else -1) * r.data.metrics.get(metric, 0.0)))[0]
-    if run.data.tags.get("labfleet.role") != "seed":
+    if run.data.tags.get(tag.ROLE) != "seed":
         raise SpecError([Problem("labfleet enjoy", "RUN_OR_EXPERIMENT", f"run {run.info.run_id} is a "
-                                 f"{run.data.tags.get('labfleet.role', 'non-labfleet')} run; name a seed or trial")])
+                                 f"{run.data.tags.get(tag.ROLE, 'non-labfleet')} run; name a seed or trial")])
     return run
 
 
@@ -62,9 +63,9 @@ def _primary(algorithm: str) -> str:
     from labfleet.algorithms import registry
 
     try:
-        return registry.get(algorithm).primary_metric or "eval/return_mean"
+        return registry.get(algorithm).primary_metric or M.EVAL_RETURN_MEAN
     except (KeyError, ImportError, TypeError):
-        return "eval/return_mean"
+        return M.EVAL_RETURN_MEAN
 
 
 def _artifact(client: MlflowClient, run_id: str, *paths: str) -> bytes:
@@ -90,7 +91,7 @@ def load_run(target: str, tracking_uri: str | None = None, device: str = "cpu") 
     client = MlflowClient(resolve_tracking_uri(tracking_uri, None))
     run = _seed_run(client, target)
     spec = ExperimentSpec.model_validate(yaml.safe_load(_artifact(client, run.info.run_id, "spec.yaml")))
-    trainer = registry.get(spec.algorithm).trainer(spec, int(run.data.tags["labfleet.seed"]), device)
+    trainer = registry.get(spec.algorithm).trainer(spec, int(run.data.tags[tag.SEED]), device)
     trainer.restore_bytes(_artifact(client, run.info.run_id, "checkpoints/final.pt", "checkpoints/latest.pt"))
     return Loaded(trainer, run)
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from labfleet import metrics as M
 from labfleet.algorithms.base import Trainer
 
 Build = Callable[[int], Trainer]
@@ -29,7 +30,7 @@ Build = Callable[[int], Trainer]
 
 def without_timing(metrics: dict[str, float]) -> dict[str, float]:
     """Metrics that do not depend on wall-clock time (`time/sps` does)."""
-    return {k: v for k, v in metrics.items() if not k.startswith("time/sps")}
+    return {k: v for k, v in metrics.items() if not k.startswith(M.SPS)}
 
 
 def check_checkpoint_round_trip(build: Build) -> None:

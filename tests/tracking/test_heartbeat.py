@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from labfleet.tracking import tags as tag
 from labfleet.tracking.heartbeat import (
-    DRIVER_TAG,
-    HEARTBEAT_TAG,
-    RECONCILED_TAG,
     driver_alive,
     driver_identity,
     launcher_tags,
@@ -59,10 +57,10 @@ def test_stale_runs_by_heartbeat_age(tracking_uri: str):
     client = MlflowClient(tracking_uri)
     now = time.time()
     for run_id, beat in ((remote_old, now - 600), (remote_fresh, now - 10)):
-        client.set_tag(run_id, DRIVER_TAG, "elsewhere.example:123:abcd1234:99")
-        client.set_tag(run_id, HEARTBEAT_TAG, str(int(beat)))
-    client.delete_tag(legacy, DRIVER_TAG)
-    client.delete_tag(legacy, HEARTBEAT_TAG)
+        client.set_tag(run_id, tag.DRIVER, "elsewhere.example:123:abcd1234:99")
+        client.set_tag(run_id, tag.HEARTBEAT, str(int(beat)))
+    client.delete_tag(legacy, tag.DRIVER)
+    client.delete_tag(legacy, tag.HEARTBEAT)
     found = {s.run.info.run_id: s.reason for s in stale_runs(client, stale_after=150, now=now + 1000)}
     assert remote_old in found and "last sign of life 160" in found[remote_old]  # counted from `now`
     assert ours not in found, "a live driver's run is never stale"
@@ -98,7 +96,7 @@ def test_reconcile_ends_a_dead_drivers_runs_and_leaves_a_live_ones_alone(tmp_pat
         assert "nothing to reconcile" in live.stdout
         runs = client.search_runs([client.get_experiment_by_name("cartpole").experiment_id])
         assert len(runs) == 2 and {r.info.status for r in runs} == {"RUNNING"}
-        assert all(r.data.tags[DRIVER_TAG].split(":")[1] == str(proc.pid) for r in runs)
+        assert all(r.data.tags[tag.DRIVER].split(":")[1] == str(proc.pid) for r in runs)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies without a word
         proc.communicate(timeout=60)
     finally:
@@ -109,7 +107,7 @@ def test_reconcile_ends_a_dead_drivers_runs_and_leaves_a_live_ones_alone(tmp_pat
     assert "ended 2 run(s) KILLED" in dead.stdout and "no longer running" in dead.stdout
     runs = client.search_runs([client.get_experiment_by_name("cartpole").experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"}
-    assert all(RECONCILED_TAG in r.data.tags for r in runs)
+    assert all(tag.RECONCILED in r.data.tags for r in runs)
     again = run_cli("reconcile", "--tracking-uri", tracking_uri, cwd=tmp_path)
     assert "nothing to reconcile" in again.stdout
 

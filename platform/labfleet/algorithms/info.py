@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
+from labfleet import metrics as M
+
 if TYPE_CHECKING:
     from labfleet.algorithms.base import Trainer
 
@@ -27,10 +29,10 @@ class AlgorithmInfo:
     needs_transition_model: bool = False
     rollout_workers: bool = True  # can spread its environments over Ray rollout actors
     seed_dependent: bool = True  # False for planners, whose training the seed does not touch
-    primary_metric: str = "eval/return_mean"  # "" for your own code: the first eval/* metric it reports
+    primary_metric: str = M.EVAL_RETURN_MEAN  # "" for your own code: the first eval/* metric it reports
     dataset_metrics: dict[str, str] = field(default_factory=dict)  # the primary metric on these datasets
     # The `eval/*` metrics it can log: what a sweep objective may name (checked by `labfleet validate`).
-    eval_metrics: tuple[str, ...] = ("eval/return_mean", "eval/return_std")
+    eval_metrics: tuple[str, ...] = (M.EVAL_RETURN_MEAN, M.EVAL_RETURN_STD)
     budget_units: tuple[str, ...] = ("env_steps",)
     # Hyperparameters a trainer rebuilt from a checkpoint with new values honours mid-training (read at
     # each use, not fixed at construction): what population-based training may mutate.

@@ -23,6 +23,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from labfleet import metrics as M
+
 TIMEOUT_S = 120.0  # a first iteration longer than this is not waited for (validation says it did not check)
 MARKER = "labfleet-round-trip:"
 
@@ -52,7 +54,7 @@ def _metrics(what: str, value: Any, eval_only: bool = False) -> None:
     if bad:
         raise RoundTripFailed(f"{what} returned names that are not strings, or values that are not finite "
                               f"numbers: {', '.join(map(repr, bad[:5]))}")
-    others = [k for k in value if not k.startswith("eval/")]
+    others = [k for k in value if not k.startswith(M.EVAL_PREFIX)]
     if eval_only and others:
         raise RoundTripFailed(f"{what} must return only eval/* metrics; it returned {', '.join(others[:5])}")
 

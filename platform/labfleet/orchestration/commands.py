@@ -34,6 +34,7 @@ from labfleet.orchestration.study import check_sweep, create_study
 from labfleet.orchestration.sweep_view import TrialBoard, best_line, leaderboard, log_pareto_front
 from labfleet.spec.loading import apply_overrides
 from labfleet.spec.models import ExperimentSpec, SuiteSpec, SweepConfig
+from labfleet.tracking import tags as tag
 from labfleet.tracking.heartbeat import live_owner
 from labfleet.tracking.studies import DEFAULT_STORAGE, storage_open_problem
 from labfleet.tracking.uri import DEFAULT_TRACKING_URI, redact_uri, resolve_tracking_uri
@@ -122,7 +123,7 @@ def _trials(session: DriverSession, planned: list[Planned], suite_run_id: str | 
         spec = plan.spec
         if experiment:  # nested runs show under their parent only within one experiment
             spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"experiment": experiment})})
-        runner = session.runner(spec, meta=TrialMeta(suite_run_id, {"labfleet.spec_file": str(plan.spec_path)},
+        runner = session.runner(spec, meta=TrialMeta(suite_run_id, {tag.SPEC_FILE: str(plan.spec_path)},
                                                      spec_dir=str(plan.spec_path.parent)))
         found = None if fresh else session.recorder.unfinished(runner)
         for note in session.recorder.pop_notes():

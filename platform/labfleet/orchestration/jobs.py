@@ -26,6 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from labfleet.errors import Problem, SpecError
+from labfleet.tracking import tags as tag
 from labfleet.tracking.uri import redact_credentials, redact_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -158,7 +159,7 @@ def submit(path: Path, *, address: str | None, overrides: list[str], tracking_ur
     while True:
         try:
             job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                                     metadata={"labfleet.kind": kind, "labfleet.file": path.name})
+                                     metadata={tag.JOB_KIND: kind, tag.JOB_FILE: path.name})
             break
         except RuntimeError as exc:  # a head that has just started may not have its job agent yet
             if "No available agent" not in str(exc) or time.monotonic() > deadline:

@@ -40,15 +40,14 @@ from labfleet.orchestration.events import (
 )
 from labfleet.orchestration.runner import TrialRunner, config_hash, shared_step_means
 from labfleet.tracking import queries as Q
-from labfleet.tracking.heartbeat import DRIVER_TAG, HEARTBEAT_TAG, live_owner
-from labfleet.tracking.queries import LABEL_TAG
+from labfleet.tracking import tags as tag
+from labfleet.tracking.heartbeat import live_owner
 from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions, redact_tree
 from labfleet.tracking.uri import retry_if_locked
 
 LATEST_CHECKPOINT = "checkpoints/latest.pt"
 FINAL_CHECKPOINT = "checkpoints/final.pt"
 ERROR_LOG = "error.txt"  # a failed seed run's whole error, its traceback included
-RESUME_TAG = "labfleet.resume"  # on a seed run restarted from a checkpoint: "exact" or "approximate"
 UNFINISHED = ("RUNNING", "KILLED")  # a driver that died, or was interrupted; FAILED trials start anew
 # How long a driver waits between writing its claim on runs a gone driver left and reading it back (`claim`)
 CLAIM_SETTLE_S = 0.25
@@ -131,13 +130,13 @@ class MlflowRecorder:
                 entry.seeds[seed] = entry.resuming[seed]
                 entry.evals[seed] = {step: dict(values) for step, values in record.evals.items()}
             case SeedPlaced(trial=trial, seed=seed, where=where):
-                tags = {"labfleet.node": where["node_id"], "labfleet.host": where["host"],
-                        "labfleet.device": where["device"]}
+                tags = {tag.NODE: where["node_id"], tag.HOST: where["host"],
+                        tag.DEVICE: where["device"]}
                 if where.get("pid"):  # the trial actor's process (seeds_per_actor > 1: shared by its unit)
-                    tags["labfleet.pid"] = where["pid"]
+                    tags[tag.PID] = where["pid"]
                 tracker.queue_tags(self.seed_run_id(trial, seed), tags)
             case SeedRetried(trial=trial, seed=seed, retries=retries):
-                tracker.queue_tags(self.seed_run_id(trial, seed), {"labfleet.retries": str(retries)})
+                tracker.queue_tags(self.seed_run_id(trial, seed), {tag.RETRIES: str(retries)})
             case ChunkResult():
                 self._chunk(event)
             case Evaluation():
@@ -204,13 +203,13 @@ class MlflowRecorder:
             return
         run_id = entry.seeds[event.seed] = entry.resuming[event.seed]
         self.tracker.reopen_run(run_id, "seed")
-        self.tracker.queue_tags(run_id, {"labfleet.resumed_from": "checkpoint" if record.checkpoint else "scratch"})
+        self.tracker.queue_tags(run_id, {tag.RESUMED_FROM: "checkpoint" if record.checkpoint else "scratch"})
 
     def _chunk(self, event: ChunkResult) -> None:
         tracker = self.tracker
         run_id = self.seed_run_id(event.trial, event.seed)
         if event.resumed is not None:  # how the last restart from a checkpoint went
-            tracker.queue_tags(run_id, {RESUME_TAG: event.resumed})
+            tracker.queue_tags(run_id, {tag.RESUME: event.resumed})
         for step, values in event.records:
             tracker.log_metrics(run_id, values, step)
         for path, data in event.artifacts.items():
@@ -223,8 +222,8 @@ class MlflowRecorder:
 
     def _start_trial(self, trial: TrialRunner) -> None:
         spec, meta = trial.spec, trial.meta
-        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.config_hash": config_hash(spec), **_task_tag(spec),
-                **meta.tags, LABEL_TAG: trial.label}
+        tags = {tag.ALGORITHM: spec.algorithm, tag.CONFIG_HASH: config_hash(spec), **_task_tag(spec),
+                **meta.tags, tag.LABEL: trial.label}
         # A sweep names its trial's params itself (the sampled values); otherwise the whole configuration.
         params = meta.params or flatten(spec.model_dump(mode="json", exclude={"seeds"}))
         params = {**params, "seeds": json.dumps(spec.seeds)}
@@ -236,12 +235,12 @@ class MlflowRecorder:
     def _new_seed_run(self, trial: TrialRunner, seed: int) -> str:
         spec = trial.spec
         seed_spec = {**spec.model_dump(mode="json"), "seeds": [seed]}
-        tags = {"labfleet.algorithm": spec.algorithm, "labfleet.seed": str(seed),
-                "labfleet.config_hash": config_hash(spec), **_task_tag(spec)}
+        tags = {tag.ALGORITHM: spec.algorithm, tag.SEED: str(seed),
+                tag.CONFIG_HASH: config_hash(spec), **_task_tag(spec)}
         commit, dirty = git_commit(trial.meta.spec_dir)
         if commit:
-            tags["labfleet.git_commit"] = commit
-            tags["labfleet.git_dirty"] = str(dirty).lower()
+            tags[tag.GIT_COMMIT] = commit
+            tags[tag.GIT_DIRTY] = str(dirty).lower()
         tags.update({f"labfleet.lib.{k}": v for k, v in library_versions().items()})
         entry = self.trials[trial]
         run_id = self.tracker.start_run(trial.experiment, "seed", f"{entry.run_name}/seed={seed}", entry.run_id,
@@ -265,17 +264,17 @@ class MlflowRecorder:
         experiment_id = self.tracker.experiment_id(trial.experiment)
         for run in client.search_runs([experiment_id], Q.trials_of_label(trial.label, config_hash(spec)),
                                       order_by=["attributes.start_time DESC"], max_results=20):
-            if run.data.tags.get(Q.PARENT_TAG) != trial.meta.parent_run_id or \
+            if run.data.tags.get(tag.PARENT) != trial.meta.parent_run_id or \
                     run.data.params.get("seeds") != json.dumps(spec.seeds):
                 continue
             if run.info.status not in UNFINISHED:  # only the latest such run counts
                 return None
             owner = live_owner(run)
             if owner is not None:  # only a gone driver's work is taken over (reconcile's rule)
-                raise RunsOwned(trial.meta.tags.get("labfleet.spec_file", trial.label), f"trial {trial.label}",
+                raise RunsOwned(trial.meta.tags.get(tag.SPEC_FILE, trial.label), f"trial {trial.label}",
                                 run, owner)
-            self.claim([run], trial.meta.tags.get("labfleet.spec_file", trial.label), f"trial {trial.label}")
-            entry = self.trials[trial] = _Trial(run.info.run_id, run.data.tags.get("mlflow.runName", trial.label))
+            self.claim([run], trial.meta.tags.get(tag.SPEC_FILE, trial.label), f"trial {trial.label}")
+            entry = self.trials[trial] = _Trial(run.info.run_id, run.data.tags.get(tag.RUN_NAME, trial.label))
             entry.history = {key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
                              for key in run.data.metrics if key.startswith(M.EVAL_PREFIX)}
             records = {}
@@ -289,10 +288,10 @@ class MlflowRecorder:
         client = self.tracker.client
         records = {}
         for run in client.search_runs([experiment_id], Q.children(trial_run_id), max_results=1000):
-            if run.data.tags.get(Q.ROLE_TAG) != "seed":
+            if run.data.tags.get(tag.ROLE) != "seed":
                 continue
             run_id, status = run.info.run_id, run.info.status
-            retries = int(run.data.tags.get("labfleet.retries", 0))
+            retries = int(run.data.tags.get(tag.RETRIES, 0))
             # every metric's history for an unfinished seed (what it logged), the evaluations' for a finished one
             histories = {key: client.get_metric_history(run_id, key) for key in run.data.metrics
                          if status != "FINISHED" or key.startswith(M.EVAL_PREFIX)}
@@ -311,7 +310,7 @@ class MlflowRecorder:
                                       "starts again from scratch in the same run (--fresh starts new runs)")
                     checkpoint = None
                 record = SeedRecord(Status(status), checkpoint, logged, retries=retries, evals=evals)
-            records[int(run.data.tags["labfleet.seed"])] = (run_id, record)
+            records[int(run.data.tags[tag.SEED])] = (run_id, record)
         return records
 
     def suite_run(self, experiment: str, name: str, fresh: bool = False) -> tuple[str, set[tuple[str, str]]]:
@@ -324,7 +323,7 @@ class MlflowRecorder:
         found = client.search_runs([experiment_id], Q.suite_runs(name), order_by=["attributes.start_time DESC"],
                                    max_results=1)
         if fresh or not found or found[0].info.status == "FINISHED":
-            return tracker.start_run(experiment, "suite", name, tags={"labfleet.suite": name}), set()
+            return tracker.start_run(experiment, "suite", name, tags={tag.SUITE: name}), set()
         owner = live_owner(found[0])
         if owner is not None:
             raise RunsOwned(name, f"suite {name}", found[0], owner)
@@ -333,11 +332,11 @@ class MlflowRecorder:
         tracker.reopen_run(run_id, "suite")
         done: set[tuple[str, str]] = set()
         for trial in client.search_runs([experiment_id], Q.children(run_id), max_results=5000):
-            if trial.data.tags.get(Q.ROLE_TAG) != "trial":
+            if trial.data.tags.get(tag.ROLE) != "trial":
                 continue
             if trial.info.status == "FINISHED":
-                label = trial.data.tags.get(LABEL_TAG, trial.data.tags.get("mlflow.runName", ""))
-                done.add((label, trial.data.tags.get("labfleet.config_hash", "")))
+                label = trial.data.tags.get(tag.LABEL, trial.data.tags.get(tag.RUN_NAME, ""))
+                done.add((label, trial.data.tags.get(tag.CONFIG_HASH, "")))
             stale = client.search_runs([experiment_id], Q.children(trial.info.run_id, running=True))
             for run in [*stale, *([trial] if trial.info.status == "RUNNING" else [])]:
                 tracker.end_run(run.info.run_id, "KILLED")
@@ -350,11 +349,11 @@ class MlflowRecorder:
         client, me = self.tracker.client, self.tracker.driver
         for run in runs:
             retry_if_locked(client.log_batch, run.info.run_id, [], [],
-                            [RunTag(DRIVER_TAG, me), RunTag(HEARTBEAT_TAG, str(int(time.time())))])
+                            [RunTag(tag.DRIVER, me), RunTag(tag.HEARTBEAT, str(int(time.time())))])
         time.sleep(CLAIM_SETTLE_S)
         for run in runs:
             now = client.get_run(run.info.run_id)
-            owner = now.data.tags.get(DRIVER_TAG, "")
+            owner = now.data.tags.get(tag.DRIVER, "")
             if owner != me:
                 raise RunsOwned(where, what, now, owner)
 
@@ -372,7 +371,7 @@ class MlflowRecorder:
             tracker.reopen_run(run_id, "sweep")
             return run_id
         return tracker.start_run(experiment, "sweep", study_name, parent,
-                                 tags={"optuna.study_name": study_name, "optuna.storage": storage_shown},
+                                 tags={tag.STUDY_NAME: study_name, tag.STORAGE: storage_shown},
                                  params=params)
 
     def running_trial_runs(self, sweep_run: str) -> dict[int, Any]:
@@ -380,7 +379,7 @@ class MlflowRecorder:
         client = self.tracker.client
         experiment_id = client.get_run(sweep_run).info.experiment_id
         runs = client.search_runs([experiment_id], Q.children(sweep_run, running=True), max_results=50_000)
-        return {int(r.data.tags["optuna.trial_number"]): r for r in runs if "optuna.trial_number" in r.data.tags}
+        return {int(r.data.tags[tag.TRIAL_NUMBER]): r for r in runs if tag.TRIAL_NUMBER in r.data.tags}
 
     def end_stale_trials(self, experiment: str, sweep_run: str, states: dict[int, str],
                          failed_run_ids: list[str], keep: set[int] | None = None) -> None:
@@ -395,9 +394,9 @@ class MlflowRecorder:
         # order `OptunaSearcher.tell` keeps), has a run that says COMPLETE or PRUNED: it is FAIL now.
         for run_id in failed_run_ids:
             if run_id and run_id not in stale:
-                tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+                tracker.set_tags(run_id, {tag.TRIAL_STATE: "FAIL"})
         for trial_run in stale.values():
-            number = int(trial_run.data.tags.get("optuna.trial_number", -1))
+            number = int(trial_run.data.tags.get(tag.TRIAL_NUMBER, -1))
             if keep and number in keep:  # a trial that goes on in its runs (`OptunaSearcher.adopt_running`)
                 continue
             if live_owner(trial_run) is not None:  # another live driver's trial of the same study
@@ -406,15 +405,15 @@ class MlflowRecorder:
             status = "FINISHED" if state in ("COMPLETE", "PRUNED") else "KILLED"
             seeds = tracker.client.search_runs([experiment_id], Q.children(trial_run.info.run_id, running=True))
             for run in [*seeds, trial_run]:
-                tracker.queue_tags(run.info.run_id, {"optuna.state": state})
+                tracker.queue_tags(run.info.run_id, {tag.TRIAL_STATE: state})
                 tracker.end_run(run.info.run_id, status)
 
 
 def _task_tag(spec: Any) -> dict[str, str]:
     """`labfleet.env` or `labfleet.dataset`; none for your own code that names neither."""
     if spec.env:
-        return {"labfleet.env": str(spec.env)}
-    return {"labfleet.dataset": str(spec.dataset)} if spec.dataset else {}
+        return {tag.ENV: str(spec.env)}
+    return {tag.DATASET: str(spec.dataset)} if spec.dataset else {}
 
 
 def checkpoint_damage(data: bytes) -> str | None:

@@ -14,7 +14,7 @@ durable checkpoints: the same Optuna trial and the same MLflow runs go on, each 
 FAIL and their parameters queued again, and the MLflow runs left RUNNING end with the trial's state.
 
 Several drivers may work on one study at once (Optuna's parallel workers): each trial carries the identity
-of the driver that asked it (`DRIVER_ATTR`), a trial whose driver is alive is never adopted, failed or
+of the driver that asked it (`tags.DRIVER_ATTR`), a trial whose driver is alive is never adopted, failed or
 ended by another, and `n_trials` counts every driver's trials, so that together they finish the study.
 """
 
@@ -47,7 +47,8 @@ from labfleet.orchestration.study import grid_size, suggest
 from labfleet.orchestration.sweep_view import TrialBoard
 from labfleet.spec.loading import apply_overrides, resolve_spec_data
 from labfleet.spec.models import ExperimentSpec, SweepConfig
-from labfleet.tracking.heartbeat import DRIVER_TAG, driver_gone, last_beat, slurm_start
+from labfleet.tracking import tags as tag
+from labfleet.tracking.heartbeat import driver_gone, last_beat, slurm_start
 
 if TYPE_CHECKING:
     from labfleet.orchestration.pbt import PopulationBasedTraining
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 TrialState = optuna.trial.TrialState
 OBJECTIVE_PREFIX = "objective/"  # the sweep run's metric per objective, at each complete trial's number
 PRUNED = "pruned"  # the reason a pruned trial's TrialEnded carries
-DRIVER_ATTR = "labfleet.driver"  # an Optuna trial's user attribute: the driver that asked it (heartbeat.py)
 
 
 @dataclass
@@ -159,7 +159,8 @@ class OptunaSearcher:
         with interrupts_deferred():  # a Ctrl-C inside ask() would leave a RUNNING trial no one knows of
             trial = self.study.ask()
             self.asked.add(trial.number)
-            trial.set_user_attr(DRIVER_ATTR, self.tracker.driver)  # whose it is, for a second driver's `adopt_running`
+            # whose it is, for a second driver's `adopt_running`
+            trial.set_user_attr(tag.DRIVER_ATTR, self.tracker.driver)
         values = {path: suggest(trial, path, p) for path, p in self.sweep.space.items()}
         if self.scheduler is not None:
             values = self.scheduler.initial(values)
@@ -177,7 +178,7 @@ class OptunaSearcher:
         return runner
 
     def _runner(self, trial_spec: ExperimentSpec, number: int, values: dict[str, Any]) -> TrialRunner:
-        meta = TrialMeta(self.sweep_run, {"optuna.trial_number": str(number), "optuna.state": "RUNNING"},
+        meta = TrialMeta(self.sweep_run, {tag.TRIAL_NUMBER: str(number), tag.TRIAL_STATE: "RUNNING"},
                          {k: str(v) for k, v in values.items()})
         listeners: list[Listener] = [self, *([self.scheduler] if self.scheduler is not None else [])]
         return self.session.runner(trial_spec, *listeners, meta=meta, pool=self.session.pool,
@@ -222,7 +223,7 @@ class OptunaSearcher:
             if not any(r.checkpoint for r in records.values() if r.status != Status.FINISHED):
                 continue
             trial = optuna.Trial(self.study, frozen._trial_id)
-            trial.set_user_attr(DRIVER_ATTR, self.tracker.driver)
+            trial.set_user_attr(tag.DRIVER_ATTR, self.tracker.driver)
             self.active[runner] = ActiveTrial(trial, runner, reported=max(frozen.intermediate_values, default=-1))
             self.asked.add(frozen.number)
             self.continuing.append((runner, records))
@@ -233,9 +234,9 @@ class OptunaSearcher:
         return kept
 
     def _live_owner(self, frozen: optuna.trial.FrozenTrial, run: Any) -> str | None:
-        """The other live driver that runs this RUNNING trial (by the trial's `DRIVER_ATTR`, else its MLflow
+        """The other live driver that runs this RUNNING trial (by the trial's `tags.DRIVER_ATTR`, else its MLflow
         trial run's driver tag; liveness as `labfleet reconcile` judges it), or None."""
-        identity = frozen.user_attrs.get(DRIVER_ATTR) or (run.data.tags.get(DRIVER_TAG) if run else None)
+        identity = frozen.user_attrs.get(tag.DRIVER_ATTR) or (run.data.tags.get(tag.DRIVER) if run else None)
         if identity == self.tracker.driver:
             return None
         if run is not None:
@@ -351,7 +352,7 @@ class OptunaSearcher:
         runner, trial = active.runner, active.trial
         if event.status == Status.KILLED:  # Ctrl-C: `interrupted` tells the study
             if self.recorder.has_run(runner):  # (Ctrl-C may come while its run is being created)
-                self.tracker.set_tags(self.recorder.trial_run_id(runner), {"optuna.state": "FAIL"})
+                self.tracker.set_tags(self.recorder.trial_run_id(runner), {tag.TRIAL_STATE: "FAIL"})
             return
         if event.reason == DRIVER_ERROR:  # the driver is failing: no record can be trusted to be written
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -393,7 +394,7 @@ class OptunaSearcher:
         runs again, never a COMPLETE trial whose MLflow record was lost with the writer's queue. The tell
         is queued behind those writes (the writer thread makes it), so the driver does not wait for them."""
         for run_id in self.recorder.run_ids(active.runner):
-            self.tracker.set_tags(run_id, {"optuna.state": state.name})
+            self.tracker.set_tags(run_id, {tag.TRIAL_STATE: state.name})
         with self._untold_lock:
             self.untold += 1
         if state == TrialState.COMPLETE:
@@ -434,7 +435,7 @@ def fail_and_requeue(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> N
     anything has no parameters to repeat: the next ask samples afresh anyway."""
     study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
     if frozen.params:
-        study.enqueue_trial(frozen.params, user_attrs={"labfleet.retry_of": frozen.number})
+        study.enqueue_trial(frozen.params, user_attrs={tag.RETRY_OF_ATTR: frozen.number})
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from rich.console import Console
 
 from labfleet.errors import Problem, SpecError
+from labfleet.tracking import tags as tag
 
 PREFIX = "slurm:"
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING",
@@ -269,13 +270,13 @@ def job_runs(jid: str, tracking_uri: str) -> list[Any]:
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return []
-    query = f"tags.`labfleet.slurm_job` = '{jid}'"
+    query = f"tags.`{tag.SLURM_JOB}` = '{jid}'"
     cluster = cluster_name()
     if cluster:  # job ids are a cluster's own: another cluster's job 7 may write to the same store
-        query += f" and tags.`labfleet.slurm_cluster` = '{cluster}'"
+        query += f" and tags.`{tag.SLURM_CLUSTER}` = '{cluster}'"
     runs = client.search_runs(experiments, query, max_results=5000, order_by=["attributes.start_time ASC"])
     order = {"suite": 0, "sweep": 1, "trial": 2, "seed": 3}
-    return sorted(runs, key=lambda r: order.get(r.data.tags.get("labfleet.role", ""), 9))
+    return sorted(runs, key=lambda r: order.get(r.data.tags.get(tag.ROLE, ""), 9))
 
 
 def status(text: str, console: Console) -> int:
@@ -302,7 +303,7 @@ def status(text: str, console: Console) -> int:
     console.print(f"  runs in {redact_uri(uri)}: {len(runs)}", highlight=False)
     for run in runs:
         tags = run.data.tags
-        console.print(f"    {tags.get('labfleet.role', '?'):6} {run.info.status:9} {run.info.run_name}  "
+        console.print(f"    {tags.get(tag.ROLE, '?'):6} {run.info.status:9} {run.info.run_name}  "
                       f"{run.info.run_id}", highlight=False)
     return 0
 

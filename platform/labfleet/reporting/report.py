@@ -37,9 +37,11 @@ import numpy as np
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from labfleet import metrics as M
 from labfleet.errors import Problem, SpecError
 from labfleet.reporting import aggregate
 from labfleet.tracking import queries as Q
+from labfleet.tracking import tags as tag
 from labfleet.tracking.runs import PBT_LINEAGE
 from labfleet.tracking.uri import redact_text, redact_uri
 
@@ -67,7 +69,7 @@ class Configuration:
 
     @property
     def algorithm(self) -> str:
-        return self.trial.data.tags.get("labfleet.algorithm", "")
+        return self.trial.data.tags.get(tag.ALGORITHM, "")
 
     @property
     def finished(self) -> list[Run]:
@@ -83,7 +85,7 @@ class Configuration:
     def finals(self) -> dict[str, tuple[float, float]]:
         """{eval/* name: (mean, std)} over the finished seeds' final values (what a trial run logs)."""
         out: dict[str, tuple[float, float]] = {}
-        for name in sorted({k for s in self.finished for k in s.data.metrics if k.startswith("eval/")}):
+        for name in sorted({k for s in self.finished for k in s.data.metrics if k.startswith(M.EVAL_PREFIX)}):
             values = np.array([s.data.metrics[name] for s in self.finished if name in s.data.metrics])
             out[name] = (float(np.mean(values)), float(np.std(values)))
         return out
@@ -121,17 +123,17 @@ def _configurations(client: MlflowClient, experiment_id: str, trials: list[Run],
     if len(trials) > bulk_above:  # a large sweep: every seed run of the experiment in a few pages, not a search each
         by_trial: dict[str, list[Run]] = {}
         for run in _search_all(client, experiment_id, Q.role("seed")):
-            parent = run.data.tags.get(Q.PARENT_TAG, "")
+            parent = run.data.tags.get(tag.PARENT, "")
             if parent in wanted:
                 by_trial.setdefault(parent, []).append(run)
     else:
         by_trial = {t.info.run_id: [r for r in _children(client, experiment_id, t.info.run_id)
-                                    if r.data.tags.get(Q.ROLE_TAG) == "seed"] for t in trials}
+                                    if r.data.tags.get(tag.ROLE) == "seed"] for t in trials}
     pooled: dict[str, Configuration] = {}
     for trial in sorted(trials, key=lambda r: r.info.start_time):
-        key = trial.data.tags.get("labfleet.config_hash") or trial.info.run_id
+        key = trial.data.tags.get(tag.CONFIG_HASH) or trial.info.run_id
         if key not in pooled:
-            label = trial.data.tags.get("mlflow.runName", trial.info.run_id[:8])
+            label = trial.data.tags.get(tag.RUN_NAME, trial.info.run_id[:8])
             pooled[key] = Configuration(label, trial, color=len(pooled))
         config = pooled[key]
         config.trial = trial
@@ -147,8 +149,8 @@ def _one_run_per_seed(runs: list[Run]) -> list[Run]:
     such), else its latest run."""
     chosen: dict[str, Run] = {}
     for run in sorted(runs, key=lambda r: (r.info.status == "FINISHED", r.info.start_time)):
-        chosen[run.data.tags.get("labfleet.seed", run.info.run_id)] = run
-    return sorted(chosen.values(), key=lambda r: int(r.data.tags.get("labfleet.seed", 0)))
+        chosen[run.data.tags.get(tag.SEED, run.info.run_id)] = run
+    return sorted(chosen.values(), key=lambda r: int(r.data.tags.get(tag.SEED, 0)))
 
 
 def resolve_target(client: MlflowClient, target: str, source: str = "labfleet report") -> Target:
@@ -167,7 +169,7 @@ def resolve_target(client: MlflowClient, target: str, source: str = "labfleet re
             raise SpecError([Problem(source, "TARGET", str(exc))]) from None
         named = client.search_runs([e.experiment_id for e in experiments], by_name,
                                    order_by=["attributes.start_time DESC"], max_results=50) if experiments else []
-        named = [r for r in named if r.data.tags.get("labfleet.role") in ("suite", "sweep", "trial")]
+        named = [r for r in named if r.data.tags.get(tag.ROLE) in ("suite", "sweep", "trial")]
         if named:
             run = named[0]
         else:
@@ -180,14 +182,14 @@ def resolve_target(client: MlflowClient, target: str, source: str = "labfleet re
             return Target(f"experiment {target}", experiment.experiment_id, None,
                           _configurations(client, experiment.experiment_id, every))
     experiment_id = run.info.experiment_id
-    role = run.data.tags.get("labfleet.role")
+    role = run.data.tags.get(tag.ROLE)
     trials: list[Run]
     if role == "trial":
         trials = [run]
     else:
         trials = [r for r in _children(client, experiment_id, run.info.run_id)
-                  if r.data.tags.get("labfleet.role") == "trial"]
-    name = run.data.tags.get("mlflow.runName", run.info.run_id)
+                  if r.data.tags.get(tag.ROLE) == "trial"]
+    name = run.data.tags.get(tag.RUN_NAME, run.info.run_id)
     return Target(f"{role} {name}", experiment_id, run, _configurations(client, experiment_id, trials))
 
 
@@ -206,8 +208,8 @@ def primary_metric(configs: list[Configuration]) -> str:
         for metric in (*info.dataset_metrics.values(), *info.eval_metrics):
             if metric in logged:
                 return metric
-    evals = [m for m in logged if m.startswith("eval/")]  # your own code: what it reported
-    return evals[0] if evals else "eval/return_mean"
+    evals = [m for m in logged if m.startswith(M.EVAL_PREFIX)]  # your own code: what it reported
+    return evals[0] if evals else M.EVAL_RETURN_MEAN
 
 
 # --- numbers --------------------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def curves_csv(client: MlflowClient, configs: list[Configuration], metric: str) 
     writer = csv.writer(buffer)
     writer.writerow(["configuration", "seed", "run_id", "metric", "step", "value"])
     for config in configs:
-        seeds = {s.info.run_id: s.data.tags.get("labfleet.seed", "") for s in config.seeds}
+        seeds = {s.info.run_id: s.data.tags.get(tag.SEED, "") for s in config.seeds}
         for run_id, points in histories(client, config, metric).items():
             for step, value in sorted(points.items()):
                 writer.writerow([config.label, seeds[run_id], run_id, metric, step, repr(value)])
@@ -283,7 +285,8 @@ def curves_csv(client: MlflowClient, configs: list[Configuration], metric: str) 
 def results_csv(names: list[str], rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["configuration", "seeds", "status", *(f"{n}{suffix}" for n in names for suffix in ("", "_std"))])
+    columns = (f"{n}{suffix}" for n in names for suffix in ("", M.STD_SUFFIX))
+    writer.writerow(["configuration", "seeds", "status", *columns])
     for row in rows:
         cells = [row["configuration"], row["seeds"], row["status"]]
         for name in names:
@@ -296,7 +299,7 @@ def final_rows(configs: list[Configuration], metric: str) -> tuple[list[str], li
     """Columns (the eval metrics of any configuration; blank where one lacks it, e.g. a pruned trial) and
     one row per configuration, best first."""
     finals = {id(c): c.finals() for c in configs}
-    names = sorted({k for f in finals.values() for k in f if not k.endswith("_std")})
+    names = sorted({k for f in finals.values() for k in f if not k.endswith(M.STD_SUFFIX)})
     if metric in names:
         names.remove(metric)
         names.insert(0, metric)
@@ -378,7 +381,7 @@ def _png(fig: Any) -> bytes:
 
 def task_of(config: Configuration) -> str:
     tags = config.trial.data.tags
-    task = tags.get("labfleet.env") or tags.get("labfleet.dataset")
+    task = tags.get(tag.ENV) or tags.get(tag.DATASET)
     return task if task and task != "None" else "its own data"  # ("None": what older runs of functions hold)
 
 
@@ -423,7 +426,7 @@ def curves_png(client: MlflowClient, configs: list[Configuration], metric: str |
             ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
             drawn += 1
             interpolated = interpolated or moved
-        generative = bool(group[0].trial.data.tags.get("labfleet.dataset"))
+        generative = bool(group[0].trial.data.tags.get(tag.DATASET))
         ax.set_xlabel("optimiser steps" if generative else "env steps")
         ax.set_ylabel(name)
         some = f" (the {len(shown)} best of {len(group)} configurations)" if len(shown) < len(group) else ""
@@ -451,7 +454,7 @@ def pbt_png(client: MlflowClient, sweep_run: Run, configs: list[Configuration], 
     if PBT_LINEAGE not in names:
         return None
     lineage = json.loads(Path(client.download_artifacts(sweep_run.info.run_id, PBT_LINEAGE, str(tmp))).read_text())
-    numbers = {int(c.trial.data.tags.get("optuna.trial_number", i)): c for i, c in enumerate(configs)}
+    numbers = {int(c.trial.data.tags.get(tag.TRIAL_NUMBER, i)): c for i, c in enumerate(configs)}
     keys = sorted({k for c in configs for k in c.trial.data.metrics if k.startswith("pbt/")})
     plt = _pyplot()
     fig, axes = plt.subplots(len(keys) + 1, 1, figsize=(8, 2.4 * (len(keys) + 1)), squeeze=False, sharex=True)
@@ -459,7 +462,7 @@ def pbt_png(client: MlflowClient, sweep_run: Run, configs: list[Configuration], 
         for number, config in sorted(numbers.items()):
             history = sorted((m.step, m.value) for m in client.get_metric_history(config.trial.info.run_id, key))
             if history:
-                last = max((s.data.metrics.get("time/env_steps", 0) for s in config.seeds), default=history[-1][0])
+                last = max((s.data.metrics.get(M.ENV_STEPS, 0) for s in config.seeds), default=history[-1][0])
                 steps, values = zip(*history, strict=True)
                 ax.step([*steps, max(last, steps[-1])], [*values, values[-1]], where="post",
                         color=f"C{config.color % 10}", label=f"trial {number}")
@@ -495,9 +498,9 @@ def sweep_trials_table(configs: list[Configuration]) -> str:
     params = sorted({k for c in configs for t in c.trials or [c.trial] for k in t.data.params if k != "seeds"})
     lines = ["| trial | state | " + " | ".join(params) + " |", "|" + "---|" * (2 + len(params))]
     trials = [trial for config in configs for trial in config.trials or [config.trial]]  # a retried trial too
-    for trial in sorted(trials, key=lambda t: int(t.data.tags.get("optuna.trial_number", -1))):
+    for trial in sorted(trials, key=lambda t: int(t.data.tags.get(tag.TRIAL_NUMBER, -1))):
         tags, values = trial.data.tags, trial.data.params
-        lines.append(f"| {tags.get('optuna.trial_number', '')} | {tags.get('optuna.state', '')} | "
+        lines.append(f"| {tags.get(tag.TRIAL_NUMBER, '')} | {tags.get(tag.TRIAL_STATE, '')} | "
                      + " | ".join(values.get(p, "") for p in params) + " |")
     return "\n".join(lines) + "\n"
 
@@ -694,7 +697,7 @@ def sample_grids(client: MlflowClient, configs: list[Configuration]) -> dict[str
             if shown == MAX_SAMPLE_GRIDS:
                 break
             shown += 1
-            seed = min(config.seeds, key=lambda r: r.data.tags.get("mlflow.runName", ""))
+            seed = min(config.seeds, key=lambda r: r.data.tags.get(tag.RUN_NAME, ""))
             for kind in SAMPLE_KINDS:
                 pngs = [a.path for a in client.list_artifacts(seed.info.run_id, kind) if a.path.endswith(".png")]
                 if pngs:
@@ -731,7 +734,7 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
         images["profiles"] = profiles
         table += "\n## Aggregate statistics\n\n" + aggregate_md
     images.update(sample_grids(client, target.configurations))
-    if target.parent is not None and target.parent.data.tags.get("labfleet.role") == "sweep":
+    if target.parent is not None and target.parent.data.tags.get(tag.ROLE) == "sweep":
         images.update(_sweep_figures(client, target, storage, notes))
         table += "\n## Trials\n\n" + sweep_trials_table(target.configurations)
     contents = {f"{name}.png": data for name, data in images.items()}
@@ -749,7 +752,7 @@ def build_report(client: MlflowClient, target_text: str, out: Path, metric: str 
         raise SpecError([Problem("labfleet report", "--out", f"cannot write the report in {out}: "
                                  f"{exc.strerror or exc}")]) from None
     logged_to = None
-    if log and target.parent is not None and target.parent.data.tags.get("labfleet.role") in ("suite", "sweep"):
+    if log and target.parent is not None and target.parent.data.tags.get(tag.ROLE) in ("suite", "sweep"):
         for path in files:
             client.log_artifact(target.parent.info.run_id, str(path), "report")
         logged_to = target.parent.info.run_id
@@ -775,8 +778,8 @@ def _sweep_figures(client: MlflowClient, target: Target, storage: str | None, no
 
 def _sweep_images(sweep_run: Run, storage: str | None, notes: list[str]) -> dict[str, bytes]:
 
-    name = sweep_run.data.tags.get("optuna.study_name")
-    url = storage or sweep_run.data.tags.get("optuna.storage")
+    name = sweep_run.data.tags.get(tag.STUDY_NAME)
+    url = storage or sweep_run.data.tags.get(tag.STORAGE)
     if not name or not url:
         notes.append("the sweep run names no Optuna study")
         return {}

@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from labfleet import metrics as M
+
 # fullmatch, not match with "$": "$" also matches before a final newline ("good\n" would pass)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -201,7 +203,7 @@ class PBTConfig(StrictModel):
 class SweepConfig(StrictModel):
     """Used by `labfleet sweep`: an Optuna study over paths of this spec."""
 
-    metric: str = Field("eval/return_mean", description="Objective: mean over seeds of its final value.")
+    metric: str = Field(M.EVAL_RETURN_MEAN, description="Objective: mean over seeds of its final value.")
     direction: Direction = "maximize"
     metrics: list[str] | None = Field(None, description="Multi-objective: several metrics (with `directions`); "
                                       "Optuna does not prune such studies.")

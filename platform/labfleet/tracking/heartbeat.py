@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DRIVER_TAG = "labfleet.driver"
-HEARTBEAT_TAG = "labfleet.heartbeat"
-RECONCILED_TAG = "labfleet.reconciled"
+from labfleet.tracking import tags as tag
+
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER = 5 * HEARTBEAT_SECONDS  # a live driver on another host renews its runs well within this
 
@@ -48,8 +47,6 @@ def _start_ticks(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces and ")"
 
 
-SLURM_JOB_TAG = "labfleet.slurm_job"
-SLURM_CLUSTER_TAG = "labfleet.slurm_cluster"
 
 
 def slurm_start() -> tuple[str, int] | None:
@@ -66,7 +63,7 @@ def launcher_tags() -> dict[str, str]:
     start = slurm_start()
     if not start:
         return {}
-    return {SLURM_JOB_TAG: start[0], SLURM_CLUSTER_TAG: os.environ.get("SLURM_CLUSTER_NAME", "")}
+    return {tag.SLURM_JOB: start[0], tag.SLURM_CLUSTER: os.environ.get("SLURM_CLUSTER_NAME", "")}
 
 
 def driver_identity(pid: int | None = None) -> str:
@@ -128,7 +125,7 @@ def last_beat(tags: dict[str, str], start_time_ms: int) -> float:
     """When a run's driver last showed life: its heartbeat tag, else (no tag, or one that is not a number,
     as a foreign tool may write) the run's start."""
     try:
-        beat = float(tags.get(HEARTBEAT_TAG, ""))
+        beat = float(tags.get(tag.HEARTBEAT, ""))
     except ValueError:
         beat = math.nan
     return beat if math.isfinite(beat) else start_time_ms / 1000
@@ -158,7 +155,7 @@ def live_owner(run: Any, stale_after: float = STALE_AFTER) -> str | None:
     if run.info.status != "RUNNING":
         return None
     tags = run.data.tags
-    identity = tags.get(DRIVER_TAG)
+    identity = tags.get(tag.DRIVER)
     if identity == driver_identity():
         return None
     if driver_gone(identity, last_beat(tags, run.info.start_time), stale_after) is not None:
@@ -173,7 +170,7 @@ def stale_runs(client: Any, stale_after: float = STALE_AFTER, now: float | None 
         for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'",
                                       max_results=50_000):
             tags = run.data.tags
-            reason = driver_gone(tags.get(DRIVER_TAG), last_beat(tags, run.info.start_time), stale_after, now)
+            reason = driver_gone(tags.get(tag.DRIVER), last_beat(tags, run.info.start_time), stale_after, now)
             if reason is not None:
                 found.append(Stale(run, reason))
     return found
@@ -183,10 +180,10 @@ def reconcile(client: Any, stale_after: float = STALE_AFTER) -> list[Stale]:
     """End every stale run KILLED (children before parents), tagged with when and why; returns them."""
     stale = stale_runs(client, stale_after)
     order = {"seed": 0, "trial": 1, "sweep": 2, "suite": 3}
-    stale.sort(key=lambda s: order.get(s.run.data.tags.get("labfleet.role", ""), 9))
+    stale.sort(key=lambda s: order.get(s.run.data.tags.get(tag.ROLE, ""), 9))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for item in stale:
-        client.set_tag(item.run.info.run_id, RECONCILED_TAG, f"{stamp}: {item.reason}")
+        client.set_tag(item.run.info.run_id, tag.RECONCILED, f"{stamp}: {item.reason}")
         client.set_terminated(item.run.info.run_id, "KILLED")
     return stale
 

@@ -3,9 +3,7 @@ run hierarchy through these; a different tracking backend would translate them h
 
 from __future__ import annotations
 
-ROLE_TAG = "labfleet.role"
-PARENT_TAG = "mlflow.parentRunId"
-LABEL_TAG = "labfleet.label"  # a trial run's configuration label (its run name may add " #N" on reruns)
+from labfleet.tracking import tags as tag
 
 
 def _quote(value: str) -> str:
@@ -19,28 +17,28 @@ def _quote(value: str) -> str:
 
 
 def role(name: str) -> str:
-    return f"tags.`{ROLE_TAG}` = {_quote(name)}"
+    return f"tags.`{tag.ROLE}` = {_quote(name)}"
 
 
 def children(parent_run_id: str, *, running: bool = False) -> str:
-    query = f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)}"
+    query = f"tags.`{tag.PARENT}` = {_quote(parent_run_id)}"
     return query + " and attributes.status = 'RUNNING'" if running else query
 
 
 def trials_of_label(label: str, config_hash: str | None = None) -> str:
-    query = f"{role('trial')} and tags.`{LABEL_TAG}` = {_quote(label)}"
+    query = f"{role('trial')} and tags.`{tag.LABEL}` = {_quote(label)}"
     if config_hash is not None:
-        query += f" and tags.`labfleet.config_hash` = {_quote(config_hash)}"
+        query += f" and tags.`{tag.CONFIG_HASH}` = {_quote(config_hash)}"
     return query
 
 
 def suite_runs(name: str) -> str:
-    return f"{role('suite')} and tags.`labfleet.suite` = {_quote(name)}"
+    return f"{role('suite')} and tags.`{tag.SUITE}` = {_quote(name)}"
 
 
 def sweep_runs(study_name: str, storage: str) -> str:
-    return (f"{role('sweep')} and tags.`optuna.study_name` = {_quote(study_name)} "
-            f"and tags.`optuna.storage` = {_quote(storage)}")
+    return (f"{role('sweep')} and tags.`{tag.STUDY_NAME}` = {_quote(study_name)} "
+            f"and tags.`{tag.STORAGE}` = {_quote(storage)}")
 
 
 def running() -> str:
@@ -48,4 +46,4 @@ def running() -> str:
 
 
 def named(name: str) -> str:
-    return f"tags.`mlflow.runName` = {_quote(name)}"
+    return f"tags.`{tag.RUN_NAME}` = {_quote(name)}"

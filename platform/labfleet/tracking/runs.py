@@ -41,18 +41,16 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 import labfleet
-from labfleet.tracking.heartbeat import DRIVER_TAG, HEARTBEAT_TAG, Heartbeat, driver_identity, launcher_tags
+from labfleet.tracking import tags as tag
+from labfleet.tracking.heartbeat import Heartbeat, driver_identity, launcher_tags
 from labfleet.tracking.uri import artifact_root_for, redact_credentials, redact_uri, retry_if_locked, sqlite_wal
 
-ROLE = "labfleet.role"
-PARENT = "mlflow.parentRunId"
-RUN_NAME = "mlflow.runName"
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000  # log_batch limits
 MAX_PARAM_LENGTH = 6000
 PBT_LINEAGE = "pbt_lineage.json"  # a PBT sweep run's record of every exploit and explore
 SECRET_WORDS = ("password", "secret", "token", "credential", "api_key")
 # MLflow 3 opens an experiment without this tag in GenAI mode ("Traces 0"); these are training runs.
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+EXPERIMENT_TAGS = {tag.EXPERIMENT_KIND: "custom_model_development"}
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -167,7 +165,7 @@ class Tracker:
         """Renew the heartbeat of every open run (one tag write each, through the writer thread)."""
         now = str(int(time.time()))
         for run_id in list(self.open_runs):
-            self._call(self.client.set_tag, run_id, HEARTBEAT_TAG, now)
+            self._call(self.client.set_tag, run_id, tag.HEARTBEAT, now)
 
     def _call(self, function: Callable[..., Any], *args: Any) -> None:
         if self._writer is None:
@@ -219,7 +217,7 @@ class Tracker:
             try:
                 if self.client.get_run(run_id).info.status != "RUNNING":
                     continue
-                retry_if_locked(self.client.set_tag, run_id, "labfleet.error", message[:5000])
+                retry_if_locked(self.client.set_tag, run_id, tag.ERROR, message[:5000])
                 retry_if_locked(self.client.set_terminated, run_id, "FAILED")
             except Exception:  # noqa: BLE001, S112 - the store refuses even this: reconcile ends it later
                 continue
@@ -278,10 +276,10 @@ class Tracker:
         """A new RUNNING run. Its params are written at once, or with `params_with_first_flush` in the same
         `log_batch` as its first metrics (a seed run's first results come within seconds: one store call
         fewer per seed)."""
-        all_tags = {ROLE: role, RUN_NAME: name, "labfleet.version": labfleet.__version__, DRIVER_TAG: self.driver,
-                    HEARTBEAT_TAG: str(int(time.time())), **launcher_tags(), **(tags or {})}
+        all_tags = {tag.ROLE: role, tag.RUN_NAME: name, tag.VERSION: labfleet.__version__, tag.DRIVER: self.driver,
+                    tag.HEARTBEAT: str(int(time.time())), **launcher_tags(), **(tags or {})}
         if parent:
-            all_tags[PARENT] = parent
+            all_tags[tag.PARENT] = parent
         run = retry_if_locked(self.client.create_run, self.experiment_id(experiment), tags=all_tags, run_name=name)
         run_id = run.info.run_id
         self.open_runs[run_id] = role
@@ -297,8 +295,8 @@ class Tracker:
         """An earlier invocation's run (a resumed suite or sweep) is RUNNING again, and ends with this one."""
         self._ending.pop(run_id, None)
         self._call(self.client.update_run, run_id, "RUNNING")
-        self._call(self.client.log_batch, run_id, [], [], [RunTag(DRIVER_TAG, self.driver),
-                                                           RunTag(HEARTBEAT_TAG, str(int(time.time()))),
+        self._call(self.client.log_batch, run_id, [], [], [RunTag(tag.DRIVER, self.driver),
+                                                           RunTag(tag.HEARTBEAT, str(int(time.time()))),
                                                            *(RunTag(k, v) for k, v in launcher_tags().items())])
         self.open_runs[run_id] = role
         self.touched.add(run_id)
@@ -368,7 +366,7 @@ class Tracker:
         anything that must come after it: `after_writes`, `drain`), so that what the rest of the round adds
         to the run (a sweep's `optuna.state`, a later end status) goes in the same store calls."""
         if error:
-            self.queue_tags(run_id, {"labfleet.error": error[-5000:]})
+            self.queue_tags(run_id, {tag.ERROR: error[-5000:]})
         self.open_runs.pop(run_id, None)
         self._ending.pop(run_id, None)  # a second end in the round: the last one counts, written once
         self._ending[run_id] = status

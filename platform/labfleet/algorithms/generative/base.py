@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
+from labfleet import metrics as M
 from labfleet.algorithms.base import Trainer, rng_state, set_rng_state
 from labfleet.algorithms.generative import metrics as GM
 from labfleet.algorithms.optim import OptimHParams, ScheduledOptimizer
@@ -406,8 +407,8 @@ class GenerativeTrainer(Trainer):
                 self._restored_best = True
             out.update(self.test_metrics())
         if self.hp.early_stopping is not None:
-            out["early_stopping/best_step"] = float(self.best_step)
-            out["early_stopping/stopped"] = float(self.stopped)
+            out[M.EARLY_STOP_BEST_STEP] = float(self.best_step)
+            out[M.EARLY_STOP_STOPPED] = float(self.stopped)
         self.evaluations += 1
         return out
 

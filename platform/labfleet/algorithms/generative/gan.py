@@ -300,7 +300,7 @@ class GANTrainer(GenerativeTrainer):
                 p.requires_grad_(True)
         if self.average is not None:
             self._update_average()
-        names, values = ["loss/generator", "loss/discriminator", "train/grad_norm"], [g_loss, d_loss, g_norm]
+        names, values = [M.LOSS_GENERATOR, M.LOSS_DISCRIMINATOR, M.GRAD_NORM], [g_loss, d_loss, g_norm]
         if self.critic is not None:  # the rejection critic: the same real points against the last fakes
             c_loss = softplus(-self.critic(real.detach())).mean() + softplus(self.critic(fake)).mean()
             self.optimizers["critic"].step_tensor(c_loss, self.budget_fraction())
@@ -308,7 +308,7 @@ class GANTrainer(GenerativeTrainer):
             values.append(c_loss)
         read = torch.stack([v.detach().float() for v in values]).tolist()  # one host sync a step
         rate = self.optimizers["generator"].learning_rate
-        return {**dict(zip(names, read, strict=True)), "train/learning_rate": rate}
+        return {**dict(zip(names, read, strict=True)), M.LEARNING_RATE: rate}
 
     @torch.no_grad()
     def _update_average(self) -> None:
@@ -332,12 +332,12 @@ class GANTrainer(GenerativeTrainer):
 
     def validation_metric(self) -> float:
         quality = self._quality(11, self.valid_x)
-        if "eval/fd_digits" in quality:
-            return quality["eval/fd_digits"]
+        if M.FD_DIGITS in quality:
+            return quality[M.FD_DIGITS]
         if M.FD in quality:
             return quality[M.FD]
-        if "eval/mode_kl" in quality:
-            return quality["eval/mode_kl"] + 1.0 - quality["eval/high_quality_frac"]
+        if M.GAN_MODE_KL in quality:
+            return quality[M.GAN_MODE_KL] + 1.0 - quality[M.GAN_HIGH_QUALITY_FRAC]
         raise ValueError(f"no validation metric for the GAN on {self.data.name}")
 
     def test_metrics(self) -> dict[str, float]:
@@ -365,7 +365,7 @@ class GANTrainer(GenerativeTrainer):
 register(AlgorithmInfo(
     name="gan", kind="generative", hparams=GANHParams, trainer=GANTrainer,
     summary="GAN (non-saturating or minimax loss, PacGAN packing, R1 gradient penalty)",
-    rollout_workers=False, primary_metric="eval/modes_covered", budget_units=("iterations", "epochs"),
+    rollout_workers=False, primary_metric=M.GAN_MODES_COVERED, budget_units=("iterations", "epochs"),
     dataset_metrics={"digits": M.FD_DIGITS, "fashion_mnist": M.FD, "mnist": M.FD, "images": M.FD},
     eval_metrics=(M.GAN_MODES_COVERED, M.GAN_HIGH_QUALITY_FRAC, M.GAN_MODE_KL, M.FD_DIGITS, M.CONFIDENT_FRAC,
                   M.FD, M.KID, M.PRECISION, M.RECALL),

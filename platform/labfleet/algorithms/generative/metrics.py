@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from labfleet import metrics as M
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -115,8 +117,8 @@ def mixture_metrics(samples: np.ndarray, modes: np.ndarray, sigma: float) -> dic
         mode_kl = float((p[nonzero] * np.log(p[nonzero] * len(modes))).sum())
     else:
         mode_kl = math.log(len(modes))  # no high-quality sample: as far from uniform as one mode alone
-    return {"eval/modes_covered": float(covered), "eval/high_quality_frac": float(high_quality.mean()),
-            "eval/mode_kl": mode_kl}
+    return {M.GAN_MODES_COVERED: float(covered), M.GAN_HIGH_QUALITY_FRAC: float(high_quality.mean()),
+            M.GAN_MODE_KL: mode_kl}
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -176,8 +178,8 @@ def digits_metrics(samples: torch.Tensor, reference: torch.Tensor) -> dict[str, 
     with torch.no_grad():
         fs, fr = model.features(samples.float().cpu()), model.features(reference.float().cpu())
         confident = model.head(fs).softmax(1).max(1).values >= 0.9
-    return {"eval/fd_digits": frechet_distance(fs.numpy().astype(np.float64), fr.numpy().astype(np.float64)),
-            "eval/confident_frac": float(confident.float().mean())}
+    return {M.FD_DIGITS: frechet_distance(fs.numpy().astype(np.float64), fr.numpy().astype(np.float64)),
+            M.CONFIDENT_FRAC: float(confident.float().mean())}
 
 
 # --- sample quality on 8-bit image datasets --------------------------------------------------------------
@@ -308,5 +310,5 @@ def image_metrics(samples: torch.Tensor, reference: torch.Tensor, classifier: Fe
         fs = classifier.features(samples.float().cpu()).double().numpy()
         fr = classifier.features(reference.float().cpu()).double().numpy()
     precision, recall = precision_recall(fr, fs)
-    return {"eval/fd": frechet_distance(fs, fr), "eval/kid": kernel_inception_distance(fs, fr),
-            "eval/precision": precision, "eval/recall": recall}
+    return {M.FD: frechet_distance(fs, fr), M.KID: kernel_inception_distance(fs, fr),
+            M.PRECISION: precision, M.RECALL: recall}

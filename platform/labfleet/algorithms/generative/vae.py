@@ -120,7 +120,7 @@ class VAETrainer(GenerativeTrainer):
     hp: VAEHParams
 
     def build(self) -> None:
-        self.validation_name = "valid/neg_elbo"
+        self.validation_name = M.VALID_NEG_ELBO
         self.gaussian = self.data.levels is None
         self.likelihood = "gaussian" if self.gaussian else self.hp.likelihood
         if self.likelihood == "auto":
@@ -194,8 +194,8 @@ class VAETrainer(GenerativeTrainer):
         loss = -(recon - self.hp.beta * kl).mean()
         norm = self.optimizers["vae"].step_tensor(loss, self.budget_fraction())
         values = torch.stack([loss.detach(), -(recon - kl).mean().detach(), kl.mean().detach(), norm]).tolist()
-        return {**dict(zip(("loss/vae", "train/neg_elbo", "train/kl", "train/grad_norm"), values, strict=True)),
-                "train/learning_rate": self.optimizers["vae"].learning_rate}  # one host sync a step
+        return {**dict(zip((M.LOSS_VAE, M.TRAIN_NEG_ELBO, M.TRAIN_KL, M.GRAD_NORM), values, strict=True)),
+                M.LEARNING_RATE: self.optimizers["vae"].learning_rate}  # one host sync a step
 
     # --- evaluation ----------------------------------------------------------------------------------
     def _estimates(self, x: torch.Tensor, samples: int, seed: int) -> tuple[float, float, float]:
@@ -223,10 +223,10 @@ class VAETrainer(GenerativeTrainer):
 
     def test_metrics(self) -> dict[str, float]:
         recon_nll, kl, neg_elbo = self._estimates(self.test_target, self.hp.elbo_samples, 3)
-        out = {"eval/neg_elbo": neg_elbo, "eval/recon_nll": recon_nll, "eval/kl": kl,
-               "eval/baseline_nll": self.baseline_nll}
+        out = {M.VAE_NEG_ELBO: neg_elbo, M.VAE_RECON_NLL: recon_nll, M.VAE_KL: kl,
+               M.VAE_BASELINE_NLL: self.baseline_nll}
         if self.hp.iwae_samples > 1:
-            out["eval/iwae_nll"] = self.iwae_nll(self.test_target, self.hp.iwae_samples)
+            out[M.VAE_IWAE_NLL] = self.iwae_nll(self.test_target, self.hp.iwae_samples)
         if self.data.is_image:  # nats per example over dimensions and ln 2: bits per dimension
             out[M.VAE_BITS_PER_DIM] = neg_elbo / (math.prod(self.data.shape) * math.log(2))
         if self.data.name == "digits":
@@ -293,7 +293,7 @@ class VAETrainer(GenerativeTrainer):
 register(AlgorithmInfo(
     name="vae", kind="generative", hparams=VAEHParams, trainer=VAETrainer,
     summary="Variational autoencoder (beta-VAE, IWAE bound, two-level hierarchical option)",
-    rollout_workers=False, primary_metric="eval/neg_elbo", budget_units=("epochs", "iterations"),
+    rollout_workers=False, primary_metric=M.VAE_NEG_ELBO, budget_units=("epochs", "iterations"),
     eval_metrics=(M.VAE_NEG_ELBO, M.VAE_RECON_NLL, M.VAE_KL, M.VAE_BASELINE_NLL, M.VAE_IWAE_NLL, M.FD_DIGITS,
                   M.CONFIDENT_FRAC, M.GAN_MODES_COVERED, M.GAN_HIGH_QUALITY_FRAC, M.GAN_MODE_KL,
                   M.VAE_BITS_PER_DIM, M.FD, M.KID, M.PRECISION, M.RECALL),

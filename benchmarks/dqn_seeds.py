@@ -1,5 +1,5 @@
-"""DQN on CartPole over many seeds, with its evaluations on the way (docs/benchmarks.md, "Ten seeds nobody
-tuned on", DQN).
+"""DQN on CartPole over many seeds, with its evaluations on the way (docs/benchmarks.md, "DQN on
+CartPole: what the spec rests on").
 
     python benchmarks/dqn_seeds.py 9520-9535 [--set eval.select_best=false eval.every_steps=2500 ...]
 

@@ -13,7 +13,7 @@ in-process, one thread per seed, two seeds at a time, and prints modes covered a
 fraction every `--every` iterations (with `drs`, of the samples rejection sampling keeps, then of the
 generator's own G(z)). `--raw-weight w` trains a second discriminator on raw coordinates
 beside the Fourier one (the spec's own, with its own Adam) and adds w times its non-saturating loss to the
-generator's (a variant tried and not kept in the trainer; docs/benchmarks.md, "Two discriminators").
+generator's (an experiment of this script's own; the trainer has no such option).
 """
 
 from __future__ import annotations

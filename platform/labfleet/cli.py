@@ -878,7 +878,7 @@ def main() -> None:
             # The command's stores are closed by now. Ray's exit hook sleeps 0.5 s before it stops the local
             # instance, and the interpreter then takes 1-2 s to tear down torch, Ray and MLflow, which
             # nothing needs: stop Ray here (its processes end with it) and leave (measured in
-            # docs/benchmarks.md, "Start-up and test-suite time").
+            # docs/benchmarks.md, "Start-up and the test suite").
             ray = sys.modules.get("ray")
             try:
                 if ray is not None and ray.is_initialized():

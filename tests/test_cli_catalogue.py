@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gymnasium as gym
+import pytest
 from typer.testing import CliRunner
 
 from labfleet.algorithms import registry
@@ -101,6 +102,7 @@ def test_show_unknown_algorithm():
     assert result.exit_code == 2 and "unknown algorithm 'ppo2'" in result.output
 
 
+@pytest.mark.slow
 def test_shell_completion_offers_spec_files_algorithms_and_set_keys():
     import os
     import subprocess

@@ -115,6 +115,7 @@ class StartWorker(TrialWorker):
         return "started", time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_a_helper_that_dies_before_joining_is_a_lost_rank_not_a_hang(ray_local):
     """Rank 0 waited in `init_process_group` for a dead helper until torch's timeout (30 min): the chaos soak
     hung when its kill landed there. Now Ray's own error comes at once, and the driver retries the seed."""

@@ -176,6 +176,7 @@ def test_gan_on_digits_and_its_losses():
         assert trainer.media(), "the final evaluation logs a sample grid"
 
 
+@pytest.mark.slow
 def test_mnist_style_images_load_from_a_local_file_and_train(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "mnist.npz"

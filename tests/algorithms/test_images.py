@@ -207,6 +207,7 @@ def test_dcgan_on_fashion_mnist_beats_a_gaussian_fit(tmp_path: Path, monkeypatch
     assert result["eval/recall"] > trivial["eval/recall"]
 
 
+@pytest.mark.slow
 def test_the_feature_classifier_is_trained_once_and_cached_on_disk(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("LABFLEET_CACHE", str(tmp_path))
     rng = np.random.default_rng(0)
@@ -283,6 +284,7 @@ def test_a_folder_of_png_and_jpeg_images_with_class_subfolders(tmp_path: Path) -
     assert images.describe("images", path, (8, 8)).shape == (3, 8, 8)
 
 
+@pytest.mark.slow
 def test_bernoulli_likelihood_binarises_training_afresh_and_evaluation_once(tmp_path: Path, monkeypatch) -> None:
     _fashion_mnist()
     monkeypatch.setenv("LABFLEET_CACHE", str(tmp_path))

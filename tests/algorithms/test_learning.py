@@ -77,6 +77,7 @@ def test_value_iteration_is_optimal_on_frozenlake():
     assert trainer.evaluate()["eval/return_mean"] >= 0.70  # measured 0.746 over 1000 episodes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec_file", ["frozenlake_qlearning.yaml", "frozenlake_sarsa.yaml"])
 def test_tabular_learners_approach_value_iteration(spec_file):
     reference = train("frozenlake_value_iteration.yaml", {}, 0)

@@ -14,6 +14,9 @@ from labfleet.spec.loading import load_spec
 from tests.conftest import shipped_spec_for
 
 ALGORITHMS = registry.names()
+# the generative trainers' contract checks take 5-35 s each: the slow lane runs them
+CONTRACT = [pytest.param(name, marks=pytest.mark.slow) if registry.get(name).kind == "generative" else name
+            for name in ALGORITHMS]
 # Keep each algorithm to a few iterations: small batches, a small budget, small networks (the GAN's and the
 # VAE's `hidden` and `d_hidden` too: grid_gan.yaml's 4 x 400 generator costs seconds an evaluation).
 SHRINK = {"n_envs": 2, "n_steps": 16, "learning_starts": 16, "batch_size": 16, "train_freq": 8,
@@ -63,6 +66,7 @@ def build_variant(variant: str, seed: int = 0):
     return registry.get(algorithm).trainer(tiny_spec(algorithm, overrides), seed, "cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variants_keep_the_contract(variant):
     testing.check_checkpoint_round_trip(lambda seed: build_variant(variant, seed))
@@ -75,12 +79,12 @@ def test_registry_is_not_empty():
     assert "reinforce" in ALGORITHMS
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", CONTRACT)
 def test_checkpoint_round_trip_gives_identical_next_actions(algorithm):
     testing.check_checkpoint_round_trip(lambda seed: build(algorithm, seed))
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", CONTRACT)
 def test_a_restored_trainer_goes_on_exactly(algorithm):
     trainer = build(algorithm)
     testing.check_exact_resume(lambda seed: build(algorithm, seed))
@@ -90,17 +94,17 @@ def test_a_restored_trainer_goes_on_exactly(algorithm):
     assert restored.resume_exact, "the shipped environments can all be saved: the resume must be exact"
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", CONTRACT)
 def test_same_seed_same_metrics_other_seed_differs(algorithm):
     testing.check_determinism(lambda seed: build(algorithm, seed), registry.get(algorithm).seed_dependent)
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", CONTRACT)
 def test_trainer_pickles_for_ray(algorithm):
     testing.check_pickling(lambda seed: build(algorithm, seed))
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", CONTRACT)
 def test_budget_is_respected_and_metric_names_are_shared(algorithm):
     from labfleet import metrics as M
 
@@ -110,12 +114,12 @@ def test_budget_is_respected_and_metric_names_are_shared(algorithm):
     assert names <= known, f"metric names not defined in labfleet.metrics: {names - known}"
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", CONTRACT)
 def test_evaluate_leaves_training_untouched(algorithm):
     testing.check_evaluate_leaves_training_untouched(lambda seed: build(algorithm, seed))
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", CONTRACT)
 def test_seeds_trained_together_keep_the_contract(algorithm):
     """`resources.seeds_per_actor`: two seeds in one group (batched where the algorithm has a batched form),
     deterministic, and each seed's checkpoint is an ordinary trainer's: it restores into a trainer built

@@ -158,6 +158,7 @@ def _ray_processes(job: str) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
+@pytest.mark.slow
 def test_dry_run_shows_the_script_and_bad_submissions_are_refused(slurm, tmp_path: Path):
     shutil.copy(EXPERIMENTS / "cartpole_reinforce.yaml", tmp_path)
     done = _labfleet(slurm, "submit", "cartpole_reinforce.yaml", "--slurm", "--nodes", "2", "--partition", "debug",
@@ -316,6 +317,7 @@ def test_stop_ends_every_run_killed_and_leaves_no_ray_behind(slurm, tmp_path: Pa
     assert "every open run was marked KILLED" in logs.stdout
 
 
+@pytest.mark.slow
 def test_a_job_that_fails_before_its_driver_starts_says_why(slurm, tmp_path: Path):
     """The interpreter named for the nodes lacks labfleet: the job fails at once, exit 1, and its log says why."""
     shutil.copy(EXPERIMENTS / "cartpole_reinforce.yaml", tmp_path)

@@ -108,14 +108,14 @@ def test_second_driver_never_continues_a_live_drivers_runs(tmp_path: Path, track
 
 
 @pytest.mark.slow
-def test_two_sweep_drivers_each_take_their_own_trials(tmp_path: Path):
+def test_two_sweep_drivers_each_take_their_own_trials(tracking_uri, tmp_path: Path):
     spec = _gated_spec(tmp_path)
     data = yaml.safe_load(spec.read_text())
     data.update({"seeds": [0], "sweep": {
         "metric": "eval/score", "n_trials": 4, "max_parallel": 1, "sampler": {"type": "random", "seed": 3},
         "pruner": {"type": "nop"}, "space": {"hparams.x": {"type": "float", "low": 0.0, "high": 1.0}}}})
     spec.write_text(yaml.safe_dump(data))
-    mlflow_uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    mlflow_uri, storage = tracking_uri, f"sqlite:///{tmp_path / 'optuna.db'}"
     args = [sys.executable, "-m", "labfleet", "sweep", str(spec), "--tracking-uri", mlflow_uri, "--storage", storage,
             "--quiet"]
     first = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

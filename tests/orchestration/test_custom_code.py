@@ -74,7 +74,7 @@ def test_trainer_subclass_outside_the_package(tmp_path: Path, tracking_uri: str)
 
 
 @pytest.mark.slow
-def test_sweep_over_a_function_prunes_and_nests(tmp_path: Path):
+def test_sweep_over_a_function_prunes_and_nests(tracking_uri, tmp_path: Path):
     data = yaml.safe_load((CUSTOM / "digits_function_sweep.yaml").read_text())
     data["budget"] = {"iterations": 6}
     data["sweep"].update({"n_trials": 2, "sampler": {"type": "grid"},
@@ -82,7 +82,7 @@ def test_sweep_over_a_function_prunes_and_nests(tmp_path: Path):
                           "space": {"hparams.learning_rate": {"type": "categorical", "choices": [1e-6, 1e-2]}}})
     (tmp_path / "digits_classifier.py").write_text((CUSTOM / "digits_classifier.py").read_text())
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(data))
-    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    uri, storage = tracking_uri, f"sqlite:///{tmp_path / 'optuna.db'}"
     result = run_cli("sweep", "sweep.yaml", "--tracking-uri", uri, "--storage", storage, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     study = optuna.load_study(study_name="digits-function-sweep", storage=storage)
@@ -331,6 +331,7 @@ class TrainsOnTheSide(Counter):
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "words"), [
     ("Incomplete", ["does not define probe, progress", "docs/your-own-code.md"]),
     ("EvaluateFails", ["evaluate() raised AttributeError", "'EvaluateFails' object has no attribute 'table'",
@@ -451,7 +452,7 @@ def test_enjoy_names_what_a_trainer_of_ones_own_lacks(tmp_path: Path, tracking_u
 
 
 @pytest.mark.slow
-def test_a_sweep_whose_function_never_reports_its_objective_stops_at_the_first_report(tmp_path: Path):
+def test_a_sweep_whose_function_never_reports_its_objective_stops_at_the_first_report(tracking_uri, tmp_path: Path):
     """The objective is checked at the trial's first evaluation: one trial fails with a did-you-mean, no
     other is asked, and the sweep run ends FAILED as the command exits 1."""
     (tmp_path / "typo.py").write_text(
@@ -463,7 +464,7 @@ def test_a_sweep_whose_function_never_reports_its_objective_stops_at_the_first_r
         "sweep": {"metric": "eval/score", "direction": "maximize", "n_trials": 6, "max_parallel": 1,
                   "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "nop"},
                   "space": {"hparams.x": {"type": "float", "low": 0.0, "high": 1.0}}}}))
-    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    uri, storage = tracking_uri, f"sqlite:///{tmp_path / 'optuna.db'}"
     result = run_cli("sweep", "sweep.yaml", "--tracking-uri", uri, "--storage", storage, cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "did you mean 'eval/scor'?" in result.stdout and "no further trial was asked" in result.stdout

@@ -55,8 +55,8 @@ def _artifact(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> b
     return Path(client.download_artifacts(run_id, path, str(tmp_path))).read_bytes()
 
 
-def test_recorder_writes_the_hierarchy_from_events(tmp_path: Path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_recorder_writes_the_hierarchy_from_events(tracking_uri, tmp_path: Path):
+    uri = tracking_uri
     tracker = Tracker(uri, background=True)
     recorder = MlflowRecorder(tracker)
     trial = TrialRunner(_spec(), [recorder], meta=TrialMeta(tags={"labfleet.spec_file": "vi.yaml"}))
@@ -93,10 +93,10 @@ def test_recorder_writes_the_hierarchy_from_events(tmp_path: Path):
     assert first.data.params["seeds"] == "[0]" and first.data.tags["labfleet.config_hash"]
 
 
-def test_recorder_ends_a_trial_interrupted_before_its_run_existed(tmp_path: Path):
+def test_recorder_ends_a_trial_interrupted_before_its_run_existed(tracking_uri, tmp_path: Path):
     """Ctrl-C inside the trial run's `create_run` (seen in a sweep): the session still stops the trial, whose
     seeds and trial then end without runs to end, and nothing raises."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     tracker = Tracker(uri, background=True)
     recorder = MlflowRecorder(tracker)
     trial = TrialRunner(_spec(), [recorder])
@@ -118,10 +118,10 @@ def _started_trial(uri: str) -> tuple[Tracker, MlflowRecorder, TrialRunner]:
     return tracker, recorder, trial
 
 
-def test_recorder_continues_the_run_a_dead_driver_left(tmp_path: Path):
+def test_recorder_continues_the_run_a_dead_driver_left(tracking_uri, tmp_path: Path):
     """The first recorder 'dies' (its runs stay RUNNING); a second one finds the unfinished trial with
     each seed's record, and the resumed events reopen the same runs."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     tracker, first, trial = _started_trial(uri)
     checkpoint = _checkpoint_bytes({"step": 10})  # a checkpoint is torch.save's archive (damage is checked)
     first.handle(ChunkResult(trial, 0, [(10, {"eval/return_mean": 0.25})], {}, 10, checkpoint, False, {}))
@@ -168,10 +168,10 @@ def _history(client: MlflowClient, run_id: str, name: str = "eval/return_mean") 
     return [(m.step, pytest.approx(m.value)) for m in client.get_metric_history(run_id, name)]
 
 
-def test_trial_run_carries_the_mean_over_seeds_history(tmp_path: Path):
+def test_trial_run_carries_the_mean_over_seeds_history(tracking_uri, tmp_path: Path):
     """Each step every seed still in the trial has evaluated is logged once on the trial run, as soon as the
     last seed reaches it; a failed seed leaves the mean; the finals follow at the trial's last step."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     tracker = Tracker(uri, background=True)
     recorder = MlflowRecorder(tracker)
     trial = TrialRunner(_spec(seeds=[0, 1, 2]), [recorder])
@@ -202,10 +202,10 @@ def test_trial_run_carries_the_mean_over_seeds_history(tmp_path: Path):
     assert _history(client, run_id, "eval/return_mean_std") == [(30, 0.1)]
 
 
-def test_trial_history_continues_across_a_dead_driver(tmp_path: Path):
+def test_trial_history_continues_across_a_dead_driver(tracking_uri, tmp_path: Path):
     """A second driver gets each seed's earlier evaluations with its record: the step that a seed reached
     before the first driver died and the other after it is logged once, with both values."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     tracker, first, trial = _started_trial(uri)
     for seed, step, value in ((0, 10, 0.2), (1, 10, 0.4), (0, 20, 0.6)):
         _evaluated(first, trial, seed, step, value)

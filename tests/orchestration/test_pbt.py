@@ -82,10 +82,10 @@ PPO = {**yaml.safe_load((EXPERIMENTS / "cartpole_ppo.yaml").read_text()), "seeds
        "budget": {"env_steps": 4096}, "eval": {"episodes": 2, "every_steps": 1024}, "tracking": {"experiment": "exp"}}
 
 
-def test_an_exploit_copies_the_donor_checkpoint_exactly(tmp_path: Path):
+def test_an_exploit_copies_the_donor_checkpoint_exactly(tracking_uri, tmp_path: Path):
     """Four members on events (no Ray): the worst one at its perturbation point takes the best one's
     checkpoint bytes and its values, explored; a trial worker built from them acts as the donor's does."""
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", background=True)
+    tracker = Tracker(tracking_uri, background=True)
     recorder = MlflowRecorder(tracker)
     sweep = SweepConfig(metric="eval/return_mean", n_trials=4, scheduler=PBTConfig(
         perturbation_interval=1024, quantile_fraction=0.25, resample_probability=0.0, seed=0,
@@ -149,7 +149,7 @@ def test_an_exploit_copies_the_donor_checkpoint_exactly(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_pbt_sweep_with_fewer_slots_than_members_finishes(tmp_path: Path):
+def test_pbt_sweep_with_fewer_slots_than_members_finishes(tracking_uri, tmp_path: Path):
     data = {**PPO, "name": "pbt", "tracking": {"experiment": "pbt"},
             "sweep": {"metric": "eval/return_mean", "n_trials": 3, "max_parallel": 2,
                       "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "nop"},
@@ -160,7 +160,7 @@ def test_pbt_sweep_with_fewer_slots_than_members_finishes(tmp_path: Path):
                                         "hparams.clip_range": {"type": "float", "low": 0.1, "high": 0.3}}}}}
     spec = tmp_path / "pbt.yaml"
     spec.write_text(yaml.safe_dump(data))
-    mlflow_uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    mlflow_uri, storage = tracking_uri, f"sqlite:///{tmp_path / 'optuna.db'}"
     result = run_cli("sweep", str(spec), "--tracking-uri", mlflow_uri, "--storage", storage, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -209,7 +209,7 @@ def _lineage(client: MlflowClient, experiment: str, tmp: Path) -> list:
 
 
 @pytest.mark.slow
-def test_killed_pbt_driver_resumes(tmp_path: Path):
+def test_killed_pbt_driver_resumes(tracking_uri, tmp_path: Path):
     """SIGKILL to the whole command mid-population; the same command again finishes the population,
     keeps the lineage recorded so far and leaves nothing RUNNING."""
     import os
@@ -226,7 +226,7 @@ def test_killed_pbt_driver_resumes(tmp_path: Path):
                                         "hparams.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3}}}}}
     spec = tmp_path / "pbt.yaml"
     spec.write_text(yaml.safe_dump(data))
-    mlflow_uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    mlflow_uri, storage = tracking_uri, f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [sys.executable, "-m", "labfleet", "sweep", str(spec), "--tracking-uri", mlflow_uri,
                "--storage", storage, "--quiet"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}

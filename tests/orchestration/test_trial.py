@@ -20,6 +20,7 @@ def test_metric_window_averages_and_keeps_last_counters():
     assert window.flush(5) is None
 
 
+@pytest.mark.slow
 def test_many_small_iterations_give_a_bounded_curve_and_exact_evaluations():
     spec = load_spec(EXPERIMENTS / "cartpole_reinforce.yaml", {
         "budget.env_steps": 5000, "hparams.n_envs": 1, "hparams.n_steps": 1, "seeds": [0],

@@ -55,12 +55,12 @@ def test_the_bootstrap_is_stratified_by_task():
 
 
 @pytest.mark.slow
-def test_the_report_gives_iqm_profiles_and_improvement(tmp_path: Path):
+def test_the_report_gives_iqm_profiles_and_improvement(tracking_uri, tmp_path: Path):
     """Two configurations on one task, 4 seeds each, written to a real SQLite store and reported."""
     from labfleet.reporting.report import build_report
     from labfleet.tracking.runs import Tracker
 
-    store = f"sqlite:///{tmp_path / 'agg.db'}"
+    store = tracking_uri
     tracker = Tracker(store)
     suite = tracker.start_run("agg", "suite", "agg")
     finals = {"good": [9.0, 10.0, 11.0, 30.0], "bad": [1.0, 2.0, 3.0, 9.0]}

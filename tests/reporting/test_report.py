@@ -104,13 +104,13 @@ def test_report_on_a_suite(suite_store):
 
 
 @pytest.mark.slow
-def test_report_on_a_sweep_has_optuna_figures(tmp_path: Path):
+def test_report_on_a_sweep_has_optuna_figures(tracking_uri, tmp_path: Path):
     spec = {"name": "vi-sweep", **VI, "seeds": [0], "sweep": {
         "n_trials": 4, "max_parallel": 2, "sampler": {"type": "random", "seed": 0}, "pruner": {"type": "nop"},
         "space": {"hparams.gamma": {"type": "float", "low": 0.3, "high": 0.99},
                   "hparams.tolerance": {"type": "float", "low": 1e-10, "high": 1e-4, "log": True}}}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
-    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    uri, storage = tracking_uri, f"sqlite:///{tmp_path / 'optuna.db'}"
     result = run_cli("sweep", "sweep.yaml", "--tracking-uri", uri, "--storage", storage, "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "out"
@@ -230,7 +230,7 @@ def test_report_refuses_an_unknown_metric(suite_store, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_bands_stay_in_the_observed_range_and_one_seed_ranks_last(suite_store, tmp_path: Path):
+def test_bands_stay_in_the_observed_range_and_one_seed_ranks_last(tracking_uri, suite_store, tmp_path: Path):
     """Issue 17: a 1-seed 475.9 must not rank above 378.5 +- 155.1 over 3 seeds, and a band never leaves
     the range the seeds reached (a t-interval over 3 capped returns ran from -100 to 2000)."""
     from labfleet.reporting.report import curve, final_rows, resolve_target
@@ -247,7 +247,7 @@ def test_bands_stay_in_the_observed_range_and_one_seed_ranks_last(suite_store, t
         assert (low >= np.min(observed, axis=0) - 1e-12).all() and (high <= np.max(observed, axis=0) + 1e-12).all()
         assert (low <= mean).all() and (mean <= high).all()
 
-    store = f"sqlite:///{tmp_path / 'ranks.db'}"
+    store = tracking_uri
     tracker = Tracker(store)
     for label, values in (("one-seed", [475.9]), ("three-seeds", [500.0, 460.0, 175.5])):
         trial = tracker.start_run("ranks", "trial", label, tags={"labfleet.algorithm": "ppo"})
@@ -264,13 +264,13 @@ def test_bands_stay_in_the_observed_range_and_one_seed_ranks_last(suite_store, t
     assert [(r["configuration"], r["seeds"]) for r in rows] == [("three-seeds", 3), ("one-seed", 1)]
 
 
-def test_reruns_of_a_configuration_pool_and_seeds_share_a_grid(tmp_path: Path):
+def test_reruns_of_a_configuration_pool_and_seeds_share_a_grid(tracking_uri, tmp_path: Path):
     """Trial runs of one config hash are one configuration (a 1-seed and a 3-seed run of a spec: 3 seeds, seed 0
     counted once); seeds that evaluated at different steps are drawn on a common grid; one colour each."""
     from labfleet.reporting.report import build_report, curve, final_rows, resolve_target
     from labfleet.tracking.runs import Tracker
 
-    store = f"sqlite:///{tmp_path / 'pool.db'}"
+    store = tracking_uri
     tracker = Tracker(store)
     runs = (("spec", "h1", {0: {10: 1.0, 20: 2.0}}),
             ("spec #2", "h1", {0: {10: 1.0, 20: 2.0}, 1: {15: 3.0, 25: 5.0}, 2: {10: 2.0, 20: 4.0, 30: 6.0}}),
@@ -302,11 +302,11 @@ def test_reruns_of_a_configuration_pool_and_seeds_share_a_grid(tmp_path: Path):
     assert len(lines) == 3 and lines[1].startswith("spec,3,FINISHED") and report.files
 
 
-def test_a_report_over_several_tasks_draws_a_panel_each(tmp_path: Path):
+def test_a_report_over_several_tasks_draws_a_panel_each(tracking_uri, tmp_path: Path):
     from labfleet.reporting.report import markdown_table, panels, resolve_target
     from labfleet.tracking.runs import Tracker
 
-    store = f"sqlite:///{tmp_path / 'tasks.db'}"
+    store = tracking_uri
     tracker = Tracker(store)
     suite = tracker.start_run("mixed", "suite", "mixed")
     for label, env, algorithm, value in (("ppo", "CartPole-v1", "ppo", 500.0), ("ddpg", "Pendulum-v1", "ddpg", -150.0),
@@ -363,12 +363,12 @@ def test_report_opens_a_tagged_storage_read_only_and_never_shows_a_password(tmp_
         assert b"S3CRETPW" not in file.read_bytes(), f"{file.name} holds the password"
 
 
-def test_a_report_on_generative_runs_shows_their_latest_sample_grids(tmp_path: Path):
+def test_a_report_on_generative_runs_shows_their_latest_sample_grids(tracking_uri, tmp_path: Path):
     from labfleet.algorithms.generative.plots import image_grid_png
     from labfleet.reporting.report import build_report
     from labfleet.tracking.runs import Tracker
 
-    store = f"sqlite:///{tmp_path / 'gen.db'}"
+    store = tracking_uri
     tracker = Tracker(store)
     suite = tracker.start_run("gen", "suite", "gen")
     grids = {}
@@ -392,11 +392,11 @@ def test_a_report_on_generative_runs_shows_their_latest_sample_grids(tmp_path: P
     assert report.files
 
 
-def test_cross_task_aggregates_compare_methods_on_the_tasks_they_share(tmp_path: Path):
+def test_cross_task_aggregates_compare_methods_on_the_tasks_they_share(tracking_uri, tmp_path: Path):
     from labfleet.reporting.report import aggregate_section, resolve_target
     from labfleet.tracking.runs import Tracker
 
-    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    store = tracking_uri
     tracker = Tracker(store)
     for experiment, cells in (("some", (("ppo", "CartPole-v1"), ("ppo", "Acrobot-v1"), ("dqn", "CartPole-v1"))),
                               ("none", (("ppo", "CartPole-v1"), ("ddpg", "Pendulum-v1")))):

@@ -78,6 +78,7 @@ def test_what_is_not_a_usable_wrapper_is_refused(tmp_path: Path, wrapper: dict, 
     _check_refused(CliRunner().invoke(app, ["validate", str(spec_file)]), spec_file, field, word)
 
 
+@pytest.mark.slow
 def test_a_function_named_as_a_wrapper_is_never_called(tmp_path: Path) -> None:
     marker = tmp_path / "owned"
     spec_file = _write(tmp_path, {**BASE, "env_wrappers": [{"type": "os:system",

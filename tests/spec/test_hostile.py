@@ -212,6 +212,7 @@ def test_fuzz_arbitrary_bytes(tmp_path: Path, content: bytes) -> None:
     _validate_bytes(tmp_path, content)
 
 
+@pytest.mark.slow
 @_fuzz
 @given(document=st.dictionaries(_keys, _documents, max_size=6))
 def test_fuzz_arbitrary_yaml_documents(tmp_path: Path, document: dict) -> None:
@@ -244,6 +245,7 @@ def test_a_training_function_cannot_share_its_actor_between_seeds(tmp_path: Path
     assert "training function" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_user_text_is_neither_markup_nor_raw_terminal_escapes(tmp_path: Path) -> None:
     """A training function's error with rich markup and an OSC-8 link in it: the summary prints it as
     written (no MarkupError after the runs finished), with the escape shown, not sent to the terminal."""
@@ -443,6 +445,7 @@ def _damaged_stores(directory: Path) -> dict[str, Path]:
     return stores
 
 
+@pytest.mark.slow
 def test_damaged_stores_are_refused_at_once_before_ray_starts(tmp_path: Path) -> None:
     import time as _time
 
@@ -462,6 +465,7 @@ def test_damaged_stores_are_refused_at_once_before_ray_starts(tmp_path: Path) ->
     assert not (tmp_path / "fresh.db").exists(), "a store was made before the storage was refused"
 
 
+@pytest.mark.slow
 def test_a_locked_storage_is_refused_in_seconds(tmp_path: Path) -> None:
     import sqlite3
 

@@ -45,12 +45,13 @@ def _spec_dir(root: Path, name: str, reward: float, module: str = "myenvs") -> P
     return directory / "spec.yaml"
 
 
-def test_one_module_name_in_two_directories_is_refused_naming_both_files(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_one_module_name_in_two_directories_is_refused_naming_both_files(tracking_uri, tmp_path: Path) -> None:
     a, b = _spec_dir(tmp_path, "dirA", 1.0), _spec_dir(tmp_path, "dirB", 5.0)
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"name": "clash", "experiments": [{"spec": str(a)}, {"spec": str(b)}]}))
     for command in ("validate", "suite"):
-        result = run_cli(command, str(suite), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path) \
+        result = run_cli(command, str(suite), "--tracking-uri", tracking_uri, cwd=tmp_path) \
             if command == "suite" else run_cli(command, str(suite), cwd=tmp_path)
         assert result.returncode == 2, result.stdout + result.stderr
         assert "Traceback" not in result.stderr
@@ -60,10 +61,11 @@ def test_one_module_name_in_two_directories_is_refused_naming_both_files(tmp_pat
     assert not (tmp_path / "m.db").exists(), "the refused suite wrote a store"
 
 
-def test_each_spec_alone_trains_its_own_file(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_each_spec_alone_trains_its_own_file(tracking_uri, tmp_path: Path) -> None:
     """The same module name in two directories, one command each: each evaluates its own reward (10 steps
     of 1, then of 5), in one store."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = tracking_uri
     for name, reward in (("dirA", 1.0), ("dirB", 5.0)):
         spec = _spec_dir(tmp_path, name, reward)
         result = run_cli("run", str(spec), "--tracking-uri", uri, "--quiet", cwd=tmp_path)
@@ -102,7 +104,8 @@ def test_a_users_file_never_stands_in_for_an_installed_module(tmp_path: Path) ->
         import_path("typing_extensions:Env", spec.parent)
 
 
-def test_only_the_directories_import_paths_need_go_on_rays_path(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_only_the_directories_import_paths_need_go_on_rays_path(tracking_uri, tmp_path: Path) -> None:
     """A spec naming only built-ins puts nothing on Ray's path: a `typing_extensions.py` beside it (which
     would break every Ray process that imports the real one) is never imported."""
     from labfleet.spec.loading import load_spec
@@ -117,7 +120,7 @@ def test_only_the_directories_import_paths_need_go_on_rays_path(tmp_path: Path) 
     assert code_dirs([(load_spec(plain / "spec.yaml", {}), plain)]) == ([], [])
     custom = _spec_dir(tmp_path, "custom", 1.0)
     assert code_dirs([(load_spec(custom, {}), custom.parent)]) == ([str(custom.parent.resolve())], [])
-    result = run_cli("run", str(plain / "spec.yaml"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--quiet",
+    result = run_cli("run", str(plain / "spec.yaml"), "--tracking-uri", tracking_uri, "--quiet",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not marker.exists(), "a file beside the spec was imported by a Ray process"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -166,6 +167,7 @@ def _import(tmp_path: Path, env_id: str) -> tuple[int, str, dict | None]:
     return done.returncode, done.stderr, yaml.safe_load(out.read_text()) if out.exists() else None
 
 
+@pytest.mark.slow
 def test_zoo_defaults_are_written_as_sb3_runs_them(tmp_path: Path):
     """SB3's defaults where an entry names none (labfleet's n_envs of 8 would make 8x longer rollouts), and a
     minibatch larger than the rollout taken as the whole rollout (SB3's behaviour), each said on stderr;

@@ -48,6 +48,7 @@ def test_a_disk_that_fills_mid_run_ends_the_runs_failed(small_disk: Path, tmp_pa
     assert all("No space left on device" in r.data.tags["labfleet.error"] for r in runs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small_disk", ["3M"], indirect=True)
 def test_a_store_that_cannot_be_created_on_a_full_disk_is_refused_in_a_line(small_disk: Path, tmp_path: Path):
     uri = f"sqlite:///{small_disk / 'mlflow.db'}"

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from labfleet.tracking.studies import storage_open_problem
 from labfleet.tracking.uri import check_tracking_uri
 
@@ -21,6 +23,7 @@ optuna.create_study(storage=sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_stores_being_made_by_another_process_are_waited_for(tmp_path: Path) -> None:
     """A notebook opens the stores while a driver validates: every check the driver makes during the
     other process's migrations must pass (the store is fine a moment later)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labfleet.tracking import tags as tag
+import labfleet.tracking.tags as tag
 
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER = 5 * HEARTBEAT_SECONDS  # a live driver on another host renews its runs well within this

@@ -3,7 +3,7 @@ run hierarchy through these; a different tracking backend would translate them h
 
 from __future__ import annotations
 
-from labfleet.tracking import tags as tag
+import labfleet.tracking.tags as tag
 
 
 def _quote(value: str) -> str:

@@ -41,7 +41,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 import labfleet
-from labfleet.tracking import tags as tag
+import labfleet.tracking.tags as tag
 from labfleet.tracking.heartbeat import Heartbeat, driver_identity, launcher_tags
 from labfleet.tracking.uri import artifact_root_for, redact_credentials, redact_uri, retry_if_locked, sqlite_wal
 

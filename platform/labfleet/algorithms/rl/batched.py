@@ -377,6 +377,10 @@ class BatchedActorCritic(BatchedGroup):
     def _log_std(self) -> torch.Tensor:
         return self.stack.params["policy.log_std"].unsqueeze(1)  # (N, 1, A)
 
+    def _value(self, x: torch.Tensor) -> torch.Tensor:
+        """Every seed's V(s) for x (N, B, d) encoded: what the estimates need of the networks alone."""
+        return self.stack.mlp("value_net.", self.value_net, x).squeeze(-1)
+
     def _evaluate(self, x: torch.Tensor, actions: torch.Tensor,
                   params: dict[str, torch.Tensor] | None = None) -> PolicyValue:
         """Every seed's `ActorCritic` call at once, on x (N, B, d) encoded (each seed's own normaliser applied)
@@ -403,7 +407,7 @@ class BatchedPPO(BatchedActorCritic):
         with torch.no_grad():
             pi_old = self._evaluate(x, b_actions)
             b_values, b_logp_old = pi_old.value, pi_old.logp  # (N, B) each
-            next_values = self._evaluate(self._encode(self._flat(r["next_obs"])), b_actions).value
+            next_values = self._value(self._encode(self._flat(r["next_obs"])))
             tf = self._time_first
             adv = gae_advantages(tf(r["rewards"]), tf(b_values.reshape(n, T, E)), tf(r["terminated"]),
                                  tf(r["truncated"]), tf(next_values.reshape(n, T, E)), self._column("gamma", 1),
@@ -519,8 +523,8 @@ class BatchedPolicyGradient(BatchedActorCritic):
         T, E = r["rewards"].shape[1:]
         x, actions = self._encode(self._flat(r["obs"])), self._flat(r["actions"])
         with torch.no_grad():
-            values = self._evaluate(x, actions).value.reshape(n, T, E)
-            next_values = self._evaluate(self._encode(self._flat(r["next_obs"])), actions).value.reshape(n, T, E)
+            values = self._value(x).reshape(n, T, E)
+            next_values = self._value(self._encode(self._flat(r["next_obs"]))).reshape(n, T, E)
             adv, returns = self._advantages(r, values, next_values)
         batch = PolicyGradientBatch(x, actions, adv.reshape(n, T * E), returns.reshape(n, T * E))
         loss, terms = policy_gradient_loss(self._evaluate, batch, self._column("vf_coef"), self._column("ent_coef"),

@@ -20,13 +20,11 @@ from tests.conftest import EXPERIMENTS
 
 class DigestWorker(TrialWorker):
     def run(self) -> dict:
-        result: dict = {}
+        final = None
         while not self.trainer.done:
-            result = self.advance(60)
-            if not self.trainer.done and self.trainer.world > 1:
-                result["digests"] = (self.trainer.parameter_digest(), self.trainer.helper_digests())
+            final = self.advance(60).final
         digests = (self.trainer.parameter_digest(), self.trainer.helper_digests()) if self.trainer.world > 1 else None
-        return {"final": result["final"], "digests": digests, "steps": self.trainer.steps}
+        return {"final": final, "digests": digests, "steps": self.trainer.steps}
 
 
 def _train(ray, workers: int) -> dict:

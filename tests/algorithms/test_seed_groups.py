@@ -15,6 +15,7 @@ from labfleet.algorithms import registry
 from labfleet.algorithms.rl.batched import BatchedGroup, BatchedPPO
 from labfleet.algorithms.seedgroup import SequentialGroup, build_group
 from labfleet.orchestration.trial import TrialWorker, TrialWorkerGroup
+from labfleet.orchestration.wire import SeedChunk, SeedFailed
 from labfleet.spec.loading import load_spec
 from tests.conftest import EXPERIMENTS
 
@@ -175,33 +176,33 @@ def test_sequential_seeds_are_each_seed_alone_bit_for_bit():
                                                                  "eval": {"episodes": 20, "every_steps": 5000}})
     group = TrialWorkerGroup(spec.model_dump(mode="json"), [3, 4])
     assert isinstance(group.group, SequentialGroup)
-    together = group.advance(seconds=1e9)["seeds"]
+    together = group.advance(seconds=1e9).seeds
     for seed in (3, 4):
         alone = TrialWorker(spec.model_dump(mode="json"), seed).advance(seconds=1e9)
-        assert together[seed]["done"] and alone["done"]
+        assert together[seed].done and alone.done
         def untimed(records):
             return [(step, {k: v for k, v in values.items() if k != M.SPS})
                     for step, values in records]
 
-        assert untimed(together[seed]["records"]) == untimed(alone["records"])
-        assert together[seed]["checkpoint"] == alone["checkpoint"]
+        assert untimed(together[seed].records) == untimed(alone.records)
+        assert together[seed].checkpoint == alone.checkpoint
 
 
 def test_one_seeds_nan_fails_that_seed_alone():
     spec = ppo_spec({"seeds": SEEDS, "eval": {"episodes": 2, "every_steps": 2048}}, steps=4096)
     worker = TrialWorkerGroup(spec.model_dump(mode="json"), SEEDS)
     assert isinstance(worker.group, BatchedPPO)
-    first = worker.advance(seconds=0.0)["seeds"]  # one iteration each
-    assert all("records" in part for part in first.values())
+    first = worker.advance(seconds=0.0).seeds  # one iteration each
+    assert all(isinstance(part, SeedChunk) for part in first.values())
     with torch.no_grad():
         worker.group.stack.params["value_net.0.weight"][1].fill_(math.nan)  # seed 1's critic breaks
-    parts = worker.advance(seconds=1e9)["seeds"]
-    assert "non-finite" in parts[1]["error"], parts[1]
+    parts = worker.advance(seconds=1e9).seeds
+    assert "non-finite" in parts[1].error, parts[1]
     for seed in (0, 2):
-        assert parts[seed]["done"] and math.isfinite(parts[seed]["final"]["eval/return_mean"])
-        state = torch.load(io.BytesIO(parts[seed]["checkpoint"]), weights_only=True)
+        assert parts[seed].done and math.isfinite(parts[seed].final["eval/return_mean"])
+        state = torch.load(io.BytesIO(parts[seed].checkpoint), weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values())
-    assert worker.advance(seconds=1e9)["seeds"] == {}  # nothing left to train or report
+    assert worker.advance(seconds=1e9).seeds == {}  # nothing left to train or report
 
 
 # Trials of a sweep that differ only in hyperparameters the batched group takes per seed (`PER_SEED`) train
@@ -271,13 +272,13 @@ def test_members_of_several_trials_keyed_apart_and_one_dropped():
     specs = [ppo_spec({"hparams.learning_rate": lr, "eval": {"episodes": 2}}) for lr in (1e-3, 3e-4)]
     worker = TrialWorkerGroup([s.model_dump(mode="json") for s in specs], [(10, 0, 0), (11, 1, 0)])
     assert isinstance(worker.group, BatchedPPO)
-    first = worker.advance(seconds=0.0)["seeds"]
+    first = worker.advance(seconds=0.0).seeds
     assert set(first) == {10, 11}
     assert worker.group.lr == [1e-3, 3e-4]  # each member's own rate
-    parts = worker.advance(seconds=0.0, drop=[10])["seeds"]
+    parts = worker.advance(seconds=0.0, drop=[10]).seeds
     assert set(parts) == {11} and set(worker.group.members) == {11}
-    rest = worker.advance(seconds=1e9)["seeds"]
-    assert rest[11]["done"] and rest[11]["final"] is not None
+    rest = worker.advance(seconds=1e9).seeds
+    assert rest[11].done and rest[11].final is not None
 
 
 def test_a_member_that_cannot_be_built_fails_alone():
@@ -288,7 +289,7 @@ def test_a_member_that_cannot_be_built_fails_alone():
     worker = TrialWorkerGroup([good.model_dump(mode="json"), broken, good.model_dump(mode="json")],
                               [(0, 0, 0), (1, 1, 0), (2, 2, 1)], {2: b"not a checkpoint"})
     assert set(worker.group.members) == {0}
-    parts = worker.advance(seconds=1e9)["seeds"]
-    assert "NoSuchEnv" in parts[1]["error"] and "error" in parts[2], parts[2]
-    assert parts[0]["done"] and parts[0]["final"] is not None
-    assert set(worker.advance(seconds=1e9)["seeds"]) == set(), "each error is reported once"
+    parts = worker.advance(seconds=1e9).seeds
+    assert "NoSuchEnv" in parts[1].error and isinstance(parts[2], SeedFailed), parts[2]
+    assert parts[0].done and parts[0].final is not None
+    assert set(worker.advance(seconds=1e9).seeds) == set(), "each error is reported once"

@@ -126,13 +126,13 @@ def test_trial_workers_select_per_seed_and_checkpoint_the_selected_network(seeds
     else:
         group = TrialWorkerGroup(data, [0, 1])
         assert group.group.batched  # the stacked DQN, not seeds in turn
-        results = group.advance(seconds=300)["seeds"]
+        results = group.advance(seconds=300).seeds
     for seed, result in results.items():
-        assert result["done"]
-        step = result["final"][M.SELECTED_STEP]
-        assert step in [s for s, _ in finalists(candidates_of(result["records"]))]
+        assert result.done
+        step = result.final[M.SELECTED_STEP]
+        assert step in [s for s, _ in finalists(candidates_of(result.records))]
         trainer = registry.get("dqn").trainer(spec, seed, "cpu")
-        trainer.restore_bytes(result["checkpoint"])
+        trainer.restore_bytes(result.checkpoint)
         [kept] = trainer._finalists  # the checkpoint holds the selected network as the policy
         assert kept["step"] == step
         assert all(torch.equal(v, kept["policy"][k]) for k, v in trainer.q_net.state_dict().items())

@@ -118,9 +118,9 @@ def test_worker_built_from_checkpoint_continues_from_it():
     spec = load_spec(SPEC, {"budget.env_steps": 8192, "eval": {"episodes": 2, "every_steps": 2048}})
     worker = TrialWorker(spec.model_dump(mode="json"), seed=0)
     result = worker.advance(seconds=60)
-    assert result["done"] and result["checkpoint"] and result["progress"] >= 8192
-    resumed = TrialWorker(spec.model_dump(mode="json"), seed=0, checkpoint=result["checkpoint"])
-    assert resumed.trainer.progress == result["progress"] and resumed.trainer.done
+    assert result.done and result.checkpoint and result.progress >= 8192
+    resumed = TrialWorker(spec.model_dump(mode="json"), seed=0, checkpoint=result.checkpoint)
+    assert resumed.trainer.progress == result.progress and resumed.trainer.done
 
 
 @pytest.mark.slow

@@ -27,11 +27,24 @@ def test_many_small_iterations_give_a_bounded_curve_and_exact_evaluations():
         "eval": {"episodes": 2, "every_steps": 1000}})
     worker = TrialWorker(spec.model_dump(mode="json"), 0)
     result = worker.advance(seconds=120)
-    assert result["done"]
-    training = [(step, values) for step, values in result["records"] if "loss/policy" in values]
-    evals = [step for step, values in result["records"] if "eval/return_mean" in values]
+    assert result.done
+    training = [(step, values) for step, values in result.records if "loss/policy" in values]
+    evals = [step for step, values in result.records if "eval/return_mean" in values]
     assert len(training) <= CURVE_POINTS + 1  # 5000 iterations, averaged in windows of 10 steps
     assert len(training) >= CURVE_POINTS - 1
     assert evals == [1000, 2000, 3000, 4000, 5000]
     assert [s for s, _ in training] == sorted(s for s, _ in training)
     assert training[-1][1]["time/env_steps"] == pytest.approx(5000)
+
+
+def test_the_wire_is_frozen_and_survives_pickling():
+    import dataclasses
+    import pickle
+
+    from labfleet.orchestration.wire import GroupChunk, SeedChunk, SeedFailed
+
+    chunk = GroupChunk({3: SeedChunk([(10, {"loss/policy": 0.5})], 10, False, b"ckpt", None, {"a.png": b"x"}, "exact",
+                                     0.2), 4: SeedFailed("ValueError: boom")})
+    assert pickle.loads(pickle.dumps(chunk)) == chunk
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        chunk.seeds[3].done = True  # type: ignore[misc]

@@ -62,6 +62,7 @@ from labfleet.orchestration.events import (
     TrialStarted,
 )
 from labfleet.orchestration.trial import TrialWorker, TrialWorkerGroup
+from labfleet.orchestration.wire import SeedChunk, SeedFailed
 from labfleet.spec.models import ExperimentSpec
 
 RemoteTrialWorker = ray.remote(TrialWorker)
@@ -379,7 +380,7 @@ class TrialRunner:
             return
         self._announce(state)
         decision = self._take(state, result)
-        self._apply(state, decision, result["done"])
+        self._apply(state, decision, result.done)
 
     def _announce(self, state: SeedState) -> None:
         if not state.placed:  # after every (re)launch: a retried trial may run on another node
@@ -389,22 +390,22 @@ class TrialRunner:
             if (where := self._where(state)) is not None:
                 self.emit(SeedPlaced(self, state.seed, where))
 
-    def _take(self, state: SeedState, result: dict[str, Any]) -> Decision:
+    def _take(self, state: SeedState, result: SeedChunk) -> Decision:
         """Deliver one seed's chunk to the listeners; their decision."""
-        records = self._new_records(state, result["records"])
-        if records or result["progress"] != state.progress:
+        records = self._new_records(state, result.records)
+        if records or result.progress != state.progress:
             state.moved, state.stall_warned = time.perf_counter(), False
-        state.progress = result["progress"]
-        state.busy += result.get("busy_s", 0.0)
+        state.progress = result.progress
+        state.busy += result.busy_s
         durable = None
-        if result["checkpoint"] is not None:
-            state.checkpoint = result["checkpoint"]
-            if not result["done"]:  # durable: a rerun after this driver dies continues from here
+        if result.checkpoint is not None:
+            state.checkpoint = result.checkpoint
+            if not result.done:  # durable: a rerun after this driver dies continues from here
                 durable = state.checkpoint
-        if result["done"]:
-            state.final = result["final"]
-        decision = self.emit(ChunkResult(self, state.seed, records, result.get("artifacts", {}), state.progress,
-                                         durable, result["done"], dict(state.latest), result.get("resumed")))
+        if result.done:
+            state.final = result.final
+        decision = self.emit(ChunkResult(self, state.seed, records, result.artifacts, state.progress,
+                                         durable, result.done, dict(state.latest), result.resumed))
         for step, values in records:
             evals = {k: v for k, v in values.items() if k.startswith(M.EVAL_PREFIX)}
             if decision.action == Action.STOP:  # a pruned trial reports nothing after the step that pruned it
@@ -663,18 +664,18 @@ class SharedUnit:
         if live and self.where is None:  # one node lookup for the unit
             self.where = live[0][1]._where(live[0][2])
         for key, runner, state in live:
-            part = result["seeds"].get(key)
+            part = result.seeds.get(key)
             if part is None or state.shared is not self or state.status.ended:
                 continue  # (its trial ended meanwhile: it was let go, and is dropped at the next call)
             state.where = state.where or self.where
             runner._announce(state)
-            if "error" in part:
-                runner._fail(state, part["error"])
+            if isinstance(part, SeedFailed):
+                runner._fail(state, part.error)
                 continue
             decision = runner._take(state, part)
             if decision.action == Action.STOP:
-                runner._apply(state, decision, part["done"])  # the trial ends: its other seeds let go too
-            elif part["done"]:
+                runner._apply(state, decision, part.done)  # the trial ends: its other seeds let go too
+            elif part.done:
                 runner._finish_seed(state)
         going = self._live()
         if going:

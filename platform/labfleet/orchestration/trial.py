@@ -19,6 +19,7 @@ import torch
 from labfleet.algorithms import registry
 from labfleet.algorithms.base import held_gpus, resolve_device
 from labfleet.algorithms.custom import FunctionTrainer
+from labfleet.orchestration.wire import GroupChunk, Record, SeedChunk, SeedFailed
 from labfleet.spec.models import ExperimentSpec
 
 CURVE_POINTS = 500  # training metrics are averaged over windows of budget / CURVE_POINTS units
@@ -135,12 +136,12 @@ class TrialWorker:
         return describe_process(self.device)
 
     def advance(self, seconds: float = 1.0, load: tuple[dict[str, Any], int, bytes | None] | None = None
-                ) -> dict[str, Any]:
+                ) -> SeedChunk:
         """Train for about `seconds` (after loading a new trial first when `load` is given)."""
         if load is not None:
             self.load(*load)
         trainer = self.trainer
-        records: list[tuple[int, dict[str, float]]] = []
+        records: list[Record] = []
         artifacts: dict[str, bytes] = {}  # images a generative trainer makes at its evaluations
         checkpoint, evaluated = None, False
         started = time.perf_counter()
@@ -175,9 +176,8 @@ class TrialWorker:
             # Taken at the end of the chunk, not at the evaluation: a restart from it redoes no step that
             # this result logs (later chunks' steps it may redo are dropped by the driver: exactly once).
             checkpoint = trainer.checkpoint_bytes()
-        return {"records": records, "progress": trainer.progress, "done": trainer.done,
-                "checkpoint": checkpoint, "final": final, "artifacts": artifacts, "resumed": self.slot.take_resumed(),
-                "busy_s": time.perf_counter() - started}
+        return SeedChunk(records, trainer.progress, trainer.done, checkpoint, final, artifacts,
+                         self.slot.take_resumed(), time.perf_counter() - started)
 
     def _final_video(self) -> dict[str, bytes]:
         return final_video(self.spec, self.trainer)
@@ -211,10 +211,10 @@ class TrialWorkerGroup:
     of one trial, or of several trials of a sweep (`sweep.share_actors`), each member with its own spec.
 
     Members are keyed: by their seed (`load(spec, seeds, checkpoints)`), or by the driver's own keys
-    (`load(specs, [(key, spec index, seed), ...], checkpoints by key)`). `advance` returns
-    {"seeds": {key: result}}, each result as `TrialWorker.advance` gives it, or {"error": text} for a member
-    whose trainer could not be built or restored, raised, or produced a non-finite metric: that member fails
-    alone (in a shared actor, the other trials' seeds go on). `drop` (keys) takes members out first (a
+    (`load(specs, [(key, spec index, seed), ...], checkpoints by key)`). `advance` returns a `GroupChunk`:
+    each member's `SeedChunk`, as `TrialWorker.advance` gives it, or a `SeedFailed` for a member whose trainer
+    could not be built or restored, raised, or produced a non-finite metric: that member fails alone (in a
+    shared actor, the other trials' seeds go on). `drop` (keys) takes members out first (a
     pruned trial's)."""
 
     def __init__(self, spec: dict[str, Any] | list[dict[str, Any]] | None = None, seeds: list[Any] | None = None,
@@ -265,7 +265,7 @@ class TrialWorkerGroup:
         return describe_process(self.device)
 
     def advance(self, seconds: float = 1.0, load: tuple[Any, list[Any], dict[int, bytes | None]] | None = None,
-                drop: list[int] | None = None) -> dict[str, Any]:
+                drop: list[int] | None = None) -> GroupChunk:
         if load is not None:
             self.load(*load)
         for key in drop or ():
@@ -273,9 +273,9 @@ class TrialWorkerGroup:
                 self.group.drop(key)
                 self.slots[key].reported = True
         group, slots = self.group, self.slots
-        out: dict[int, dict[str, Any]] = {key: {"error": text} for key, text in self.failed.items()}
+        out: dict[int, SeedChunk | SeedFailed] = {key: SeedFailed(text) for key, text in self.failed.items()}
         self.failed = {}
-        records: dict[int, list[tuple[int, dict[str, float]]]] = {seed: [] for seed in group.members}
+        records: dict[int, list[Record]] = {seed: [] for seed in group.members}
         artifacts: dict[int, dict[str, bytes]] = {seed: {} for seed in group.members}
         evaluated: set[int] = set()
         started = time.perf_counter()
@@ -306,13 +306,11 @@ class TrialWorkerGroup:
                 artifacts[seed].update(final_video(self.specs[seed], trainer))
                 slot.reported = True
             checkpoint = trainer.checkpoint_bytes() if seed in evaluated or trainer.done else None
-            out[seed] = {"records": records[seed], "progress": trainer.progress, "done": trainer.done,
-                         "checkpoint": checkpoint, "final": final, "artifacts": artifacts[seed],
-                         "resumed": slot.take_resumed(), "busy_s": time.perf_counter() - started}
-        return {"seeds": out}
+            out[seed] = SeedChunk(records[seed], trainer.progress, trainer.done, checkpoint, final, artifacts[seed],
+                                  slot.take_resumed(), time.perf_counter() - started)
+        return GroupChunk(out)
 
-    def _iterate(self, out: dict[int, dict[str, Any]], records: dict[int, list[tuple[int, dict[str, float]]]]
-                 ) -> None:
+    def _iterate(self, out: dict[int, SeedChunk | SeedFailed], records: dict[int, list[Record]]) -> None:
         """One iteration of the group: each seed's metrics into its window, or its error into `out`."""
         group, slots = self.group, self.slots
         for seed, logged in group.train_iteration().items():
@@ -320,7 +318,7 @@ class TrialWorkerGroup:
             if not isinstance(logged, BaseException):
                 logged = non_finite(logged, trainer.metric_step) or logged
             if isinstance(logged, BaseException):
-                out[seed] = {"error": f"{type(logged).__name__}: {logged}"}
+                out[seed] = SeedFailed(f"{type(logged).__name__}: {logged}")
                 slots[seed].reported = True
                 group.drop(seed)
                 continue

@@ -40,6 +40,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 from torch import nn
 
 from labfleet import metrics as M
+from labfleet.algorithms.generative import losses
 from labfleet.algorithms.generative import metrics as GM
 from labfleet.algorithms.generative.base import (
     ConvDecoder,
@@ -264,7 +265,6 @@ class GANTrainer(GenerativeTrainer):
 
     # --- one iteration --------------------------------------------------------------------------------
     def step(self, batch: torch.Tensor) -> dict[str, float]:
-        softplus = nn.functional.softplus
         real = self.scaled(batch)
         if self.fourier is not None and self.fourier.ramp is not None:
             self.fourier.progress.fill_(self.budget_fraction())
@@ -275,22 +275,11 @@ class GANTrainer(GenerativeTrainer):
             fake = self.generate_scaled(len(real), self.torch_gen).detach()
             real_in = real.requires_grad_(True) if self.hp.gp_weight else real
             real_logits = self.judge(real_in)
-            if self.hp.loss == "hinge":  # E[max(0, 1 - D(x))] + E[max(0, 1 + D(G(z)))]
-                d_loss = nn.functional.relu(1 - real_logits).mean() + nn.functional.relu(1 + self.judge(fake)).mean()
-            else:  # -V(G, D): -log D(x) - log(1 - D(G(z))), with log D = -softplus(-l), log(1 - D) = -softplus(l)
-                d_loss = softplus(-real_logits).mean() + softplus(self.judge(fake)).mean()
+            d_loss = losses.discriminator_loss(real_logits, self.judge(fake), self.hp.loss)
             if self.hp.gp_weight:
-                grad, = torch.autograd.grad(real_logits.sum(), real_in, create_graph=True)
-                d_loss = d_loss + 0.5 * self.hp.gp_weight * grad.pow(2).flatten(1).sum(1).mean()
+                d_loss = d_loss + losses.r1_penalty(real_logits, real_in, self.hp.gp_weight)
             self.optimizers["discriminator"].step_tensor(d_loss, self.budget_fraction())
-        fake_logits = self.judge(self.generate_scaled(len(real), self.torch_gen))
-        # non-saturating: -log D(G(z)); saturating (minimax): log(1 - D(G(z))); hinge: -D(G(z))
-        if self.hp.loss == "hinge":
-            g_loss = -fake_logits.mean()
-        elif self.hp.loss == "non_saturating":
-            g_loss = softplus(-fake_logits).mean()
-        else:
-            g_loss = -softplus(fake_logits).mean()
+        g_loss = losses.generator_loss(self.judge(self.generate_scaled(len(real), self.torch_gen)), self.hp.loss)
         for p in self.discriminator.parameters():
             p.requires_grad_(False)  # the generator's step leaves the discriminator's gradients alone
         try:
@@ -302,7 +291,7 @@ class GANTrainer(GenerativeTrainer):
             self._update_average()
         names, values = [M.LOSS_GENERATOR, M.LOSS_DISCRIMINATOR, M.GRAD_NORM], [g_loss, d_loss, g_norm]
         if self.critic is not None:  # the rejection critic: the same real points against the last fakes
-            c_loss = softplus(-self.critic(real.detach())).mean() + softplus(self.critic(fake)).mean()
+            c_loss = losses.discriminator_loss(self.critic(real.detach()), self.critic(fake), "non_saturating")
             self.optimizers["critic"].step_tensor(c_loss, self.budget_fraction())
             names.append(M.LOSS_CRITIC)
             values.append(c_loss)

@@ -42,6 +42,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from labfleet import metrics as M
+from labfleet.algorithms.generative import losses
 from labfleet.algorithms.generative import metrics as GM
 from labfleet.algorithms.generative.base import (
     CheapDecoder,
@@ -191,9 +192,10 @@ class VAETrainer(GenerativeTrainer):
         if self.likelihood == "bernoulli":
             batch = self.binarise(batch, self.torch_gen)
         recon, kl, _ = self.terms(batch, self.torch_gen)
-        loss = -(recon - self.hp.beta * kl).mean()
+        loss = losses.negative_elbo(recon, kl, self.hp.beta)
         norm = self.optimizers["vae"].step_tensor(loss, self.budget_fraction())
-        values = torch.stack([loss.detach(), -(recon - kl).mean().detach(), kl.mean().detach(), norm]).tolist()
+        neg_elbo = losses.negative_elbo(recon, kl).detach()
+        values = torch.stack([loss.detach(), neg_elbo, kl.mean().detach(), norm]).tolist()
         return {**dict(zip((M.LOSS_VAE, M.TRAIN_NEG_ELBO, M.TRAIN_KL, M.GRAD_NORM), values, strict=True)),
                 M.LEARNING_RATE: self.optimizers["vae"].learning_rate}  # one host sync a step
 

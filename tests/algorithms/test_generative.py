@@ -143,7 +143,7 @@ def test_early_stopping_keeps_the_best_parameters():
             trainer.train_iteration()
         probes.append(trainer.probe())
         trainer.evaluate()
-    assert trainer.stopped and trainer.done and trainer.best_step == 10
+    assert trainer.early.stopped and trainer.done and trainer.early.best_step == 10
     final = trainer.evaluate()
     assert final["early_stopping/best_step"] == 10 and final["early_stopping/stopped"] == 1.0
     assert np.array_equal(trainer.probe(), probes[1]) and not np.array_equal(probes[1], probes[3])
@@ -362,3 +362,20 @@ def test_dropout_draws_from_the_trainers_own_stream(algorithm: str):
         other.train_iteration()
     assert np.array_equal(alone.probe(), paired.probe())
     assert not testing.state_differences(alone.state_dict(), paired.state_dict())
+
+
+def test_the_early_stopper_keeps_its_own_state():
+    from labfleet.algorithms.generative.base import EarlyStopper, EarlyStopping
+
+    stopper = EarlyStopper(EarlyStopping(patience=2, min_delta=0.1))
+    for step, value in enumerate([1.0, 0.95, 0.5, 0.45, 0.6], start=1):
+        stopper.observe(value, step * 10, lambda step=step: {"at": step})
+    # 0.95 and 0.45 are not 0.1 better than the best so far; the second of two in a row stops it
+    assert stopper.stopped and stopper.best_value == 0.5 and stopper.best_step == 30
+    assert stopper.best_state == {"at": 3}
+    again = EarlyStopper(EarlyStopping(patience=2, min_delta=0.1))
+    again.load_state_dict(stopper.state_dict())
+    assert vars(again) == vars(stopper)
+    watching = EarlyStopper(None)
+    watching.observe(1.0, 1, dict)
+    assert not watching.stopped and watching.metrics() == {} and watching.best_state is None

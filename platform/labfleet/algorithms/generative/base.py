@@ -54,6 +54,45 @@ class EarlyStopping(BaseModel):
     min_delta: float = Field(0.0, ge=0, description="The least decrease of the validation metric that counts.")
 
 
+class EarlyStopper:
+    """Early stopping on a validation metric, lower being better, with its own state: the best value, the step
+    it was reached at and the parameters then (`snapshot()` at each improvement), the evaluations since, and
+    whether it stopped. Without a config (`early_stopping: null`) it only watches."""
+
+    def __init__(self, config: EarlyStopping | None):
+        self.config = config
+        self.best_value = math.inf
+        self.best_step = 0
+        self.best_state: dict[str, Any] | None = None
+        self.bad = 0  # evaluations without improvement since the best
+        self.stopped = False
+
+    def observe(self, value: float, step: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+        if self.config is None:
+            return
+        if value < self.best_value - self.config.min_delta:
+            self.best_value, self.best_step, self.bad = value, step, 0
+            self.best_state = snapshot()
+        else:
+            self.bad += 1
+            if self.bad >= self.config.patience:
+                self.stopped = True
+
+    def metrics(self) -> dict[str, float]:
+        if self.config is None:
+            return {}
+        return {M.EARLY_STOP_BEST_STEP: float(self.best_step), M.EARLY_STOP_STOPPED: float(self.stopped)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_value": self.best_value, "best_step": self.best_step, "bad": self.bad, "stopped": self.stopped,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_value, self.best_step = float(state["best_value"]), int(state["best_step"])
+        self.bad, self.stopped = int(state["bad"]), bool(state["stopped"])
+        self.best_state = state["best_state"]
+
+
 class GenerativeHParams(OptimHParams):
     architecture: Literal["mlp", "conv"] = Field("mlp", description="mlp, or conv for image datasets.")
     hidden: list[Width] = Field(default_factory=lambda: [256, 256], description="MLP layer widths.")
@@ -248,11 +287,7 @@ class GenerativeTrainer(Trainer):
         self._cursor = 0
         self.steps = 0
         self.evaluations = 0
-        self.best_value = math.inf
-        self.best_step = 0
-        self.best_state: dict[str, Any] | None = None
-        self.bad_evaluations = 0
-        self.stopped = False
+        self.early = EarlyStopper(self.hp.early_stopping)
         self._restored_best = False
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, ScheduledOptimizer] = {}
@@ -369,7 +404,7 @@ class GenerativeTrainer(Trainer):
 
     @property
     def done(self) -> bool:
-        return self.stopped or self.progress >= self.spec.budget.total
+        return self.early.stopped or self.progress >= self.spec.budget.total
 
     def budget_fraction(self) -> float:
         total = self.spec.budget.total * (self.steps_per_epoch if self.spec.budget.unit == "epochs" else 1)
@@ -397,30 +432,17 @@ class GenerativeTrainer(Trainer):
             model.eval()
         out: dict[str, float] = {}
         with torch.no_grad():
-            if not self.stopped and not self._restored_best:
+            if not self.early.stopped and not self._restored_best:
                 value = self.validation_metric()
                 out[self.validation_name] = value
-                if self.hp.early_stopping is not None:
-                    self._early_stopping(value)
-            if self.done and self.best_state is not None and not self._restored_best:
-                self._load_models(self.best_state)  # the final evaluation uses the best parameters
+                self.early.observe(value, self.steps, self._model_state)
+            if self.done and self.early.best_state is not None and not self._restored_best:
+                self._load_models(self.early.best_state)  # the final evaluation uses the best parameters
                 self._restored_best = True
             out.update(self.test_metrics())
-        if self.hp.early_stopping is not None:
-            out[M.EARLY_STOP_BEST_STEP] = float(self.best_step)
-            out[M.EARLY_STOP_STOPPED] = float(self.stopped)
+        out.update(self.early.metrics())
         self.evaluations += 1
         return out
-
-    def _early_stopping(self, value: float) -> None:
-        assert self.hp.early_stopping is not None
-        if value < self.best_value - self.hp.early_stopping.min_delta:
-            self.best_value, self.best_step, self.bad_evaluations = value, self.steps, 0
-            self.best_state = self._model_state()
-        else:
-            self.bad_evaluations += 1
-            if self.bad_evaluations >= self.hp.early_stopping.patience:
-                self.stopped = True
 
     def media(self) -> dict[str, bytes]:
         """Images to log at this evaluation (a time series: the file names carry the step)."""
@@ -443,8 +465,7 @@ class GenerativeTrainer(Trainer):
             "models": self._model_state(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "steps": self.steps, "evaluations": self.evaluations, **self.sampling_state(),
-            "early": {"best_value": self.best_value, "best_step": self.best_step, "bad": self.bad_evaluations,
-                      "stopped": self.stopped, "best_state": self.best_state},
+            "early": self.early.state_dict(),
             # data parallelism: the other ranks' minibatch streams, so that a restore goes on exactly
             **({"ranks": ranks} if (ranks := self._helper_sampling_states()) is not None else {}),
         }
@@ -475,10 +496,7 @@ class GenerativeTrainer(Trainer):
             opt.load_state_dict(state["optimizers"][name])
         self.steps, self.evaluations = int(state["steps"]), int(state["evaluations"])
         self.load_sampling_state(state)
-        early = state["early"]
-        self.best_value, self.best_step = float(early["best_value"]), int(early["best_step"])
-        self.bad_evaluations, self.stopped = int(early["bad"]), bool(early["stopped"])
-        self.best_state = early["best_state"]
+        self.early.load_state_dict(state["early"])
         self._rank_states = state.get("ranks")
         # Helper ranks without their saved streams start fresh ones: reproducible, not exact.
         self.resume_exact = self.world == 1 or self.steps == 0 or self._rank_states is not None

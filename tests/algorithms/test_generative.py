@@ -149,7 +149,7 @@ def test_early_stopping_keeps_the_best_parameters():
     assert np.array_equal(trainer.probe(), probes[1]) and not np.array_equal(probes[1], probes[3])
     restored = _Scripted(spec, 0, "cpu")  # the early-stopping state survives a checkpoint
     restored.restore_bytes(trainer.checkpoint_bytes())
-    assert restored.done and restored.best_step == 10
+    assert restored.done and restored.early.best_step == 10
 
 
 @pytest.mark.slow

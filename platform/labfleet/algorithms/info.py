@@ -27,6 +27,9 @@ class AlgorithmInfo:
     action_spaces: tuple[ActionKind, ...] = ("discrete", "continuous")
     observation_spaces: tuple[ObservationKind, ...] = ("vector", "discrete")
     needs_transition_model: bool = False
+    # its sample-quality metrics on an image dataset use a classifier trained on the dataset's labels (checked
+    # at validation: the dataset's files must have them)
+    needs_image_labels: bool = False
     rollout_workers: bool = True  # can spread its environments over Ray rollout actors
     seed_dependent: bool = True  # False for planners, whose training the seed does not touch
     primary_metric: str = M.EVAL_RETURN_MEAN  # "" for your own code: the first eval/* metric it reports

@@ -201,9 +201,9 @@ def _dataset_problems(spec: ExperimentSpec, info: AlgorithmInfo) -> list[tuple[s
         problems = _split_problems(spec, found.n_train)
         if problems:
             return problems
-    if info.name == "gan" and len(shape) == 3 and spec.dataset != "digits" and not labels:
-        return [("dataset", f"the GAN's sample-quality metrics on {spec.dataset} use a classifier trained on its "
-                 "labels, and the files have no y_train")]
+    if info.needs_image_labels and len(shape) == 3 and spec.dataset != "digits" and not labels:
+        return [("dataset", f"{info.name}'s sample-quality metrics on {spec.dataset} use a classifier trained on "
+                 "its labels, and the files have no y_train")]
     return _architecture_problems(spec, shape)
 
 

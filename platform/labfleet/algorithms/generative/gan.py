@@ -355,6 +355,7 @@ register(AlgorithmInfo(
     name="gan", kind="generative", hparams=GANHParams, trainer=GANTrainer,
     summary="GAN (non-saturating or minimax loss, PacGAN packing, R1 gradient penalty)",
     rollout_workers=False, primary_metric=M.GAN_MODES_COVERED, budget_units=("iterations", "epochs"),
+    needs_image_labels=True,
     dataset_metrics={"digits": M.FD_DIGITS, "fashion_mnist": M.FD, "mnist": M.FD, "images": M.FD},
     eval_metrics=(M.GAN_MODES_COVERED, M.GAN_HIGH_QUALITY_FRAC, M.GAN_MODE_KL, M.FD_DIGITS, M.CONFIDENT_FRAC,
                   M.FD, M.KID, M.PRECISION, M.RECALL),

@@ -218,8 +218,8 @@ class BatchedGroup:
         raise NotImplementedError
 
     def _column(self, name: str, dims: int = 0) -> float | torch.Tensor:
-        """Each seed's `hparams.<name>` (one of `per_seed()`; inf where it is null): the one number when every seed
-        has the same (the arithmetic is then each seed's alone, exactly), else a tensor (N,) with `dims`
+        """Each seed's `hparams.<name>` (one of `per_seed()`; inf where it is null): the one number when every
+        seed has the same (the arithmetic is then each seed's alone, exactly), else a tensor (N,) with `dims`
         trailing axes of size 1, to broadcast against (N, ...)."""
         values = [math.inf if v is None else float(v) for v in (getattr(self.hps[seed], name) for seed in self.seeds)]
         if len(set(values)) == 1:
@@ -281,7 +281,6 @@ class BatchedGroup:
         if all(norm is None for norm in norms):
             return x
         return torch.stack([norm(x[i]) if norm is not None else x[i] for i, norm in enumerate(norms)])
-
 
     def _targets(self, part: int, target: str) -> dict[str, torch.Tensor]:
         """The members' target copies of network `part` (attribute `target`), stacked (no gradient)."""

@@ -802,29 +802,6 @@ def _stop_ray(ray: Any) -> None:
     ray.shutdown()
 
 
-def _kill_descendants() -> None:
-    """SIGKILL every process below this one (a local Ray instance's processes and their workers and
-    agents), deepest first, read from /proc: a process that has gone meanwhile is skipped."""
-    import signal
-    from pathlib import Path
-
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    order, stack = [], list(children.get(os.getpid(), []))
-    while stack:
-        pid = stack.pop()
-        order.append(pid)
-        stack.extend(children.get(pid, []))
-    for pid in reversed(order):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _leave(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -871,7 +848,9 @@ def main() -> None:
             # minute on a dead cluster: leave at once. A SIGTERM to the process group reached the local Ray's
             # processes too; one sent to this process alone (`kill PID`, a service manager) did not, and
             # without this its raylet's agents would outlive it.
-            _kill_descendants()
+            from labfleet.processes import kill_tree
+
+            kill_tree(os.getpid(), include_root=False)
             _leave(exc.code if isinstance(exc.code, int) else 1)
         code = 0 if exc.code is None else exc.code
         if isinstance(code, int) and _can_leave_early():

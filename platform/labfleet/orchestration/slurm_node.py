@@ -17,7 +17,6 @@ period after SIGTERM. The token comes from the job's environment
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import shutil
@@ -27,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from labfleet.processes import kill_tree
 
 PORTS_PER_NODE = 40
 FIRST_PORT = 10000
@@ -69,31 +70,10 @@ def head_address() -> str:
     return f"{node_address(job_nodes()[0])}:{gcs_port(int(os.environ['SLURM_JOB_ID']))}"
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _kill_tree(process: subprocess.Popen) -> None:
     """`process` and everything under it, with SIGKILL (they hold SIGTERM blocked)."""
-    for pid in [process.pid, *_descendants(process.pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_tree(process.pid, include_root=True)
     process.wait()
-    for pid in _descendants(process.pid):  # a process forked while the others were being killed
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def ray_command(job_id: int, index: int, ip: str, head: str) -> list[str]:

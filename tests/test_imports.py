@@ -92,3 +92,15 @@ def test_the_graph_sees_lazy_imports():
     """The check would pass vacuously if it missed imports inside functions: the CLI imports the driver
     only inside its commands."""
     assert "labfleet.orchestration.commands" in import_graph()["labfleet.cli"]
+
+
+def test_the_cli_starts_without_mlflow_ray_or_optuna():
+    """`labfleet --help`, `validate` and `list` answer in a fraction of a second: the CLI module and the tag
+    names it uses import none of the heavy libraries (each command imports what it needs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, labfleet.cli, labfleet.tracking.tags; "
+            "print(sorted(m for m in ('mlflow', 'ray', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -321,8 +321,8 @@ class ActorCritic(nn.Module):
         self.value_net = mlp([self.policy.encoder.dim, *net_arch, 1], activation, out_gain=1.0)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> PolicyValue:
-        """The policy's and the value's outputs on one encoding of the observations: the losses' one call,
-        made directly for one seed and through `torch.func` on stacked parameters for many."""
+        """The policy's and the value's outputs on one encoding of the observations: what the losses call
+        (a batched group's `_evaluate` gives the same for stacked seeds)."""
         x = self.policy.encoder(obs)
         logp, entropy, dist = self.policy.evaluate(x, actions)
         return PolicyValue(logp, entropy, self.value_net(x).squeeze(-1), dist)

@@ -163,8 +163,8 @@ def ppo_minibatch_loss(net: Net, old_net: Net | None, batch: PPOMinibatch, coef:
                        hp: PPOHParams) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's loss on one minibatch [7]-[10] and its statistics (approx_kl, clip fraction, the three terms;
     without gradient) [12]: `net` is the actor-critic (`ActorCritic`'s call), `old_net` pi_old's for the KL
-    penalty (None for the clipped objective). The one definition for one seed and for many (`seed_axes`): with
-    samples (B, ...) and numbers for one seed, (N, B, ...) and tensors (N,) for N seeds stacked."""
+    penalty (None for the clipped objective). The one definition for one seed and for many: samples (B, ...)
+    and numbers for one seed, (N, B, ...) and tensors (N,) for N seeds stacked (`rl/batched.py`)."""
     out = net(batch.obs, batch.actions)
     logratio = out.logp - batch.logp_old
     ratio = logratio.exp()
@@ -226,12 +226,12 @@ class PPOTrainer(ActorCriticTrainer):
         # 3. epochs of shuffled minibatches
         old_net = copy.deepcopy(self.ac) if hp.loss == "kl_penalty" else None  # pi_old, for the exact KL
         stats: dict[str, list] = {"pi": [], "v": [], "ent": [], "kl": [], "clip": [], "norm": []}  # 0-d tensors
+        coef = PPOCoefficients(clip_range, self.kl_coef, hp.vf_coef, hp.ent_coef)  # fixed for this update
         for _ in range(hp.n_epochs):
             order = torch.randperm(B, generator=self.shuffle).to(self.device)
             for start in range(0, B, hp.batch_size):
                 mb = order[start:start + hp.batch_size]
                 batch = PPOMinibatch(b_obs[mb], b_actions[mb], b_logp_old[mb], b_adv[mb], b_returns[mb], b_values[mb])
-                coef = PPOCoefficients(clip_range, self.kl_coef, hp.vf_coef, hp.ent_coef)
                 loss, minibatch_stats = ppo_minibatch_loss(self.ac, old_net, batch, coef, hp)
                 stats["norm"].append(self.optimizer.step_tensor(loss, progress))
                 for key, value in minibatch_stats.items():

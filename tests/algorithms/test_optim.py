@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,11 @@ def test_each_optimizer_minimises_a_quadratic(kind):
     hp = OptimHParams.model_validate({"learning_rate": 0.05, "optimizer": {"type": kind}, "max_grad_norm": None})
     x = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
     opt = ScheduledOptimizer([x], hp)
-    assert type(opt.optimizer).__name__.lower() == kind
+    if kind in ("adam", "adamw"):  # torch's fused kernel, without torch.optim (see below)
+        assert type(opt.optimizer).__name__ == "FusedAdam"
+        assert opt.optimizer.defaults["decoupled_weight_decay"] is (kind == "adamw")
+    else:
+        assert type(opt.optimizer).__name__.lower() == kind
     start = float((x.detach() ** 2).sum())
     for _ in range(200):
         opt.step((x ** 2).sum(), 0.0)
@@ -97,3 +102,64 @@ def test_optimizer_fields_must_fit_type():
                 {"type": "sgd", "eps": 1e-5}, {"type": "rmsprop", "betas": [0.5, 0.5]}):
         with pytest.raises(ValidationError):
             OptimHParams.model_validate({"optimizer": cfg})
+
+
+def _net_pair(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    twin.load_state_dict(net.state_dict())
+    return net, twin
+
+
+def _steps(pairs, batches) -> None:
+    for x in batches:
+        for net, opt in pairs:
+            opt.zero_grad(set_to_none=True)
+            net(x).pow(2).mean().backward()
+            opt.step()
+
+
+@pytest.mark.parametrize(("kind", "weight_decay"), [("adam", 0.0), ("adam", 0.01), ("adamw", 0.01)])
+def test_fused_adam_is_torch_adam_to_the_bit_and_their_checkpoints_swap(kind, weight_decay):
+    """labfleet's Adam (the fused kernel without torch.optim) against torch.optim's fused Adam: the same
+    parameters to the bit after 20 steps, with each one's state loaded into the other half-way."""
+    from labfleet.algorithms.optim import FusedAdam
+
+    cfg = OptimHParams.model_validate({"optimizer": {"type": kind, "eps": 1e-5, "weight_decay": weight_decay}})
+    net, twin = _net_pair()
+    ours = build_optimizer(net.parameters(), cfg.optimizer, 1e-3)
+    assert isinstance(ours, FusedAdam)
+    torch_class = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    theirs = torch_class(twin.parameters(), lr=1e-3, eps=1e-5, weight_decay=weight_decay, fused=True)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 4, generator=generator) for _ in range(20)]
+    _steps([(net, ours), (twin, theirs)], batches[:10])
+    mine, torchs = ours.state_dict(), theirs.state_dict()
+    assert mine["param_groups"] == torchs["param_groups"]
+    ours.load_state_dict(torchs)
+    theirs.load_state_dict(mine)
+    _steps([(net, ours), (twin, theirs)], batches[10:])
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(net[0].weight, _net_pair()[0][0].weight)  # it trained
+
+
+def test_training_never_imports_dynamo():
+    """Every torch.optim optimiser imports torch._dynamo on its first call, 1.2 s of CPU in each trial
+    process; a PPO trainer's build and update do without it (a fresh interpreter, as a trial actor is)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from labfleet.orchestration.trial import TrialWorker\n"
+            "from labfleet.spec.loading import load_spec\n"
+            "spec = load_spec('experiments/cartpole_ppo.yaml').model_dump(mode='json')\n"
+            "spec['budget'] = {'env_steps': 512}\n"
+            "worker = TrialWorker(spec, 0, None)\n"
+            "worker.advance(0.01)\n"
+            "print('torch._dynamo' in sys.modules, 'torch.optim' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"]

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from labfleet.algorithms.optim import FusedAdam
+
 
 class SeedStack:
     """N networks of one architecture as one: parameters stacked along a leading seed axis."""
@@ -146,7 +148,7 @@ class SeedAdam:
         self.steps = torch.zeros(self.n, dtype=torch.int64)
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
-        self._uniform: torch.optim.Adam | None = None
+        self._uniform: FusedAdam | torch.optim.Adam | None = None
 
     @torch.no_grad()
     def step(self, lr: float | torch.Tensor, active: torch.Tensor | None = None) -> None:
@@ -181,8 +183,9 @@ class SeedAdam:
         tensors does exactly the per-seed update, elementwise, in one kernel per parameter list (the
         masked update above costs about 1 ms a step in small tensor operations)."""
         if self._uniform is None:
-            fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in self.params) else {}
-            self._uniform = torch.optim.Adam(self.params, lr=lr, betas=self.betas, eps=self.eps, **fused)
+            self._uniform = (FusedAdam(self.params, lr=lr, betas=self.betas, eps=self.eps)
+                             if FusedAdam.supports(self.params)
+                             else torch.optim.Adam(self.params, lr=lr, betas=self.betas, eps=self.eps))
         opt = self._uniform
         opt.param_groups[0]["lr"] = lr
         step = torch.tensor(float(self.steps[0]), device=self.params[0].device if opt.defaults.get("fused") else None)

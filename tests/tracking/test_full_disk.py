@@ -33,7 +33,7 @@ def small_disk(tmp_path: Path, request) -> Iterator[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("small_disk", ["5M"], indirect=True)
+@pytest.mark.parametrize("small_disk", ["2M"], indirect=True)  # a new store takes 1 MB
 def test_a_disk_that_fills_mid_run_ends_the_runs_failed(small_disk: Path, tmp_path: Path):
     uri = f"sqlite:///{small_disk / 'mlflow.db'}"
     result = run_cli("run", str(EXPERIMENTS / "cartpole_reinforce.yaml"), "--set", "seeds=[0]", "--set",
@@ -49,7 +49,7 @@ def test_a_disk_that_fills_mid_run_ends_the_runs_failed(small_disk: Path, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("small_disk", ["3M"], indirect=True)
+@pytest.mark.parametrize("small_disk", ["512K"], indirect=True)  # less than a new store
 def test_a_store_that_cannot_be_created_on_a_full_disk_is_refused_in_a_line(small_disk: Path, tmp_path: Path):
     uri = f"sqlite:///{small_disk / 'mlflow.db'}"
     for attempt in range(2):  # the second finds the store the first left half-made

@@ -43,6 +43,7 @@ from mlflow.tracking import MlflowClient
 import labfleet
 import labfleet.tracking.tags as tag
 from labfleet.tracking.heartbeat import Heartbeat, driver_identity, launcher_tags
+from labfleet.tracking.template import seed_store
 from labfleet.tracking.uri import artifact_root_for, redact_credentials, redact_uri, retry_if_locked, sqlite_wal
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000  # log_batch limits
@@ -142,6 +143,7 @@ class Tracker:
     def __init__(self, uri: str, background: bool = False):
         sqlite_wal()
         self.uri = uri
+        seed_store(uri)  # a new SQLite store is a copy of a migrated one (tracking/template.py)
         self.client = MlflowClient(tracking_uri=uri)
         self._writer: _Writer | None = None
         if background:

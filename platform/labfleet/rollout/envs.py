@@ -126,16 +126,23 @@ class EnvMaker:
     def make_vector(self, n_envs: int, evaluation: bool = False) -> gym.vector.VectorEnv:
         """A synchronous vector env that autoresets in the same step, so `info["final_obs"]` carries the
         last observation of an episode (needed to bootstrap a truncated one); `evaluation` leaves out the
-        train-only wrappers. On EnvPool, the same semantics (`envpool_backend.EnvPoolVectorEnv`)."""
+        train-only wrappers. On EnvPool, the same semantics (`envpool_backend.EnvPoolVectorEnv`); where
+        `rollout/classic.py` steps the environment as arrays, its vector env (the same steps to the bit)."""
         if self.backend == "envpool":
             from labfleet.rollout.envpool_backend import EnvPoolVectorEnv
 
             return EnvPoolVectorEnv(self.env, n_envs, self.kwargs, evaluation)
+        from labfleet.rollout.classic import fast_vector_env
+
+        wrappers = self._wrappers(evaluation)
+        fast = fast_vector_env(self.env, self.kwargs, tuple(wrappers), n_envs)  # the same steps, as arrays
+        if fast is not None:
+            return fast
         return gym.make_vec(
             _env_id(self.env), num_envs=n_envs, vectorization_mode="sync",
             # The passive checker wraps every step but checks only the first; `labfleet validate` makes the env.
             vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}, disable_env_checker=True,
-            wrappers=self._wrappers(evaluation) or None,
+            wrappers=wrappers or None,
             **self.kwargs,
         )
 

@@ -112,9 +112,13 @@ class VectorSampler:
             self.set_state(state)
 
     def get_state(self) -> dict[str, Any] | None:
-        if not hasattr(self.envs, "envs"):  # EnvPool's: its C++ environments cannot be saved
+        envs: list[Any]
+        if hasattr(self.envs, "get_env_states"):  # a batch stepped as arrays (rollout/classic.py)
+            envs = self.envs.get_env_states()
+        elif not hasattr(self.envs, "envs"):  # EnvPool's: its C++ environments cannot be saved
             return None
-        envs = [envstate.snapshot(env) for env in self.envs.envs]
+        else:
+            envs = [envstate.snapshot(env) for env in self.envs.envs]
         if any(s is None for s in envs):
             return None
         return {"envs": envs, "obs": torch.from_numpy(np.array(self.obs)),
@@ -125,8 +129,11 @@ class VectorSampler:
     def set_state(self, state: dict[str, Any]) -> None:
         if len(state["envs"]) != self.envs.num_envs:
             raise ValueError(f"the saved sampler has {len(state['envs'])} environments, this one {self.envs.num_envs}")
-        for env, env_state in zip(self.envs.envs, state["envs"], strict=True):  # type: ignore[attr-defined]
-            envstate.restore(env, env_state)
+        if hasattr(self.envs, "set_env_states"):
+            self.envs.set_env_states(state["envs"])
+        else:
+            for env, env_state in zip(self.envs.envs, state["envs"], strict=True):  # type: ignore[attr-defined]
+                envstate.restore(env, env_state)
         self.obs = state["obs"].numpy().astype(self.obs.dtype, copy=True)
         self.episode_return = state["episode_return"].numpy().copy()
         self.episode_length = state["episode_length"].numpy().copy()

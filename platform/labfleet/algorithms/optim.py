@@ -292,11 +292,16 @@ class ScheduledOptimizer:
     def step_tensor(self, loss: torch.Tensor, progress: float) -> torch.Tensor:
         """`step`, with the gradient norm as a 0-d tensor on the parameters' device: reading it is left to
         the caller, who reads a step's numbers together (one host sync on a GPU instead of one per value)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return self.step_gradients(progress)
+
+    def step_gradients(self, progress: float) -> torch.Tensor:
+        """`step_tensor` where the gradients are already in the parameters' `.grad` (a hand-written
+        backward pass: `rl/fastmlp.py`)."""
         lr = scheduled_learning_rate(self.hp.schedule, self.lr0, self.updates, progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if self.grad_hook is not None:
             self.grad_hook(self.params)
         if self.hp.max_grad_norm is not None:

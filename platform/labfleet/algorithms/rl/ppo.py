@@ -41,6 +41,7 @@ from labfleet.algorithms.optim import LIN_PATTERN, OptimHParams, OptimizerConfig
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer
 from labfleet.algorithms.rl.estimators import gae_advantages
+from labfleet.algorithms.rl.fastmlp import FastPPOUpdate
 from labfleet.algorithms.rl.networks import PolicyValue, per_sample, policy_kl, standardised
 from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import BatchSize, EnvCount, StepCount, Width
@@ -194,11 +195,15 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
 class PPOTrainer(ActorCriticTrainer):
     hparams_model = PPOHParams
     hp: PPOHParams
+    fast_update = True  # False: every update through autograd (the kernel's tests compare the two)
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)  # separate actor and critic MLPs, orthogonal init [2][13]
         self.shuffle = torch.Generator().manual_seed(derive_seed(seed, "minibatches"))
         self.kl_coef = self.hp.kl_coef  # beta of the KL penalty, adapted every iteration
+        # The same loss's gradient in closed form, where the networks are plain MLPs (rl/fastmlp.py)
+        self.fast = FastPPOUpdate(self.ac) if self.fast_update and FastPPOUpdate.why_not(self.ac, self.hp) is None \
+            else None
 
     def train_iteration(self) -> dict[str, float]:
         hp = self.hp
@@ -232,8 +237,12 @@ class PPOTrainer(ActorCriticTrainer):
             for start in range(0, B, hp.batch_size):
                 mb = order[start:start + hp.batch_size]
                 batch = PPOMinibatch(b_obs[mb], b_actions[mb], b_logp_old[mb], b_adv[mb], b_returns[mb], b_values[mb])
-                loss, minibatch_stats = ppo_minibatch_loss(self.ac, old_net, batch, coef, hp)
-                stats["norm"].append(self.optimizer.step_tensor(loss, progress))
+                if self.fast is not None:
+                    minibatch_stats = self.fast.gradients(batch, coef, hp)
+                    stats["norm"].append(self.optimizer.step_gradients(progress))
+                else:
+                    loss, minibatch_stats = ppo_minibatch_loss(self.ac, old_net, batch, coef, hp)
+                    stats["norm"].append(self.optimizer.step_tensor(loss, progress))
                 for key, value in minibatch_stats.items():
                     stats[key].append(value)
             if hp.target_kl is not None and float(stats["kl"][-1]) > 1.5 * hp.target_kl:

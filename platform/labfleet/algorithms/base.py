@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from labfleet.seeding import rng_state, set_rng_state  # noqa: F401  (where most callers import them)
 from labfleet.spec.models import ExperimentSpec
 
 
@@ -166,12 +167,3 @@ def resolve_device(requested: str, held: list[str] | None = None) -> str:
     return requested
 
 
-def rng_state(gen: np.random.Generator) -> dict[str, Any]:
-    """A numpy Generator's state in a form `torch.load(weights_only=True)` accepts (ints, strings)."""
-    state = gen.bit_generator.state
-    return {"bit_generator": state["bit_generator"], "state": {k: int(v) for k, v in state["state"].items()},
-            "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])}
-
-
-def set_rng_state(gen: np.random.Generator, state: dict[str, Any]) -> None:
-    gen.bit_generator.state = state

@@ -25,7 +25,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from labfleet.algorithms.base import rng_state, set_rng_state
+from labfleet.seeding import rng_state, set_rng_state
 
 
 class CartPoleVector(gym.vector.VectorEnv):

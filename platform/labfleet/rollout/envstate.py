@@ -30,7 +30,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from labfleet.algorithms.base import rng_state, set_rng_state
+from labfleet.seeding import rng_state, set_rng_state
 
 OWN_MODULES = ("gymnasium.wrappers", "gymnasium.core", "labfleet.wrappers")
 BUILTIN_ENV_MODULES = ("gymnasium.envs.classic_control", "gymnasium.envs.toy_text", "gymnasium.envs.mujoco")

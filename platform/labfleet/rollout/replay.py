@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from labfleet.algorithms.base import rng_state, set_rng_state
 from labfleet.rollout.sampler import Rollout
+from labfleet.seeding import rng_state, set_rng_state
 
 
 class ReplayBuffer:

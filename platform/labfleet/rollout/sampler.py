@@ -16,9 +16,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from labfleet.algorithms.base import rng_state, set_rng_state
 from labfleet.rollout import envstate
 from labfleet.rollout.envs import EnvMaker, derive_seed
+from labfleet.seeding import rng_state, set_rng_state
 
 
 def clip_to_space(actions: np.ndarray, space: gym.Space) -> np.ndarray:

@@ -27,7 +27,6 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from labfleet import metrics as M
-from labfleet.algorithms.base import rng_state, set_rng_state
 from labfleet.algorithms.optim import OptimizerConfig, build_optimizer
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import RLTrainer, seeded_torch
@@ -35,6 +34,7 @@ from labfleet.algorithms.rl.networks import ObservationEncoder, mlp
 from labfleet.algorithms.sizes import Width
 from labfleet.rollout.envs import derive_seed
 from labfleet.rollout.perturbations import PerturbationEvaluator, PerturbationWorkerGroup, noise_table
+from labfleet.seeding import rng_state, set_rng_state
 from labfleet.spec.models import ExperimentSpec
 
 

@@ -38,6 +38,24 @@ def test_queued_writes_reach_the_store_in_order(tmp_path: Path):
     assert checkpoint == b"\x00\x01bytes"
 
 
+def test_local_artifacts_are_written_in_place_and_replaced_whole(tmp_path: Path):
+    """A local artifact root takes the bytes as a file of its own (no temporary copy through MLflow's
+    repository); a checkpoint written again replaces the last one whole, and no partial file is left."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", background=True)
+    run_id = tracker.start_run("exp", "seed", "r")
+    for data in (b"first checkpoint", b"second"):
+        tracker.log_bytes(run_id, "checkpoints/latest.pt", data)
+    tracker.end_run(run_id, "FINISHED")
+    tracker.close()
+    client = MlflowClient(tracker.uri)
+    uri = client.get_run(run_id).info.artifact_uri
+    assert uri.startswith("file://")
+    directory = Path(uri.removeprefix("file://")) / "checkpoints"
+    assert sorted(p.name for p in directory.iterdir()) == ["latest.pt"]
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/latest.pt"]
+    assert Path(client.download_artifacts(run_id, "checkpoints/latest.pt", str(tmp_path))).read_bytes() == b"second"
+
+
 def test_a_round_of_writes_is_one_log_batch_per_run_and_its_end_comes_after_its_last_tags(tmp_path: Path):
     """Coalescing: a seed run's params wait for its first metrics; what a round adds to a run (metrics,
     tags, even tags set after `end_run`, such as a sweep's `optuna.state`) goes in one `log_batch` at the

@@ -229,7 +229,11 @@ class MlflowRecorder:
         params = {**params, "seeds": json.dumps(spec.seeds)}
         # A sweep's labels are distinct already (its trial numbers); elsewhere reruns of a spec are told apart.
         name = trial.label if meta.params else self.distinct_name(trial)
-        run_id = self.tracker.start_run(trial.experiment, "trial", name, meta.parent_run_id, tags=tags, params=params)
+        # A sweep's trial run takes its params (the sampled values, which Optuna holds too) with its first
+        # metrics: one store call fewer a trial. Other trial runs write theirs at once: a rerun after a dead
+        # driver reopens them, and never writes params again.
+        run_id = self.tracker.start_run(trial.experiment, "trial", name, meta.parent_run_id, tags=tags, params=params,
+                                        params_with_first_flush=bool(meta.params))
         self.trials[trial] = _Trial(run_id, name)
 
     def _new_seed_run(self, trial: TrialRunner, seed: int) -> str:

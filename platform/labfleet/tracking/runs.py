@@ -348,6 +348,17 @@ class Tracker:
 
     def _log_bytes_now(self, run_id: str, artifact_path: str, data: bytes, artifact_uri: str | None = None) -> None:
         directory, _, filename = artifact_path.rpartition("/")
+        if artifact_uri is not None and artifact_uri.startswith("file://"):
+            # A local artifact root: the file written in place (what MLflow's local repository does after
+            # copying a temporary file), atomically, so that a reader never sees half a checkpoint.
+            from mlflow.utils.file_utils import local_file_uri_to_path
+
+            target = Path(local_file_uri_to_path(artifact_uri)) / artifact_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.partial")
+            partial.write_bytes(data)
+            partial.replace(target)
+            return
         with tempfile.TemporaryDirectory(prefix="labfleet-artifact-") as tmp:
             local = Path(tmp) / filename
             local.write_bytes(data)

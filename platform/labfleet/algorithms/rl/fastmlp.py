@@ -155,9 +155,11 @@ class FastPPOUpdate:
             clipped = torch.clamp(ratio, 1 - clip, 1 + clip)
             surr1, surr2 = ratio * a, clipped * a
             loss_pi = -torch.min(surr1, surr2).mean(-1)
-            w1, w2 = _min_weights(surr1, surr2)
-            inside = ((ratio >= 1 - clip) & (ratio <= 1 + clip)).to(ratio.dtype)
-            g_logp = -(w1 * a + w2 * a * inside) / n * ratio  # d loss_pi / d log pi(a|s)
+            # d loss_pi / d log pi(a|s). torch.min passes the gradient to the smaller term, half to each at a
+            # tie, and the clipped term passes it only where r lies within the bounds. A tie with r within
+            # them gives A (a half from each term); r outside them makes the clipped term the smaller only
+            # where the gradient through it is 0 (or A = 0): so the weight is [r A <= clip(r) A], exactly.
+            g_logp = -(a * (surr1 <= surr2).to(a.dtype)) / n * ratio
 
             d = value - batch.returns
             if hp.clip_range_vf is None:

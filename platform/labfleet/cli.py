@@ -36,14 +36,18 @@ def _version(value: bool) -> None:
 
 
 def quiet_libraries(verbose: bool) -> None:
-    """Ray's token-authentication notice, MLflow's INFO lines (database migrations) and Optuna's INFO lines
-    ("A new study created") say nothing a user acts on: shown only with --verbose."""
+    """Ray's token-authentication notice, MLflow's INFO lines (database migrations), its tracebacks of store
+    errors labfleet reports itself, and Optuna's INFO lines ("A new study created") say nothing a user acts
+    on: shown only with --verbose."""
     if verbose:
         os.environ["LABFLEET_VERBOSE"] = "1"
         return
     import logging
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # MLflow logs a store's SQL errors (a full disk, say) with their traceback, then raises them: labfleet
+    # reports a failed write itself, in one line, and ends the runs it can still reach.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded checkpoint
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level from this on import
     # Optuna sets its own level when first imported: `labfleet.orchestration.study` lowers it after that.

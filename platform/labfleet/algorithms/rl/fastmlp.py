@@ -15,9 +15,9 @@ oracle) in closed form, through the activations the forward pass keeps:
 
 Where torch's min, max and clamp split or mask a gradient at a tie or a bound, the same is done here, so
 the gradients equal autograd's up to floating-point summation order (tests/algorithms/test_fastmlp.py: the
-gradients on a minibatch within 1e-5, the parameters after two whole iterations within 1e-4). The optimiser step (learning-rate schedule, gradient clipping,
-Adam) is the trainer's own `ScheduledOptimizer`; the parameters are the network's, so checkpoints are the
-same either way.
+gradients on a minibatch within 1e-5, the parameters after two whole iterations within 1e-4). The optimiser
+step (learning-rate schedule, gradient clipping, Adam) is the trainer's own `ScheduledOptimizer`; the
+parameters are the network's, so checkpoints are the same either way.
 
 It covers what it is written for, and `FastPPOUpdate.why_not` says why a trainer does not qualify: the
 clipped objective, a categorical or diagonal Gaussian policy, MLPs of Linear layers with tanh or ReLU, an

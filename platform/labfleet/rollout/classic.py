@@ -9,7 +9,7 @@ as gymnasium seeds it, drawn from at each reset), the same time limit and the sa
 one random stream between its environments and resets on the next step, so a trial's results would depend
 on how its environments are spread over processes; this one's do not.
 
-One vector step of 8 environments costs a third of gymnasium's (`benchmarks/classic_envs.py`). The
+One vector step of 8 environments costs 40 % of gymnasium's (`benchmarks/classic_envs.py`). The
 sampler uses it where a spec names `CartPole-v1` with no `env_kwargs` and no wrappers
 (`EnvMaker.make_vector`); anything else gets gymnasium's environments. Its state in checkpoints is plain
 data per environment (`get_env_states` / `set_env_states`), and it also reads the state gymnasium's

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -77,7 +78,7 @@ def seed_store(uri: str) -> bool:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new")
         try:
             with os.fdopen(fd, "wb") as out, open(template, "rb") as src:
-                out.write(src.read())
+                shutil.copyfileobj(src, out)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # as a file SQLite creates (mkstemp's are the owner's alone)

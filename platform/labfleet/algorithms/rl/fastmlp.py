@@ -1,7 +1,7 @@
 """PPO's update for small MLP actor-critics with a hand-written backward pass.
 
 For a 64x64 MLP on a 256-sample minibatch, autograd's graph building and per-op dispatch cost more than
-the arithmetic (`benchmarks/classic_envs.py` profiles it: `run_backward` alone is a quarter of PPO's CPU).
+the arithmetic (cProfile of a PPO trainer: `run_backward` alone is a quarter of its CPU; docs/benchmarks.md).
 This module computes the gradient of the same loss (`ppo.ppo_minibatch_loss`, the definition and the test
 oracle) in closed form, through the activations the forward pass keeps:
 

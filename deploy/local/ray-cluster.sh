@@ -6,8 +6,8 @@
 #   deploy/local/ray-cluster.sh stop [--dir DIR]
 # Every service the head starts for clients (the dashboard and Jobs API, the Ray client server) listens on
 # 127.0.0.1. Ray's GCS port listens on all interfaces whatever it is told: firewall it on a shared host.
-# Token authentication stays on (RAY_AUTH_MODE=token; the token lives in ~/.ray/auth_token, created on
-# first start); every process that talks to the cluster needs RAY_AUTH_MODE=token as well.
+# Token authentication stays on (RAY_AUTH_MODE=token; the token lives in ~/.ray/auth_token, made by `start`
+# where neither it nor RAY_AUTH_TOKEN exists); every process that talks to the cluster needs RAY_AUTH_MODE=token.
 # The nodes run with the Python interpreter found first on PATH (activate the venv with labfleet first).
 set -euo pipefail
 
@@ -43,6 +43,14 @@ node_ports() {  # every port of node K (0: the head) explicit, so that two clust
          "--metrics-export-port $((b + 35))"
 }
 
+started() {  # run a `ray start`, its output in LOG; where it fails, say so with the log's end
+    local log="$1"; shift
+    "$@" > "$log" 2>&1 && return 0
+    echo "ray start failed (log: $log):" >&2
+    tail -n 15 "$log" >&2
+    exit 1
+}
+
 tree() {  # a process and all its descendants
     local pid="$1"
     echo "$pid"
@@ -70,14 +78,18 @@ start)
         exit 2
     fi
     mkdir -p "$dir"
+    # `ray start` wants the token to exist; Ray makes one (~/.ray/auth_token) only where none does
+    if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+        ray get-auth-token --generate > /dev/null
+    fi
     # shellcheck disable=SC2046  # node_ports prints separate words on purpose
-    ray start --head --node-ip-address 127.0.0.1 --port "$port" --dashboard-host 127.0.0.1 \
+    started "$dir/head.log" ray start --head --node-ip-address 127.0.0.1 --port "$port" --dashboard-host 127.0.0.1 \
         --dashboard-port "$dashboard" --ray-client-server-port $((port + 1)) --num-cpus "$cpus" \
-        --temp-dir "$dir" $(node_ports 0) --disable-usage-stats > "$dir/head.log" 2>&1
+        --temp-dir "$dir" $(node_ports 0) --disable-usage-stats
     for i in $(seq 1 "$workers"); do
         # shellcheck disable=SC2046
-        ray start --address "127.0.0.1:$port" --node-ip-address 127.0.0.1 --num-cpus "$cpus" \
-            $(node_ports "$i") --disable-usage-stats > "$dir/worker-$i.log" 2>&1
+        started "$dir/worker-$i.log" ray start --address "127.0.0.1:$port" --node-ip-address 127.0.0.1 \
+            --num-cpus "$cpus" $(node_ports "$i") --disable-usage-stats
     done
     for _ in $(seq 120); do  # until the Jobs API answers (401 without the token counts as an answer)
         python - "$dashboard" <<'PY' 2>/dev/null && break
@@ -105,8 +117,8 @@ stop-node)
 start-node)
     [ -n "$index" ] || { echo "start-node needs a worker index (1..N)" >&2; exit 2; }
     # shellcheck disable=SC2046
-    ray start --address "127.0.0.1:$port" --node-ip-address 127.0.0.1 --num-cpus "$cpus" \
-        $(node_ports "$index") --disable-usage-stats > "$dir/worker-$index.log" 2>&1
+    started "$dir/worker-$index.log" ray start --address "127.0.0.1:$port" --node-ip-address 127.0.0.1 \
+        --num-cpus "$cpus" $(node_ports "$index") --disable-usage-stats
     echo "worker node $index started"
     ;;
 stop)

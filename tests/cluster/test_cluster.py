@@ -135,9 +135,30 @@ def test_bad_input_is_rejected_before_submitting(cluster, tmp_path: Path):
     assert secret.returncode == 2 and "password" in secret.stderr and "hunter2" not in secret.stderr
 
 
-def _submit_reinforce(cluster, name: str, extra: dict) -> str:
+# CartPole whose every step also waits PACE seconds, as a simulator that runs in real time would: a seed's
+# training then lasts about as long on a loaded machine as on a quiet one, and leaves the CPUs to the rest.
+PACED_ENV = """
+import time
+
+from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+
+
+class PacedCartPole(CartPoleEnv):
+    def __init__(self, pace: float = 0.001, **kwargs):
+        super().__init__(**kwargs)
+        self.pace = pace
+
+    def step(self, action):
+        time.sleep(self.pace)
+        return super().step(action)
+"""
+
+
+def _submit_reinforce(cluster, name: str, extra: dict, files: dict[str, str] | None = None) -> str:
     work = cluster["dir"] / name
     work.mkdir()
+    for file, text in (files or {}).items():
+        (work / file).write_text(text)
     data = yaml.safe_load((EXPERIMENTS / "cartpole_reinforce.yaml").read_text())
     data.update({"name": name, "tracking": {"experiment": name}, "eval": {"episodes": 2, "every_steps": 4096},
                  **extra})
@@ -148,11 +169,19 @@ def _submit_reinforce(cluster, name: str, extra: dict) -> str:
     return result.stdout.split(" as job ")[1].split()[0]
 
 
-def _wait(predicate, what: str, timeout: float = 300, poll: float = 1.0) -> None:
+def _wait(predicate, what: str, timeout: float = 300, poll: float = 1.0, explain=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, f"{what}\n{explain()}"
         time.sleep(poll)
+
+
+def _job_logs(cluster, job: str) -> str:
+    """The job's state, its driver's output and Ray's view of the cluster: what a timed-out wait shows."""
+    logs = _labfleet("logs", job, "--address", cluster["address"], cwd=cluster["dir"])
+    nodes = subprocess.run(["ray", "status", "--address", f"127.0.0.1:{PORT}"], env=_env(), capture_output=True,
+                           text=True, timeout=60)
+    return "\n".join([_job_state(cluster, job), logs.stdout[-12000:], logs.stderr[-2000:], nodes.stdout[-3000:]])
 
 
 def _job_state(cluster, job: str) -> str:
@@ -184,18 +213,24 @@ def _training_on_node_1(ray_dir: Path) -> bool:
 @pytest.mark.slow
 def test_lost_worker_node_trials_finish_on_the_other(cluster):
     """Last in this module: it leaves the cluster with the head node alone."""
-    # About 20 s of training per seed; the node must be lost while its seed still trains. The moment comes
-    # from the worker node's own processes, not from the store: with both cores training, the job's driver
-    # falls behind, and the store showed 12k and 36k of 204,800 steps when the seeds had trained for about
-    # 15 s. A kill timed by the store came after the lost node's seed had finished (3 runs of 4 alone).
-    budget = 204_800
-    job = _submit_reinforce(cluster, "node-loss", {"seeds": [0, 1], "budget": {"env_steps": budget}})
+    # The node must be lost while its seed still trains. The moment comes from the worker node's own
+    # processes, not from the store: with both cores training, the job's driver falls behind, and a kill
+    # timed by the store came after the lost node's seed had finished (3 runs of 4 alone). Each seed's
+    # 20,480 steps wait a millisecond each (PACED_ENV): about 25 s of training whatever else loads the
+    # machine, with CPU to spare for Ray's own processes. (Trained as fast as CartPole goes, 204,800 steps
+    # for those 25 s, the job took 3 to 4 minutes beside one busy process, and once more than 10 in CI.)
+    budget = 20_480
+    job = _submit_reinforce(cluster, "node-loss", {
+        "seeds": [0, 1], "budget": {"env_steps": budget}, "env": "paced_cartpole:PacedCartPole",
+        "env_kwargs": {"pace": 0.001}, "env_wrappers": [{"type": "TimeLimit", "kwargs": {"max_episode_steps": 500}}],
+    }, files={"paced_cartpole.py": PACED_ENV})
     client = MlflowClient(cluster["tracking"])
     _wait(lambda: _training_on_node_1(cluster["ray_dir"]), "no seed trained on the worker node", poll=0.2)
     time.sleep(2)  # two chunks of training: an evaluation and a checkpoint
     _script(DEPLOY / "ray-cluster.sh", "stop-node", "1", "--dir", cluster["ray_dir"])
-    _wait(lambda: "SUCCEEDED" in _job_state(cluster, job) or "FAILED" in _job_state(cluster, job),
-          "the job did not end", timeout=600)
+    # each look is a `labfleet status` process: every 5 s, not every second, on a machine the seeds share
+    _wait(lambda: any(end in _job_state(cluster, job) for end in ("SUCCEEDED", "FAILED")),
+          "the job did not end", timeout=600, poll=5, explain=lambda: _job_logs(cluster, job))
     assert "SUCCEEDED" in _job_state(cluster, job)
     runs = list(_runs(client, "node-loss"))
     assert {r.info.status for r in runs} == {"FINISHED"}

@@ -420,12 +420,21 @@ class TrialRunner:
             # a process, a node or the result died with it: retry from the last checkpoint
             state.retries += 1
             self.emit(SeedRetried(self, state.seed, state.retries, _error_text(exc)))
-            _kill(state.actor, None)  # the result can be lost while its actor lives on
-            self._launch(state)
+            self._relaunch(state)
         elif _lost(exc):
             self._fail(state, f"trial actor died {state.retries + 1} times; last: {_error_text(exc)}")
         else:  # the trainer raised, or could not be built: deterministic, not retried
             self._fail(state, _error_text(exc))
+
+    def _relaunch(self, state: SeedState) -> None:
+        """A new actor in a new reservation. The old actor is killed (the result can be lost while its actor
+        lives on) and its placement group removed: where its node died, Ray would reschedule that group, and
+        a group that cannot be placed at once (a full cluster that lost a node) is retried without pause,
+        which keeps Ray's GCS busy and the remaining training starved until a CPU frees. A new group waits
+        its turn like any other."""
+        _kill(state.actor, state.group)
+        state.actor = state.group = None
+        self._launch(state)
 
     def _apply(self, state: SeedState, decision: Decision, done: bool) -> None:
         """What happens to the seed after its chunk: its end, the listeners' decision, or the next chunk."""
@@ -697,10 +706,11 @@ class SharedUnit:
         self.actor = self.group = None
 
     def _on_error(self, live: list[tuple[int, TrialRunner, SeedState]], exc: RayError) -> None:
-        """The actor died: each seed restarts from its own checkpoint in one new actor (same reservation),
-        or fails once its retries are spent; an error building the group fails them all."""
-        _kill(self.actor, None)  # the result can be lost while its actor lives on
-        self.actor = None
+        """The actor died: each seed restarts from its own checkpoint in one new actor (in a new reservation,
+        as `TrialRunner._relaunch` says why), or fails once its retries are spent; an error building the group
+        fails them all."""
+        _kill(self.actor, self.group)  # the result can be lost while its actor lives on
+        self.actor = self.group = None
         if not _lost(exc):
             for _, runner, state in live:
                 runner._fail(state, _error_text(exc))

@@ -1,9 +1,10 @@
-"""PPO's training CPU on CartPole-v1 (the shipped `cartpole_ppo.yaml`: rl-zoo's hyperparameters, 100k steps,
-one torch thread as a trial actor has), in one process, without Ray, with and without the two kernels:
-the hand-written backward pass (`algorithms/rl/fastmlp.py`) and CartPole stepped as arrays
-(`rollout/classic.py`). Each side trains the same seeds; the rounds alternate the sides.
+"""PPO's or DQN's training CPU on CartPole-v1 (the shipped `cartpole_ppo.yaml`, 100k steps, or
+`cartpole_dqn.yaml`, 50k steps: rl-zoo's hyperparameters; one torch thread as a trial actor has), in one
+process, without Ray, with and without the two kernels: the hand-written backward pass
+(`algorithms/rl/fastmlp.py`) and CartPole stepped as arrays (`rollout/classic.py`). Each side trains the same
+seeds; the rounds alternate the sides.
 
-    python benchmarks/fast_update.py [--seeds 0,1,2] [--steps 100000]
+    python benchmarks/fast_update.py [--algo ppo|dqn] [--seeds 0,1,2] [--steps N]
 
 Prints one JSON line per side: CPU seconds per seed (median), and each seed's final 20-episode evaluation.
 """
@@ -20,6 +21,7 @@ from unittest import mock
 import torch
 
 from labfleet.algorithms import registry
+from labfleet.algorithms.rl.dqn import DQNTrainer
 from labfleet.algorithms.rl.ppo import PPOTrainer
 from labfleet.rollout import classic
 from labfleet.spec.loading import load_spec
@@ -29,11 +31,15 @@ SIDES = {"autograd, gymnasium envs": (False, False), "autograd, array envs": (Fa
          "hand-written backward, array envs": (True, True)}
 
 
-def train(seed: int, steps: int, fast: bool, arrays: bool) -> tuple[float, float]:
-    spec = load_spec(EXPERIMENTS / "cartpole_ppo.yaml", {"budget.env_steps": steps})
+ALGOS = {"ppo": ("cartpole_ppo.yaml", PPOTrainer, 100_000), "dqn": ("cartpole_dqn.yaml", DQNTrainer, 50_000)}
+
+
+def train(algo: str, seed: int, steps: int, fast: bool, arrays: bool) -> tuple[float, float]:
+    file, trainer_class, _ = ALGOS[algo]
+    spec = load_spec(EXPERIMENTS / file, {"budget.env_steps": steps})
     with mock.patch.object(classic, "fast_vector_env", classic.fast_vector_env if arrays else lambda *a: None), \
-            mock.patch.object(PPOTrainer, "fast_update", fast):
-        trainer = registry.get("ppo").trainer(spec, seed, "cpu")
+            mock.patch.object(trainer_class, "fast_update", fast):
+        trainer = registry.get(algo).trainer(spec, seed, "cpu")
         start = time.process_time()
         while trainer.env_steps < steps:
             trainer.train_iteration()
@@ -43,16 +49,18 @@ def train(seed: int, steps: int, fast: bool, arrays: bool) -> tuple[float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--algo", choices=sorted(ALGOS), default="ppo")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--steps", type=int, default=None, help="default: 100k for PPO, 50k for DQN")
     args = parser.parse_args()
+    args.steps = args.steps or ALGOS[args.algo][2]
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     cpu: dict[str, list[float]] = {side: [] for side in SIDES}
     returns: dict[str, list[float]] = {side: [] for side in SIDES}
     for seed in seeds:
         for side, (fast, arrays) in SIDES.items():
-            seconds, ret = train(seed, args.steps, fast, arrays)
+            seconds, ret = train(args.algo, seed, args.steps, fast, arrays)
             cpu[side].append(seconds)
             returns[side].append(ret)
     base = statistics.median(cpu["autograd, gymnasium envs"])

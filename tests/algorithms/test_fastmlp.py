@@ -1,7 +1,8 @@
-"""PPO's hand-written backward pass (algorithms/rl/fastmlp.py) against autograd on the one loss definition
-(`ppo_minibatch_loss`): the same gradients on one minibatch, the same parameters and statistics after whole
-updates, for categorical and Gaussian policies and each option the kernel covers; checkpoints move between
-the two; what it does not cover keeps autograd."""
+"""PPO's and DQN's hand-written backward passes (algorithms/rl/fastmlp.py) against autograd on the one loss
+definition (`ppo_minibatch_loss`, `dqn_minibatch_loss`): the same gradients on one minibatch, the same
+parameters and statistics after whole updates, for each option the kernels cover (PPO's categorical and
+Gaussian policies; DQN's targets and losses); checkpoints move between the two; what they do not cover keeps
+autograd."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from labfleet.algorithms import registry
-from labfleet.algorithms.rl.fastmlp import FastPPOUpdate
+from labfleet.algorithms.rl.dqn import dqn_minibatch_loss, targets
+from labfleet.algorithms.rl.fastmlp import FastDQNUpdate, FastPPOUpdate
 from labfleet.algorithms.rl.ppo import PPOCoefficients, PPOMinibatch, PPOTrainer, ppo_minibatch_loss
 from labfleet.spec.loading import load_spec
 from tests.conftest import EXPERIMENTS
@@ -86,3 +88,72 @@ def test_what_the_kernel_does_not_cover_keeps_autograd():
     assert kl.fast is None and FastPPOUpdate.why_not(kl.ac, kl.hp) == "loss kl_penalty"
     plain = _trainer(CARTPOLE, fast=True)
     assert plain.fast is not None
+
+
+# DQN: the TD loss's gradient in closed form (`FastDQNUpdate`) against autograd on `dqn_minibatch_loss`
+DQN = {"budget.env_steps": 4096, "hparams.learning_starts": 256, "hparams.train_freq": 128,
+       "hparams.gradient_steps": 16, "hparams.net_arch": [64, 64]}
+DQN_OPTIONS = [
+    pytest.param(DQN, id="double-3step-huber"),
+    pytest.param({**DQN, "hparams.double_q": False, "hparams.n_step": 1, "hparams.loss": "mse",
+                  "hparams.activation": "tanh", "hparams.max_grad_norm": None}, id="plain-mse-tanh"),
+    pytest.param({**DQN, "hparams.double_q": False, "hparams.n_step": 1, "hparams.munchausen": 0.9,
+                  "hparams.normalize": {"obs": True}}, id="munchausen-normalized"),
+]
+
+
+def _dqn(overrides: dict, fast: bool):
+    trainer = registry.get("dqn").trainer(load_spec(EXPERIMENTS / "cartpole_dqn.yaml", overrides), 0, "cpu")
+    if not fast:
+        trainer.fast = None
+    return trainer
+
+
+@pytest.mark.parametrize("overrides", DQN_OPTIONS)
+def test_dqn_gradients_are_autograds(overrides):
+    """On a minibatch of a real replay buffer, after some learning (TD errors on both sides of Huber's 1)."""
+    trainer = _dqn(overrides, fast=True)
+    assert trainer.fast is not None
+    for _ in range(4):
+        trainer.train_iteration()
+    batch = trainer.buffer.sample(256, trainer.device)
+    with torch.no_grad():  # a target network that differs from the online one
+        for p in trainer.q_target.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    loss, q_mean = dqn_minibatch_loss(trainer.q_net, trainer.q_target, batch, trainer.hp.gamma, trainer.hp)
+    trainer.q_net.zero_grad(set_to_none=True)
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in trainer.q_net.named_parameters()}
+    fast_loss, fast_q = trainer.fast.gradients(batch, trainer.hp.gamma, trainer.hp)
+    for name, p in trainer.q_net.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(fast_loss, loss.detach())
+    torch.testing.assert_close(fast_q, q_mean)
+    if trainer.hp.loss == "huber":
+        errors = (trainer.q_net(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
+                  - targets(trainer.hp, trainer.q_target, trainer.q_net, batch, trainer.hp.gamma)).abs()
+        assert bool((errors < 1).any()) and bool((errors > 1).any())  # both pieces of Huber's gradient
+
+
+@pytest.mark.parametrize("overrides", DQN_OPTIONS)
+def test_dqn_updates_match_autograds_and_checkpoints_move_between_them(overrides):
+    fast, slow = _dqn(overrides, fast=True), _dqn(overrides, fast=False)
+    logged = []
+    for _ in range(3):
+        logged += [fast.train_iteration(), slow.train_iteration()]
+    fast_state, slow_state = copy.deepcopy(fast.state_dict()), copy.deepcopy(slow.state_dict())
+    fast.load_state_dict(slow_state)
+    slow.load_state_dict(fast_state)
+    logged += [fast.train_iteration(), slow.train_iteration()]
+    for (name, a), b in zip(fast.q_net.named_parameters(), slow.q_net.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    for i in range(0, len(logged), 2):
+        for key in (k for k in logged[i] if not k.startswith("time/")):
+            assert logged[i][key] == pytest.approx(logged[i + 1][key], rel=1e-3, abs=1e-5), key
+    assert "loss/value" in logged[-1]
+
+
+def test_a_q_network_the_kernel_does_not_cover_keeps_autograd():
+    trainer = _dqn(DQN, fast=True)
+    trainer.q_net.q = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    assert FastDQNUpdate.why_not(trainer.q_net) == "networks other than Linear layers with tanh or ReLU"

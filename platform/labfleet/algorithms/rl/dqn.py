@@ -33,6 +33,7 @@ from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import RLTrainer, seeded_torch
 from labfleet.algorithms.rl.estimators import polyak_update, td_target
 from labfleet.algorithms.rl.exploration import EpsilonGreedyHParams, EpsilonGreedyNet
+from labfleet.algorithms.rl.fastmlp import FastDQNUpdate
 from labfleet.algorithms.rl.networks import ObservationEncoder, mlp
 from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import BatchSize, BufferSize, EnvCount, Width
@@ -142,6 +143,7 @@ class DQNTrainer(RLTrainer):
     hparams_model = DQNHParams
     hp: DQNHParams
     POLICY = "q_net"
+    fast_update = True  # False: every update through autograd (the kernel's tests compare the two)
 
     def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
         super().__init__(spec, seed, device)
@@ -157,6 +159,9 @@ class DQNTrainer(RLTrainer):
         self.buffer = ReplayBuffer(hp.buffer_size, space.shape or (), space.dtype, (), np.int64,
                                    derive_seed(seed, "replay"), n_step=hp.n_step, gamma=hp.gamma, n_envs=hp.n_envs)
         self.last_target_update = 0
+        # The same loss's gradient in closed form, where the Q network is a plain MLP (rl/fastmlp.py)
+        self.fast = FastDQNUpdate(self.q_net, self.q_target) \
+            if self.fast_update and FastDQNUpdate.why_not(self.q_net) is None else None
 
     def train_iteration(self) -> dict[str, float]:
         hp = self.hp
@@ -174,11 +179,17 @@ class DQNTrainer(RLTrainer):
             for _ in range(hp.gradient_steps):
                 batch = self.buffer.sample(hp.batch_size, self.device)
                 batch["rewards"] = self.scale_rewards(batch["rewards"])
-                loss, q_mean = dqn_minibatch_loss(self.q_net, self.q_target, batch, hp.gamma, hp)
-                self.optimizer.step(loss, progress)
-                losses.append(loss.item())
-                q_values.append(q_mean.item())
-            logged.update({M.LOSS_VALUE: float(np.mean(losses)), M.Q_MEAN: float(np.mean(q_values)),
+                if self.fast is not None:
+                    loss, q_mean = self.fast.gradients(batch, hp.gamma, hp)
+                    self.optimizer.step_gradients(progress)
+                else:
+                    loss, q_mean = dqn_minibatch_loss(self.q_net, self.q_target, batch, hp.gamma, hp)
+                    self.optimizer.step_tensor(loss, progress)
+                losses.append(loss.detach())
+                q_values.append(q_mean)
+            # read back at once: one host sync a training phase, not two a gradient step
+            loss_mean, q_mean_all = torch.stack([torch.stack(losses).mean(), torch.stack(q_values).mean()]).tolist()
+            logged.update({M.LOSS_VALUE: loss_mean, M.Q_MEAN: q_mean_all,
                            M.LEARNING_RATE: self.optimizer.learning_rate})
 
         # 3. target network

@@ -191,3 +191,59 @@ class FastPPOUpdate:
             # http://joschu.net/blog/kl-approx.html
             return {"kl": ((ratio - 1) - logratio).mean(-1), "clip": ((ratio - 1).abs() > clip).float().mean(-1),
                     "pi": loss_pi, "v": loss_v, "ent": entropy_mean}
+
+
+class FastDQNUpdate:
+    """The gradient of `dqn_minibatch_loss` for a Q network that is a plain MLP, in closed form.
+
+    The targets are `dqn.targets` itself (the one definition; no gradient flows through them), fed by the
+    networks' forward passes without autograd's graph. The loss is the TD error of the actions taken:
+
+      loss = mean(Huber(Q(s, a) - y))   d loss / d Q(s, a) = clamp(Q(s, a) - y, -1, 1) / B
+      loss = mean((Q(s, a) - y)^2)      d loss / d Q(s, a) = 2 (Q(s, a) - y) / B
+
+    and 0 for the actions not taken; the MLP's backward pass takes it from there."""
+
+    def __init__(self, q_net: nn.Module, q_target: nn.Module):
+        self.q_net, self.q_target = q_net, q_target
+        self.online = MLPKernel(q_net.q)  # type: ignore[arg-type]
+        self.target = MLPKernel(q_target.q)  # type: ignore[arg-type]
+        self.params = list(q_net.parameters())
+
+    @staticmethod
+    def why_not(q_net: nn.Module) -> str | None:
+        """Why this Q network's update needs autograd, or None when this kernel computes it."""
+        if any(p.requires_grad for p in q_net.encoder.parameters()):  # type: ignore[union-attr]
+            return "an observation encoder with parameters"
+        if not MLPKernel.supports(q_net.q):  # type: ignore[arg-type]
+            return "networks other than Linear layers with tanh or ReLU"
+        return None
+
+    def _online_q(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.online.forward(self.q_net.encoder(obs))[0]  # type: ignore[operator]
+
+    def _target_q(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.target.forward(self.q_target.encoder(obs))[0]  # type: ignore[operator]
+
+    def gradients(self, batch: dict[str, torch.Tensor], gamma: float, hp: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set every parameter's `.grad` to d loss / d parameter on `batch`; return the loss and the mean Q of
+        the actions taken, as `dqn_minibatch_loss` does."""
+        from labfleet.algorithms.rl.dqn import targets
+
+        for p in self.params:
+            p.grad = None
+        with torch.no_grad():
+            y = targets(hp, self._target_q, self._online_q, batch, gamma)
+            q_all, kept = self.online.forward(self.q_net.encoder(batch["obs"]))  # type: ignore[operator]
+            taken = batch["actions"].long().unsqueeze(-1)
+            q = q_all.gather(-1, taken).squeeze(-1)
+            d = q - y
+            if hp.loss == "huber":
+                loss = torch.nn.functional.smooth_l1_loss(q, y)
+                g = d.clamp(-1.0, 1.0)
+            else:
+                loss = torch.nn.functional.mse_loss(q, y)
+                g = 2 * d
+            g = g / d.shape[0]
+            self.online.backward(kept, torch.zeros_like(q_all).scatter_(-1, taken, g.unsqueeze(-1)))
+            return loss, q.mean()

@@ -70,3 +70,37 @@ def test_a_rollout_of_another_width_is_refused():
     buffer = ReplayBuffer(8, (1,), np.float32, (), np.int64, seed=0, n_envs=2)
     with pytest.raises(ValueError, match="a rollout of 1 environments for a buffer of 2"):
         buffer.add_rollout(_rollout([[1.0]], [[False]], [[False]]))
+
+
+def _n_step_by_hand(buffer: ReplayBuffer, i: int) -> tuple[float, int, int]:
+    """One stored transition's n-step sum, the slot it bootstraps from and the steps summed, one step at a
+    time as the definition reads: the same environment's next steps, until an episode ends, n are summed or
+    the next step is not stored yet."""
+    total, slot, steps = np.float32(0), i, 0
+    newer = (buffer.position - i - 1) % buffer.capacity
+    for j in range(buffer.n_step):
+        if j * buffer.n_envs > newer:
+            break
+        slot = (i + j * buffer.n_envs) % buffer.capacity
+        total += np.float32(buffer.gamma ** j) * buffer.rewards[slot]
+        steps = j + 1
+        if buffer.ends[slot]:
+            break
+    return float(total), slot, steps
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_n_step_transitions_equal_the_step_by_step_definition(seed: int):
+    rng = np.random.default_rng(seed)
+    n_envs, capacity, n_step = int(rng.integers(1, 4)), int(rng.integers(6, 30)), int(rng.integers(2, 6))
+    buffer = ReplayBuffer(capacity, (1,), np.float32, (), np.int64, seed=seed, n_step=n_step, gamma=0.9, n_envs=n_envs)
+    T = int(rng.integers(2, 3 * capacity // n_envs + 2))  # from part full to wrapped more than once
+    buffer.add_rollout(_rollout(rng.normal(size=(T, n_envs)).tolist(), (rng.random((T, n_envs)) < 0.15).tolist(),
+                                (rng.random((T, n_envs)) < 0.1).tolist()))
+    idx = np.arange(buffer.size)
+    out = buffer.n_step_returns(idx)
+    for k, i in enumerate(idx):
+        total, slot, steps = _n_step_by_hand(buffer, int(i))
+        assert out["rewards"][k] == np.float32(total), i
+        assert out["next_obs"][k, 0] == buffer.next_obs[slot, 0] and out["terminated"][k] == buffer.terminated[slot]
+        assert out["discounts"][k] == np.float32(0.9 ** steps), i

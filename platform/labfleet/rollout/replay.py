@@ -68,15 +68,21 @@ class ReplayBuffer:
 
     def n_step_returns(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """The n-step transitions from the stored ones at `idx`: rewards, next_obs, terminated, discounts."""
+        n = self.n_step
         newer = (self.position - idx - 1) % self.capacity  # transitions written after idx (0: the newest)
+        ahead = np.arange(n) * self.n_envs
+        at = (idx[:, None] + ahead) % self.capacity  # (B, n): the same environment's next n steps
+        # step j is summed while no earlier one ended its episode and the buffer holds it
+        stop = self.ends[at[:, :-1]] | (ahead[1:] > newer[:, None])
+        going = np.ones(at.shape, dtype=bool)
+        going[:, 1:] = np.logical_and.accumulate(~stop, axis=1)
+        discounts = np.array([self.gamma ** j for j in range(n)], dtype=np.float32)
+        terms = np.where(going, discounts * self.rewards[at], np.float32(0))
         returns = np.zeros(len(idx), dtype=np.float32)
-        last, steps = idx.copy(), np.ones(len(idx), dtype=np.int64)
-        going = np.ones(len(idx), dtype=bool)
-        for j in range(self.n_step):
-            at = (idx + j * self.n_envs) % self.capacity
-            returns += np.where(going, np.float32(self.gamma ** j) * self.rewards[at], np.float32(0))
-            last, steps = np.where(going, at, last), np.where(going, j + 1, steps)
-            going &= ~self.ends[at] & ((j + 1) * self.n_envs <= newer)
+        for j in range(n):  # one step at a time: float32 sums in the order of the rewards
+            returns += terms[:, j]
+        steps = going.sum(axis=1)
+        last = at[np.arange(len(idx)), steps - 1]
         return {"rewards": returns, "next_obs": self.next_obs[last], "terminated": self.terminated[last],
                 "discounts": (self.gamma ** steps).astype(np.float32)}
 

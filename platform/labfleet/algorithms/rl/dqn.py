@@ -160,7 +160,7 @@ class DQNTrainer(RLTrainer):
                                    derive_seed(seed, "replay"), n_step=hp.n_step, gamma=hp.gamma, n_envs=hp.n_envs)
         self.last_target_update = 0
         # The same loss's gradient in closed form, where the Q network is a plain MLP (rl/fastmlp.py)
-        self.fast = FastDQNUpdate(self.q_net, self.q_target) \
+        self.fast = FastDQNUpdate(self.q_net, self.q_target, targets) \
             if self.fast_update and FastDQNUpdate.why_not(self.q_net) is None else None
 
     def train_iteration(self) -> dict[str, float]:

@@ -28,6 +28,7 @@ observation encoder without trainable parameters (vectors, one-hots, normalised 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -196,16 +197,17 @@ class FastPPOUpdate:
 class FastDQNUpdate:
     """The gradient of `dqn_minibatch_loss` for a Q network that is a plain MLP, in closed form.
 
-    The targets are `dqn.targets` itself (the one definition; no gradient flows through them), fed by the
-    networks' forward passes without autograd's graph. The loss is the TD error of the actions taken:
+    The targets are `dqn.targets` itself (the one definition, handed in by the trainer; no gradient flows
+    through them), fed by the networks' forward passes without autograd's graph. The loss is the TD error of
+    the actions taken:
 
       loss = mean(Huber(Q(s, a) - y))   d loss / d Q(s, a) = clamp(Q(s, a) - y, -1, 1) / B
       loss = mean((Q(s, a) - y)^2)      d loss / d Q(s, a) = 2 (Q(s, a) - y) / B
 
     and 0 for the actions not taken; the MLP's backward pass takes it from there."""
 
-    def __init__(self, q_net: nn.Module, q_target: nn.Module):
-        self.q_net, self.q_target = q_net, q_target
+    def __init__(self, q_net: nn.Module, q_target: nn.Module, targets: Callable[..., torch.Tensor]):
+        self.q_net, self.q_target, self.targets = q_net, q_target, targets
         self.online = MLPKernel(q_net.q)  # type: ignore[arg-type]
         self.target = MLPKernel(q_target.q)  # type: ignore[arg-type]
         self.params = list(q_net.parameters())
@@ -228,12 +230,10 @@ class FastDQNUpdate:
     def gradients(self, batch: dict[str, torch.Tensor], gamma: float, hp: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Set every parameter's `.grad` to d loss / d parameter on `batch`; return the loss and the mean Q of
         the actions taken, as `dqn_minibatch_loss` does."""
-        from labfleet.algorithms.rl.dqn import targets
-
         for p in self.params:
             p.grad = None
         with torch.no_grad():
-            y = targets(hp, self._target_q, self._online_q, batch, gamma)
+            y = self.targets(hp, self._target_q, self._online_q, batch, gamma)
             q_all, kept = self.online.forward(self.q_net.encoder(batch["obs"]))  # type: ignore[operator]
             taken = batch["actions"].long().unsqueeze(-1)
             q = q_all.gather(-1, taken).squeeze(-1)

@@ -1,10 +1,10 @@
-"""PPO's or DQN's training CPU on CartPole-v1 (the shipped `cartpole_ppo.yaml`, 100k steps, or
-`cartpole_dqn.yaml`, 50k steps: rl-zoo's hyperparameters; one torch thread as a trial actor has), in one
-process, without Ray, with and without the two kernels: the hand-written backward pass
-(`algorithms/rl/fastmlp.py`) and CartPole stepped as arrays (`rollout/classic.py`). Each side trains the same
-seeds; the rounds alternate the sides.
+"""PPO's, DQN's, A2C's or REINFORCE's training CPU on CartPole-v1 (the shipped spec: `cartpole_ppo.yaml`
+100k steps, `cartpole_dqn.yaml` 50k, `cartpole_a2c.yaml` and `cartpole_reinforce.yaml` 100k by default; one
+torch thread as a trial actor has), in one process, without Ray, with and without the two kernels: the
+hand-written backward pass (`algorithms/rl/fastmlp.py`) and CartPole stepped as arrays (`rollout/classic.py`).
+Each side trains the same seeds; the rounds alternate the sides.
 
-    python benchmarks/fast_update.py [--algo ppo|dqn] [--seeds 0,1,2] [--steps N]
+    python benchmarks/fast_update.py [--algo ppo|dqn|a2c|reinforce] [--seeds 0,1,2] [--steps N]
 
 Prints one JSON line per side: CPU seconds per seed (median), and each seed's final 20-episode evaluation.
 """
@@ -21,8 +21,10 @@ from unittest import mock
 import torch
 
 from labfleet.algorithms import registry
+from labfleet.algorithms.rl.a2c import A2CTrainer
 from labfleet.algorithms.rl.dqn import DQNTrainer
 from labfleet.algorithms.rl.ppo import PPOTrainer
+from labfleet.algorithms.rl.reinforce import ReinforceTrainer
 from labfleet.rollout import classic
 from labfleet.spec.loading import load_spec
 
@@ -31,7 +33,9 @@ SIDES = {"autograd, gymnasium envs": (False, False), "autograd, array envs": (Fa
          "hand-written backward, array envs": (True, True)}
 
 
-ALGOS = {"ppo": ("cartpole_ppo.yaml", PPOTrainer, 100_000), "dqn": ("cartpole_dqn.yaml", DQNTrainer, 50_000)}
+ALGOS = {"ppo": ("cartpole_ppo.yaml", PPOTrainer, 100_000), "dqn": ("cartpole_dqn.yaml", DQNTrainer, 50_000),
+         "a2c": ("cartpole_a2c.yaml", A2CTrainer, 100_000),
+         "reinforce": ("cartpole_reinforce.yaml", ReinforceTrainer, 100_000)}
 
 
 def train(algo: str, seed: int, steps: int, fast: bool, arrays: bool) -> tuple[float, float]:
@@ -51,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--algo", choices=sorted(ALGOS), default="ppo")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=None, help="default: 100k for PPO, 50k for DQN")
+    parser.add_argument("--steps", type=int, default=None, help="default: 50k for DQN, else 100k")
     args = parser.parse_args()
     args.steps = args.steps or ALGOS[args.algo][2]
     torch.set_num_threads(1)

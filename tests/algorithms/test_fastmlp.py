@@ -1,8 +1,8 @@
-"""PPO's and DQN's hand-written backward passes (algorithms/rl/fastmlp.py) against autograd on the one loss
-definition (`ppo_minibatch_loss`, `dqn_minibatch_loss`): the same gradients on one minibatch, the same
-parameters and statistics after whole updates, for each option the kernels cover (PPO's categorical and
-Gaussian policies; DQN's targets and losses); checkpoints move between the two; what they do not cover keeps
-autograd."""
+"""The hand-written backward passes of PPO, REINFORCE and A2C, and DQN (algorithms/rl/fastmlp.py) against
+autograd on the one loss definition (`ppo_minibatch_loss`, `policy_gradient_loss`, `dqn_minibatch_loss`): the
+same gradients on one minibatch, the same parameters and statistics after whole updates, for each option the
+kernels cover (categorical and Gaussian policies; DQN's targets and losses); checkpoints move between the two;
+what they do not cover keeps autograd."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from labfleet.algorithms import registry
 from labfleet.algorithms.rl.dqn import dqn_minibatch_loss, targets
 from labfleet.algorithms.rl.fastmlp import FastDQNUpdate, FastPPOUpdate
 from labfleet.algorithms.rl.ppo import PPOCoefficients, PPOMinibatch, PPOTrainer, ppo_minibatch_loss
+from labfleet.algorithms.rl.reinforce import PolicyGradientBatch, policy_gradient_loss
 from labfleet.spec.loading import load_spec
 from tests.conftest import EXPERIMENTS
 
@@ -157,3 +158,64 @@ def test_a_q_network_the_kernel_does_not_cover_keeps_autograd():
     trainer = _dqn(DQN, fast=True)
     trainer.q_net.q = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
     assert FastDQNUpdate.why_not(trainer.q_net) == "networks other than Linear layers with tanh or ReLU"
+
+
+# REINFORCE and A2C: `FastPolicyGradientUpdate` against autograd on `policy_gradient_loss`
+PG_OPTIONS = [
+    pytest.param("reinforce", {"budget.env_steps": 4096, "hparams.n_steps": 64}, id="reinforce-categorical"),
+    pytest.param("reinforce", {"env": "Pendulum-v1", "budget.env_steps": 4096, "hparams.n_steps": 64,
+                               "hparams.ent_coef": 0.01, "hparams.activation": "relu"},
+                 id="reinforce-gaussian-entropy-relu"),
+    pytest.param("a2c", {"budget.env_steps": 4096}, id="a2c-categorical-rmsprop"),
+    pytest.param("a2c", {"budget.env_steps": 4096, "hparams.ent_coef": 0.01, "hparams.normalize_advantage": True,
+                         "hparams.normalize": {"obs": True}, "hparams.max_grad_norm": None},
+                 id="a2c-entropy-normalized"),
+]
+PG_SPECS = {"reinforce": "cartpole_reinforce.yaml", "a2c": "cartpole_a2c.yaml"}
+
+
+def _pg(algo: str, overrides: dict, fast: bool):
+    trainer = registry.get(algo).trainer(load_spec(EXPERIMENTS / PG_SPECS[algo], overrides), 0, "cpu")
+    if not fast:
+        trainer.fast = None
+    return trainer
+
+
+@pytest.mark.parametrize(("algo", "overrides"), PG_OPTIONS)
+def test_policy_gradient_gradients_are_autograds(algo, overrides):
+    trainer = _pg(algo, overrides, fast=True)
+    assert trainer.fast is not None
+    trainer.train_iteration()
+    rollout, _ = trainer.collect(trainer.actor, trainer.hp.n_envs, 16)
+    generator = torch.Generator().manual_seed(1)
+    obs = trainer.as_tensor(rollout.obs).flatten(0, 1)
+    n = obs.shape[0]
+    batch = PolicyGradientBatch(obs, trainer.as_tensor(rollout.actions).flatten(0, 1),
+                                torch.randn(n, generator=generator), torch.randn(n, generator=generator))
+    hp = trainer.hp
+    loss, expected_terms = policy_gradient_loss(trainer.ac, batch, hp.vf_coef, hp.ent_coef, hp.normalize_advantage)
+    trainer.ac.zero_grad(set_to_none=True)
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in trainer.ac.named_parameters()}
+    terms = trainer.fast.gradients(batch, hp.vf_coef, hp.ent_coef, hp.normalize_advantage)
+    for name, p in trainer.ac.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    for key, value in expected_terms.items():
+        torch.testing.assert_close(terms[key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize(("algo", "overrides"), PG_OPTIONS)
+def test_policy_gradient_updates_match_autograds_and_checkpoints_move_between_them(algo, overrides):
+    fast, slow = _pg(algo, overrides, fast=True), _pg(algo, overrides, fast=False)
+    logged = []
+    for _ in range(3):
+        logged += [fast.train_iteration(), slow.train_iteration()]
+    fast_state, slow_state = copy.deepcopy(fast.state_dict()), copy.deepcopy(slow.state_dict())
+    fast.load_state_dict(slow_state)
+    slow.load_state_dict(fast_state)
+    logged += [fast.train_iteration(), slow.train_iteration()]
+    for (name, a), b in zip(fast.ac.named_parameters(), slow.ac.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    for i in range(0, len(logged), 2):
+        for key in (k for k in logged[i] if not k.startswith("time/")):
+            assert logged[i][key] == pytest.approx(logged[i + 1][key], rel=1e-3, abs=1e-5), key

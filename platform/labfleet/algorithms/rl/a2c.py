@@ -19,13 +19,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from labfleet import metrics as M
 from labfleet.algorithms.optim import OptimHParams, OptimizerConfig
 from labfleet.algorithms.registry import AlgorithmInfo, register
-from labfleet.algorithms.rl.base import ActorCriticTrainer, flatten
+from labfleet.algorithms.rl.base import flatten
 from labfleet.algorithms.rl.estimators import gae_advantages
 from labfleet.algorithms.rl.normalize import ObservationHParams
-from labfleet.algorithms.rl.reinforce import PolicyGradientBatch, policy_gradient_loss
+from labfleet.algorithms.rl.reinforce import PolicyGradientBatch, PolicyGradientTrainer
 from labfleet.algorithms.sizes import EnvCount, StepCount, Width
 
 
@@ -44,7 +43,7 @@ class A2CHParams(OptimHParams, ObservationHParams):
     activation: Literal["tanh", "relu"] = "tanh"
 
 
-class A2CTrainer(ActorCriticTrainer):
+class A2CTrainer(PolicyGradientTrainer):
     hparams_model = A2CHParams
     hp: A2CHParams
 
@@ -63,19 +62,11 @@ class A2CTrainer(ActorCriticTrainer):
             adv = gae_advantages(rewards, values, self.as_tensor(rollout.terminated),
                                  self.as_tensor(rollout.truncated), next_values, hp.gamma, hp.gae_lambda)
 
-        # 3. loss
+        # 3. loss, 4. step
         batch = PolicyGradientBatch(*(flatten(t) for t in (obs, self.as_tensor(rollout.actions), adv, adv + values)))
-        loss, terms = policy_gradient_loss(self.ac, batch, hp.vf_coef, hp.ent_coef, hp.normalize_advantage)
-
-        # 4. step
-        grad_norm = self.optimizer.step(loss, self.env_steps / self.spec.budget.total)
+        logged.update(self.policy_gradient_step(batch))
         self.iterations += 1
-
-        # 5. log
-        logged.update({M.LOSS_POLICY: terms["pi"].item(), M.LOSS_VALUE: terms["v"].item(),
-                       M.LOSS_ENTROPY: terms["ent"].item(),
-                       M.GRAD_NORM: grad_norm, M.LEARNING_RATE: self.optimizer.learning_rate})
-        return logged
+        return logged  # 5. log
 
 
 register(AlgorithmInfo(

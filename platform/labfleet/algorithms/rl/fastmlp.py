@@ -100,8 +100,9 @@ def _min_weights(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return (a < b).to(a.dtype) + tie, (b < a).to(a.dtype) + tie
 
 
-class FastPPOUpdate:
-    """The gradient of `ppo_minibatch_loss` for one trainer's actor-critic, in closed form."""
+class _ActorCriticKernel:
+    """The forward pass of an `ActorCritic` (log pi(a|s), H[pi(.|s)], V(s), with the activations kept), and
+    the backward pass from d loss / d log pi(a|s), d loss / d V(s) and the entropy bonus's weight."""
 
     def __init__(self, ac: nn.Module):
         self.ac = ac
@@ -112,10 +113,7 @@ class FastPPOUpdate:
         self.params = list(ac.parameters())
 
     @staticmethod
-    def why_not(ac: nn.Module, hp: Any) -> str | None:
-        """Why this trainer's update needs autograd, or None when this kernel computes it."""
-        if hp.loss != "clip":
-            return f"loss {hp.loss}"
+    def why_not_networks(ac: nn.Module) -> str | None:
         policy = getattr(ac, "policy", None)
         if not isinstance(policy, (CategoricalPolicy, GaussianPolicy)):
             return f"policy {type(policy).__name__}"
@@ -126,29 +124,68 @@ class FastPPOUpdate:
             return "networks other than Linear layers with tanh or ReLU"
         return None
 
-    def gradients(self, batch: Any, coef: Any, hp: Any) -> dict[str, torch.Tensor]:
-        """Set every parameter's `.grad` to d loss / d parameter on `batch` (a `PPOMinibatch`), and return
-        the minibatch's statistics as `ppo_minibatch_loss` gives them."""
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, Any]:
+        """log pi(a|s), H and V(s) of each sample, and what the backward pass needs (call under no_grad)."""
         policy: Any = self.ac.policy
         for p in self.params:
             p.grad = None
+        x = policy.encoder(obs)
+        head, head_kept = self.policy_net.forward(x)
+        value, value_kept = self.value_net.forward(x)
+        out: dict[str, Any] = {"head_kept": head_kept, "value": value.squeeze(-1), "value_kept": value_kept,
+                               "actions": actions}
+        if self.gaussian:
+            log_std = policy.log_std.expand_as(head)
+            std = log_std.exp()
+            z = (actions - head) / std
+            out.update(std=std, z=z, logp=(-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1),
+                       entropy=(0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1))
+        else:
+            logp_all = torch.log_softmax(head, dim=-1)
+            probs = logp_all.exp()
+            out.update(logp_all=logp_all, probs=probs,
+                       logp=logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1),
+                       entropy=-(probs * logp_all).sum(-1))
+        return out
+
+    def backward(self, f: dict[str, Any], g_logp: torch.Tensor, g_value: torch.Tensor, ent_coef: Any) -> None:
+        """Set the parameters' gradients of a loss whose gradient is `g_logp` per log pi(a|s) and `g_value`
+        per V(s), minus `ent_coef` times the mean entropy."""
+        policy: Any = self.ac.policy
+        n = g_logp.shape[0]
+        g_entropy = -ent_coef / n  # d loss / d H(s), each sample
+        if self.gaussian:
+            z, std = f["z"], f["std"]
+            g_mean = g_logp.unsqueeze(-1) * z / std
+            g_log_std = (g_logp.unsqueeze(-1) * (z * z - 1)).sum(0) + g_entropy * n
+            self.policy_net.backward(f["head_kept"], g_mean)
+            _accumulate(policy.log_std, g_log_std.reshape(policy.log_std.shape))
+        else:
+            probs, logp_all = f["probs"], f["logp_all"]
+            onehot = torch.zeros_like(probs).scatter_(-1, f["actions"].long().unsqueeze(-1), 1.0)
+            g_logits = g_logp.unsqueeze(-1) * (onehot - probs) \
+                + g_entropy * (-probs * (logp_all + f["entropy"].unsqueeze(-1)))
+            self.policy_net.backward(f["head_kept"], g_logits)
+        self.value_net.backward(f["value_kept"], g_value.unsqueeze(-1))
+
+
+class FastPPOUpdate(_ActorCriticKernel):
+    """The gradient of `ppo_minibatch_loss` for one trainer's actor-critic, in closed form."""
+
+    @staticmethod
+    def why_not(ac: nn.Module, hp: Any) -> str | None:
+        """Why this trainer's update needs autograd, or None when this kernel computes it."""
+        if hp.loss != "clip":
+            return f"loss {hp.loss}"
+        return _ActorCriticKernel.why_not_networks(ac)
+
+    def gradients(self, batch: Any, coef: Any, hp: Any) -> dict[str, torch.Tensor]:
+        """Set every parameter's `.grad` to d loss / d parameter on `batch` (a `PPOMinibatch`), and return
+        the minibatch's statistics as `ppo_minibatch_loss` gives them."""
         with torch.no_grad():
-            x = policy.encoder(batch.obs)
-            n = x.shape[0]
-            head, head_kept = self.policy_net.forward(x)
-            value, value_kept = self.value_net.forward(x)
-            value = value.squeeze(-1)
-            if self.gaussian:
-                log_std = policy.log_std.expand_as(head)
-                std = log_std.exp()
-                z = (batch.actions - head) / std
-                logp = (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-                entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
-            else:
-                logp_all = torch.log_softmax(head, dim=-1)
-                probs = logp_all.exp()
-                logp = logp_all.gather(-1, batch.actions.long().unsqueeze(-1)).squeeze(-1)
-                entropy = -(probs * logp_all).sum(-1)
+            f = self.forward(batch.obs, batch.actions)
+            value, logp = f["value"], f["logp"]
+            n = value.shape[0]
             logratio = logp - batch.logp_old
             ratio = logratio.exp()
             a = standardised(batch.advantages) if hp.normalize_advantage else batch.advantages
@@ -174,24 +211,30 @@ class FastPPOUpdate:
                 v1, v2 = _min_weights(-(d ** 2), -(dc ** 2))  # max(x, y) = -min(-x, -y)
                 in_range = ((value - batch.values_old >= -c) & (value - batch.values_old <= c)).to(d.dtype)
                 g_value = (v1 * 2 * d + v2 * 2 * dc * in_range) / n
-            g_value = coef.vf_coef * g_value
-            g_entropy = -coef.ent_coef / n  # d loss / d H(s), each sample
-
-            if self.gaussian:
-                g_mean = g_logp.unsqueeze(-1) * z / std
-                g_log_std = (g_logp.unsqueeze(-1) * (z * z - 1)).sum(0) + g_entropy * n
-                self.policy_net.backward(head_kept, g_mean)
-                _accumulate(policy.log_std, g_log_std.reshape(policy.log_std.shape))
-            else:
-                onehot = torch.zeros_like(probs).scatter_(-1, batch.actions.long().unsqueeze(-1), 1.0)
-                g_logits = g_logp.unsqueeze(-1) * (onehot - probs) \
-                    + g_entropy * (-probs * (logp_all + entropy.unsqueeze(-1)))
-                self.policy_net.backward(head_kept, g_logits)
-            self.value_net.backward(value_kept, g_value.unsqueeze(-1))
-            entropy_mean = entropy.mean(-1)
+            self.backward(f, g_logp, coef.vf_coef * g_value, coef.ent_coef)
             # http://joschu.net/blog/kl-approx.html
             return {"kl": ((ratio - 1) - logratio).mean(-1), "clip": ((ratio - 1).abs() > clip).float().mean(-1),
-                    "pi": loss_pi, "v": loss_v, "ent": entropy_mean}
+                    "pi": loss_pi, "v": loss_v, "ent": f["entropy"].mean(-1)}
+
+
+class FastPolicyGradientUpdate(_ActorCriticKernel):
+    """The gradient of `policy_gradient_loss` (REINFORCE's and A2C's) in closed form:
+
+      loss = -mean(log pi(a|s) A) + vf_coef mean((V(s) - R)^2) - ent_coef mean(H)
+      d loss / d log pi(a|s) = -A / B      d loss / d V(s) = 2 vf_coef (V(s) - R) / B"""
+
+    why_not = staticmethod(_ActorCriticKernel.why_not_networks)
+
+    def gradients(self, batch: Any, vf_coef: float, ent_coef: float, normalize_advantage: bool
+                  ) -> dict[str, torch.Tensor]:
+        """Set every parameter's `.grad` on `batch` (a `PolicyGradientBatch`); the loss's three terms."""
+        with torch.no_grad():
+            f = self.forward(batch.obs, batch.actions)
+            a = standardised(batch.advantages) if normalize_advantage else batch.advantages
+            n = a.shape[0]
+            d = f["value"] - batch.returns
+            self.backward(f, -a / n, vf_coef * 2 * d / n, ent_coef)
+            return {"pi": -(f["logp"] * a).mean(-1), "v": (d ** 2).mean(-1), "ent": f["entropy"].mean(-1)}
 
 
 class FastDQNUpdate:

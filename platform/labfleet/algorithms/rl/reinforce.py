@@ -15,7 +15,7 @@ One iteration, in the order of the pseudocode:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -25,9 +25,11 @@ from labfleet.algorithms.optim import OptimHParams
 from labfleet.algorithms.registry import AlgorithmInfo, register
 from labfleet.algorithms.rl.base import ActorCriticTrainer, flatten
 from labfleet.algorithms.rl.estimators import discounted_returns
+from labfleet.algorithms.rl.fastmlp import FastPolicyGradientUpdate
 from labfleet.algorithms.rl.networks import PolicyValue, standardised
 from labfleet.algorithms.rl.normalize import ObservationHParams
 from labfleet.algorithms.sizes import EnvCount, StepCount, Width
+from labfleet.spec.models import ExperimentSpec
 
 
 class ReinforceHParams(OptimHParams, ObservationHParams):
@@ -77,7 +79,33 @@ def policy_gradient_loss(net: Callable[[torch.Tensor, torch.Tensor], PolicyValue
     return loss_pi + vf_coef * loss_v - ent_coef * entropy, stats
 
 
-class ReinforceTrainer(ActorCriticTrainer):
+class PolicyGradientTrainer(ActorCriticTrainer):
+    """REINFORCE and A2C: one gradient step of `policy_gradient_loss` an iteration, its gradient in closed
+    form where the networks are plain MLPs (rl/fastmlp.py), through autograd otherwise."""
+
+    fast_update = True  # False: every update through autograd (the kernel's tests compare the two)
+
+    def __init__(self, spec: ExperimentSpec, seed: int, device: str = "cpu"):
+        super().__init__(spec, seed, device)
+        self.fast = FastPolicyGradientUpdate(self.ac) \
+            if self.fast_update and FastPolicyGradientUpdate.why_not(self.ac) is None else None
+
+    def policy_gradient_step(self, batch: PolicyGradientBatch) -> dict[str, float]:
+        """One step on the batch's loss; what it logs (the three terms, the gradient norm, the learning rate)."""
+        hp: Any = self.hp
+        progress = self.env_steps / self.spec.budget.total
+        if self.fast is not None:
+            terms = self.fast.gradients(batch, hp.vf_coef, hp.ent_coef, hp.normalize_advantage)
+            norm = self.optimizer.step_gradients(progress)
+        else:
+            loss, terms = policy_gradient_loss(self.ac, batch, hp.vf_coef, hp.ent_coef, hp.normalize_advantage)
+            norm = self.optimizer.step_tensor(loss, progress)
+        pi, v, ent, grad_norm = torch.stack([terms["pi"], terms["v"], terms["ent"], norm.float()]).tolist()
+        return {M.LOSS_POLICY: pi, M.LOSS_VALUE: v, M.LOSS_ENTROPY: ent, M.GRAD_NORM: grad_norm,
+                M.LEARNING_RATE: self.optimizer.learning_rate}
+
+
+class ReinforceTrainer(PolicyGradientTrainer):
     hparams_model = ReinforceHParams
     hp: ReinforceHParams
 
@@ -97,19 +125,11 @@ class ReinforceTrainer(ActorCriticTrainer):
                                          self.as_tensor(rollout.truncated), next_values, hp.gamma)
             advantages = returns - self.ac.value(obs)
 
-        # 3. loss
+        # 3. loss, 4. step
         batch = PolicyGradientBatch(*(flatten(t) for t in (obs, actions, advantages, returns)))
-        loss, terms = policy_gradient_loss(self.ac, batch, hp.vf_coef, hp.ent_coef, hp.normalize_advantage)
-
-        # 4. step
-        grad_norm = self.optimizer.step(loss, self.env_steps / self.spec.budget.total)
+        logged.update(self.policy_gradient_step(batch))
         self.iterations += 1
-
-        # 5. log
-        logged.update({M.LOSS_POLICY: terms["pi"].item(), M.LOSS_VALUE: terms["v"].item(),
-                       M.LOSS_ENTROPY: terms["ent"].item(),
-                       M.GRAD_NORM: grad_norm, M.LEARNING_RATE: self.optimizer.learning_rate})
-        return logged
+        return logged  # 5. log
 
 
 register(AlgorithmInfo(

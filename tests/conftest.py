@@ -51,6 +51,22 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _ray_local_left_clean(request: pytest.FixtureRequest):
+    """After each test on the shared local Ray: every placement group it left (a failed test's runner never
+    freed its own) is removed, with its actors, so that one test's failure cannot starve the next of CPUs:
+    a leftover group once held one of the two CPUs, and a later test waited on its own group for good."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    for group_id, info in placement_group_table().items():
+        if info["state"] != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+
+
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite MLflow store as MLflow itself creates it, before anything is written to it. Creating one

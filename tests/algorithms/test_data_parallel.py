@@ -32,7 +32,7 @@ def _train(ray, workers: int) -> dict:
         "budget.epochs": 30, "hparams.early_stopping": None, "hparams.iwae_samples": 1, "eval.every_steps": 10,
         "resources.data_parallel": workers, "resources.cpus_per_trial": 1})
     group = placement_group(trial_bundles(spec))
-    ray.get(group.ready())
+    ray.get(group.ready(), timeout=300)
     actor = ray.remote(DigestWorker).options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
         group, placement_group_bundle_index=0)).remote(spec.model_dump(mode="json"), 0)
     try:
@@ -81,7 +81,7 @@ def test_a_data_parallel_trial_resumes_exactly(ray_local):
     results = []
     for stop_at in (None, 2):
         group = placement_group(trial_bundles(spec))
-        ray_local.get(group.ready())
+        ray_local.get(group.ready(), timeout=300)
         actor = ray_local.remote(SplitWorker).options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
             group, placement_group_bundle_index=0)).remote(spec.model_dump(mode="json"), 0)
         try:
@@ -120,7 +120,7 @@ def test_a_helper_that_dies_before_joining_is_a_lost_rank_not_a_hang(ray_local):
     spec = load_spec(EXPERIMENTS / "digits_vae.yaml", {
         "resources.data_parallel": 2, "resources.cpus_per_trial": 1})
     group = placement_group(trial_bundles(spec))
-    ray.get(group.ready())
+    ray.get(group.ready(), timeout=300)
     actor = ray.remote(StartWorker).options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
         group, placement_group_bundle_index=0)).remote(spec.model_dump(mode="json"), 0)
     try:

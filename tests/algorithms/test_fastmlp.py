@@ -34,12 +34,20 @@ OPTIONS = [
 ]
 
 
-def _trainer(overrides: dict, fast: bool) -> PPOTrainer:
-    spec = load_spec(EXPERIMENTS / "cartpole_ppo.yaml", overrides)
-    trainer = registry.get("ppo").trainer(spec, 0, "cpu")
+SPECS = {"ppo": "cartpole_ppo.yaml", "dqn": "cartpole_dqn.yaml", "reinforce": "cartpole_reinforce.yaml",
+         "a2c": "cartpole_a2c.yaml"}
+
+
+def _build(algo: str, overrides: dict, fast: bool):
+    """Seed 0 of the algorithm's shipped CartPole spec with the overrides; without the kernel unless `fast`."""
+    trainer = registry.get(algo).trainer(load_spec(EXPERIMENTS / SPECS[algo], overrides), 0, "cpu")
     if not fast:
         trainer.fast = None
     return trainer
+
+
+def _trainer(overrides: dict, fast: bool) -> PPOTrainer:
+    return _build("ppo", overrides, fast)
 
 
 @pytest.mark.parametrize("overrides", OPTIONS)
@@ -104,10 +112,7 @@ DQN_OPTIONS = [
 
 
 def _dqn(overrides: dict, fast: bool):
-    trainer = registry.get("dqn").trainer(load_spec(EXPERIMENTS / "cartpole_dqn.yaml", overrides), 0, "cpu")
-    if not fast:
-        trainer.fast = None
-    return trainer
+    return _build("dqn", overrides, fast)
 
 
 @pytest.mark.parametrize("overrides", DQN_OPTIONS)
@@ -177,14 +182,7 @@ PG_OPTIONS = [
                          "hparams.normalize": {"obs": True}, "hparams.max_grad_norm": None},
                  id="a2c-entropy-normalized"),
 ]
-PG_SPECS = {"reinforce": "cartpole_reinforce.yaml", "a2c": "cartpole_a2c.yaml"}
-
-
-def _pg(algo: str, overrides: dict, fast: bool):
-    trainer = registry.get(algo).trainer(load_spec(EXPERIMENTS / PG_SPECS[algo], overrides), 0, "cpu")
-    if not fast:
-        trainer.fast = None
-    return trainer
+_pg = _build
 
 
 @pytest.mark.parametrize(("algo", "overrides"), PG_OPTIONS)

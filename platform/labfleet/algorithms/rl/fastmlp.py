@@ -127,8 +127,6 @@ class _ActorCriticKernel:
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, Any]:
         """log pi(a|s), H and V(s) of each sample, and what the backward pass needs (call under no_grad)."""
         policy: Any = self.ac.policy
-        for p in self.params:
-            p.grad = None
         x = policy.encoder(obs)
         head, head_kept = self.policy_net.forward(x)
         value, value_kept = self.value_net.forward(x)
@@ -152,6 +150,8 @@ class _ActorCriticKernel:
         """Set the parameters' gradients of a loss whose gradient is `g_logp` per log pi(a|s) and `g_value`
         per V(s), minus `ent_coef` times the mean entropy."""
         policy: Any = self.ac.policy
+        for p in self.params:
+            p.grad = None
         n = g_logp.shape[0]
         g_entropy = -ent_coef / n  # d loss / d H(s), each sample
         if self.gaussian:

@@ -1,5 +1,6 @@
 """Orchestration overhead of a sweep: 64 trials whose training is trivial, 2 in parallel, side by side in
-one run: a plain in-process Optuna loop, `labfleet sweep`, and Ray Tune with `OptunaSearch`.
+one run: a plain in-process Optuna loop, `labfleet sweep` (on Ray, and `--in-process`), and Ray Tune with
+`OptunaSearch`.
 
     python benchmarks/sweep_overhead.py [--trials 64] [--parallel 2] [--skip-tune]
 
@@ -13,7 +14,8 @@ fourth row adds Tune's own MLflow integration (`MLflowLoggerCallback`, SQLite, n
 Tune gets to what labfleet records.
 
 Overhead per trial = (wall time - the work's own time / parallelism) / trials, where the work's own time
-is measured in-process for each trial's parameters.
+is measured in-process for each trial's parameters. For labfleet, the driver's CPU per trial is also given
+(the command's process, all its threads; in-process, less the work's own CPU).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from rich.console import Console  # noqa: E402
 
 from labfleet.algorithms import registry  # noqa: E402
 from labfleet.spec.loading import resolve_spec_data  # noqa: E402
+
+DRIVER_CPU: dict[bool, float] = {}  # in_process -> the command's CPU seconds
 
 SPEC = {
     "name": "overhead", "algorithm": "value_iteration", "env": "FrozenLake-v1", "seeds": [0],
@@ -65,19 +69,22 @@ def optuna_loop(trials: int, storage: str) -> tuple[float, list[float]]:
     return wall, [t.params["hparams.gamma"] for t in study.trials]
 
 
-def labfleet_sweep(trials: int, parallel: int, tmp: Path) -> tuple[float, list[float]]:
+def labfleet_sweep(trials: int, parallel: int, tmp: Path, in_process: bool = False) -> tuple[float, list[float]]:
     from labfleet.orchestration.commands import execute_sweep
 
     data = {**SPEC, "sweep": {**SPEC["sweep"], "n_trials": trials, "max_parallel": parallel}}
     spec = resolve_spec_data(data, "<bench>", check_env=False)
-    storage = f"sqlite:///{tmp / 'labfleet-optuna.db'}"
-    tracking = f"sqlite:///{tmp / 'mlflow.db'}"
+    mode = "in-process" if in_process else "ray"
+    storage = f"sqlite:///{tmp / f'labfleet-{mode}-optuna.db'}"
+    tracking = f"sqlite:///{tmp / f'mlflow-{mode}.db'}"
     MlflowClient(tracking).search_experiments()  # an existing store: its one-time schema setup is not per trial
     with open(os.devnull, "w") as devnull:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         code = execute_sweep(data, spec, tmp / "overhead.yaml", storage=storage, n_trials=None,
-                             cli_tracking_uri=tracking, address=None, console=Console(file=devnull), quiet=True).code
+                             cli_tracking_uri=tracking, address=None, console=Console(file=devnull), quiet=True,
+                             in_process=in_process).code
         wall = time.perf_counter() - start
+        DRIVER_CPU[in_process] = time.process_time() - cpu
     assert code == 0, code
     study = optuna.load_study(study_name="overhead", storage=storage)
     return wall, [t.params["hparams.gamma"] for t in study.trials]
@@ -122,7 +129,9 @@ def main() -> None:
         tmp = Path(name)
         systems = [("optuna loop (in-process, serial)", 1, lambda: optuna_loop(args.trials,
                                                                                f"sqlite:///{tmp / 'plain.db'}")),
-                   ("labfleet sweep", args.parallel, lambda: labfleet_sweep(args.trials, args.parallel, tmp))]
+                   ("labfleet sweep", args.parallel, lambda: labfleet_sweep(args.trials, args.parallel, tmp)),
+                   # one process does every trial's work: its parallelism is 1
+                   ("labfleet sweep --in-process", 1, lambda: labfleet_sweep(args.trials, args.parallel, tmp, True))]
         if not args.skip_tune:
             systems.append(("ray tune + OptunaSearch", args.parallel, lambda: ray_tune(args.trials, args.parallel,
                                                                                        tmp)))
@@ -130,20 +139,24 @@ def main() -> None:
             systems.append(("ray tune + OptunaSearch + MLflowLoggerCallback", args.parallel,
                             lambda: ray_tune(args.trials, args.parallel, tmp, mlflow=True)))
         for label, parallel, run in systems:
+            DRIVER_CPU.clear()
             wall, gammas = run()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for gamma in gammas:
                 work(gamma)
-            own = time.perf_counter() - start
+            own, own_cpu = time.perf_counter() - start, time.process_time() - cpu
             overhead = (wall - own / parallel) / len(gammas)
-            rows.append((label, len(gammas), wall, own, overhead))
+            driver = ""
+            for in_process, used in DRIVER_CPU.items():
+                driver = f"{1000 * (used - own_cpu * in_process) / len(gammas):.0f}"
+            rows.append((label, parallel, len(gammas), wall, own, overhead, driver))
             print(f"{label}: {len(gammas)} trials, wall {wall:.2f} s, work {own:.2f} s, "
-                  f"overhead {1000 * overhead:.0f} ms/trial", flush=True)
-    print("\n| system | trials | parallel | wall (s) | work (s) | overhead per trial (ms) |")
-    print("|---|---|---|---|---|---|")
-    for label, n, wall, own, overhead in rows:
-        parallel = 1 if label.startswith("optuna") else args.parallel
-        print(f"| {label} | {n} | {parallel} | {wall:.2f} | {own:.2f} | {1000 * overhead:.0f} |")
+                  f"overhead {1000 * overhead:.0f} ms/trial, driver CPU {driver or '-'} ms/trial", flush=True)
+    print("\n| system | trials | parallel | wall (s) | work (s) | overhead per trial (ms) "
+          "| driver CPU per trial (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, parallel, n, wall, own, overhead, driver in rows:
+        print(f"| {label} | {n} | {parallel} | {wall:.2f} | {own:.2f} | {1000 * overhead:.0f} | {driver or '-'} |")
     ray.shutdown()
 
 

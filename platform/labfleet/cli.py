@@ -113,6 +113,9 @@ TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", help=TR
 StoreOption = Annotated[Optional[str], typer.Option(  # noqa: UP045 (typer)
     "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")]
 AddressOption = Annotated[Optional[str], typer.Option("--address", help=ADDRESS_HELP)]  # noqa: UP045
+IN_PROCESS_HELP = ("Train in this process, one chunk of each seed in turn, without starting Ray: no start-up "
+                   "wait, for work one process holds (no rollout workers, no data-parallel ranks).")
+InProcessOption = Annotated[bool, typer.Option("--in-process", help=IN_PROCESS_HELP)]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 TensorBoardOption = Annotated[Optional[Path], typer.Option(  # noqa: UP045 (typer)
     "--tensorboard", metavar="DIR", help="Also write every seed run's metrics as TensorBoard event files, one "
@@ -256,6 +259,7 @@ def run(
     set_: SetOption = None,
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
+    in_process: InProcessOption = False,
     quiet: QuietOption = False,
     fresh: FreshOption = False,
     tensorboard: TensorBoardOption = None,
@@ -271,7 +275,8 @@ def run(
     with bad_input_exits_2(), store_failures_exit_1():
         resolved = load_spec(spec, _overrides(set_))
         code = execute([Planned(resolved, spec)], source=str(spec), cli_tracking_uri=tracking_uri,
-                       address=address, console=Console(), quiet=quiet, fresh=fresh, tensorboard=tensorboard).code
+                       address=address, console=Console(), quiet=quiet, fresh=fresh, tensorboard=tensorboard,
+                       in_process=in_process).code
     raise typer.Exit(code)
 
 
@@ -285,6 +290,7 @@ def sweep(
                                 "sqlite:///optuna.db)."),
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
+    in_process: InProcessOption = False,
     quiet: QuietOption = False,
     tensorboard: TensorBoardOption = None,
 ) -> None:
@@ -299,7 +305,8 @@ def sweep(
         data = apply_overrides(doc.data, overrides)
         resolved = resolve_spec_data(data, doc.source, doc)
         code = execute_sweep(data, resolved, spec, storage=storage, n_trials=n_trials, cli_tracking_uri=tracking_uri,
-                             address=address, console=Console(), quiet=quiet, tensorboard=tensorboard).code
+                             address=address, console=Console(), quiet=quiet, tensorboard=tensorboard,
+                             in_process=in_process).code
     raise typer.Exit(code)
 
 
@@ -310,6 +317,7 @@ def suite(
     set_: SetOption = None,  # applied to every entry
     tracking_uri: TrackingOption = None,
     address: AddressOption = None,
+    in_process: InProcessOption = False,
     quiet: QuietOption = False,
     fresh: FreshOption = False,
     tensorboard: TensorBoardOption = None,
@@ -326,7 +334,8 @@ def suite(
         suite_spec, entries = load_suite(suite_file, _overrides(set_))
         planned = [Planned(e.spec, e.spec_path, e.data if e.entry.sweep else None) for e in entries]
         code = execute(planned, source=str(suite_file), cli_tracking_uri=tracking_uri, address=address,
-                       console=Console(), quiet=quiet, suite=suite_spec, fresh=fresh, tensorboard=tensorboard).code
+                       console=Console(), quiet=quiet, suite=suite_spec, fresh=fresh, tensorboard=tensorboard,
+                       in_process=in_process).code
     raise typer.Exit(code)
 
 

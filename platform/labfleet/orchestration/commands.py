@@ -52,7 +52,7 @@ class Outcome:
 
 def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None, address: str | None,
             console: Console, quiet: bool = False, suite: SuiteSpec | None = None, fresh: bool = False,
-            tensorboard: Path | None = None) -> Outcome:
+            tensorboard: Path | None = None, in_process: bool = False) -> Outcome:
     """Train every planned spec (under one `suite` run when `suite` is given)."""
     spec_uri = suite.tracking.uri if suite else planned[0].spec.tracking.uri
     problems = [Problem(str(plan.spec_path), "sweep.storage", problem) for plan in planned
@@ -61,9 +61,10 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     problems += _tensorboard_problems(tensorboard)
     if problems:
         raise SpecError(problems)
-    uri, tracker = prepare(planned, source=source, tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
-                           address=address, console=None if quiet else console)
-    session = DriverSession(tracker, console, quiet, tensorboard=tensorboard)
+    uri, tracker, backend = prepare(planned, source=source, address=address, console=None if quiet else console,
+                                    tracking_uri=resolve_tracking_uri(cli_tracking_uri, spec_uri),
+                                    in_process=in_process)
+    session = DriverSession(tracker, console, quiet, tensorboard=tensorboard, backend=backend)
     experiment = (suite.tracking.experiment or suite.name) if suite else None
     suite_run_id: str | None = None
     runners: list[TrialRunner] = []
@@ -169,7 +170,7 @@ def _print_summary(console: Console, session: DriverSession, runners: list[Trial
 
 def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *, storage: str | None,
                   n_trials: int | None, cli_tracking_uri: str | None, address: str | None, console: Console,
-                  quiet: bool = False, tensorboard: Path | None = None) -> Outcome:
+                  quiet: bool = False, tensorboard: Path | None = None, in_process: bool = False) -> Outcome:
     """`labfleet sweep`: the study of the spec's `sweep:` section, on its own session."""
     sweep = check_sweep(data, spec, str(spec_path), storage)
     url = storage or sweep.storage or DEFAULT_STORAGE
@@ -181,9 +182,10 @@ def execute_sweep(data: dict[str, Any], spec: ExperimentSpec, spec_path: Path, *
     if _already_done(sweep, sweep.study_name or spec.name, url, n_trials or sweep.n_trials, console, quiet,
                      tracking_uri):
         return Outcome(EXIT_OK, tracking_uri)
-    uri, tracker = prepare([Planned(spec, spec_path)], source=str(spec_path), address=address,
-                           tracking_uri=tracking_uri, console=None if quiet else console)
-    session = DriverSession(tracker, console, quiet, hide_finished=True, tensorboard=tensorboard)
+    uri, tracker, backend = prepare([Planned(spec, spec_path)], source=str(spec_path), address=address,
+                                    tracking_uri=tracking_uri, console=None if quiet else console,
+                                    in_process=in_process)
+    session = DriverSession(tracker, console, quiet, hide_finished=True, tensorboard=tensorboard, backend=backend)
     code, sweep_runs = EXIT_OK, list[str]()
     with session:
         code = run_sweep(session, data, spec, spec_path, storage=storage, n_trials=n_trials, parent=None,

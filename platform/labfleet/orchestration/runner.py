@@ -1,8 +1,9 @@
-"""The Ray side of the driver: trial actors, placement groups, retries, the actor pool.
+"""The execution side of the driver: trial actors, placement groups, retries, the actor pool.
 
-`TrialRunner` drives one configuration (a trial) with one actor per seed. Each seed's actors are reserved
-together as one placement group, so parallel trials cannot deadlock on partial reservations. `drive()`
-polls any number of runners through one `ray.wait`, so a suite's trials share the cluster. A seed whose
+`TrialRunner` drives one configuration (a trial) with one actor per seed, through a backend (backend.py):
+Ray actors, or workers in the driver's own process. Each seed's actors are reserved together as one
+placement group, so parallel trials cannot deadlock on partial reservations. `drive()` polls any number of
+runners through one wait, so a suite's trials share the cluster. A seed whose
 actor dies (or a worker it calls, or the node holding its last result) is restarted from its last
 checkpoint up to `resources.max_retries` times; a seed whose trainer raises fails.
 
@@ -21,27 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import ray
-from ray.exceptions import (
-    LocalRayletDiedError,
-    NodeDiedError,
-    ObjectLostError,
-    RayActorError,
-    RayError,
-    RayTaskError,
-    WorkerCrashedError,
-)
-from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from labfleet import metrics as M
 from labfleet.algorithms import registry
+from labfleet.orchestration.backend import Backend, RayBackend
 from labfleet.orchestration.events import (
     CONTINUE,
     Action,
@@ -65,8 +54,15 @@ from labfleet.orchestration.trial import TrialWorker, TrialWorkerGroup
 from labfleet.orchestration.wire import SeedChunk, SeedFailed
 from labfleet.spec.models import ExperimentSpec
 
-RemoteTrialWorker = ray.remote(TrialWorker)
-RemoteTrialWorkerGroup = ray.remote(TrialWorkerGroup)
+PlacementGroup = Any  # what the backend's `reserve` returned
+_DEFAULT: list[Backend] = []
+
+
+def ray_backend() -> Backend:
+    """The backend of runners made without one: Ray (made once)."""
+    if not _DEFAULT:
+        _DEFAULT.append(RayBackend())
+    return _DEFAULT[0]
 
 
 def config_hash(spec: ExperimentSpec) -> str:
@@ -122,7 +118,8 @@ class ActorPool:
     idle actor never holds what a waiting seed needs (with more seeds than the cluster holds at once,
     that would deadlock). Otherwise it is kept for the next trial, as the waiting seed's own actor starts."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: Backend | None = None) -> None:
+        self.backend = backend or ray_backend()
         self.idle: dict[str, list[Host]] = {}
         self.waiting: dict[int, tuple[TrialRunner, SeedState]] = {}  # in launch order
         self.reused = 0
@@ -131,7 +128,7 @@ class ActorPool:
         key = _bundles_key(spec)
         for other in [k for k in self.idle if k != key]:
             for host in self.idle.pop(other):
-                _kill(host.actor, host.group)
+                self.backend.free(host.actor, host.group)
         hosts = self.idle.get(key)
         if not hosts:
             return None
@@ -141,10 +138,10 @@ class ActorPool:
     def put(self, spec: ExperimentSpec, host: Host) -> None:
         key = _bundles_key(spec)
         for ident, (_, state) in list(self.waiting.items()):
-            if state.group is None or _placed(state.group):  # its reservation is made: it waits for nothing
+            if state.group is None or self.backend.placed(state.group):  # its reservation is made
                 del self.waiting[ident]
         starved = [(ident, runner, state) for ident, (runner, state) in self.waiting.items()
-                   if not _fits(runner.spec)]  # it cannot be placed while this idle actor holds its share
+                   if not self.backend.fits(trial_bundles(runner.spec))]  # not while this idle actor holds its share
         for ident, runner, state in starved:
             if _bundles_key(runner.spec) == key:
                 del self.waiting[ident]
@@ -152,7 +149,7 @@ class ActorPool:
                 runner.adopt(state, host)
                 return
         if starved:
-            _kill(host.actor, host.group)
+            self.backend.free(host.actor, host.group)
             return
         self.idle.setdefault(key, []).append(host)
 
@@ -165,42 +162,9 @@ class ActorPool:
     def shutdown(self) -> None:
         for hosts in self.idle.values():
             for host in hosts:
-                _kill(host.actor, host.group)
+                self.backend.free(host.actor, host.group)
         self.idle.clear()
         self.waiting.clear()
-
-
-def _fits(spec: ExperimentSpec) -> bool:
-    """Whether the cluster's free resources hold one seed's placement group now."""
-    try:
-        free = ray.available_resources()
-    except Exception:  # Ray is shutting down
-        return True
-    needed: dict[str, float] = {}
-    for bundle in trial_bundles(spec):
-        for resource, amount in bundle.items():
-            needed[resource] = needed.get(resource, 0.0) + amount
-    return all(free.get(resource, 0.0) + 1e-9 >= amount for resource, amount in needed.items())
-
-
-def _placed(group: PlacementGroup) -> bool:
-    """Whether Ray has made the reservation: the GCS's table says so (no task is scheduled). Not
-    `group.wait` with a short timeout: on a loaded machine the GCS answers later than that, and a placed
-    group read as unplaced let an idle actor replace a seed's own, already starting, actor (a wasted start)."""
-    try:
-        return placement_group_table(group).get("state") == "CREATED"
-    except Exception:  # removed meanwhile, or Ray is shutting down
-        return False
-
-
-def _kill(actor: Any, group: PlacementGroup | None) -> None:
-    try:
-        if actor is not None:
-            ray.kill(actor, no_restart=True)
-        if group is not None:
-            remove_placement_group(group)
-    except Exception:  # Ray is shutting down (Ctrl-C reaches its processes too): nothing left to free
-        pass
 
 
 @dataclass
@@ -265,8 +229,10 @@ class TrialRunner:
     """One configuration, one actor per seed; emits events to `listeners`, in their order."""
 
     def __init__(self, spec: ExperimentSpec, listeners: list[Listener] | None = None, *, label: str | None = None,
-                 meta: TrialMeta | None = None, pool: ActorPool | None = None, chunk_seconds: float = 1.0):
+                 meta: TrialMeta | None = None, pool: ActorPool | None = None, chunk_seconds: float = 1.0,
+                 backend: Backend | None = None):
         self.spec = spec
+        self.backend = backend or (pool.backend if pool is not None else ray_backend())
         self.listeners: list[Listener] = list(listeners or [])
         self.info = registry.get(spec.algorithm)
         self.experiment = spec.tracking.experiment or spec.name
@@ -350,19 +316,18 @@ class TrialRunner:
         host = self.pool.take(spec) if self.pool is not None and state.group is None else None
         if host is not None:  # a warm actor: load this seed into it
             state.actor, state.group, state.where = host.actor, host.group, host.where
-            state.future = state.actor.advance.remote(
-                self.chunk_seconds, (spec.model_dump(mode="json"), state.seed, state.checkpoint))
+            state.future = self.backend.call(state.actor, "advance", self.chunk_seconds,
+                                             (spec.model_dump(mode="json"), state.seed, state.checkpoint))
             return
         if state.group is None:
-            state.group = placement_group(trial_bundles(spec), strategy="PACK")
+            state.group = self.backend.reserve(trial_bundles(spec))
             if self.pool is not None:
                 self.pool.wait(self, state)
         res = spec.resources
-        state.actor = RemoteTrialWorker.options(
-            num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial / res.data_parallel, max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(state.group, placement_group_bundle_index=0),
-        ).remote(spec.model_dump(mode="json"), state.seed, state.checkpoint)
-        state.future = state.actor.advance.remote(self.chunk_seconds)
+        state.actor = self.backend.start(TrialWorker, state.group, res.cpus_per_trial,
+                                         res.gpus_per_trial / res.data_parallel,
+                                         spec.model_dump(mode="json"), state.seed, state.checkpoint)
+        state.future = self.backend.call(state.actor, "advance", self.chunk_seconds)
 
     # --- results --------------------------------------------------------------------------------
     def futures(self) -> dict[Any, SeedState]:
@@ -374,8 +339,8 @@ class TrialRunner:
             return
         future, state.future = state.future, None
         try:
-            result = ray.get(future)
-        except RayError as exc:
+            result = self.backend.get(future)
+        except self.backend.errors as exc:
             self._on_error(state, exc)
             return
         self._announce(state)
@@ -415,16 +380,17 @@ class TrialRunner:
                 decision = answer if decision.action == Action.CONTINUE else decision
         return decision
 
-    def _on_error(self, state: SeedState, exc: RayError) -> None:
-        if _lost(exc) and state.retries < self.spec.resources.max_retries:
+    def _on_error(self, state: SeedState, exc: BaseException) -> None:
+        lost, text = self.backend.lost(exc), self.backend.error_text(exc)
+        if lost and state.retries < self.spec.resources.max_retries:
             # a process, a node or the result died with it: retry from the last checkpoint
             state.retries += 1
-            self.emit(SeedRetried(self, state.seed, state.retries, _error_text(exc)))
+            self.emit(SeedRetried(self, state.seed, state.retries, text))
             self._relaunch(state)
-        elif _lost(exc):
-            self._fail(state, f"trial actor died {state.retries + 1} times; last: {_error_text(exc)}")
+        elif lost:
+            self._fail(state, f"trial actor died {state.retries + 1} times; last: {text}")
         else:  # the trainer raised, or could not be built: deterministic, not retried
-            self._fail(state, _error_text(exc))
+            self._fail(state, text)
 
     def _relaunch(self, state: SeedState) -> None:
         """A new actor in a new reservation. The old actor is killed (the result can be lost while its actor
@@ -432,7 +398,7 @@ class TrialRunner:
         a group that cannot be placed at once (a full cluster that lost a node) is retried without pause,
         which keeps Ray's GCS busy and the remaining training starved until a CPU frees. A new group waits
         its turn like any other."""
-        _kill(state.actor, state.group)
+        self.backend.free(state.actor, state.group)
         state.actor = state.group = None
         self._launch(state)
 
@@ -448,7 +414,7 @@ class TrialRunner:
             state.paused = True
             self.emit(SeedPaused(self, state.seed, state.progress))
         else:
-            state.future = state.actor.advance.remote(self.chunk_seconds)
+            state.future = self.backend.call(state.actor, "advance", self.chunk_seconds)
 
     def _new_records(self, state: SeedState, records: list[tuple[int, dict[str, float]]]
                      ) -> list[tuple[int, dict[str, float]]]:
@@ -469,7 +435,7 @@ class TrialRunner:
     def _where(self, state: SeedState) -> dict[str, str] | None:
         if state.where is None:
             try:
-                state.where = ray.get(state.actor.describe.remote(), timeout=30)
+                state.where = self.backend.ask(state.actor, "describe", timeout=30)
             except Exception:  # informational only; the run goes on without it
                 return None
         return state.where
@@ -484,10 +450,10 @@ class TrialRunner:
         if state.reload:
             state.reload = False
             # The same actor loads the new trial state in place (no new process; the placement group stays).
-            state.future = state.actor.advance.remote(
-                self.chunk_seconds, (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
+            state.future = self.backend.call(state.actor, "advance", self.chunk_seconds,
+                                             (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
         else:
-            state.future = state.actor.advance.remote(self.chunk_seconds)
+            state.future = self.backend.call(state.actor, "advance", self.chunk_seconds)
 
     def retarget(self, spec: ExperimentSpec, checkpoints: dict[int, bytes]) -> None:
         """PBT's exploit and explore: the paused seeds go on from `checkpoints` (another trial's) with the
@@ -518,10 +484,10 @@ class TrialRunner:
         if state.shared is not None:
             state.shared.adopt(host)
             return
-        _kill(state.actor, state.group)
+        self.backend.free(state.actor, state.group)
         state.actor, state.group, state.where = host.actor, host.group, host.where
-        state.future = state.actor.advance.remote(
-            self.chunk_seconds, (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
+        state.future = self.backend.call(state.actor, "advance", self.chunk_seconds,
+                                         (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
 
     def _release(self, state: SeedState, reusable: bool = False) -> None:
         """Free the seed's actor and placement group; an idle, healthy actor goes back to the pool."""
@@ -536,7 +502,7 @@ class TrialRunner:
                 and state.group is not None:
             self.pool.put(self.spec, Host(state.actor, state.group, state.where))
         else:
-            _kill(state.actor, state.group)
+            self.backend.free(state.actor, state.group)
         state.actor = state.group = None
 
     def _finish_seed(self, state: SeedState, reason: str = "") -> None:
@@ -607,6 +573,7 @@ class SharedUnit:
         self.members = dict(enumerate(members))  # key -> (its trial's runner, its seed's state)
         self.pool, self.chunk_seconds = pool, chunk_seconds
         self.spec = members[0][0].spec  # (the resources and the shape every member shares)
+        self.backend = members[0][0].backend
         self.actor: Any = None
         self.group: PlacementGroup | None = None
         self.future: Any = None
@@ -636,17 +603,15 @@ class SharedUnit:
         fresh = False
         if host is not None:
             self.actor, self.group, self.where = host.actor, host.group, host.where
-            self.future = self.actor.advance.remote(self.chunk_seconds, load)
+            self.future = self.backend.call(self.actor, "advance", self.chunk_seconds, load)
         else:
             fresh = self.group is None
             if self.group is None:
-                self.group = placement_group(trial_bundles(self.spec), strategy="PACK")
+                self.group = self.backend.reserve(trial_bundles(self.spec))
             res, self.where = self.spec.resources, None
-            self.actor = RemoteTrialWorkerGroup.options(
-                num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=0),
-            ).remote(*load)
-            self.future = self.actor.advance.remote(self.chunk_seconds)
+            self.actor = self.backend.start(TrialWorkerGroup, self.group, res.cpus_per_trial, res.gpus_per_trial,
+                                            *load)
+            self.future = self.backend.call(self.actor, "advance", self.chunk_seconds)
         for _, _, state in live:
             state.status, state.placed, state.paused = Status.RUNNING, False, False
             state.moved = time.perf_counter()
@@ -656,7 +621,7 @@ class SharedUnit:
 
     def adopt(self, host: Host) -> None:
         """Take an idle actor of the same shape instead of this unit's unplaced reservation."""
-        _kill(self.actor, self.group)
+        self.backend.free(self.actor, self.group)
         self.actor = self.group = self.future = None
         self.launch(host)
 
@@ -666,8 +631,8 @@ class SharedUnit:
         for _, _, state in live:
             state.future = None
         try:
-            result = ray.get(future)
-        except RayError as exc:
+            result = self.backend.get(future)
+        except self.backend.errors as exc:
             self._on_error(live, exc)
             return
         if live and self.where is None:  # one node lookup for the unit
@@ -688,7 +653,7 @@ class SharedUnit:
                 runner._finish_seed(state)
         going = self._live()
         if going:
-            self.future = self.actor.advance.remote(self.chunk_seconds, None, self.dropped)
+            self.future = self.backend.call(self.actor, "advance", self.chunk_seconds, None, self.dropped)
             self.dropped = []
             for _, _, state in going:
                 state.future = self.future
@@ -702,28 +667,29 @@ class SharedUnit:
         if self.future is None and self.actor is not None and self.group is not None and self.pool is not None:
             self.pool.put(self.spec, Host(self.actor, self.group, self.where))  # idle and healthy
         else:
-            _kill(self.actor, self.group)
+            self.backend.free(self.actor, self.group)
         self.actor = self.group = None
 
-    def _on_error(self, live: list[tuple[int, TrialRunner, SeedState]], exc: RayError) -> None:
+    def _on_error(self, live: list[tuple[int, TrialRunner, SeedState]], exc: BaseException) -> None:
         """The actor died: each seed restarts from its own checkpoint in one new actor (in a new reservation,
         as `TrialRunner._relaunch` says why), or fails once its retries are spent; an error building the group
         fails them all."""
-        _kill(self.actor, self.group)  # the result can be lost while its actor lives on
+        self.backend.free(self.actor, self.group)  # the result can be lost while its actor lives on
         self.actor = self.group = None
-        if not _lost(exc):
+        text = self.backend.error_text(exc)
+        if not self.backend.lost(exc):
             for _, runner, state in live:
-                runner._fail(state, _error_text(exc))
+                runner._fail(state, text)
             return
         spent = []
         for _, runner, state in live:
             if state.retries < runner.spec.resources.max_retries:
                 state.retries += 1
-                runner.emit(SeedRetried(runner, state.seed, state.retries, _error_text(exc)))
+                runner.emit(SeedRetried(runner, state.seed, state.retries, text))
             else:
                 spent.append((runner, state))
         for runner, state in spent:  # (let go first: the relaunch below loads only the others)
-            runner._fail(state, f"trial actor died {state.retries + 1} times; last: {_error_text(exc)}")
+            runner._fail(state, f"trial actor died {state.retries + 1} times; last: {text}")
         if self._live():
             self.launch()
 
@@ -737,10 +703,7 @@ def start_shared(runners: list[TrialRunner], capacity: int) -> None:
     for runner in runners:
         runner.status = Status.RUNNING
         pairs += [(runner, runner.seeds.setdefault(seed, SeedState(seed))) for seed in runner.spec.seeds]
-    try:
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    except Exception:  # Ray is shutting down: the launch below fails and says so
-        cpus = 1.0
+    cpus = runners[0].backend.cpus() if runners else 1.0
     fill = max(1, int(cpus // max(runners[0].spec.resources.cpus_per_trial, 1e-9))) if runners else 1
     units = max(math.ceil(len(pairs) / capacity), min(len(pairs), fill))
     try:
@@ -777,27 +740,6 @@ def aggregate_finals(finals: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _lost(exc: RayError) -> bool:
-    """Whether a trial's call failed because something died (its actor's process, a rollout worker or
-    data-parallel rank it called, a node, or the node holding its result) rather than because its code
-    raised. A trainer that could not be built fails the same way at every try, so it counts as raised."""
-    cause = exc.cause if isinstance(exc, RayTaskError) else exc
-    if isinstance(cause, RayActorError):
-        return not cause.actor_init_failed
-    return isinstance(cause, (ObjectLostError, WorkerCrashedError, NodeDiedError, LocalRayletDiedError))
-
-
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours the actor's name in its error text
-
-
-def _error_text(exc: BaseException) -> str:
-    cause = exc.cause if isinstance(exc, RayTaskError) else None
-    text = str(exc)
-    if cause is not None:
-        text = f"{type(cause).__name__}: {cause}\n{text}"
-    return ANSI_ESCAPE.sub("", text)
-
-
 def drive_once(runners: list[TrialRunner], poll_seconds: float = 0.5) -> bool:
     """Handle whichever results arrive within `poll_seconds`; False once no runner has work left."""
     owners: dict[Any, tuple[TrialRunner, SeedState]] = {}
@@ -806,8 +748,7 @@ def drive_once(runners: list[TrialRunner], poll_seconds: float = 0.5) -> bool:
             owners[future] = (runner, state)
     if not owners:
         return False
-    ready, _ = ray.wait(list(owners), num_returns=1, timeout=poll_seconds)
-    for future in ready:
+    for future in runners[0].backend.wait(list(owners), poll_seconds):
         runner, state = owners[future]
         runner.on_result(state)
     return True

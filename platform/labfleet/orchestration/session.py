@@ -32,6 +32,7 @@ import ray
 from rich.console import Console
 
 from labfleet.errors import Problem, SpecError, shown
+from labfleet.orchestration.backend import Backend, InProcessBackend, in_process_problem
 from labfleet.orchestration.events import DRIVER_ERROR, Listener, SeedRecord, Status
 from labfleet.orchestration.progress import ProgressBoard, ProgressListener
 from labfleet.orchestration.recorder import MlflowRecorder
@@ -39,8 +40,10 @@ from labfleet.orchestration.runner import (
     ActorPool,
     TrialRunner,
     drive_once,
+    ray_backend,
     stall_warnings,
     start_shared,
+    trial_bundles,
     unschedulable_reason,
 )
 from labfleet.orchestration.signals import TERMINATED, raise_interrupt
@@ -94,16 +97,11 @@ def connect_ray(address: str | None, code_dirs: list[str] | None = None) -> None
         raise SpecError([Problem("--address" if address else "$RAY_ADDRESS", "", problem)])
     verbose = bool(os.environ.get("LABFLEET_VERBOSE"))
     if target == "local":
-        # Workers import users' own modules (env and algorithm import paths) from the directories the specs'
-        # import paths were found in (`labfleet.usercode.code_dirs`), as the driver does; a submitted job ships
-        # its working directory instead. The path goes into the environment the local instance's processes
-        # inherit, not into a runtime_env: workers of a job with a runtime_env cannot be the ones Ray starts
-        # ahead, so each trial actor would wait for a new process (measured: an actor's first call 1.25 s
-        # after creation with one, 0.43 s without).
-        paths = [str(Path(d).resolve()) for d in code_dirs or []]
-        os.environ[CODE_DIRS_ENV] = os.pathsep.join(paths)
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            dict.fromkeys(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        # The path goes into the environment the local instance's processes inherit, not into a runtime_env:
+        # workers of a job with a runtime_env cannot be the ones Ray starts ahead, so each trial actor would
+        # wait for a new process (measured: an actor's first call 1.25 s after creation with one, 0.43 s
+        # without).
+        share_code_dirs(code_dirs or [])
     try:
         ray.init(address=target, logging_level=logging.WARNING if verbose else logging.ERROR, include_dashboard=False)
     except SystemExit as exc:  # Ray's own SIGTERM handler, installed early in `ray.init`, exits with the signal
@@ -117,26 +115,30 @@ def connect_ray(address: str | None, code_dirs: list[str] | None = None) -> None
         signal.signal(signal.SIGTERM, raise_interrupt)
 
 
+def share_code_dirs(paths: list[str]) -> None:
+    """Trial workers import users' own modules (env and algorithm import paths) from the directories the specs'
+    import paths were found in (`labfleet.usercode.code_dirs`), as the driver does: a local Ray instance's
+    processes inherit them through the environment, and so do in-process workers. A submitted job ships its
+    working directory instead."""
+    resolved = [str(Path(d).resolve()) for d in paths]
+    os.environ[CODE_DIRS_ENV] = os.pathsep.join(resolved)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        dict.fromkeys(resolved + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+
 def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: str | None,
-            console: Console | None = None) -> tuple[str, Tracker]:
-    """Every check that can reject the input, then the tracker. Nothing is written before the last step.
-    With a `console`, what is starting is said as it starts (Ray takes seconds)."""
+            console: Console | None = None, in_process: bool = False) -> tuple[str, Tracker, Backend]:
+    """Every check that can reject the input, then the tracker and where the trials run (a Ray cluster, or
+    with `in_process` this process). Nothing is written before the last step. With a `console`, what is
+    starting is said as it starts (Ray takes seconds)."""
     problem = check_tracking_uri(tracking_uri)
     if problem:
         raise SpecError([Problem(source, "tracking.uri", problem)])
     dirs, clashes = code_dirs((p.spec, p.spec_path.parent) for p in planned)
     if clashes:
         raise SpecError([Problem(source, "", clash) for clash in clashes])
-    if console is not None and not ray.is_initialized():
-        target = address or os.environ.get("RAY_ADDRESS")
-        console.print(f"[dim]starting Ray: {f'joining {target}' if target else 'a local instance on 127.0.0.1'}"
-                      f"; runs go to {shown(redact_uri(tracking_uri))}[/dim]", highlight=False, soft_wrap=True)
-    connect_ray(address, dirs)
-    cluster = ray.cluster_resources()
-    problems = [Problem(str(p.spec_path), "resources", reason) for p in planned
-                if (reason := unschedulable_reason(p.spec, cluster))]
-    if problems:
-        raise SpecError(problems)
+    backend = (_in_process(planned, address, dirs, tracking_uri, console) if in_process
+               else _on_ray(planned, address, dirs, tracking_uri, console))
     try:
         tracker = Tracker(tracking_uri, background=True)  # the first write: a SQLite store is created here
     except Exception as exc:  # noqa: BLE001 - MLflow's store failed to open or to migrate (a full disk, say)
@@ -147,7 +149,39 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
     except TrackingUnavailable as exc:
         tracker.close()
         raise SpecError([Problem(source, "tracking.uri", str(exc))]) from None
-    return tracking_uri, tracker
+    return tracking_uri, tracker, backend
+
+
+def _on_ray(planned: list[Planned], address: str | None, dirs: list[str], tracking_uri: str,
+            console: Console | None) -> Backend:
+    if console is not None and not ray.is_initialized():
+        target = address or os.environ.get("RAY_ADDRESS")
+        console.print(f"[dim]starting Ray: {f'joining {target}' if target else 'a local instance on 127.0.0.1'}"
+                      f"; runs go to {shown(redact_uri(tracking_uri))}[/dim]", highlight=False, soft_wrap=True)
+    connect_ray(address, dirs)
+    cluster = ray.cluster_resources()
+    problems = [Problem(str(p.spec_path), "resources", reason) for p in planned
+                if (reason := unschedulable_reason(p.spec, cluster))]
+    if problems:
+        raise SpecError(problems)
+    return ray_backend()
+
+
+def _in_process(planned: list[Planned], address: str | None, dirs: list[str], tracking_uri: str,
+                console: Console | None) -> Backend:
+    """`--in-process`: every trial in this process, one chunk at a time (no Ray instance starts)."""
+    problems = [Problem(str(p.spec_path), "resources", reason) for p in planned
+                if (reason := in_process_problem(trial_bundles(p.spec)))]
+    if address:
+        problems.append(Problem("--address", "", "--in-process trains in this process and joins no Ray cluster: "
+                                "give one of the two"))
+    if problems:
+        raise SpecError(problems)
+    share_code_dirs(dirs)
+    if console is not None:
+        console.print(f"[dim]training in this process (no Ray); runs go to {shown(redact_uri(tracking_uri))}[/dim]",
+                      highlight=False, soft_wrap=True)
+    return InProcessBackend()
 
 
 def release_after_interrupt(runners: list[TrialRunner]) -> None:
@@ -221,14 +255,14 @@ class FixedFeed:
 
 class DriverSession:
     def __init__(self, tracker: Tracker, console: Console, quiet: bool = False, hide_finished: bool = False,
-                 tensorboard: Path | None = None):
+                 tensorboard: Path | None = None, backend: Backend | None = None):
         self.tracker = tracker
         self.console = console
         self.recorder = MlflowRecorder(tracker)
         # `--tensorboard DIR`: the seeds' metrics as event files too, after the recorder named their runs
         self.tensorboard = TensorBoardListener(tensorboard, self.recorder.run_name) if tensorboard else None
         self.board = ProgressBoard(console, quiet, hide_finished=hide_finished)
-        self.pool = ActorPool()  # trial actors are reused across trials of the same shape
+        self.pool = ActorPool(backend)  # trial actors are reused across trials of the same shape
         self.runners: list[TrialRunner] = []  # the trials this session started that have not ended
         self.feeds: list[Feed] = []
         self.interrupted = False
@@ -242,6 +276,7 @@ class DriverSession:
         return [self.recorder, *mirrors, ProgressListener(self.board), *extra]
 
     def runner(self, spec: ExperimentSpec, *extra: Listener, **kwargs: Any) -> TrialRunner:
+        kwargs.setdefault("backend", self.pool.backend)
         return TrialRunner(spec, self.listeners(*extra), **kwargs)
 
     def __enter__(self) -> DriverSession:

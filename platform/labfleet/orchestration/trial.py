@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,6 +94,11 @@ def non_finite(logged: dict[str, float], step: int) -> FloatingPointError | None
     return FloatingPointError(f"non-finite {', '.join(bad)} at step {step}") if bad else None
 
 
+def actor_device(requested: str) -> str:
+    """The device of a trial in a Ray actor: CUDA only where Ray gave the actor a GPU (`resolve_device`)."""
+    return resolve_device(requested, held_gpus())
+
+
 def describe_process(device: str) -> dict[str, str]:
     """Where a trial actor runs: host, Ray node, process, device."""
     node = ""
@@ -111,9 +117,11 @@ class TrialWorker:
     `load=`): its process, imports and placement group outlive the trainer (the actor pool of
     `runner.py`), which matters when trials are short."""
 
-    def __init__(self, spec: dict[str, Any] | None = None, seed: int = 0, checkpoint: bytes | None = None):
+    def __init__(self, spec: dict[str, Any] | None = None, seed: int = 0, checkpoint: bytes | None = None, *,
+                 device_of: Callable[[str], str] | None = None):
         self.trainer: Any = None
         self.device = "cpu"
+        self.device_of = device_of or actor_device
         if spec is not None:
             self.load(spec, seed, checkpoint)
 
@@ -123,7 +131,7 @@ class TrialWorker:
             self.trainer = None
         self.spec = ExperimentSpec.model_validate(spec)
         torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_trial)))
-        self.device = resolve_device(self.spec.device, held_gpus())
+        self.device = self.device_of(self.spec.device)
         info = registry.get(self.spec.algorithm)
         self.trainer = info.trainer(self.spec, seed, self.device)
         resumed = None
@@ -218,9 +226,10 @@ class TrialWorkerGroup:
     pruned trial's)."""
 
     def __init__(self, spec: dict[str, Any] | list[dict[str, Any]] | None = None, seeds: list[Any] | None = None,
-                 checkpoints: dict[int, bytes | None] | None = None):
+                 checkpoints: dict[int, bytes | None] | None = None, *, device_of: Callable[[str], str] | None = None):
         self.group: Any = None
         self.device = "cpu"
+        self.device_of = device_of or actor_device
         if spec is not None:
             self.load(spec, seeds or [], checkpoints)
 
@@ -237,7 +246,7 @@ class TrialWorkerGroup:
             specs, members_of = [ExperimentSpec.model_validate(s) for s in spec], [tuple(m) for m in seeds]
         self.spec = specs[0]  # (every member's resources, device and algorithm are the same)
         torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_trial)))
-        self.device = resolve_device(self.spec.device, held_gpus())
+        self.device = self.device_of(self.spec.device)
         info = registry.get(self.spec.algorithm)
         members, self.slots, self.specs = {}, {}, {}
         self.failed: dict[int, str] = {}  # members that could not be built or restored, reported once

@@ -1,12 +1,13 @@
 """labfleet against Stable-Baselines3 on this machine: the same rl-zoo hyperparameters, pair by pair.
 
     python benchmarks/sb3_compare.py [--seeds 0] [--only ppo,dqn,ddpg]
-    python benchmarks/sb3_compare.py --whole --seeds 0,1,2,3,4 --only ppo [--seeds-per-actor 5,1]
+    python benchmarks/sb3_compare.py --whole --seeds 0,1,2,3,4 --only ppo [--seeds-per-actor 5,1] [--in-process]
     python benchmarks/sb3_compare.py --env-limit
 
 `--whole` compares what a user runs, for all the seeds at once: the whole `labfleet run` command (Ray and
 MLflow start-up, the trial actors, tracking; once per `--seeds-per-actor` value) against SB3's whole
-script per seed, `--parallel` of them at a time (default 2: the cores of this machine). Returns are each
+script per seed, `--parallel` of them at a time (default 2: the cores of this machine). With `--in-process`,
+`labfleet run --in-process` (no Ray: every seed in the command's one process) is measured beside it. Returns are each
 seed's final evaluation (20 episodes), read back from MLflow on the labfleet side.
 
 Each side trains in a subprocess of its own with one torch thread (a labfleet trial's default), and the
@@ -98,7 +99,8 @@ def run_side(code: str, args: list[str]) -> dict:
     return result
 
 
-def whole_labfleet(pair: dict, seeds: list[int], per_actor: int, cpus: float | None = None) -> dict:
+def whole_labfleet(pair: dict, seeds: list[int], per_actor: int, cpus: float | None = None,
+                   in_process: bool = False) -> dict:
     """The whole `labfleet run` of every seed; its wall time and each seed's final eval return."""
     import tempfile
 
@@ -111,7 +113,7 @@ def whole_labfleet(pair: dict, seeds: list[int], per_actor: int, cpus: float | N
         if cpus is not None:  # an actor's CPUs (and torch threads); the spec's own otherwise
             sets["resources.cpus_per_trial"] = cpus
         cmd = [sys.executable, "-m", "labfleet", "run", str(REPO / "experiments" / pair["spec"]),
-               "--tracking-uri", uri]
+               "--tracking-uri", uri] + (["--in-process"] if in_process else [])
         for key, value in sets.items():
             cmd += ["--set", f"{key}={value}"]
         start = time.perf_counter()
@@ -181,9 +183,10 @@ def main_whole(args: argparse.Namespace) -> None:
             theirs = whole_sb3(name, pair, seeds, args.parallel)
             rows = [(f"SB3, {args.parallel} processes at a time", theirs)]
         for per_actor in [int(k) for k in args.seeds_per_actor.split(",")]:
-            label = f"labfleet run, seeds_per_actor {per_actor}" + (f", cpus_per_trial {args.cpus_per_trial:g}"
-                                                                     if args.cpus_per_trial else "")
-            rows.append((label, whole_labfleet(pair, seeds, per_actor, args.cpus_per_trial)))
+            for in_process in [False, True] if args.in_process else [False]:
+                label = (f"labfleet run{' --in-process' * in_process}, seeds_per_actor {per_actor}"
+                         + (f", cpus_per_trial {args.cpus_per_trial:g}" if args.cpus_per_trial else ""))
+                rows.append((label, whole_labfleet(pair, seeds, per_actor, args.cpus_per_trial, in_process)))
         for side, r in rows:
             returns = ", ".join(f"{x:.0f}" for x in sorted(r["returns"]))
             print(f"| {name} | {pair['env']} | {pair['steps']} | {len(seeds)} | {side} | {r['wall_s']:.1f} | "
@@ -197,6 +200,7 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="whole commands, all seeds at once (see above)")
     parser.add_argument("--seeds-per-actor", default="5,1", help="labfleet's resources.seeds_per_actor values")
     parser.add_argument("--parallel", type=int, default=2, help="SB3 scripts at a time (--whole)")
+    parser.add_argument("--in-process", action="store_true", help="also `labfleet run --in-process` (--whole)")
     parser.add_argument("--cpus-per-trial", type=float, default=None,
                         help="labfleet's resources.cpus_per_trial (--whole; the spec's own by default)")
     parser.add_argument("--sb3-seconds", type=float, default=None,

@@ -166,6 +166,15 @@ def local_ray_on_loopback(address: str | None) -> None:
         signal.signal(signal.SIGTERM, raise_interrupt)
 
 
+def starting(file: Path, quiet: bool) -> Console:
+    """The training commands' console, which says at once what is read: the imports and checks before
+    anything starts take seconds (torch, MLflow)."""
+    console = Console()
+    if not quiet:
+        console.print(f"[dim]reading {shown(str(file))}[/dim]", highlight=False, soft_wrap=True)
+    return console
+
+
 def _overrides(items: list[str] | None) -> dict:
     from labfleet.spec.loading import parse_set_options
 
@@ -268,6 +277,7 @@ def run(
 
     The same command after a dead or interrupted driver continues its runs from their last checkpoints."""
     local_ray_on_loopback(address)
+    console = starting(spec, quiet)
     from labfleet.orchestration.commands import execute
     from labfleet.orchestration.session import Planned
     from labfleet.spec.loading import load_spec
@@ -275,7 +285,7 @@ def run(
     with bad_input_exits_2(), store_failures_exit_1():
         resolved = load_spec(spec, _overrides(set_))
         code = execute([Planned(resolved, spec)], source=str(spec), cli_tracking_uri=tracking_uri,
-                       address=address, console=Console(), quiet=quiet, fresh=fresh, tensorboard=tensorboard,
+                       address=address, console=console, quiet=quiet, fresh=fresh, tensorboard=tensorboard,
                        in_process=in_process).code
     raise typer.Exit(code)
 
@@ -296,6 +306,7 @@ def sweep(
 ) -> None:
     """Search a spec's hyperparameters with Optuna; the same command again resumes the study."""
     local_ray_on_loopback(address)
+    console = starting(spec, quiet)
     from labfleet.orchestration.commands import execute_sweep
     from labfleet.spec.loading import apply_overrides, from_set, read_yaml, resolve_spec_data
 
@@ -305,7 +316,7 @@ def sweep(
         data = apply_overrides(doc.data, overrides)
         resolved = resolve_spec_data(data, doc.source, doc)
         code = execute_sweep(data, resolved, spec, storage=storage, n_trials=n_trials, cli_tracking_uri=tracking_uri,
-                             address=address, console=Console(), quiet=quiet, tensorboard=tensorboard,
+                             address=address, console=console, quiet=quiet, tensorboard=tensorboard,
                              in_process=in_process).code
     raise typer.Exit(code)
 
@@ -326,6 +337,7 @@ def suite(
 
     The same command after an interruption skips what finished and continues the rest from their checkpoints."""
     local_ray_on_loopback(address)
+    console = starting(suite_file, quiet)
     from labfleet.orchestration.commands import execute
     from labfleet.orchestration.session import Planned
     from labfleet.spec.loading import load_suite
@@ -334,7 +346,7 @@ def suite(
         suite_spec, entries = load_suite(suite_file, _overrides(set_))
         planned = [Planned(e.spec, e.spec_path, e.data if e.entry.sweep else None) for e in entries]
         code = execute(planned, source=str(suite_file), cli_tracking_uri=tracking_uri, address=address,
-                       console=Console(), quiet=quiet, suite=suite_spec, fresh=fresh, tensorboard=tensorboard,
+                       console=console, quiet=quiet, suite=suite_spec, fresh=fresh, tensorboard=tensorboard,
                        in_process=in_process).code
     raise typer.Exit(code)
 

@@ -7,7 +7,7 @@ ever hold a trial) runs before the first MLflow run is created or the first acto
 listeners every trial gets (the MLflow recorder, the progress bars), the actor pool, the signals, and
 the end state of every run when something goes wrong. `drive(feed)` starts the trials a feed offers while
 there is room (all at once for `run` and `suite`; one Optuna ask at a time for a sweep) and polls every
-running trial through one `ray.wait`, until the feed has nothing more and every trial has ended.
+running trial through one wait, until the feed has nothing more and every trial has ended.
 
 Ctrl-C or SIGTERM anywhere inside the session: every unfinished seed and trial ends KILLED (the records
 first, without touching Ray), each feed undoes its part (a sweep tells its trials FAIL and queues their
@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import ray
 from rich.console import Console
 
 from labfleet.errors import Problem, SpecError, shown
@@ -87,6 +86,8 @@ def address_problem(target: str, timeout: float = 5.0) -> str | None:
 def connect_ray(address: str | None, code_dirs: list[str] | None = None) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS, as in a Ray Job), else start a local instance
     (on 127.0.0.1 when the command set `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` first; see the CLI)."""
+    import ray
+
     if ray.is_initialized():
         return
     # "local": a new instance even when a `ray start` cluster runs on this machine (plain ray.init() would
@@ -154,6 +155,8 @@ def prepare(planned: list[Planned], *, source: str, tracking_uri: str, address: 
 
 def _on_ray(planned: list[Planned], address: str | None, dirs: list[str], tracking_uri: str,
             console: Console | None) -> Backend:
+    import ray
+
     if console is not None and not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS")
         console.print(f"[dim]starting Ray: {f'joining {target}' if target else 'a local instance on 127.0.0.1'}"

@@ -1,11 +1,13 @@
 """The execution side of the driver: trial actors, placement groups, retries, the actor pool.
 
-`TrialRunner` drives one configuration (a trial) with one actor per seed, through a backend (backend.py):
-Ray actors, or workers in the driver's own process. Each seed's actors are reserved together as one
-placement group, so parallel trials cannot deadlock on partial reservations. `drive()` polls any number of
-runners through one wait, so a suite's trials share the cluster. A seed whose
-actor dies (or a worker it calls, or the node holding its last result) is restarted from its last
-checkpoint up to `resources.max_retries` times; a seed whose trainer raises fails.
+`TrialRunner` drives one configuration (a trial): its seeds' logical states and what their results mean.
+Each seed trains in a `Unit`: one actor (a seed alone, or several seeds together) with its placement group,
+its call in flight and its retries, reached through a backend (backend.py): Ray actors, or workers in the
+driver's own process. Each unit's actors are reserved together as one placement group, so parallel trials
+cannot deadlock on partial reservations. `drive()` polls any number of runners through one wait, so a
+suite's trials share the cluster. A seed whose actor dies (or a worker it calls, or the node holding its
+last result) is restarted from its last checkpoint up to `resources.max_retries` times; a seed whose
+trainer raises fails.
 
 The runner writes nothing and draws nothing: it emits typed events (events.py) to its listeners, which
 keep the record (recorder.py), the progress bars, the study and the schedulers, and which may answer a
@@ -181,9 +183,7 @@ class TrialMeta:
 class SeedState:
     seed: int
     status: Status = Status.PENDING  # PENDING -> RUNNING -> FINISHED | FAILED | KILLED
-    actor: Any = None
-    group: PlacementGroup | None = None
-    future: Any = None
+    unit: Unit | None = None  # the actor that trains it (alone, or with other seeds), while it has one
     checkpoint: bytes | None = None
     progress: int = 0
     latest: dict[str, float] = field(default_factory=dict)
@@ -199,7 +199,23 @@ class SeedState:
     busy: float = 0.0  # seconds its actor spent training it (not waiting for resources, nor starting)
     moved: float = field(default_factory=time.perf_counter)  # when it last made progress, or was (re)launched
     stall_warned: bool = False  # the driver said it makes no progress (`resources.stall_warning_s`)
-    shared: SharedUnit | None = None  # with seeds_per_actor > 1: the unit whose actor it shares with other seeds
+
+    @property
+    def actor(self) -> Any:
+        return self.unit.actor if self.unit is not None else None
+
+    @property
+    def group(self) -> PlacementGroup | None:
+        return self.unit.group if self.unit is not None else None
+
+    @property
+    def future(self) -> Any:
+        return self.unit.future if self.unit is not None else None
+
+    @property
+    def shared(self) -> Unit | None:
+        """With seeds_per_actor > 1 or shared actors: the unit whose actor it shares with other seeds."""
+        return self.unit if self.unit is not None and self.unit.grouped else None
 
 
 def stall_warnings(runners: list[TrialRunner], now: float | None = None) -> list[str]:
@@ -306,56 +322,31 @@ class TrialRunner:
                 self._launch(state)
             return
         for start in range(0, len(states), size):
-            unit = [(self, state) for state in states[start:start + size]]
-            SharedUnit(unit, self.pool, self.chunk_seconds).launch()
+            members = [(self, state) for state in states[start:start + size]]
+            Unit(members, self.pool, self.chunk_seconds, grouped=True).launch()
 
-    def _launch(self, state: SeedState, checkpoint_spec: ExperimentSpec | None = None) -> None:
-        spec = checkpoint_spec or self.spec
-        state.status, state.placed, state.where, state.paused = Status.RUNNING, False, None, False
-        state.moved = time.perf_counter()
-        host = self.pool.take(spec) if self.pool is not None and state.group is None else None
-        if host is not None:  # a warm actor: load this seed into it
-            state.actor, state.group, state.where = host.actor, host.group, host.where
-            state.future = self.backend.call(state.actor, "advance", self.chunk_seconds,
-                                             (spec.model_dump(mode="json"), state.seed, state.checkpoint))
-            return
-        if state.group is None:
-            state.group = self.backend.reserve(trial_bundles(spec))
-            if self.pool is not None:
-                self.pool.wait(self, state)
-        res = spec.resources
-        state.actor = self.backend.start(TrialWorker, state.group, res.cpus_per_trial,
-                                         res.gpus_per_trial / res.data_parallel,
-                                         spec.model_dump(mode="json"), state.seed, state.checkpoint)
-        state.future = self.backend.call(state.actor, "advance", self.chunk_seconds)
+    def _launch(self, state: SeedState) -> None:
+        Unit([(self, state)], self.pool, self.chunk_seconds, grouped=False).launch()
 
     # --- results --------------------------------------------------------------------------------
     def futures(self) -> dict[Any, SeedState]:
         return {s.future: s for s in self.seeds.values() if s.future is not None}
 
     def on_result(self, state: SeedState) -> None:
-        if state.shared is not None:
-            state.shared.on_result()
-            return
-        future, state.future = state.future, None
-        try:
-            result = self.backend.get(future)
-        except self.backend.errors as exc:
-            self._on_error(state, exc)
-            return
-        self._announce(state)
-        decision = self._take(state, result)
-        self._apply(state, decision, result.done)
+        if state.unit is not None:
+            state.unit.on_result()
 
-    def _announce(self, state: SeedState) -> None:
-        if not state.placed:  # after every (re)launch: a retried trial may run on another node
+    def announce(self, state: SeedState) -> None:
+        """The seed's first result since its (re)launch: where it runs (a retried seed may run on another
+        node)."""
+        if not state.placed:
             state.placed = True
             if self.pool is not None:
                 self.pool.placed(state)
-            if (where := self._where(state)) is not None:
-                self.emit(SeedPlaced(self, state.seed, where))
+            if state.where is not None:
+                self.emit(SeedPlaced(self, state.seed, state.where))
 
-    def _take(self, state: SeedState, result: SeedChunk) -> Decision:
+    def take(self, state: SeedState, result: SeedChunk) -> Decision:
         """Deliver one seed's chunk to the listeners; their decision."""
         records = self._new_records(state, result.records)
         if records or result.progress != state.progress:
@@ -380,41 +371,18 @@ class TrialRunner:
                 decision = answer if decision.action == Action.CONTINUE else decision
         return decision
 
-    def _on_error(self, state: SeedState, exc: BaseException) -> None:
-        lost, text = self.backend.lost(exc), self.backend.error_text(exc)
-        if lost and state.retries < self.spec.resources.max_retries:
-            # a process, a node or the result died with it: retry from the last checkpoint
-            state.retries += 1
-            self.emit(SeedRetried(self, state.seed, state.retries, text))
-            self._relaunch(state)
-        elif lost:
-            self._fail(state, f"trial actor died {state.retries + 1} times; last: {text}")
-        else:  # the trainer raised, or could not be built: deterministic, not retried
-            self._fail(state, text)
-
-    def _relaunch(self, state: SeedState) -> None:
-        """A new actor in a new reservation. The old actor is killed (the result can be lost while its actor
-        lives on) and its placement group removed: where its node died, Ray would reschedule that group, and
-        a group that cannot be placed at once (a full cluster that lost a node) is retried without pause,
-        which keeps Ray's GCS busy and the remaining training starved until a CPU frees. A new group waits
-        its turn like any other."""
-        self.backend.free(state.actor, state.group)
-        state.actor = state.group = None
-        self._launch(state)
-
-    def _apply(self, state: SeedState, decision: Decision, done: bool) -> None:
-        """What happens to the seed after its chunk: its end, the listeners' decision, or the next chunk."""
+    def apply(self, state: SeedState, decision: Decision, done: bool) -> None:
+        """What happens to the seed after its chunk: its end, the trial's end, or a pause (a seed alone in its
+        actor); otherwise its unit goes on with it."""
         if decision.action == Action.STOP:
             if done:
-                self._finish_seed(state, decision.reason)
+                self.finish_seed(state, decision.reason)
             self.stop(decision.status, decision.reason)
         elif done:
-            self._finish_seed(state)
-        elif decision.action == Action.PAUSE:
+            self.finish_seed(state)
+        elif decision.action == Action.PAUSE and state.shared is None:
             state.paused = True
             self.emit(SeedPaused(self, state.seed, state.progress))
-        else:
-            state.future = self.backend.call(state.actor, "advance", self.chunk_seconds)
 
     def _new_records(self, state: SeedState, records: list[tuple[int, dict[str, float]]]
                      ) -> list[tuple[int, dict[str, float]]]:
@@ -432,14 +400,6 @@ class TrialRunner:
             fresh.append((step, values))
         return fresh
 
-    def _where(self, state: SeedState) -> dict[str, str] | None:
-        if state.where is None:
-            try:
-                state.where = self.backend.ask(state.actor, "describe", timeout=30)
-            except Exception:  # informational only; the run goes on without it
-                return None
-        return state.where
-
     # --- schedulers' seams ----------------------------------------------------------------------
     def resume_seed(self, seed: int) -> None:
         """Go on with a paused seed (from its state as it was, or as `retarget` set it)."""
@@ -447,13 +407,13 @@ class TrialRunner:
         if not state.paused or state.status != Status.RUNNING:
             return
         state.paused = False
+        assert state.unit is not None
         if state.reload:
             state.reload = False
             # The same actor loads the new trial state in place (no new process; the placement group stays).
-            state.future = self.backend.call(state.actor, "advance", self.chunk_seconds,
-                                             (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
+            state.unit.advance(state.unit.load())
         else:
-            state.future = self.backend.call(state.actor, "advance", self.chunk_seconds)
+            state.unit.advance()
 
     def retarget(self, spec: ExperimentSpec, checkpoints: dict[int, bytes]) -> None:
         """PBT's exploit and explore: the paused seeds go on from `checkpoints` (another trial's) with the
@@ -481,38 +441,26 @@ class TrialRunner:
     # --- the end --------------------------------------------------------------------------------
     def adopt(self, state: SeedState, host: Host) -> None:
         """A waiting seed takes an idle actor of its shape instead of its own unplaced reservation."""
-        if state.shared is not None:
-            state.shared.adopt(host)
-            return
-        self.backend.free(state.actor, state.group)
-        state.actor, state.group, state.where = host.actor, host.group, host.where
-        state.future = self.backend.call(state.actor, "advance", self.chunk_seconds,
-                                         (self.spec.model_dump(mode="json"), state.seed, state.checkpoint))
+        if state.unit is not None:
+            state.unit.adopt(host)
 
     def _release(self, state: SeedState, reusable: bool = False) -> None:
-        """Free the seed's actor and placement group; an idle, healthy actor goes back to the pool."""
+        """Free the seed's share of its actor: the unit frees the actor once its last seed lets go (an idle,
+        healthy one goes back to the pool)."""
         if self.pool is not None:
             self.pool.placed(state)
-        if state.shared is not None:  # the unit frees its actor once its last seed lets go
-            unit, state.shared = state.shared, None
-            state.actor = state.group = state.future = None
-            unit.let_go(state)
-            return
-        if reusable and self.pool is not None and state.future is None and state.actor is not None \
-                and state.group is not None:
-            self.pool.put(self.spec, Host(state.actor, state.group, state.where))
-        else:
-            self.backend.free(state.actor, state.group)
-        state.actor = state.group = None
+        if state.unit is not None:
+            unit, state.unit = state.unit, None
+            unit.let_go(state, reusable)
 
-    def _finish_seed(self, state: SeedState, reason: str = "") -> None:
+    def finish_seed(self, state: SeedState, reason: str = "") -> None:
         self._release(state, reusable=True)
         state.status = Status.FINISHED
         self.emit(SeedEnded(self, state.seed, Status.FINISHED, state.final, state.checkpoint))
         if not reason:
             self._maybe_finish_trial()
 
-    def _fail(self, state: SeedState, error: str) -> None:
+    def fail(self, state: SeedState, error: str) -> None:
         self._release(state)
         state.status, state.error = Status.FAILED, error
         self.emit(SeedEnded(self, state.seed, Status.FAILED, error=error))
@@ -557,67 +505,96 @@ class TrialRunner:
     def release(self) -> None:
         """Free every actor and placement group this runner still holds (idle ones go to the pool)."""
         for state in self.seeds.values():
-            if state.actor is not None or state.group is not None:
+            if state.unit is not None:
                 self._release(state, reusable=state.status == Status.FINISHED)
 
 
-class SharedUnit:
-    """Seeds in one `TrialWorkerGroup` actor (`resources.seeds_per_actor`): of one trial, or of several trials
-    of a sweep (`sweep.share_actors`), each with its trial's spec, trained together (seedgroup.py). The unit
-    owns the actor: each chunk's result goes to each seed's own runner as a lone seed's would (its listeners,
-    its pruner, its end), a seed whose trial ended (pruned, failed) is dropped from the actor at the next
-    call, and the actor is freed once its last seed lets go (to the pool, when it is idle and healthy). If
-    the actor dies, every seed with retries left restarts from its own checkpoint in one new actor."""
+class Unit:
+    """One trial actor, with its placement group, its call in flight, where it runs and its retries, and the
+    seeds it trains: one seed alone (a `TrialWorker`), or several (`grouped`: a `TrialWorkerGroup`, with
+    `resources.seeds_per_actor`, of one trial or of several trials of a sweep with `sweep.share_actors`,
+    each with its trial's spec; seedgroup.py says how they train together).
 
-    def __init__(self, members: list[tuple[TrialRunner, SeedState]], pool: ActorPool | None, chunk_seconds: float):
+    Each chunk's result goes to each seed's own runner (its listeners, its pruner, its end). A seed whose
+    trial ended (pruned, failed) is let go: a group drops it at the next call, and the actor is freed once
+    its last seed lets go (to the pool, when it is idle and healthy). If the actor dies, every seed with
+    retries left restarts from its own checkpoint in one new actor, in a new reservation: where its node
+    died, Ray would reschedule the old placement group, and a group that cannot be placed at once (a full
+    cluster that lost a node) is retried without pause, which keeps Ray's GCS busy and the remaining training
+    starved until a CPU frees. A new group waits its turn like any other."""
+
+    def __init__(self, members: list[tuple[TrialRunner, SeedState]], pool: ActorPool | None, chunk_seconds: float,
+                 grouped: bool):
         self.members = dict(enumerate(members))  # key -> (its trial's runner, its seed's state)
-        self.pool, self.chunk_seconds = pool, chunk_seconds
-        self.spec = members[0][0].spec  # (the resources and the shape every member shares)
+        self.pool, self.chunk_seconds, self.grouped = pool, chunk_seconds, grouped
         self.backend = members[0][0].backend
         self.actor: Any = None
         self.group: PlacementGroup | None = None
         self.future: Any = None
         self.where: dict[str, str] | None = None
-        self.dropped: list[int] = []  # keys to take out of the actor at its next call
+        self.dropped: list[int] = []  # keys to take out of a group's actor at its next call
         for _, state in members:
-            state.shared = self
+            state.unit = self
+
+    @property
+    def spec(self) -> ExperimentSpec:
+        """The resources and the shape every member shares (a lone seed's spec may be retargeted: PBT)."""
+        return self.members[0][0].spec
 
     def _live(self) -> list[tuple[int, TrialRunner, SeedState]]:
         return [(key, runner, state) for key, (runner, state) in self.members.items()
-                if state.shared is self and not state.status.ended]
+                if state.unit is self and not state.status.ended]
 
-    def launch(self, host: Host | None = None) -> None:
-        """Load every live seed (each from its checkpoint, if any) into a warm actor, or a new one."""
+    def load(self) -> tuple[Any, ...]:
+        """What the actor loads: every live seed, each with its trial's spec and its checkpoint, if any."""
         live = self._live()
+        if not self.grouped:
+            _, runner, state = live[0]
+            return runner.spec.model_dump(mode="json"), state.seed, state.checkpoint
         specs: list[dict[str, Any]] = []
         index: dict[int, int] = {}
         for _, runner, _ in live:
             if id(runner) not in index:
                 index[id(runner)] = len(specs)
                 specs.append(runner.spec.model_dump(mode="json"))
-        load = (specs, [(key, index[id(runner)], state.seed) for key, runner, state in live],
+        return (specs, [(key, index[id(runner)], state.seed) for key, runner, state in live],
                 {key: state.checkpoint for key, _, state in live})
+
+    def launch(self, host: Host | None = None) -> None:
+        """Load every live seed into a warm actor (`host`, or one of the pool's), or a new one."""
+        live = self._live()
+        load = self.load()
         self.dropped = []
         if host is None and self.pool is not None and self.group is None:
             host = self.pool.take(self.spec)
         fresh = False
         if host is not None:
             self.actor, self.group, self.where = host.actor, host.group, host.where
-            self.future = self.backend.call(self.actor, "advance", self.chunk_seconds, load)
+            self.advance(load)
         else:
             fresh = self.group is None
             if self.group is None:
                 self.group = self.backend.reserve(trial_bundles(self.spec))
             res, self.where = self.spec.resources, None
-            self.actor = self.backend.start(TrialWorkerGroup, self.group, res.cpus_per_trial, res.gpus_per_trial,
-                                            *load)
+            worker = TrialWorkerGroup if self.grouped else TrialWorker
+            gpus = res.gpus_per_trial if self.grouped else res.gpus_per_trial / res.data_parallel
+            self.actor = self.backend.start(worker, self.group, res.cpus_per_trial, gpus, *load)
             self.future = self.backend.call(self.actor, "advance", self.chunk_seconds)
         for _, _, state in live:
             state.status, state.placed, state.paused = Status.RUNNING, False, False
-            state.moved = time.perf_counter()
-            state.actor, state.group, state.future, state.where = self.actor, self.group, self.future, self.where
+            state.moved, state.where = time.perf_counter(), self.where
         if fresh and self.pool is not None and live:
             self.pool.wait(live[0][1], live[0][2])
+
+    def advance(self, load: tuple[Any, ...] | None = None) -> None:
+        """The actor's next chunk (after loading `load` first, when given)."""
+        if self.grouped:
+            self.future = self.backend.call(self.actor, "advance", self.chunk_seconds, load, self.dropped)
+            self.dropped = []
+        elif load is not None:
+            self.future = self.backend.call(self.actor, "advance", self.chunk_seconds, load)
+        else:
+            self.future = self.backend.call(self.actor, "advance", self.chunk_seconds)
 
     def adopt(self, host: Host) -> None:
         """Take an idle actor of the same shape instead of this unit's unplaced reservation."""
@@ -628,58 +605,54 @@ class SharedUnit:
     def on_result(self) -> None:
         future, self.future = self.future, None
         live = self._live()
-        for _, _, state in live:
-            state.future = None
         try:
             result = self.backend.get(future)
         except self.backend.errors as exc:
             self._on_error(live, exc)
             return
         if live and self.where is None:  # one node lookup for the unit
-            self.where = live[0][1]._where(live[0][2])
+            try:
+                self.where = self.backend.ask(self.actor, "describe", timeout=30)
+            except Exception:  # informational only; the run goes on without it
+                self.where = None
+        parts = result.seeds if self.grouped else {key: result for key, _, _ in live}
         for key, runner, state in live:
-            part = result.seeds.get(key)
-            if part is None or state.shared is not self or state.status.ended:
+            part = parts.get(key)
+            if part is None or state.unit is not self or state.status.ended:
                 continue  # (its trial ended meanwhile: it was let go, and is dropped at the next call)
             state.where = state.where or self.where
-            runner._announce(state)
+            runner.announce(state)
             if isinstance(part, SeedFailed):
-                runner._fail(state, part.error)
+                runner.fail(state, part.error)
                 continue
-            decision = runner._take(state, part)
-            if decision.action == Action.STOP:
-                runner._apply(state, decision, part.done)  # the trial ends: its other seeds let go too
-            elif part.done:
-                runner._finish_seed(state)
-        going = self._live()
-        if going:
-            self.future = self.backend.call(self.actor, "advance", self.chunk_seconds, None, self.dropped)
-            self.dropped = []
-            for _, _, state in going:
-                state.future = self.future
+            runner.apply(state, runner.take(state, part), part.done)
+        if self.actor is not None and any(not state.paused for _, _, state in self._live()):
+            self.advance()
 
-    def let_go(self, state: SeedState) -> None:
-        """A seed leaves the unit (it ended); the last one to leave frees the actor."""
+    def let_go(self, state: SeedState, reusable: bool) -> None:
+        """A seed leaves the unit (it ended, or its trial is suspended); the last one to leave frees the actor:
+        to the pool where it is idle and healthy (for a seed alone, where `reusable`: not after a failure)."""
         key = next(k for k, (_, s) in self.members.items() if s is state)
         self.dropped.append(key)
         if self._live():
             return
-        if self.future is None and self.actor is not None and self.group is not None and self.pool is not None:
-            self.pool.put(self.spec, Host(self.actor, self.group, self.where))  # idle and healthy
+        if (reusable or self.grouped) and self.future is None and self.actor is not None and self.group is not None \
+                and self.pool is not None:
+            self.pool.put(self.spec, Host(self.actor, self.group, self.where))
         else:
             self.backend.free(self.actor, self.group)
         self.actor = self.group = None
 
     def _on_error(self, live: list[tuple[int, TrialRunner, SeedState]], exc: BaseException) -> None:
-        """The actor died: each seed restarts from its own checkpoint in one new actor (in a new reservation,
-        as `TrialRunner._relaunch` says why), or fails once its retries are spent; an error building the group
-        fails them all."""
+        """The actor died: each seed restarts from its own checkpoint in one new actor (in a new reservation),
+        or fails once its retries are spent. A trainer that raised, or could not be built, fails its seeds:
+        that is deterministic, and not retried."""
         self.backend.free(self.actor, self.group)  # the result can be lost while its actor lives on
         self.actor = self.group = None
         text = self.backend.error_text(exc)
         if not self.backend.lost(exc):
             for _, runner, state in live:
-                runner._fail(state, text)
+                runner.fail(state, text)
             return
         spent = []
         for _, runner, state in live:
@@ -689,7 +662,7 @@ class SharedUnit:
             else:
                 spent.append((runner, state))
         for runner, state in spent:  # (let go first: the relaunch below loads only the others)
-            runner._fail(state, f"trial actor died {state.retries + 1} times; last: {text}")
+            runner.fail(state, f"trial actor died {state.retries + 1} times; last: {text}")
         if self._live():
             self.launch()
 
@@ -709,7 +682,7 @@ def start_shared(runners: list[TrialRunner], capacity: int) -> None:
     try:
         for k in range(units):
             chunk = pairs[k * len(pairs) // units:(k + 1) * len(pairs) // units]
-            SharedUnit(chunk, chunk[0][0].pool, chunk[0][0].chunk_seconds).launch()
+            Unit(chunk, chunk[0][0].pool, chunk[0][0].chunk_seconds, grouped=True).launch()
     finally:  # also after a Ctrl-C during a launch: its end states need the runs to exist
         for runner in runners:
             runner.announce_start()

@@ -42,16 +42,15 @@ def test_in_process_run_records_what_ray_actors_record(tmp_path: Path):
     clients = {mode: MlflowClient(uri) for mode, uri in uris.items()}
     for metric in ("eval/return_mean", "loss/policy", "time/env_steps"):
         assert _curves(clients["in-process"], "cartpole", metric) == _curves(clients["ray"], "cartpole", metric)
-    artifacts = {}
-    for mode, client in clients.items():
+    for client in clients.values():
         runs = _runs(client, "cartpole")
         assert sorted(r.data.tags["labfleet.role"] for r in runs) == ["seed", "seed", "trial"]
         assert {r.info.status for r in runs} == {"FINISHED"}
-        artifacts[mode] = sorted((r.data.tags["labfleet.role"], r.data.tags.get("labfleet.seed"),
-                                  tuple(sorted(a.path for a in client.list_artifacts(r.info.run_id, "checkpoints"))))
-                                 for r in runs)
-    assert artifacts["in-process"] == artifacts["ray"]
-    assert ("seed", "0", ("checkpoints/final.pt",)) in artifacts["in-process"]
+        for run in runs:
+            if run.data.tags["labfleet.role"] == "seed":
+                # (latest.pt too where a chunk ended after an evaluation, which depends on the chunks' timing)
+                names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+                assert "checkpoints/final.pt" in names <= {"checkpoints/final.pt", "checkpoints/latest.pt"}
 
 def test_in_process_trial_that_raises_fails_with_its_traceback(tmp_path: Path, tracking_uri: str):
     (tmp_path / "boom_env.py").write_text(BOOM_ENV)

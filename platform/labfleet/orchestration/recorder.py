@@ -75,6 +75,15 @@ class _Trial:
     history: dict[str, int] = field(default_factory=dict)
 
 
+def placement_tags(where: dict[str, str]) -> dict[str, str]:
+    """Where a seed runs, as its run's tags: node, host, device, and the trial actor's process (seeds_per_actor
+    > 1: shared by its unit)."""
+    tags = {tag.NODE: where["node_id"], tag.HOST: where["host"], tag.DEVICE: where["device"]}
+    if where.get("pid"):
+        tags[tag.PID] = where["pid"]
+    return tags
+
+
 class MlflowRecorder:
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -118,23 +127,16 @@ class MlflowRecorder:
     def handle(self, event: Event) -> None:
         tracker = self.tracker
         match event:
-            case TrialStarted(trial=trial, resumed=resumed):
-                if resumed:
-                    tracker.reopen_run(self.trials[trial].run_id, "trial")  # `unfinished` found it
-                else:
-                    self._start_trial(trial)
+            case TrialStarted(trial=trial, resumed=True):
+                tracker.reopen_run(self.trials[trial].run_id, "trial")  # `unfinished` found it
+            case TrialStarted(trial=trial):
+                self._start_trial(trial)
             case SeedStarted():
                 self._start_seed(event)
-            case SeedRestored(trial=trial, seed=seed, record=record):
-                entry = self.trials[trial]
-                entry.seeds[seed] = entry.resuming[seed]
-                entry.evals[seed] = {step: dict(values) for step, values in record.evals.items()}
+            case SeedRestored():
+                self._restore_seed(event)
             case SeedPlaced(trial=trial, seed=seed, where=where):
-                tags = {tag.NODE: where["node_id"], tag.HOST: where["host"],
-                        tag.DEVICE: where["device"]}
-                if where.get("pid"):  # the trial actor's process (seeds_per_actor > 1: shared by its unit)
-                    tags[tag.PID] = where["pid"]
-                tracker.queue_tags(self.seed_run_id(trial, seed), tags)
+                tracker.queue_tags(self.seed_run_id(trial, seed), placement_tags(where))
             case SeedRetried(trial=trial, seed=seed, retries=retries):
                 tracker.queue_tags(self.seed_run_id(trial, seed), {tag.RETRIES: str(retries)})
             case ChunkResult():
@@ -146,6 +148,12 @@ class MlflowRecorder:
             case TrialEnded():
                 self._end_trial(event)
         return None
+
+    def _restore_seed(self, event: SeedRestored) -> None:
+        """A seed an earlier driver finished: its run and evaluations, as they were."""
+        entry = self.trials[event.trial]
+        entry.seeds[event.seed] = entry.resuming[event.seed]
+        entry.evals[event.seed] = {step: dict(values) for step, values in event.record.evals.items()}
 
     def _end_trial(self, event: TrialEnded) -> None:
         if not self.has_run(event.trial):  # its run was never created (Ctrl-C inside `create_run`)

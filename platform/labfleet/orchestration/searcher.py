@@ -361,20 +361,7 @@ class OptunaSearcher:
         if event.reason == PRUNED:
             state, value = TrialState.PRUNED, active.latest
         elif event.status == Status.FINISHED:
-            values, missing = [], []
-            for metric, _ in self.sweep.objectives:
-                finals = [s.final[metric] for s in runner.seeds.values() if s.final and metric in s.final]
-                if len(finals) == len(runner.seeds):
-                    values.append(sum(finals) / len(finals))
-                else:
-                    missing.append(metric)
-            if not missing:
-                state, value = TrialState.COMPLETE, values if self.sweep.multi_objective else values[0]
-            else:
-                state = TrialState.FAIL
-                active.error = f"the trial's final evaluation has no {', '.join(map(repr, missing))}"
-                # its seeds trained, but the trial cannot count: the trial run FAILED
-                self.tracker.end_run(self.recorder.trial_run_id(runner), "FAILED", active.error)
+            state, value = self._objective(active)
         else:
             state = TrialState.FAIL
             active.error = active.error or "; ".join(f"seed {s.seed}: {s.error}" for s in runner.seeds.values()
@@ -387,6 +374,24 @@ class OptunaSearcher:
         self.streak.record(state, active.error)
         self.finished += state in (TrialState.COMPLETE, TrialState.PRUNED)
         self.recorder.forget(runner)  # a long sweep's driver holds its running trials, not every one it ran
+
+    def _objective(self, active: ActiveTrial) -> tuple[TrialState, Any]:
+        """A finished trial's state and value: the mean over its seeds of each objective's final evaluation,
+        or FAIL where a seed's final evaluation lacks one (its seeds trained, but the trial cannot count: its
+        run ends FAILED)."""
+        runner = active.runner
+        values, missing = [], []
+        for metric, _ in self.sweep.objectives:
+            finals = [s.final[metric] for s in runner.seeds.values() if s.final and metric in s.final]
+            if len(finals) == len(runner.seeds):
+                values.append(sum(finals) / len(finals))
+            else:
+                missing.append(metric)
+        if not missing:
+            return TrialState.COMPLETE, values if self.sweep.multi_objective else values[0]
+        active.error = f"the trial's final evaluation has no {', '.join(map(repr, missing))}"
+        self.tracker.end_run(self.recorder.trial_run_id(runner), "FAILED", active.error)
+        return TrialState.FAIL, None
 
     def tell(self, active: ActiveTrial, state: TrialState, value: Any = None) -> None:
         """Tell Optuna only once the trial's MLflow record (final metrics, checkpoints, end status, the

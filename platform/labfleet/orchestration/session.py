@@ -293,22 +293,7 @@ class DriverSession:
         active: list[TrialRunner] = []
         while True:
             started = feed.more(len(active))
-            together = []  # new trials whose seeds share actors
-            for runner, records in started:
-                if runner.suspended:  # its turn again (PBT)
-                    runner.unsuspend()
-                    active.append(runner)
-                    continue
-                self.runners.append(runner)
-                active.append(runner)
-                if records is None and feed.share_capacity > 0:
-                    together.append(runner)
-                elif records is None:
-                    runner.start()
-                else:
-                    runner.resume(records)
-            if together:
-                start_shared(together, feed.share_capacity)
+            active += self._start(started, feed.share_capacity)
             active = [r for r in active if not (r.done or r.suspended)]
             if started:  # ended trials need no cleanup on Ctrl-C: a long sweep's driver keeps only the others
                 self.runners = [r for r in self.runners if not r.done]
@@ -320,6 +305,25 @@ class DriverSession:
                 self.tracker.commit()  # the round's metrics, tags and ended runs, a store call per run
                 for line in stall_warnings(active):
                     self.console.print(f"[yellow]{shown(line)}[/yellow]", highlight=False, soft_wrap=True)
+
+    def _start(self, started: list[tuple[TrialRunner, dict[int, SeedRecord] | None]], share_capacity: int
+               ) -> list[TrialRunner]:
+        """Start (or resume, or give their turn to) the trials a feed offers; they are now active."""
+        together = []  # new trials whose seeds share actors
+        for runner, records in started:
+            if runner.suspended:  # its turn again (PBT)
+                runner.unsuspend()
+                continue
+            self.runners.append(runner)
+            if records is None and share_capacity > 0:
+                together.append(runner)
+            elif records is None:
+                runner.start()
+            else:
+                runner.resume(records)
+        if together:
+            start_shared(together, share_capacity)
+        return [runner for runner, _ in started]
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         try:

@@ -151,41 +151,49 @@ class TrialWorker:
         trainer = self.trainer
         records: list[Record] = []
         artifacts: dict[str, bytes] = {}  # images a generative trainer makes at its evaluations
-        checkpoint, evaluated = None, False
+        evaluated = False
         started = time.perf_counter()
-        own_reports = isinstance(trainer, FunctionTrainer)  # a training function reports and evaluates itself
         while not trainer.done and time.perf_counter() - started < seconds:
-            logged = trainer.train_iteration()
-            if (error := non_finite(logged, trainer.metric_step)) is not None:
-                raise error
-            if own_reports:
-                if logged:
-                    records.append((trainer.metric_step, logged))
-                artifacts.update(trainer.take_artifacts())  # what the function logged with ctx.log_artifact
-                evaluated = evaluated or trainer.new_checkpoint  # its new checkpoint goes with this chunk
-                continue
-            closed = self.slot.window.add(trainer.progress, trainer.metric_step, logged)
-            if closed:
-                records.append(closed)
-            if self.slot.eval_due(trainer):
-                records.append((trainer.metric_step, trainer.evaluate()))
-                artifacts.update(self._media())
-                evaluated = True
-        final = None
-        if trainer.done:
-            closed = self.slot.window.flush(trainer.metric_step)
-            if closed:
-                records.append(closed)
-            final = trainer.evaluate()
-            records.append((trainer.metric_step, final))
-            artifacts.update(self._media())
-            artifacts.update(self._final_video())
-        if evaluated or trainer.done:
-            # Taken at the end of the chunk, not at the evaluation: a restart from it redoes no step that
-            # this result logs (later chunks' steps it may redo are dropped by the driver: exactly once).
-            checkpoint = trainer.checkpoint_bytes()
+            evaluated = self._iterate(records, artifacts) or evaluated
+        final = self._final(records, artifacts) if trainer.done else None
+        # Taken at the end of the chunk, not at the evaluation: a restart from it redoes no step that this
+        # result logs (later chunks' steps it may redo are dropped by the driver: exactly once).
+        checkpoint = trainer.checkpoint_bytes() if evaluated or trainer.done else None
         return SeedChunk(records, trainer.progress, trainer.done, checkpoint, final, artifacts,
                          self.slot.take_resumed(), time.perf_counter() - started)
+
+    def _iterate(self, records: list[Record], artifacts: dict[str, bytes]) -> bool:
+        """One training iteration: its metrics into the window, and the evaluation that is due, if any; a
+        training function reports and evaluates itself. Whether a checkpoint goes with this chunk."""
+        trainer = self.trainer
+        logged = trainer.train_iteration()
+        if (error := non_finite(logged, trainer.metric_step)) is not None:
+            raise error
+        if isinstance(trainer, FunctionTrainer):
+            if logged:
+                records.append((trainer.metric_step, logged))
+            artifacts.update(trainer.take_artifacts())  # what the function logged with ctx.log_artifact
+            return bool(trainer.new_checkpoint)  # its new checkpoint goes with this chunk
+        closed = self.slot.window.add(trainer.progress, trainer.metric_step, logged)
+        if closed:
+            records.append(closed)
+        if not self.slot.eval_due(trainer):
+            return False
+        records.append((trainer.metric_step, trainer.evaluate()))
+        artifacts.update(self._media())
+        return True
+
+    def _final(self, records: list[Record], artifacts: dict[str, bytes]) -> dict[str, float]:
+        """The last window and the final evaluation, with its media and video."""
+        trainer = self.trainer
+        closed = self.slot.window.flush(trainer.metric_step)
+        if closed:
+            records.append(closed)
+        final = trainer.evaluate()
+        records.append((trainer.metric_step, final))
+        artifacts.update(self._media())
+        artifacts.update(self._final_video())
+        return final
 
     def _final_video(self) -> dict[str, bytes]:
         return final_video(self.spec, self.trainer)
@@ -300,24 +308,28 @@ class TrialWorkerGroup:
                 evaluated.add(seed)
         if evaluated or any(t.done and not slots[seed].reported for seed, t in group.members.items()):
             group.sync()  # for the checkpoints and final evaluations below
-        for seed, trainer in group.members.items():
-            slot = slots[seed]
-            if slot.reported:
-                continue
-            final = None
-            if trainer.done:
-                closed = slot.window.flush(trainer.metric_step)
-                if closed:
-                    records[seed].append(closed)
-                final = trainer.evaluate()
-                records[seed].append((trainer.metric_step, final))
-                artifacts[seed].update(trainer_media(trainer))
-                artifacts[seed].update(final_video(self.specs[seed], trainer))
-                slot.reported = True
-            checkpoint = trainer.checkpoint_bytes() if seed in evaluated or trainer.done else None
-            out[seed] = SeedChunk(records[seed], trainer.progress, trainer.done, checkpoint, final, artifacts[seed],
-                                  slot.take_resumed(), time.perf_counter() - started)
+        for seed in group.members:
+            if not slots[seed].reported:
+                out[seed] = self._chunk(seed, records[seed], artifacts[seed], seed in evaluated, started)
         return GroupChunk(out)
+
+    def _chunk(self, seed: int, records: list[Record], artifacts: dict[str, bytes], evaluated: bool,
+               started: float) -> SeedChunk:
+        """One member's part of the result: with its final evaluation once it is done."""
+        trainer, slot = self.group.members[seed], self.slots[seed]
+        final = None
+        if trainer.done:
+            closed = slot.window.flush(trainer.metric_step)
+            if closed:
+                records.append(closed)
+            final = trainer.evaluate()
+            records.append((trainer.metric_step, final))
+            artifacts.update(trainer_media(trainer))
+            artifacts.update(final_video(self.specs[seed], trainer))
+            slot.reported = True
+        checkpoint = trainer.checkpoint_bytes() if evaluated or trainer.done else None
+        return SeedChunk(records, trainer.progress, trainer.done, checkpoint, final, artifacts, slot.take_resumed(),
+                         time.perf_counter() - started)
 
     def _iterate(self, out: dict[int, SeedChunk | SeedFailed], records: dict[int, list[Record]]) -> None:
         """One iteration of the group: each seed's metrics into its window, or its error into `out`."""

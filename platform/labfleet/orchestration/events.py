@@ -1,7 +1,8 @@
 """What the driver core says happened, and what listeners may answer.
 
-`TrialRunner` (runner.py) keeps only the Ray side of a trial: placement groups, actors, retries, the actor
-pool. Everything else listens to the events it emits, in the order the listeners were given:
+`TrialRunner` (runner.py) keeps only the execution side of a trial: its seeds, their units (actors, placement
+groups, retries), the actor pool. Everything else listens to the events it emits, in the order the listeners
+were given:
 - `MlflowRecorder` (recorder.py) writes the run hierarchy;
 - `TensorBoardListener` (tensorboard.py), with `--tensorboard DIR`, writes the same records as event files;
 - `ProgressListener` (progress.py) draws the bars;

@@ -92,6 +92,18 @@ def shipping_excludes(workdir: Path) -> tuple[list[str], list[tuple[str, str]]]:
     return EXCLUDES + [link for link, _ in outside], outside
 
 
+def _refuse_credentials(tracking_uri: str | None, overrides: list[str]) -> None:
+    """A password in the command line would be in the job's entrypoint, which anyone who can list jobs sees."""
+    secret = "holds a password, which the job's entrypoint would show to anyone who can list jobs: set " \
+             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or the database's own variables, such as " \
+             "PGPASSWORD) in the cluster's environment instead"
+    if tracking_uri and has_credentials(tracking_uri):
+        raise SpecError([Problem("labfleet submit", "--tracking-uri", secret)])
+    for item in overrides:
+        if has_credentials(item):
+            raise SpecError([Problem("labfleet submit", f"--set {item.partition('=')[0]}", secret)])
+
+
 def plan_submission(path: Path, overrides: list[str], tracking_uri: str | None, sweep: bool, python: str,
                     n_trials: int | None = None) -> tuple[str, str, Path]:
     """(command kind, entrypoint, working directory), after every local check of the file."""
@@ -104,14 +116,7 @@ def plan_submission(path: Path, overrides: list[str], tracking_uri: str | None, 
         resolve_spec_data,
     )
 
-    secret = "holds a password, which the job's entrypoint would show to anyone who can list jobs: set " \
-             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or the database's own variables, such as " \
-             "PGPASSWORD) in the cluster's environment instead"
-    if tracking_uri and has_credentials(tracking_uri):
-        raise SpecError([Problem("labfleet submit", "--tracking-uri", secret)])
-    for item in overrides:
-        if has_credentials(item):
-            raise SpecError([Problem("labfleet submit", f"--set {item.partition('=')[0]}", secret)])
+    _refuse_credentials(tracking_uri, overrides)
     doc = read_yaml(path)
     kind = _kind(doc.data, sweep)
     parsed = parse_set_options(overrides)

@@ -127,10 +127,11 @@ class MlflowRecorder:
     def handle(self, event: Event) -> None:
         tracker = self.tracker
         match event:
-            case TrialStarted(trial=trial, resumed=True):
-                tracker.reopen_run(self.trials[trial].run_id, "trial")  # `unfinished` found it
-            case TrialStarted(trial=trial):
-                self._start_trial(trial)
+            case TrialStarted(trial=trial, resumed=resumed):
+                if resumed:
+                    tracker.reopen_run(self.trials[trial].run_id, "trial")  # `unfinished` found it
+                else:
+                    self._start_trial(trial)
             case SeedStarted():
                 self._start_seed(event)
             case SeedRestored():

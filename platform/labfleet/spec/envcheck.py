@@ -89,6 +89,13 @@ def check_algorithm_fits(spec: ExperimentSpec, info: AlgorithmInfo, check_env: b
                          f"{' or '.join(info.budget_units)}, not {spec.budget.unit}"))
     if info.kind == "generative":
         return problems + _generative_problems(spec, info)
+    return problems + _rl_problems(spec, info, check_env, spec_dir)
+
+
+def _rl_problems(spec: ExperimentSpec, info: AlgorithmInfo, check_env: bool, spec_dir: Path | None
+                 ) -> list[tuple[str, str]]:
+    """A reinforcement-learning algorithm's: its env, rollout workers, encoder, backend, video and spaces."""
+    problems: list[tuple[str, str]] = []
     if spec.resources.data_parallel > 1:
         problems.append(("resources.data_parallel", f"{info.name} trains in one process: use 1 (data "
                          f"parallelism is for the generative models)"))

@@ -162,3 +162,41 @@ def test_ctrl_c_inside_a_call_stops_the_command_not_the_seed():
     call = backend.call(backend.start(Interrupted, None, 1, 0), "work")
     with pytest.raises(KeyboardInterrupt):
         backend.wait([call], 0.5)
+
+
+def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_session(tracking_uri: str):
+    """Python ignores a KeyboardInterrupt raised inside a weakref callback (it prints "Exception ignored in"):
+    a Ctrl-C that lands there still stops the command at the driver's next round, every run KILLED."""
+    import io
+    import weakref
+
+    from rich.console import Console
+
+    from labfleet.orchestration.events import ChunkResult
+    from labfleet.orchestration.session import DriverSession, FixedFeed
+    from labfleet.spec.loading import load_spec
+    from labfleet.tracking.runs import Tracker
+
+    class Target:
+        pass
+
+    class LandInACallback:
+        fired = False
+
+        def handle(self, event):
+            if isinstance(event, ChunkResult) and not self.fired:
+                self.fired = True
+                target = Target()
+                self.ref = weakref.ref(target, lambda _: signal.raise_signal(signal.SIGINT))
+                del target  # the callback runs here, and the handler's KeyboardInterrupt is lost in it
+
+    spec = load_spec(SPEC, {"seeds": [0], "budget": {"env_steps": 300_000}})
+    tracker = Tracker(tracking_uri, background=True)
+    session = DriverSession(tracker, Console(file=io.StringIO()), quiet=True, backend=InProcessBackend())
+    with session:
+        runner = session.runner(spec, LandInACallback())
+        session.drive(FixedFeed([(runner, None)]))
+    tracker.close()
+    assert session.interrupted and runner.status.name == "KILLED"
+    runs = _runs(MlflowClient(tracking_uri), "cartpole")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}

@@ -45,7 +45,7 @@ from labfleet.orchestration.runner import (
     trial_bundles,
     unschedulable_reason,
 )
-from labfleet.orchestration.signals import TERMINATED, raise_interrupt
+from labfleet.orchestration.signals import INTERRUPTED, TERMINATED, check_interrupted, ctrl_c, raise_interrupt
 from labfleet.orchestration.tensorboard import TensorBoardListener
 from labfleet.spec.models import ExperimentSpec
 from labfleet.tracking.runs import Tracker, TrackingUnavailable
@@ -211,8 +211,12 @@ def interrupts_deferred() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+        INTERRUPTED.set()
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -270,6 +274,7 @@ class DriverSession:
         self.feeds: list[Feed] = []
         self.interrupted = False
         self._previous_term: Any = None
+        self._previous_int: Any = None
 
     def listeners(self, *extra: Listener) -> list[Listener]:
         """What every trial of this session tells: the record first (a scheduler's decision, or the
@@ -283,7 +288,9 @@ class DriverSession:
         return TrialRunner(spec, self.listeners(*extra), **kwargs)
 
     def __enter__(self) -> DriverSession:
+        INTERRUPTED.clear()
         self._previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
+        self._previous_int = signal.signal(signal.SIGINT, ctrl_c)
         self.board.__enter__()
         return self
 
@@ -292,6 +299,7 @@ class DriverSession:
         self.feeds.append(feed)
         active: list[TrialRunner] = []
         while True:
+            check_interrupted()  # (a signal whose KeyboardInterrupt was swallowed where it landed)
             started = feed.more(len(active))
             active += self._start(started, feed.share_capacity)
             active = [r for r in active if not (r.done or r.suspended)]
@@ -347,5 +355,6 @@ class DriverSession:
             if self.tensorboard is not None:
                 self.tensorboard.close()
             signal.signal(signal.SIGTERM, self._previous_term)
+            signal.signal(signal.SIGINT, self._previous_int)
             if not TERMINATED.is_set():  # after a SIGTERM the idle actors die with this driver
                 self.pool.shutdown()

@@ -149,12 +149,14 @@ def hide_gpus_unless_held(held: list[str] | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
-def resolve_device(requested: str, held: list[str] | None = None) -> str:
+def resolve_device(requested: str, held: list[str] | None = None, hide: bool = True) -> str:
     """The torch device a trainer uses. `held` are the GPUs Ray gave this actor (None: not in an actor, where
     torch's view decides). `auto` is CUDA only where the actor holds a GPU and torch sees one, else the CPU.
     An actor that holds no GPU never sees one (`hide_gpus_unless_held`), so a trial never computes on a GPU
-    that Ray gave to another."""
-    hide_gpus_unless_held(held)
+    that Ray gave to another. With `hide=False` the process's `CUDA_VISIBLE_DEVICES` is left as it is (a trial
+    in the driver's own process: later trials of that process may hold a GPU)."""
+    if hide:
+        hide_gpus_unless_held(held)
     if held is not None and not held:
         if requested.startswith("cuda"):
             raise RuntimeError(f"device {requested!r} was requested but this trial holds no GPU "

@@ -16,7 +16,7 @@ through a `Backend`, never through Ray directly:
 from __future__ import annotations
 
 import itertools
-import os
+import re
 import traceback
 from typing import Any, Protocol
 
@@ -181,8 +181,6 @@ class RayBackend:
 
 
 def strip_ansi(text: str) -> str:
-    import re
-
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # Ray colours the actor's name in its error text
 
 
@@ -210,12 +208,7 @@ class LocalWorker:
     def device_of(self, requested: str) -> str:
         """`auto` is CUDA only where the trial holds a GPU (`resources.gpus_per_trial`) and torch sees one;
         the driver's own `CUDA_VISIBLE_DEVICES` is left as it is (later trials of this process may hold one)."""
-        if self.gpus > 0:
-            return resolve_device(requested, None)
-        if requested.startswith("cuda"):
-            raise RuntimeError(f"device {requested!r} was requested but this trial holds no GPU "
-                               "(set resources.gpus_per_trial)")
-        return "cpu"
+        return resolve_device(requested, None if self.gpus > 0 else [], hide=False)
 
     def close(self) -> None:
         held = self.instance
@@ -254,9 +247,6 @@ class InProcessBackend:
     name = "in-process"
     errors: tuple[type[BaseException], ...] = (CallFailed,)
 
-    def __init__(self, cpus: float | None = None):
-        self._cpus = float(cpus if cpus is not None else (os.cpu_count() or 1))
-
     def reserve(self, bundles: list[dict[str, float]]) -> Any:
         return object()
 
@@ -283,9 +273,6 @@ class InProcessBackend:
 
     def wait(self, futures: list[Any], timeout: float) -> list[Any]:
         """Run the oldest call: the runner queues each seed's next call after its result, so seeds take turns."""
-        done = [f for f in futures if f.ran]
-        if done:
-            return done[:1]
         oldest = min(futures, key=lambda f: f.order)
         oldest.run()
         return [oldest]

@@ -32,7 +32,7 @@ import numpy as np
 
 from labfleet import metrics as M
 from labfleet.algorithms import registry
-from labfleet.orchestration.backend import Backend, RayBackend
+from labfleet.orchestration.backend import Backend, RayBackend, total
 from labfleet.orchestration.events import (
     CONTINUE,
     Action,
@@ -84,11 +84,7 @@ def trial_bundles(spec: ExperimentSpec) -> list[dict[str, float]]:
 
 def unschedulable_reason(spec: ExperimentSpec, cluster: dict[str, float]) -> str | None:
     """Why no node of this cluster could ever hold one seed's placement group, or None."""
-    needed: dict[str, float] = {}
-    for bundle in trial_bundles(spec):
-        for key, value in bundle.items():
-            needed[key] = needed.get(key, 0.0) + value
-    for key, value in needed.items():
+    for key, value in total(trial_bundles(spec)).items():
         if value > cluster.get(key, 0.0) + 1e-9:
             return (f"one trial needs {value:g} {key} (resources: cpus_per_trial, cpus_per_worker x "
                     f"rollout_workers, gpus_per_trial) but the Ray cluster has {cluster.get(key, 0.0):g}")

@@ -169,9 +169,12 @@ def local_ray_on_loopback(address: str | None) -> None:
 def starting(file: Path, quiet: bool) -> Console:
     """The training commands' console, which says at once what is read: the imports and checks before
     anything starts take seconds (torch, MLflow)."""
+    from labfleet.tracking.store_process import prestart
+
     console = Console()
     if not quiet:
         console.print(f"[dim]reading {shown(str(file))}[/dim]", highlight=False, soft_wrap=True)
+    prestart()  # MLflow's store opens in a process of its own, beside this one's imports
     return console
 
 
@@ -863,6 +866,12 @@ def tidy_metavars(command: Any) -> Any:
     return command
 
 
+def _stop_store_process() -> None:
+    store_process = sys.modules.get("labfleet.tracking.store_process")
+    if store_process is not None:
+        store_process.shutdown()  # its stores closed before this process leaves without its exit hooks
+
+
 def main() -> None:
     try:
         tidy_metavars(typer.main.get_command(app))(prog_name="labfleet")
@@ -875,6 +884,7 @@ def main() -> None:
             # without this its raylet's agents would outlive it.
             from labfleet.processes import kill_tree
 
+            _stop_store_process()
             kill_tree(os.getpid(), include_root=False)
             _leave(exc.code if isinstance(exc.code, int) else 1)
         code = 0 if exc.code is None else exc.code
@@ -891,6 +901,7 @@ def main() -> None:
                 raise exc from None
             from labfleet.tracking.uri import close_engines
 
+            _stop_store_process()
             close_engines()
             _leave(code)
         raise

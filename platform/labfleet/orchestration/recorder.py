@@ -19,9 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import RunTag
-from mlflow.exceptions import MlflowException
-
 from labfleet import metrics as M
 from labfleet.errors import Problem, SpecError
 from labfleet.orchestration.events import (
@@ -43,6 +40,7 @@ from labfleet.tracking import queries as Q
 from labfleet.tracking import tags as tag
 from labfleet.tracking.heartbeat import live_owner
 from labfleet.tracking.runs import Tracker, flatten, git_commit, library_versions, redact_tree
+from labfleet.tracking.store_process import RunTag, is_store_error
 from labfleet.tracking.uri import retry_if_locked
 
 LATEST_CHECKPOINT = "checkpoints/latest.pt"
@@ -454,6 +452,8 @@ def _download(client: Any, run_id: str, path: str) -> bytes | None:
     with tempfile.TemporaryDirectory(prefix="labfleet-resume-") as tmp:
         try:
             local = client.download_artifacts(run_id, path, tmp)
-        except (MlflowException, OSError):  # no checkpoint yet: the seed starts from scratch
-            return None
+        except Exception as exc:
+            if isinstance(exc, OSError) or is_store_error(exc):  # no checkpoint yet: the seed starts from scratch
+                return None
+            raise
         return Path(local).read_bytes()

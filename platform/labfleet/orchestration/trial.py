@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -102,13 +103,9 @@ def actor_device(requested: str) -> str:
 def describe_process(device: str) -> dict[str, str]:
     """Where a trial actor runs: host, Ray node, process, device."""
     node = ""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            node = ray.get_runtime_context().get_node_id()
-    except ImportError:
-        pass
+    ray = sys.modules.get("ray")  # a trial in a Ray actor; in the driver (in-process), Ray is not imported
+    if ray is not None and ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
     return {"host": socket.gethostname(), "node_id": node, "pid": str(os.getpid()), "device": device}
 
 

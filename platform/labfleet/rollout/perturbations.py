@@ -7,25 +7,21 @@ pair): the + and - members of a pair share it (common random numbers). The pertu
 in fixed chunks of `chunk` consecutive ones, and a worker always takes whole chunks, so how many workers
 there are changes speed, not a single return.
 
-The noise table is made once from the run seed and travels to every worker once, through the object
-store (`ray.put` by the trainer; each worker maps the same shared-memory copy). theta travels once per
-iteration the same way.
+The workers are `rollout.workers.PerturbationWorkerGroup`. The noise table is made once from the run seed
+and travels to every worker once, through the object store (`ray.put` by the trainer; each worker maps the
+same shared-memory copy). theta travels once per iteration the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import gymnasium as gym
 import numpy as np
-import ray
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
 from labfleet.rollout.envs import EnvMaker
 from labfleet.rollout.sampler import clip_to_space
-from labfleet.rollout.workers import worker_options
 
 
 def noise_table(seed: int, size: int) -> np.ndarray:
@@ -92,41 +88,3 @@ class PerturbationEvaluator:
         if self.envs is not None:
             self.envs.close()
         self.envs = None
-
-
-class PerturbationWorker(PerturbationEvaluator):
-    def __init__(self, *args: Any, **kwargs: Any):
-        torch.set_num_threads(1)
-        super().__init__(*args, **kwargs)
-
-
-RemotePerturbationWorker = ray.remote(PerturbationWorker)
-
-
-class PerturbationWorkerGroup:
-    """W Ray actors sharing one noise table; `evaluate` deals whole chunks out to them in turn and puts the
-    results back in perturbation order."""
-
-    def __init__(self, maker: EnvMaker, policy: nn.Module, noise: np.ndarray, chunk: int, n_workers: int,
-                 cpus_per_worker: float):
-        noise_ref = ray.put(noise)  # once: every worker maps this copy
-        self.chunk = chunk
-        self.workers: list[Any] = [RemotePerturbationWorker.options(**worker_options(w, cpus_per_worker)).remote(
-            maker, policy, noise_ref, chunk) for w in range(n_workers)]
-
-    def evaluate(self, theta: np.ndarray, offsets: np.ndarray, signs: np.ndarray, sigma: float,
-                 seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        theta_ref = ray.put(theta)  # once per iteration, shared by every worker
-        starts = list(range(0, len(offsets), self.chunk))
-        calls = []
-        for c, start in enumerate(starts):
-            part = slice(start, start + self.chunk)
-            worker = self.workers[c % len(self.workers)]
-            calls.append(worker.evaluate.remote(theta_ref, offsets[part], signs[part], sigma, seeds[part]))
-        results = ray.get(calls)
-        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
-
-    def close(self) -> None:
-        for worker in self.workers:
-            ray.kill(worker)
-        self.workers = []

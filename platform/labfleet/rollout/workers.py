@@ -1,4 +1,6 @@
-"""Ray rollout actors: each steps its share of a trial's environments and returns whole rollouts.
+"""Ray rollout actors: each steps its share of a trial's environments and returns whole rollouts (and evolution
+strategies' perturbation workers, `PerturbationWorkerGroup`: rollout/perturbations.py says how they split
+the work). Nothing else imports Ray for a trial: a trial without workers runs without it.
 
 Worker w of W steps environments w*k .. (w+1)*k - 1 (k = n_envs / W) with the same per-index seeds as the
 in-process sampler, so the number of workers changes speed, not results. The policy travels once as an
@@ -16,10 +18,14 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+import numpy as np
 import ray
+import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch import nn
 
 from labfleet.rollout.envs import EnvMaker
+from labfleet.rollout.perturbations import PerturbationEvaluator
 from labfleet.rollout.sampler import Rollout, VectorSampler
 
 
@@ -87,6 +93,44 @@ class RolloutWorkerGroup:
     def get_state(self) -> dict[str, Any] | None:
         """The environments' state, in environment order, as one `VectorSampler` state (None: unsaveable)."""
         return VectorSampler.join_states(ray.get([w.get_state.remote() for w in self.workers]))
+
+    def close(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+
+
+class PerturbationWorker(PerturbationEvaluator):
+    def __init__(self, *args: Any, **kwargs: Any):
+        torch.set_num_threads(1)
+        super().__init__(*args, **kwargs)
+
+
+RemotePerturbationWorker = ray.remote(PerturbationWorker)
+
+
+class PerturbationWorkerGroup:
+    """W Ray actors sharing one noise table; `evaluate` deals whole chunks out to them in turn and puts the
+    results back in perturbation order."""
+
+    def __init__(self, maker: EnvMaker, policy: nn.Module, noise: np.ndarray, chunk: int, n_workers: int,
+                 cpus_per_worker: float):
+        noise_ref = ray.put(noise)  # once: every worker maps this copy
+        self.chunk = chunk
+        self.workers: list[Any] = [RemotePerturbationWorker.options(**worker_options(w, cpus_per_worker)).remote(
+            maker, policy, noise_ref, chunk) for w in range(n_workers)]
+
+    def evaluate(self, theta: np.ndarray, offsets: np.ndarray, signs: np.ndarray, sigma: float,
+                 seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        theta_ref = ray.put(theta)  # once per iteration, shared by every worker
+        starts = list(range(0, len(offsets), self.chunk))
+        calls = []
+        for c, start in enumerate(starts):
+            part = slice(start, start + self.chunk)
+            worker = self.workers[c % len(self.workers)]
+            calls.append(worker.evaluate.remote(theta_ref, offsets[part], signs[part], sigma, seeds[part]))
+        results = ray.get(calls)
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
     def close(self) -> None:
         for worker in self.workers:

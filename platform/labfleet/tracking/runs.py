@@ -25,26 +25,20 @@ import json
 import platform as _platform  # stdlib; the repository's `platform/` folder is a source root, not a package
 import queue
 import subprocess
-import tempfile
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.tracking import MlflowClient
 
 import labfleet
 import labfleet.tracking.tags as tag
 from labfleet.tracking.heartbeat import Heartbeat, driver_identity, launcher_tags
-from labfleet.tracking.template import seed_store
-from labfleet.tracking.uri import artifact_root_for, redact_credentials, redact_uri, retry_if_locked, sqlite_wal
+from labfleet.tracking.store_process import LocalClient, Metric, Param, RunTag, is_store_error, store_process
+from labfleet.tracking.uri import artifact_root_for, redact_credentials, redact_uri, retry_if_locked
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000  # log_batch limits
 MAX_PARAM_LENGTH = 6000
@@ -141,10 +135,10 @@ class _Writer(threading.Thread):
 
 class Tracker:
     def __init__(self, uri: str, background: bool = False):
-        sqlite_wal()
         self.uri = uri
-        seed_store(uri)  # a new SQLite store is a copy of a migrated one (tracking/template.py)
-        self.client = MlflowClient(tracking_uri=uri)
+        # A new SQLite store is a copy of a migrated one (tracking/template.py), made where the client opens it.
+        # A training command's store is served by a process of its own (tracking/store_process.py).
+        self.client: Any = store_process().client(uri) if background else LocalClient(uri)
         self._writer: _Writer | None = None
         if background:
             self._writer = _Writer()
@@ -258,8 +252,10 @@ class Tracker:
             try:
                 experiment_id = retry_if_locked(self.client.create_experiment, name, artifact_location=location,
                                                 tags=EXPERIMENT_TAGS)
-            except MlflowException:  # created meanwhile by another driver
-                experiment = self.client.get_experiment_by_name(name)
+            except Exception as exc:
+                if not is_store_error(exc):
+                    raise
+                experiment = self.client.get_experiment_by_name(name)  # created meanwhile by another driver
                 assert experiment is not None
                 experiment_id = experiment.experiment_id
         else:
@@ -344,29 +340,7 @@ class Tracker:
 
     def log_bytes(self, run_id: str, artifact_path: str, data: bytes) -> None:
         """Store bytes (a checkpoint that travelled through Ray) as an artifact of the run."""
-        self._call(self._log_bytes_now, run_id, artifact_path, data, self._artifact_uris.get(run_id))
-
-    def _log_bytes_now(self, run_id: str, artifact_path: str, data: bytes, artifact_uri: str | None = None) -> None:
-        directory, _, filename = artifact_path.rpartition("/")
-        if artifact_uri is not None and artifact_uri.startswith("file://"):
-            # A local artifact root: the file written in place (what MLflow's local repository does after
-            # copying a temporary file), atomically, so that a reader never sees half a checkpoint.
-            from mlflow.utils.file_utils import local_file_uri_to_path
-
-            target = Path(local_file_uri_to_path(artifact_uri)) / artifact_path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.partial")
-            partial.write_bytes(data)
-            partial.replace(target)
-            return
-        with tempfile.TemporaryDirectory(prefix="labfleet-artifact-") as tmp:
-            local = Path(tmp) / filename
-            local.write_bytes(data)
-            if artifact_uri is None:  # a run opened elsewhere: MLflow reads its artifact location
-                self.client.log_artifact(run_id, str(local), directory or None)
-            else:
-                get_artifact_repository(artifact_uri, tracking_uri=self.uri).log_artifact(str(local),
-                                                                                          directory or None)
+        self._call(self.client.write_artifact, run_id, artifact_path, data, self._artifact_uris.get(run_id))
 
     def log_yaml(self, run_id: str, artifact_path: str, data: Any) -> None:
         # libyaml's emitter where PyYAML has it: same text, about 6x faster than the pure-Python one
@@ -392,7 +366,10 @@ class Tracker:
         for run_id in sorted(self.open_runs, key=lambda r: order.get(self.open_runs[r], 9)):
             try:
                 self.end_run(run_id, status, error)
-            except MlflowException:
+            except Exception as exc:
+                if not is_store_error(exc):
+                    raise
                 continue  # the store went away; nothing more can be written to it
         with contextlib.suppress(Exception):  # the store went away; the next run of the command closes them
             self.drain()
+

@@ -23,7 +23,12 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from labfleet.tracking.uri import sqlite_path
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///PATH` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///"))
 
 
 def cache_dir() -> Path:
@@ -54,6 +59,17 @@ def _make_template(path: Path) -> None:
             con.execute("DELETE FROM experiments WHERE experiment_id = 0")
             con.execute("PRAGMA journal_mode=DELETE")  # one file, whatever journal the store used
         os.replace(db, path)
+
+
+def schema_revision() -> str | None:
+    """The schema revision this MLflow writes, read from the template (None where there is none yet): the
+    driver checks an existing store against it without importing MLflow."""
+    path = template_path()
+    if not _usable(path):
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+        rows = con.execute("SELECT version_num FROM alembic_version").fetchall()
+    return rows[0][0] if rows else None
 
 
 def _usable(path: Path) -> bool:

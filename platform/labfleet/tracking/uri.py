@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from labfleet.tracking.template import schema_revision, sqlite_path
+
 T = TypeVar("T")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -77,12 +79,6 @@ def _query_pairs(uri: str) -> list[tuple[str, str]]:
         return parse_qsl(urlsplit(uri).query, keep_blank_values=True)
     except ValueError:
         return []
-
-
-def sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///"))
 
 
 def artifact_root_for(uri: str) -> str | None:
@@ -282,9 +278,11 @@ def mlflow_schema_problem(path: Path) -> str | None:
     if not path.is_file() or path.stat().st_size == 0:
         return None
     try:
-        from mlflow.store.db.utils import _get_latest_schema_revision
+        head = schema_revision()
+        if head is None:  # no template yet: MLflow says
+            from mlflow.store.db.utils import _get_latest_schema_revision
 
-        head = _get_latest_schema_revision()
+            head = _get_latest_schema_revision()
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
             rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
     except (ImportError, sqlite3.DatabaseError):  # no such table (an empty store) or MLflow moved its helper

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -25,8 +25,10 @@ from labfleet.algorithms.rl.normalize import ObservationNormalizer, RewardScaler
 from labfleet.algorithms.sizes import EnvCount, StepCount
 from labfleet.rollout.envs import EnvMaker, derive_seed
 from labfleet.rollout.sampler import NoisePolicy, Rollout, VectorSampler, evaluate_policy
-from labfleet.rollout.workers import RolloutWorkerGroup
 from labfleet.spec.models import ExperimentSpec
+
+if TYPE_CHECKING:
+    from labfleet.rollout.workers import RolloutWorkerGroup
 
 
 @contextmanager
@@ -92,6 +94,8 @@ class RLTrainer(Trainer):
             workers = self.spec.resources.rollout_workers
             state, self._sampler_state = self._sampler_state, None
             if workers:
+                from labfleet.rollout.workers import RolloutWorkerGroup  # Ray, only where workers are asked for
+
                 self._sampler = RolloutWorkerGroup(self.env_maker, n_envs, workers, self.seed, self._generation,
                                                    policy, self.spec.resources.cpus_per_worker, state)
             else:

@@ -17,7 +17,7 @@ of every perturbed episode.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -33,9 +33,12 @@ from labfleet.algorithms.rl.base import RLTrainer, seeded_torch
 from labfleet.algorithms.rl.networks import ObservationEncoder, mlp
 from labfleet.algorithms.sizes import Width
 from labfleet.rollout.envs import derive_seed
-from labfleet.rollout.perturbations import PerturbationEvaluator, PerturbationWorkerGroup, noise_table
+from labfleet.rollout.perturbations import PerturbationEvaluator, noise_table
 from labfleet.seeding import rng_state, set_rng_state
 from labfleet.spec.models import ExperimentSpec
+
+if TYPE_CHECKING:
+    from labfleet.rollout.workers import PerturbationWorkerGroup
 
 
 class ESHParams(BaseModel):
@@ -123,6 +126,8 @@ class ESTrainer(RLTrainer):
         if self._evaluator is None:
             workers = self.spec.resources.rollout_workers
             if workers:
+                from labfleet.rollout.workers import PerturbationWorkerGroup  # Ray, only where workers are asked for
+
                 self._evaluator = PerturbationWorkerGroup(self.env_maker, self.policy, self.noise,
                                                           self.hp.chunk, workers,
                                                           self.spec.resources.cpus_per_worker)

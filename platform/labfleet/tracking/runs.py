@@ -233,6 +233,8 @@ class Tracker:
             self._writer.calls.put(None)
             self._writer.join(timeout=60)
             self._writer = None
+            with contextlib.suppress(Exception):  # a store gone: nothing of it is left to close
+                self.client.release()
 
     def check(self) -> None:
         """Touch the store once, so that an unusable one fails before anything starts."""

@@ -73,8 +73,13 @@ class StoreClient:
         return call
 
     def write_artifact(self, run_id: str, artifact_path: str, data: bytes, artifact_uri: str | None) -> None:
-        """`Tracker`'s artifact write (`runs.write_artifact`), in the store process."""
+        """`write_artifact`, in the store process."""
         self._process.request("artifact", self.uri, run_id, artifact_path, data, artifact_uri)
+
+    def release(self) -> None:
+        """Close the store process's connections (SQLite's write-ahead log folded back into the file); the
+        next call opens one again."""
+        self._process.request("release")
 
 
 class LocalClient:
@@ -101,6 +106,9 @@ class LocalClient:
 
     def write_artifact(self, run_id: str, artifact_path: str, data: bytes, artifact_uri: str | None) -> None:
         write_artifact(self.mlflow, self.uri, run_id, artifact_path, data, artifact_uri)
+
+    def release(self) -> None:
+        """Nothing: this process's connections close when it ends (`uri.close_engines`)."""
 
 
 def write_artifact(client: Any, uri: str, run_id: str, artifact_path: str, data: bytes,
@@ -271,6 +279,11 @@ class _Stores:
 
     def artifact(self, uri: str, run_id: str, artifact_path: str, data: bytes, artifact_uri: str | None) -> None:
         self.clients[uri].write_artifact(run_id, artifact_path, data, artifact_uri)
+
+    def release(self) -> None:
+        from labfleet.tracking.uri import close_engines
+
+        close_engines()
 
 
 def serve(receive: Connection, send: Connection) -> None:

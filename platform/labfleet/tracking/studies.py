@@ -52,6 +52,9 @@ def build_storage(url: str) -> str | optuna.storages.BaseStorage:
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(Path(path).expanduser())))
+    from labfleet.tracking.uri import sqlite_wal
+
+    sqlite_wal()  # a SQLite study in write-ahead-log mode, as MLflow's store (tracking/uri.py)
     return url
 
 

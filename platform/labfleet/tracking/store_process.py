@@ -321,6 +321,10 @@ def main() -> None:
     from mlflow.tracking import MlflowClient  # noqa: F401
 
     serve(receive, send)
+    # The stores are closed: leave without the interpreter's teardown of MLflow and SQLAlchemy (a second
+    # or so, which the driver would wait for)
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # run as a module: serve with this module's own classes, not `__main__`'s

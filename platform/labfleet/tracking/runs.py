@@ -4,17 +4,18 @@ The driver is the only MLflow writer. `Tracker` keeps every run it opened until 
 whatever happens (a trial failing, Ctrl-C, an exception in the driver) `close_open_runs` can give each
 one an end state: no run is ever left RUNNING by a driver that is still alive.
 
-With `background=True` (the training commands), every write except `create_run` (whose id the driver
-needs at once) goes through one writer thread, in order: the store's work then overlaps the driver's
-waits on Ray instead of adding to them. `drain()` waits for the queue (and re-raises a failed write);
+With `background=True` (the training commands), the store is served by a process of its own
+(tracking/store_process.py), and every write except `create_run` (whose id the driver needs at once) goes
+through one writer thread, in order, which waits on that process while the driver goes on: the store's
+work runs on another core. `drain()` waits for the queue (and re-raises a failed write);
 `close()` drains and stops the thread. Writes are coalesced: metrics and tags wait in the tracker
 until the driver's `commit()` (once per round of results), which writes each run's in one `log_batch`,
 a seed run's params with its first metrics, and a run's end after its last batch, so that a short sweep
-trial costs about half the store calls it did. A driver killed with SIGKILL loses what was queued, which is what
+trial costs few store calls. A driver killed with SIGKILL loses what was queued, which is what
 it loses anyway: its runs stay RUNNING until the next run of the command closes them, or `labfleet
 reconcile` ends them (every open run carries the driver's identity and a heartbeat: tracking/heartbeat.py).
-Every store call is retried while SQLite answers "database is locked" (`retry_if_locked`): the writer thread and the
-driver's `create_run` are two connections to one store, and so are two commands sharing a store.
+Every store call is retried while SQLite answers "database is locked" (`retry_if_locked`): two commands may share
+a store.
 """
 
 from __future__ import annotations
@@ -374,4 +375,3 @@ class Tracker:
                 continue  # the store went away; nothing more can be written to it
         with contextlib.suppress(Exception):  # the store went away; the next run of the command closes them
             self.drain()
-

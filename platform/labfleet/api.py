@@ -19,10 +19,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labfleet import metrics as M
 from labfleet.tracking import tags as tag
+
+if TYPE_CHECKING:
+    from labfleet.spec.models import ExperimentSpec
 
 SpecSource = str | os.PathLike[str] | Mapping[str, Any]
 
@@ -55,15 +58,17 @@ def _prepare_process(address: str | None) -> None:
     quiet_libraries(bool(os.environ.get("LABFLEET_VERBOSE")))
 
 
-def _document(spec: SpecSource, overrides: Mapping[str, Any] | None) -> tuple[dict[str, Any], Path, Any]:
-    """(the spec's data with the overrides applied, its path, its YAML document or None for a mapping)."""
-    from labfleet.spec.loading import apply_overrides, from_set, read_yaml
+def _resolve(spec: SpecSource, overrides: Mapping[str, Any] | None) -> tuple[dict[str, Any], Path, ExperimentSpec]:
+    """(the spec's data with the overrides applied, its path, the resolved spec)."""
+    from labfleet.spec.loading import apply_overrides, read_yaml, resolve_document, resolve_spec_data
 
     sets = dict(overrides or {})
     if isinstance(spec, Mapping):
-        return apply_overrides(dict(spec), sets, source="set="), Path.cwd() / "<python>", None
-    doc = from_set(read_yaml(Path(spec)), sets)
-    return apply_overrides(doc.data, sets, source="set="), Path(spec), doc
+        path = Path.cwd() / "<python>"
+        data = apply_overrides(dict(spec), sets, source="set=")
+        return data, path, resolve_spec_data(data, str(path))
+    data, resolved = resolve_document(read_yaml(Path(spec)), sets, set_source="set=")
+    return data, Path(spec), resolved
 
 
 def _console(quiet: bool) -> Any:
@@ -81,10 +86,8 @@ def run(spec: SpecSource, *, set: Mapping[str, Any] | None = None, tracking_uri:
     _prepare_process(address)
     from labfleet.orchestration.commands import execute
     from labfleet.orchestration.session import Planned
-    from labfleet.spec.loading import resolve_spec_data
 
-    data, path, doc = _document(spec, set)
-    resolved = resolve_spec_data(data, str(path), doc)
+    _, path, resolved = _resolve(spec, set)
     outcome = execute([Planned(resolved, path)], source=str(path), cli_tracking_uri=tracking_uri, address=address,
                       console=_console(quiet), quiet=quiet, fresh=fresh,
                       tensorboard=Path(tensorboard) if tensorboard else None)
@@ -116,10 +119,8 @@ def sweep(spec: SpecSource, *, set: Mapping[str, Any] | None = None, n_trials: i
     `optuna.load_study(study_name=..., storage=...)` reads the study itself."""
     _prepare_process(address)
     from labfleet.orchestration.commands import execute_sweep
-    from labfleet.spec.loading import resolve_spec_data
 
-    data, path, doc = _document(spec, set)
-    resolved = resolve_spec_data(data, str(path), doc)
+    data, path, resolved = _resolve(spec, set)
     outcome = execute_sweep(data, resolved, path, storage=storage, n_trials=n_trials, cli_tracking_uri=tracking_uri,
                             address=address, console=_console(quiet), quiet=quiet,
                             tensorboard=Path(tensorboard) if tensorboard else None)

@@ -236,7 +236,7 @@ def validate(
     set_: SetOption = None,
 ) -> None:
     """Check specs and suites; print one line per problem (FILE: field.path: what is wrong) and exit 2."""
-    from labfleet.spec.loading import apply_overrides, from_set, is_suite, load_suite, read_yaml, resolve_spec_data
+    from labfleet.spec.loading import is_suite, load_suite, read_yaml, resolve_document
 
     problems: list[Problem] = []
     with bad_input_exits_2():
@@ -251,8 +251,7 @@ def validate(
                 trainer_round_trips(checked)
                 typer.echo(f"ok: {path} (suite {suite.name}: {len(entries)} experiments)")
             else:
-                data = apply_overrides(doc.data, overrides)
-                spec = resolve_spec_data(data, doc.source, from_set(doc, overrides))
+                data, spec = resolve_document(doc, overrides)
                 static_checks(None, doc.source, [(data, spec, doc.source)])
                 trainer_round_trips([(data, spec, doc.source)])
                 target = spec.env or spec.dataset or "its own data"
@@ -311,13 +310,10 @@ def sweep(
     local_ray_on_loopback(address)
     console = starting(spec, quiet)
     from labfleet.orchestration.commands import execute_sweep
-    from labfleet.spec.loading import apply_overrides, from_set, read_yaml, resolve_spec_data
+    from labfleet.spec.loading import read_yaml, resolve_document
 
     with bad_input_exits_2(), store_failures_exit_1():
-        overrides = _overrides(set_)
-        doc = from_set(read_yaml(spec), overrides)
-        data = apply_overrides(doc.data, overrides)
-        resolved = resolve_spec_data(data, doc.source, doc)
+        data, resolved = resolve_document(read_yaml(spec), _overrides(set_))
         code = execute_sweep(data, resolved, spec, storage=storage, n_trials=n_trials, cli_tracking_uri=tracking_uri,
                              address=address, console=console, quiet=quiet, tensorboard=tensorboard,
                              in_process=in_process).code

@@ -107,14 +107,7 @@ def _refuse_credentials(tracking_uri: str | None, overrides: list[str]) -> None:
 def plan_submission(path: Path, overrides: list[str], tracking_uri: str | None, sweep: bool, python: str,
                     n_trials: int | None = None) -> tuple[str, str, Path]:
     """(command kind, entrypoint, working directory), after every local check of the file."""
-    from labfleet.spec.loading import (
-        apply_overrides,
-        from_set,
-        load_suite,
-        parse_set_options,
-        read_yaml,
-        resolve_spec_data,
-    )
+    from labfleet.spec.loading import load_suite, parse_set_options, read_yaml, resolve_document
 
     _refuse_credentials(tracking_uri, overrides)
     doc = read_yaml(path)
@@ -129,7 +122,7 @@ def plan_submission(path: Path, overrides: list[str], tracking_uri: str | None, 
                 raise SpecError([Problem(str(path), "experiments", f"{spec_path} is outside {workdir}: a submitted "
                                          "suite ships its own directory, so its specs must lie under it")])
     else:
-        resolved = resolve_spec_data(apply_overrides(doc.data, parsed), doc.source, from_set(doc, parsed))
+        _, resolved = resolve_document(doc, parsed)
         if kind == "sweep" and resolved.sweep is None:
             raise SpecError([Problem(str(path), "sweep", "--sweep needs a `sweep:` section")])
     args = [python, "-m", "labfleet", kind, path.name, "--quiet"]

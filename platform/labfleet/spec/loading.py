@@ -382,10 +382,18 @@ def _hparams_problems(data: dict, hparams_raw: Any, source: str, doc: YamlDocume
     return []
 
 
+def resolve_document(doc: YamlDocument, overrides: dict[str, Any] | None = None, check_env: bool = True,
+                     set_source: str = "--set") -> tuple[dict[str, Any], ExperimentSpec]:
+    """A read spec file with its overrides: (the data with the overrides applied, the resolved spec). The one
+    way from a file to a spec (`load_spec`, the commands, the Python API, submissions); problems with an
+    override say that it came from `set_source`."""
+    doc = from_set(doc, overrides or {})
+    data = apply_overrides(doc.data, overrides or {}, source=set_source)
+    return data, resolve_spec_data(data, doc.source, doc, check_env=check_env)
+
+
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, check_env: bool = True) -> ExperimentSpec:
-    doc = from_set(read_yaml(path), overrides or {})
-    data = apply_overrides(doc.data, overrides or {})
-    return resolve_spec_data(data, doc.source, doc, check_env=check_env)
+    return resolve_document(read_yaml(path), overrides, check_env)[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,10 +429,10 @@ def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> tup
                                     f"no such file: {spec_path}" + doc.where(("experiments", i, "spec"))))
             continue
         try:
-            spec_doc = from_set(read_yaml(spec_path), overrides or {})
-            data = apply_overrides(spec_doc.data, entry.set, source=f"{doc.source}: experiments.{i}.set")
-            data = apply_overrides(data, overrides or {})
-            resolved = resolve_spec_data(data, spec_doc.source, spec_doc)
+            spec_doc = read_yaml(spec_path)
+            spec_doc = dataclasses.replace(spec_doc, data=apply_overrides(
+                spec_doc.data, entry.set, source=f"{doc.source}: experiments.{i}.set"))  # the entry's own, first
+            data, resolved = resolve_document(spec_doc, overrides)
             if entry.sweep and resolved.sweep is None:
                 problems.append(Problem(doc.source, f"experiments.{i}.sweep",
                                         f"{spec_path.name} has no `sweep:` section to run as a sweep"))

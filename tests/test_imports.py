@@ -104,3 +104,27 @@ def test_the_cli_starts_without_mlflow_ray_or_optuna():
             "print(sorted(m for m in ('mlflow', 'ray', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+# What a `Tracker` writes (its lifecycle, `commit`, `drain`, `close`, `close_open_runs`, belongs to the session)
+TRACKER_WRITES = {"start_run", "reopen_run", "log_params", "set_tags", "queue_tags", "log_metrics", "flush",
+                  "log_bytes", "log_yaml", "end_run", "after_writes"}
+
+
+def test_only_the_recorder_writes_the_run_hierarchy():
+    """Listeners and commands decide; `MlflowRecorder` writes: no other module of the driver calls a
+    tracker's writes (docs/architecture.md, "The driver core")."""
+    homes = {PACKAGE / "orchestration" / "recorder.py", *(PACKAGE / "tracking").glob("*.py")}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path in homes:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in TRACKER_WRITES:
+                owner = node.func.value
+                name = owner.id if isinstance(owner, ast.Name) \
+                    else owner.attr if isinstance(owner, ast.Attribute) else ""
+                if name == "tracker":
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: tracker.{node.func.attr}")
+    assert not found, "write through MlflowRecorder:\n" + "\n".join(found)

@@ -35,7 +35,6 @@ from labfleet.orchestration.sweep_view import TrialBoard, best_line, leaderboard
 from labfleet.spec.loading import apply_overrides
 from labfleet.spec.models import ExperimentSpec, SuiteSpec, SweepConfig
 from labfleet.tracking import tags as tag
-from labfleet.tracking.heartbeat import live_owner
 from labfleet.tracking.studies import DEFAULT_STORAGE, storage_open_problem
 from labfleet.tracking.uri import DEFAULT_TRACKING_URI, redact_uri, resolve_tracking_uri
 
@@ -94,7 +93,7 @@ def execute(planned: list[Planned], *, source: str, cli_tracking_uri: str | None
     if suite_run_id is not None:
         error = "; ".join([f"{r.label}: {r.status}" for r in failed] + [f"{failed_sweeps} sweep(s) with failed trials"]
                           * bool(failed_sweeps))
-        tracker.end_run(suite_run_id, "FAILED" if failed or failed_sweeps else "FINISHED", error or None)
+        session.recorder.end(suite_run_id, "FAILED" if failed or failed_sweeps else "FINISHED", error or None)
     tracker.close()  # every queued write is in the store before the summary says where the runs are
     target = suite.name if suite else (runners[0].experiment if runners else "")
     _print_summary(console, session, runners, uri, quiet, target)
@@ -267,26 +266,27 @@ def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec
 
 def _finish_sweep(searcher: OptunaSearcher, session: DriverSession, quiet: bool) -> int:
     study, sweep, tracker, sweep_run = searcher.study, searcher.sweep, session.tracker, searcher.sweep_run
+    recorder = session.recorder
     console = session.console
     tracker.drain()  # the tells queued behind their trials' records are in the study
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete and sweep.multi_objective:
-        log_pareto_front(study, sweep, tracker, sweep_run)
+        log_pareto_front(study, sweep, recorder, sweep_run)
     elif complete:
         best = study.best_trial
         # Another driver of the study may have logged the same step already (each step once: ARCHITECTURE 5)
-        if len(trials) not in {m.step for m in tracker.client.get_metric_history(sweep_run, "best_value")}:
-            tracker.log_metrics(sweep_run, {"best_value": float(best.value or 0.0)}, len(trials))
-        tracker.set_tags(sweep_run, {"best.trial_number": str(best.number),
-                                     **{f"best.{k}": str(v) for k, v in best.params.items()}})
+        if len(trials) not in recorder.metric_steps(sweep_run, "best_value"):
+            recorder.run_metrics(sweep_run, {"best_value": float(best.value or 0.0)}, len(trials))
+        recorder.run_tags(sweep_run, {"best.trial_number": str(best.number),
+                                      **{f"best.{k}": str(v) for k, v in best.params.items()}})
     failed_now = [t for t in trials if t.state == TrialState.FAIL and t.number in searcher.asked]
     streak = searcher.streak
-    if live_owner(tracker.client.get_run(sweep_run)) is None:  # else another driver of the study ends it
+    if recorder.run_owner(sweep_run) is None:  # else another driver of the study ends it
         # FAILED when the sweep stopped because its trials fail; FINISHED when it ran to its end (some trials
         # may have failed among the others: the command's exit code says so)
-        tracker.end_run(sweep_run, "FAILED" if streak.stopped else "FINISHED",
-                        f"stopped: {streak.last.strip()[-500:]}" if streak.stopped else None)
+        recorder.end(sweep_run, "FAILED" if streak.stopped else "FINISHED",
+                     f"stopped: {streak.last.strip()[-500:]}" if streak.stopped else None)
     tracker.drain()  # every queued write is in the store before the summary says where the runs are
     if not quiet:
         console.print(leaderboard(study, sweep))

@@ -109,7 +109,6 @@ class PopulationBasedTraining:
                  lineage: list[dict[str, Any]] | None = None):
         self.config, self.sweep, self.population = config, sweep, population
         self.build_spec, self.recorder, self.sweep_run = build_spec, recorder, sweep_run
-        self.tracker = recorder.tracker
         self.rng = random.Random(config.seed)
         self.sign = 1.0 if sweep.direction == "maximize" else -1.0
         self.members: dict[TrialRunner, Member] = {}
@@ -206,7 +205,7 @@ class PopulationBasedTraining:
         member.values = values
         self.lineage.append({"step": step, "from_trial": donor.number, "to_trial": member.number,
                              "from_score": donor.score, "to_score": member.score, "old": old, "new": new})
-        self.tracker.log_bytes(self.sweep_run, LINEAGE, json.dumps(self.lineage, indent=2).encode())
+        self.recorder.run_artifact(self.sweep_run, LINEAGE, json.dumps(self.lineage, indent=2).encode())
         if self.on_exploit is not None:
             self.on_exploit(self.lineage[-1])
         if member.trial is not None:
@@ -217,6 +216,4 @@ class PopulationBasedTraining:
         numeric = {schedule_metric(path): float(value) for path, value in self._mutable(member.values).items()
                    if isinstance(value, int | float) and not isinstance(value, bool)}
         if numeric:
-            run_id = self.recorder.trial_run_id(member.runner)
-            self.tracker.log_metrics(run_id, numeric, step)
-            self.tracker.flush(run_id)
+            self.recorder.trial_metrics(member.runner, numeric, step, now=True)

@@ -419,6 +419,54 @@ class MlflowRecorder:
                 tracker.queue_tags(run.info.run_id, {tag.TRIAL_STATE: state})
                 tracker.end_run(run.info.run_id, status)
 
+    # --- what sweeps, schedulers and commands add to the record (they decide; the recorder writes) ----
+    def after_record(self, function: Any, *args: Any, **kwargs: Any) -> None:
+        """Call `function` once everything recorded so far is in the store, off the driver's path (a sweep
+        tells Optuna this way: the MLflow record first)."""
+        self.tracker.after_writes(function, *args, **kwargs)
+
+    def trial_state(self, trial: TrialRunner, state: str, seeds: bool = True) -> None:
+        """The Optuna state of a sweep's trial (`optuna.state`) on its trial run and, with `seeds`, its seed runs."""
+        run_ids = self.run_ids(trial) if seeds else [self.trial_run_id(trial)]
+        for run_id in run_ids:
+            self.tracker.set_tags(run_id, {tag.TRIAL_STATE: state})
+
+    def trial_metrics(self, trial: TrialRunner, values: dict[str, float], step: int, now: bool = False) -> None:
+        """Metrics of the trial run that its seeds do not give (a sweep's intermediate objective, a PBT
+        schedule's values); with `now`, written before anything queued after them."""
+        run_id = self.trial_run_id(trial)
+        self.tracker.log_metrics(run_id, values, step)
+        if now:
+            self.tracker.flush(run_id)
+
+    def fail_trial(self, trial: TrialRunner, error: str) -> None:
+        """End the trial run FAILED (its seeds trained, but its result cannot count)."""
+        self.tracker.end_run(self.trial_run_id(trial), "FAILED", error)
+
+    def run_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+        """Metrics of a sweep run (the objective over trials, the best value)."""
+        self.tracker.log_metrics(run_id, values, step)
+
+    def run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.tracker.set_tags(run_id, tags)
+
+    def run_artifact(self, run_id: str, path: str, data: bytes) -> None:
+        """A file of a sweep run (the PBT lineage, the Pareto front)."""
+        self.tracker.log_bytes(run_id, path, data)
+
+    def metric_steps(self, run_id: str, metric: str) -> set[int]:
+        """The steps a run's metric has in the store (what another driver logged included)."""
+        self.tracker.drain()
+        return {m.step for m in self.tracker.client.get_metric_history(run_id, metric)}
+
+    def run_owner(self, run_id: str) -> str | None:
+        """The live driver writing the run, or None (`heartbeat.live_owner`)."""
+        return live_owner(self.tracker.client.get_run(run_id))
+
+    def end(self, run_id: str, status: str, error: str | None = None) -> None:
+        """End a suite or sweep run."""
+        self.tracker.end_run(run_id, status, error)
+
 
 def _task_tag(spec: Any) -> dict[str, str]:
     """`labfleet.env` or `labfleet.dataset`; none for your own code that names neither."""

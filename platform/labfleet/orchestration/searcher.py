@@ -296,8 +296,8 @@ class OptunaSearcher:
         match event:
             case TrialStarted(trial=runner) if runner in self.active:
                 # in the writer thread, off the driver's path (`recover` reads it only after a dead driver)
-                self.tracker.after_writes(self.active[runner].trial.set_user_attr, "mlflow_run_id",
-                                          self.recorder.trial_run_id(runner))
+                self.recorder.after_record(self.active[runner].trial.set_user_attr, "mlflow_run_id",
+                                           self.recorder.trial_run_id(runner))
             case Evaluation(trial=runner, values=values) if runner in self.active:
                 active = self.active[runner]
                 # your own code names its metrics only as it reports them (a built-in's are checked at
@@ -332,13 +332,12 @@ class OptunaSearcher:
         """Report every new evaluation step, in order (the pruner sees the same sequence whether results
         come one chunk at a time or many in one). A multi-objective study takes no intermediate values
         (Optuna cannot prune it); MLflow still gets them."""
-        run_id = self.recorder.trial_run_id(active.runner)
         decision = None
         for step, value in active.runner.eval_means(self.metric).items():
             if step <= active.reported:
                 continue
             active.reported, active.latest = step, value
-            self.tracker.log_metrics(run_id, {f"intermediate/{self.metric}": value}, step)
+            self.recorder.trial_metrics(active.runner, {f"intermediate/{self.metric}": value}, step)
             if self.sweep.multi_objective:
                 continue
             active.trial.report(value, step)
@@ -352,7 +351,7 @@ class OptunaSearcher:
         runner, trial = active.runner, active.trial
         if event.status == Status.KILLED:  # Ctrl-C: `interrupted` tells the study
             if self.recorder.has_run(runner):  # (Ctrl-C may come while its run is being created)
-                self.tracker.set_tags(self.recorder.trial_run_id(runner), {tag.TRIAL_STATE: "FAIL"})
+                self.recorder.trial_state(runner, "FAIL", seeds=False)
             return
         if event.reason == DRIVER_ERROR:  # the driver is failing: no record can be trusted to be written
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -390,7 +389,7 @@ class OptunaSearcher:
         if not missing:
             return TrialState.COMPLETE, values if self.sweep.multi_objective else values[0]
         active.error = f"the trial's final evaluation has no {', '.join(map(repr, missing))}"
-        self.tracker.end_run(self.recorder.trial_run_id(runner), "FAILED", active.error)
+        self.recorder.fail_trial(runner, active.error)
         return TrialState.FAIL, None
 
     def tell(self, active: ActiveTrial, state: TrialState, value: Any = None) -> None:
@@ -398,19 +397,18 @@ class OptunaSearcher:
         `optuna.state` tag) is written: a driver killed in between leaves a trial that `recover` fails and
         runs again, never a COMPLETE trial whose MLflow record was lost with the writer's queue. The tell
         is queued behind those writes (the writer thread makes it), so the driver does not wait for them."""
-        for run_id in self.recorder.run_ids(active.runner):
-            self.tracker.set_tags(run_id, {tag.TRIAL_STATE: state.name})
+        self.recorder.trial_state(active.runner, state.name)
         with self._untold_lock:
             self.untold += 1
         if state == TrialState.COMPLETE:
             # the sweep run's curve of the objective over trials (its chart in MLflow), one step per trial number
             values = value if isinstance(value, list) else [value]
-            self.tracker.log_metrics(self.sweep_run, {f"{OBJECTIVE_PREFIX}{metric}": float(v) for (metric, _), v
-                                                      in zip(self.sweep.objectives, values, strict=True)},
-                                     active.trial.number)
-            self.tracker.after_writes(self._told, active.trial, value)
+            self.recorder.run_metrics(self.sweep_run, {f"{OBJECTIVE_PREFIX}{metric}": float(v) for (metric, _), v
+                                                       in zip(self.sweep.objectives, values, strict=True)},
+                                      active.trial.number)
+            self.recorder.after_record(self._told, active.trial, value)
         else:
-            self.tracker.after_writes(self._told, active.trial, state=state)
+            self.recorder.after_record(self._told, active.trial, state=state)
 
     def _told(self, trial: optuna.Trial, *args: Any, **kwargs: Any) -> None:
         """The tell itself, in the writer thread once the trial's record is written."""

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from rich.table import Table
 
 from labfleet.orchestration.progress import ProgressBoard
 from labfleet.spec.models import SweepConfig
-from labfleet.tracking.runs import Tracker
+
+if TYPE_CHECKING:
+    from labfleet.orchestration.recorder import MlflowRecorder
 
 TrialState = optuna.trial.TrialState
 
@@ -76,18 +78,18 @@ class TrialBoard:
         self.board.note(f"trial {number} {state.name}: {what} [{shown}]{best}")
 
 
-def log_pareto_front(study: optuna.Study, sweep: SweepConfig, tracker: Tracker, sweep_run: str) -> None:
+def log_pareto_front(study: optuna.Study, sweep: SweepConfig, recorder: MlflowRecorder, sweep_run: str) -> None:
     """The Pareto-optimal trials on the sweep run: a tag with their numbers, `pareto_front.json` (values
     and params of each) and, for two objectives, a plot of every complete trial with the front marked."""
     front = sorted(study.best_trials, key=lambda t: t.number)
     names = [m for m, _ in sweep.objectives]
-    tracker.set_tags(sweep_run, {"pareto.trials": ",".join(str(t.number) for t in front),
-                                 "pareto.size": str(len(front))})
+    recorder.run_tags(sweep_run, {"pareto.trials": ",".join(str(t.number) for t in front),
+                                  "pareto.size": str(len(front))})
     rows = [{"trial": t.number, "values": dict(zip(names, t.values, strict=True)), "params": t.params,
              "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in front]
-    tracker.log_bytes(sweep_run, "pareto_front.json", json.dumps(rows, indent=2).encode())
+    recorder.run_artifact(sweep_run, "pareto_front.json", json.dumps(rows, indent=2).encode())
     if len(names) == 2:
-        tracker.log_bytes(sweep_run, "pareto_front.png", _pareto_png(study, names, {t.number for t in front}))
+        recorder.run_artifact(sweep_run, "pareto_front.png", _pareto_png(study, names, {t.number for t in front}))
 
 
 def _pareto_png(study: optuna.Study, names: list[str], front: set[int]) -> bytes:

@@ -308,7 +308,8 @@ def test_searcher_tells_the_mean_of_the_final_values(tmp_path: Path):
         state.status, state.final = Status.FINISHED, {"eval/return_mean": final}
         runner.emit(SeedEnded(runner, seed, Status.FINISHED, state.final))
     runner.status = Status.FINISHED
-    runner.emit(TrialEnded(runner, Status.FINISHED, {"eval/return_mean": 0.6}, 40))
+    runner.emit(TrialEnded(runner, Status.FINISHED, {"eval/return_mean": 0.6}, 40,
+                           finals={0: {"eval/return_mean": 0.5}, 1: {"eval/return_mean": 0.7}}))
     assert searcher.finished == 1 and not searcher.active
     assert runner not in searcher.recorder.trials  # a told trial is let go (a long sweep's memory stays flat)
     tracker.close()
@@ -326,7 +327,7 @@ def test_searcher_fails_a_finished_trial_without_its_objective(tmp_path: Path):
         runner.seeds[seed].status, runner.seeds[seed].final = Status.FINISHED, {"eval/other": 1.0}
         runner.emit(SeedEnded(runner, seed, Status.FINISHED, {"eval/other": 1.0}))
     runner.status = Status.FINISHED
-    runner.emit(TrialEnded(runner, Status.FINISHED, {}, 40))
+    runner.emit(TrialEnded(runner, Status.FINISHED, {}, 40, finals={0: {"eval/other": 1.0}, 1: {"eval/other": 1.0}}))
     tracker.close()
     (trial,) = optuna.load_study(study_name="s", storage=storage).trials
     assert trial.state == optuna.trial.TrialState.FAIL and "eval/return_mean" in trial.user_attrs["error"]
@@ -347,7 +348,8 @@ def test_searcher_asks_no_new_trial_while_max_parallel_ended_trials_wait_for_the
         state.status, state.final = Status.FINISHED, {"eval/return_mean": 0.5}
         runner.emit(SeedEnded(runner, seed, Status.FINISHED, state.final))
     runner.status = Status.FINISHED
-    runner.emit(TrialEnded(runner, Status.FINISHED, {"eval/return_mean": 0.5}, 40))
+    runner.emit(TrialEnded(runner, Status.FINISHED, {"eval/return_mean": 0.5}, 40,
+                           finals={seed: {"eval/return_mean": 0.5} for seed in runner.spec.seeds}))
     assert searcher.untold == 1 and not searcher.active
     threading.Timer(0.5, release.set).start()
     start = time.monotonic()

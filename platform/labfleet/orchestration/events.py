@@ -159,7 +159,9 @@ class SeedEnded:
 @dataclass(frozen=True)
 class TrialEnded:
     """Every seed has ended. `metrics`: the mean and std over the finished seeds of each final eval/*
-    value, at `step` (ARCHITECTURE section 6). `reason`: why a scheduler stopped it (e.g. "pruned")."""
+    value, at `step` (ARCHITECTURE section 6). `reason`: why a scheduler stopped it (e.g. "pruned").
+    `finals` and `errors`: each seed's final eval/* values (None without a final evaluation) and each
+    failed seed's error, for listeners that judge the trial by its seeds (a sweep's objective)."""
 
     trial: TrialRunner
     status: Status
@@ -167,6 +169,8 @@ class TrialEnded:
     step: int
     error: str | None = None
     reason: str = ""
+    finals: dict[int, dict[str, float] | None] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 Event = (TrialStarted | SeedStarted | SeedRestored | SeedPlaced | SeedRetried | ChunkResult | Evaluation

@@ -466,6 +466,11 @@ class TrialRunner:
     def done(self) -> bool:
         return self.status.ended
 
+    def _seed_ends(self) -> dict[str, Any]:
+        """`TrialEnded.finals` and `.errors`."""
+        return {"finals": {s.seed: s.final for s in self.seeds.values()},
+                "errors": {s.seed: s.error for s in self.seeds.values() if s.error}}
+
     def _maybe_finish_trial(self) -> None:
         if self.done or any(not s.status.ended for s in self.seeds.values()):
             return
@@ -474,7 +479,7 @@ class TrialRunner:
         failed = [s for s in self.seeds.values() if s.status == Status.FAILED]
         self.status = Status.FAILED if failed else Status.FINISHED
         error = "; ".join(f"seed {s.seed}: {(s.error or '').strip().splitlines()[-1][:300]}" for s in failed)
-        self.emit(TrialEnded(self, self.status, aggregate_finals(finals), step, error or None))
+        self.emit(TrialEnded(self, self.status, aggregate_finals(finals), step, error or None, **self._seed_ends()))
 
     def eval_means(self, metric: str) -> dict[int, float]:
         """{metric step: mean over the running or finished seeds} for the steps every such seed has
@@ -494,7 +499,7 @@ class TrialRunner:
         if not self.done and self.status != Status.PENDING:
             self.status, self.stop_reason = status, reason
             self.emit(TrialEnded(self, status, {}, max((s.progress for s in self.seeds.values()), default=0),
-                                 reason=reason))
+                                 reason=reason, **self._seed_ends()))
         if release:
             self.release()
 

@@ -360,11 +360,11 @@ class OptunaSearcher:
         if event.reason == PRUNED:
             state, value = TrialState.PRUNED, active.latest
         elif event.status == Status.FINISHED:
-            state, value = self._objective(active)
+            state, value = self._objective(active, event)
         else:
             state = TrialState.FAIL
-            active.error = active.error or "; ".join(f"seed {s.seed}: {s.error}" for s in runner.seeds.values()
-                                                     if s.error)[-4000:] or event.reason or str(event.status)
+            active.error = active.error or "; ".join(f"seed {seed}: {error}" for seed, error in event.errors.items()
+                                                     )[-4000:] or event.reason or str(event.status)
         if state == TrialState.FAIL:
             trial.set_user_attr("error", active.error)
         self.tell(active, state, value)
@@ -374,22 +374,21 @@ class OptunaSearcher:
         self.finished += state in (TrialState.COMPLETE, TrialState.PRUNED)
         self.recorder.forget(runner)  # a long sweep's driver holds its running trials, not every one it ran
 
-    def _objective(self, active: ActiveTrial) -> tuple[TrialState, Any]:
+    def _objective(self, active: ActiveTrial, event: TrialEnded) -> tuple[TrialState, Any]:
         """A finished trial's state and value: the mean over its seeds of each objective's final evaluation,
         or FAIL where a seed's final evaluation lacks one (its seeds trained, but the trial cannot count: its
         run ends FAILED)."""
-        runner = active.runner
         values, missing = [], []
         for metric, _ in self.sweep.objectives:
-            finals = [s.final[metric] for s in runner.seeds.values() if s.final and metric in s.final]
-            if len(finals) == len(runner.seeds):
+            finals = [final[metric] for final in event.finals.values() if final and metric in final]
+            if finals and len(finals) == len(event.finals):
                 values.append(sum(finals) / len(finals))
             else:
                 missing.append(metric)
         if not missing:
             return TrialState.COMPLETE, values if self.sweep.multi_objective else values[0]
         active.error = f"the trial's final evaluation has no {', '.join(map(repr, missing))}"
-        self.recorder.fail_trial(runner, active.error)
+        self.recorder.fail_trial(active.runner, active.error)
         return TrialState.FAIL, None
 
     def tell(self, active: ActiveTrial, state: TrialState, value: Any = None) -> None:

@@ -21,7 +21,8 @@ from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from labfleet.orchestration.runner import TrialRunner
+    from labfleet.algorithms.info import AlgorithmInfo
+    from labfleet.spec.models import ExperimentSpec
 
 
 class Status(StrEnum):
@@ -67,11 +68,32 @@ class SeedRecord:
     evals: dict[int, dict[str, float]] = field(default_factory=dict)  # metric step -> the eval/* values logged
 
 
+@dataclass
+class TrialMeta:
+    """What the record of a trial says about it besides its spec (read by the recorder, not the runner)."""
+
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  # a sweep's sampled values, else the whole spec
+    spec_dir: str = "."  # for the git commit of the code that ran
+
+
+class Trial(Protocol):
+    """What a listener may read of the trial an event is about (a `TrialRunner`; listeners keep their own
+    state per trial, keyed by it)."""
+
+    spec: ExperimentSpec
+    info: AlgorithmInfo
+    experiment: str  # the MLflow experiment
+    label: str  # its name in the bars and the record
+    meta: TrialMeta
+
+
 # --- events ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TrialStarted:
-    trial: TrialRunner
+    trial: Trial
     resumed: bool = False  # continuing what an earlier driver left (its records were given to `resume`)
 
 
@@ -79,7 +101,7 @@ class TrialStarted:
 class SeedStarted:
     """A seed joins the trial: its first launch, or (with `record`) a seed an earlier driver left unfinished."""
 
-    trial: TrialRunner
+    trial: Trial
     seed: int
     total: int
     record: SeedRecord | None = None
@@ -89,7 +111,7 @@ class SeedStarted:
 class SeedRestored:
     """A seed that an earlier driver finished: it stays finished."""
 
-    trial: TrialRunner
+    trial: Trial
     seed: int
     record: SeedRecord
 
@@ -98,14 +120,14 @@ class SeedRestored:
 class SeedPlaced:
     """The seed's actor runs here (after every launch: a retried seed may move to another node)."""
 
-    trial: TrialRunner
+    trial: Trial
     seed: int
     where: dict[str, str]
 
 
 @dataclass(frozen=True)
 class SeedRetried:
-    trial: TrialRunner
+    trial: Trial
     seed: int
     retries: int
     error: str
@@ -116,7 +138,7 @@ class ChunkResult:
     """One chunk of training came back. `records` hold only steps not delivered before (exactly once);
     `checkpoint` is a new checkpoint to keep durable (None when the chunk made none, or ended the seed)."""
 
-    trial: TrialRunner
+    trial: Trial
     seed: int
     records: list[tuple[int, dict[str, float]]]
     artifacts: dict[str, bytes]
@@ -131,7 +153,7 @@ class ChunkResult:
 class Evaluation:
     """A new evaluation step of one seed (`values`: its eval/* metrics), in step order."""
 
-    trial: TrialRunner
+    trial: Trial
     seed: int
     step: int
     values: dict[str, float]
@@ -141,14 +163,14 @@ class Evaluation:
 class SeedPaused:
     """A seed holds (a listener answered PAUSE) until `TrialRunner.resume_seed` or `suspend`/`unsuspend`."""
 
-    trial: TrialRunner
+    trial: Trial
     seed: int
     progress: int
 
 
 @dataclass(frozen=True)
 class SeedEnded:
-    trial: TrialRunner
+    trial: Trial
     seed: int
     status: Status
     final: dict[str, float] | None = None
@@ -163,7 +185,7 @@ class TrialEnded:
     `finals` and `errors`: each seed's final eval/* values (None without a final evaluation) and each
     failed seed's error, for listeners that judge the trial by its seeds (a sweep's objective)."""
 
-    trial: TrialRunner
+    trial: Trial
     status: Status
     metrics: dict[str, float]
     step: int

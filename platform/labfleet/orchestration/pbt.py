@@ -36,6 +36,7 @@ from labfleet.orchestration.events import (
     Event,
     SeedPaused,
     Status,
+    Trial,
     TrialEnded,
     TrialStarted,
 )
@@ -111,7 +112,7 @@ class PopulationBasedTraining:
         self.build_spec, self.recorder, self.sweep_run = build_spec, recorder, sweep_run
         self.rng = random.Random(config.seed)
         self.sign = 1.0 if sweep.direction == "maximize" else -1.0
-        self.members: dict[TrialRunner, Member] = {}
+        self.members: dict[Trial, Member] = {}  # by runner
         self.waiting: list[Member] = []  # suspended at a perturbation point, waiting for their turn
         self.lineage: list[dict[str, Any]] = list(lineage or [])
         self.on_exploit: Callable[[dict[str, Any]], None] | None = None  # told each lineage entry (the display)

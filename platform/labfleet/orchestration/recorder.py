@@ -32,10 +32,11 @@ from labfleet.orchestration.events import (
     SeedRetried,
     SeedStarted,
     Status,
+    Trial,
     TrialEnded,
     TrialStarted,
 )
-from labfleet.orchestration.runner import TrialRunner, config_hash, shared_step_means
+from labfleet.orchestration.runner import config_hash, shared_step_means
 from labfleet.tracking import queries as Q
 from labfleet.tracking import tags as tag
 from labfleet.tracking.heartbeat import live_owner
@@ -85,25 +86,25 @@ def placement_tags(where: dict[str, str]) -> dict[str, str]:
 class MlflowRecorder:
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
-        self.trials: dict[TrialRunner, _Trial] = {}
+        self.trials: dict[Trial, _Trial] = {}
         self.notes: list[str] = []  # what the driver should tell the user about the runs it took back
 
     # --- what the rest of the driver asks --------------------------------------------------------
-    def has_run(self, trial: TrialRunner) -> bool:
+    def has_run(self, trial: Trial) -> bool:
         """Whether the trial's run exists (not when Ctrl-C came while it was being created)."""
         return trial in self.trials
 
-    def trial_run_id(self, trial: TrialRunner) -> str:
+    def trial_run_id(self, trial: Trial) -> str:
         return self.trials[trial].run_id
 
-    def seed_run_id(self, trial: TrialRunner, seed: int) -> str:
+    def seed_run_id(self, trial: Trial, seed: int) -> str:
         return self.trials[trial].seeds[seed]
 
-    def run_name(self, trial: TrialRunner) -> str:
+    def run_name(self, trial: Trial) -> str:
         entry = self.trials.get(trial)
         return entry.run_name if entry else trial.label
 
-    def run_ids(self, trial: TrialRunner) -> list[str]:
+    def run_ids(self, trial: Trial) -> list[str]:
         """The trial run, then its seed runs."""
         entry = self.trials[trial]
         return [entry.run_id, *entry.seeds.values()]
@@ -112,7 +113,7 @@ class MlflowRecorder:
         notes, self.notes = self.notes, []
         return notes
 
-    def forget(self, trial: TrialRunner) -> None:
+    def forget(self, trial: Trial) -> None:
         """Let go of an ended trial whose runs nothing will write again (a sweep's told trial)."""
         self.trials.pop(trial, None)
 
@@ -167,7 +168,7 @@ class MlflowRecorder:
             self.tracker.log_metrics(run_id, finals, step)
         self.tracker.end_run(run_id, event.status, event.error)
 
-    def _history(self, trial: TrialRunner) -> None:
+    def _history(self, trial: Trial) -> None:
         """The trial run's curve of each eval/* metric: its mean over the seeds that have not failed at every
         step all of them have evaluated, logged once, in step order, as soon as the last seed reaches it."""
         entry = self.trials[trial]
@@ -227,7 +228,7 @@ class MlflowRecorder:
             tracker.flush(run_id)
             tracker.log_bytes(run_id, LATEST_CHECKPOINT, event.checkpoint)
 
-    def _start_trial(self, trial: TrialRunner) -> None:
+    def _start_trial(self, trial: Trial) -> None:
         spec, meta = trial.spec, trial.meta
         tags = {tag.ALGORITHM: spec.algorithm, tag.CONFIG_HASH: config_hash(spec), **_task_tag(spec),
                 **meta.tags, tag.LABEL: trial.label}
@@ -243,7 +244,7 @@ class MlflowRecorder:
                                         params_with_first_flush=bool(meta.params))
         self.trials[trial] = _Trial(run_id, name)
 
-    def _new_seed_run(self, trial: TrialRunner, seed: int) -> str:
+    def _new_seed_run(self, trial: Trial, seed: int) -> str:
         spec = trial.spec
         seed_spec = {**spec.model_dump(mode="json"), "seeds": [seed]}
         tags = {tag.ALGORITHM: spec.algorithm, tag.SEED: str(seed),
@@ -260,14 +261,14 @@ class MlflowRecorder:
         return run_id
 
     # --- queries --------------------------------------------------------------------------------
-    def distinct_name(self, trial: TrialRunner) -> str:
+    def distinct_name(self, trial: Trial) -> str:
         """The label, or "label #N" for the N-th trial run of this label in the experiment, so that reruns
         of a spec are told apart in the MLflow UI and in reports."""
         earlier = self.tracker.client.search_runs([self.tracker.experiment_id(trial.experiment)],
                                                   Q.trials_of_label(trial.label), max_results=10_000)
         return trial.label if not earlier else f"{trial.label} #{len(earlier) + 1}"
 
-    def unfinished(self, trial: TrialRunner) -> tuple[Any, dict[int, SeedRecord]] | None:
+    def unfinished(self, trial: Trial) -> tuple[Any, dict[int, SeedRecord]] | None:
         """The latest trial run of this configuration (same label, config hash, seeds and parent) when a
         driver left it RUNNING or KILLED, with a record of each of its seeds; None otherwise (a FINISHED
         one is never reopened). Found, it is the run that `trial.resume` continues."""
@@ -425,13 +426,13 @@ class MlflowRecorder:
         tells Optuna this way: the MLflow record first)."""
         self.tracker.after_writes(function, *args, **kwargs)
 
-    def trial_state(self, trial: TrialRunner, state: str, seeds: bool = True) -> None:
+    def trial_state(self, trial: Trial, state: str, seeds: bool = True) -> None:
         """The Optuna state of a sweep's trial (`optuna.state`) on its trial run and, with `seeds`, its seed runs."""
         run_ids = self.run_ids(trial) if seeds else [self.trial_run_id(trial)]
         for run_id in run_ids:
             self.tracker.set_tags(run_id, {tag.TRIAL_STATE: state})
 
-    def trial_metrics(self, trial: TrialRunner, values: dict[str, float], step: int, now: bool = False) -> None:
+    def trial_metrics(self, trial: Trial, values: dict[str, float], step: int, now: bool = False) -> None:
         """Metrics of the trial run that its seeds do not give (a sweep's intermediate objective, a PBT
         schedule's values); with `now`, written before anything queued after them."""
         run_id = self.trial_run_id(trial)
@@ -439,7 +440,7 @@ class MlflowRecorder:
         if now:
             self.tracker.flush(run_id)
 
-    def fail_trial(self, trial: TrialRunner, error: str) -> None:
+    def fail_trial(self, trial: Trial, error: str) -> None:
         """End the trial run FAILED (its seeds trained, but its result cannot count)."""
         self.tracker.end_run(self.trial_run_id(trial), "FAILED", error)
 

@@ -50,6 +50,7 @@ from labfleet.orchestration.events import (
     SeedStarted,
     Status,
     TrialEnded,
+    TrialMeta,
     TrialStarted,
 )
 from labfleet.orchestration.trial import TrialWorker, TrialWorkerGroup
@@ -163,16 +164,6 @@ class ActorPool:
                 self.backend.free(host.actor, host.group)
         self.idle.clear()
         self.waiting.clear()
-
-
-@dataclass
-class TrialMeta:
-    """What the record of a trial says about it besides its spec (read by the recorder, not the runner)."""
-
-    parent_run_id: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    params: dict[str, str] = field(default_factory=dict)  # a sweep's sampled values, else the whole spec
-    spec_dir: str = "."  # for the git commit of the code that ran
 
 
 @dataclass

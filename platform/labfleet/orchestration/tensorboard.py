@@ -13,8 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from labfleet.orchestration.events import ChunkResult, Event, SeedEnded
-from labfleet.orchestration.runner import TrialRunner
+from labfleet.orchestration.events import ChunkResult, Event, SeedEnded, Trial
 
 FLUSH_SECONDS = 5  # how stale the files may be while a seed trains (TensorBoard reloads every 5 s or so)
 
@@ -40,9 +39,9 @@ class TensorBoardListener:
         """`run_name(trial)`: the trial's MLflow run name (the recorder's; it runs before this listener)."""
         self.directory = Path(directory)
         self.run_name = run_name
-        self.writers: dict[tuple[TrialRunner, int], Any] = {}
+        self.writers: dict[tuple[Trial, int], Any] = {}
 
-    def seed_dir(self, trial: TrialRunner, seed: int) -> Path:
+    def seed_dir(self, trial: Trial, seed: int) -> Path:
         return self.directory / _safe(self.run_name(trial)) / f"seed={seed}"
 
     def handle(self, event: Event) -> None:
@@ -58,7 +57,7 @@ class TensorBoardListener:
                     writer.close()
         return None
 
-    def _writer(self, trial: TrialRunner, seed: int) -> Any:
+    def _writer(self, trial: Trial, seed: int) -> Any:
         key = (trial, seed)
         if key not in self.writers:
             from torch.utils.tensorboard import SummaryWriter

@@ -258,3 +258,29 @@ def test_killed_pbt_driver_resumes(tracking_uri, tmp_path: Path):
     assert not [r for r in client.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
     after = _lineage(client, "pbt-kill", tmp_path / "after")
     assert after[:len(before)] == before
+
+
+def test_every_scheduler_type_builds_and_pbt_takes_up_its_lineage(tracking_uri):
+    """`sweep.scheduler` by its type (orchestration/schedulers.py): each type a config can name has a
+    builder, and the PBT a resumed sweep builds goes on from the lineage its sweep run holds."""
+    import typing
+
+    from labfleet.orchestration.schedulers import SCHEDULERS, SchedulerContext, build_scheduler
+    from labfleet.spec.models import SchedulerConfig
+
+    assert set(typing.get_args(SchedulerConfig.model_fields["type"].annotation)) == set(SCHEDULERS)
+    tracker = Tracker(tracking_uri, background=True)
+    recorder = MlflowRecorder(tracker)
+    sweep_run = tracker.start_run("exp", "sweep", "pbt")
+    earlier = [{"step": 1024, "from_trial": 0, "to_trial": 3, "from_score": 400.0, "to_score": 10.0,
+                "old": {}, "new": {}}]
+    tracker.log_bytes(sweep_run, LINEAGE, json.dumps(earlier).encode())
+    config = PBTConfig(perturbation_interval=1024, mutations={"hparams.ent_coef": SPACES["float"]})
+    sweep = SweepConfig(n_trials=4, scheduler=config)
+    told: list = []
+    scheduler = build_scheduler(config, SchedulerContext(sweep, 4, lambda values: None, recorder, sweep_run,
+                                                         told.append))
+    assert isinstance(scheduler, PopulationBasedTraining)
+    assert scheduler.lineage == earlier and scheduler.on_exploit == told.append
+    assert set(scheduler.initial({})) == {"hparams.ent_coef"}  # a mutable value the space does not set
+    tracker.close()

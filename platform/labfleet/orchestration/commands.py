@@ -17,9 +17,9 @@ from rich.console import Console
 
 from labfleet.errors import Problem, SpecError, shown
 from labfleet.orchestration.events import SeedRecord, Status
-from labfleet.orchestration.pbt import LINEAGE, PopulationBasedTraining
 from labfleet.orchestration.progress import summary_table
 from labfleet.orchestration.runner import TrialMeta, TrialRunner, config_hash
+from labfleet.orchestration.schedulers import SchedulerContext, build_scheduler
 from labfleet.orchestration.searcher import OptunaSearcher, TrialState, recover
 from labfleet.orchestration.session import (
     EXIT_INTERRUPTED,
@@ -255,11 +255,9 @@ def run_sweep(session: DriverSession, data: dict[str, Any], spec: ExperimentSpec
                               TrialBoard(study, sweep, session.board))
     recover(study, session.recorder, experiment, sweep_run, searcher.adopt_running())
     if sweep.scheduler is not None:
-        lineage = session.recorder.read_json(sweep_run, LINEAGE) or []
-        searcher.scheduler = PopulationBasedTraining(sweep.scheduler, sweep, searcher.total - searcher.finished,
-                                                     searcher.build_spec, session.recorder, sweep_run, lineage)
-        if searcher.view is not None:
-            searcher.scheduler.on_exploit = searcher.view.exploited
+        searcher.scheduler = build_scheduler(sweep.scheduler, SchedulerContext(
+            sweep, searcher.total - searcher.finished, searcher.build_spec, session.recorder, sweep_run,
+            searcher.view.exploited if searcher.view is not None else None))
     session.drive(searcher)
     return _finish_sweep(searcher, session, quiet)
 

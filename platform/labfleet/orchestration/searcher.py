@@ -51,7 +51,7 @@ from labfleet.tracking import tags as tag
 from labfleet.tracking.heartbeat import driver_gone, last_beat, slurm_start
 
 if TYPE_CHECKING:
-    from labfleet.orchestration.pbt import PopulationBasedTraining
+    from labfleet.orchestration.schedulers import Scheduler
     from labfleet.orchestration.session import DriverSession
 
 TrialState = optuna.trial.TrialState
@@ -106,7 +106,7 @@ class OptunaSearcher:
         self.finished = finished_count(study)  # COMPLETE + PRUNED, counted here rather than read every loop
         self.finished_before = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
         self.streak = FailureStreak(sweep.max_consecutive_failures)
-        self.scheduler: PopulationBasedTraining | None = None  # PBT, when the sweep has one (set it before `more`)
+        self.scheduler: Scheduler | None = None  # `sweep.scheduler`'s, when it has one (set it before `more`)
         self.continuing: list[tuple[TrialRunner, dict[int, SeedRecord]]] = []  # see `adopt_running`
         self.untold = 0  # ended trials whose tell still waits behind their records in the writer thread
         # `sweep.share_actors`: the seeds of the trials asked together share actors of up to this many seeds

@@ -200,6 +200,11 @@ class PBTConfig(StrictModel):
     seed: int | None = Field(None, description="Seed of the scheduler's own choices.")
 
 
+# A sweep's scheduler's config: a model per scheduler, told apart by `type` (`orchestration/schedulers.py`
+# builds the scheduler from it). Population-based training is the one there is.
+SchedulerConfig = PBTConfig
+
+
 class SweepConfig(StrictModel):
     """Used by `labfleet sweep`: an Optuna study over paths of this spec."""
 
@@ -219,7 +224,8 @@ class SweepConfig(StrictModel):
     max_consecutive_failures: PositiveInt = Field(5, description="Stop asking for trials after this many "
                                                   "failed in a row: a sweep that cannot succeed ends (exit 1).")
     space: dict[str, ParamSpace] = Field(default_factory=dict)
-    scheduler: PBTConfig | None = Field(None, description="Population-based training (the pruner is not used).")
+    scheduler: SchedulerConfig | None = Field(None, description="A trial scheduler: population-based training "
+                                              "(the pruner is not used).")
     share_actors: bool = Field(False, description="Trials started together pack their seeds into shared trial "
                                "actors of up to resources.seeds_per_actor seeds, trained batched, each with its "
                                "own hyperparameters (PPO, A2C, REINFORCE, DQN, DDPG; the space may only hold "

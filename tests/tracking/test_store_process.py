@@ -139,3 +139,4 @@ def test_a_training_command_imports_no_mlflow_and_writes_the_whole_record(tmp_pa
     assert {r.info.status for r in runs} == {"FINISHED"}
     seed = next(r for r in runs if r.data.tags[tag.ROLE] == "seed")
     assert {a.path for a in client.list_artifacts(seed.info.run_id)} >= {"spec.yaml", "checkpoints"}
+

@@ -172,11 +172,9 @@ def sqlite_file_problem(path: Path, marker_table: str, what: str, lock_wait_s: f
         return None
     if not path.is_file():
         return f"{path} is not a file"
-    with open(path, "rb") as handle:
-        header = handle.read(100)
-    if not header:
+    if path.stat().st_size == 0:
         return None  # an empty file: SQLite makes a database of it
-    if (problem := _sqlite_header_problem(path, header, what)) is not None:
+    if (problem := _sqlite_header_problem(path, what, lock_wait_s)) is not None:
         return problem
     if (problem := _half_made_problem(path, marker_table, what, lock_wait_s)) is not None:
         return problem
@@ -225,16 +223,28 @@ def _tables(path: Path, what: str, lock_wait_s: float) -> set[str] | str:
         return f"{path} cannot be read as the {what}: {exc}"
 
 
-def _sqlite_header_problem(path: Path, header: bytes, what: str) -> str | None:
-    """The first 100 bytes of a SQLite file: its magic string, and the size it declares (sqlite.org/fileformat2)."""
-    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
-        return f"{path} is not a SQLite database (the {what} was expected there)"
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages, valid_for, changes = (int.from_bytes(header[i:i + 4], "big") for i in (28, 92, 24))
+def _sqlite_header_problem(path: Path, what: str, lock_wait_s: float) -> str | None:
+    """Whether the file is SQLite, and as long as the size its header declares (sqlite.org/fileformat2), read
+    through SQLite itself. Never with a plain `open()`: closing any descriptor of a database file drops every
+    POSIX lock this process holds on it (sqlite.org/howtocorrupt.html, 2.2), and an MLflow or Optuna
+    connection this process keeps to the same store (a notebook's, the Python API's reports) would then read
+    a write-ahead log that another process has already checkpointed and removed."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=lock_wait_s)) as db:
+            page_size, = db.execute("PRAGMA page_size").fetchone()
+            pages, = db.execute("PRAGMA page_count").fetchone()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            return f"{path} is not a SQLite database (the {what} was expected there)"
+        if "locked" in str(exc):
+            return f"the {what} {path} stayed locked by another process for {lock_wait_s:g} s"
+        if "malformed" in str(exc):
+            return f"{path} is damaged (truncated?): SQLite reads the {what} as malformed"
+        return f"{path} cannot be read as the {what}: {exc}"
     wal = path.with_name(path.name + "-wal")  # a checkpoint cut short is finished from the log: not damage
-    if pages and valid_for == changes and path.stat().st_size < pages * page_size \
-            and not (wal.exists() and wal.stat().st_size > 0):
+    if pages and path.stat().st_size < pages * page_size and not (wal.exists() and wal.stat().st_size > 0):
         return f"{path} is damaged: it is shorter than its header says (truncated?)"
     return None
 

@@ -183,9 +183,12 @@ class StoreProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """End the process once it has answered everything sent so far (its stores closed, SQLite's
-        write-ahead logs folded back)."""
+        write-ahead logs folded back); at once where it never opened a store (a command refused its input
+        while the process was still importing MLflow)."""
         with self._lock, contextlib.suppress(OSError):
             self._send.close()
+            if not self._opened:
+                self.proc.kill()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -101,8 +101,7 @@ class LocalClient:
         return getattr(self.mlflow, name)
 
     def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = (), **kwargs: Any) -> Any:
-        return self.mlflow.log_batch(run_id, _entities(list(metrics)), _entities(list(params)),
-                                     _entities(list(tags)), **kwargs)
+        return self.mlflow.log_batch(run_id, _entities(metrics), _entities(params), _entities(tags), **kwargs)
 
     def write_artifact(self, run_id: str, artifact_path: str, data: bytes, artifact_uri: str | None) -> None:
         write_artifact(self.mlflow, self.uri, run_id, artifact_path, data, artifact_uri)
@@ -254,18 +253,12 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _entities(value: Any) -> Any:
+def _entities(items: Any) -> list[Any]:
+    """The driver's `Metric`, `Param` and `RunTag` tuples as MLflow's entities (MLflow's own pass through)."""
     from mlflow import entities
 
-    if isinstance(value, Metric):
-        return entities.Metric(*value)
-    if isinstance(value, Param):
-        return entities.Param(*value)
-    if isinstance(value, RunTag):
-        return entities.RunTag(*value)
-    if isinstance(value, list):
-        return [_entities(item) for item in value]
-    return value
+    kinds: dict[type, Any] = {Metric: entities.Metric, Param: entities.Param, RunTag: entities.RunTag}
+    return [kinds[type(item)](*item) if type(item) in kinds else item for item in items]
 
 
 class _Stores:
